@@ -1,0 +1,70 @@
+#!/usr/bin/env bash
+# ficus's main job, locally, from a fresh clone: starts a MongoDB (secantusd-rs) and a Kafka
+# broker (Tansu) on loopback, seeds a sample `linechatbot` monolith in the reference shapes,
+# provisions the topics, runs `ficus run`, makes live changes, and shows what arrived where.
+#
+#   bash deploy/demo.sh            (KEEP=1 leaves everything running afterwards)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+eval "$(bash .ci/install-servers)"
+echo "building ficus (release)..."
+cargo build --release --locked --bins -q
+
+MONGO_PORT=${MONGO_PORT:-27170}
+KAFKA_PORT=${KAFKA_PORT:-19092}
+work=$(mktemp -d /tmp/ficus-demo.XXXXXX)
+pids=()
+cleanup() {
+  if [ "${KEEP:-0}" != 1 ]; then
+    for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+    wait 2>/dev/null || true
+    rm -rf "$work"
+  else
+    echo "left running (pids ${pids[*]}); data in $work"
+  fi
+}
+trap cleanup EXIT
+
+wait_port() {
+  for _ in $(seq 1 300); do
+    (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
+    sleep 0.1
+  done
+  echo "nothing listens on $1; see $work/*.log" >&2
+  exit 1
+}
+
+mkdir -p "$work/mongo" "$work/kafka"
+"$FICUS_SECANTUSD" --port "$MONGO_PORT" --storage-path "$work/mongo/data" --cache-size 256M >"$work/secantusd.log" 2>&1 &
+pids+=($!)
+(cd "$work/kafka" && exec "$FICUS_TANSU" broker --listener-url "tcp://127.0.0.1:$KAFKA_PORT" \
+  --advertised-listener-url "tcp://127.0.0.1:$KAFKA_PORT" --storage-engine sqlite://tansu.db) >"$work/tansu.log" 2>&1 &
+pids+=($!)
+wait_port "$MONGO_PORT"
+wait_port "$KAFKA_PORT"
+
+export FICUS_SOURCE_URI="mongodb://127.0.0.1:$MONGO_PORT/?directConnection=true"
+export FICUS_KAFKA_BROKERS="127.0.0.1:$KAFKA_PORT"
+export FICUS_TARGET_URI="$FICUS_SOURCE_URI" FICUS_STORE_URI="$FICUS_SOURCE_URI"
+bin=target/release
+
+echo "== seeding the monolith"
+"$bin/ficus-demo" seed --count 50
+echo "== ficus validate"
+"$bin/ficus" validate
+echo "== ficus topics apply"
+"$bin/ficus" topics apply
+echo "== ficus run (snapshot, then streaming); log in $work/ficus.log"
+"$bin/ficus" run >"$work/ficus.log" 2>&1 &
+ficus_pid=$!
+pids+=($ficus_pid)
+sleep 3
+echo "== live changes in the monolith"
+"$bin/ficus-demo" churn --changes 20
+sleep 2
+echo "== what arrived on Kafka"
+"$bin/ficus-demo" peek
+echo "== stopping ficus (SIGTERM: drain, checkpoint, exit 0)"
+kill -TERM "$ficus_pid"
+wait "$ficus_pid" && echo "ficus exited cleanly" || { echo "ficus exited with $?"; tail -20 "$work/ficus.log"; exit 1; }

@@ -1,0 +1,184 @@
+//! `ficus-demo`: the helper behind `deploy/demo.sh`. Seeds a sample monolith in the reference
+//! shapes, keeps writing to it, and shows what arrived where (topics, service databases).
+//! Not part of the product; the daemon is `ficus`.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use anyhow::Context;
+use bson::{Document, doc};
+use clap::{Parser, Subcommand};
+use ficus::event::CanonicalEvent;
+use ficus::workload::Workload;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::Message;
+use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+
+#[derive(Parser)]
+#[command(
+    name = "ficus-demo",
+    about = "Seed a sample monolith and show what ficus delivered."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Insert reference documents into the monolith.
+    Seed {
+        #[arg(long, env = "FICUS_SOURCE_URI")]
+        uri: String,
+        #[arg(long, env = "FICUS_SOURCE_DB", default_value = "linechatbot")]
+        db: String,
+        /// Documents per collection.
+        #[arg(long, default_value_t = 50)]
+        count: u64,
+    },
+    /// Make live changes (updates, pushes, deletes) for a while.
+    Churn {
+        #[arg(long, env = "FICUS_SOURCE_URI")]
+        uri: String,
+        #[arg(long, env = "FICUS_SOURCE_DB", default_value = "linechatbot")]
+        db: String,
+        #[arg(long, default_value_t = 20)]
+        changes: u64,
+    },
+    /// Count what is on each ficus topic and show one event.
+    Peek {
+        #[arg(long, env = "FICUS_KAFKA_BROKERS")]
+        brokers: String,
+        #[arg(long, default_value = "topics")]
+        topics_dir: std::path::PathBuf,
+    },
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    match Cli::parse().command {
+        Cmd::Seed { uri, db, count } => seed(&uri, &db, count).await,
+        Cmd::Churn { uri, db, changes } => churn(&uri, &db, changes).await,
+        Cmd::Peek {
+            brokers,
+            topics_dir,
+        } => peek(&brokers, &topics_dir),
+    }
+}
+
+async fn seed(uri: &str, db: &str, count: u64) -> anyhow::Result<()> {
+    let client = mongodb::Client::with_uri_str(uri).await?;
+    let db = client.database(db);
+    let mut w = Workload::new(42);
+    type Make = fn(&mut Workload, u64) -> Document;
+    let makers: [(&str, Make); 8] = [
+        ("customers", Workload::customer),
+        ("conversations", |w, i| w.conversation(i, 8)),
+        ("products", Workload::product),
+        ("cache_entries", Workload::cache_entry),
+        ("logs", Workload::log),
+        ("metrics", Workload::metric),
+        ("api_keys", Workload::api_key),
+        ("knowledge", Workload::knowledge),
+    ];
+    for (coll, make) in makers {
+        let docs: Vec<Document> = (0..count).map(|i| make(&mut w, i)).collect();
+        db.collection::<Document>(coll)
+            .insert_many(docs)
+            .await
+            .with_context(|| format!("seeding {coll}"))?;
+        println!("seeded {count:>5} {}.{coll}", db.name());
+    }
+    Ok(())
+}
+
+async fn churn(uri: &str, db: &str, changes: u64) -> anyhow::Result<()> {
+    let client = mongodb::Client::with_uri_str(uri).await?;
+    let db = client.database(db);
+    let mut w = Workload::new(7);
+    let customers = db.collection::<Document>("customers");
+    let conversations = db.collection::<Document>("conversations");
+    let products = db.collection::<Document>("products");
+    for i in 0..changes {
+        let user = Workload::user_id(i % 10);
+        let purchase = doc! { "id": format!("P-live-{i}"), "product_id": Workload::sku(i % 5), "product_name": "Vitamin blend",
+        "amount": "199.00", "currency": "THB", "date": bson::DateTime::now(), "status": "paid" };
+        customers
+            .update_one(doc! { "user_id": &user }, doc! { "$push": { "purchases": purchase }, "$inc": { "stats.msgs": 1 }, "$set": { "updated_at": bson::DateTime::now() } })
+            .await?;
+        if let Some(c) = conversations.find_one(doc! {}).skip(i % 10).await? {
+            conversations
+                .update_one(
+                    doc! { "_id": c.get("_id") },
+                    doc! { "$push": { "messages": w.message(100 + i) } },
+                )
+                .await?;
+        }
+        products
+            .update_one(
+                doc! { "sku": Workload::sku(i % 7) },
+                doc! { "$set": { "category": "devices" }, "$inc": { "views": 1 } },
+            )
+            .await?;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    products
+        .delete_one(doc! { "sku": Workload::sku(3) })
+        .await?;
+    println!(
+        "made {} changes (pushes, increments, category moves, a delete)",
+        changes * 3 + 1
+    );
+    Ok(())
+}
+
+fn peek(brokers: &str, topics_dir: &std::path::Path) -> anyhow::Result<()> {
+    let topics = ficus::topics::load(topics_dir).map_err(|r| anyhow::anyhow!("{r}"))?;
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", "ficus-demo-peek")
+        .set("enable.auto.commit", "false")
+        .set("fetch.wait.max.ms", "50")
+        .create()?;
+    let mut tpl = TopicPartitionList::new();
+    for d in &topics.defs {
+        for p in 0..d.partitions {
+            tpl.add_partition_offset(&d.topic, p, Offset::Beginning)?;
+        }
+    }
+    consumer.assign(&tpl)?;
+    let mut counts: BTreeMap<String, BTreeMap<String, u64>> = BTreeMap::new();
+    let mut sample: Option<CanonicalEvent> = None;
+    let mut idle = 0;
+    while idle < 10 {
+        match consumer.poll(Duration::from_millis(200)) {
+            Some(Ok(m)) => {
+                idle = 0;
+                let ev = CanonicalEvent::decode(m.payload().unwrap_or_default())?;
+                *counts
+                    .entry(m.topic().to_string())
+                    .or_default()
+                    .entry(ev.event_type.clone())
+                    .or_default() += 1;
+                if ev.event_type == "customer.purchase_recorded" {
+                    sample = Some(ev);
+                }
+            }
+            Some(Err(e)) => return Err(e.into()),
+            None => idle += 1,
+        }
+    }
+    println!("\n{:<32} {:<34} {:>7}", "topic", "event type", "events");
+    for (topic, types) in &counts {
+        for (t, n) in types {
+            println!("{topic:<32} {t:<34} {n:>7}");
+        }
+    }
+    if let Some(ev) = sample {
+        println!(
+            "\none event, as kcat would show it:\n{}",
+            serde_json::to_string_pretty(&ev.to_json())?
+        );
+    }
+    Ok(())
+}

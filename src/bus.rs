@@ -1,0 +1,412 @@
+//! The Kafka adapter: the one place that builds client configuration, the publisher, and topic
+//! provisioning (`ficus topics apply/check`).
+//!
+//! Everything Kafka-specific lives here, behind the [`Publisher`] trait, so the tail pipeline
+//! deals only in canonical events and acknowledgements.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::time::Duration;
+
+use futures::FutureExt;
+use futures::future::BoxFuture;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, ResourceSpecifier, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::types::RDKafkaErrorCode as Code;
+
+use crate::config::KafkaConfig;
+use crate::event::{CONTENT_TYPE, CanonicalEvent};
+use crate::topics::TopicDef;
+
+/// Errors from the bus.
+#[derive(Debug, thiserror::Error)]
+pub enum BusError {
+    #[error("kafka: {0}")]
+    Kafka(#[from] KafkaError),
+    #[error("delivery of event {id} to {topic} failed: {error}")]
+    Delivery {
+        id: String,
+        topic: String,
+        error: KafkaError,
+    },
+    #[error("delivery of event {id} to {topic} was cancelled (producer closed)")]
+    Cancelled { id: String, topic: String },
+    #[error("topic {topic}: {reason}")]
+    Topic { topic: String, reason: String },
+}
+
+impl BusError {
+    /// Whether retrying later can help (broker down, timeouts) as opposed to a configuration or
+    /// authorisation problem that needs a person.
+    pub fn is_transient(&self) -> bool {
+        let code = match self {
+            BusError::Kafka(e) | BusError::Delivery { error: e, .. } => e.rdkafka_error_code(),
+            BusError::Cancelled { .. } => return true,
+            BusError::Topic { .. } => return false,
+        };
+        !matches!(
+            code,
+            Some(
+                Code::TopicAuthorizationFailed
+                    | Code::ClusterAuthorizationFailed
+                    | Code::SaslAuthenticationFailed
+                    | Code::Authentication
+                    | Code::UnknownTopicOrPartition
+                    | Code::UnknownTopic
+                    | Code::MessageSizeTooLarge
+                    | Code::InvalidConfig
+                    | Code::Fatal
+            )
+        )
+    }
+}
+
+/// Which kind of client a configuration is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClientRole {
+    Producer,
+    Consumer,
+    Admin,
+}
+
+/// Builds the librdkafka configuration for one client. Order: ficus's defaults, then the user's
+/// `kafka.properties`, then the role's own overrides, then the settings ficus's guarantees rest
+/// on (idempotence and acks=all for the producer; manual offset storage for consumers), which
+/// no file can turn off.
+pub fn client_config(cfg: &KafkaConfig, role: ClientRole, client_id: &str) -> ClientConfig {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", &cfg.brokers);
+    c.set("client.id", client_id);
+    match role {
+        ClientRole::Producer => {
+            c.set("linger.ms", "5");
+            c.set("compression.type", "lz4");
+            c.set("message.timeout.ms", "300000");
+            c.set("queue.buffering.max.messages", "200000");
+        }
+        ClientRole::Consumer => {
+            c.set("auto.offset.reset", "earliest");
+            c.set("fetch.wait.max.ms", "100");
+            c.set("session.timeout.ms", "30000");
+            c.set("partition.assignment.strategy", "cooperative-sticky");
+        }
+        ClientRole::Admin => {}
+    }
+    let overrides: &BTreeMap<String, String> = match role {
+        ClientRole::Producer => &cfg.producer,
+        ClientRole::Consumer => &cfg.consumer,
+        ClientRole::Admin => &BTreeMap::new(),
+    };
+    for (k, v) in cfg.properties.iter().chain(overrides) {
+        c.set(k, v);
+    }
+    match role {
+        ClientRole::Producer => {
+            c.set("enable.idempotence", "true");
+            c.set("acks", "all");
+        }
+        ClientRole::Consumer => {
+            c.set("enable.auto.commit", "true");
+            c.set("enable.auto.offset.store", "false");
+        }
+        ClientRole::Admin => {}
+    }
+    c
+}
+
+/// A durable acknowledgement that resolves once the broker has the event (acks=all).
+pub type Ack = BoxFuture<'static, Result<(), BusError>>;
+
+/// Hands canonical events to the bus.
+pub trait Publisher: Send + Sync {
+    /// Queues one event for `topic`, keyed by its aggregate id. Waits only while the client's
+    /// queue is full; the returned [`Ack`] resolves when the broker has acknowledged it.
+    fn publish(
+        &self,
+        topic: &str,
+        event: &CanonicalEvent,
+    ) -> impl Future<Output = Result<Ack, BusError>> + Send;
+    /// Waits until everything queued is acknowledged or `timeout` passes.
+    fn flush(&self, timeout: Duration) -> Result<(), BusError>;
+}
+
+/// The rdkafka-backed publisher.
+pub struct KafkaPublisher {
+    producer: FutureProducer,
+    ce_headers: bool,
+}
+
+impl KafkaPublisher {
+    pub fn new(cfg: &KafkaConfig, client_id: &str) -> Result<Self, BusError> {
+        let producer: FutureProducer =
+            client_config(cfg, ClientRole::Producer, client_id).create()?;
+        Ok(KafkaPublisher {
+            producer,
+            ce_headers: cfg.ce_headers,
+        })
+    }
+}
+
+impl Publisher for KafkaPublisher {
+    async fn publish(&self, topic: &str, event: &CanonicalEvent) -> Result<Ack, BusError> {
+        let payload = event.encode();
+        let headers = if self.ce_headers {
+            let mut h = OwnedHeaders::new_with_capacity(7);
+            h = h.insert(Header {
+                key: "content-type",
+                value: Some(CONTENT_TYPE),
+            });
+            for (k, v) in event.ce_headers() {
+                h = h.insert(Header {
+                    key: k,
+                    value: Some(v.as_str()),
+                });
+            }
+            Some(h)
+        } else {
+            None
+        };
+        let mut record = FutureRecord::to(topic).key(event.key()).payload(&payload);
+        if let Some(h) = headers {
+            record = record.headers(h);
+        }
+        let fut = loop {
+            match self.producer.send_result(record) {
+                Ok(fut) => break fut,
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
+                    record = r;
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                Err((e, _)) => {
+                    return Err(BusError::Delivery {
+                        id: event.id.clone(),
+                        topic: topic.into(),
+                        error: e,
+                    });
+                }
+            }
+        };
+        let id = event.id.clone();
+        let topic = topic.to_string();
+        Ok(async move {
+            match fut.await {
+                Ok(Ok(_delivery)) => Ok(()),
+                Ok(Err((error, _msg))) => Err(BusError::Delivery { id, topic, error }),
+                Err(_) => Err(BusError::Cancelled { id, topic }),
+            }
+        }
+        .boxed())
+    }
+
+    fn flush(&self, timeout: Duration) -> Result<(), BusError> {
+        self.producer.flush(timeout).map_err(BusError::from)
+    }
+}
+
+/// How an existing topic differs from its definition.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TopicState {
+    Missing,
+    Ok,
+    /// One line per difference.
+    Drift(Vec<String>),
+}
+
+/// The outcome for one topic of `apply` or `check`.
+#[derive(Debug, Clone)]
+pub struct TopicReport {
+    pub topic: String,
+    pub state: TopicState,
+    /// Set by `apply` when it created the topic.
+    pub created: bool,
+}
+
+/// Provisions and inspects topics through the admin API.
+pub struct TopicAdmin {
+    admin: AdminClient<DefaultClientContext>,
+    timeout: Duration,
+}
+
+impl TopicAdmin {
+    pub fn new(cfg: &KafkaConfig) -> Result<Self, BusError> {
+        let admin = client_config(cfg, ClientRole::Admin, "ficus-admin").create()?;
+        Ok(TopicAdmin {
+            admin,
+            timeout: Duration::from_secs(30),
+        })
+    }
+
+    /// Compares one topic with its definition: partition count, replication factor, configs.
+    pub async fn inspect(&self, def: &TopicDef) -> Result<TopicState, BusError> {
+        self.inspect_named(
+            &def.topic,
+            def.partitions,
+            def.replication_factor,
+            &def.config,
+        )
+        .await
+    }
+
+    async fn inspect_named(
+        &self,
+        topic: &str,
+        partitions: i32,
+        replication: i32,
+        config: &BTreeMap<String, String>,
+    ) -> Result<TopicState, BusError> {
+        let md = {
+            let admin = &self.admin;
+            let topic = topic.to_string();
+            let timeout = self.timeout;
+            // Metadata calls block; keep them off the runtime's worker threads.
+            tokio::task::block_in_place(|| admin.inner().fetch_metadata(Some(&topic), timeout))?
+        };
+        let Some(t) = md.topics().iter().find(|t| t.name() == topic) else {
+            return Ok(TopicState::Missing);
+        };
+        if let Some(err) = t.error() {
+            if matches!(
+                RDKafkaErrorCode::from(err),
+                Code::UnknownTopicOrPartition | Code::UnknownTopic
+            ) {
+                return Ok(TopicState::Missing);
+            }
+        }
+        if t.partitions().is_empty() {
+            return Ok(TopicState::Missing);
+        }
+        let mut drift = Vec::new();
+        let have = t.partitions().len() as i32;
+        if have != partitions {
+            drift.push(format!("partitions: defined {partitions}, found {have}"));
+        }
+        let rf = t
+            .partitions()
+            .iter()
+            .map(|p| p.replicas().len() as i32)
+            .min()
+            .unwrap_or(0);
+        if rf != replication {
+            drift.push(format!(
+                "replication_factor: defined {replication}, found {rf}"
+            ));
+        }
+        if !config.is_empty() {
+            let opts = AdminOptions::new().request_timeout(Some(self.timeout));
+            match self
+                .admin
+                .describe_configs(&[ResourceSpecifier::Topic(topic)], &opts)
+                .await
+            {
+                Ok(results) => match results.into_iter().next() {
+                    Some(Ok(res)) => {
+                        let entries = res.entry_map();
+                        for (k, want) in config {
+                            match entries.get(k.as_str()).and_then(|e| e.value.as_deref()) {
+                                Some(v) if v == want => {}
+                                Some(v) => {
+                                    drift.push(format!("config {k}: defined {want}, found {v}"))
+                                }
+                                None => drift.push(format!(
+                                    "config {k}: defined {want}, not reported by the broker"
+                                )),
+                            }
+                        }
+                    }
+                    Some(Err(code)) => {
+                        drift.push(format!("configs could not be described: {code:?}"))
+                    }
+                    None => drift.push("configs could not be described: empty answer".into()),
+                },
+                Err(e) => drift.push(format!("configs could not be described: {e}")),
+            }
+        }
+        Ok(if drift.is_empty() {
+            TopicState::Ok
+        } else {
+            TopicState::Drift(drift)
+        })
+    }
+
+    /// Creates the topic if missing; reports drift otherwise (never alters an existing topic:
+    /// repartitioning reorders keys and is an operator's decision).
+    pub async fn apply(&self, def: &TopicDef) -> Result<TopicReport, BusError> {
+        self.apply_named(
+            &def.topic,
+            def.partitions,
+            def.replication_factor,
+            &def.config,
+        )
+        .await
+    }
+
+    /// [`TopicAdmin::apply`] for a topic that has no definition of its own (dead letters).
+    pub async fn apply_named(
+        &self,
+        topic: &str,
+        partitions: i32,
+        replication: i32,
+        config: &BTreeMap<String, String>,
+    ) -> Result<TopicReport, BusError> {
+        let state = self
+            .inspect_named(topic, partitions, replication, config)
+            .await?;
+        if state != TopicState::Missing {
+            return Ok(TopicReport {
+                topic: topic.to_string(),
+                state,
+                created: false,
+            });
+        }
+        let mut nt = NewTopic::new(topic, partitions, TopicReplication::Fixed(replication));
+        for (k, v) in config {
+            nt = nt.set(k, v);
+        }
+        let opts = AdminOptions::new()
+            .operation_timeout(Some(self.timeout))
+            .request_timeout(Some(self.timeout));
+        let results = self.admin.create_topics([&nt], &opts).await?;
+        for r in results {
+            if let Err((name, code)) = r {
+                if code != Code::TopicAlreadyExists {
+                    return Err(BusError::Topic {
+                        topic: name,
+                        reason: format!("create failed: {code}"),
+                    });
+                }
+            }
+        }
+        // Creation is asynchronous in Kafka: wait until the metadata shows every partition.
+        let state = self
+            .wait_visible(topic, partitions, replication, config)
+            .await?;
+        Ok(TopicReport {
+            topic: topic.to_string(),
+            state,
+            created: true,
+        })
+    }
+
+    async fn wait_visible(
+        &self,
+        topic: &str,
+        partitions: i32,
+        replication: i32,
+        config: &BTreeMap<String, String>,
+    ) -> Result<TopicState, BusError> {
+        let deadline = tokio::time::Instant::now() + self.timeout;
+        loop {
+            let state = self
+                .inspect_named(topic, partitions, replication, config)
+                .await?;
+            if state != TopicState::Missing || tokio::time::Instant::now() > deadline {
+                return Ok(state);
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+}

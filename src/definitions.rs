@@ -1,0 +1,109 @@
+//! Errors found in definitions and configuration, collected rather than thrown.
+//!
+//! Start-up and `ficus validate` load every file, keep going past the first problem and report
+//! them all at once, each naming the file and the field, so one run shows everything to fix.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+/// One problem in one file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DefinitionError {
+    pub file: PathBuf,
+    /// Dotted path of the offending field; empty when the problem is the whole file.
+    pub field: String,
+    pub message: String,
+}
+
+impl DefinitionError {
+    pub fn new(file: &Path, field: impl Into<String>, message: impl Into<String>) -> Self {
+        DefinitionError {
+            file: file.to_path_buf(),
+            field: field.into(),
+            message: message.into(),
+        }
+    }
+}
+
+impl fmt::Display for DefinitionError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.field.is_empty() {
+            write!(f, "{}: {}", self.file.display(), self.message)
+        } else {
+            write!(
+                f,
+                "{}: {}: {}",
+                self.file.display(),
+                self.field,
+                self.message
+            )
+        }
+    }
+}
+
+/// Every problem found, in file order.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Report {
+    pub errors: Vec<DefinitionError>,
+}
+
+impl Report {
+    pub fn push(&mut self, e: DefinitionError) {
+        self.errors.push(e);
+    }
+    pub fn extend(&mut self, other: Report) {
+        self.errors.extend(other.errors);
+    }
+    pub fn is_empty(&self) -> bool {
+        self.errors.is_empty()
+    }
+    /// `Ok(value)` when nothing was found, the report otherwise.
+    pub fn into_result<T>(self, value: T) -> Result<T, Report> {
+        if self.errors.is_empty() {
+            Ok(value)
+        } else {
+            Err(self)
+        }
+    }
+}
+
+impl fmt::Display for Report {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "{} problem(s) found:", self.errors.len())?;
+        for e in &self.errors {
+            writeln!(f, "  {e}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for Report {}
+
+/// Reads and parses one TOML file, turning I/O and syntax problems into a [`DefinitionError`]
+/// that carries the line and column TOML reports.
+pub fn read_toml<T: serde::de::DeserializeOwned>(file: &Path) -> Result<T, DefinitionError> {
+    let text = std::fs::read_to_string(file)
+        .map_err(|e| DefinitionError::new(file, "", format!("cannot read: {e}")))?;
+    toml::from_str(&text).map_err(|e| {
+        let at = e
+            .span()
+            .map(|s| {
+                let line = text[..s.start].lines().count().max(1);
+                format!(" (line {line})")
+            })
+            .unwrap_or_default();
+        DefinitionError::new(file, "", format!("{}{at}", e.message()))
+    })
+}
+
+/// The `*.toml` files directly in `dir`, sorted, or an error naming the directory.
+pub fn toml_files(dir: &Path) -> Result<Vec<PathBuf>, DefinitionError> {
+    let rd = std::fs::read_dir(dir)
+        .map_err(|e| DefinitionError::new(dir, "", format!("cannot read directory: {e}")))?;
+    let mut files: Vec<PathBuf> = rd
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.is_file() && p.extension().is_some_and(|x| x == "toml"))
+        .collect();
+    files.sort();
+    Ok(files)
+}

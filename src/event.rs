@@ -1,0 +1,574 @@
+//! The canonical event: the one shape every change takes between the monolith and the services.
+//!
+//! The tailer produces it, Kafka carries it, consumers and the event store read it. On the wire
+//! it is a CloudEvents 1.0 envelope in structured JSON mode, so `kcat` shows something a person
+//! can read. Document values inside `data` are MongoDB **canonical** Extended JSON v2, which keeps
+//! every BSON type (an Int32 stays an Int32, a Decimal128 a Decimal128, a Date a Date) through
+//! the round trip; relaxed JSON would fold Int32/Int64/Double together.
+//!
+//! Ordering and identity come from the [`Position`]: `id` is a hash of it (the same change always
+//! yields the same id, so duplicates are recognisable) and `sequence` is a fixed-width decimal
+//! string whose lexicographic order is the source's commit order, usable as a version.
+
+use std::fmt;
+
+use bson::{Bson, DateTime, Document, Timestamp};
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+/// Envelope schema version carried in the `schemaversion` extension.
+pub const SCHEMA_VERSION: u32 = 1;
+
+/// CloudEvents `datacontenttype` of the whole structured-mode message.
+pub const CONTENT_TYPE: &str = "application/cloudevents+json";
+
+/// Where in the source's history an event sits.
+///
+/// `cluster_time` is the commit time of the change (for snapshot events: the point the stream
+/// resumes from after the copy). `index` orders events that share a cluster time (the operations
+/// of one transaction): stream events count from 1, snapshot events use 0, so a snapshot copy of
+/// a document always sorts before any change streamed from the same instant.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Position {
+    pub cluster_time: Timestamp,
+    pub index: u32,
+    /// The change stream resume token (`_data`) for stream events; `None` for snapshot events.
+    pub resume_token: Option<String>,
+}
+
+impl Position {
+    /// The `sequence` extension: 30 digits, `time` then `increment` then `index`, each padded to
+    /// 10, so comparing strings compares positions (and MongoDB can compare them with `$lt`).
+    pub fn sequence(&self) -> String {
+        format_sequence(self.cluster_time, self.index)
+    }
+}
+
+/// Formats a sequence string; see [`Position::sequence`].
+pub fn format_sequence(ts: Timestamp, index: u32) -> String {
+    format!("{:010}{:010}{:010}", ts.time, ts.increment, index)
+}
+
+/// Parses a sequence string back into cluster time and index.
+pub fn parse_sequence(s: &str) -> Option<(Timestamp, u32)> {
+    if s.len() != 30 || !s.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let time = s[0..10].parse().ok()?;
+    let increment = s[10..20].parse().ok()?;
+    let index = s[20..30].parse().ok()?;
+    Some((Timestamp { time, increment }, index))
+}
+
+/// What happened to the source document.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Op {
+    /// Copied by the initial snapshot.
+    Snapshot,
+    Insert,
+    Update,
+    Replace,
+    Delete,
+}
+
+impl Op {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Op::Snapshot => "snapshot",
+            Op::Insert => "insert",
+            Op::Update => "update",
+            Op::Replace => "replace",
+            Op::Delete => "delete",
+        }
+    }
+}
+
+impl fmt::Display for Op {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// For semantic events derived from a change (e.g. `customer.purchase_recorded`): the array
+/// element that appeared, and where.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Derived {
+    /// Dotted path of the array that grew (`purchases`).
+    pub field: String,
+    /// Index of the element in the after-state's array, when known.
+    pub index: Option<u32>,
+    pub element: Bson,
+}
+
+/// The `data` of a canonical event.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EventData {
+    pub op: Op,
+    /// Source collection.
+    pub collection: String,
+    /// The aggregate id as its BSON value (also rendered as `subject` and the Kafka key).
+    pub key: Bson,
+    /// The source document's `_id`.
+    pub document_id: Bson,
+    /// The full document after the change (absent for deletes).
+    pub after: Option<Document>,
+    /// The full document before the change, when the collection has pre-images enabled (or, for
+    /// snapshot and insert events, never).
+    pub before: Option<Document>,
+    /// For updates: the fields set, by dotted path.
+    pub changed: Option<Document>,
+    /// For updates: the fields removed, by dotted path.
+    pub removed: Vec<String>,
+    /// For semantic events: what appeared.
+    pub derived: Option<Derived>,
+}
+
+/// One canonical domain event.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CanonicalEvent {
+    /// Deterministic from the position (see [`event_id`]).
+    pub id: String,
+    /// `ficus://<source name>/<collection>`.
+    pub source: String,
+    /// Domain event type, e.g. `customer.updated`.
+    pub event_type: String,
+    /// The aggregate id rendered as a string ([`render_key`]); also the Kafka message key.
+    pub subject: String,
+    /// When the change happened (the source's wall time where known).
+    pub time: DateTime,
+    pub position: Position,
+    pub schema_version: u32,
+    pub data: EventData,
+}
+
+/// Deterministic event id: BLAKE3 over the source name, the position and (for snapshot and
+/// derived events, which share a position with others) a discriminator, as 32 hex digits.
+pub fn event_id(source: &str, position: &Position, discriminator: &str) -> String {
+    let mut h = blake3::Hasher::new();
+    h.update(source.as_bytes());
+    h.update(&[0]);
+    h.update(position.sequence().as_bytes());
+    h.update(&[0]);
+    if let Some(token) = &position.resume_token {
+        h.update(token.as_bytes());
+    }
+    h.update(&[0]);
+    h.update(discriminator.as_bytes());
+    let hash = h.finalize();
+    let mut out = String::with_capacity(32);
+    for b in &hash.as_bytes()[..16] {
+        use fmt::Write;
+        let _ = write!(out, "{b:02x}");
+    }
+    out
+}
+
+/// Renders an aggregate id for `subject` and the Kafka key: strings as themselves, ObjectIds as
+/// hex, integers in decimal, anything else as canonical Extended JSON.
+pub fn render_key(key: &Bson) -> String {
+    match key {
+        Bson::String(s) => s.clone(),
+        Bson::ObjectId(oid) => oid.to_hex(),
+        Bson::Int32(i) => i.to_string(),
+        Bson::Int64(i) => i.to_string(),
+        other => other.clone().into_canonical_extjson().to_string(),
+    }
+}
+
+/// A message on the wire that is not a canonical event.
+#[derive(Debug, thiserror::Error)]
+pub enum DecodeError {
+    #[error("not JSON: {0}")]
+    Json(#[from] serde_json::Error),
+    #[error("field `{field}`: {reason}")]
+    Field { field: &'static str, reason: String },
+}
+
+fn bad(field: &'static str, reason: impl Into<String>) -> DecodeError {
+    DecodeError::Field {
+        field,
+        reason: reason.into(),
+    }
+}
+
+fn doc_to_json(doc: &Document) -> Value {
+    Bson::Document(doc.clone()).into_canonical_extjson()
+}
+
+impl CanonicalEvent {
+    /// The Kafka message key: the aggregate id.
+    pub fn key(&self) -> &str {
+        &self.subject
+    }
+
+    /// The structured-mode CloudEvents JSON envelope.
+    pub fn to_json(&self) -> Value {
+        let mut data = Map::new();
+        data.insert("op".into(), Value::String(self.data.op.as_str().into()));
+        data.insert(
+            "collection".into(),
+            Value::String(self.data.collection.clone()),
+        );
+        data.insert("key".into(), self.data.key.clone().into_canonical_extjson());
+        data.insert(
+            "documentId".into(),
+            self.data.document_id.clone().into_canonical_extjson(),
+        );
+        let opt = |d: &Option<Document>| d.as_ref().map(doc_to_json).unwrap_or(Value::Null);
+        data.insert("after".into(), opt(&self.data.after));
+        data.insert("before".into(), opt(&self.data.before));
+        if self.data.changed.is_some() || self.data.op == Op::Update {
+            data.insert("changed".into(), opt(&self.data.changed));
+            data.insert(
+                "removed".into(),
+                Value::Array(
+                    self.data
+                        .removed
+                        .iter()
+                        .cloned()
+                        .map(Value::String)
+                        .collect(),
+                ),
+            );
+        }
+        if let Some(d) = &self.data.derived {
+            let mut m = Map::new();
+            m.insert("field".into(), Value::String(d.field.clone()));
+            m.insert(
+                "index".into(),
+                d.index.map(Value::from).unwrap_or(Value::Null),
+            );
+            m.insert("element".into(), d.element.clone().into_canonical_extjson());
+            data.insert("derived".into(), Value::Object(m));
+        }
+
+        let mut env = Map::new();
+        env.insert("specversion".into(), Value::String("1.0".into()));
+        env.insert("id".into(), Value::String(self.id.clone()));
+        env.insert("source".into(), Value::String(self.source.clone()));
+        env.insert("type".into(), Value::String(self.event_type.clone()));
+        env.insert("subject".into(), Value::String(self.subject.clone()));
+        env.insert(
+            "time".into(),
+            Value::String(self.time.try_to_rfc3339_string().unwrap_or_default()),
+        );
+        env.insert(
+            "datacontenttype".into(),
+            Value::String("application/json".into()),
+        );
+        env.insert("sequence".into(), Value::String(self.position.sequence()));
+        env.insert(
+            "clustertime".into(),
+            Value::String(format!(
+                "{}.{}",
+                self.position.cluster_time.time, self.position.cluster_time.increment
+            )),
+        );
+        if let Some(tok) = &self.position.resume_token {
+            env.insert("resumetoken".into(), Value::String(tok.clone()));
+        }
+        env.insert("schemaversion".into(), Value::from(self.schema_version));
+        env.insert("data".into(), Value::Object(data));
+        Value::Object(env)
+    }
+
+    /// Encodes the envelope as bytes for Kafka.
+    pub fn encode(&self) -> Vec<u8> {
+        serde_json::to_vec(&self.to_json()).expect("a JSON value always serialises")
+    }
+
+    /// Decodes an envelope produced by [`CanonicalEvent::encode`].
+    pub fn decode(bytes: &[u8]) -> Result<CanonicalEvent, DecodeError> {
+        let v: Value = serde_json::from_slice(bytes)?;
+        Self::from_json(v)
+    }
+
+    /// Parses a structured-mode envelope.
+    pub fn from_json(v: Value) -> Result<CanonicalEvent, DecodeError> {
+        let Value::Object(mut env) = v else {
+            return Err(bad("(envelope)", "expected a JSON object"));
+        };
+        let mut string = |field: &'static str| -> Result<String, DecodeError> {
+            match env.remove(field) {
+                Some(Value::String(s)) => Ok(s),
+                Some(_) => Err(bad(field, "expected a string")),
+                None => Err(bad(field, "missing")),
+            }
+        };
+        let spec = string("specversion")?;
+        if spec != "1.0" {
+            return Err(bad(
+                "specversion",
+                format!("unsupported CloudEvents version {spec:?}"),
+            ));
+        }
+        let id = string("id")?;
+        let source = string("source")?;
+        let event_type = string("type")?;
+        let subject = string("subject")?;
+        let time_s = string("time")?;
+        let time = DateTime::parse_rfc3339_str(&time_s)
+            .map_err(|e| bad("time", format!("not RFC 3339: {e}")))?;
+        let seq = string("sequence")?;
+        let (cluster_time, index) =
+            parse_sequence(&seq).ok_or_else(|| bad("sequence", "expected 30 digits"))?;
+        let resume_token = match env.remove("resumetoken") {
+            Some(Value::String(s)) => Some(s),
+            None | Some(Value::Null) => None,
+            Some(_) => return Err(bad("resumetoken", "expected a string")),
+        };
+        let schema_version = match env.remove("schemaversion") {
+            Some(Value::Number(n)) => n
+                .as_u64()
+                .and_then(|n| u32::try_from(n).ok())
+                .ok_or_else(|| bad("schemaversion", "expected a small unsigned integer"))?,
+            Some(Value::String(s)) => s
+                .parse()
+                .map_err(|_| bad("schemaversion", "expected an integer"))?,
+            _ => return Err(bad("schemaversion", "missing")),
+        };
+        let Some(Value::Object(mut data)) = env.remove("data") else {
+            return Err(bad("data", "missing or not an object"));
+        };
+        let op: Op = match data.remove("op") {
+            Some(v) => serde_json::from_value(v).map_err(|e| bad("data.op", e.to_string()))?,
+            None => return Err(bad("data.op", "missing")),
+        };
+        let collection = match data.remove("collection") {
+            Some(Value::String(s)) => s,
+            _ => return Err(bad("data.collection", "missing or not a string")),
+        };
+        let bson_of = |field: &'static str, v: Option<Value>| -> Result<Bson, DecodeError> {
+            let v = v.ok_or_else(|| bad(field, "missing"))?;
+            Bson::try_from(v).map_err(|e| bad(field, format!("not Extended JSON: {e}")))
+        };
+        let key = bson_of("data.key", data.remove("key"))?;
+        let document_id = bson_of("data.documentId", data.remove("documentId"))?;
+        let opt_doc =
+            |field: &'static str, v: Option<Value>| -> Result<Option<Document>, DecodeError> {
+                match v {
+                    None | Some(Value::Null) => Ok(None),
+                    Some(v) => match Bson::try_from(v) {
+                        Ok(Bson::Document(d)) => Ok(Some(d)),
+                        Ok(_) => Err(bad(field, "expected a document")),
+                        Err(e) => Err(bad(field, format!("not Extended JSON: {e}"))),
+                    },
+                }
+            };
+        let after = opt_doc("data.after", data.remove("after"))?;
+        let before = opt_doc("data.before", data.remove("before"))?;
+        let changed = opt_doc("data.changed", data.remove("changed"))?;
+        let removed = match data.remove("removed") {
+            None | Some(Value::Null) => Vec::new(),
+            Some(Value::Array(a)) => a
+                .into_iter()
+                .map(|v| match v {
+                    Value::String(s) => Ok(s),
+                    _ => Err(bad("data.removed", "expected strings")),
+                })
+                .collect::<Result<_, _>>()?,
+            Some(_) => return Err(bad("data.removed", "expected an array")),
+        };
+        let derived = match data.remove("derived") {
+            None | Some(Value::Null) => None,
+            Some(Value::Object(mut m)) => {
+                let field = match m.remove("field") {
+                    Some(Value::String(s)) => s,
+                    _ => return Err(bad("data.derived.field", "missing or not a string")),
+                };
+                let index = match m.remove("index") {
+                    None | Some(Value::Null) => None,
+                    Some(Value::Number(n)) => n.as_u64().and_then(|n| u32::try_from(n).ok()),
+                    Some(_) => return Err(bad("data.derived.index", "expected an integer")),
+                };
+                let element = bson_of("data.derived.element", m.remove("element"))?;
+                Some(Derived {
+                    field,
+                    index,
+                    element,
+                })
+            }
+            Some(_) => return Err(bad("data.derived", "expected an object")),
+        };
+        Ok(CanonicalEvent {
+            id,
+            source,
+            event_type,
+            subject,
+            time,
+            position: Position {
+                cluster_time,
+                index,
+                resume_token,
+            },
+            schema_version,
+            data: EventData {
+                op,
+                collection,
+                key,
+                document_id,
+                after,
+                before,
+                changed,
+                removed,
+                derived,
+            },
+        })
+    }
+
+    /// CloudEvents Kafka protocol binding headers (`ce_*`), sent beside the structured body when
+    /// `kafka.ce_headers` is on, so brokers and tools can route without parsing the body.
+    pub fn ce_headers(&self) -> [(&'static str, String); 6] {
+        [
+            ("ce_specversion", "1.0".to_string()),
+            ("ce_id", self.id.clone()),
+            ("ce_type", self.event_type.clone()),
+            ("ce_source", self.source.clone()),
+            ("ce_subject", self.subject.clone()),
+            ("ce_sequence", self.position.sequence()),
+        ]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bson::{Decimal128, doc, oid::ObjectId};
+
+    fn sample() -> CanonicalEvent {
+        let oid = ObjectId::parse_str("65a1b2c3d4e5f60718293a4b").unwrap();
+        let pos = Position {
+            cluster_time: Timestamp {
+                time: 1_700_000_000,
+                increment: 7,
+            },
+            index: 2,
+            resume_token: Some("8265A1B2C3000000072B".into()),
+        };
+        let after = doc! {
+            "_id": oid, "user_id": "U1", "ltv": "1290.50", "n32": 5_i32, "n64": 5_i64, "d": 5.0,
+            "dec": "1.5".parse::<Decimal128>().unwrap(),
+            "when": DateTime::from_millis(1_700_000_000_123),
+            "bin": bson::Binary { subtype: bson::spec::BinarySubtype::Generic, bytes: vec![1, 2, 3] },
+            "nested": { "a": [1_i32, { "b": bson::Bson::Null }] },
+        };
+        CanonicalEvent {
+            id: event_id("linechatbot", &pos, ""),
+            source: "ficus://linechatbot/customers".into(),
+            event_type: "customer.updated".into(),
+            subject: "U1".into(),
+            time: DateTime::from_millis(1_700_000_000_000),
+            position: pos,
+            schema_version: SCHEMA_VERSION,
+            data: EventData {
+                op: Op::Update,
+                collection: "customers".into(),
+                key: Bson::String("U1".into()),
+                document_id: Bson::ObjectId(oid),
+                after: Some(after),
+                before: None,
+                changed: Some(doc! { "stats.msgs": 5_i32 }),
+                removed: vec!["tz".into()],
+                derived: Some(Derived {
+                    field: "purchases".into(),
+                    index: Some(3),
+                    element: Bson::Document(doc! { "id": "P1" }),
+                }),
+            },
+        }
+    }
+
+    #[test]
+    fn envelope_round_trips_every_bson_type() {
+        let ev = sample();
+        let back = CanonicalEvent::decode(&ev.encode()).unwrap();
+        assert_eq!(back, ev);
+        // Int32 and Int64 stay apart, which relaxed JSON would lose.
+        let after = back.data.after.unwrap();
+        assert!(matches!(after.get("n32"), Some(Bson::Int32(5))));
+        assert!(matches!(after.get("n64"), Some(Bson::Int64(5))));
+    }
+
+    #[test]
+    fn envelope_is_cloudevents_structured_json() {
+        let v = sample().to_json();
+        assert_eq!(v["specversion"], "1.0");
+        assert_eq!(v["type"], "customer.updated");
+        assert_eq!(v["subject"], "U1");
+        assert_eq!(v["time"], "2023-11-14T22:13:20Z");
+        assert_eq!(v["sequence"], "170000000000000000070000000002");
+        assert_eq!(v["data"]["after"]["ltv"], "1290.50");
+        assert_eq!(v["data"]["after"]["n32"]["$numberInt"], "5");
+    }
+
+    #[test]
+    fn ids_are_deterministic_and_distinct() {
+        let p = sample().position;
+        assert_eq!(event_id("s", &p, ""), event_id("s", &p, ""));
+        assert_ne!(event_id("s", &p, ""), event_id("s", &p, "purchases.3"));
+        let mut q = p.clone();
+        q.index += 1;
+        assert_ne!(event_id("s", &p, ""), event_id("s", &q, ""));
+        assert_eq!(event_id("s", &p, "").len(), 32);
+    }
+
+    #[test]
+    fn sequence_orders_like_positions() {
+        let a = format_sequence(
+            Timestamp {
+                time: 9,
+                increment: 99,
+            },
+            5,
+        );
+        let b = format_sequence(
+            Timestamp {
+                time: 10,
+                increment: 1,
+            },
+            0,
+        );
+        let c = format_sequence(
+            Timestamp {
+                time: 10,
+                increment: 1,
+            },
+            1,
+        );
+        assert!(a < b && b < c);
+        assert_eq!(
+            parse_sequence(&c),
+            Some((
+                Timestamp {
+                    time: 10,
+                    increment: 1
+                },
+                1
+            ))
+        );
+        assert_eq!(parse_sequence("12"), None);
+    }
+
+    #[test]
+    fn decode_names_the_bad_field() {
+        let mut v = sample().to_json();
+        v["sequence"] = Value::String("x".into());
+        let err = CanonicalEvent::from_json(v).unwrap_err().to_string();
+        assert!(err.contains("sequence"), "{err}");
+        let err = CanonicalEvent::decode(b"not json").unwrap_err().to_string();
+        assert!(err.contains("not JSON"), "{err}");
+        let mut v = sample().to_json();
+        v["data"]["after"] = Value::from(3);
+        let err = CanonicalEvent::from_json(v).unwrap_err().to_string();
+        assert!(err.contains("data.after"), "{err}");
+    }
+
+    #[test]
+    fn keys_render_readably() {
+        assert_eq!(render_key(&Bson::String("U1".into())), "U1");
+        assert_eq!(render_key(&Bson::Int64(42)), "42");
+        let oid = ObjectId::parse_str("65a1b2c3d4e5f60718293a4b").unwrap();
+        assert_eq!(render_key(&Bson::ObjectId(oid)), "65a1b2c3d4e5f60718293a4b");
+    }
+}

@@ -1,0 +1,41 @@
+//! ficus keeps per-service databases in step with a MongoDB monolith, through Kafka.
+//!
+//! ```text
+//!  monolith (MongoDB)                                     service databases (MongoDB)
+//!   │ change stream / snapshot                                      ▲
+//!   ▼                                                               │ version-guarded upserts
+//!  source ──► mapping ──► event ──► bus (Kafka) ──► consumer ──► transform ──► sink
+//!   (tail role; checkpoint after ack)                (consume role; offsets after the write)
+//! ```
+//!
+//! Data flows one way. The pure cores, `mapping` (change → canonical events) and `transform`
+//! (canonical event → writes), do no I/O; adapters (`source`, `bus`, `checkpoint`) do only I/O.
+//!
+//! - [`config`]: the TOML file, defaults and `FICUS_*` environment, validated once.
+//! - [`definitions`]: collected errors with file and field, shared by every loader.
+//! - [`topics`]: `topics/*.toml`, one definition per monolith collection.
+//! - [`event`]: the canonical event (CloudEvents 1.0 envelope) and its ordering position.
+//! - [`mapping`]: pure change → canonical events, including derived semantic events.
+//! - [`source`]: MongoDB change stream and snapshot reader.
+//! - [`bus`]: Kafka client configuration (one place), the publisher, topic provisioning.
+//! - [`checkpoint`]: durable tail state (snapshot progress, resume token).
+//! - [`tail`]: the tail role, snapshot then stream, checkpoint only after Kafka acknowledges.
+//! - [`transform`]: declarative transforms, compiled at start-up, applied purely.
+//! - [`mongo`], [`retry`]: shared connection, error classification and backoff.
+//! - [`workload`]: reference documents in the monolith's shapes, for the demo, tests and benches.
+//! - [`cli`]: the binary's edge.
+
+pub mod bus;
+pub mod checkpoint;
+pub mod cli;
+pub mod config;
+pub mod definitions;
+pub mod event;
+pub mod mapping;
+pub mod mongo;
+pub mod retry;
+pub mod source;
+pub mod tail;
+pub mod topics;
+pub mod transform;
+pub mod workload;

@@ -1,0 +1,389 @@
+//! Change → canonical events: the tailer's pure core.
+//!
+//! [`ChangeRecord`] is ficus's own owned copy of one change (a change-stream event or a document
+//! read by the snapshot), free of driver types; [`map_change`] turns it into the canonical events
+//! its topic definition declares: the change event itself and any semantic events derived from
+//! arrays that grew. No I/O happens here, so every rule is tested with plain fixtures.
+
+use bson::{Bson, DateTime, Document, Timestamp};
+
+use crate::event::{
+    CanonicalEvent, Derived, EventData, Op, Position, SCHEMA_VERSION, event_id, render_key,
+};
+use crate::topics::{DerivedRule, TopicDef};
+
+/// One change in the source, owned and driver-independent.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ChangeRecord {
+    pub op: Op,
+    pub collection: String,
+    pub document_id: Bson,
+    pub after: Option<Document>,
+    pub before: Option<Document>,
+    pub changed: Option<Document>,
+    pub removed: Vec<String>,
+    pub cluster_time: Timestamp,
+    /// The index among events sharing `cluster_time` (see [`Position`]).
+    pub index: u32,
+    pub wall_time: Option<DateTime>,
+    pub resume_token: Option<String>,
+}
+
+/// What mapping one change produced.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Mapped {
+    pub events: Vec<CanonicalEvent>,
+    /// Set when the aggregate key could not be found and the document `_id` keyed the events
+    /// instead (a delete without a pre-image on a collection keyed by another field, or a
+    /// document lacking its key field). The tailer logs and counts it; nothing is dropped.
+    pub key_fallback: Option<String>,
+}
+
+/// Reads a dotted path (`stats.msgs`, `purchases.2.id`) from a document.
+pub fn get_path<'a>(doc: &'a Document, path: &str) -> Option<&'a Bson> {
+    let mut parts = path.split('.');
+    let mut cur = doc.get(parts.next()?)?;
+    for part in parts {
+        cur = match cur {
+            Bson::Document(d) => d.get(part)?,
+            Bson::Array(a) => a.get(part.parse::<usize>().ok()?)?,
+            _ => return None,
+        };
+    }
+    Some(cur)
+}
+
+/// Maps one change through its topic definition.
+pub fn map_change(def: &TopicDef, source_name: &str, rec: ChangeRecord) -> Mapped {
+    let (key, key_fallback) = aggregate_key(def, &rec);
+    let position = Position {
+        cluster_time: rec.cluster_time,
+        index: rec.index,
+        resume_token: rec.resume_token.clone(),
+    };
+    let source = format!("ficus://{source_name}/{}", rec.collection);
+    let time = rec
+        .wall_time
+        .unwrap_or_else(|| DateTime::from_millis(i64::from(rec.cluster_time.time) * 1000));
+    let subject = render_key(&key);
+    // Snapshot events of one snapshot share a position; the document id tells them apart.
+    let discriminator = match rec.op {
+        Op::Snapshot => format!("snapshot:{}", render_key(&rec.document_id)),
+        _ => String::new(),
+    };
+    let derived: Vec<(&DerivedRule, Vec<(Option<u32>, Bson)>)> = def
+        .derived
+        .iter()
+        .map(|rule| (rule, grown_elements(rule, &rec)))
+        .collect();
+
+    let mut events = Vec::with_capacity(1 + derived.iter().map(|d| d.1.len()).sum::<usize>());
+    let base = CanonicalEvent {
+        id: event_id(source_name, &position, &discriminator),
+        source,
+        event_type: def.event_type(rec.op).to_string(),
+        subject,
+        time,
+        position,
+        schema_version: SCHEMA_VERSION,
+        data: EventData {
+            op: rec.op,
+            collection: rec.collection,
+            key,
+            document_id: rec.document_id,
+            after: rec.after,
+            before: rec.before,
+            changed: rec.changed,
+            removed: rec.removed,
+            derived: None,
+        },
+    };
+    for (rule, elements) in derived {
+        for (n, (index, element)) in elements.into_iter().enumerate() {
+            let mut ev = base.clone();
+            let which = index.map_or_else(|| format!("n{n}"), |i| i.to_string());
+            ev.id = event_id(
+                source_name,
+                &base.position,
+                &format!("{discriminator}derived:{}:{which}", rule.event_type),
+            );
+            ev.event_type = rule.event_type.clone();
+            ev.data.derived = Some(Derived {
+                field: rule.array_field.clone(),
+                index,
+                element,
+            });
+            events.push(ev);
+        }
+    }
+    events.insert(0, base);
+    Mapped {
+        events,
+        key_fallback,
+    }
+}
+
+fn aggregate_key(def: &TopicDef, rec: &ChangeRecord) -> (Bson, Option<String>) {
+    if def.key == "_id" {
+        return (rec.document_id.clone(), None);
+    }
+    let found = rec
+        .after
+        .as_ref()
+        .and_then(|d| get_path(d, &def.key))
+        .or_else(|| rec.before.as_ref().and_then(|d| get_path(d, &def.key)));
+    match found {
+        Some(k) if !matches!(k, Bson::Null | Bson::Undefined) => (k.clone(), None),
+        _ => {
+            let why = if rec.after.is_none() && rec.before.is_none() {
+                format!(
+                    "{} of {}.{} has no pre-image, so its key `{}` is unknown; enable pre-images (ficus topics apply)",
+                    rec.op,
+                    rec.collection,
+                    render_key(&rec.document_id),
+                    def.key
+                )
+            } else {
+                format!(
+                    "document {}.{} has no key field `{}`",
+                    rec.collection,
+                    render_key(&rec.document_id),
+                    def.key
+                )
+            };
+            (rec.document_id.clone(), Some(why))
+        }
+    }
+}
+
+/// The elements that appeared in the rule's array, with their index in the after-state.
+///
+/// With a before-state the answer is exact (a multiset difference). Without one, an update's
+/// description says which array slots were set (`purchases.3` from a `$push`); a whole-array
+/// `$set` or a replace cannot be diffed, so every element is reported: consumers key derived
+/// targets by the element's own id, so an element reported twice lands once.
+fn grown_elements(rule: &DerivedRule, rec: &ChangeRecord) -> Vec<(Option<u32>, Bson)> {
+    let Some(after) = rec.after.as_ref() else {
+        return Vec::new();
+    };
+    let after_arr = match get_path(after, &rule.array_field) {
+        Some(Bson::Array(a)) => a,
+        _ => return Vec::new(),
+    };
+    let all = || {
+        after_arr
+            .iter()
+            .enumerate()
+            .map(|(i, e)| (Some(i as u32), e.clone()))
+            .collect()
+    };
+    match rec.op {
+        Op::Delete => Vec::new(),
+        Op::Snapshot | Op::Insert => all(),
+        Op::Update | Op::Replace => {
+            if let Some(before) = rec.before.as_ref() {
+                let mut old: Vec<&Bson> = match get_path(before, &rule.array_field) {
+                    Some(Bson::Array(a)) => a.iter().collect(),
+                    _ => Vec::new(),
+                };
+                let mut out = Vec::new();
+                for (i, e) in after_arr.iter().enumerate() {
+                    if let Some(pos) = old.iter().position(|o| *o == e) {
+                        old.swap_remove(pos);
+                    } else {
+                        out.push((Some(i as u32), e.clone()));
+                    }
+                }
+                return out;
+            }
+            let Some(changed) = rec.changed.as_ref().filter(|_| rec.op == Op::Update) else {
+                return all();
+            };
+            let prefix = format!("{}.", rule.array_field);
+            let mut out = Vec::new();
+            for (path, value) in changed {
+                if path == &rule.array_field {
+                    return all();
+                }
+                if let Some(rest) = path.strip_prefix(&prefix) {
+                    if let Ok(i) = rest.parse::<u32>() {
+                        out.push((Some(i), value.clone()));
+                    }
+                }
+            }
+            out
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::topics::Topics;
+    use bson::{doc, oid::ObjectId};
+    use std::path::Path;
+
+    fn topics() -> Topics {
+        crate::topics::load(Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/topics"))).unwrap()
+    }
+
+    fn rec(op: Op, coll: &str, after: Option<Document>) -> ChangeRecord {
+        ChangeRecord {
+            op,
+            collection: coll.into(),
+            document_id: Bson::ObjectId(ObjectId::parse_str("65a1b2c3d4e5f60718293a4b").unwrap()),
+            after,
+            before: None,
+            changed: None,
+            removed: vec![],
+            cluster_time: Timestamp {
+                time: 100,
+                increment: 1,
+            },
+            index: 1,
+            wall_time: None,
+            resume_token: Some("T1".into()),
+        }
+    }
+
+    fn purchase(id: &str) -> Document {
+        doc! { "id": id, "product_id": "SKU1", "amount": "10.00" }
+    }
+
+    #[test]
+    fn insert_becomes_created_keyed_by_the_aggregate_field() {
+        let t = topics();
+        let def = t.for_collection("customers").unwrap();
+        let out = map_change(
+            def,
+            "linechatbot",
+            rec(
+                Op::Insert,
+                "customers",
+                Some(doc! { "user_id": "U1", "purchases": [] }),
+            ),
+        );
+        assert_eq!(out.key_fallback, None);
+        assert_eq!(out.events.len(), 1);
+        let ev = &out.events[0];
+        assert_eq!(ev.event_type, "customer.created");
+        assert_eq!(ev.subject, "U1");
+        assert_eq!(ev.source, "ficus://linechatbot/customers");
+        assert_eq!(ev.position.sequence(), "000000010000000000010000000001");
+        assert_eq!(ev.time, DateTime::from_millis(100_000));
+    }
+
+    #[test]
+    fn push_derives_one_event_per_new_element() {
+        let t = topics();
+        let def = t.for_collection("customers").unwrap();
+        let mut r = rec(
+            Op::Update,
+            "customers",
+            Some(
+                doc! { "user_id": "U1", "purchases": [purchase("P1"), purchase("P2"), purchase("P3")] },
+            ),
+        );
+        r.changed =
+            Some(doc! { "purchases.2": purchase("P3"), "updated_at": DateTime::from_millis(1) });
+        let out = map_change(def, "linechatbot", r);
+        let types: Vec<_> = out.events.iter().map(|e| e.event_type.as_str()).collect();
+        assert_eq!(types, ["customer.updated", "customer.purchase_recorded"]);
+        let d = out.events[1].data.derived.as_ref().unwrap();
+        assert_eq!(d.index, Some(2));
+        assert_eq!(d.element, Bson::Document(purchase("P3")));
+        assert_ne!(out.events[0].id, out.events[1].id);
+        assert_eq!(out.events[1].subject, "U1");
+    }
+
+    #[test]
+    fn nested_update_of_an_element_is_not_growth() {
+        let t = topics();
+        let def = t.for_collection("customers").unwrap();
+        let mut r = rec(
+            Op::Update,
+            "customers",
+            Some(doc! { "user_id": "U1", "purchases": [purchase("P1")] }),
+        );
+        r.changed = Some(doc! { "purchases.0.status": "refunded" });
+        assert_eq!(map_change(def, "s", r).events.len(), 1);
+    }
+
+    #[test]
+    fn before_state_gives_an_exact_diff() {
+        let t = topics();
+        let def = t.for_collection("customers").unwrap();
+        let mut r = rec(
+            Op::Replace,
+            "customers",
+            Some(
+                doc! { "user_id": "U1", "purchases": [purchase("P0"), purchase("P1"), purchase("P2")] },
+            ),
+        );
+        r.before = Some(doc! { "user_id": "U1", "purchases": [purchase("P1"), purchase("P2")] });
+        let out = map_change(def, "s", r);
+        assert_eq!(out.events.len(), 2);
+        assert_eq!(out.events[1].data.derived.as_ref().unwrap().index, Some(0));
+    }
+
+    #[test]
+    fn snapshot_reports_every_element_and_distinct_ids() {
+        let t = topics();
+        let def = t.for_collection("conversations").unwrap();
+        let mut r = rec(
+            Op::Snapshot,
+            "conversations",
+            Some(doc! { "messages": [{ "id": "m1" }, { "id": "m2" }] }),
+        );
+        r.index = 0;
+        r.resume_token = None;
+        let a = map_change(def, "s", r.clone());
+        assert_eq!(a.events[0].event_type, "conversation.snapshot");
+        assert_eq!(a.events.len(), 3);
+        r.document_id = Bson::Int32(7);
+        let b = map_change(def, "s", r);
+        assert_ne!(
+            a.events[0].id, b.events[0].id,
+            "snapshot events of one snapshot differ by document"
+        );
+        assert_eq!(b.events[0].subject, "7");
+    }
+
+    #[test]
+    fn delete_is_keyed_from_the_pre_image() {
+        let t = topics();
+        let def = t.for_collection("customers").unwrap();
+        let mut r = rec(Op::Delete, "customers", None);
+        r.before = Some(doc! { "user_id": "U9", "purchases": [purchase("P1")] });
+        let out = map_change(def, "s", r);
+        assert_eq!(out.events.len(), 1, "a delete derives nothing");
+        assert_eq!(out.events[0].event_type, "customer.deleted");
+        assert_eq!(out.events[0].subject, "U9");
+        assert_eq!(out.key_fallback, None);
+    }
+
+    #[test]
+    fn missing_key_falls_back_to_the_id_and_says_why() {
+        let t = topics();
+        let def = t.for_collection("customers").unwrap();
+        let out = map_change(def, "s", rec(Op::Delete, "customers", None));
+        assert_eq!(out.events[0].subject, "65a1b2c3d4e5f60718293a4b");
+        assert!(out.key_fallback.unwrap().contains("pre-image"));
+    }
+
+    #[test]
+    fn same_change_same_ids() {
+        let t = topics();
+        let def = t.for_collection("products").unwrap();
+        let r = rec(Op::Insert, "products", Some(doc! { "sku": "S1" }));
+        assert_eq!(map_change(def, "s", r.clone()), map_change(def, "s", r));
+    }
+
+    #[test]
+    fn paths_reach_into_documents_and_arrays() {
+        let d = doc! { "a": { "b": [10, { "c": "x" }] } };
+        assert_eq!(get_path(&d, "a.b.1.c"), Some(&Bson::String("x".into())));
+        assert_eq!(get_path(&d, "a.b.0"), Some(&Bson::Int32(10)));
+        assert_eq!(get_path(&d, "a.z"), None);
+    }
+}

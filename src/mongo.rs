@@ -1,0 +1,110 @@
+//! Shared MongoDB plumbing: connecting, and sorting driver errors into what to do about them.
+//!
+//! Every adapter that talks to MongoDB (source, checkpoints, sinks, the event store) connects and
+//! classifies errors here, so "retry", "re-snapshot" and "stop" mean the same thing everywhere.
+
+use std::time::Duration;
+
+use mongodb::Client;
+use mongodb::error::{Error, ErrorKind};
+use mongodb::options::ClientOptions;
+
+use crate::config::redact_text;
+
+/// What an error means for the caller.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorClass {
+    /// Network trouble, failover, shutdown in progress: back off and try again.
+    Transient,
+    /// The change stream cannot resume from the token any more (the oplog moved on).
+    HistoryLost,
+    /// Anything else: a person has to look (authentication, bad configuration, a bug).
+    Fatal,
+}
+
+/// Server error codes that mean "try again".
+const TRANSIENT_CODES: &[i32] = &[
+    6,     // HostUnreachable
+    7,     // HostNotFound
+    43,    // CursorNotFound (change streams resume from the token)
+    89,    // NetworkTimeout
+    91,    // ShutdownInProgress
+    189,   // PrimarySteppedDown
+    262,   // ExceededTimeLimit
+    9001,  // SocketException
+    10107, // NotWritablePrimary
+    11600, // InterruptedAtShutdown
+    11602, // InterruptedDueToReplStateChange
+    13435, // NotPrimaryNoSecondaryOk
+    13436, // NotPrimaryOrSecondary
+    112,   // WriteConflict
+    251,   // NoSuchTransaction
+];
+
+/// Server error codes that mean the change stream's history is gone.
+const HISTORY_LOST_CODES: &[i32] = &[
+    286, // ChangeStreamHistoryLost
+    280, // ChangeStreamFatalError (resume token not found)
+    136, // CappedPositionLost
+    260, // InvalidResumeToken
+];
+
+/// The server error code, if the error carries one.
+pub fn error_code(e: &Error) -> Option<i32> {
+    match e.kind.as_ref() {
+        ErrorKind::Command(c) => Some(c.code),
+        ErrorKind::Write(mongodb::error::WriteFailure::WriteError(w)) => Some(w.code),
+        ErrorKind::Write(mongodb::error::WriteFailure::WriteConcernError(w)) => Some(w.code),
+        _ => None,
+    }
+}
+
+/// Sorts a driver error.
+pub fn classify(e: &Error) -> ErrorClass {
+    if let Some(code) = error_code(e) {
+        if HISTORY_LOST_CODES.contains(&code) {
+            return ErrorClass::HistoryLost;
+        }
+        if TRANSIENT_CODES.contains(&code) {
+            return ErrorClass::Transient;
+        }
+    }
+    if [
+        "ResumableChangeStreamError",
+        "RetryableWriteError",
+        "TransientTransactionError",
+        "NetworkError",
+    ]
+    .iter()
+    .any(|l| e.contains_label(l))
+    {
+        return ErrorClass::Transient;
+    }
+    match e.kind.as_ref() {
+        ErrorKind::Io(_)
+        | ErrorKind::ConnectionPoolCleared { .. }
+        | ErrorKind::ServerSelection { .. }
+        | ErrorKind::DnsResolve { .. }
+        | ErrorKind::Shutdown => ErrorClass::Transient,
+        _ => ErrorClass::Fatal,
+    }
+}
+
+/// A driver error as text, with any connection string in it redacted.
+pub fn describe(e: &Error) -> String {
+    redact_text(&e.to_string())
+}
+
+/// Connects (lazily, as the driver does) with ficus's application name and timeouts that fail
+/// fast enough for the retry loop to take over.
+pub async fn connect(uri: &str, app: &str) -> Result<Client, Error> {
+    let mut opts = ClientOptions::parse(uri).await?;
+    opts.app_name = Some(format!("ficus-{app}"));
+    if opts.server_selection_timeout.is_none() {
+        opts.server_selection_timeout = Some(Duration::from_secs(10));
+    }
+    if opts.connect_timeout.is_none() {
+        opts.connect_timeout = Some(Duration::from_secs(5));
+    }
+    Client::with_options(opts)
+}

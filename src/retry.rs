@@ -1,0 +1,55 @@
+//! Retrying transient failures: exponential backoff with jitter (backon), cut short by shutdown.
+//!
+//! Every long-running role wraps its work in [`with_backoff`]; an attempt that fails with a
+//! transient error starts again from its last durable checkpoint, a fatal one ends the role.
+
+use std::fmt::Display;
+use std::future::Future;
+use std::time::Duration;
+
+use backon::{ExponentialBuilder, Retryable};
+use tokio_util::sync::CancellationToken;
+
+/// The backoff policy: 200 ms doubling to 30 s, with jitter, forever (only shutdown or a fatal
+/// error stops it).
+pub fn policy() -> ExponentialBuilder {
+    ExponentialBuilder::new()
+        .with_min_delay(Duration::from_millis(200))
+        .with_max_delay(Duration::from_secs(30))
+        .with_jitter()
+        .without_max_times()
+}
+
+/// Runs `attempt` until it succeeds or fails with an error `transient` rejects. On shutdown a
+/// backoff sleep ends early; the next attempt is expected to see the cancelled token and return.
+pub async fn with_backoff<T, E, F, Fut>(
+    what: &str,
+    shutdown: &CancellationToken,
+    attempt: F,
+    transient: impl Fn(&E) -> bool,
+) -> Result<T, E>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, E>>,
+    E: Display,
+{
+    let token = shutdown.clone();
+    let sleeper = move |d: Duration| {
+        let token = token.clone();
+        async move {
+            tokio::select! {
+                _ = tokio::time::sleep(d) => {}
+                _ = token.cancelled() => {}
+            }
+        }
+    };
+    attempt
+        .retry(policy())
+        .sleep(sleeper)
+        .when(|e| transient(e))
+        .notify(|e, d| {
+            metrics::counter!("ficus_retries_total", "stage" => what.to_string()).increment(1);
+            tracing::warn!(stage = what, error = %e, "transient failure; retrying in {:.1}s", d.as_secs_f64());
+        })
+        .await
+}

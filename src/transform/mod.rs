@@ -1,0 +1,1 @@
+//! Declarative transforms: canonical events → writes into a service's database (pure).

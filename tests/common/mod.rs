@@ -1,0 +1,467 @@
+//! Test harness: real servers on free loopback ports, the real `ficus` binary, a plain Kafka
+//! consumer to read what arrived. Nothing is mocked.
+//!
+//! Server binaries come from `FICUS_SECANTUSD` / `FICUS_TANSU` (set by `tests/run.sh`, which
+//! installs them pinned into a cache), or from that cache's default location.
+
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use bson::Document;
+use ficus::event::CanonicalEvent;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::Message;
+use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+
+pub const SECANTUS_VERSION: &str = "0.5.3-beta.196";
+pub const TANSU_VERSION: &str = "0.6.0";
+
+fn cache_dir() -> PathBuf {
+    std::env::var_os("FICUS_SERVERS_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cache/ficus/servers")
+        })
+}
+
+fn server_binary(var: &str, default: PathBuf) -> PathBuf {
+    let p = std::env::var_os(var).map(PathBuf::from).unwrap_or(default);
+    assert!(
+        p.exists(),
+        "{} not found at {}: run `bash .ci/install-servers` (the test command `bash tests/run.sh` does it)",
+        var,
+        p.display()
+    );
+    p
+}
+
+pub fn secantusd() -> PathBuf {
+    server_binary(
+        "FICUS_SECANTUSD",
+        cache_dir().join(format!("secantus-mdb-{SECANTUS_VERSION}/bin/secantusd-rs")),
+    )
+}
+
+pub fn tansu() -> PathBuf {
+    server_binary(
+        "FICUS_TANSU",
+        cache_dir().join(format!("tansu-{TANSU_VERSION}/bin/tansu")),
+    )
+}
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+pub fn wait_port(port: u16, what: &str, log: &Path) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while Instant::now() < deadline {
+        if TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!(
+        "{what} did not listen on {port}; log:\n{}",
+        std::fs::read_to_string(log).unwrap_or_default()
+    );
+}
+
+/// Kills the child's whole life with the test: the child gets SIGKILL if the test process dies.
+fn spawn(cmd: &mut Command, log: &Path) -> Child {
+    use std::os::unix::process::CommandExt;
+    let out = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .unwrap();
+    let err = out.try_clone().unwrap();
+    cmd.stdin(Stdio::null()).stdout(out).stderr(err);
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            Ok(())
+        });
+    }
+    cmd.spawn()
+        .unwrap_or_else(|e| panic!("spawning {:?}: {e}", cmd.get_program()))
+}
+
+fn signal(child: &Child, sig: i32) {
+    unsafe {
+        libc::kill(child.id() as i32, sig);
+    }
+}
+
+/// A secantusd-rs MongoDB server (single node presenting as a replica set).
+pub struct Mongo {
+    pub port: u16,
+    dir: PathBuf,
+    extra: Vec<String>,
+    child: Option<Child>,
+}
+
+impl Mongo {
+    pub fn start(dir: &Path, extra: &[&str]) -> Mongo {
+        let mut m = Mongo {
+            port: free_port(),
+            dir: dir.to_path_buf(),
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+            child: None,
+        };
+        std::fs::create_dir_all(&m.dir).unwrap();
+        m.boot();
+        m
+    }
+
+    fn boot(&mut self) {
+        let log = self.dir.join("secantusd.log");
+        let mut cmd = Command::new(secantusd());
+        cmd.current_dir(&self.dir)
+            .args(["--host", "127.0.0.1", "--port", &self.port.to_string()])
+            .arg("--storage-path")
+            .arg(self.dir.join("data"))
+            .args(["--cache-size", "128M", "--log-level", "WARNING"])
+            .args(&self.extra);
+        self.child = Some(spawn(&mut cmd, &log));
+        wait_port(self.port, "secantusd-rs", &log);
+    }
+
+    pub fn uri(&self) -> String {
+        format!("mongodb://127.0.0.1:{}/?directConnection=true", self.port)
+    }
+
+    pub async fn client(&self) -> mongodb::Client {
+        mongodb::Client::with_uri_str(self.uri()).await.unwrap()
+    }
+
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn restart(&mut self) {
+        self.kill();
+        self.boot();
+    }
+}
+
+impl Drop for Mongo {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A Tansu Kafka broker on sqlite storage.
+pub struct Kafka {
+    pub port: u16,
+    dir: PathBuf,
+    child: Option<Child>,
+}
+
+impl Kafka {
+    pub fn start(dir: &Path) -> Kafka {
+        std::fs::create_dir_all(dir).unwrap();
+        let mut k = Kafka {
+            port: free_port(),
+            dir: dir.to_path_buf(),
+            child: None,
+        };
+        k.boot();
+        k
+    }
+
+    fn boot(&mut self) {
+        let log = self.dir.join("tansu.log");
+        let url = format!("tcp://127.0.0.1:{}", self.port);
+        let mut cmd = Command::new(tansu());
+        cmd.current_dir(&self.dir)
+            .arg("broker")
+            .args(["--listener-url", &url, "--advertised-listener-url", &url])
+            .args(["--storage-engine", "sqlite://tansu.db"])
+            .env("RUST_LOG", "warn");
+        self.child = Some(spawn(&mut cmd, &log));
+        wait_port(self.port, "tansu", &log);
+    }
+
+    pub fn brokers(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn restart(&mut self) {
+        self.kill();
+        self.boot();
+    }
+}
+
+impl Drop for Kafka {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// One test's world: a monolith MongoDB, a broker, and a scratch directory.
+pub struct World {
+    pub dir: tempfile::TempDir,
+    pub mongo: Mongo,
+    pub kafka: Kafka,
+}
+
+impl World {
+    pub fn start() -> World {
+        Self::start_with(&[])
+    }
+
+    pub fn start_with(mongo_args: &[&str]) -> World {
+        let dir = tempfile::Builder::new()
+            .prefix("ficus-test-")
+            .tempdir()
+            .unwrap();
+        let mongo = Mongo::start(&dir.path().join("mongo"), mongo_args);
+        let kafka = Kafka::start(&dir.path().join("kafka"));
+        World { dir, mongo, kafka }
+    }
+
+    /// Environment for a ficus process pointed at this world.
+    pub fn env(&self) -> HashMap<String, String> {
+        let mut env = HashMap::new();
+        env.insert("FICUS_SOURCE_URI".into(), self.mongo.uri());
+        env.insert("FICUS_KAFKA_BROKERS".into(), self.kafka.brokers());
+        env.insert("FICUS_TARGET_URI".into(), self.mongo.uri());
+        env.insert("FICUS_STORE_URI".into(), self.mongo.uri());
+        env
+    }
+
+    /// Runs a ficus command to completion.
+    pub fn ficus(&self, args: &[&str], extra_env: &[(&str, &str)]) -> std::process::Output {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_ficus"));
+        cmd.current_dir(repo_root())
+            .args(args)
+            .envs(self.env())
+            .env_remove("FICUS_CONFIG");
+        for (k, v) in extra_env {
+            cmd.env(k, v);
+        }
+        cmd.output().unwrap()
+    }
+
+    /// `ficus topics apply`, asserting success.
+    pub fn apply_topics(&self) {
+        let out = self.ficus(&["topics", "apply"], &[]);
+        assert!(
+            out.status.success(),
+            "topics apply failed:\n{}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// Starts `ficus run` in the background.
+    pub fn spawn_ficus(&self, args: &[&str], extra_env: &[(&str, &str)]) -> Ficus {
+        let log = self.dir.path().join(format!("ficus-{}.log", free_port()));
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_ficus"));
+        cmd.current_dir(repo_root())
+            .args(args)
+            .envs(self.env())
+            .env_remove("FICUS_CONFIG")
+            .env("FICUS_LOG", "info,ficus=debug");
+        for (k, v) in extra_env {
+            cmd.env(k, v);
+        }
+        let child = spawn(&mut cmd, &log);
+        Ficus {
+            child: Some(child),
+            log,
+        }
+    }
+}
+
+pub fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// A running ficus process.
+pub struct Ficus {
+    child: Option<Child>,
+    pub log: PathBuf,
+}
+
+impl Ficus {
+    pub fn sigkill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM, then waits for the exit status.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let mut c = self.child.take().expect("running");
+        signal(&c, libc::SIGTERM);
+        wait_timeout(&mut c, Duration::from_secs(60)).unwrap_or_else(|| {
+            let _ = c.kill();
+            panic!(
+                "ficus did not stop within 60s of SIGTERM; log:\n{}",
+                self.logs()
+            );
+        })
+    }
+
+    /// Waits for the process to exit by itself.
+    pub fn wait(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let c = self.child.as_mut().expect("running");
+        let st = wait_timeout(c, timeout);
+        if st.is_some() {
+            self.child = None;
+        }
+        st
+    }
+
+    pub fn logs(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Ficus {
+    fn drop(&mut self) {
+        self.sigkill();
+    }
+}
+
+fn wait_timeout(c: &mut Child, timeout: Duration) -> Option<std::process::ExitStatus> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(st) = c.try_wait().unwrap() {
+            return Some(st);
+        }
+        if Instant::now() > deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// One record read back from Kafka.
+#[derive(Debug, Clone)]
+pub struct Record {
+    pub topic: String,
+    pub partition: i32,
+    pub offset: i64,
+    pub key: String,
+    pub headers: Vec<(String, String)>,
+    pub event: CanonicalEvent,
+}
+
+/// Reads every record of `topics` from the beginning with a plain consumer (no group), until
+/// `until` is satisfied by what was read or `timeout` passes.
+pub fn read_topics(
+    brokers: &str,
+    topics: &[&str],
+    timeout: Duration,
+    until: impl Fn(&[Record]) -> bool,
+) -> Vec<Record> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", "ficus-test-reader")
+        .set("enable.auto.commit", "false")
+        .set("fetch.wait.max.ms", "50")
+        .create()
+        .unwrap();
+    let mut tpl = TopicPartitionList::new();
+    for t in topics {
+        let md = consumer
+            .fetch_metadata(Some(t), Duration::from_secs(10))
+            .unwrap();
+        let parts = md.topics()[0].partitions().len();
+        assert!(parts > 0, "topic {t} has no partitions");
+        for p in 0..parts as i32 {
+            tpl.add_partition_offset(t, p, Offset::Beginning).unwrap();
+        }
+    }
+    consumer.assign(&tpl).unwrap();
+    let deadline = Instant::now() + timeout;
+    let mut out = Vec::new();
+    while Instant::now() < deadline {
+        match consumer.poll(Duration::from_millis(100)) {
+            Some(Ok(m)) => {
+                let payload = m.payload().expect("payload");
+                let event = CanonicalEvent::decode(payload)
+                    .unwrap_or_else(|e| panic!("undecodable record: {e}"));
+                let headers = m
+                    .headers()
+                    .map(|h| {
+                        use rdkafka::message::Headers;
+                        h.iter()
+                            .map(|h| {
+                                (
+                                    h.key.to_string(),
+                                    String::from_utf8_lossy(h.value.unwrap_or_default())
+                                        .into_owned(),
+                                )
+                            })
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                out.push(Record {
+                    topic: m.topic().to_string(),
+                    partition: m.partition(),
+                    offset: m.offset(),
+                    key: String::from_utf8_lossy(m.key().unwrap_or_default()).into_owned(),
+                    headers,
+                    event,
+                });
+            }
+            Some(Err(e)) => panic!("kafka read: {e}"),
+            None => {
+                if until(&out) {
+                    return out;
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Polls an async condition until true or panics after `timeout`.
+pub async fn eventually<F, Fut>(what: &str, timeout: Duration, mut f: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if f().await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    panic!("timed out waiting for: {what}");
+}
+
+/// The tail checkpoint document, if any.
+pub async fn checkpoint(client: &mongodb::Client, source: &str) -> Option<Document> {
+    client
+        .database("ficus")
+        .collection::<Document>("checkpoints")
+        .find_one(bson::doc! { "_id": source })
+        .await
+        .unwrap()
+}
