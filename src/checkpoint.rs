@@ -66,10 +66,7 @@ pub enum CheckpointError {
 
 /// Durable tail state.
 pub trait CheckpointStore: Send + Sync {
-    fn load(
-        &self,
-        source: &str,
-    ) -> impl Future<Output = Result<Option<TailState>, CheckpointError>> + Send;
+    fn load(&self, source: &str) -> impl Future<Output = Result<Option<TailState>, CheckpointError>> + Send;
     fn save(&self, state: &TailState) -> impl Future<Output = Result<(), CheckpointError>> + Send;
     fn clear(&self, source: &str) -> impl Future<Output = Result<(), CheckpointError>> + Send;
 }
@@ -82,16 +79,11 @@ pub struct MongoCheckpoints {
 
 impl MongoCheckpoints {
     pub fn new(db: &Database) -> Self {
-        let wc = WriteConcern::builder()
-            .w(Acknowledgment::Majority)
-            .journal(true)
-            .build();
+        let wc = WriteConcern::builder().w(Acknowledgment::Majority).journal(true).build();
         MongoCheckpoints {
             coll: db.collection_with_options(
                 "checkpoints",
-                mongodb::options::CollectionOptions::builder()
-                    .write_concern(wc)
-                    .build(),
+                mongodb::options::CollectionOptions::builder().write_concern(wc).build(),
             ),
         }
     }
@@ -104,17 +96,12 @@ impl CheckpointStore for MongoCheckpoints {
         };
         bson::deserialize_from_document(d)
             .map(Some)
-            .map_err(|e| CheckpointError::Corrupt {
-                source_name: source.into(),
-                reason: e.to_string(),
-            })
+            .map_err(|e| CheckpointError::Corrupt { source_name: source.into(), reason: e.to_string() })
     }
 
     async fn save(&self, state: &TailState) -> Result<(), CheckpointError> {
-        let d = bson::serialize_to_document(state).map_err(|e| CheckpointError::Corrupt {
-            source_name: state.source.clone(),
-            reason: e.to_string(),
-        })?;
+        let d = bson::serialize_to_document(state)
+            .map_err(|e| CheckpointError::Corrupt { source_name: state.source.clone(), reason: e.to_string() })?;
         self.coll
             .replace_one(doc! { "_id": &state.source }, d)
             .with_options(ReplaceOptions::builder().upsert(true).build())

@@ -17,32 +17,14 @@ use crate::definitions::{DefinitionError, Report, read_toml};
 /// Environment variables that override connection settings (documented in the README).
 pub const ENV_VARS: &[(&str, &str)] = &[
     ("FICUS_SOURCE_URI", "source.uri: the monolith's MongoDB"),
-    (
-        "FICUS_SOURCE_DB",
-        "source.db: the monolith database (default linechatbot)",
-    ),
-    (
-        "FICUS_SOURCE_NAME",
-        "source.name: names the source in events and checkpoints (default: the db)",
-    ),
+    ("FICUS_SOURCE_DB", "source.db: the monolith database (default linechatbot)"),
+    ("FICUS_SOURCE_NAME", "source.name: names the source in events and checkpoints (default: the db)"),
     ("FICUS_KAFKA_BROKERS", "kafka.brokers: bootstrap servers"),
-    (
-        "FICUS_TARGET_URI",
-        "target.uri: the service databases' MongoDB",
-    ),
-    (
-        "FICUS_STORE_URI",
-        "store.uri: ficus's own database (checkpoints, leases, event store)",
-    ),
-    (
-        "FICUS_STORE_DB",
-        "store.db: the name of that database (default ficus)",
-    ),
+    ("FICUS_TARGET_URI", "target.uri: the service databases' MongoDB"),
+    ("FICUS_STORE_URI", "store.uri: ficus's own database (checkpoints, leases, event store)"),
+    ("FICUS_STORE_DB", "store.db: the name of that database (default ficus)"),
     ("FICUS_TOPICS_DIR", "paths.topics (default ./topics)"),
-    (
-        "FICUS_TRANSFORMS_DIR",
-        "paths.transforms (default ./transforms)",
-    ),
+    ("FICUS_TRANSFORMS_DIR", "paths.transforms (default ./transforms)"),
 ];
 
 /// The file as written: everything optional.
@@ -203,8 +185,7 @@ impl Config {
         let file = match path {
             Some(p) => read_toml::<ConfigFile>(p).map_err(|e| Report { errors: vec![e] })?,
             None if Path::new(DEFAULT_CONFIG_FILE).exists() => {
-                read_toml::<ConfigFile>(Path::new(DEFAULT_CONFIG_FILE))
-                    .map_err(|e| Report { errors: vec![e] })?
+                read_toml::<ConfigFile>(Path::new(DEFAULT_CONFIG_FILE)).map_err(|e| Report { errors: vec![e] })?
             }
             None => ConfigFile::default(),
         };
@@ -215,13 +196,9 @@ impl Config {
     /// Builds and validates a config from a parsed file and the environment.
     pub fn from_file(f: ConfigFile, origin: &Path, env: EnvLookup<'_>) -> Result<Config, Report> {
         let mut report = Report::default();
-        let mut err =
-            |field: &str, msg: String| report.push(DefinitionError::new(origin, field, msg));
+        let mut err = |field: &str, msg: String| report.push(DefinitionError::new(origin, field, msg));
         let pick = |var: &str, file: Option<String>, default: &str| -> String {
-            env(var)
-                .filter(|v| !v.is_empty())
-                .or(file)
-                .unwrap_or_else(|| default.to_string())
+            env(var).filter(|v| !v.is_empty()).or(file).unwrap_or_else(|| default.to_string())
         };
         let source_uri = pick("FICUS_SOURCE_URI", f.source.uri, DEFAULT_MONGO_URI);
         let source_db = pick("FICUS_SOURCE_DB", f.source.db, "linechatbot");
@@ -230,28 +207,16 @@ impl Config {
         let store_uri = pick("FICUS_STORE_URI", f.store.uri, &target_uri);
         let store_db = pick("FICUS_STORE_DB", f.store.db, "ficus");
         let brokers = pick("FICUS_KAFKA_BROKERS", f.kafka.brokers, DEFAULT_BROKERS);
-        let topics_dir = env("FICUS_TOPICS_DIR")
-            .map(PathBuf::from)
-            .or(f.paths.topics)
-            .unwrap_or_else(|| PathBuf::from("topics"));
+        let topics_dir =
+            env("FICUS_TOPICS_DIR").map(PathBuf::from).or(f.paths.topics).unwrap_or_else(|| PathBuf::from("topics"));
         let transforms_dir = env("FICUS_TRANSFORMS_DIR")
             .map(PathBuf::from)
             .or(f.paths.transforms)
             .unwrap_or_else(|| PathBuf::from("transforms"));
 
-        for (field, uri) in [
-            ("source.uri", &source_uri),
-            ("target.uri", &target_uri),
-            ("store.uri", &store_uri),
-        ] {
+        for (field, uri) in [("source.uri", &source_uri), ("target.uri", &target_uri), ("store.uri", &store_uri)] {
             if !(uri.starts_with("mongodb://") || uri.starts_with("mongodb+srv://")) {
-                err(
-                    field,
-                    format!(
-                        "`{}` is not a mongodb:// connection string",
-                        redact_uri(uri)
-                    ),
-                );
+                err(field, format!("`{}` is not a mongodb:// connection string", redact_uri(uri)));
             }
         }
         for (field, db) in [("source.db", &source_db), ("store.db", &store_db)] {
@@ -260,25 +225,17 @@ impl Config {
             }
         }
         if source_name.is_empty() || source_name.contains(char::is_whitespace) {
-            err(
-                "source.name",
-                format!("`{source_name}` must be a non-empty word"),
-            );
+            err("source.name", format!("`{source_name}` must be a non-empty word"));
         }
         if brokers.trim().is_empty() {
             err("kafka.brokers", "no bootstrap servers".into());
         }
-        for (section, props) in [
-            ("properties", &f.kafka.properties),
-            ("producer", &f.kafka.producer),
-            ("consumer", &f.kafka.consumer),
-        ] {
+        for (section, props) in
+            [("properties", &f.kafka.properties), ("producer", &f.kafka.producer), ("consumer", &f.kafka.consumer)]
+        {
             for k in props.keys() {
                 if k == "bootstrap.servers" {
-                    err(
-                        &format!("kafka.{section}.{k}"),
-                        "set kafka.brokers (or FICUS_KAFKA_BROKERS) instead".into(),
-                    );
+                    err(&format!("kafka.{section}.{k}"), "set kafka.brokers (or FICUS_KAFKA_BROKERS) instead".into());
                 }
             }
         }
@@ -286,56 +243,30 @@ impl Config {
             None | Some("fail") => OnHistoryLost::Fail,
             Some("resnapshot") => OnHistoryLost::Resnapshot,
             Some(other) => {
-                err(
-                    "tail.on_history_lost",
-                    format!("`{other}`: expected \"fail\" or \"resnapshot\""),
-                );
+                err("tail.on_history_lost", format!("`{other}`: expected \"fail\" or \"resnapshot\""));
                 OnHistoryLost::Fail
             }
         };
-        let positive =
-            |field: &str, v: Option<u64>, default: u64, err: &mut dyn FnMut(&str, String)| -> u64 {
-                match v {
-                    Some(0) => {
-                        err(field, "must be greater than 0".into());
-                        default
-                    }
-                    Some(v) => v,
-                    None => default,
+        let positive = |field: &str, v: Option<u64>, default: u64, err: &mut dyn FnMut(&str, String)| -> u64 {
+            match v {
+                Some(0) => {
+                    err(field, "must be greater than 0".into());
+                    default
                 }
-            };
-        let max_in_flight = positive(
-            "tail.max_in_flight",
-            f.tail.max_in_flight.map(|v| v as u64),
-            20_000,
-            &mut err,
-        ) as usize;
-        let checkpoint_interval = positive(
-            "tail.checkpoint_interval_ms",
-            f.tail.checkpoint_interval_ms,
-            1000,
-            &mut err,
-        );
+                Some(v) => v,
+                None => default,
+            }
+        };
+        let max_in_flight =
+            positive("tail.max_in_flight", f.tail.max_in_flight.map(|v| v as u64), 20_000, &mut err) as usize;
+        let checkpoint_interval =
+            positive("tail.checkpoint_interval_ms", f.tail.checkpoint_interval_ms, 1000, &mut err);
         let max_await = positive("tail.max_await_ms", f.tail.max_await_ms, 1000, &mut err);
-        let tail_batch = positive(
-            "tail.batch_size",
-            f.tail.batch_size.map(u64::from),
-            1000,
-            &mut err,
-        ) as u32;
-        let snap_batch = positive(
-            "snapshot.batch_size",
-            f.snapshot.batch_size.map(u64::from),
-            1000,
-            &mut err,
-        ) as u32;
+        let tail_batch = positive("tail.batch_size", f.tail.batch_size.map(u64::from), 1000, &mut err) as u32;
+        let snap_batch = positive("snapshot.batch_size", f.snapshot.batch_size.map(u64::from), 1000, &mut err) as u32;
 
         let cfg = Config {
-            source: SourceConfig {
-                uri: source_uri,
-                db: source_db,
-                name: source_name,
-            },
+            source: SourceConfig { uri: source_uri, db: source_db, name: source_name },
             kafka: KafkaConfig {
                 brokers,
                 ce_headers: f.kafka.ce_headers.unwrap_or(true),
@@ -344,10 +275,7 @@ impl Config {
                 consumer: f.kafka.consumer,
             },
             target_uri,
-            store: StoreConfig {
-                uri: store_uri,
-                db: store_db,
-            },
+            store: StoreConfig { uri: store_uri, db: store_db },
             tail: TailConfig {
                 on_history_lost,
                 max_in_flight,
@@ -384,8 +312,7 @@ impl Config {
 
 /// Parses a metrics listen address.
 pub fn parse_addr(s: &str) -> Result<SocketAddr, String> {
-    s.parse()
-        .map_err(|e| format!("`{s}` is not host:port: {e}"))
+    s.parse().map_err(|e| format!("`{s}` is not host:port: {e}"))
 }
 
 /// Replaces the password of a connection string's user-info with `***`
@@ -404,11 +331,7 @@ pub fn redact_uri(uri: &str) -> String {
     };
     let userinfo = &authority[..at];
     let user = userinfo.split(':').next().unwrap_or("");
-    let redacted = if userinfo.contains(':') {
-        format!("{user}:***")
-    } else {
-        user.to_string()
-    };
+    let redacted = if userinfo.contains(':') { format!("{user}:***") } else { user.to_string() };
     format!("{}{}{}", &uri[..rest_start], redacted, &rest[at..])
 }
 
@@ -420,9 +343,7 @@ pub fn redact_text(text: &str) -> String {
     while let Some(i) = rest.find("mongodb") {
         out.push_str(&rest[..i]);
         let tail = &rest[i..];
-        let end = tail
-            .find(|c: char| c.is_whitespace() || c == '"' || c == '\'' || c == ')')
-            .unwrap_or(tail.len());
+        let end = tail.find(|c: char| c.is_whitespace() || c == '"' || c == '\'' || c == ')').unwrap_or(tail.len());
         out.push_str(&redact_uri(&tail[..end]));
         rest = &tail[end..];
     }
@@ -436,31 +357,22 @@ mod tests {
     use std::collections::HashMap;
 
     fn env_of(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
-        let m: HashMap<String, String> = pairs
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
+        let m: HashMap<String, String> = pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
         move |k| m.get(k).cloned()
     }
 
     #[test]
     fn defaults_then_file_then_environment() {
-        let cfg = Config::from_file(ConfigFile::default(), Path::new("ficus.toml"), &env_of(&[]))
-            .unwrap();
+        let cfg = Config::from_file(ConfigFile::default(), Path::new("ficus.toml"), &env_of(&[])).unwrap();
         assert_eq!(cfg.source.db, "linechatbot");
         assert_eq!(cfg.source.name, "linechatbot");
         assert_eq!(cfg.target_uri, DEFAULT_MONGO_URI);
         assert_eq!(cfg.store.db, "ficus");
         assert!(cfg.kafka.ce_headers);
 
-        let file: ConfigFile = toml::from_str(
-            "[source]\ndb = \"other\"\n[kafka]\nbrokers = \"k:1\"\nce_headers = false\n",
-        )
-        .unwrap();
-        let env = env_of(&[
-            ("FICUS_KAFKA_BROKERS", "k:2"),
-            ("FICUS_STORE_URI", "mongodb://s:1"),
-        ]);
+        let file: ConfigFile =
+            toml::from_str("[source]\ndb = \"other\"\n[kafka]\nbrokers = \"k:1\"\nce_headers = false\n").unwrap();
+        let env = env_of(&[("FICUS_KAFKA_BROKERS", "k:2"), ("FICUS_STORE_URI", "mongodb://s:1")]);
         let cfg = Config::from_file(file, Path::new("f.toml"), &env).unwrap();
         assert_eq!(cfg.source.db, "other");
         assert_eq!(cfg.kafka.brokers, "k:2");
@@ -475,9 +387,7 @@ mod tests {
         )
         .unwrap();
         let env = env_of(&[("FICUS_TARGET_URI", "http://nope")]);
-        let text = Config::from_file(file, Path::new("f.toml"), &env)
-            .unwrap_err()
-            .to_string();
+        let text = Config::from_file(file, Path::new("f.toml"), &env).unwrap_err().to_string();
         for needle in [
             "source.db",
             "tail.on_history_lost",
@@ -496,26 +406,17 @@ mod tests {
 
     #[test]
     fn the_shipped_example_parses() {
-        let path = Path::new(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/deploy/ficus.example.toml"
-        ));
+        let path = Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/ficus.example.toml"));
         let file: ConfigFile = read_toml(path).unwrap();
         Config::from_file(file, path, &env_of(&[])).unwrap();
     }
 
     #[test]
     fn passwords_never_print() {
-        assert_eq!(
-            redact_uri("mongodb://u:secret@h1:1,h2:2/db?x=1"),
-            "mongodb://u:***@h1:1,h2:2/db?x=1"
-        );
+        assert_eq!(redact_uri("mongodb://u:secret@h1:1,h2:2/db?x=1"), "mongodb://u:***@h1:1,h2:2/db?x=1");
         assert_eq!(redact_uri("mongodb://u@h/db"), "mongodb://u@h/db");
         assert_eq!(redact_uri("mongodb://h/db"), "mongodb://h/db");
-        assert_eq!(
-            redact_uri("mongodb+srv://a:p%40ss@c.example/"),
-            "mongodb+srv://a:***@c.example/"
-        );
+        assert_eq!(redact_uri("mongodb+srv://a:p%40ss@c.example/"), "mongodb+srv://a:***@c.example/");
         let t = redact_text("failed to reach mongodb://u:pw@h:1/?tls=true (timeout)");
         assert_eq!(t, "failed to reach mongodb://u:***@h:1/?tls=true (timeout)");
         assert!(

@@ -17,11 +17,7 @@ pub struct DefinitionError {
 
 impl DefinitionError {
     pub fn new(file: &Path, field: impl Into<String>, message: impl Into<String>) -> Self {
-        DefinitionError {
-            file: file.to_path_buf(),
-            field: field.into(),
-            message: message.into(),
-        }
+        DefinitionError { file: file.to_path_buf(), field: field.into(), message: message.into() }
     }
 }
 
@@ -30,13 +26,7 @@ impl fmt::Display for DefinitionError {
         if self.field.is_empty() {
             write!(f, "{}: {}", self.file.display(), self.message)
         } else {
-            write!(
-                f,
-                "{}: {}: {}",
-                self.file.display(),
-                self.field,
-                self.message
-            )
+            write!(f, "{}: {}: {}", self.file.display(), self.field, self.message)
         }
     }
 }
@@ -59,11 +49,7 @@ impl Report {
     }
     /// `Ok(value)` when nothing was found, the report otherwise.
     pub fn into_result<T>(self, value: T) -> Result<T, Report> {
-        if self.errors.is_empty() {
-            Ok(value)
-        } else {
-            Err(self)
-        }
+        if self.errors.is_empty() { Ok(value) } else { Err(self) }
     }
 }
 
@@ -82,8 +68,8 @@ impl std::error::Error for Report {}
 /// Reads and parses one TOML file, turning I/O and syntax problems into a [`DefinitionError`]
 /// that carries the line and column TOML reports.
 pub fn read_toml<T: serde::de::DeserializeOwned>(file: &Path) -> Result<T, DefinitionError> {
-    let text = std::fs::read_to_string(file)
-        .map_err(|e| DefinitionError::new(file, "", format!("cannot read: {e}")))?;
+    let text =
+        std::fs::read_to_string(file).map_err(|e| DefinitionError::new(file, "", format!("cannot read: {e}")))?;
     toml::from_str(&text).map_err(|e| {
         let at = e
             .span()
@@ -98,8 +84,8 @@ pub fn read_toml<T: serde::de::DeserializeOwned>(file: &Path) -> Result<T, Defin
 
 /// The `*.toml` files directly in `dir`, sorted, or an error naming the directory.
 pub fn toml_files(dir: &Path) -> Result<Vec<PathBuf>, DefinitionError> {
-    let rd = std::fs::read_dir(dir)
-        .map_err(|e| DefinitionError::new(dir, "", format!("cannot read directory: {e}")))?;
+    let rd =
+        std::fs::read_dir(dir).map_err(|e| DefinitionError::new(dir, "", format!("cannot read directory: {e}")))?;
     let mut files: Vec<PathBuf> = rd
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| p.is_file() && p.extension().is_some_and(|x| x == "toml"))

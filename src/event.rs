@@ -186,10 +186,7 @@ pub enum DecodeError {
 }
 
 fn bad(field: &'static str, reason: impl Into<String>) -> DecodeError {
-    DecodeError::Field {
-        field,
-        reason: reason.into(),
-    }
+    DecodeError::Field { field, reason: reason.into() }
 }
 
 fn doc_to_json(doc: &Document) -> Value {
@@ -206,39 +203,20 @@ impl CanonicalEvent {
     pub fn to_json(&self) -> Value {
         let mut data = Map::new();
         data.insert("op".into(), Value::String(self.data.op.as_str().into()));
-        data.insert(
-            "collection".into(),
-            Value::String(self.data.collection.clone()),
-        );
+        data.insert("collection".into(), Value::String(self.data.collection.clone()));
         data.insert("key".into(), self.data.key.clone().into_canonical_extjson());
-        data.insert(
-            "documentId".into(),
-            self.data.document_id.clone().into_canonical_extjson(),
-        );
+        data.insert("documentId".into(), self.data.document_id.clone().into_canonical_extjson());
         let opt = |d: &Option<Document>| d.as_ref().map(doc_to_json).unwrap_or(Value::Null);
         data.insert("after".into(), opt(&self.data.after));
         data.insert("before".into(), opt(&self.data.before));
         if self.data.changed.is_some() || self.data.op == Op::Update {
             data.insert("changed".into(), opt(&self.data.changed));
-            data.insert(
-                "removed".into(),
-                Value::Array(
-                    self.data
-                        .removed
-                        .iter()
-                        .cloned()
-                        .map(Value::String)
-                        .collect(),
-                ),
-            );
+            data.insert("removed".into(), Value::Array(self.data.removed.iter().cloned().map(Value::String).collect()));
         }
         if let Some(d) = &self.data.derived {
             let mut m = Map::new();
             m.insert("field".into(), Value::String(d.field.clone()));
-            m.insert(
-                "index".into(),
-                d.index.map(Value::from).unwrap_or(Value::Null),
-            );
+            m.insert("index".into(), d.index.map(Value::from).unwrap_or(Value::Null));
             m.insert("element".into(), d.element.clone().into_canonical_extjson());
             data.insert("derived".into(), Value::Object(m));
         }
@@ -249,21 +227,12 @@ impl CanonicalEvent {
         env.insert("source".into(), Value::String(self.source.clone()));
         env.insert("type".into(), Value::String(self.event_type.clone()));
         env.insert("subject".into(), Value::String(self.subject.clone()));
-        env.insert(
-            "time".into(),
-            Value::String(self.time.try_to_rfc3339_string().unwrap_or_default()),
-        );
-        env.insert(
-            "datacontenttype".into(),
-            Value::String("application/json".into()),
-        );
+        env.insert("time".into(), Value::String(self.time.try_to_rfc3339_string().unwrap_or_default()));
+        env.insert("datacontenttype".into(), Value::String("application/json".into()));
         env.insert("sequence".into(), Value::String(self.position.sequence()));
         env.insert(
             "clustertime".into(),
-            Value::String(format!(
-                "{}.{}",
-                self.position.cluster_time.time, self.position.cluster_time.increment
-            )),
+            Value::String(format!("{}.{}", self.position.cluster_time.time, self.position.cluster_time.increment)),
         );
         if let Some(tok) = &self.position.resume_token {
             env.insert("resumetoken".into(), Value::String(tok.clone()));
@@ -298,21 +267,16 @@ impl CanonicalEvent {
         };
         let spec = string("specversion")?;
         if spec != "1.0" {
-            return Err(bad(
-                "specversion",
-                format!("unsupported CloudEvents version {spec:?}"),
-            ));
+            return Err(bad("specversion", format!("unsupported CloudEvents version {spec:?}")));
         }
         let id = string("id")?;
         let source = string("source")?;
         let event_type = string("type")?;
         let subject = string("subject")?;
         let time_s = string("time")?;
-        let time = DateTime::parse_rfc3339_str(&time_s)
-            .map_err(|e| bad("time", format!("not RFC 3339: {e}")))?;
+        let time = DateTime::parse_rfc3339_str(&time_s).map_err(|e| bad("time", format!("not RFC 3339: {e}")))?;
         let seq = string("sequence")?;
-        let (cluster_time, index) =
-            parse_sequence(&seq).ok_or_else(|| bad("sequence", "expected 30 digits"))?;
+        let (cluster_time, index) = parse_sequence(&seq).ok_or_else(|| bad("sequence", "expected 30 digits"))?;
         let resume_token = match env.remove("resumetoken") {
             Some(Value::String(s)) => Some(s),
             None | Some(Value::Null) => None,
@@ -323,9 +287,7 @@ impl CanonicalEvent {
                 .as_u64()
                 .and_then(|n| u32::try_from(n).ok())
                 .ok_or_else(|| bad("schemaversion", "expected a small unsigned integer"))?,
-            Some(Value::String(s)) => s
-                .parse()
-                .map_err(|_| bad("schemaversion", "expected an integer"))?,
+            Some(Value::String(s)) => s.parse().map_err(|_| bad("schemaversion", "expected an integer"))?,
             _ => return Err(bad("schemaversion", "missing")),
         };
         let Some(Value::Object(mut data)) = env.remove("data") else {
@@ -345,17 +307,16 @@ impl CanonicalEvent {
         };
         let key = bson_of("data.key", data.remove("key"))?;
         let document_id = bson_of("data.documentId", data.remove("documentId"))?;
-        let opt_doc =
-            |field: &'static str, v: Option<Value>| -> Result<Option<Document>, DecodeError> {
-                match v {
-                    None | Some(Value::Null) => Ok(None),
-                    Some(v) => match Bson::try_from(v) {
-                        Ok(Bson::Document(d)) => Ok(Some(d)),
-                        Ok(_) => Err(bad(field, "expected a document")),
-                        Err(e) => Err(bad(field, format!("not Extended JSON: {e}"))),
-                    },
-                }
-            };
+        let opt_doc = |field: &'static str, v: Option<Value>| -> Result<Option<Document>, DecodeError> {
+            match v {
+                None | Some(Value::Null) => Ok(None),
+                Some(v) => match Bson::try_from(v) {
+                    Ok(Bson::Document(d)) => Ok(Some(d)),
+                    Ok(_) => Err(bad(field, "expected a document")),
+                    Err(e) => Err(bad(field, format!("not Extended JSON: {e}"))),
+                },
+            }
+        };
         let after = opt_doc("data.after", data.remove("after"))?;
         let before = opt_doc("data.before", data.remove("before"))?;
         let changed = opt_doc("data.changed", data.remove("changed"))?;
@@ -383,11 +344,7 @@ impl CanonicalEvent {
                     Some(_) => return Err(bad("data.derived.index", "expected an integer")),
                 };
                 let element = bson_of("data.derived.element", m.remove("element"))?;
-                Some(Derived {
-                    field,
-                    index,
-                    element,
-                })
+                Some(Derived { field, index, element })
             }
             Some(_) => return Err(bad("data.derived", "expected an object")),
         };
@@ -397,23 +354,9 @@ impl CanonicalEvent {
             event_type,
             subject,
             time,
-            position: Position {
-                cluster_time,
-                index,
-                resume_token,
-            },
+            position: Position { cluster_time, index, resume_token },
             schema_version,
-            data: EventData {
-                op,
-                collection,
-                key,
-                document_id,
-                after,
-                before,
-                changed,
-                removed,
-                derived,
-            },
+            data: EventData { op, collection, key, document_id, after, before, changed, removed, derived },
         })
     }
 
@@ -439,10 +382,7 @@ mod tests {
     fn sample() -> CanonicalEvent {
         let oid = ObjectId::parse_str("65a1b2c3d4e5f60718293a4b").unwrap();
         let pos = Position {
-            cluster_time: Timestamp {
-                time: 1_700_000_000,
-                increment: 7,
-            },
+            cluster_time: Timestamp { time: 1_700_000_000, increment: 7 },
             index: 2,
             resume_token: Some("8265A1B2C3000000072B".into()),
         };
@@ -515,38 +455,11 @@ mod tests {
 
     #[test]
     fn sequence_orders_like_positions() {
-        let a = format_sequence(
-            Timestamp {
-                time: 9,
-                increment: 99,
-            },
-            5,
-        );
-        let b = format_sequence(
-            Timestamp {
-                time: 10,
-                increment: 1,
-            },
-            0,
-        );
-        let c = format_sequence(
-            Timestamp {
-                time: 10,
-                increment: 1,
-            },
-            1,
-        );
+        let a = format_sequence(Timestamp { time: 9, increment: 99 }, 5);
+        let b = format_sequence(Timestamp { time: 10, increment: 1 }, 0);
+        let c = format_sequence(Timestamp { time: 10, increment: 1 }, 1);
         assert!(a < b && b < c);
-        assert_eq!(
-            parse_sequence(&c),
-            Some((
-                Timestamp {
-                    time: 10,
-                    increment: 1
-                },
-                1
-            ))
-        );
+        assert_eq!(parse_sequence(&c), Some((Timestamp { time: 10, increment: 1 }, 1)));
         assert_eq!(parse_sequence("12"), None);
     }
 

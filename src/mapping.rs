@@ -7,9 +7,7 @@
 
 use bson::{Bson, DateTime, Document, Timestamp};
 
-use crate::event::{
-    CanonicalEvent, Derived, EventData, Op, Position, SCHEMA_VERSION, event_id, render_key,
-};
+use crate::event::{CanonicalEvent, Derived, EventData, Op, Position, SCHEMA_VERSION, event_id, render_key};
 use crate::topics::{DerivedRule, TopicDef};
 
 /// One change in the source, owned and driver-independent.
@@ -56,26 +54,18 @@ pub fn get_path<'a>(doc: &'a Document, path: &str) -> Option<&'a Bson> {
 /// Maps one change through its topic definition.
 pub fn map_change(def: &TopicDef, source_name: &str, rec: ChangeRecord) -> Mapped {
     let (key, key_fallback) = aggregate_key(def, &rec);
-    let position = Position {
-        cluster_time: rec.cluster_time,
-        index: rec.index,
-        resume_token: rec.resume_token.clone(),
-    };
+    let position =
+        Position { cluster_time: rec.cluster_time, index: rec.index, resume_token: rec.resume_token.clone() };
     let source = format!("ficus://{source_name}/{}", rec.collection);
-    let time = rec
-        .wall_time
-        .unwrap_or_else(|| DateTime::from_millis(i64::from(rec.cluster_time.time) * 1000));
+    let time = rec.wall_time.unwrap_or_else(|| DateTime::from_millis(i64::from(rec.cluster_time.time) * 1000));
     let subject = render_key(&key);
     // Snapshot events of one snapshot share a position; the document id tells them apart.
     let discriminator = match rec.op {
         Op::Snapshot => format!("snapshot:{}", render_key(&rec.document_id)),
         _ => String::new(),
     };
-    let derived: Vec<(&DerivedRule, Vec<(Option<u32>, Bson)>)> = def
-        .derived
-        .iter()
-        .map(|rule| (rule, grown_elements(rule, &rec)))
-        .collect();
+    let derived: Vec<(&DerivedRule, Vec<(Option<u32>, Bson)>)> =
+        def.derived.iter().map(|rule| (rule, grown_elements(rule, &rec))).collect();
 
     let mut events = Vec::with_capacity(1 + derived.iter().map(|d| d.1.len()).sum::<usize>());
     let base = CanonicalEvent {
@@ -102,25 +92,15 @@ pub fn map_change(def: &TopicDef, source_name: &str, rec: ChangeRecord) -> Mappe
         for (n, (index, element)) in elements.into_iter().enumerate() {
             let mut ev = base.clone();
             let which = index.map_or_else(|| format!("n{n}"), |i| i.to_string());
-            ev.id = event_id(
-                source_name,
-                &base.position,
-                &format!("{discriminator}derived:{}:{which}", rule.event_type),
-            );
+            ev.id =
+                event_id(source_name, &base.position, &format!("{discriminator}derived:{}:{which}", rule.event_type));
             ev.event_type = rule.event_type.clone();
-            ev.data.derived = Some(Derived {
-                field: rule.array_field.clone(),
-                index,
-                element,
-            });
+            ev.data.derived = Some(Derived { field: rule.array_field.clone(), index, element });
             events.push(ev);
         }
     }
     events.insert(0, base);
-    Mapped {
-        events,
-        key_fallback,
-    }
+    Mapped { events, key_fallback }
 }
 
 fn aggregate_key(def: &TopicDef, rec: &ChangeRecord) -> (Bson, Option<String>) {
@@ -144,76 +124,68 @@ fn aggregate_key(def: &TopicDef, rec: &ChangeRecord) -> (Bson, Option<String>) {
                     def.key
                 )
             } else {
-                format!(
-                    "document {}.{} has no key field `{}`",
-                    rec.collection,
-                    render_key(&rec.document_id),
-                    def.key
-                )
+                format!("document {}.{} has no key field `{}`", rec.collection, render_key(&rec.document_id), def.key)
             };
             (rec.document_id.clone(), Some(why))
         }
     }
 }
 
-/// The elements that appeared in the rule's array, with their index in the after-state.
+/// The elements that appeared in the rule's array, with their index where known.
 ///
-/// With a before-state the answer is exact (a multiset difference). Without one, an update's
-/// description says which array slots were set (`purchases.3` from a `$push`); a whole-array
-/// `$set` or a replace cannot be diffed, so every element is reported: consumers key derived
-/// targets by the element's own id, so an element reported twice lands once.
+/// Inserts and snapshot copies report every element. An update is judged by its update
+/// description alone, which is exact for that change (the after-state of an update is looked up
+/// later and may already hold newer changes): `purchases.3` set means element 3 appeared; the
+/// whole array set is diffed against the before-state (a multiset difference), or, with no
+/// before-state, reported whole. A replace diffs its new document against the before-state, or
+/// reports every element. Reporting an element twice is harmless: consumers key derived targets
+/// by the element's own id.
 fn grown_elements(rule: &DerivedRule, rec: &ChangeRecord) -> Vec<(Option<u32>, Bson)> {
-    let Some(after) = rec.after.as_ref() else {
-        return Vec::new();
+    let array = |d: Option<&Document>| match d.and_then(|d| get_path(d, &rule.array_field)) {
+        Some(Bson::Array(a)) => Some(a.clone()),
+        _ => None,
     };
-    let after_arr = match get_path(after, &rule.array_field) {
-        Some(Bson::Array(a)) => a,
-        _ => return Vec::new(),
-    };
-    let all = || {
-        after_arr
-            .iter()
-            .enumerate()
-            .map(|(i, e)| (Some(i as u32), e.clone()))
-            .collect()
-    };
+    let indexed = |a: Vec<Bson>| a.into_iter().enumerate().map(|(i, e)| (Some(i as u32), e)).collect::<Vec<_>>();
     match rec.op {
         Op::Delete => Vec::new(),
-        Op::Snapshot | Op::Insert => all(),
-        Op::Update | Op::Replace => {
-            if let Some(before) = rec.before.as_ref() {
-                let mut old: Vec<&Bson> = match get_path(before, &rule.array_field) {
-                    Some(Bson::Array(a)) => a.iter().collect(),
-                    _ => Vec::new(),
-                };
-                let mut out = Vec::new();
-                for (i, e) in after_arr.iter().enumerate() {
-                    if let Some(pos) = old.iter().position(|o| *o == e) {
-                        old.swap_remove(pos);
-                    } else {
-                        out.push((Some(i as u32), e.clone()));
-                    }
-                }
-                return out;
-            }
-            let Some(changed) = rec.changed.as_ref().filter(|_| rec.op == Op::Update) else {
-                return all();
-            };
+        Op::Snapshot | Op::Insert => array(rec.after.as_ref()).map(indexed).unwrap_or_default(),
+        Op::Replace => match (array(rec.after.as_ref()), rec.before.as_ref()) {
+            (Some(after), Some(_)) => diff(after, array(rec.before.as_ref()).unwrap_or_default()),
+            (Some(after), None) => indexed(after),
+            (None, _) => Vec::new(),
+        },
+        Op::Update => {
+            let Some(changed) = rec.changed.as_ref() else { return Vec::new() };
             let prefix = format!("{}.", rule.array_field);
             let mut out = Vec::new();
             for (path, value) in changed {
                 if path == &rule.array_field {
-                    return all();
+                    let Bson::Array(after) = value else { return Vec::new() };
+                    return match array(rec.before.as_ref()) {
+                        Some(before) => diff(after.clone(), before),
+                        None => indexed(after.clone()),
+                    };
                 }
-                if let Some(rest) = path.strip_prefix(&prefix) {
-                    if let Ok(i) = rest.parse::<u32>() {
-                        out.push((Some(i), value.clone()));
-                    }
+                if let Some(i) = path.strip_prefix(&prefix).and_then(|rest| rest.parse::<u32>().ok()) {
+                    out.push((Some(i), value.clone()));
                 }
             }
             out
         }
     }
+}
+
+/// Elements of `after` not matched by an equal element of `before` (a multiset difference).
+fn diff(after: Vec<Bson>, mut before: Vec<Bson>) -> Vec<(Option<u32>, Bson)> {
+    let mut out = Vec::new();
+    for (i, e) in after.into_iter().enumerate() {
+        if let Some(pos) = before.iter().position(|o| *o == e) {
+            before.swap_remove(pos);
+        } else {
+            out.push((Some(i as u32), e));
+        }
+    }
+    out
 }
 
 #[cfg(test)]
@@ -236,10 +208,7 @@ mod tests {
             before: None,
             changed: None,
             removed: vec![],
-            cluster_time: Timestamp {
-                time: 100,
-                increment: 1,
-            },
+            cluster_time: Timestamp { time: 100, increment: 1 },
             index: 1,
             wall_time: None,
             resume_token: Some("T1".into()),
@@ -257,11 +226,7 @@ mod tests {
         let out = map_change(
             def,
             "linechatbot",
-            rec(
-                Op::Insert,
-                "customers",
-                Some(doc! { "user_id": "U1", "purchases": [] }),
-            ),
+            rec(Op::Insert, "customers", Some(doc! { "user_id": "U1", "purchases": [] })),
         );
         assert_eq!(out.key_fallback, None);
         assert_eq!(out.events.len(), 1);
@@ -280,12 +245,9 @@ mod tests {
         let mut r = rec(
             Op::Update,
             "customers",
-            Some(
-                doc! { "user_id": "U1", "purchases": [purchase("P1"), purchase("P2"), purchase("P3")] },
-            ),
+            Some(doc! { "user_id": "U1", "purchases": [purchase("P1"), purchase("P2"), purchase("P3")] }),
         );
-        r.changed =
-            Some(doc! { "purchases.2": purchase("P3"), "updated_at": DateTime::from_millis(1) });
+        r.changed = Some(doc! { "purchases.2": purchase("P3"), "updated_at": DateTime::from_millis(1) });
         let out = map_change(def, "linechatbot", r);
         let types: Vec<_> = out.events.iter().map(|e| e.event_type.as_str()).collect();
         assert_eq!(types, ["customer.updated", "customer.purchase_recorded"]);
@@ -297,14 +259,27 @@ mod tests {
     }
 
     #[test]
+    fn an_update_is_judged_by_its_description_not_the_looked_up_state() {
+        // updateLookup returns the document as it is now, possibly after a later $push; the
+        // update itself ($set tier) grew nothing.
+        let t = topics();
+        let def = t.for_collection("customers").unwrap();
+        let mut r = rec(Op::Update, "customers", Some(doc! { "user_id": "U1", "purchases": [purchase("P1")] }));
+        r.before = Some(doc! { "user_id": "U1", "purchases": [] });
+        r.changed = Some(doc! { "tier": "vip" });
+        assert_eq!(map_change(def, "s", r.clone()).events.len(), 1);
+        // The same shape from a whole-array $push (as some servers report it) is diffed exactly.
+        r.changed = Some(doc! { "purchases": [purchase("P1")] });
+        let out = map_change(def, "s", r);
+        assert_eq!(out.events.len(), 2);
+        assert_eq!(out.events[1].data.derived.as_ref().unwrap().index, Some(0));
+    }
+
+    #[test]
     fn nested_update_of_an_element_is_not_growth() {
         let t = topics();
         let def = t.for_collection("customers").unwrap();
-        let mut r = rec(
-            Op::Update,
-            "customers",
-            Some(doc! { "user_id": "U1", "purchases": [purchase("P1")] }),
-        );
+        let mut r = rec(Op::Update, "customers", Some(doc! { "user_id": "U1", "purchases": [purchase("P1")] }));
         r.changed = Some(doc! { "purchases.0.status": "refunded" });
         assert_eq!(map_change(def, "s", r).events.len(), 1);
     }
@@ -316,9 +291,7 @@ mod tests {
         let mut r = rec(
             Op::Replace,
             "customers",
-            Some(
-                doc! { "user_id": "U1", "purchases": [purchase("P0"), purchase("P1"), purchase("P2")] },
-            ),
+            Some(doc! { "user_id": "U1", "purchases": [purchase("P0"), purchase("P1"), purchase("P2")] }),
         );
         r.before = Some(doc! { "user_id": "U1", "purchases": [purchase("P1"), purchase("P2")] });
         let out = map_change(def, "s", r);
@@ -330,11 +303,7 @@ mod tests {
     fn snapshot_reports_every_element_and_distinct_ids() {
         let t = topics();
         let def = t.for_collection("conversations").unwrap();
-        let mut r = rec(
-            Op::Snapshot,
-            "conversations",
-            Some(doc! { "messages": [{ "id": "m1" }, { "id": "m2" }] }),
-        );
+        let mut r = rec(Op::Snapshot, "conversations", Some(doc! { "messages": [{ "id": "m1" }, { "id": "m2" }] }));
         r.index = 0;
         r.resume_token = None;
         let a = map_change(def, "s", r.clone());
@@ -342,10 +311,7 @@ mod tests {
         assert_eq!(a.events.len(), 3);
         r.document_id = Bson::Int32(7);
         let b = map_change(def, "s", r);
-        assert_ne!(
-            a.events[0].id, b.events[0].id,
-            "snapshot events of one snapshot differ by document"
-        );
+        assert_ne!(a.events[0].id, b.events[0].id, "snapshot events of one snapshot differ by document");
         assert_eq!(b.events[0].subject, "7");
     }
 

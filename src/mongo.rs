@@ -69,14 +69,9 @@ pub fn classify(e: &Error) -> ErrorClass {
             return ErrorClass::Transient;
         }
     }
-    if [
-        "ResumableChangeStreamError",
-        "RetryableWriteError",
-        "TransientTransactionError",
-        "NetworkError",
-    ]
-    .iter()
-    .any(|l| e.contains_label(l))
+    if ["ResumableChangeStreamError", "RetryableWriteError", "TransientTransactionError", "NetworkError"]
+        .iter()
+        .any(|l| e.contains_label(l))
     {
         return ErrorClass::Transient;
     }

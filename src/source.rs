@@ -49,9 +49,7 @@ impl SourceError {
     /// Lifts a driver error, recognising lost history.
     pub fn from_mongo(e: mongodb::error::Error) -> SourceError {
         if mongo::classify(&e) == ErrorClass::HistoryLost {
-            SourceError::HistoryLost {
-                detail: mongo::describe(&e),
-            }
+            SourceError::HistoryLost { detail: mongo::describe(&e) }
         } else {
             SourceError::Mongo(e)
         }
@@ -78,18 +76,10 @@ pub struct MongoSource {
 pub type Stream = ChangeStream<ChangeStreamEvent<Document>>;
 
 impl MongoSource {
-    pub async fn connect(
-        uri: &str,
-        db: &str,
-        collections: Vec<String>,
-    ) -> Result<Self, SourceError> {
+    pub async fn connect(uri: &str, db: &str, collections: Vec<String>) -> Result<Self, SourceError> {
         let client = mongo::connect(uri, "tail").await?;
         let db = client.database(db);
-        Ok(MongoSource {
-            client,
-            db,
-            collections,
-        })
+        Ok(MongoSource { client, db, collections })
     }
 
     pub fn database(&self) -> &Database {
@@ -108,36 +98,20 @@ impl MongoSource {
         if let Ok(ts) = reply.get_timestamp("operationTime") {
             return Ok(ts);
         }
-        if let Ok(ct) = reply
-            .get_document("$clusterTime")
-            .and_then(|d| d.get_timestamp("clusterTime"))
-        {
+        if let Ok(ct) = reply.get_document("$clusterTime").and_then(|d| d.get_timestamp("clusterTime")) {
             return Ok(ct);
         }
-        let hello = self
-            .client
-            .database("admin")
-            .run_command(doc! { "hello": 1 })
-            .await?;
-        if let Ok(ts) = hello
-            .get_document("lastWrite")
-            .and_then(|d| d.get_document("opTime"))
-            .and_then(|d| d.get_timestamp("ts"))
+        let hello = self.client.database("admin").run_command(doc! { "hello": 1 }).await?;
+        if let Ok(ts) =
+            hello.get_document("lastWrite").and_then(|d| d.get_document("opTime")).and_then(|d| d.get_timestamp("ts"))
         {
             return Ok(ts);
         }
-        Err(SourceError::Malformed(
-            "the server reports no operationTime or $clusterTime: is it a replica set?".into(),
-        ))
+        Err(SourceError::Malformed("the server reports no operationTime or $clusterTime: is it a replica set?".into()))
     }
 
     /// Opens the change stream.
-    pub async fn watch(
-        &self,
-        start: &StartAt,
-        batch_size: u32,
-        max_await: Duration,
-    ) -> Result<Stream, SourceError> {
+    pub async fn watch(&self, start: &StartAt, batch_size: u32, max_await: Duration) -> Result<Stream, SourceError> {
         let pipeline = [doc! { "$match": {
             "ns.coll": { "$in": &self.collections },
             "operationType": { "$in": ["insert", "update", "replace", "delete", "drop", "rename", "dropDatabase", "invalidate"] },
@@ -152,36 +126,45 @@ impl MongoSource {
             .max_await_time(max_await);
         w = match start {
             StartAt::Token(t) => {
-                let token: ResumeToken =
-                    bson::deserialize_from_document(t.clone()).map_err(|e| {
-                        SourceError::HistoryLost {
-                            detail: format!("stored resume token is unusable: {e}"),
-                        }
-                    })?;
+                let token: ResumeToken = bson::deserialize_from_document(t.clone()).map_err(|e| {
+                    SourceError::HistoryLost { detail: format!("stored resume token is unusable: {e}") }
+                })?;
                 w.resume_after(token)
             }
-            StartAt::Time(ts) => w.start_at_operation_time(*ts),
+            StartAt::Time(ts) => {
+                // Some servers start silently at their oldest entry when asked for an earlier
+                // time; that would skip changes, so check first.
+                if let Some(oldest) = self.oldest_oplog_time().await {
+                    if oldest > *ts {
+                        return Err(SourceError::HistoryLost {
+                            detail: format!("the stream should start at {ts:?} but the oplog begins at {oldest:?}"),
+                        });
+                    }
+                }
+                w.start_at_operation_time(*ts)
+            }
         };
-        w.await
-            .map_err(|e| match (start, crate::mongo::error_code(&e)) {
-                // A token the server cannot parse is as unusable as one it no longer holds.
-                (StartAt::Token(_), Some(9)) => SourceError::HistoryLost {
-                    detail: format!(
-                        "the stored resume token is unusable: {}",
-                        mongo::describe(&e)
-                    ),
-                },
-                _ => SourceError::from_mongo(e),
-            })
+        w.await.map_err(|e| match (start, crate::mongo::error_code(&e)) {
+            // A token the server cannot parse is as unusable as one it no longer holds.
+            (StartAt::Token(_), Some(9)) => SourceError::HistoryLost {
+                detail: format!("the stored resume token is unusable: {}", mongo::describe(&e)),
+            },
+            _ => SourceError::from_mongo(e),
+        })
+    }
+
+    /// The time of the oldest oplog entry, where ficus may read `local.oplog.rs` (not every
+    /// deployment grants that; `None` then, and the server's own check is relied on).
+    pub async fn oldest_oplog_time(&self) -> Option<Timestamp> {
+        let oplog = self.client.database("local").collection::<Document>("oplog.rs");
+        let first = oplog.find_one(doc! {}).sort(doc! { "$natural": 1 }).projection(doc! { "ts": 1 }).await.ok()??;
+        first.get_timestamp("ts").ok()
     }
 
     /// Estimated documents in a collection (for snapshot progress).
+
     pub async fn estimated_count(&self, coll: &str) -> Result<u64, SourceError> {
-        Ok(self
-            .db
-            .collection::<Document>(coll)
-            .estimated_document_count()
-            .await?)
+        Ok(self.db.collection::<Document>(coll).estimated_document_count().await?)
     }
 
     /// Reads the next batch of a collection in `_id` order, after `after`.
@@ -212,21 +195,13 @@ impl MongoSource {
         if !names.iter().any(|n| n == coll) {
             self.db.create_collection(coll).await?;
         }
-        self.db
-            .run_command(
-                doc! { "collMod": coll, "changeStreamPreAndPostImages": { "enabled": true } },
-            )
-            .await?;
+        self.db.run_command(doc! { "collMod": coll, "changeStreamPreAndPostImages": { "enabled": true } }).await?;
         Ok(())
     }
 
     /// Whether a collection records pre-images.
     pub async fn pre_images_enabled(&self, coll: &str) -> Result<bool, SourceError> {
-        let mut cursor = self
-            .db
-            .list_collections()
-            .filter(doc! { "name": coll })
-            .await?;
+        let mut cursor = self.db.list_collections().filter(doc! { "name": coll }).await?;
         let Some(spec) = cursor.try_next().await? else {
             return Ok(false);
         };
@@ -243,16 +218,13 @@ impl MongoSource {
 pub fn token_data(token: &Document) -> String {
     match token.get("_data") {
         Some(Bson::String(s)) => s.clone(),
-        _ => Bson::Document(token.clone())
-            .into_canonical_extjson()
-            .to_string(),
+        _ => Bson::Document(token.clone()).into_canonical_extjson().to_string(),
     }
 }
 
 /// A resume token as a plain document.
 pub fn token_doc(token: &ResumeToken) -> Result<Document, SourceError> {
-    bson::serialize_to_document(token)
-        .map_err(|e| SourceError::Malformed(format!("resume token: {e}")))
+    bson::serialize_to_document(token).map_err(|e| SourceError::Malformed(format!("resume token: {e}")))
 }
 
 /// Converts one change-stream event into a [`ChangeRecord`] (index left at 0 for the caller
@@ -269,35 +241,20 @@ pub fn to_record(ev: ChangeStreamEvent<Document>) -> Result<ChangeRecord, Source
         OperationType::Replace => Op::Replace,
         OperationType::Delete => Op::Delete,
         OperationType::Drop => {
-            return Err(SourceError::Unsupported {
-                op: "drop".into(),
-                namespace,
-            });
+            return Err(SourceError::Unsupported { op: "drop".into(), namespace });
         }
         OperationType::Rename => {
-            return Err(SourceError::Unsupported {
-                op: "rename".into(),
-                namespace,
-            });
+            return Err(SourceError::Unsupported { op: "rename".into(), namespace });
         }
         OperationType::DropDatabase => {
-            return Err(SourceError::Unsupported {
-                op: "dropDatabase".into(),
-                namespace,
-            });
+            return Err(SourceError::Unsupported { op: "dropDatabase".into(), namespace });
         }
         OperationType::Invalidate => {
-            return Err(SourceError::Unsupported {
-                op: "invalidate".into(),
-                namespace,
-            });
+            return Err(SourceError::Unsupported { op: "invalidate".into(), namespace });
         }
         OperationType::Other(o) => return Err(SourceError::Unsupported { op: o, namespace }),
         _ => {
-            return Err(SourceError::Unsupported {
-                op: "unknown".into(),
-                namespace,
-            });
+            return Err(SourceError::Unsupported { op: "unknown".into(), namespace });
         }
     };
     let collection = ev
@@ -307,14 +264,10 @@ pub fn to_record(ev: ChangeStreamEvent<Document>) -> Result<ChangeRecord, Source
     let document_id = ev
         .document_key
         .and_then(|mut k| k.remove("_id"))
-        .ok_or_else(|| {
-            SourceError::Malformed(format!(
-                "{op} event on {collection} without documentKey._id"
-            ))
-        })?;
-    let cluster_time = ev.cluster_time.ok_or_else(|| {
-        SourceError::Malformed(format!("{op} event on {collection} without clusterTime"))
-    })?;
+        .ok_or_else(|| SourceError::Malformed(format!("{op} event on {collection} without documentKey._id")))?;
+    let cluster_time = ev
+        .cluster_time
+        .ok_or_else(|| SourceError::Malformed(format!("{op} event on {collection} without clusterTime")))?;
     let token = token_doc(&ev.id)?;
     let (changed, removed) = match ev.update_description {
         Some(u) => (Some(u.updated_fields), u.removed_fields),

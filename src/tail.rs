@@ -27,9 +27,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
 use crate::bus::{Ack, BusError, Publisher};
-use crate::checkpoint::{
-    CheckpointError, CheckpointStore, SnapshotProgress, StreamPosition, TailState,
-};
+use crate::checkpoint::{CheckpointError, CheckpointStore, SnapshotProgress, StreamPosition, TailState};
 use crate::config::{OnHistoryLost, SnapshotConfig, TailConfig};
 use crate::event::Op;
 use crate::mapping::{ChangeRecord, map_change};
@@ -56,9 +54,7 @@ impl TailError {
         match self {
             TailError::Source(e) => e.class() == ErrorClass::Transient,
             TailError::Bus(e) => e.is_transient(),
-            TailError::Checkpoint(CheckpointError::Mongo(e)) => {
-                crate::mongo::classify(e) == ErrorClass::Transient
-            }
+            TailError::Checkpoint(CheckpointError::Mongo(e)) => crate::mongo::classify(e) == ErrorClass::Transient,
             TailError::Checkpoint(CheckpointError::Corrupt { .. }) => false,
             TailError::Reader(_) => true,
         }
@@ -92,17 +88,15 @@ enum Item {
         token: Document,
     },
     /// An empty batch: the post-batch resume token, which moves the checkpoint in quiet periods.
-    Quiet { token: Document },
+    Quiet {
+        token: Document,
+    },
 }
 
 impl<P: Publisher + 'static, C: CheckpointStore> Tailer<P, C> {
     /// Runs until `shutdown` is cancelled (then drains, checkpoints and returns `Ok`) or a fatal
     /// error. Transient errors restart from the last checkpoint with backoff.
-    pub async fn run(
-        &self,
-        shutdown: CancellationToken,
-        mut resnapshot: bool,
-    ) -> Result<(), TailError> {
+    pub async fn run(&self, shutdown: CancellationToken, mut resnapshot: bool) -> Result<(), TailError> {
         with_backoff(
             "tail",
             &shutdown,
@@ -115,11 +109,7 @@ impl<P: Publisher + 'static, C: CheckpointStore> Tailer<P, C> {
         .await
     }
 
-    async fn attempt(
-        &self,
-        shutdown: &CancellationToken,
-        resnapshot: bool,
-    ) -> Result<(), TailError> {
+    async fn attempt(&self, shutdown: &CancellationToken, resnapshot: bool) -> Result<(), TailError> {
         if resnapshot {
             warn!(source = %self.source_name, "re-snapshot requested: discarding the checkpoint");
             self.checkpoints.clear(&self.source_name).await?;
@@ -156,13 +146,7 @@ impl<P: Publisher + 'static, C: CheckpointStore> Tailer<P, C> {
         info!(source = %self.source_name, start = ?start_time, "no checkpoint: starting the initial snapshot");
         let state = TailState {
             source: self.source_name.clone(),
-            snapshot: Some(SnapshotProgress {
-                start_time,
-                done: Vec::new(),
-                current: None,
-                last_id: None,
-                copied: 0,
-            }),
+            snapshot: Some(SnapshotProgress { start_time, done: Vec::new(), current: None, last_id: None, copied: 0 }),
             stream: None,
             updated_at: DateTime::now(),
             last_event_time: None,
@@ -172,15 +156,8 @@ impl<P: Publisher + 'static, C: CheckpointStore> Tailer<P, C> {
     }
 
     /// Copies every defined collection, resuming where the checkpoint says.
-    async fn copy(
-        &self,
-        state: &mut TailState,
-        shutdown: &CancellationToken,
-    ) -> Result<(), TailError> {
-        let mut progress = state
-            .snapshot
-            .clone()
-            .expect("copy is only called mid-snapshot");
+    async fn copy(&self, state: &mut TailState, shutdown: &CancellationToken) -> Result<(), TailError> {
+        let mut progress = state.snapshot.clone().expect("copy is only called mid-snapshot");
         let mut collections: Vec<&str> = self.topics.collections().collect();
         collections.sort_unstable();
         let mut total = progress.copied;
@@ -190,31 +167,21 @@ impl<P: Publisher + 'static, C: CheckpointStore> Tailer<P, C> {
             }
         }
         let bar = progress_bar(total, progress.copied);
-        let limiter = NonZeroU32::new(self.snapshot.max_docs_per_sec)
-            .map(|rate| RateLimiter::direct(Quota::per_second(rate)));
+        let limiter =
+            NonZeroU32::new(self.snapshot.max_docs_per_sec).map(|rate| RateLimiter::direct(Quota::per_second(rate)));
         let mut last_log = Instant::now();
         for coll in collections {
             if progress.done.iter().any(|d| d == coll) {
                 continue;
             }
-            let def = self
-                .topics
-                .for_collection(coll)
-                .expect("collections come from the definitions");
-            let mut last_id = if progress.current.as_deref() == Some(coll) {
-                progress.last_id.clone()
-            } else {
-                None
-            };
+            let def = self.topics.for_collection(coll).expect("collections come from the definitions");
+            let mut last_id = if progress.current.as_deref() == Some(coll) { progress.last_id.clone() } else { None };
             loop {
                 if shutdown.is_cancelled() {
                     info!(source = %self.source_name, copied = progress.copied, "snapshot paused by shutdown; it resumes from here");
                     return Ok(());
                 }
-                let docs = self
-                    .source
-                    .snapshot_batch(coll, last_id.as_ref(), self.snapshot.batch_size)
-                    .await?;
+                let docs = self.source.snapshot_batch(coll, last_id.as_ref(), self.snapshot.batch_size).await?;
                 let Some(last) = docs.last() else { break };
                 let next_id = last.get("_id").cloned().unwrap_or(Bson::Null);
                 if let Some(l) = &limiter {
@@ -275,11 +242,7 @@ impl<P: Publisher + 'static, C: CheckpointStore> Tailer<P, C> {
         }
         info!(source = %self.source_name, documents = progress.copied, "snapshot complete; streaming from the point captured before it");
         state.snapshot = None;
-        state.stream = Some(StreamPosition {
-            resume_token: None,
-            cluster_time: progress.start_time,
-            index: 0,
-        });
+        state.stream = Some(StreamPosition { resume_token: None, cluster_time: progress.start_time, index: 0 });
         state.updated_at = DateTime::now();
         self.checkpoints.save(state).await?;
         Ok(())
@@ -294,8 +257,7 @@ impl<P: Publisher + 'static, C: CheckpointStore> Tailer<P, C> {
         let mapped = map_change(def, &self.source_name, record);
         if let Some(why) = mapped.key_fallback {
             warn!(topic, "keyed by _id instead of the aggregate key: {why}");
-            metrics::counter!("ficus_tail_key_fallback_total", "topic" => topic.to_string())
-                .increment(1);
+            metrics::counter!("ficus_tail_key_fallback_total", "topic" => topic.to_string()).increment(1);
         }
         let mut acks = Vec::with_capacity(mapped.events.len());
         for ev in &mapped.events {
@@ -305,43 +267,22 @@ impl<P: Publisher + 'static, C: CheckpointStore> Tailer<P, C> {
         Ok(acks)
     }
 
-    async fn stream(
-        &self,
-        state: &mut TailState,
-        shutdown: &CancellationToken,
-    ) -> Result<(), TailError> {
-        let pos = state
-            .stream
-            .clone()
-            .expect("streaming starts after the snapshot");
+    async fn stream(&self, state: &mut TailState, shutdown: &CancellationToken) -> Result<(), TailError> {
+        let pos = state.stream.clone().expect("streaming starts after the snapshot");
         let start = match &pos.resume_token {
             Some(t) => StartAt::Token(t.clone()),
             None => StartAt::Time(pos.cluster_time),
         };
         info!(source = %self.source_name, from = ?start, "streaming changes");
-        let stream = self
-            .source
-            .watch(&start, self.tail.batch_size, self.tail.max_await)
-            .await?;
+        let stream = self.source.watch(&start, self.tail.batch_size, self.tail.max_await).await?;
 
         let (tx, mut rx) = mpsc::channel::<Item>(self.tail.batch_size as usize * 2);
         let reader_stop = shutdown.child_token();
-        let reader = tokio::spawn(read_changes(
-            stream,
-            tx,
-            reader_stop.clone(),
-            pos.cluster_time,
-            pos.index,
-        ));
+        let reader = tokio::spawn(read_changes(stream, tx, reader_stop.clone(), pos.cluster_time, pos.index));
 
-        let topics_by_coll: HashMap<&str, &str> = self
-            .topics
-            .defs
-            .iter()
-            .map(|d| (d.collection.as_str(), d.topic.as_str()))
-            .collect();
-        let mut inflight: FuturesOrdered<BoxFuture<'static, Result<Covered, BusError>>> =
-            FuturesOrdered::new();
+        let topics_by_coll: HashMap<&str, &str> =
+            self.topics.defs.iter().map(|d| (d.collection.as_str(), d.topic.as_str())).collect();
+        let mut inflight: FuturesOrdered<BoxFuture<'static, Result<Covered, BusError>>> = FuturesOrdered::new();
         let mut in_flight_events = 0usize;
         let mut pending_events: std::collections::VecDeque<usize> = Default::default();
         let mut sent = (pos.cluster_time, pos.index);
@@ -439,25 +380,17 @@ impl<P: Publisher + 'static, C: CheckpointStore> Tailer<P, C> {
         outcome
     }
 
-    async fn save_stream(
-        &self,
-        state: &mut TailState,
-        covered: Option<&Covered>,
-    ) -> Result<(), TailError> {
+    async fn save_stream(&self, state: &mut TailState, covered: Option<&Covered>) -> Result<(), TailError> {
         let Some(c) = covered else { return Ok(()) };
-        state.stream = Some(StreamPosition {
-            resume_token: Some(c.token.clone()),
-            cluster_time: c.cluster_time,
-            index: c.index,
-        });
+        state.stream =
+            Some(StreamPosition { resume_token: Some(c.token.clone()), cluster_time: c.cluster_time, index: c.index });
         if c.event_time.is_some() {
             state.last_event_time = c.event_time;
         }
         state.updated_at = DateTime::now();
         self.checkpoints.save(state).await?;
         metrics::counter!("ficus_tail_checkpoints_total").increment(1);
-        metrics::gauge!("ficus_tail_checkpoint_cluster_time_seconds")
-            .set(f64::from(c.cluster_time.time));
+        metrics::gauge!("ficus_tail_checkpoint_cluster_time_seconds").set(f64::from(c.cluster_time.time));
         Ok(())
     }
 }
@@ -476,28 +409,17 @@ async fn read_changes(
             Ok(Some(ev)) => {
                 let token = token_doc(&ev.id)?;
                 let mut record = to_record(ev)?;
-                record.index = if record.cluster_time == last_time {
-                    last_index + 1
-                } else {
-                    1
-                };
+                record.index = if record.cluster_time == last_time { last_index + 1 } else { 1 };
                 last_time = record.cluster_time;
                 last_index = record.index;
-                metrics::gauge!("ficus_tail_last_cluster_time_seconds")
-                    .set(f64::from(last_time.time));
+                metrics::gauge!("ficus_tail_last_cluster_time_seconds").set(f64::from(last_time.time));
                 if tx.send(Item::Change { record, token }).await.is_err() {
                     return Ok(());
                 }
             }
             Ok(None) => {
                 if let Some(t) = stream.resume_token() {
-                    if tx
-                        .send(Item::Quiet {
-                            token: token_doc(&t)?,
-                        })
-                        .await
-                        .is_err()
-                    {
+                    if tx.send(Item::Quiet { token: token_doc(&t)? }).await.is_err() {
                         return Ok(());
                     }
                 }
@@ -514,10 +436,8 @@ fn progress_bar(total: u64, done: u64) -> Option<indicatif::ProgressBar> {
     }
     let bar = indicatif::ProgressBar::new(total);
     bar.set_style(
-        indicatif::ProgressStyle::with_template(
-            "snapshot {bar:40} {pos}/{len} docs {per_sec} eta {eta}",
-        )
-        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        indicatif::ProgressStyle::with_template("snapshot {bar:40} {pos}/{len} docs {per_sec} eta {eta}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
     );
     bar.set_position(done);
     Some(bar)

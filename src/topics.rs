@@ -86,10 +86,7 @@ impl TopicDef {
 
     /// Every event type this topic can carry.
     pub fn all_event_types(&self) -> impl Iterator<Item = &str> {
-        self.event_types
-            .iter()
-            .map(String::as_str)
-            .chain(self.derived.iter().map(|d| d.event_type.as_str()))
+        self.event_types.iter().map(String::as_str).chain(self.derived.iter().map(|d| d.event_type.as_str()))
     }
 
     /// The dead-letter topic consumers use for this topic.
@@ -128,15 +125,8 @@ impl Topics {
 
     /// Builds the index from already-validated definitions (used by tests and [`load`]).
     pub fn from_defs(defs: Vec<TopicDef>) -> Topics {
-        let by_collection = defs
-            .iter()
-            .enumerate()
-            .map(|(i, d)| (d.collection.clone(), i))
-            .collect();
-        Topics {
-            defs,
-            by_collection,
-        }
+        let by_collection = defs.iter().enumerate().map(|(i, d)| (d.collection.clone(), i)).collect();
+        Topics { defs, by_collection }
     }
 }
 
@@ -146,22 +136,15 @@ pub fn valid_topic_name(name: &str) -> bool {
         && name.len() <= 249
         && name != "."
         && name != ".."
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_' || b == b'-')
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_' || b == b'-')
 }
 
 fn valid_path(path: &str) -> bool {
-    !path.is_empty()
-        && path
-            .split('.')
-            .all(|p| !p.is_empty() && !p.starts_with('$'))
+    !path.is_empty() && path.split('.').all(|p| !p.is_empty() && !p.starts_with('$'))
 }
 
 fn valid_event_type(t: &str) -> bool {
-    !t.is_empty()
-        && t.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_' || b == b'-')
+    !t.is_empty() && t.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_' || b == b'-')
 }
 
 /// Loads every `*.toml` in `dir`, validating each and the set as a whole; all problems at once.
@@ -175,11 +158,7 @@ pub fn load(dir: &Path) -> Result<Topics, Report> {
         }
     };
     if files.is_empty() {
-        report.push(DefinitionError::new(
-            dir,
-            "",
-            "no topic definitions (*.toml) found",
-        ));
+        report.push(DefinitionError::new(dir, "", "no topic definitions (*.toml) found"));
     }
     let mut defs = Vec::new();
     for file in files {
@@ -199,11 +178,7 @@ pub fn load(dir: &Path) -> Result<Topics, Report> {
             report.push(DefinitionError::new(
                 &d.file,
                 "collection",
-                format!(
-                    "`{}` is already defined in {}",
-                    d.collection,
-                    other.display()
-                ),
+                format!("`{}` is already defined in {}", d.collection, other.display()),
             ));
         }
         if let Some(other) = seen_topic.insert(&d.topic, &d.file) {
@@ -222,49 +197,25 @@ fn validate(file: &Path, raw: TopicFile, report: &mut Report) -> Option<TopicDef
     let before = report.errors.len();
     let mut err = |field: &str, msg: String| report.push(DefinitionError::new(file, field, msg));
     if raw.collection.is_empty() || raw.collection.contains('$') || raw.collection.contains('\0') {
-        err(
-            "collection",
-            format!("`{}` is not a valid collection name", raw.collection),
-        );
+        err("collection", format!("`{}` is not a valid collection name", raw.collection));
     }
     if !valid_topic_name(&raw.topic) {
-        err(
-            "topic",
-            format!(
-                "`{}` is not a valid Kafka topic name ([a-zA-Z0-9._-], at most 249)",
-                raw.topic
-            ),
-        );
+        err("topic", format!("`{}` is not a valid Kafka topic name ([a-zA-Z0-9._-], at most 249)", raw.topic));
     }
     if raw.topic.ends_with(".dlq") {
-        err(
-            "topic",
-            "names ending in `.dlq` are reserved for dead letters".into(),
-        );
+        err("topic", "names ending in `.dlq` are reserved for dead letters".into());
     }
     if !valid_event_type(&raw.aggregate) {
-        err(
-            "aggregate",
-            format!(
-                "`{}` must be a non-empty name of [a-zA-Z0-9._-]",
-                raw.aggregate
-            ),
-        );
+        err("aggregate", format!("`{}` must be a non-empty name of [a-zA-Z0-9._-]", raw.aggregate));
     }
     if !valid_path(&raw.key) {
         err("key", format!("`{}` is not a field path", raw.key));
     }
     if raw.partitions < 1 {
-        err(
-            "partitions",
-            format!("must be at least 1, got {}", raw.partitions),
-        );
+        err("partitions", format!("must be at least 1, got {}", raw.partitions));
     }
     if raw.replication_factor < 1 {
-        err(
-            "replication_factor",
-            format!("must be at least 1, got {}", raw.replication_factor),
-        );
+        err("replication_factor", format!("must be at least 1, got {}", raw.replication_factor));
     }
     if raw.key != "_id" && !raw.pre_images {
         err(
@@ -277,70 +228,34 @@ fn validate(file: &Path, raw: TopicFile, report: &mut Report) -> Option<TopicDef
     }
     for (k, v) in &raw.config {
         if k.is_empty() || v.is_empty() {
-            err(
-                &format!("config.{k}"),
-                "Kafka topic configs need a name and a value".into(),
-            );
+            err(&format!("config.{k}"), "Kafka topic configs need a name and a value".into());
         }
     }
     let agg = &raw.aggregate;
     let names = [
-        raw.events
-            .snapshot
-            .clone()
-            .unwrap_or_else(|| format!("{agg}.snapshot")),
-        raw.events
-            .insert
-            .clone()
-            .unwrap_or_else(|| format!("{agg}.created")),
-        raw.events
-            .update
-            .clone()
-            .unwrap_or_else(|| format!("{agg}.updated")),
-        raw.events
-            .replace
-            .clone()
-            .unwrap_or_else(|| format!("{agg}.updated")),
-        raw.events
-            .delete
-            .clone()
-            .unwrap_or_else(|| format!("{agg}.deleted")),
+        raw.events.snapshot.clone().unwrap_or_else(|| format!("{agg}.snapshot")),
+        raw.events.insert.clone().unwrap_or_else(|| format!("{agg}.created")),
+        raw.events.update.clone().unwrap_or_else(|| format!("{agg}.updated")),
+        raw.events.replace.clone().unwrap_or_else(|| format!("{agg}.updated")),
+        raw.events.delete.clone().unwrap_or_else(|| format!("{agg}.deleted")),
     ];
-    for (field, name) in ["snapshot", "insert", "update", "replace", "delete"]
-        .iter()
-        .zip(&names)
-    {
+    for (field, name) in ["snapshot", "insert", "update", "replace", "delete"].iter().zip(&names) {
         if !valid_event_type(name) {
-            err(
-                &format!("events.{field}"),
-                format!("`{name}` is not a valid event type"),
-            );
+            err(&format!("events.{field}"), format!("`{name}` is not a valid event type"));
         }
     }
     let mut derived = Vec::new();
     for (i, d) in raw.derived.iter().enumerate() {
         if !valid_event_type(&d.event_type) {
-            err(
-                &format!("derived[{i}].type"),
-                format!("`{}` is not a valid event type", d.event_type),
-            );
+            err(&format!("derived[{i}].type"), format!("`{}` is not a valid event type", d.event_type));
         }
         if names.contains(&d.event_type) {
-            err(
-                &format!("derived[{i}].type"),
-                format!("`{}` is already a change event type", d.event_type),
-            );
+            err(&format!("derived[{i}].type"), format!("`{}` is already a change event type", d.event_type));
         }
         if !valid_path(&d.array_grows) {
-            err(
-                &format!("derived[{i}].array_grows"),
-                format!("`{}` is not a field path", d.array_grows),
-            );
+            err(&format!("derived[{i}].array_grows"), format!("`{}` is not a field path", d.array_grows));
         }
-        derived.push(DerivedRule {
-            event_type: d.event_type.clone(),
-            array_field: d.array_grows.clone(),
-        });
+        derived.push(DerivedRule { event_type: d.event_type.clone(), array_field: d.array_grows.clone() });
     }
     if report.errors.len() > before {
         return None;
@@ -371,27 +286,16 @@ mod tests {
     #[test]
     fn loads_the_shipped_definitions() {
         let topics = load(Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/topics"))).unwrap();
-        for coll in [
-            "conversations",
-            "customers",
-            "products",
-            "cache_entries",
-            "logs",
-            "metrics",
-            "api_keys",
-            "knowledge",
-        ] {
+        for coll in
+            ["conversations", "customers", "products", "cache_entries", "logs", "metrics", "api_keys", "knowledge"]
+        {
             assert!(topics.for_collection(coll).is_some(), "no topic for {coll}");
         }
         let c = topics.for_collection("customers").unwrap();
         assert_eq!(c.key, "user_id");
         assert_eq!(c.event_type(Op::Insert), "customer.created");
         assert_eq!(c.event_type(Op::Replace), "customer.updated");
-        assert!(
-            c.derived
-                .iter()
-                .any(|d| d.event_type == "customer.purchase_recorded")
-        );
+        assert!(c.derived.iter().any(|d| d.event_type == "customer.purchase_recorded"));
     }
 
     #[test]
@@ -451,10 +355,7 @@ surprise = true
         write(dir.path(), "a.toml", &body("t1"));
         write(dir.path(), "b.toml", &body("t2"));
         let text = load(dir.path()).unwrap_err().to_string();
-        assert!(
-            text.contains("b.toml: collection: `logs` is already defined"),
-            "{text}"
-        );
+        assert!(text.contains("b.toml: collection: `logs` is already defined"), "{text}");
     }
 
     #[test]

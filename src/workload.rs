@@ -8,18 +8,10 @@ use bson::{Bson, DateTime, Document, doc, oid::ObjectId};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-const NAMES: &[&str] = &[
-    "Somchai", "Malee", "Anan", "Ploy", "Kittisak", "Nok", "Jane", "Tom",
-];
+const NAMES: &[&str] = &["Somchai", "Malee", "Anan", "Ploy", "Kittisak", "Nok", "Jane", "Tom"];
 const CATEGORIES: &[&str] = &["supplements", "skincare", "devices", "vitamins", "herbal"];
 const SUBCATEGORIES: &[&str] = &["daily", "premium", "kids", "senior"];
-const INTENTS: &[&str] = &[
-    "greeting",
-    "product_question",
-    "purchase",
-    "health_question",
-    "complaint",
-];
+const INTENTS: &[&str] = &["greeting", "product_question", "purchase", "health_question", "complaint"];
 
 /// A deterministic generator of reference documents.
 pub struct Workload {
@@ -29,10 +21,7 @@ pub struct Workload {
 
 impl Workload {
     pub fn new(seed: u64) -> Self {
-        Workload {
-            rng: StdRng::seed_from_u64(seed),
-            base: 1_767_225_600_000,
-        } // 2026-01-01
+        Workload { rng: StdRng::seed_from_u64(seed), base: 1_767_225_600_000 } // 2026-01-01
     }
 
     fn date(&mut self) -> DateTime {
@@ -40,11 +29,7 @@ impl Workload {
     }
 
     fn decimal(&mut self, max: u32) -> String {
-        format!(
-            "{}.{:02}",
-            self.rng.random_range(0..max),
-            self.rng.random_range(0..100)
-        )
+        format!("{}.{:02}", self.rng.random_range(0..max), self.rng.random_range(0..100))
     }
 
     fn pick<'a>(&mut self, xs: &[&'a str]) -> &'a str {
@@ -73,8 +58,7 @@ impl Workload {
                 })
             })
             .collect();
-        let (last_seen, joined, created, updated) =
-            (self.date(), self.date(), self.date(), self.date());
+        let (last_seen, joined, created, updated) = (self.date(), self.date(), self.date(), self.date());
         doc! {
             "_id": ObjectId::new(),
             "user_id": Self::user_id(i),
@@ -120,11 +104,8 @@ impl Workload {
 
     /// `linechatbot.conversations` with `messages` messages (400 make about 64 KB).
     pub fn conversation(&mut self, i: u64, messages: u64) -> Document {
-        let msgs: Vec<Bson> = (0..messages)
-            .map(|n| Bson::Document(self.message(n)))
-            .collect();
-        let (started, last, created, updated) =
-            (self.date(), self.date(), self.date(), self.date());
+        let msgs: Vec<Bson> = (0..messages).map(|n| Bson::Document(self.message(n))).collect();
+        let (started, last, created, updated) = (self.date(), self.date(), self.date(), self.date());
         doc! {
             "_id": ObjectId::new(),
             "user_id": Self::user_id(i % 1000),
@@ -302,9 +283,6 @@ mod tests {
             d.remove("_id");
             d
         };
-        assert_eq!(
-            strip(Workload::new(7).customer(3)),
-            strip(Workload::new(7).customer(3))
-        );
+        assert_eq!(strip(Workload::new(7).customer(3)), strip(Workload::new(7).customer(3)));
     }
 }

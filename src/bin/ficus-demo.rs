@@ -15,10 +15,7 @@ use rdkafka::message::Message;
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 
 #[derive(Parser)]
-#[command(
-    name = "ficus-demo",
-    about = "Seed a sample monolith and show what ficus delivered."
-)]
+#[command(name = "ficus-demo", about = "Seed a sample monolith and show what ficus delivered.")]
 struct Cli {
     #[command(subcommand)]
     command: Cmd,
@@ -59,10 +56,7 @@ async fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Cmd::Seed { uri, db, count } => seed(&uri, &db, count).await,
         Cmd::Churn { uri, db, changes } => churn(&uri, &db, changes).await,
-        Cmd::Peek {
-            brokers,
-            topics_dir,
-        } => peek(&brokers, &topics_dir),
+        Cmd::Peek { brokers, topics_dir } => peek(&brokers, &topics_dir),
     }
 }
 
@@ -83,10 +77,7 @@ async fn seed(uri: &str, db: &str, count: u64) -> anyhow::Result<()> {
     ];
     for (coll, make) in makers {
         let docs: Vec<Document> = (0..count).map(|i| make(&mut w, i)).collect();
-        db.collection::<Document>(coll)
-            .insert_many(docs)
-            .await
-            .with_context(|| format!("seeding {coll}"))?;
+        db.collection::<Document>(coll).insert_many(docs).await.with_context(|| format!("seeding {coll}"))?;
         println!("seeded {count:>5} {}.{coll}", db.name());
     }
     Ok(())
@@ -108,10 +99,7 @@ async fn churn(uri: &str, db: &str, changes: u64) -> anyhow::Result<()> {
             .await?;
         if let Some(c) = conversations.find_one(doc! {}).skip(i % 10).await? {
             conversations
-                .update_one(
-                    doc! { "_id": c.get("_id") },
-                    doc! { "$push": { "messages": w.message(100 + i) } },
-                )
+                .update_one(doc! { "_id": c.get("_id") }, doc! { "$push": { "messages": w.message(100 + i) } })
                 .await?;
         }
         products
@@ -122,13 +110,8 @@ async fn churn(uri: &str, db: &str, changes: u64) -> anyhow::Result<()> {
             .await?;
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    products
-        .delete_one(doc! { "sku": Workload::sku(3) })
-        .await?;
-    println!(
-        "made {} changes (pushes, increments, category moves, a delete)",
-        changes * 3 + 1
-    );
+    products.delete_one(doc! { "sku": Workload::sku(3) }).await?;
+    println!("made {} changes (pushes, increments, category moves, a delete)", changes * 3 + 1);
     Ok(())
 }
 
@@ -155,11 +138,7 @@ fn peek(brokers: &str, topics_dir: &std::path::Path) -> anyhow::Result<()> {
             Some(Ok(m)) => {
                 idle = 0;
                 let ev = CanonicalEvent::decode(m.payload().unwrap_or_default())?;
-                *counts
-                    .entry(m.topic().to_string())
-                    .or_default()
-                    .entry(ev.event_type.clone())
-                    .or_default() += 1;
+                *counts.entry(m.topic().to_string()).or_default().entry(ev.event_type.clone()).or_default() += 1;
                 if ev.event_type == "customer.purchase_recorded" {
                     sample = Some(ev);
                 }
@@ -175,10 +154,7 @@ fn peek(brokers: &str, topics_dir: &std::path::Path) -> anyhow::Result<()> {
         }
     }
     if let Some(ev) = sample {
-        println!(
-            "\none event, as kcat would show it:\n{}",
-            serde_json::to_string_pretty(&ev.to_json())?
-        );
+        println!("\none event, as kcat would show it:\n{}", serde_json::to_string_pretty(&ev.to_json())?);
     }
     Ok(())
 }

@@ -24,9 +24,7 @@ pub const TANSU_VERSION: &str = "0.6.0";
 fn cache_dir() -> PathBuf {
     std::env::var_os("FICUS_SERVERS_DIR")
         .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cache/ficus/servers")
-        })
+        .unwrap_or_else(|| PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cache/ficus/servers"))
 }
 
 fn server_binary(var: &str, default: PathBuf) -> PathBuf {
@@ -41,25 +39,15 @@ fn server_binary(var: &str, default: PathBuf) -> PathBuf {
 }
 
 pub fn secantusd() -> PathBuf {
-    server_binary(
-        "FICUS_SECANTUSD",
-        cache_dir().join(format!("secantus-mdb-{SECANTUS_VERSION}/bin/secantusd-rs")),
-    )
+    server_binary("FICUS_SECANTUSD", cache_dir().join(format!("secantus-mdb-{SECANTUS_VERSION}/bin/secantusd-rs")))
 }
 
 pub fn tansu() -> PathBuf {
-    server_binary(
-        "FICUS_TANSU",
-        cache_dir().join(format!("tansu-{TANSU_VERSION}/bin/tansu")),
-    )
+    server_binary("FICUS_TANSU", cache_dir().join(format!("tansu-{TANSU_VERSION}/bin/tansu")))
 }
 
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 pub fn wait_port(port: u16, what: &str, log: &Path) {
@@ -70,20 +58,13 @@ pub fn wait_port(port: u16, what: &str, log: &Path) {
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    panic!(
-        "{what} did not listen on {port}; log:\n{}",
-        std::fs::read_to_string(log).unwrap_or_default()
-    );
+    panic!("{what} did not listen on {port}; log:\n{}", std::fs::read_to_string(log).unwrap_or_default());
 }
 
 /// Kills the child's whole life with the test: the child gets SIGKILL if the test process dies.
 fn spawn(cmd: &mut Command, log: &Path) -> Child {
     use std::os::unix::process::CommandExt;
-    let out = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(log)
-        .unwrap();
+    let out = std::fs::OpenOptions::new().create(true).append(true).open(log).unwrap();
     let err = out.try_clone().unwrap();
     cmd.stdin(Stdio::null()).stdout(out).stderr(err);
     unsafe {
@@ -92,8 +73,7 @@ fn spawn(cmd: &mut Command, log: &Path) -> Child {
             Ok(())
         });
     }
-    cmd.spawn()
-        .unwrap_or_else(|e| panic!("spawning {:?}: {e}", cmd.get_program()))
+    cmd.spawn().unwrap_or_else(|e| panic!("spawning {:?}: {e}", cmd.get_program()))
 }
 
 fn signal(child: &Child, sig: i32) {
@@ -173,11 +153,7 @@ pub struct Kafka {
 impl Kafka {
     pub fn start(dir: &Path) -> Kafka {
         std::fs::create_dir_all(dir).unwrap();
-        let mut k = Kafka {
-            port: free_port(),
-            dir: dir.to_path_buf(),
-            child: None,
-        };
+        let mut k = Kafka { port: free_port(), dir: dir.to_path_buf(), child: None };
         k.boot();
         k
     }
@@ -231,10 +207,7 @@ impl World {
     }
 
     pub fn start_with(mongo_args: &[&str]) -> World {
-        let dir = tempfile::Builder::new()
-            .prefix("ficus-test-")
-            .tempdir()
-            .unwrap();
+        let dir = tempfile::Builder::new().prefix("ficus-test-").tempdir().unwrap();
         let mongo = Mongo::start(&dir.path().join("mongo"), mongo_args);
         let kafka = Kafka::start(&dir.path().join("kafka"));
         World { dir, mongo, kafka }
@@ -253,10 +226,7 @@ impl World {
     /// Runs a ficus command to completion.
     pub fn ficus(&self, args: &[&str], extra_env: &[(&str, &str)]) -> std::process::Output {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_ficus"));
-        cmd.current_dir(repo_root())
-            .args(args)
-            .envs(self.env())
-            .env_remove("FICUS_CONFIG");
+        cmd.current_dir(repo_root()).args(args).envs(self.env()).env_remove("FICUS_CONFIG");
         for (k, v) in extra_env {
             cmd.env(k, v);
         }
@@ -287,10 +257,7 @@ impl World {
             cmd.env(k, v);
         }
         let child = spawn(&mut cmd, &log);
-        Ficus {
-            child: Some(child),
-            log,
-        }
+        Ficus { child: Some(child), log }
     }
 }
 
@@ -318,10 +285,7 @@ impl Ficus {
         signal(&c, libc::SIGTERM);
         wait_timeout(&mut c, Duration::from_secs(60)).unwrap_or_else(|| {
             let _ = c.kill();
-            panic!(
-                "ficus did not stop within 60s of SIGTERM; log:\n{}",
-                self.logs()
-            );
+            panic!("ficus did not stop within 60s of SIGTERM; log:\n{}", self.logs());
         })
     }
 
@@ -387,9 +351,7 @@ pub fn read_topics(
         .unwrap();
     let mut tpl = TopicPartitionList::new();
     for t in topics {
-        let md = consumer
-            .fetch_metadata(Some(t), Duration::from_secs(10))
-            .unwrap();
+        let md = consumer.fetch_metadata(Some(t), Duration::from_secs(10)).unwrap();
         let parts = md.topics()[0].partitions().len();
         assert!(parts > 0, "topic {t} has no partitions");
         for p in 0..parts as i32 {
@@ -403,19 +365,14 @@ pub fn read_topics(
         match consumer.poll(Duration::from_millis(100)) {
             Some(Ok(m)) => {
                 let payload = m.payload().expect("payload");
-                let event = CanonicalEvent::decode(payload)
-                    .unwrap_or_else(|e| panic!("undecodable record: {e}"));
+                let event = CanonicalEvent::decode(payload).unwrap_or_else(|e| panic!("undecodable record: {e}"));
                 let headers = m
                     .headers()
                     .map(|h| {
                         use rdkafka::message::Headers;
                         h.iter()
                             .map(|h| {
-                                (
-                                    h.key.to_string(),
-                                    String::from_utf8_lossy(h.value.unwrap_or_default())
-                                        .into_owned(),
-                                )
+                                (h.key.to_string(), String::from_utf8_lossy(h.value.unwrap_or_default()).into_owned())
                             })
                             .collect()
                     })
@@ -458,10 +415,18 @@ where
 
 /// The tail checkpoint document, if any.
 pub async fn checkpoint(client: &mongodb::Client, source: &str) -> Option<Document> {
-    client
-        .database("ficus")
-        .collection::<Document>("checkpoints")
-        .find_one(bson::doc! { "_id": source })
-        .await
-        .unwrap()
+    client.database("ficus").collection::<Document>("checkpoints").find_one(bson::doc! { "_id": source }).await.unwrap()
+}
+
+/// Reads every record of `topics` that is there now: until nothing new came for two seconds.
+pub fn read_all(brokers: &str, topics: &[&str]) -> Vec<Record> {
+    let last_len = std::cell::Cell::new(0usize);
+    let quiet_since = std::cell::Cell::new(Instant::now());
+    read_topics(brokers, topics, Duration::from_secs(120), |r| {
+        if r.len() != last_len.get() {
+            last_len.set(r.len());
+            quiet_since.set(Instant::now());
+        }
+        quiet_since.get().elapsed() > Duration::from_secs(2)
+    })
 }
