@@ -28,11 +28,7 @@ pub enum BusError {
     #[error("kafka: {0}")]
     Kafka(#[from] KafkaError),
     #[error("delivery of event {id} to {topic} failed: {error}")]
-    Delivery {
-        id: String,
-        topic: String,
-        error: KafkaError,
-    },
+    Delivery { id: String, topic: String, error: Box<KafkaError> },
     #[error("delivery of event {id} to {topic} was cancelled (producer closed)")]
     Cancelled { id: String, topic: String },
     #[error("topic {topic}: {reason}")]
@@ -44,7 +40,8 @@ impl BusError {
     /// authorisation problem that needs a person.
     pub fn is_transient(&self) -> bool {
         let code = match self {
-            BusError::Kafka(e) | BusError::Delivery { error: e, .. } => e.rdkafka_error_code(),
+            BusError::Kafka(e) => e.rdkafka_error_code(),
+            BusError::Delivery { error, .. } => error.rdkafka_error_code(),
             BusError::Cancelled { .. } => return true,
             BusError::Topic { .. } => return false,
         };
@@ -125,11 +122,7 @@ pub type Ack = BoxFuture<'static, Result<(), BusError>>;
 pub trait Publisher: Send + Sync {
     /// Queues one event for `topic`, keyed by its aggregate id. Waits only while the client's
     /// queue is full; the returned [`Ack`] resolves when the broker has acknowledged it.
-    fn publish(
-        &self,
-        topic: &str,
-        event: &CanonicalEvent,
-    ) -> impl Future<Output = Result<Ack, BusError>> + Send;
+    fn publish(&self, topic: &str, event: &CanonicalEvent) -> impl Future<Output = Result<Ack, BusError>> + Send;
     /// Waits until everything queued is acknowledged or `timeout` passes.
     fn flush(&self, timeout: Duration) -> Result<(), BusError>;
 }
@@ -142,12 +135,8 @@ pub struct KafkaPublisher {
 
 impl KafkaPublisher {
     pub fn new(cfg: &KafkaConfig, client_id: &str) -> Result<Self, BusError> {
-        let producer: FutureProducer =
-            client_config(cfg, ClientRole::Producer, client_id).create()?;
-        Ok(KafkaPublisher {
-            producer,
-            ce_headers: cfg.ce_headers,
-        })
+        let producer: FutureProducer = client_config(cfg, ClientRole::Producer, client_id).create()?;
+        Ok(KafkaPublisher { producer, ce_headers: cfg.ce_headers })
     }
 }
 
@@ -156,15 +145,9 @@ impl Publisher for KafkaPublisher {
         let payload = event.encode();
         let headers = if self.ce_headers {
             let mut h = OwnedHeaders::new_with_capacity(7);
-            h = h.insert(Header {
-                key: "content-type",
-                value: Some(CONTENT_TYPE),
-            });
+            h = h.insert(Header { key: "content-type", value: Some(CONTENT_TYPE) });
             for (k, v) in event.ce_headers() {
-                h = h.insert(Header {
-                    key: k,
-                    value: Some(v.as_str()),
-                });
+                h = h.insert(Header { key: k, value: Some(v.as_str()) });
             }
             Some(h)
         } else {
@@ -182,11 +165,7 @@ impl Publisher for KafkaPublisher {
                     tokio::time::sleep(Duration::from_millis(5)).await;
                 }
                 Err((e, _)) => {
-                    return Err(BusError::Delivery {
-                        id: event.id.clone(),
-                        topic: topic.into(),
-                        error: e,
-                    });
+                    return Err(BusError::Delivery { id: event.id.clone(), topic: topic.into(), error: Box::new(e) });
                 }
             }
         };
@@ -195,7 +174,7 @@ impl Publisher for KafkaPublisher {
         Ok(async move {
             match fut.await {
                 Ok(Ok(_delivery)) => Ok(()),
-                Ok(Err((error, _msg))) => Err(BusError::Delivery { id, topic, error }),
+                Ok(Err((error, _msg))) => Err(BusError::Delivery { id, topic, error: Box::new(error) }),
                 Err(_) => Err(BusError::Cancelled { id, topic }),
             }
         }
@@ -234,24 +213,16 @@ pub struct TopicAdmin {
 impl TopicAdmin {
     pub fn new(cfg: &KafkaConfig) -> Result<Self, BusError> {
         let admin = client_config(cfg, ClientRole::Admin, "ficus-admin").create()?;
-        Ok(TopicAdmin {
-            admin,
-            timeout: Duration::from_secs(30),
-        })
+        Ok(TopicAdmin { admin, timeout: Duration::from_secs(30) })
     }
 
     /// Compares one topic with its definition: partition count, replication factor, configs.
     pub async fn inspect(&self, def: &TopicDef) -> Result<TopicState, BusError> {
-        self.inspect_named(
-            &def.topic,
-            def.partitions,
-            def.replication_factor,
-            &def.config,
-        )
-        .await
+        self.inspect_named(&def.topic, def.partitions, def.replication_factor, &def.config).await
     }
 
-    async fn inspect_named(
+    /// [`TopicAdmin::inspect`] for a topic without a definition of its own (dead letters).
+    pub async fn inspect_named(
         &self,
         topic: &str,
         partitions: i32,
@@ -268,13 +239,10 @@ impl TopicAdmin {
         let Some(t) = md.topics().iter().find(|t| t.name() == topic) else {
             return Ok(TopicState::Missing);
         };
-        if let Some(err) = t.error() {
-            if matches!(
-                RDKafkaErrorCode::from(err),
-                Code::UnknownTopicOrPartition | Code::UnknownTopic
-            ) {
-                return Ok(TopicState::Missing);
-            }
+        if let Some(err) = t.error()
+            && matches!(RDKafkaErrorCode::from(err), Code::UnknownTopicOrPartition | Code::UnknownTopic)
+        {
+            return Ok(TopicState::Missing);
         }
         if t.partitions().is_empty() {
             return Ok(TopicState::Missing);
@@ -284,64 +252,37 @@ impl TopicAdmin {
         if have != partitions {
             drift.push(format!("partitions: defined {partitions}, found {have}"));
         }
-        let rf = t
-            .partitions()
-            .iter()
-            .map(|p| p.replicas().len() as i32)
-            .min()
-            .unwrap_or(0);
+        let rf = t.partitions().iter().map(|p| p.replicas().len() as i32).min().unwrap_or(0);
         if rf != replication {
-            drift.push(format!(
-                "replication_factor: defined {replication}, found {rf}"
-            ));
+            drift.push(format!("replication_factor: defined {replication}, found {rf}"));
         }
         if !config.is_empty() {
             let opts = AdminOptions::new().request_timeout(Some(self.timeout));
-            match self
-                .admin
-                .describe_configs(&[ResourceSpecifier::Topic(topic)], &opts)
-                .await
-            {
+            match self.admin.describe_configs(&[ResourceSpecifier::Topic(topic)], &opts).await {
                 Ok(results) => match results.into_iter().next() {
                     Some(Ok(res)) => {
                         let entries = res.entry_map();
                         for (k, want) in config {
                             match entries.get(k.as_str()).and_then(|e| e.value.as_deref()) {
                                 Some(v) if v == want => {}
-                                Some(v) => {
-                                    drift.push(format!("config {k}: defined {want}, found {v}"))
-                                }
-                                None => drift.push(format!(
-                                    "config {k}: defined {want}, not reported by the broker"
-                                )),
+                                Some(v) => drift.push(format!("config {k}: defined {want}, found {v}")),
+                                None => drift.push(format!("config {k}: defined {want}, not reported by the broker")),
                             }
                         }
                     }
-                    Some(Err(code)) => {
-                        drift.push(format!("configs could not be described: {code:?}"))
-                    }
+                    Some(Err(code)) => drift.push(format!("configs could not be described: {code:?}")),
                     None => drift.push("configs could not be described: empty answer".into()),
                 },
                 Err(e) => drift.push(format!("configs could not be described: {e}")),
             }
         }
-        Ok(if drift.is_empty() {
-            TopicState::Ok
-        } else {
-            TopicState::Drift(drift)
-        })
+        Ok(if drift.is_empty() { TopicState::Ok } else { TopicState::Drift(drift) })
     }
 
     /// Creates the topic if missing; reports drift otherwise (never alters an existing topic:
     /// repartitioning reorders keys and is an operator's decision).
     pub async fn apply(&self, def: &TopicDef) -> Result<TopicReport, BusError> {
-        self.apply_named(
-            &def.topic,
-            def.partitions,
-            def.replication_factor,
-            &def.config,
-        )
-        .await
+        self.apply_named(&def.topic, def.partitions, def.replication_factor, &def.config).await
     }
 
     /// [`TopicAdmin::apply`] for a topic that has no definition of its own (dead letters).
@@ -352,43 +293,26 @@ impl TopicAdmin {
         replication: i32,
         config: &BTreeMap<String, String>,
     ) -> Result<TopicReport, BusError> {
-        let state = self
-            .inspect_named(topic, partitions, replication, config)
-            .await?;
+        let state = self.inspect_named(topic, partitions, replication, config).await?;
         if state != TopicState::Missing {
-            return Ok(TopicReport {
-                topic: topic.to_string(),
-                state,
-                created: false,
-            });
+            return Ok(TopicReport { topic: topic.to_string(), state, created: false });
         }
         let mut nt = NewTopic::new(topic, partitions, TopicReplication::Fixed(replication));
         for (k, v) in config {
             nt = nt.set(k, v);
         }
-        let opts = AdminOptions::new()
-            .operation_timeout(Some(self.timeout))
-            .request_timeout(Some(self.timeout));
+        let opts = AdminOptions::new().operation_timeout(Some(self.timeout)).request_timeout(Some(self.timeout));
         let results = self.admin.create_topics([&nt], &opts).await?;
         for r in results {
-            if let Err((name, code)) = r {
-                if code != Code::TopicAlreadyExists {
-                    return Err(BusError::Topic {
-                        topic: name,
-                        reason: format!("create failed: {code}"),
-                    });
-                }
+            if let Err((name, code)) = r
+                && code != Code::TopicAlreadyExists
+            {
+                return Err(BusError::Topic { topic: name, reason: format!("create failed: {code}") });
             }
         }
         // Creation is asynchronous in Kafka: wait until the metadata shows every partition.
-        let state = self
-            .wait_visible(topic, partitions, replication, config)
-            .await?;
-        Ok(TopicReport {
-            topic: topic.to_string(),
-            state,
-            created: true,
-        })
+        let state = self.wait_visible(topic, partitions, replication, config).await?;
+        Ok(TopicReport { topic: topic.to_string(), state, created: true })
     }
 
     async fn wait_visible(
@@ -400,9 +324,7 @@ impl TopicAdmin {
     ) -> Result<TopicState, BusError> {
         let deadline = tokio::time::Instant::now() + self.timeout;
         loop {
-            let state = self
-                .inspect_named(topic, partitions, replication, config)
-                .await?;
+            let state = self.inspect_named(topic, partitions, replication, config).await?;
             if state != TopicState::Missing || tokio::time::Instant::now() > deadline {
                 return Ok(state);
             }

@@ -18,17 +18,18 @@ use tracing::{error, info, warn};
 use crate::bus::{KafkaPublisher, Publisher, TopicAdmin, TopicState};
 use crate::checkpoint::MongoCheckpoints;
 use crate::config::{Config, parse_addr};
+use crate::consume::ServiceConsumer;
 use crate::definitions::Report;
+use crate::sink::MongoSink;
+use crate::store::{Archiver, EventStore};
+
 use crate::source::MongoSource;
 use crate::tail::Tailer;
 use crate::topics::{self, Topics};
+use crate::transform::{self, ServiceTransforms};
 
 #[derive(Debug, Parser)]
-#[command(
-    name = "ficus",
-    version,
-    about = "Keeps service databases in step with a MongoDB monolith through Kafka."
-)]
+#[command(name = "ficus", version, about = "Keeps service databases in step with a MongoDB monolith through Kafka.")]
 pub struct Cli {
     /// Configuration file (default: ./ficus.toml if present; otherwise built-in defaults plus FICUS_* variables).
     #[arg(long, short, global = true, env = "FICUS_CONFIG")]
@@ -57,6 +58,21 @@ enum Command {
     },
     /// Run the daemon.
     Run(RunArgs),
+    /// Dead letters (`<topic>.dlq`).
+    Dlq {
+        #[command(subcommand)]
+        action: DlqAction,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum DlqAction {
+    /// Re-drive a service's dead letters through its transforms (after a fix); what fails
+    /// again is dead-lettered again.
+    Replay {
+        #[arg(long = "service", value_name = "NAME")]
+        service: String,
+    },
 }
 
 #[derive(Debug, Clone, Copy, Subcommand)]
@@ -70,14 +86,31 @@ enum TopicsAction {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum Role {
+    /// Monolith change stream → Kafka.
     Tail,
+    /// Kafka → transforms → service databases.
+    Consume,
+    /// Kafka → the event store.
+    Archive,
 }
 
 #[derive(Debug, clap::Args)]
 struct RunArgs {
     /// Roles to run in this process.
-    #[arg(long, value_enum, value_delimiter = ',', default_values_t = [Role::Tail])]
+    #[arg(long, value_enum, value_delimiter = ',', default_values_t = [Role::Tail, Role::Consume, Role::Archive])]
     roles: Vec<Role>,
+    /// With the consume role: only these services (transforms/<service>); default all.
+    #[arg(long = "service", value_name = "NAME")]
+    services: Vec<String>,
+    /// Consume batches: at most this many messages...
+    #[arg(long, default_value_t = 500)]
+    batch_max: usize,
+    /// ...collected for at most this many milliseconds.
+    #[arg(long, default_value_t = 50)]
+    batch_wait_ms: u64,
+    /// How long a delete's tombstone is kept to refuse late older writes; must exceed Kafka retention.
+    #[arg(long, default_value_t = 14)]
+    tombstone_ttl_days: u64,
     /// Discard the tail checkpoint and take a fresh snapshot before streaming.
     #[arg(long)]
     resnapshot: bool,
@@ -93,10 +126,7 @@ struct RunArgs {
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     init_tracing(cli.log_format);
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the runtime: {e}");
@@ -109,16 +139,10 @@ pub fn main() -> ExitCode {
 fn init_tracing(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("FICUS_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,rdkafka=warn,mongodb=warn"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),
-        LogFormat::Json => builder
-            .json()
-            .flatten_event(true)
-            .with_current_span(true)
-            .init(),
+        LogFormat::Json => builder.json().flatten_event(true).with_current_span(true).init(),
     }
 }
 
@@ -126,23 +150,23 @@ fn init_tracing(format: LogFormat) {
 struct Loaded {
     config: Config,
     topics: Arc<Topics>,
+    services: Vec<Arc<ServiceTransforms>>,
 }
 
 fn load(cli_config: Option<&std::path::Path>) -> Result<Loaded, Report> {
     let env = |k: &str| std::env::var(k).ok();
     let mut report = Report::default();
-    let config = Config::load(cli_config, &env)
-        .map_err(|r| report.extend(r))
-        .ok();
-    let topics_dir = config
-        .as_ref()
-        .map_or_else(|| PathBuf::from("topics"), |c| c.topics_dir.clone());
+    let config = Config::load(cli_config, &env).map_err(|r| report.extend(r)).ok();
+    let topics_dir = config.as_ref().map_or_else(|| PathBuf::from("topics"), |c| c.topics_dir.clone());
     let topics = topics::load(&topics_dir).map_err(|r| report.extend(r)).ok();
-    match (config, topics) {
-        (Some(config), Some(topics)) if report.is_empty() => Ok(Loaded {
-            config,
-            topics: Arc::new(topics),
-        }),
+    let transforms_dir = config.as_ref().map_or_else(|| PathBuf::from("transforms"), |c| c.transforms_dir.clone());
+    // Transforms are checked against the topics; with broken topics there is nothing to check against.
+    let services =
+        topics.as_ref().and_then(|t| transform::load_all(&transforms_dir, t).map_err(|r| report.extend(r)).ok());
+    match (config, topics, services) {
+        (Some(config), Some(topics), Some(services)) if report.is_empty() => {
+            Ok(Loaded { config, topics: Arc::new(topics), services: services.into_iter().map(Arc::new).collect() })
+        }
         _ => Err(report),
     }
 }
@@ -158,14 +182,16 @@ async fn dispatch(cli: Cli) -> ExitCode {
     let result = match cli.command {
         Command::Validate => {
             println!(
-                "ok: configuration and {} topic definition(s) are valid ({})",
+                "ok: configuration, {} topic definition(s) and the transforms of {} service(s) are valid ({})",
                 loaded.topics.defs.len(),
+                loaded.services.len(),
                 loaded.config.describe()
             );
             return ExitCode::SUCCESS;
         }
         Command::Topics { action } => topics_cmd(&loaded, action).await,
         Command::Run(args) => run(loaded, args).await,
+        Command::Dlq { action: DlqAction::Replay { service } } => dlq_replay(&loaded, &service).await,
     };
     match result {
         Ok(code) => code,
@@ -183,49 +209,40 @@ async fn topics_cmd(loaded: &Loaded, action: TopicsAction) -> anyhow::Result<Exi
     for def in &loaded.topics.defs {
         let report = match action {
             TopicsAction::Apply => admin.apply(def).await,
-            TopicsAction::Check => admin
-                .inspect(def)
-                .await
-                .map(|state| crate::bus::TopicReport {
-                    topic: def.topic.clone(),
-                    state,
-                    created: false,
-                }),
+            TopicsAction::Check => admin.inspect(def).await.map(|state| crate::bus::TopicReport {
+                topic: def.topic.clone(),
+                state,
+                created: false,
+            }),
         }
         .with_context(|| format!("topic {}", def.topic))?;
-        match &report.state {
-            TopicState::Ok if report.created => println!("created  {}", report.topic),
-            TopicState::Ok => println!("ok       {}", report.topic),
-            TopicState::Missing => {
-                bad += 1;
-                println!("MISSING  {}", report.topic);
-            }
-            TopicState::Drift(lines) => {
-                bad += 1;
-                println!("DRIFT    {}", report.topic);
-                for l in lines {
-                    println!("           {l}");
-                }
-            }
+        bad += print_topic(&report);
+    }
+    // Dead-letter topics: one partition, kept a month so an operator can inspect and re-drive.
+    let dlq_config: std::collections::BTreeMap<String, String> =
+        [("cleanup.policy".to_string(), "delete".to_string()), ("retention.ms".to_string(), "2592000000".to_string())]
+            .into();
+    for def in &loaded.topics.defs {
+        let dlq = def.dlq_topic();
+        let report = match action {
+            TopicsAction::Apply => admin.apply_named(&dlq, 1, def.replication_factor, &dlq_config).await,
+            TopicsAction::Check => admin
+                .inspect_named(&dlq, 1, def.replication_factor, &dlq_config)
+                .await
+                .map(|state| crate::bus::TopicReport { topic: dlq.clone(), state, created: false }),
         }
+        .with_context(|| format!("topic {dlq}"))?;
+        bad += print_topic(&report);
     }
     let collections: Vec<String> = loaded.topics.collections().map(String::from).collect();
-    let source = MongoSource::connect(
-        &loaded.config.source.uri,
-        &loaded.config.source.db,
-        collections,
-    )
-    .await?;
+    let source = MongoSource::connect(&loaded.config.source.uri, &loaded.config.source.db, collections).await?;
     for def in loaded.topics.defs.iter().filter(|d| d.pre_images) {
         let enabled = source.pre_images_enabled(&def.collection).await?;
         match (action, enabled) {
             (_, true) => {}
             (TopicsAction::Apply, false) => {
                 source.enable_pre_images(&def.collection).await?;
-                println!(
-                    "enabled  pre-images on {}.{}",
-                    loaded.config.source.db, def.collection
-                );
+                println!("enabled  pre-images on {}.{}", loaded.config.source.db, def.collection);
             }
             (TopicsAction::Check, false) => {
                 bad += 1;
@@ -241,22 +258,55 @@ async fn topics_cmd(loaded: &Loaded, action: TopicsAction) -> anyhow::Result<Exi
             TopicsAction::Check => {
                 println!("{bad} problem(s): run `ficus topics apply` (drift needs an operator)")
             }
-            TopicsAction::Apply => println!(
-                "{bad} topic(s) differ from their definitions; ficus does not alter existing topics"
-            ),
+            TopicsAction::Apply => {
+                println!("{bad} topic(s) differ from their definitions; ficus does not alter existing topics")
+            }
         }
         return Ok(ExitCode::from(1));
     }
     Ok(ExitCode::SUCCESS)
 }
 
+async fn dlq_replay(loaded: &Loaded, service: &str) -> anyhow::Result<ExitCode> {
+    let chosen = select_services(&loaded.services, &[service.to_string()])?;
+    let transforms = &chosen[0];
+    let target = crate::mongo::connect(&loaded.config.target_uri, "dlq").await?;
+    let sink =
+        MongoSink::open(target, transforms.database(), &transforms.collections(), Duration::from_secs(14 * 86_400))
+            .await?;
+    let shutdown = CancellationToken::new();
+    spawn_signal_handler(shutdown.clone());
+    let report = crate::consume::replay_dead_letters(transforms, &sink, &loaded.config.kafka, &shutdown).await?;
+    println!(
+        "{service}: {} applied, {} failed again (dead-lettered anew), {} belong to other services",
+        report.applied, report.failed, report.skipped
+    );
+    Ok(if report.failed > 0 { ExitCode::from(1) } else { ExitCode::SUCCESS })
+}
+
+/// Prints one topic's state; returns 1 if it is a problem.
+fn print_topic(report: &crate::bus::TopicReport) -> usize {
+    match &report.state {
+        TopicState::Ok if report.created => println!("created  {}", report.topic),
+        TopicState::Ok => println!("ok       {}", report.topic),
+        TopicState::Missing => {
+            println!("MISSING  {}", report.topic);
+            return 1;
+        }
+        TopicState::Drift(lines) => {
+            println!("DRIFT    {}", report.topic);
+            for l in lines {
+                println!("           {l}");
+            }
+            return 1;
+        }
+    }
+    0
+}
+
 async fn run(loaded: Loaded, args: RunArgs) -> anyhow::Result<ExitCode> {
     let cfg = &loaded.config;
-    info!(
-        "ficus {} starting: {}",
-        env!("CARGO_PKG_VERSION"),
-        cfg.describe()
-    );
+    info!("ficus {} starting: {}", env!("CARGO_PKG_VERSION"), cfg.describe());
     if let Some(addr) = args.metrics_addr {
         metrics_exporter_prometheus::PrometheusBuilder::new()
             .with_http_listener(addr)
@@ -273,10 +323,7 @@ async fn run(loaded: Loaded, args: RunArgs) -> anyhow::Result<ExitCode> {
         let source = MongoSource::connect(&cfg.source.uri, &cfg.source.db, collections).await?;
         let store_client = crate::mongo::connect(&cfg.store.uri, "store").await?;
         let checkpoints = MongoCheckpoints::new(&store_client.database(&cfg.store.db));
-        let publisher = Arc::new(KafkaPublisher::new(
-            &cfg.kafka,
-            &format!("ficus-tail-{}", cfg.source.name),
-        )?);
+        let publisher = Arc::new(KafkaPublisher::new(&cfg.kafka, &format!("ficus-tail-{}", cfg.source.name))?);
         let tailer = Tailer {
             source_name: cfg.source.name.clone(),
             topics: loaded.topics.clone(),
@@ -289,33 +336,62 @@ async fn run(loaded: Loaded, args: RunArgs) -> anyhow::Result<ExitCode> {
         let token = shutdown.clone();
         let resnapshot = args.resnapshot;
         tasks.spawn(async move {
-            let r = tailer
-                .run(token.clone(), resnapshot)
-                .await
-                .map_err(anyhow::Error::from);
+            let r = tailer.run(token.clone(), resnapshot).await.map_err(anyhow::Error::from);
             // Everything handed to Kafka was awaited by the tailer; flush is a last guard.
-            let _ =
-                tokio::task::spawn_blocking(move || publisher.flush(Duration::from_secs(10))).await;
+            let _ = tokio::task::spawn_blocking(move || publisher.flush(Duration::from_secs(10))).await;
             r.context("tail")
         });
+    }
+
+    if args.roles.contains(&Role::Consume) {
+        let chosen = select_services(&loaded.services, &args.services)?;
+        let target = crate::mongo::connect(&cfg.target_uri, "consume").await?;
+        for service in chosen {
+            let sink = MongoSink::open(
+                target.clone(),
+                service.database(),
+                &service.collections(),
+                Duration::from_secs(args.tombstone_ttl_days * 86_400),
+            )
+            .await
+            .with_context(|| format!("opening {}", service.database()))?;
+            let consumer = ServiceConsumer {
+                transforms: service.clone(),
+                sink,
+                kafka: cfg.kafka.clone(),
+                batch_max: args.batch_max.max(1),
+                batch_wait: Duration::from_millis(args.batch_wait_ms),
+            };
+            let token = shutdown.clone();
+            let name = service.service().to_string();
+            tasks.spawn(async move {
+                consumer.run(token).await.map_err(anyhow::Error::from).with_context(|| format!("consume {name}"))
+            });
+        }
+    }
+
+    if args.roles.contains(&Role::Archive) {
+        let store_client = crate::mongo::connect(&cfg.store.uri, "archive").await?;
+        let store = EventStore::open(&store_client.database(&cfg.store.db)).await.context("opening the event store")?;
+        let archiver = Archiver {
+            store,
+            kafka: cfg.kafka.clone(),
+            topics: loaded.topics.defs.iter().map(|d| d.topic.clone()).collect(),
+            batch_max: args.batch_max.max(1),
+            batch_wait: Duration::from_millis(args.batch_wait_ms),
+        };
+        let token = shutdown.clone();
+        tasks.spawn(async move { archiver.run(token).await.map_err(anyhow::Error::from).context("archive") });
     }
 
     // The first role to fail stops the others; a signal stops them all.
     let mut failure: Option<anyhow::Error> = None;
     loop {
         let next = if shutdown.is_cancelled() {
-            match tokio::time::timeout(
-                Duration::from_secs(args.shutdown_timeout),
-                tasks.join_next(),
-            )
-            .await
-            {
+            match tokio::time::timeout(Duration::from_secs(args.shutdown_timeout), tasks.join_next()).await {
                 Ok(n) => n,
                 Err(_) => {
-                    error!(
-                        "roles did not drain within {}s; exiting without a clean stop",
-                        args.shutdown_timeout
-                    );
+                    error!("roles did not drain within {}s; exiting without a clean stop", args.shutdown_timeout);
                     return Ok(ExitCode::from(1));
                 }
             }
@@ -343,16 +419,30 @@ async fn run(loaded: Loaded, args: RunArgs) -> anyhow::Result<ExitCode> {
     }
 }
 
+fn select_services(all: &[Arc<ServiceTransforms>], wanted: &[String]) -> anyhow::Result<Vec<Arc<ServiceTransforms>>> {
+    if wanted.is_empty() {
+        return Ok(all.to_vec());
+    }
+    wanted
+        .iter()
+        .map(|w| {
+            all.iter().find(|s| s.service() == w).cloned().ok_or_else(|| {
+                let known: Vec<&str> = all.iter().map(|s| s.service()).collect();
+                anyhow::anyhow!("no service `{w}` in transforms/ (known: {})", known.join(", "))
+            })
+        })
+        .collect()
+}
+
 fn spawn_signal_handler(shutdown: CancellationToken) {
     tokio::spawn(async move {
-        let mut term =
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(s) => s,
-                Err(e) => {
-                    error!("cannot listen for SIGTERM: {e}");
-                    return;
-                }
-            };
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(s) => s,
+            Err(e) => {
+                error!("cannot listen for SIGTERM: {e}");
+                return;
+            }
+        };
         tokio::select! {
             _ = term.recv() => info!("SIGTERM: draining"),
             _ = tokio::signal::ctrl_c() => info!("SIGINT: draining"),

@@ -21,6 +21,11 @@
 //! - [`checkpoint`]: durable tail state (snapshot progress, resume token).
 //! - [`tail`]: the tail role, snapshot then stream, checkpoint only after Kafka acknowledges.
 //! - [`transform`]: declarative transforms, compiled at start-up, applied purely.
+//! - [`sink`]: version-guarded, idempotent writes into a service database.
+//! - [`consume`]: the consume role, one consumer group per service, offsets after the write,
+//!   dead letters for what cannot be applied.
+//! - [`store`]: the event store and the archive role (group `ficus.archive`), for replay.
+
 //! - [`mongo`], [`retry`]: shared connection, error classification and backoff.
 //! - [`workload`]: reference documents in the monolith's shapes, for the demo, tests and benches.
 //! - [`cli`]: the binary's edge.
@@ -29,12 +34,15 @@ pub mod bus;
 pub mod checkpoint;
 pub mod cli;
 pub mod config;
+pub mod consume;
 pub mod definitions;
 pub mod event;
 pub mod mapping;
 pub mod mongo;
 pub mod retry;
+pub mod sink;
 pub mod source;
+pub mod store;
 pub mod tail;
 pub mod topics;
 pub mod transform;

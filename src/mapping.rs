@@ -64,7 +64,7 @@ pub fn map_change(def: &TopicDef, source_name: &str, rec: ChangeRecord) -> Mappe
         Op::Snapshot => format!("snapshot:{}", render_key(&rec.document_id)),
         _ => String::new(),
     };
-    let derived: Vec<(&DerivedRule, Vec<(Option<u32>, Bson)>)> =
+    let derived: Vec<(&DerivedRule, Vec<Grown>)> =
         def.derived.iter().map(|rule| (rule, grown_elements(rule, &rec))).collect();
 
     let mut events = Vec::with_capacity(1 + derived.iter().map(|d| d.1.len()).sum::<usize>());
@@ -131,6 +131,9 @@ fn aggregate_key(def: &TopicDef, rec: &ChangeRecord) -> (Bson, Option<String>) {
     }
 }
 
+/// An element that appeared in an array, with its index where known.
+type Grown = (Option<u32>, Bson);
+
 /// The elements that appeared in the rule's array, with their index where known.
 ///
 /// Inserts and snapshot copies report every element. An update is judged by its update
@@ -140,7 +143,7 @@ fn aggregate_key(def: &TopicDef, rec: &ChangeRecord) -> (Bson, Option<String>) {
 /// before-state, reported whole. A replace diffs its new document against the before-state, or
 /// reports every element. Reporting an element twice is harmless: consumers key derived targets
 /// by the element's own id.
-fn grown_elements(rule: &DerivedRule, rec: &ChangeRecord) -> Vec<(Option<u32>, Bson)> {
+fn grown_elements(rule: &DerivedRule, rec: &ChangeRecord) -> Vec<Grown> {
     let array = |d: Option<&Document>| match d.and_then(|d| get_path(d, &rule.array_field)) {
         Some(Bson::Array(a)) => Some(a.clone()),
         _ => None,
@@ -176,7 +179,7 @@ fn grown_elements(rule: &DerivedRule, rec: &ChangeRecord) -> Vec<(Option<u32>, B
 }
 
 /// Elements of `after` not matched by an equal element of `before` (a multiset difference).
-fn diff(after: Vec<Bson>, mut before: Vec<Bson>) -> Vec<(Option<u32>, Bson)> {
+fn diff(after: Vec<Bson>, mut before: Vec<Bson>) -> Vec<Grown> {
     let mut out = Vec::new();
     for (i, e) in after.into_iter().enumerate() {
         if let Some(pos) = before.iter().position(|o| *o == e) {

@@ -134,12 +134,12 @@ impl MongoSource {
             StartAt::Time(ts) => {
                 // Some servers start silently at their oldest entry when asked for an earlier
                 // time; that would skip changes, so check first.
-                if let Some(oldest) = self.oldest_oplog_time().await {
-                    if oldest > *ts {
-                        return Err(SourceError::HistoryLost {
-                            detail: format!("the stream should start at {ts:?} but the oplog begins at {oldest:?}"),
-                        });
-                    }
+                if let Some(oldest) = self.oldest_oplog_time().await
+                    && oldest > *ts
+                {
+                    return Err(SourceError::HistoryLost {
+                        detail: format!("the stream should start at {ts:?} but the oplog begins at {oldest:?}"),
+                    });
                 }
                 w.start_at_operation_time(*ts)
             }
@@ -162,7 +162,6 @@ impl MongoSource {
     }
 
     /// Estimated documents in a collection (for snapshot progress).
-
     pub async fn estimated_count(&self, coll: &str) -> Result<u64, SourceError> {
         Ok(self.db.collection::<Document>(coll).estimated_document_count().await?)
     }

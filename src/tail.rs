@@ -84,7 +84,7 @@ struct Covered {
 /// What the reader hands the publisher.
 enum Item {
     Change {
-        record: ChangeRecord,
+        record: Box<ChangeRecord>,
         token: Document,
     },
     /// An empty batch: the post-batch resume token, which moves the checkpoint in quiet periods.
@@ -184,14 +184,14 @@ impl<P: Publisher + 'static, C: CheckpointStore> Tailer<P, C> {
                 let docs = self.source.snapshot_batch(coll, last_id.as_ref(), self.snapshot.batch_size).await?;
                 let Some(last) = docs.last() else { break };
                 let next_id = last.get("_id").cloned().unwrap_or(Bson::Null);
-                if let Some(l) = &limiter {
-                    if let Some(n) = NonZeroU32::new(docs.len() as u32) {
-                        // A batch larger than the per-second quota waits for it piecemeal.
-                        let burst = l.until_n_ready(n).await;
-                        if burst.is_err() {
-                            for _ in 0..n.get() {
-                                l.until_ready().await;
-                            }
+                if let Some(l) = &limiter
+                    && let Some(n) = NonZeroU32::new(docs.len() as u32)
+                {
+                    // A batch larger than the per-second quota waits for it piecemeal.
+                    let burst = l.until_n_ready(n).await;
+                    if burst.is_err() {
+                        for _ in 0..n.get() {
+                            l.until_ready().await;
                         }
                     }
                 }
@@ -318,7 +318,7 @@ impl<P: Publisher + 'static, C: CheckpointStore> Tailer<P, C> {
                                 pending_events.push_back(0);
                                 continue;
                             };
-                            let acks = match self.publish(topic, record).await {
+                            let acks = match self.publish(topic, *record).await {
                                 Ok(a) => a,
                                 Err(e) => break Err(e),
                             };
@@ -364,18 +364,18 @@ impl<P: Publisher + 'static, C: CheckpointStore> Tailer<P, C> {
         }
         self.save_stream(state, covered.as_ref()).await?;
         let read = reader.await.map_err(|e| TailError::Reader(e.to_string()))?;
-        if let Err(e) = read {
-            if outcome.is_ok() {
-                outcome = Err(e.into());
-            }
+        if let Err(e) = read
+            && outcome.is_ok()
+        {
+            outcome = Err(e.into());
         }
         if outcome.is_ok() && !shutdown.is_cancelled() {
             return Err(TailError::Reader("the change stream ended".into()));
         }
-        if let Err(e) = &outcome {
-            if !e.is_transient() {
-                error!(source = %self.source_name, error = %e, "tail stopped");
-            }
+        if let Err(e) = &outcome
+            && !e.is_transient()
+        {
+            error!(source = %self.source_name, error = %e, "tail stopped");
         }
         outcome
     }
@@ -413,15 +413,15 @@ async fn read_changes(
                 last_time = record.cluster_time;
                 last_index = record.index;
                 metrics::gauge!("ficus_tail_last_cluster_time_seconds").set(f64::from(last_time.time));
-                if tx.send(Item::Change { record, token }).await.is_err() {
+                if tx.send(Item::Change { record: Box::new(record), token }).await.is_err() {
                     return Ok(());
                 }
             }
             Ok(None) => {
-                if let Some(t) = stream.resume_token() {
-                    if tx.send(Item::Quiet { token: token_doc(&t)? }).await.is_err() {
-                        return Ok(());
-                    }
+                if let Some(t) = stream.resume_token()
+                    && tx.send(Item::Quiet { token: token_doc(&t)? }).await.is_err()
+                {
+                    return Ok(());
                 }
             }
             Err(e) => return Err(SourceError::from_mongo(e)),

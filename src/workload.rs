@@ -36,7 +36,28 @@ impl Workload {
         xs[self.rng.random_range(0..xs.len())]
     }
 
+    /// Every monolith collection of the reference, in seeding order.
+    pub const COLLECTIONS: [&'static str; 8] =
+        ["customers", "conversations", "products", "cache_entries", "logs", "metrics", "api_keys", "knowledge"];
+
+    /// The `i`-th reference document of a collection (conversations with `messages` messages);
+    /// `None` for a collection the reference does not have.
+    pub fn document(&mut self, collection: &str, i: u64, messages: u64) -> Option<Document> {
+        Some(match collection {
+            "customers" => self.customer(i),
+            "conversations" => self.conversation(i, messages),
+            "products" => self.product(i),
+            "cache_entries" => self.cache_entry(i),
+            "logs" => self.log(i),
+            "metrics" => self.metric(i),
+            "api_keys" => self.api_key(i),
+            "knowledge" => self.knowledge(i),
+            _ => return None,
+        })
+    }
+
     pub fn user_id(i: u64) -> String {
+
         format!("U{i:032x}")
     }
 
@@ -162,7 +183,7 @@ impl Workload {
     /// `linechatbot.cache_entries`, alternating kinds.
     pub fn cache_entry(&mut self, i: u64) -> Document {
         let (expires, created) = (self.date(), self.date());
-        let value = if i % 2 == 0 {
+        let value = if i.is_multiple_of(2) {
             doc! {
                 "session_id": format!("S-{:08}", i / 2), "user_id": Self::user_id(i % 1000),
                 "provider": self.pick(&["deepSeek", "openRouter"]), "prompt": "Is vitamin C safe daily?",
@@ -182,7 +203,7 @@ impl Workload {
         doc! {
             "_id": ObjectId::new(),
             "key": format!("cache:{i:08}"),
-            "kind": if i % 2 == 0 { "ai_response" } else { "research" },
+            "kind": if i.is_multiple_of(2) { "ai_response" } else { "research" },
             "expires_at": expires,
             "created_at": created,
             "value": value,
@@ -222,7 +243,7 @@ impl Workload {
     /// `linechatbot.metrics`, alternating system / provider.
     pub fn metric(&mut self, i: u64) -> Document {
         let ts = self.date();
-        if i % 2 == 0 {
+        if i.is_multiple_of(2) {
             doc! {
                 "_id": ObjectId::new(), "kind": "system", "ts": ts, "period": self.pick(&["1m", "5m", "1h", "1d"]), "service": "gateway",
                 "values": { "requests": self.rng.random_range(0..10_000_i32), "responses": 990_i32, "errors": 10_i32,

@@ -186,7 +186,8 @@ fn validate_accepts_the_shipped_definitions() {
 /// events only, or (with `snapshot`) from snapshot copies only.
 fn seqs_by_key(records: &[Record], snapshot: bool) -> BTreeMap<String, Vec<(i64, String)>> {
     let mut out: BTreeMap<String, Vec<(i64, String)>> = BTreeMap::new();
-    for r in records.iter().filter(|r| r.event.data.derived.is_none() && (r.event.data.op == Op::Snapshot) == snapshot) {
+    for r in records.iter().filter(|r| r.event.data.derived.is_none() && (r.event.data.op == Op::Snapshot) == snapshot)
+    {
         let seq = match r.event.data.op {
             Op::Update => r.event.data.changed.as_ref().and_then(|c| c.get("seq")).cloned(),
             Op::Insert | Op::Snapshot | Op::Replace => r.event.data.after.as_ref().and_then(|a| a.get("seq")).cloned(),
@@ -279,7 +280,6 @@ async fn sigkill_during_thousands_of_writes_loses_nothing() {
     let snapshots = seqs_by_key(&records, true);
     assert!((0..KEYS).all(|k| snapshots[&format!("SKU-{k}")].iter().all(|s| s.0 == 0)), "the snapshot copied seq 0");
 }
-
 
 #[tokio::test(flavor = "multi_thread")]
 async fn snapshot_with_writes_during_the_copy_and_a_crash_mid_copy() {
@@ -411,16 +411,29 @@ async fn history_lost_stops_with_the_remedy_and_resnapshot_recovers() {
         customers.insert_one(customer(&format!("U-gap-{i}"))).await.unwrap();
     }
     // secantusd-rs prunes its oplog every few seconds; wait until the checkpoint is gone.
-    let checkpoint_time = checkpoint(&client, "linechatbot").await.unwrap().get_document("stream").unwrap().get_timestamp("cluster_time").unwrap();
+    let checkpoint_time = checkpoint(&client, "linechatbot")
+        .await
+        .unwrap()
+        .get_document("stream")
+        .unwrap()
+        .get_timestamp("cluster_time")
+        .unwrap();
     eventually("the oplog pruned past the checkpoint", Duration::from_secs(60), || async {
-        let oldest = client.database("local").collection::<Document>("oplog.rs").find_one(doc! {}).sort(doc! { "$natural": 1 }).await.unwrap();
+        let oldest = client
+            .database("local")
+            .collection::<Document>("oplog.rs")
+            .find_one(doc! {})
+            .sort(doc! { "$natural": 1 })
+            .await
+            .unwrap();
         oldest.and_then(|d| d.get_timestamp("ts").ok()).is_some_and(|ts| ts > checkpoint_time)
     })
     .await;
 
-
     let mut f = world.spawn_ficus(&["run"], &[]);
-    let Some(status) = f.wait(Duration::from_secs(60)) else { panic!("ficus should stop by itself; log:\n{}", f.logs()) };
+    let Some(status) = f.wait(Duration::from_secs(60)) else {
+        panic!("ficus should stop by itself; log:\n{}", f.logs())
+    };
 
     assert!(!status.success());
     let logs = f.logs();

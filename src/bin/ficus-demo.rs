@@ -64,19 +64,8 @@ async fn seed(uri: &str, db: &str, count: u64) -> anyhow::Result<()> {
     let client = mongodb::Client::with_uri_str(uri).await?;
     let db = client.database(db);
     let mut w = Workload::new(42);
-    type Make = fn(&mut Workload, u64) -> Document;
-    let makers: [(&str, Make); 8] = [
-        ("customers", Workload::customer),
-        ("conversations", |w, i| w.conversation(i, 8)),
-        ("products", Workload::product),
-        ("cache_entries", Workload::cache_entry),
-        ("logs", Workload::log),
-        ("metrics", Workload::metric),
-        ("api_keys", Workload::api_key),
-        ("knowledge", Workload::knowledge),
-    ];
-    for (coll, make) in makers {
-        let docs: Vec<Document> = (0..count).map(|i| make(&mut w, i)).collect();
+    for coll in Workload::COLLECTIONS {
+        let docs: Vec<Document> = (0..count).filter_map(|i| w.document(coll, i, 8)).collect();
         db.collection::<Document>(coll).insert_many(docs).await.with_context(|| format!("seeding {coll}"))?;
         println!("seeded {count:>5} {}.{coll}", db.name());
     }

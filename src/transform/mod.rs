@@ -1,1 +1,207 @@
 //! Declarative transforms: canonical events → writes into a service's database (pure).
+//!
+//! Each service database has a directory `transforms/<database>/` of TOML files, one per target
+//! collection, saying which topic and event types feed it and how each target field is computed
+//! from the source document:
+//!
+//! ```toml
+//! topic = "linechatbot.customers"
+//! events = ["customer.snapshot", "customer.created", "customer.updated", "customer.deleted"]
+//! collection = "customers"
+//! key = "lineUserId"                                  # target _id = this field's value
+//!
+//! [fields]
+//! lineUserId = "user_id"                              # a source path
+//! "profile.language" = "lang"                         # dotted target paths nest
+//! "segmentation.lifetimeValue" = "ltv | decimal"      # casts, functions, maps, comparisons
+//! [fields.purchaseHistory]
+//! each = "purchases"                                  # one element per source element
+//! purchaseId = "id"
+//! ```
+//!
+//! Definitions are compiled once at start-up ([`load_all`]); every problem in every file is
+//! reported together. [`ServiceTransforms::apply`] is then a pure function from one event to the
+//! [`WriteOp`]s that bring the service's collections in line with the source document's new
+//! state: no I/O, no clock, no randomness, so replaying an event reproduces its writes exactly.
+//! The shipped definitions, with a format guide at the top of each file, live in `transforms/`,
+//! and the golden fixtures beside them (`transforms/<service>/fixtures/*.json`) are their spec.
+
+mod apply;
+mod builtins;
+mod compile;
+mod expr;
+#[cfg(test)]
+mod tests;
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+
+use bson::{Bson, Document, doc};
+
+use crate::definitions::{DefinitionError, Report, toml_files};
+use crate::event::CanonicalEvent;
+use crate::topics::Topics;
+use compile::Transform;
+
+/// One write into a service database.
+#[derive(Debug, Clone, PartialEq)]
+pub enum WriteOp {
+    /// Make the target document with `_id == id` in `collection` equal to `doc` (full state;
+    /// `doc` holds the natural key field too). The sink adds `_id` and its own version metadata.
+    Upsert { collection: String, id: Bson, doc: Document },
+    /// Remove the target document. `id: None` means "whatever this source document
+    /// (`event.data.document_id`) produced in that collection": used when a delete arrives
+    /// without a before-state and the natural key is unknown; the sink resolves it through the
+    /// source-id metadata it keeps on every document.
+    Delete { collection: String, id: Option<Bson> },
+    /// Derived-from-many targets (`products_db.categories`): source aggregate `member` now belongs
+    /// to `group` (`None`: to no group any more, deleted or filtered out). The sink keeps one
+    /// membership record per member and maintains on the group document (`_id` = group value)
+    /// the member count in `count_field`, the distinct values in each `distinct` target array,
+    /// and the constant `group_fields`.
+    Rollup {
+        collection: String,
+        group: Option<Bson>,
+        member: Bson,
+        count_field: String,
+        /// Target array field, and this member's value for it.
+        distinct: Vec<(String, Option<Bson>)>,
+        group_fields: Document,
+    },
+}
+
+impl WriteOp {
+    /// The write as one document, `{ op: "upsert" | "delete" | "rollup", collection, … }` with
+    /// absent options as null: the shape of the golden fixtures, and readable in logs.
+    pub fn to_document(&self) -> Document {
+        let opt = |v: &Option<Bson>| v.clone().unwrap_or(Bson::Null);
+        match self {
+            WriteOp::Upsert { collection, id, doc } => {
+                doc! { "op": "upsert", "collection": collection, "id": id.clone(), "doc": doc.clone() }
+            }
+            WriteOp::Delete { collection, id } => {
+                doc! { "op": "delete", "collection": collection, "id": opt(id) }
+            }
+            WriteOp::Rollup { collection, group, member, count_field, distinct, group_fields } => {
+                let distinct: Document = distinct.iter().map(|(field, v)| (field.clone(), opt(v))).collect();
+                doc! {
+                    "op": "rollup", "collection": collection, "group": opt(group), "member": member.clone(),
+                    "countField": count_field, "distinct": distinct, "groupFields": group_fields.clone(),
+                }
+            }
+        }
+    }
+}
+
+/// An event a transform cannot apply. Permanent: the same event always fails the same way, so
+/// the consumer dead-letters it; the message names the file, the transform, the target field
+/// and the operand, e.g. ``segmentation.lifetimeValue: `ltv`: cannot cast "abc" to decimal``.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{} ({transform}): {field}: {reason}", file.display())]
+pub struct TransformError {
+    pub file: PathBuf,
+    pub transform: String,
+    /// The target field (or `when`, `rollup.group`, `(event)`).
+    pub field: String,
+    pub reason: String,
+}
+
+/// The compiled transforms of one service database.
+#[derive(Debug, Clone)]
+pub struct ServiceTransforms {
+    service: String,
+    transforms: Vec<Transform>,
+}
+
+impl ServiceTransforms {
+    /// The service name: its directory name.
+    pub fn service(&self) -> &str {
+        &self.service
+    }
+
+    /// The target database: named like the service.
+    pub fn database(&self) -> &str {
+        &self.service
+    }
+
+    /// The Kafka topics this service reads.
+    pub fn topics(&self) -> BTreeSet<String> {
+        self.transforms.iter().map(|t| t.topic.clone()).collect()
+    }
+
+    /// The target collections it writes.
+    pub fn collections(&self) -> BTreeSet<String> {
+        self.transforms.iter().map(|t| t.collection.clone()).collect()
+    }
+
+    /// The writes one event calls for, in file order; `Ok(vec![])` when no transform reads it.
+    /// Pure: no I/O, and the same event always yields the same writes (or the same error).
+    pub fn apply(&self, ev: &CanonicalEvent) -> Result<Vec<WriteOp>, TransformError> {
+        let mut out = Vec::new();
+        for t in self.transforms.iter().filter(|t| t.reads(ev)) {
+            t.apply(ev, &mut out)?;
+        }
+        Ok(out)
+    }
+}
+
+/// Loads one service directory (`transforms/customers_db`): every `*.toml` in it.
+pub fn load_service(dir: &Path, topics: &Topics) -> Result<ServiceTransforms, Report> {
+    let mut report = Report::default();
+    let service = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    if let Err(why) = valid_database(&service) {
+        report.push(DefinitionError::new(dir, "", why));
+    }
+    let files = match toml_files(dir) {
+        Ok(files) => files,
+        Err(e) => {
+            report.push(e);
+            return Err(report);
+        }
+    };
+    if files.is_empty() {
+        report.push(DefinitionError::new(dir, "", "no transform definitions (*.toml) found"));
+    }
+    let transforms: Vec<Transform> =
+        files.iter().filter_map(|f| compile::compile_file(f, topics, &mut report)).collect();
+    compile::check_service(&transforms, &mut report);
+    report.into_result(ServiceTransforms { service, transforms })
+}
+
+/// Loads every service directory under `dir` (`transforms/`), reporting all errors of all files.
+pub fn load_all(dir: &Path, topics: &Topics) -> Result<Vec<ServiceTransforms>, Report> {
+    let mut report = Report::default();
+    let mut dirs: Vec<PathBuf> = match std::fs::read_dir(dir) {
+        Ok(rd) => rd
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.is_dir() && !p.file_name().is_some_and(|n| n.to_string_lossy().starts_with('.')))
+            .collect(),
+        Err(e) => {
+            report.push(DefinitionError::new(dir, "", format!("cannot read directory: {e}")));
+            return Err(report);
+        }
+    };
+    dirs.sort();
+    if dirs.is_empty() {
+        report.push(DefinitionError::new(dir, "", "no service directories (<database>/*.toml) found"));
+    }
+    let mut services = Vec::with_capacity(dirs.len());
+    for d in dirs {
+        match load_service(&d, topics) {
+            Ok(s) => services.push(s),
+            Err(r) => report.extend(r),
+        }
+    }
+    report.into_result(services)
+}
+
+/// MongoDB's rules for database names.
+fn valid_database(name: &str) -> Result<(), String> {
+    if name.is_empty()
+        || name.len() > 63
+        || name.contains(['/', '\\', '.', ' ', '"', '$', '*', '<', '>', ':', '|', '?', '\0'])
+    {
+        return Err(format!("`{name}` is not a valid database name (the directory name is the service's database)"));
+    }
+    Ok(())
+}

@@ -82,12 +82,30 @@ fn signal(child: &Child, sig: i32) {
     }
 }
 
+/// A child process that is killed (SIGKILL) when dropped or killed.
+pub struct Owned(Option<Child>);
+
+impl Owned {
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.0.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Owned {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
 /// A secantusd-rs MongoDB server (single node presenting as a replica set).
 pub struct Mongo {
     pub port: u16,
     dir: PathBuf,
     extra: Vec<String>,
-    child: Option<Child>,
+    child: Owned,
 }
 
 impl Mongo {
@@ -96,7 +114,7 @@ impl Mongo {
             port: free_port(),
             dir: dir.to_path_buf(),
             extra: extra.iter().map(|s| s.to_string()).collect(),
-            child: None,
+            child: Owned(None),
         };
         std::fs::create_dir_all(&m.dir).unwrap();
         m.boot();
@@ -112,7 +130,7 @@ impl Mongo {
             .arg(self.dir.join("data"))
             .args(["--cache-size", "128M", "--log-level", "WARNING"])
             .args(&self.extra);
-        self.child = Some(spawn(&mut cmd, &log));
+        self.child = Owned(Some(spawn(&mut cmd, &log)));
         wait_port(self.port, "secantusd-rs", &log);
     }
 
@@ -125,10 +143,7 @@ impl Mongo {
     }
 
     pub fn kill(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
+        self.child.kill();
     }
 
     pub fn restart(&mut self) {
@@ -137,23 +152,18 @@ impl Mongo {
     }
 }
 
-impl Drop for Mongo {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
 
 /// A Tansu Kafka broker on sqlite storage.
 pub struct Kafka {
     pub port: u16,
     dir: PathBuf,
-    child: Option<Child>,
+    child: Owned,
 }
 
 impl Kafka {
     pub fn start(dir: &Path) -> Kafka {
         std::fs::create_dir_all(dir).unwrap();
-        let mut k = Kafka { port: free_port(), dir: dir.to_path_buf(), child: None };
+        let mut k = Kafka { port: free_port(), dir: dir.to_path_buf(), child: Owned(None) };
         k.boot();
         k
     }
@@ -167,7 +177,7 @@ impl Kafka {
             .args(["--listener-url", &url, "--advertised-listener-url", &url])
             .args(["--storage-engine", "sqlite://tansu.db"])
             .env("RUST_LOG", "warn");
-        self.child = Some(spawn(&mut cmd, &log));
+        self.child = Owned(Some(spawn(&mut cmd, &log)));
         wait_port(self.port, "tansu", &log);
     }
 
@@ -176,10 +186,7 @@ impl Kafka {
     }
 
     pub fn kill(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
+        self.child.kill();
     }
 
     pub fn restart(&mut self) {
@@ -188,11 +195,6 @@ impl Kafka {
     }
 }
 
-impl Drop for Kafka {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
 
 /// One test's world: a monolith MongoDB, a broker, and a scratch directory.
 pub struct World {

@@ -1,0 +1,315 @@
+//! The target adapter: applies transform output to a service database, idempotently.
+//!
+//! Every document ficus writes carries `_ficus: { v, src, event }`: `v` is the `sequence` of the
+//! last event applied (a fixed-width string, so MongoDB compares it with `$lt`), `src` the
+//! source document it came from. A write only lands where the stored `v` is older, so
+//! duplicates, replays and redelivery after a rebalance are no-ops and can never regress a
+//! document. Deletes remove the document from the service collection and leave a tombstone
+//! (`_ficus_tombstones`, keyed by collection and id, holding the delete's `v`) so a late, older
+//! upsert is refused too. Tombstones expire after `consume.tombstone_ttl` (a TTL index), which
+//! must exceed the longest redelivery window (Kafka retention); a full replay rebuilds them.
+//!
+//! Rollups (a target derived from many sources, e.g. `categories.productCount`) keep one
+//! membership record per source aggregate in `_ficus_members_<collection>`, version-guarded
+//! like any document; the group document is recomputed from the members inside a transaction,
+//! so concurrent consumers cannot interleave a stale count.
+
+use std::collections::{BTreeSet, HashMap};
+use std::future::Future;
+use std::time::Duration;
+
+use bson::{Bson, Document, doc};
+use futures::TryStreamExt;
+use mongodb::options::{Acknowledgment, IndexOptions, ReadConcern, WriteConcern};
+use mongodb::{Client, Database, IndexModel};
+
+use crate::mongo::{self, ErrorClass};
+use crate::transform::WriteOp;
+
+/// The metadata field on every document ficus writes.
+pub const META: &str = "_ficus";
+pub const TOMBSTONES: &str = "_ficus_tombstones";
+pub const MEMBERS_PREFIX: &str = "_ficus_members_";
+
+/// One event's writes, with the position that versions them.
+#[derive(Debug, Clone)]
+pub struct Versioned {
+    /// The event's `sequence`.
+    pub version: String,
+    pub event_id: String,
+    pub source_collection: String,
+    pub source_id: Bson,
+    pub ops: Vec<WriteOp>,
+}
+
+/// Errors from the sink.
+#[derive(Debug, thiserror::Error)]
+pub enum SinkError {
+    #[error("target MongoDB: {}", mongo::describe(.0))]
+    Mongo(#[from] mongodb::error::Error),
+}
+
+impl SinkError {
+    pub fn class(&self) -> ErrorClass {
+        match self {
+            SinkError::Mongo(e) => mongo::classify(e),
+        }
+    }
+}
+
+/// Applies versioned writes to a service database.
+pub trait Sink: Send + Sync {
+    /// Applies a batch in order; returns once every write is durable (majority, journaled).
+    fn apply(&self, batch: &[Versioned]) -> impl Future<Output = Result<(), SinkError>> + Send;
+}
+
+/// The MongoDB sink for one service database.
+#[derive(Clone)]
+pub struct MongoSink {
+    client: Client,
+    db: Database,
+}
+
+const DUPLICATE_KEY: i32 = 11000;
+
+impl MongoSink {
+    /// Opens the service database and makes sure ficus's indexes exist.
+    pub async fn open(
+        client: Client,
+        database: &str,
+        collections: &BTreeSet<String>,
+        tombstone_ttl: Duration,
+    ) -> Result<Self, SinkError> {
+        let wc = WriteConcern::builder().w(Acknowledgment::Majority).journal(true).build();
+        let db = client
+            .database_with_options(database, mongodb::options::DatabaseOptions::builder().write_concern(wc).build());
+        let sink = MongoSink { client, db };
+        let ttl = IndexOptions::builder().expire_after(tombstone_ttl).name("ttl".to_string()).build();
+        sink.db
+            .collection::<Document>(TOMBSTONES)
+            .create_index(IndexModel::builder().keys(doc! { "at": 1 }).options(ttl).build())
+            .await?;
+        for c in collections {
+            sink.db
+                .collection::<Document>(c)
+                .create_index(IndexModel::builder().keys(doc! { "_ficus.src.id": 1 }).build())
+                .await?;
+        }
+        Ok(sink)
+    }
+
+    pub fn database(&self) -> &Database {
+        &self.db
+    }
+
+    fn meta(v: &Versioned) -> Document {
+        doc! { "v": &v.version, "src": { "c": &v.source_collection, "id": v.source_id.clone() }, "event": &v.event_id }
+    }
+
+    /// Version-guarded replace-or-insert. A document that is newer, or a tombstone that is
+    /// newer, wins; either way the write is a no-op.
+    async fn upsert(&self, v: &Versioned, collection: &str, id: &Bson, mut doc: Document) -> Result<(), SinkError> {
+        let tomb = self
+            .db
+            .collection::<Document>(TOMBSTONES)
+            .find_one(doc! { "_id": { "c": collection, "id": id.clone() }, "v": { "$gte": &v.version } })
+            .await?;
+        if tomb.is_some() {
+            return Ok(());
+        }
+        doc.insert("_id", id.clone());
+        doc.insert(META, Self::meta(v));
+        let filter = doc! { "_id": id.clone(), "$or": [ { "_ficus.v": { "$lt": &v.version } }, { "_ficus.v": { "$exists": false } } ] };
+        match self.db.collection::<Document>(collection).replace_one(filter, doc).upsert(true).await {
+            Ok(_) => Ok(()),
+            // The guard failed on an existing, newer document: the upsert's insert collided.
+            Err(e) if mongo::error_code(&e) == Some(DUPLICATE_KEY) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    async fn delete(&self, v: &Versioned, collection: &str, id: Option<&Bson>) -> Result<(), SinkError> {
+        let coll = self.db.collection::<Document>(collection);
+        let ids: Vec<Bson> = match id {
+            Some(id) => vec![id.clone()],
+            None => {
+                let filter = doc! { "_ficus.src.c": &v.source_collection, "_ficus.src.id": v.source_id.clone() };
+                coll.find(filter)
+                    .projection(doc! { "_id": 1 })
+                    .await?
+                    .try_collect::<Vec<_>>()
+                    .await?
+                    .into_iter()
+                    .filter_map(|d| d.get("_id").cloned())
+                    .collect()
+            }
+        };
+        let tombs = self.db.collection::<Document>(TOMBSTONES);
+        for id in ids {
+            tombs
+                .update_one(
+                    doc! { "_id": { "c": collection, "id": id.clone() } },
+                    doc! { "$max": { "v": &v.version }, "$set": { "at": bson::DateTime::now() } },
+                )
+                .upsert(true)
+                .await?;
+            coll.delete_one(doc! { "_id": id, "_ficus.v": { "$lt": &v.version } }).await?;
+        }
+        Ok(())
+    }
+
+    #[allow(clippy::too_many_arguments)] // the fields of one WriteOp::Rollup
+    async fn rollup(
+        &self,
+        v: &Versioned,
+        collection: &str,
+        group: Option<&Bson>,
+        member: &Bson,
+        count_field: &str,
+        distinct: &[(String, Option<Bson>)],
+        group_fields: &Document,
+    ) -> Result<(), SinkError> {
+        let members = self.db.collection::<Document>(&format!("{MEMBERS_PREFIX}{collection}"));
+        let groups = self.db.collection::<Document>(collection);
+        let mut session = self.client.start_session().await?;
+        loop {
+            session
+                .start_transaction()
+                .read_concern(ReadConcern::snapshot())
+                .write_concern(WriteConcern::builder().w(Acknowledgment::Majority).journal(true).build())
+                .await?;
+            let result: Result<(), mongodb::error::Error> = async {
+                let previous = members.find_one(doc! { "_id": member.clone() }).session(&mut session).await?;
+                if previous.as_ref().and_then(|p| p.get_str("v").ok()).is_some_and(|pv| pv >= v.version.as_str()) {
+                    return Ok(()); // an equal or newer membership is already applied
+                }
+                let old_group = previous.as_ref().and_then(|p| p.get("g")).filter(|g| !matches!(g, Bson::Null)).cloned();
+                let mut values = Document::new();
+                for (field, value) in distinct {
+                    values.insert(field, value.clone().unwrap_or(Bson::Null));
+                }
+                let record = doc! { "_id": member.clone(), "g": group.cloned().unwrap_or(Bson::Null), "d": values, "v": &v.version, "event": &v.event_id };
+                members.replace_one(doc! { "_id": member.clone() }, record).upsert(true).session(&mut session).await?;
+                let mut affected: Vec<Bson> = group.into_iter().cloned().collect();
+                if let Some(g) = old_group
+                    && !affected.contains(&g) {
+                        affected.push(g);
+                    }
+                for g in affected {
+                    let in_group: Vec<Document> = members.find(doc! { "g": g.clone() }).session(&mut session).await?.stream(&mut session).try_collect().await?;
+                    if in_group.is_empty() {
+                        groups.delete_one(doc! { "_id": g.clone() }).session(&mut session).await?;
+                        continue;
+                    }
+                    let mut set = Document::new();
+                    set.insert(count_field, in_group.len() as i64);
+                    for (field, _) in distinct {
+                        let mut seen: Vec<Bson> = Vec::new();
+                        for m in &in_group {
+                            if let Some(x) = m.get_document("d").ok().and_then(|d| d.get(field)).filter(|x| !matches!(x, Bson::Null))
+                                && !seen.contains(x) {
+                                    seen.push(x.clone());
+                                }
+                        }
+                        seen.sort_by_key(|b| b.to_string());
+                        set.insert(field.as_str(), seen);
+                    }
+                    // The newest member's version, so the group document is the same whatever
+                    // order its members' events arrived in.
+                    let newest = in_group
+                        .iter()
+                        .filter_map(|m| Some((m.get_str("v").ok()?, m.get_str("event").ok()?)))
+                        .max()
+                        .map(|(v, e)| (v.to_string(), e.to_string()))
+                        .unwrap_or_else(|| (v.version.clone(), v.event_id.clone()));
+                    set.insert(META, doc! { "v": newest.0, "event": newest.1, "rollup": true });
+                    if Some(&g) == group {
+                        // The member's own group: its constant fields come with this event.
+                        let mut full = group_fields.clone();
+                        full.insert("_id", g.clone());
+                        full.extend(set);
+                        groups.replace_one(doc! { "_id": g }, full).upsert(true).session(&mut session).await?;
+                    } else {
+                        // A group the member left: only the aggregates change.
+                        groups.update_one(doc! { "_id": g }, doc! { "$set": set }).session(&mut session).await?;
+                    }
+
+                }
+                Ok(())
+            }
+            .await;
+            match result {
+                Ok(()) => match session.commit_transaction().await {
+                    Ok(()) => return Ok(()),
+                    Err(e)
+                        if e.contains_label("UnknownTransactionCommitResult")
+                            || e.contains_label("TransientTransactionError") =>
+                    {
+                        continue;
+                    }
+                    Err(e) => return Err(e.into()),
+                },
+                Err(e) => {
+                    let _ = session.abort_transaction().await;
+                    if e.contains_label("TransientTransactionError") || mongo::error_code(&e) == Some(112) {
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                        continue;
+                    }
+                    return Err(e.into());
+                }
+            }
+        }
+    }
+
+    async fn apply_one(&self, v: &Versioned) -> Result<(), SinkError> {
+        for op in &v.ops {
+            match op {
+                WriteOp::Upsert { collection, id, doc } => self.upsert(v, collection, id, doc.clone()).await?,
+                WriteOp::Delete { collection, id } => self.delete(v, collection, id.as_ref()).await?,
+                WriteOp::Rollup { collection, group, member, count_field, distinct, group_fields } => {
+                    self.rollup(v, collection, group.as_ref(), member, count_field, distinct, group_fields).await?
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Sink for MongoSink {
+    async fn apply(&self, batch: &[Versioned]) -> Result<(), SinkError> {
+        // Writes to one document keep their order; different documents are independent. Only the
+        // newest write per plain upsert target matters, so older ones in the same batch are
+        // skipped (the version guard would refuse them anyway).
+        let mut newest: HashMap<(String, String), &str> = HashMap::new();
+        for v in batch {
+            for op in &v.ops {
+                if let WriteOp::Upsert { collection, id, .. } = op {
+                    let k = (collection.clone(), id.to_string());
+                    let e = newest.entry(k).or_insert(v.version.as_str());
+                    if *e < v.version.as_str() {
+                        *e = v.version.as_str();
+                    }
+                }
+            }
+        }
+        for v in batch {
+            let superseded = v.ops.iter().all(|op| match op {
+                WriteOp::Upsert { collection, id, .. } => {
+                    newest.get(&(collection.clone(), id.to_string())).is_some_and(|n| *n > v.version.as_str())
+                }
+                _ => false,
+            });
+            if superseded && !v.ops.is_empty() {
+                continue;
+            }
+            self.apply_one(v).await?;
+        }
+        Ok(())
+    }
+}
+
+/// Removes ficus's metadata from a target document (for comparisons and display).
+pub fn strip_meta(mut d: Document) -> Document {
+    d.remove(META);
+    d
+}

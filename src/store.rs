@@ -1,0 +1,246 @@
+//! The event store: every canonical event, archived for good, queryable and replayable.
+//!
+//! Kafka's retention and the oplog both forget; the store does not. The archive role (consumer
+//! group `ficus.archive`, all topics) writes each event once, keyed by its id, into
+//! `<store.db>.events` with its Kafka position, so a reader can replay the archive and then
+//! move to the live topic with no gap: per partition, everything below the archive group's
+//! committed offset is in the store. Offsets are stored only after the insert is durable, so
+//! the archive is at-least-once like everything else and idempotent by event id.
+//!
+//! Documents hold the envelope's attributes as fields (topic, key, type, time, sequence) with
+//! indexes for the questions people ask (an aggregate's history, a time range, a topic in
+//! order), and `data` in native BSON.
+
+use std::time::Duration;
+
+use bson::{Bson, DateTime, Document, doc};
+use futures::TryStreamExt;
+use mongodb::options::{Acknowledgment, IndexOptions, InsertManyOptions, WriteConcern};
+use mongodb::{Collection, Database, IndexModel};
+use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::bus::{BusError, ClientRole, client_config};
+use crate::config::KafkaConfig;
+use crate::consume::{DrainContext, next_batch, store_offsets};
+use crate::event::CanonicalEvent;
+use crate::mongo::{self, ErrorClass};
+use crate::retry::with_backoff;
+
+pub const EVENTS: &str = "events";
+pub const ARCHIVE_GROUP: &str = "ficus.archive";
+
+/// Errors of the event store.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("event store: {}", mongo::describe(.0))]
+    Mongo(#[from] mongodb::error::Error),
+    #[error(transparent)]
+    Bus(#[from] BusError),
+    #[error("stored event {id} is unreadable: {reason}")]
+    Corrupt { id: String, reason: String },
+}
+
+impl StoreError {
+    pub fn is_transient(&self) -> bool {
+        match self {
+            StoreError::Mongo(e) => mongo::classify(e) == ErrorClass::Transient,
+            StoreError::Bus(e) => e.is_transient(),
+            StoreError::Corrupt { .. } => false,
+        }
+    }
+}
+
+impl From<rdkafka::error::KafkaError> for StoreError {
+    fn from(e: rdkafka::error::KafkaError) -> Self {
+        StoreError::Bus(BusError::Kafka(e))
+    }
+}
+
+/// One archived event with where it sat on Kafka.
+#[derive(Debug, Clone)]
+pub struct Archived {
+    pub topic: String,
+    pub partition: i32,
+    pub offset: i64,
+    pub event: CanonicalEvent,
+}
+
+/// The MongoDB event store.
+#[derive(Clone)]
+pub struct EventStore {
+    events: Collection<Document>,
+}
+
+const DUPLICATE_KEY: i32 = 11000;
+
+impl EventStore {
+    pub async fn open(db: &Database) -> Result<Self, StoreError> {
+        let wc = WriteConcern::builder().w(Acknowledgment::Majority).journal(true).build();
+        let events = db
+            .collection_with_options(EVENTS, mongodb::options::CollectionOptions::builder().write_concern(wc).build());
+        let index = |keys: Document, name: &str| {
+            IndexModel::builder().keys(keys).options(IndexOptions::builder().name(name.to_string()).build()).build()
+        };
+        events
+            .create_indexes([
+                index(doc! { "topic": 1, "key": 1, "sequence": 1 }, "aggregate_history"),
+                index(doc! { "topic": 1, "time": 1 }, "topic_time"),
+                index(doc! { "topic": 1, "partition": 1, "offset": 1 }, "kafka_position"),
+            ])
+            .await?;
+        Ok(EventStore { events })
+    }
+
+    fn to_doc(a: &Archived) -> Result<Document, StoreError> {
+        let json = a.event.to_json();
+        let data = Bson::try_from(json["data"].clone())
+            .map_err(|e| StoreError::Corrupt { id: a.event.id.clone(), reason: e.to_string() })?;
+        Ok(doc! {
+            "_id": &a.event.id,
+            "topic": &a.topic,
+            "partition": a.partition,
+            "offset": a.offset,
+            "key": &a.event.subject,
+            "type": &a.event.event_type,
+            "source": &a.event.source,
+            "time": a.event.time,
+            "sequence": a.event.position.sequence(),
+            "resumetoken": a.event.position.resume_token.clone(),
+            "schemaversion": a.event.schema_version as i32,
+            "data": data,
+            "archived_at": DateTime::now(),
+        })
+    }
+
+    /// Rebuilds the canonical event from a stored document.
+    pub fn from_doc(d: Document) -> Result<Archived, StoreError> {
+        let id = d.get_str("_id").unwrap_or("?").to_string();
+        let corrupt = |reason: String| StoreError::Corrupt { id: id.clone(), reason };
+        let get = |f: &str| d.get(f).cloned().ok_or_else(|| corrupt(format!("missing {f}")));
+        let time = d.get_datetime("time").map_err(|e| corrupt(e.to_string()))?;
+        let mut env = serde_json::Map::new();
+        env.insert("specversion".into(), "1.0".into());
+        env.insert("id".into(), id.clone().into());
+        for f in ["source", "type", "sequence"] {
+            env.insert(f.into(), get(f)?.as_str().unwrap_or_default().into());
+        }
+        env.insert("subject".into(), get("key")?.as_str().unwrap_or_default().into());
+        env.insert("time".into(), time.try_to_rfc3339_string().unwrap_or_default().into());
+        if let Some(Bson::String(t)) = d.get("resumetoken") {
+            env.insert("resumetoken".into(), t.clone().into());
+        }
+        env.insert("schemaversion".into(), d.get_i32("schemaversion").unwrap_or(1).into());
+        env.insert("data".into(), get("data")?.into_canonical_extjson());
+        let event = CanonicalEvent::from_json(serde_json::Value::Object(env)).map_err(|e| corrupt(e.to_string()))?;
+        Ok(Archived {
+            topic: d.get_str("topic").map_err(|e| corrupt(e.to_string()))?.to_string(),
+            partition: d.get_i32("partition").map_err(|e| corrupt(e.to_string()))?,
+            offset: d.get_i64("offset").map_err(|e| corrupt(e.to_string()))?,
+            event,
+        })
+    }
+
+    /// Inserts a batch; an event already archived (same id) is left as it is.
+    pub async fn append(&self, batch: &[Archived]) -> Result<u64, StoreError> {
+        if batch.is_empty() {
+            return Ok(0);
+        }
+        let docs = batch.iter().map(Self::to_doc).collect::<Result<Vec<_>, _>>()?;
+        let n = docs.len() as u64;
+        match self.events.insert_many(docs).with_options(InsertManyOptions::builder().ordered(false).build()).await {
+            Ok(r) => Ok(r.inserted_ids.len() as u64),
+            Err(e) => match e.kind.as_ref() {
+                mongodb::error::ErrorKind::InsertMany(im)
+                    if im.write_concern_error.is_none()
+                        && im.write_errors.as_ref().is_some_and(|w| w.iter().all(|w| w.code == DUPLICATE_KEY)) =>
+                {
+                    Ok(n - im.write_errors.as_ref().map_or(0, |w| w.len() as u64))
+                }
+                _ => Err(e.into()),
+            },
+        }
+    }
+
+    /// Events of some topics, optionally from a time on, in `sequence` order, streamed.
+    pub async fn scan(
+        &self,
+        topics: &[String],
+        from: Option<DateTime>,
+    ) -> Result<mongodb::Cursor<Document>, StoreError> {
+        let mut filter = doc! { "topic": { "$in": topics } };
+        if let Some(t) = from {
+            filter.insert("time", doc! { "$gte": t });
+        }
+        Ok(self.events.find(filter).sort(doc! { "sequence": 1, "_id": 1 }).batch_size(1000).await?)
+    }
+
+    /// One aggregate's history.
+    pub async fn history(&self, topic: &str, key: &str) -> Result<Vec<Archived>, StoreError> {
+        let docs: Vec<Document> = self
+            .events
+            .find(doc! { "topic": topic, "key": key })
+            .sort(doc! { "sequence": 1 })
+            .await?
+            .try_collect()
+            .await?;
+        docs.into_iter().map(Self::from_doc).collect()
+    }
+
+    pub async fn count(&self, filter: Document) -> Result<u64, StoreError> {
+        Ok(self.events.count_documents(filter).await?)
+    }
+}
+
+/// The archive role.
+pub struct Archiver {
+    pub store: EventStore,
+    pub kafka: KafkaConfig,
+    pub topics: Vec<String>,
+    pub batch_max: usize,
+    pub batch_wait: Duration,
+}
+
+impl Archiver {
+    pub async fn run(&self, shutdown: CancellationToken) -> Result<(), StoreError> {
+        with_backoff("archive", &shutdown, || self.attempt(&shutdown), StoreError::is_transient).await
+    }
+
+    async fn attempt(&self, shutdown: &CancellationToken) -> Result<(), StoreError> {
+        let mut cfg = client_config(&self.kafka, ClientRole::Consumer, "ficus-archive");
+        cfg.set("group.id", ARCHIVE_GROUP);
+        let consumer: StreamConsumer<DrainContext> = cfg.create_with_context(DrainContext::default())?;
+        let refs: Vec<&str> = self.topics.iter().map(String::as_str).collect();
+        consumer.subscribe(&refs)?;
+        info!(group = ARCHIVE_GROUP, topics = ?self.topics, "archiving");
+        let result = self.archive_loop(&consumer, shutdown).await;
+        let _ = consumer.commit_consumer_state(CommitMode::Sync);
+        result
+    }
+
+    async fn archive_loop(
+        &self,
+        consumer: &StreamConsumer<DrainContext>,
+        shutdown: &CancellationToken,
+    ) -> Result<(), StoreError> {
+        while let Some(raw) = next_batch(consumer, self.batch_max, self.batch_wait, shutdown).await? {
+            let mut batch = Vec::with_capacity(raw.len());
+            for d in &raw {
+                match CanonicalEvent::decode(&d.payload) {
+                    Ok(event) => {
+                        batch.push(Archived { topic: d.topic.clone(), partition: d.partition, offset: d.offset, event })
+                    }
+                    // Not a canonical event: the consumers dead-letter it; the archive keeps events only.
+                    Err(e) => {
+                        warn!(topic = %d.topic, partition = d.partition, offset = d.offset, "not archived, not a canonical event: {e}")
+                    }
+                }
+            }
+            let inserted = self.store.append(&batch).await?;
+            metrics::counter!("ficus_events_archived_total").increment(inserted);
+            store_offsets(consumer, &raw)?;
+        }
+        Ok(())
+    }
+}

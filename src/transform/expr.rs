@@ -1,0 +1,761 @@
+//! The expression language of transform definitions, parsed once at load, evaluated per event.
+//!
+//! Every value a transform writes, its filter and its rollup group are expressions such as
+//! `user_id`, `ltv | decimal`, `ratio(sold, views)`, `stock > 0` or `kind == 'audit'`. Parsing
+//! them when the definitions load turns a typo, an unknown function or a misplaced `$group` into
+//! a definition error naming file and field, instead of a surprise on the first event. Evaluation
+//! is pure: it reads the event and either yields a value or names the operand that failed and
+//! why, in words fit for a dead-letter record.
+//!
+//! Grammar (lowest precedence first):
+//!
+//! ```text
+//! expr    := and ('or' and)*
+//! and     := not ('and' not)*
+//! not     := 'not' not | compare
+//! compare := pipe (('==' | '!=' | '<' | '<=' | '>' | '>=') pipe)?
+//! pipe    := primary ('|' NAME ('(' args ')')?)*      -- `x | f(a)` is `f(x, a)`
+//! primary := 'text' | "text" | number | true | false | null
+//!          | NAME '(' args ')' | path | '(' expr ')'
+//! path    := name ('.' (name | index))*  |  $doc[.path] | $event.<id|time|type|subject|source|sequence>
+//!          | $key | $id | $group
+//! ```
+
+use std::borrow::Cow;
+use std::collections::BTreeMap;
+use std::fmt;
+use std::sync::Arc;
+
+use bson::{Bson, Document};
+
+use super::builtins::{self, Cast};
+use crate::event::CanonicalEvent;
+use crate::mapping::get_path;
+
+/// A value during evaluation: `None` when the path is absent (which differs from BSON null).
+pub(super) type Value<'a> = Option<Cow<'a, Bson>>;
+
+/// A compiled expression.
+#[derive(Debug, Clone)]
+pub(super) enum Expr {
+    Literal(Bson),
+    Path { root: Root, path: String },
+    Call { func: Func, args: Vec<Expr>, piped: bool },
+    Compare { op: CmpOp, left: Box<Expr>, right: Box<Expr> },
+    And(Box<Expr>, Box<Expr>),
+    Or(Box<Expr>, Box<Expr>),
+    Not(Box<Expr>),
+}
+
+/// What a path starts from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Root {
+    /// The current input: the source document, the derived array element, or inside `each`
+    /// the array element.
+    Input,
+    /// `$doc`: the whole source document (the after-state; the before-state when keying a delete).
+    Doc,
+    /// `$event.<field>`: the canonical event's envelope.
+    Event(EventField),
+    /// `$key`: the aggregate id (`data.key`).
+    Key,
+    /// `$id`: the source document's `_id`.
+    Id,
+    /// `$group`: the rollup group value (only in `[rollup.fields]`).
+    Group,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum EventField {
+    Id,
+    Time,
+    Type,
+    Subject,
+    Source,
+    Sequence,
+}
+
+impl EventField {
+    const ALL: [(&'static str, EventField); 6] = [
+        ("id", EventField::Id),
+        ("time", EventField::Time),
+        ("type", EventField::Type),
+        ("subject", EventField::Subject),
+        ("source", EventField::Source),
+        ("sequence", EventField::Sequence),
+    ];
+
+    fn name(self) -> &'static str {
+        EventField::ALL.iter().find(|(_, f)| *f == self).map_or("", |(n, _)| n)
+    }
+}
+
+/// A function an expression calls.
+#[derive(Debug, Clone)]
+pub(super) enum Func {
+    Cast(Cast),
+    Ratio,
+    CamelKeys,
+    Default,
+    Concat,
+    Drop,
+    /// A value map declared in the file's `[maps]`.
+    Map(Arc<ValueMap>),
+}
+
+/// A named value map (`[maps.role] bot = "assistant"`); values it does not list pass through.
+#[derive(Debug, Clone, PartialEq)]
+pub(super) struct ValueMap {
+    pub name: String,
+    pub entries: BTreeMap<String, Bson>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum CmpOp {
+    Eq,
+    Ne,
+    Lt,
+    Le,
+    Gt,
+    Ge,
+}
+
+impl CmpOp {
+    fn symbol(self) -> &'static str {
+        match self {
+            CmpOp::Eq => "==",
+            CmpOp::Ne => "!=",
+            CmpOp::Lt => "<",
+            CmpOp::Le => "<=",
+            CmpOp::Gt => ">",
+            CmpOp::Ge => ">=",
+        }
+    }
+}
+
+/// The built-in functions, their arity, and what they are for (listed in error messages).
+const BUILTINS: [(&str, Arity); 10] = [
+    ("decimal", Arity::Exactly(1)),
+    ("double", Arity::Exactly(1)),
+    ("int", Arity::Exactly(1)),
+    ("string", Arity::Exactly(1)),
+    ("date", Arity::Exactly(1)),
+    ("ratio", Arity::Exactly(2)),
+    ("camel_keys", Arity::Exactly(1)),
+    ("default", Arity::Exactly(2)),
+    ("concat", Arity::AtLeast(2)),
+    ("drop", Arity::AtLeast(2)),
+];
+
+#[derive(Debug, Clone, Copy)]
+enum Arity {
+    Exactly(usize),
+    AtLeast(usize),
+}
+
+/// Whether `name` is a built-in function (value maps may not shadow one).
+pub(super) fn is_builtin(name: &str) -> bool {
+    BUILTINS.iter().any(|(n, _)| *n == name)
+}
+
+/// What an expression may refer to where it appears.
+pub(super) struct Context<'a> {
+    pub maps: &'a BTreeMap<String, Arc<ValueMap>>,
+    /// `$group` is only meaningful in a rollup's group fields.
+    pub allow_group: bool,
+}
+
+/// Parses and checks an expression.
+pub(super) fn parse(src: &str, ctx: &Context<'_>) -> Result<Expr, String> {
+    let tokens = lex(src)?;
+    let mut p = Parser { tokens, pos: 0, ctx, src_len: src.chars().count() };
+    let expr = p.expr()?;
+    match p.peek() {
+        None => Ok(expr),
+        Some((col, tok)) => Err(format!("unexpected {} at column {col}", tok.describe())),
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+enum Tok {
+    Word(String),
+    Str(String),
+    Int(i64),
+    Float(f64),
+    LParen,
+    RParen,
+    Comma,
+    Pipe,
+    Cmp(CmpOp),
+}
+
+impl Tok {
+    fn describe(&self) -> String {
+        match self {
+            Tok::Word(w) => format!("`{w}`"),
+            Tok::Str(s) => format!("'{s}'"),
+            Tok::Int(i) => i.to_string(),
+            Tok::Float(f) => f.to_string(),
+            Tok::LParen => "`(`".into(),
+            Tok::RParen => "`)`".into(),
+            Tok::Comma => "`,`".into(),
+            Tok::Pipe => "`|`".into(),
+            Tok::Cmp(op) => format!("`{}`", op.symbol()),
+        }
+    }
+}
+
+/// Splits an expression into tokens, each with its 1-based column.
+fn lex(src: &str) -> Result<Vec<(usize, Tok)>, String> {
+    let chars: Vec<char> = src.chars().collect();
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < chars.len() {
+        let c = chars[i];
+        let col = i + 1;
+        if c.is_whitespace() {
+            i += 1;
+            continue;
+        }
+        let two: String = chars[i..(i + 2).min(chars.len())].iter().collect();
+        let (tok, len) = match (c, two.as_str()) {
+            (_, "==") => (Tok::Cmp(CmpOp::Eq), 2),
+            (_, "!=") => (Tok::Cmp(CmpOp::Ne), 2),
+            (_, "<=") => (Tok::Cmp(CmpOp::Le), 2),
+            (_, ">=") => (Tok::Cmp(CmpOp::Ge), 2),
+            ('<', _) => (Tok::Cmp(CmpOp::Lt), 1),
+            ('>', _) => (Tok::Cmp(CmpOp::Gt), 1),
+            ('(', _) => (Tok::LParen, 1),
+            (')', _) => (Tok::RParen, 1),
+            (',', _) => (Tok::Comma, 1),
+            ('|', _) => (Tok::Pipe, 1),
+            ('\'' | '"', _) => {
+                let mut s = String::new();
+                let mut j = i + 1;
+                loop {
+                    match chars.get(j) {
+                        None => return Err(format!("unterminated string starting at column {col}")),
+                        Some('\\') => {
+                            let Some(&next) = chars.get(j + 1) else {
+                                return Err(format!("unterminated string starting at column {col}"));
+                            };
+                            s.push(next);
+                            j += 2;
+                        }
+                        Some(&q) if q == c => break,
+                        Some(&other) => {
+                            s.push(other);
+                            j += 1;
+                        }
+                    }
+                }
+                (Tok::Str(s), j + 1 - i)
+            }
+            _ if c.is_ascii_digit() || (c == '-' && chars.get(i + 1).is_some_and(char::is_ascii_digit)) => {
+                let mut j = i + 1;
+                while chars.get(j).is_some_and(char::is_ascii_digit) {
+                    j += 1;
+                }
+                let is_float = chars.get(j) == Some(&'.') && chars.get(j + 1).is_some_and(char::is_ascii_digit);
+                if is_float {
+                    j += 1;
+                    while chars.get(j).is_some_and(char::is_ascii_digit) {
+                        j += 1;
+                    }
+                }
+                let text: String = chars[i..j].iter().collect();
+                let tok = if is_float {
+                    Tok::Float(text.parse().map_err(|_| format!("bad number `{text}` at column {col}"))?)
+                } else {
+                    Tok::Int(text.parse().map_err(|_| format!("number `{text}` at column {col} is out of range"))?)
+                };
+                (tok, j - i)
+            }
+            _ if c.is_alphabetic() || c == '_' || c == '$' => {
+                let mut j = i + 1;
+                while chars.get(j).is_some_and(|&d| d.is_alphanumeric() || d == '_' || d == '.') {
+                    j += 1;
+                }
+                (Tok::Word(chars[i..j].iter().collect()), j - i)
+            }
+            _ => return Err(format!("unexpected character `{c}` at column {col}")),
+        };
+        out.push((col, tok));
+        i += len;
+    }
+    Ok(out)
+}
+
+struct Parser<'c> {
+    tokens: Vec<(usize, Tok)>,
+    pos: usize,
+    ctx: &'c Context<'c>,
+    src_len: usize,
+}
+
+impl Parser<'_> {
+    fn peek(&self) -> Option<&(usize, Tok)> {
+        self.tokens.get(self.pos)
+    }
+
+    fn next(&mut self) -> Option<(usize, Tok)> {
+        let t = self.tokens.get(self.pos).cloned();
+        self.pos += 1;
+        t
+    }
+
+    fn at_word(&self, word: &str) -> bool {
+        matches!(self.peek(), Some((_, Tok::Word(w))) if w == word)
+    }
+
+    fn eat(&mut self, tok: &Tok) -> bool {
+        if self.peek().is_some_and(|(_, t)| t == tok) {
+            self.pos += 1;
+            true
+        } else {
+            false
+        }
+    }
+
+    fn expect(&mut self, tok: &Tok) -> Result<(), String> {
+        if self.eat(tok) {
+            return Ok(());
+        }
+        Err(match self.peek() {
+            Some((col, t)) => format!("expected {} at column {col}, found {}", tok.describe(), t.describe()),
+            None => format!("expected {} at column {}, found the end", tok.describe(), self.src_len + 1),
+        })
+    }
+
+    fn expr(&mut self) -> Result<Expr, String> {
+        let mut left = self.and()?;
+        while self.at_word("or") {
+            self.pos += 1;
+            left = Expr::Or(Box::new(left), Box::new(self.and()?));
+        }
+        Ok(left)
+    }
+
+    fn and(&mut self) -> Result<Expr, String> {
+        let mut left = self.not()?;
+        while self.at_word("and") {
+            self.pos += 1;
+            left = Expr::And(Box::new(left), Box::new(self.not()?));
+        }
+        Ok(left)
+    }
+
+    fn not(&mut self) -> Result<Expr, String> {
+        if self.at_word("not") {
+            self.pos += 1;
+            return Ok(Expr::Not(Box::new(self.not()?)));
+        }
+        self.compare()
+    }
+
+    fn compare(&mut self) -> Result<Expr, String> {
+        let left = self.pipe()?;
+        if let Some((_, Tok::Cmp(op))) = self.peek() {
+            let op = *op;
+            self.pos += 1;
+            let right = self.pipe()?;
+            return Ok(Expr::Compare { op, left: Box::new(left), right: Box::new(right) });
+        }
+        Ok(left)
+    }
+
+    fn pipe(&mut self) -> Result<Expr, String> {
+        let mut value = self.primary()?;
+        while self.eat(&Tok::Pipe) {
+            let (col, name) = match self.next() {
+                Some((col, Tok::Word(w))) => (col, w),
+                Some((col, t)) => {
+                    return Err(format!("expected a function after `|` at column {col}, found {}", t.describe()));
+                }
+                None => return Err("expected a function after `|`, found the end".into()),
+            };
+            let mut args = vec![value];
+            if self.eat(&Tok::LParen) {
+                args.extend(self.args()?);
+            }
+            value = self.call(col, &name, args, true)?;
+        }
+        Ok(value)
+    }
+
+    fn args(&mut self) -> Result<Vec<Expr>, String> {
+        let mut args = Vec::new();
+        if self.eat(&Tok::RParen) {
+            return Ok(args);
+        }
+        loop {
+            args.push(self.expr()?);
+            if self.eat(&Tok::RParen) {
+                return Ok(args);
+            }
+            self.expect(&Tok::Comma)?;
+        }
+    }
+
+    fn primary(&mut self) -> Result<Expr, String> {
+        let Some((col, tok)) = self.next() else {
+            return Err(format!("expected a value at column {}, found the end", self.src_len + 1));
+        };
+        match tok {
+            Tok::Str(s) => Ok(Expr::Literal(Bson::String(s))),
+            Tok::Int(i) => Ok(Expr::Literal(builtins::int_value(i))),
+            Tok::Float(f) => Ok(Expr::Literal(Bson::Double(f))),
+            Tok::LParen => {
+                let e = self.expr()?;
+                self.expect(&Tok::RParen)?;
+                Ok(e)
+            }
+            Tok::Word(w) => match w.as_str() {
+                "true" => Ok(Expr::Literal(Bson::Boolean(true))),
+                "false" => Ok(Expr::Literal(Bson::Boolean(false))),
+                "null" => Ok(Expr::Literal(Bson::Null)),
+                "and" | "or" | "not" => Err(format!("expected a value at column {col}, found `{w}`")),
+                _ if self.eat(&Tok::LParen) => {
+                    let args = self.args()?;
+                    self.call(col, &w, args, false)
+                }
+                _ => path(&w, self.ctx),
+            },
+            other => Err(format!("expected a value at column {col}, found {}", other.describe())),
+        }
+    }
+
+    fn call(&self, col: usize, name: &str, args: Vec<Expr>, piped: bool) -> Result<Expr, String> {
+        let func = if let Some(map) = self.ctx.maps.get(name) {
+            if args.len() != 1 {
+                return Err(format!("map `{name}` takes one value, given {}", args.len()));
+            }
+            Func::Map(map.clone())
+        } else {
+            let Some((_, arity)) = BUILTINS.iter().find(|(n, _)| *n == name) else {
+                let mut known: Vec<&str> = BUILTINS.iter().map(|(n, _)| *n).collect();
+                known.extend(self.ctx.maps.keys().map(String::as_str));
+                return Err(format!("unknown function or map `{name}` at column {col} (known: {})", known.join(", ")));
+            };
+            let ok = match arity {
+                Arity::Exactly(n) => args.len() == *n,
+                Arity::AtLeast(n) => args.len() >= *n,
+            };
+            if !ok {
+                let wanted = match arity {
+                    Arity::Exactly(n) => format!("{n}"),
+                    Arity::AtLeast(n) => format!("at least {n}"),
+                };
+                return Err(format!("`{name}` takes {wanted} argument(s), given {}", args.len()));
+            }
+            match name {
+                "decimal" => Func::Cast(Cast::Decimal),
+                "double" => Func::Cast(Cast::Double),
+                "int" => Func::Cast(Cast::Int),
+                "string" => Func::Cast(Cast::String),
+                "date" => Func::Cast(Cast::Date),
+                "ratio" => Func::Ratio,
+                "camel_keys" => Func::CamelKeys,
+                "default" => Func::Default,
+                "concat" => Func::Concat,
+                _ => {
+                    for a in &args[1..] {
+                        match a {
+                            Expr::Literal(Bson::String(p)) if valid_path(p) => {}
+                            other => {
+                                return Err(format!("`drop` takes field paths as quoted text, given `{other}`"));
+                            }
+                        }
+                    }
+                    Func::Drop
+                }
+            }
+        };
+        Ok(Expr::Call { func, args, piped })
+    }
+}
+
+fn valid_path(p: &str) -> bool {
+    !p.is_empty() && p.split('.').all(|s| !s.is_empty() && !s.starts_with('$'))
+}
+
+fn path(word: &str, ctx: &Context<'_>) -> Result<Expr, String> {
+    let (head, rest) = match word.split_once('.') {
+        Some((h, r)) => (h, Some(r)),
+        None => (word, None),
+    };
+    if word.split('.').any(str::is_empty) {
+        return Err(format!("`{word}` is not a field path"));
+    }
+    let no_rest = |root: Root| match rest {
+        None => Ok(Expr::Path { root, path: String::new() }),
+        Some(_) => Err(format!("`{head}` is a single value; `{word}` reaches into it")),
+    };
+    match head {
+        "$doc" => Ok(Expr::Path { root: Root::Doc, path: rest.unwrap_or_default().to_string() }),
+        "$event" => {
+            let field = rest.and_then(|r| EventField::ALL.iter().find(|(n, _)| *n == r));
+            match field {
+                Some((_, f)) => Ok(Expr::Path { root: Root::Event(*f), path: String::new() }),
+                None => Err(format!(
+                    "unknown `{word}`; the event has {}",
+                    EventField::ALL.iter().map(|(n, _)| format!("$event.{n}")).collect::<Vec<_>>().join(", ")
+                )),
+            }
+        }
+        "$key" => no_rest(Root::Key),
+        "$id" => no_rest(Root::Id),
+        "$group" if ctx.allow_group => no_rest(Root::Group),
+        "$group" => Err("`$group` only exists in [rollup.fields]".into()),
+        _ if head.starts_with('$') => Err(format!("unknown `{head}` (known: $doc, $event.<field>, $key, $id, $group)")),
+        _ if word.split('.').any(|s| s.contains('$')) => Err(format!("`{word}` is not a field path")),
+        _ => Ok(Expr::Path { root: Root::Input, path: word.to_string() }),
+    }
+}
+
+impl Expr {
+    /// Whether the expression reads the source document or the event (anything but literals
+    /// and `$group`): rollup group fields must not, or members would disagree.
+    pub(super) fn reads_source(&self) -> bool {
+        match self {
+            Expr::Literal(_) => false,
+            Expr::Path { root, .. } => *root != Root::Group,
+            Expr::Call { args, .. } => args.iter().any(Expr::reads_source),
+            Expr::Compare { left, right, .. } | Expr::And(left, right) | Expr::Or(left, right) => {
+                left.reads_source() || right.reads_source()
+            }
+            Expr::Not(e) => e.reads_source(),
+        }
+    }
+
+    /// Evaluates the expression.
+    pub(super) fn eval<'a>(&'a self, scope: &Scope<'a>) -> Result<Value<'a>, EvalError> {
+        match self {
+            Expr::Literal(b) => Ok(Some(Cow::Borrowed(b))),
+            Expr::Path { root, path } => Ok(scope.resolve(*root, path)),
+            Expr::Call { func, args, .. } => {
+                let values = args.iter().map(|a| a.eval(scope)).collect::<Result<Vec<_>, _>>()?;
+                builtins::call(func, values)
+                    .map_err(|(arg, reason)| EvalError { expr: args.get(arg).unwrap_or(self).to_string(), reason })
+            }
+            Expr::Compare { op, left, right } => {
+                let (l, r) = (left.eval(scope)?, right.eval(scope)?);
+                builtins::compare(*op, l.as_deref(), r.as_deref())
+                    .map(|b| Some(Cow::Owned(Bson::Boolean(b))))
+                    .map_err(|reason| EvalError { expr: self.to_string(), reason })
+            }
+            Expr::And(l, r) => {
+                let v = l.truthy(scope)? && r.truthy(scope)?;
+                Ok(Some(Cow::Owned(Bson::Boolean(v))))
+            }
+            Expr::Or(l, r) => {
+                let v = l.truthy(scope)? || r.truthy(scope)?;
+                Ok(Some(Cow::Owned(Bson::Boolean(v))))
+            }
+            Expr::Not(e) => Ok(Some(Cow::Owned(Bson::Boolean(!e.truthy(scope)?)))),
+        }
+    }
+
+    /// Evaluates a condition: true, or false when false, null or absent; anything else is an error.
+    pub(super) fn truthy(&self, scope: &Scope<'_>) -> Result<bool, EvalError> {
+        match self.eval(scope)?.as_deref() {
+            Some(Bson::Boolean(b)) => Ok(*b),
+            None | Some(Bson::Null) => Ok(false),
+            Some(other) => Err(EvalError {
+                expr: self.to_string(),
+                reason: format!("expected true or false, found {}", builtins::describe(other)),
+            }),
+        }
+    }
+}
+
+impl fmt::Display for Expr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Expr::Literal(Bson::String(s)) => write!(f, "'{}'", s.replace('\\', "\\\\").replace('\'', "\\'")),
+            Expr::Literal(b) => write!(f, "{b}"),
+            Expr::Path { root, path } => {
+                let head = match root {
+                    Root::Input => return f.write_str(path),
+                    Root::Doc => "$doc",
+                    Root::Event(field) => return write!(f, "$event.{}", field.name()),
+                    Root::Key => "$key",
+                    Root::Id => "$id",
+                    Root::Group => "$group",
+                };
+                if path.is_empty() { f.write_str(head) } else { write!(f, "{head}.{path}") }
+            }
+            Expr::Call { func, args, piped } => {
+                let name = match func {
+                    Func::Cast(c) => c.name(),
+                    Func::Ratio => "ratio",
+                    Func::CamelKeys => "camel_keys",
+                    Func::Default => "default",
+                    Func::Concat => "concat",
+                    Func::Drop => "drop",
+                    Func::Map(m) => m.name.as_str(),
+                };
+                let list = |args: &[Expr]| args.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ");
+                match (piped, args.split_first()) {
+                    (true, Some((first, []))) => write!(f, "{first} | {name}"),
+                    (true, Some((first, rest))) => write!(f, "{first} | {name}({})", list(rest)),
+                    _ => write!(f, "{name}({})", list(args)),
+                }
+            }
+            Expr::Compare { op, left, right } => write!(f, "{left} {} {right}", op.symbol()),
+            Expr::And(l, r) => write!(f, "({l} and {r})"),
+            Expr::Or(l, r) => write!(f, "({l} or {r})"),
+            Expr::Not(e) => write!(f, "not {e}"),
+        }
+    }
+}
+
+/// What paths read during one evaluation.
+pub(super) struct Scope<'a> {
+    pub event: &'a CanonicalEvent,
+    /// `$doc`: the whole source document.
+    pub doc: &'a Document,
+    /// Plain paths: the document, the derived element, or the `each` element.
+    pub input: &'a Document,
+    pub group: Option<&'a Bson>,
+}
+
+impl<'a> Scope<'a> {
+    /// The same scope reading `input` (an array element) for plain paths.
+    pub(super) fn with_input<'b>(&self, input: &'b Document) -> Scope<'b>
+    where
+        'a: 'b,
+    {
+        Scope { event: self.event, doc: self.doc, input, group: self.group }
+    }
+
+    fn resolve(&self, root: Root, path: &str) -> Value<'a> {
+        let ev = self.event;
+        let owned = |b: Bson| Some(Cow::Owned(b));
+        match root {
+            Root::Input => get_path(self.input, path).map(Cow::Borrowed),
+            Root::Doc if path.is_empty() => owned(Bson::Document(self.doc.clone())),
+            Root::Doc => get_path(self.doc, path).map(Cow::Borrowed),
+            Root::Event(EventField::Id) => owned(Bson::String(ev.id.clone())),
+            Root::Event(EventField::Time) => owned(Bson::DateTime(ev.time)),
+            Root::Event(EventField::Type) => owned(Bson::String(ev.event_type.clone())),
+            Root::Event(EventField::Subject) => owned(Bson::String(ev.subject.clone())),
+            Root::Event(EventField::Source) => owned(Bson::String(ev.source.clone())),
+            Root::Event(EventField::Sequence) => owned(Bson::String(ev.position.sequence())),
+            Root::Key => Some(Cow::Borrowed(&ev.data.key)),
+            Root::Id => Some(Cow::Borrowed(&ev.data.document_id)),
+            Root::Group => self.group.map(Cow::Borrowed),
+        }
+    }
+}
+
+/// Why an expression could not be evaluated: the operand and the reason.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct EvalError {
+    pub expr: String,
+    pub reason: String,
+}
+
+impl fmt::Display for EvalError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "`{}`: {}", self.expr, self.reason)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::{EventData, Op, Position};
+    use bson::{DateTime, Timestamp, doc};
+
+    fn maps() -> BTreeMap<String, Arc<ValueMap>> {
+        let role = ValueMap { name: "role".into(), entries: [("bot".to_string(), Bson::from("assistant"))].into() };
+        [("role".to_string(), Arc::new(role))].into()
+    }
+
+    fn compile(src: &str) -> Result<Expr, String> {
+        parse(src, &Context { maps: &maps(), allow_group: false })
+    }
+
+    fn event(after: Document) -> CanonicalEvent {
+        CanonicalEvent {
+            id: "e1".into(),
+            source: "ficus://linechatbot/products".into(),
+            event_type: "product.updated".into(),
+            subject: "S1".into(),
+            time: DateTime::from_millis(1_000),
+            position: Position { cluster_time: Timestamp { time: 1, increment: 2 }, index: 3, resume_token: None },
+            schema_version: 1,
+            data: EventData {
+                op: Op::Update,
+                collection: "products".into(),
+                key: Bson::from("S1"),
+                document_id: Bson::Int32(7),
+                after: Some(after),
+                before: None,
+                changed: None,
+                removed: vec![],
+                derived: None,
+            },
+        }
+    }
+
+    fn eval(src: &str, doc: Document) -> Result<Option<Bson>, String> {
+        let expr = compile(src)?;
+        let ev = event(doc);
+        let after = ev.data.after.as_ref().unwrap();
+        let scope = Scope { event: &ev, doc: after, input: after, group: None };
+        expr.eval(&scope).map(|v| v.map(Cow::into_owned)).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn precedence_and_rendering() {
+        let e = compile("not a == 1 and b != 'x' or c").unwrap();
+        assert_eq!(e.to_string(), "((not a == 1 and b != 'x') or c)");
+        let e = compile("ltv|decimal").unwrap();
+        assert_eq!(e.to_string(), "ltv | decimal");
+        let e = compile("x | default(\"it's\") | role").unwrap();
+        assert_eq!(e.to_string(), "x | default('it\\'s') | role");
+        assert_eq!(compile("concat(a.0.b, -1.5, $event.id)").unwrap().to_string(), "concat(a.0.b, -1.5, $event.id)");
+    }
+
+    #[test]
+    fn evaluates_paths_roots_logic_and_pipes() {
+        let d = doc! { "a": { "b": [10, { "c": "x" }] }, "stock": 0, "from": "bot", "kind": "audit" };
+        assert_eq!(eval("a.b.1.c", d.clone()), Ok(Some(Bson::from("x"))));
+        assert_eq!(eval("a.zz", d.clone()), Ok(None));
+        assert_eq!(eval("stock > 0 or kind == 'audit'", d.clone()), Ok(Some(Bson::Boolean(true))));
+        assert_eq!(eval("not (stock > 0)", d.clone()), Ok(Some(Bson::Boolean(true))));
+        assert_eq!(eval("from | role", d.clone()), Ok(Some(Bson::from("assistant"))));
+        assert_eq!(eval("kind | role", d.clone()), Ok(Some(Bson::from("audit"))), "unlisted values pass through");
+        assert_eq!(eval("missing | role | decimal", d.clone()), Ok(None));
+        assert_eq!(eval("missing | default(42)", d.clone()), Ok(Some(Bson::Int32(42))));
+        assert_eq!(eval("$key", d.clone()), Ok(Some(Bson::from("S1"))));
+        assert_eq!(eval("$id", d.clone()), Ok(Some(Bson::Int32(7))));
+        assert_eq!(eval("$event.sequence", d.clone()), Ok(Some(Bson::from("000000000100000000020000000003"))));
+        assert_eq!(eval("$doc.a.b.0", d.clone()), Ok(Some(Bson::Int32(10))));
+        assert_eq!(eval("concat($event.type, ':', $id)", d.clone()), Ok(Some(Bson::from("product.updated:7"))));
+        assert_eq!(eval("concat('a', missing)", d.clone()), Ok(None));
+    }
+
+    #[test]
+    fn evaluation_errors_name_the_operand() {
+        let d = doc! { "kind": "audit", "n": "12" };
+        assert_eq!(eval("kind and true", d.clone()), Err("`kind`: expected true or false, found \"audit\"".into()));
+        assert_eq!(eval("ratio(n, 2)", d.clone()), Err("`n`: expected a number, found a string \"12\"".into()));
+        assert_eq!(eval("n > 3", d.clone()), Err("`n > 3`: cannot compare a string \"12\" with a number 3".into()));
+        assert_eq!(eval("kind | camel_keys", d), Err("`kind`: expected a document, found a string \"audit\"".into()));
+    }
+
+    #[test]
+    fn parse_errors_say_where() {
+        assert_eq!(compile("a ==").unwrap_err(), "expected a value at column 5, found the end");
+        assert_eq!(compile("(a").unwrap_err(), "expected `)` at column 3, found the end");
+        assert_eq!(compile("a b").unwrap_err(), "unexpected `b` at column 3");
+        assert_eq!(compile("a # b").unwrap_err(), "unexpected character `#` at column 3");
+        assert_eq!(compile("$nope").unwrap_err(), "unknown `$nope` (known: $doc, $event.<field>, $key, $id, $group)");
+        assert_eq!(compile("$key.x").unwrap_err(), "`$key` is a single value; `$key.x` reaches into it");
+        assert!(compile("x | 3").unwrap_err().starts_with("expected a function after `|` at column 5"));
+        assert!(compile("role(a, b)").unwrap_err().starts_with("map `role` takes one value"));
+    }
+}

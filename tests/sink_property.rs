@@ -1,0 +1,250 @@
+//! Property: duplicates, replays and different interleavings of partitions leave a service
+//! database identical to one ordered delivery. Real pipeline (mapping → shipped transforms →
+//! MongoSink) against a real secantusd-rs; many generated histories.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use bson::{Bson, DateTime, Document, Timestamp, doc};
+use ficus::event::Op;
+use ficus::mapping::{ChangeRecord, map_change};
+use ficus::sink::{MongoSink, Sink, Versioned};
+use ficus::topics::Topics;
+use ficus::transform::ServiceTransforms;
+use futures::TryStreamExt;
+use proptest::prelude::*;
+
+#[derive(Debug, Clone)]
+enum Step {
+    /// Create or replace the product with this category/subcategory and stock.
+    Put {
+        key: u8,
+        category: u8,
+        sub: u8,
+        stock: i32,
+    },
+    /// Change only the stock.
+    Stock {
+        key: u8,
+        stock: i32,
+    },
+    Delete {
+        key: u8,
+    },
+}
+
+fn step() -> impl Strategy<Value = Step> {
+    prop_oneof![
+        3 => (0..4u8, 0..3u8, 0..2u8, 0..5i32).prop_map(|(key, category, sub, stock)| Step::Put { key, category, sub, stock }),
+        2 => (0..4u8, 0..5i32).prop_map(|(key, stock)| Step::Stock { key, stock }),
+        1 => (0..4u8).prop_map(|key| Step::Delete { key }),
+    ]
+}
+
+fn product(key: u8, category: u8, sub: u8, stock: i32) -> Document {
+    doc! {
+        "_id": i32::from(key), "sku": format!("SKU-{key}"), "name_en": "P", "name_th": "พี", "desc_en": "d", "desc_th": "ด",
+        "price": "10.50", "currency": "THB", "category": format!("cat-{category}"), "subcategory": format!("sub-{sub}"),
+        "images": [], "specs": {}, "specs_th": {}, "stock": stock, "reorder_at": 1, "tags": [], "search_terms": [],
+        "views": 10, "sold": 2, "rating": 4.5, "reviews": 3, "status": "active",
+        "created_at": DateTime::from_millis(0), "updated_at": DateTime::from_millis(0),
+    }
+}
+
+/// Turns steps into change records with pre-images, as the tailer would read them.
+fn history(steps: &[Step]) -> Vec<ChangeRecord> {
+    let mut live: BTreeMap<u8, Document> = BTreeMap::new();
+    let mut out = Vec::new();
+    for (i, s) in steps.iter().enumerate() {
+        let ts = Timestamp { time: 1000 + i as u32, increment: 1 };
+        let (op, key, after) = match s {
+            Step::Put { key, category, sub, stock } => {
+                let op = if live.contains_key(key) { Op::Replace } else { Op::Insert };
+                (op, *key, Some(product(*key, *category, *sub, *stock)))
+            }
+            Step::Stock { key, stock } => {
+                let Some(mut d) = live.get(key).cloned() else { continue };
+                d.insert("stock", *stock);
+                (Op::Update, *key, Some(d))
+            }
+            Step::Delete { key } => {
+                if !live.contains_key(key) {
+                    continue;
+                }
+                (Op::Delete, *key, None)
+            }
+        };
+        let before = live.get(&key).cloned();
+        match &after {
+            Some(d) => live.insert(key, d.clone()),
+            None => live.remove(&key),
+        };
+        out.push(ChangeRecord {
+            op,
+            collection: "products".into(),
+            document_id: Bson::Int32(i32::from(key)),
+            changed: (op == Op::Update).then(|| doc! { "stock": after.as_ref().unwrap().get_i32("stock").unwrap() }),
+            after,
+            before: if op == Op::Insert { None } else { before },
+            removed: vec![],
+            cluster_time: ts,
+            index: 1,
+            wall_time: None,
+            resume_token: Some(format!("T{i}")),
+        });
+    }
+    out
+}
+
+/// The writes each event leads to, with the aggregate (partition key) it belongs to.
+fn versioned(topics: &Topics, service: &ServiceTransforms, records: Vec<ChangeRecord>) -> Vec<(String, Versioned)> {
+    let def = topics.for_collection("products").unwrap();
+    let mut out = Vec::new();
+    for r in records {
+        for ev in map_change(def, "linechatbot", r).events {
+            let ops = service.apply(&ev).expect("shipped transforms accept generated products");
+            out.push((
+                ev.subject.clone(),
+                Versioned {
+                    version: ev.position.sequence(),
+                    event_id: ev.id,
+                    source_collection: ev.data.collection,
+                    source_id: ev.data.document_id,
+                    ops,
+                },
+            ));
+        }
+    }
+    out
+}
+
+async fn dump(db: &mongodb::Database) -> BTreeMap<String, Vec<Document>> {
+    let mut out = BTreeMap::new();
+    for name in db.list_collection_names().await.unwrap() {
+        let mut docs: Vec<Document> = db
+            .collection::<Document>(&name)
+            .find(doc! {})
+            .sort(doc! { "_id": 1 })
+            .await
+            .unwrap()
+            .try_collect()
+            .await
+            .unwrap();
+        for d in &mut docs {
+            d.remove("at"); // tombstone timestamps are wall-clock
+        }
+        out.insert(name, docs);
+    }
+    out
+}
+
+#[test]
+fn duplicates_and_interleavings_converge_to_the_ordered_result() {
+    let dir = tempfile::tempdir().unwrap();
+    let mongo = common::Mongo::start(dir.path(), &[]);
+    let root = common::repo_root();
+    let topics = ficus::topics::load(&root.join("topics")).unwrap();
+    let services = ficus::transform::load_all(&root.join("transforms"), &topics).unwrap();
+    let products = services.into_iter().find(|s| s.service() == "products_db").expect("products_db transforms");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let client = rt.block_on(mongo.client());
+    let case = std::sync::atomic::AtomicU32::new(0);
+
+    let config = ProptestConfig { cases: 100, failure_persistence: None, ..ProptestConfig::default() };
+    proptest!(config, |(steps in prop::collection::vec(step(), 1..30), seed in any::<u64>(), batch in 1usize..8)| {
+        let case = case.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+
+        let events = versioned(&topics, &products, history(&steps));
+        rt.block_on(async {
+            let open = |name: String| {
+                let client = client.clone();
+                let colls = products.collections();
+                async move { MongoSink::open(client, &name, &colls, Duration::from_secs(86_400)).await.unwrap() }
+            };
+            let ordered = open(format!("ordered_{case}")).await;
+            for (_, v) in &events {
+                ordered.apply(std::slice::from_ref(v)).await.unwrap();
+            }
+
+            // Per-partition order kept, partitions interleaved at random, every event delivered
+            // once or twice, and a partition rewound (redelivery after a rebalance) now and then.
+            use rand::{Rng, SeedableRng};
+            let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+            let mut partitions: BTreeMap<&str, Vec<&Versioned>> = BTreeMap::new();
+            for (k, v) in &events {
+                partitions.entry(k.as_str()).or_default().push(v);
+            }
+            let mut cursors: BTreeMap<&str, usize> = partitions.keys().map(|k| (*k, 0)).collect();
+            let mut delivery: Vec<Versioned> = Vec::new();
+            while let Some(k) = {
+                let open: Vec<&str> = cursors.iter().filter(|(k, c)| **c < partitions[*k].len()).map(|(k, _)| *k).collect();
+                (!open.is_empty()).then(|| open[rng.random_range(0..open.len())])
+            } {
+                let c = cursors.get_mut(k).unwrap();
+                let v = partitions[k][*c];
+                delivery.push(v.clone());
+                if rng.random_bool(0.5) {
+                    delivery.push(v.clone());
+                }
+                *c += 1;
+                if rng.random_bool(0.1) {
+                    *c -= rng.random_range(0..=*c); // rewind
+                }
+            }
+            let shuffled = open(format!("shuffled_{case}")).await;
+            for chunk in delivery.chunks(batch) {
+                shuffled.apply(chunk).await.unwrap();
+            }
+            let (a, b) = (dump(ordered.database()).await, dump(shuffled.database()).await);
+            prop_assert_eq!(a, b);
+            Ok(())
+        })?;
+    });
+}
+
+#[test]
+fn the_ordered_result_is_what_the_transforms_say() {
+    // Sanity for the property above: a create, a move and a delete move category counts.
+    let dir = tempfile::tempdir().unwrap();
+    let mongo = common::Mongo::start(dir.path(), &[]);
+    let root = common::repo_root();
+    let topics = ficus::topics::load(&root.join("topics")).unwrap();
+    let services = ficus::transform::load_all(&root.join("transforms"), &topics).unwrap();
+    let products = services.into_iter().find(|s| s.service() == "products_db").unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let client = mongo.client().await;
+        let sink = MongoSink::open(client, "products_check", &products.collections(), Duration::from_secs(86_400))
+            .await
+            .unwrap();
+        let steps = [
+            Step::Put { key: 0, category: 0, sub: 0, stock: 1 },
+            Step::Put { key: 1, category: 0, sub: 1, stock: 0 },
+            Step::Put { key: 2, category: 1, sub: 0, stock: 3 },
+            Step::Put { key: 1, category: 1, sub: 1, stock: 0 }, // moves cat-0 → cat-1
+            Step::Delete { key: 2 },
+        ];
+        for (_, v) in versioned(&topics, &products, history(&steps)) {
+            sink.apply(&[v]).await.unwrap();
+        }
+        let db = sink.database();
+        let count = |cat: &str| {
+            let db = db.clone();
+            let cat = cat.to_string();
+            async move {
+                db.collection::<Document>("categories")
+                    .find_one(doc! { "_id": cat })
+                    .await
+                    .unwrap()
+                    .map(|d| d.get_i64("productCount").unwrap())
+            }
+        };
+        assert_eq!(count("cat-0").await, Some(1));
+        assert_eq!(count("cat-1").await, Some(1));
+        let live: Vec<Document> =
+            db.collection::<Document>("products").find(doc! {}).await.unwrap().try_collect().await.unwrap();
+        assert_eq!(live.len(), 2, "the deleted product is gone from the service collection");
+    });
+}
