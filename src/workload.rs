@@ -57,7 +57,6 @@ impl Workload {
     }
 
     pub fn user_id(i: u64) -> String {
-
         format!("U{i:032x}")
     }
 

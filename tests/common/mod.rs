@@ -152,7 +152,6 @@ impl Mongo {
     }
 }
 
-
 /// A Tansu Kafka broker on sqlite storage.
 pub struct Kafka {
     pub port: u16,
@@ -194,7 +193,6 @@ impl Kafka {
         self.boot();
     }
 }
-
 
 /// One test's world: a monolith MongoDB, a broker, and a scratch directory.
 pub struct World {
