@@ -58,6 +58,32 @@ enum Command {
     },
     /// Run the daemon.
     Run(RunArgs),
+    /// Rebuild a service database from the event store plus the live tail.
+    Replay {
+        #[arg(long = "service", value_name = "NAME")]
+        service: String,
+        /// Apply into the live database instead of building a shadow and swapping it in.
+        #[arg(long)]
+        in_place: bool,
+        /// Only archived events from this time on (RFC 3339, e.g. 2026-11-01T00:00:00Z).
+        #[arg(long, value_parser = parse_time)]
+        from: Option<bson::DateTime>,
+    },
+    /// Prove a service database equals its transforms applied to the monolith's current state.
+    Verify {
+        #[arg(long = "service", value_name = "NAME")]
+        service: String,
+        /// Differing documents to show side by side.
+        #[arg(long, default_value_t = 10)]
+        sample: usize,
+        /// Exit 0 when the scores pass the seed's migration gate (99% consistency, 95%
+        /// validation) even if some documents differ; by default any difference fails.
+        #[arg(long)]
+        gate: bool,
+        /// Seconds to wait before re-checking differences (traffic in flight).
+        #[arg(long, default_value_t = 2)]
+        settle: u64,
+    },
     /// Dead letters (`<topic>.dlq`).
     Dlq {
         #[command(subcommand)]
@@ -192,6 +218,8 @@ async fn dispatch(cli: Cli) -> ExitCode {
         Command::Topics { action } => topics_cmd(&loaded, action).await,
         Command::Run(args) => run(loaded, args).await,
         Command::Dlq { action: DlqAction::Replay { service } } => dlq_replay(&loaded, &service).await,
+        Command::Replay { service, in_place, from } => replay_cmd(&loaded, &service, in_place, from).await,
+        Command::Verify { service, sample, gate, settle } => verify_cmd(&loaded, &service, sample, gate, settle).await,
     };
     match result {
         Ok(code) => code,
@@ -265,6 +293,68 @@ async fn topics_cmd(loaded: &Loaded, action: TopicsAction) -> anyhow::Result<Exi
         return Ok(ExitCode::from(1));
     }
     Ok(ExitCode::SUCCESS)
+}
+
+fn parse_time(s: &str) -> Result<bson::DateTime, String> {
+    bson::DateTime::parse_rfc3339_str(s).map_err(|e| format!("`{s}` is not an RFC 3339 time: {e}"))
+}
+
+async fn replay_cmd(
+    loaded: &Loaded,
+    service: &str,
+    in_place: bool,
+    from: Option<bson::DateTime>,
+) -> anyhow::Result<ExitCode> {
+    let chosen = select_services(&loaded.services, &[service.to_string()])?;
+    let cfg = &loaded.config;
+    let store_client = crate::mongo::connect(&cfg.store.uri, "replay").await?;
+    let store = EventStore::open(&store_client.database(&cfg.store.db)).await?;
+    let target = crate::mongo::connect(&cfg.target_uri, "replay").await?;
+    let shutdown = CancellationToken::new();
+    spawn_signal_handler(shutdown.clone());
+    let opts =
+        crate::replay::ReplayOptions { in_place, from, batch: 500, tombstone_ttl: Duration::from_secs(14 * 86_400) };
+    let r = crate::replay::replay(&chosen[0], &store, &target, &cfg.kafka, &opts, &shutdown).await?;
+    let total = r.from_store + r.from_live;
+    println!(
+        "{}: rebuilt from {} archived and {} live events in {:.1}s ({:.0} events/s); {} rejected by transforms or writes (see the DLQ)",
+        r.database,
+        r.from_store,
+        r.from_live,
+        r.elapsed.as_secs_f64(),
+        total as f64 / r.elapsed.as_secs_f64().max(1e-9),
+        r.rejected
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn verify_cmd(
+    loaded: &Loaded,
+    service: &str,
+    sample: usize,
+    gate: bool,
+    settle: u64,
+) -> anyhow::Result<ExitCode> {
+    let chosen = select_services(&loaded.services, &[service.to_string()])?;
+    let cfg = &loaded.config;
+    let source = crate::mongo::connect(&cfg.source.uri, "verify").await?;
+    let target = crate::mongo::connect(&cfg.target_uri, "verify").await?;
+    let store = crate::mongo::connect(&cfg.store.uri, "verify").await?;
+    let opts = crate::verify::VerifyOptions { sample, settle: Duration::from_secs(settle) };
+    let report = crate::verify::verify(
+        &chosen[0],
+        &loaded.topics,
+        &source.database(&cfg.source.db),
+        &cfg.source.name,
+        &target.database(chosen[0].database()),
+        &store.database(&cfg.store.db),
+        &opts,
+    )
+    .await?;
+    print!("{}", report.render());
+    let ok = if gate { report.consistent() } else { report.exact() };
+
+    Ok(if ok { ExitCode::SUCCESS } else { ExitCode::from(1) })
 }
 
 async fn dlq_replay(loaded: &Loaded, service: &str) -> anyhow::Result<ExitCode> {

@@ -101,25 +101,19 @@ pub struct Delivery {
 }
 
 /// What became of one delivery after transformation.
-enum Prepared {
+pub(crate) enum Prepared {
     Write(Versioned),
     Dead { error: String, stage: &'static str },
 }
 
 /// Decodes and transforms one delivery (pure).
-fn prepare(transforms: &ServiceTransforms, d: &Delivery) -> Prepared {
+pub(crate) fn prepare(transforms: &ServiceTransforms, d: &Delivery) -> Prepared {
     let ev = match CanonicalEvent::decode(&d.payload) {
         Ok(ev) => ev,
         Err(e) => return Prepared::Dead { error: format!("undecodable message: {e}"), stage: "decode" },
     };
     match transforms.apply(&ev) {
-        Ok(ops) => Prepared::Write(Versioned {
-            version: ev.position.sequence(),
-            event_id: ev.id,
-            source_collection: ev.data.collection,
-            source_id: ev.data.document_id,
-            ops,
-        }),
+        Ok(ops) => Prepared::Write(Versioned::of(&ev, ops)),
         Err(e) => Prepared::Dead { error: e.to_string(), stage: "transform" },
     }
 }

@@ -340,8 +340,13 @@ impl CanonicalEvent {
                 };
                 let index = match m.remove("index") {
                     None | Some(Value::Null) => None,
-                    Some(Value::Number(n)) => n.as_u64().and_then(|n| u32::try_from(n).ok()),
-                    Some(_) => return Err(bad("data.derived.index", "expected an integer")),
+                    // A plain number, or Extended JSON (`{"$numberInt": "3"}`) from a round trip
+                    // through BSON, as the event store does.
+                    Some(v) => match Bson::try_from(v) {
+                        Ok(Bson::Int32(i)) => u32::try_from(i).ok(),
+                        Ok(Bson::Int64(i)) => u32::try_from(i).ok(),
+                        _ => return Err(bad("data.derived.index", "expected an integer")),
+                    },
                 };
                 let element = bson_of("data.derived.element", m.remove("element"))?;
                 Some(Derived { field, index, element })

@@ -25,6 +25,9 @@
 //! - [`consume`]: the consume role, one consumer group per service, offsets after the write,
 //!   dead letters for what cannot be applied.
 //! - [`store`]: the event store and the archive role (group `ficus.archive`), for replay.
+//! - [`replay`]: rebuilds a service database from the store plus the live tail, through the
+//!   same transform-and-write path, in a shadow database swapped in when caught up.
+//! - [`verify`]: proves a service database equals the transforms applied to the source.
 
 //! - [`mongo`], [`retry`]: shared connection, error classification and backoff.
 //! - [`workload`]: reference documents in the monolith's shapes, for the demo, tests and benches.
@@ -39,6 +42,7 @@ pub mod definitions;
 pub mod event;
 pub mod mapping;
 pub mod mongo;
+pub mod replay;
 pub mod retry;
 pub mod sink;
 pub mod source;
@@ -46,4 +50,5 @@ pub mod store;
 pub mod tail;
 pub mod topics;
 pub mod transform;
+pub mod verify;
 pub mod workload;

@@ -23,6 +23,7 @@ use futures::TryStreamExt;
 use mongodb::options::{Acknowledgment, IndexOptions, ReadConcern, WriteConcern};
 use mongodb::{Client, Database, IndexModel};
 
+use crate::event::CanonicalEvent;
 use crate::mongo::{self, ErrorClass};
 use crate::transform::WriteOp;
 
@@ -40,6 +41,19 @@ pub struct Versioned {
     pub source_collection: String,
     pub source_id: Bson,
     pub ops: Vec<WriteOp>,
+}
+
+impl Versioned {
+    /// The writes of one event, versioned by its position.
+    pub fn of(ev: &CanonicalEvent, ops: Vec<WriteOp>) -> Self {
+        Versioned {
+            version: ev.position.sequence(),
+            event_id: ev.id.clone(),
+            source_collection: ev.data.collection.clone(),
+            source_id: ev.data.document_id.clone(),
+            ops,
+        }
+    }
 }
 
 /// Errors from the sink.

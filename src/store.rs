@@ -244,3 +244,44 @@ impl Archiver {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::{Derived, EventData, Op, Position};
+    use bson::Timestamp;
+
+    #[test]
+    fn an_archived_event_reads_back_identical() {
+        let pos =
+            Position { cluster_time: Timestamp { time: 7, increment: 3 }, index: 2, resume_token: Some("82AB".into()) };
+        let event = CanonicalEvent {
+            id: crate::event::event_id("s", &pos, "x"),
+            source: "ficus://s/customers".into(),
+            event_type: "customer.purchase_recorded".into(),
+            subject: "U1".into(),
+            time: DateTime::from_millis(7000),
+            position: pos,
+            schema_version: 1,
+            data: EventData {
+                op: Op::Update,
+                collection: "customers".into(),
+                key: Bson::String("U1".into()),
+                document_id: Bson::Int64(9),
+                after: Some(doc! { "user_id": "U1", "n": 1_i32, "d": 1.5 }),
+                before: None,
+                changed: Some(doc! { "n": 1_i32 }),
+                removed: vec!["x".into()],
+                derived: Some(Derived {
+                    field: "purchases".into(),
+                    index: Some(3),
+                    element: Bson::Document(doc! { "id": "P" }),
+                }),
+            },
+        };
+        let archived = Archived { topic: "t".into(), partition: 2, offset: 40, event };
+        let back = EventStore::from_doc(EventStore::to_doc(&archived).unwrap()).unwrap();
+        assert_eq!(back.event, archived.event);
+        assert_eq!((back.topic.as_str(), back.partition, back.offset), ("t", 2, 40));
+    }
+}

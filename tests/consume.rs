@@ -260,13 +260,7 @@ async fn consumers_killed_mid_batch_converge_to_a_clean_run() {
                 .unwrap();
         for r in &records {
             let ops = service.apply(&r.event).unwrap();
-            let v = ficus::sink::Versioned {
-                version: r.event.position.sequence(),
-                event_id: r.event.id.clone(),
-                source_collection: r.event.data.collection.clone(),
-                source_id: r.event.data.document_id.clone(),
-                ops,
-            };
+            let v = ficus::sink::Versioned::of(&r.event, ops);
             use ficus::sink::Sink;
             sink.apply(&[v]).await.unwrap();
         }

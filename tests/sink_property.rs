@@ -105,16 +105,7 @@ fn versioned(topics: &Topics, service: &ServiceTransforms, records: Vec<ChangeRe
     for r in records {
         for ev in map_change(def, "linechatbot", r).events {
             let ops = service.apply(&ev).expect("shipped transforms accept generated products");
-            out.push((
-                ev.subject.clone(),
-                Versioned {
-                    version: ev.position.sequence(),
-                    event_id: ev.id,
-                    source_collection: ev.data.collection,
-                    source_id: ev.data.document_id,
-                    ops,
-                },
-            ));
+            out.push((ev.subject.clone(), Versioned::of(&ev, ops)));
         }
     }
     out

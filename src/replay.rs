@@ -1,0 +1,309 @@
+//! `ficus replay`: rebuilds a service database from the event store plus the live tail.
+//!
+//! Events go through the same transform-and-write path as live consumption
+//! ([`consume::prepare`] and the [`Sink`]), so a rebuilt database is what live traffic would
+//! have built, and replaying twice equals replaying once (version guards).
+//!
+//! By default the rebuild happens in a shadow database (`<db>_replay`): the archive is applied
+//! in `sequence` order, then each partition of the live topics from just after the newest
+//! archived offset up to its end, and once caught up every collection is renamed over the live
+//! one (ficus's tombstones and rollup members included). The live consumer may have written to
+//! the old collections meanwhile, so the live tail is applied once more after the swap; it
+//! carries on from its own committed offsets, and version guards absorb the overlap.
+//! `--in-place` applies to the live database directly; `--from` starts the archive at a time.
+
+use std::collections::{BTreeSet, HashMap};
+use std::io::IsTerminal;
+use std::time::{Duration, Instant};
+
+use bson::{DateTime, Document, doc};
+use futures::TryStreamExt;
+use mongodb::Client;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::Message;
+use rdkafka::{Offset, TopicPartitionList};
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::bus::{BusError, ClientRole, client_config};
+use crate::config::KafkaConfig;
+use crate::consume::{Delivery, Prepared, prepare};
+use crate::mongo::{self, ErrorClass};
+use crate::retry::with_backoff;
+use crate::sink::{MongoSink, Sink, SinkError, Versioned};
+use crate::store::{EventStore, StoreError};
+use crate::transform::ServiceTransforms;
+
+/// Errors of a replay.
+#[derive(Debug, thiserror::Error)]
+pub enum ReplayError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Sink(#[from] SinkError),
+    #[error(transparent)]
+    Bus(#[from] BusError),
+    #[error("target MongoDB: {}", mongo::describe(.0))]
+    Mongo(#[from] mongodb::error::Error),
+    #[error("stopped by shutdown before the rebuild was complete; the live database is untouched")]
+    Interrupted,
+}
+
+impl From<rdkafka::error::KafkaError> for ReplayError {
+    fn from(e: rdkafka::error::KafkaError) -> Self {
+        ReplayError::Bus(BusError::Kafka(e))
+    }
+}
+
+/// How to replay.
+#[derive(Debug, Clone, Default)]
+pub struct ReplayOptions {
+    /// Write straight into the live database instead of a shadow.
+    pub in_place: bool,
+    /// Only archived events from this time on.
+    pub from: Option<DateTime>,
+    pub batch: usize,
+    pub tombstone_ttl: Duration,
+}
+
+/// What a replay did.
+#[derive(Debug, Default, Clone)]
+pub struct ReplayReport {
+    pub database: String,
+    pub from_store: u64,
+    pub from_live: u64,
+    /// Events a transform rejected or whose write failed permanently (they are in the DLQ from
+    /// live consumption, or would be).
+    pub rejected: u64,
+    pub elapsed: Duration,
+}
+
+/// The shadow database a replay builds in.
+pub fn shadow_name(database: &str) -> String {
+    format!("{database}_replay")
+}
+
+/// Rebuilds one service database.
+pub async fn replay(
+    transforms: &ServiceTransforms,
+    store: &EventStore,
+    target: &Client,
+    kafka: &KafkaConfig,
+    opts: &ReplayOptions,
+    shutdown: &CancellationToken,
+) -> Result<ReplayReport, ReplayError> {
+    let started = Instant::now();
+    let live_name = transforms.database().to_string();
+    let build_name = if opts.in_place { live_name.clone() } else { shadow_name(&live_name) };
+    if !opts.in_place {
+        target.database(&build_name).drop().await?;
+    }
+    let sink = MongoSink::open(target.clone(), &build_name, &transforms.collections(), opts.tombstone_ttl).await?;
+    let mut report = ReplayReport { database: live_name.clone(), ..Default::default() };
+    let topics: Vec<String> = transforms.topics().into_iter().collect();
+
+    // 1. The archive, in commit order.
+    let mut filter = doc! { "topic": { "$in": &topics } };
+    if let Some(t) = opts.from {
+        filter.insert("time", doc! { "$gte": t });
+    }
+    let total = store.count(filter).await?;
+    info!(service = transforms.service(), events = total, into = %build_name, "replaying the event store");
+    let bar = progress_bar(total);
+    let mut cursor = store.scan(&topics, opts.from).await?;
+    let mut archived_to: HashMap<(String, i32), i64> = HashMap::new();
+    let mut batch = Vec::with_capacity(opts.batch);
+    while let Some(d) = cursor.try_next().await.map_err(StoreError::from)? {
+        let a = EventStore::from_doc(d)?;
+        let e = archived_to.entry((a.topic.clone(), a.partition)).or_insert(-1);
+        *e = (*e).max(a.offset);
+        batch.push(a.event);
+        if batch.len() >= opts.batch {
+            report.rejected += apply(transforms, &sink, &batch, shutdown).await?;
+            report.from_store += batch.len() as u64;
+            bar.set_position(report.from_store);
+            batch.clear();
+        }
+        if shutdown.is_cancelled() {
+            return Err(ReplayError::Interrupted);
+        }
+    }
+    report.rejected += apply(transforms, &sink, &batch, shutdown).await?;
+    report.from_store += batch.len() as u64;
+    bar.finish_and_clear();
+
+    // 2. The live tail after the archive.
+    let (applied, rejected) = catch_up(transforms, &sink, kafka, &topics, &archived_to, shutdown).await?;
+    report.from_live += applied;
+    report.rejected += rejected;
+
+    // 3. Swap the shadow in, then apply the live tail once more over what the live consumer
+    //    may have written to the old collections meanwhile.
+    if !opts.in_place {
+        swap(target, &build_name, &live_name, &transforms.collections()).await?;
+        let live_sink =
+            MongoSink::open(target.clone(), &live_name, &transforms.collections(), opts.tombstone_ttl).await?;
+        let (applied, rejected) = catch_up(transforms, &live_sink, kafka, &topics, &archived_to, shutdown).await?;
+        report.from_live += applied;
+        report.rejected += rejected;
+    }
+    report.elapsed = started.elapsed();
+    Ok(report)
+}
+
+/// Applies events through the live path; returns how many were rejected (and logged).
+async fn apply<S: Sink>(
+    transforms: &ServiceTransforms,
+    sink: &S,
+    events: &[crate::event::CanonicalEvent],
+    shutdown: &CancellationToken,
+) -> Result<u64, ReplayError> {
+    let mut rejected = 0;
+    let mut writes: Vec<Versioned> = Vec::with_capacity(events.len());
+    for ev in events {
+        match transforms.apply(ev) {
+            Ok(ops) => writes.push(Versioned::of(ev, ops)),
+            Err(e) => {
+                rejected += 1;
+                warn!(service = transforms.service(), event = %ev.id, "replay: transform rejected the event: {e}");
+            }
+        }
+    }
+    write(transforms, sink, &writes, shutdown).await.map(|r| r + rejected)
+}
+
+async fn write<S: Sink>(
+    transforms: &ServiceTransforms,
+    sink: &S,
+    writes: &[Versioned],
+    shutdown: &CancellationToken,
+) -> Result<u64, ReplayError> {
+    let transient = |e: &SinkError| e.class() == ErrorClass::Transient;
+    match with_backoff("replay", shutdown, || sink.apply(writes), transient).await {
+        Ok(()) => Ok(0),
+        Err(e) if transient(&e) => Err(e.into()),
+        Err(e) => {
+            warn!(service = transforms.service(), error = %e, "replay: a batch failed permanently; applying one by one");
+            let mut rejected = 0;
+            for w in writes {
+                match with_backoff("replay", shutdown, || sink.apply(std::slice::from_ref(w)), transient).await {
+                    Ok(()) => {}
+                    Err(e) if transient(&e) => return Err(e.into()),
+                    Err(e) => {
+                        rejected += 1;
+                        warn!(event = %w.event_id, "replay: write failed permanently: {e}");
+                    }
+                }
+            }
+            Ok(rejected)
+        }
+    }
+}
+
+/// Reads every partition of `topics` from just after the archived offset up to the end it has
+/// now, applying what it reads. Returns (applied, rejected).
+async fn catch_up<S: Sink>(
+    transforms: &ServiceTransforms,
+    sink: &S,
+    kafka: &KafkaConfig,
+    topics: &[String],
+    archived_to: &HashMap<(String, i32), i64>,
+    shutdown: &CancellationToken,
+) -> Result<(u64, u64), ReplayError> {
+    let mut cfg = client_config(kafka, ClientRole::Consumer, &format!("ficus-replay-{}", transforms.service()));
+    cfg.set("group.id", format!("ficus.{}.replay", transforms.service())).set("enable.auto.commit", "false");
+    let consumer: BaseConsumer = cfg.create()?;
+    let mut assign = TopicPartitionList::new();
+    let mut ends: HashMap<(String, i32), i64> = HashMap::new();
+    for topic in topics {
+        let md = tokio::task::block_in_place(|| consumer.fetch_metadata(Some(topic), Duration::from_secs(10)))?;
+        for p in md.topics().iter().flat_map(|t| t.partitions()) {
+            let (_, high) =
+                tokio::task::block_in_place(|| consumer.fetch_watermarks(topic, p.id(), Duration::from_secs(10)))?;
+            let start = archived_to.get(&(topic.clone(), p.id())).map_or(Offset::Beginning, |o| Offset::Offset(o + 1));
+            let from = if let Offset::Offset(o) = start { o } else { 0 };
+            if from < high {
+                assign.add_partition_offset(topic, p.id(), start)?;
+                ends.insert((topic.clone(), p.id()), high);
+            }
+        }
+    }
+    if ends.is_empty() {
+        return Ok((0, 0));
+    }
+    consumer.assign(&assign)?;
+    let (mut applied, mut rejected) = (0u64, 0u64);
+    let mut batch: Vec<Delivery> = Vec::new();
+    while !ends.is_empty() {
+        if shutdown.is_cancelled() {
+            return Err(ReplayError::Interrupted);
+        }
+        let polled = tokio::task::block_in_place(|| consumer.poll(Duration::from_millis(100)));
+        let idle = polled.is_none();
+        if let Some(m) = polled {
+            let m = m?;
+            let key = (m.topic().to_string(), m.partition());
+            if let Some(end) = ends.get(&key).copied() {
+                if m.offset() < end {
+                    batch.push(Delivery::from_message(&m));
+                }
+                if m.offset() + 1 >= end {
+                    ends.remove(&key);
+                }
+            }
+        }
+        if !batch.is_empty() && (batch.len() >= 500 || idle || ends.is_empty()) {
+            let mut writes = Vec::with_capacity(batch.len());
+            for d in batch.drain(..) {
+                match prepare(transforms, &d) {
+                    Prepared::Write(v) => writes.push(v),
+                    Prepared::Dead { .. } => rejected += 1, // the live consumer dead-letters it
+                }
+            }
+            applied += writes.len() as u64;
+            rejected += write(transforms, sink, &writes, shutdown).await?;
+        }
+    }
+    Ok((applied, rejected))
+}
+
+/// Renames every collection of the shadow over the live one, then drops live collections the
+/// rebuild did not produce (their documents no longer exist in the source).
+async fn swap(
+    client: &Client,
+    shadow: &str,
+    live: &str,
+    service_collections: &BTreeSet<String>,
+) -> Result<(), ReplayError> {
+    let admin = client.database("admin");
+    let built: Vec<String> = client.database(shadow).list_collection_names().await?;
+    for c in &built {
+        admin
+            .run_command(
+                doc! { "renameCollection": format!("{shadow}.{c}"), "to": format!("{live}.{c}"), "dropTarget": true },
+            )
+            .await?;
+    }
+    let live_db = client.database(live);
+    for c in live_db.list_collection_names().await? {
+        let ours = service_collections.contains(&c) || c.starts_with("_ficus");
+        if ours && !built.contains(&c) {
+            live_db.collection::<Document>(&c).drop().await?;
+        }
+    }
+    client.database(shadow).drop().await?;
+    info!(%live, "swapped the rebuilt database in");
+    Ok(())
+}
+
+fn progress_bar(total: u64) -> indicatif::ProgressBar {
+    if !std::io::stderr().is_terminal() {
+        return indicatif::ProgressBar::hidden();
+    }
+    let bar = indicatif::ProgressBar::new(total);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("replay {bar:40} {pos}/{len} events {per_sec} eta {eta}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    bar
+}
