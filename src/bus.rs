@@ -88,6 +88,8 @@ pub fn client_config(cfg: &KafkaConfig, role: ClientRole, client_id: &str) -> Cl
         ClientRole::Consumer => {
             c.set("auto.offset.reset", "earliest");
             c.set("fetch.wait.max.ms", "100");
+            // Feeds ficus_consumer_lag (see consume::DrainContext).
+            c.set("statistics.interval.ms", "5000");
             c.set("session.timeout.ms", "30000");
             c.set("partition.assignment.strategy", "cooperative-sticky");
         }

@@ -53,6 +53,13 @@ pub struct TailState {
     pub updated_at: DateTime,
     /// Cluster time of the newest change covered (for lag and token age in `ficus status`).
     pub last_event_time: Option<DateTime>,
+    /// When the position the resume token names was current at the source: a change's time,
+    /// or, for a post-batch token from a quiet period, when the empty batch came back.
+    #[serde(default)]
+    pub token_time: Option<DateTime>,
+    /// The lease epoch of the tailer that wrote it: a save from an older epoch is refused.
+    #[serde(default)]
+    pub epoch: Option<i64>,
 }
 
 /// Errors from the checkpoint store.
@@ -62,16 +69,28 @@ pub enum CheckpointError {
     Mongo(#[from] mongodb::error::Error),
     #[error("checkpoint for {source_name} is unreadable: {reason}")]
     Corrupt { source_name: String, reason: String },
+    #[error("checkpoint for {source_name} belongs to a newer lease holder: this tailer lost its lease")]
+    Fenced { source_name: String },
 }
 
 /// Durable tail state.
 pub trait CheckpointStore: Send + Sync {
     fn load(&self, source: &str) -> impl Future<Output = Result<Option<TailState>, CheckpointError>> + Send;
     fn save(&self, state: &TailState) -> impl Future<Output = Result<(), CheckpointError>> + Send;
-    fn clear(&self, source: &str) -> impl Future<Output = Result<(), CheckpointError>> + Send;
+    /// Removes the checkpoint (for a re-snapshot), unless a newer lease epoch wrote it.
+    fn clear(&self, source: &str, epoch: Option<i64>) -> impl Future<Output = Result<(), CheckpointError>> + Send;
+}
+
+/// Matches the source's checkpoint unless a newer lease epoch wrote it.
+fn fenced(source: &str, epoch: Option<i64>) -> Document {
+    match epoch {
+        Some(e) => doc! { "_id": source, "$or": [ { "epoch": { "$lte": e } }, { "epoch": null } ] },
+        None => doc! { "_id": source },
+    }
 }
 
 /// The MongoDB checkpoint store.
+
 #[derive(Clone)]
 pub struct MongoCheckpoints {
     coll: Collection<Document>,
@@ -102,15 +121,19 @@ impl CheckpointStore for MongoCheckpoints {
     async fn save(&self, state: &TailState) -> Result<(), CheckpointError> {
         let d = bson::serialize_to_document(state)
             .map_err(|e| CheckpointError::Corrupt { source_name: state.source.clone(), reason: e.to_string() })?;
-        self.coll
-            .replace_one(doc! { "_id": &state.source }, d)
-            .with_options(ReplaceOptions::builder().upsert(true).build())
-            .await?;
-        Ok(())
+        let filter = fenced(&state.source, state.epoch);
+        match self.coll.replace_one(filter, d).with_options(ReplaceOptions::builder().upsert(true).build()).await {
+            Ok(_) => Ok(()),
+            // A newer epoch's checkpoint is there: the upsert's insert collided with it.
+            Err(e) if crate::mongo::error_code(&e) == Some(11000) => {
+                Err(CheckpointError::Fenced { source_name: state.source.clone() })
+            }
+            Err(e) => Err(e.into()),
+        }
     }
 
-    async fn clear(&self, source: &str) -> Result<(), CheckpointError> {
-        self.coll.delete_one(doc! { "_id": source }).await?;
+    async fn clear(&self, source: &str, epoch: Option<i64>) -> Result<(), CheckpointError> {
+        self.coll.delete_one(fenced(source, epoch)).await?;
         Ok(())
     }
 }

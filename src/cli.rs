@@ -23,8 +23,11 @@ use crate::definitions::Report;
 use crate::sink::MongoSink;
 use crate::store::{Archiver, EventStore};
 
+use crate::checkpoint::CheckpointError;
+use crate::lease::Lease;
+use crate::ops::Health;
 use crate::source::MongoSource;
-use crate::tail::Tailer;
+use crate::tail::{TailError, Tailer};
 use crate::topics::{self, Topics};
 use crate::transform::{self, ServiceTransforms};
 
@@ -58,6 +61,8 @@ enum Command {
     },
     /// Run the daemon.
     Run(RunArgs),
+    /// Each stage's position, lag and health, from checkpoints and consumer-group offsets.
+    Status,
     /// Rebuild a service database from the event store plus the live tail.
     Replay {
         #[arg(long = "service", value_name = "NAME")]
@@ -134,6 +139,9 @@ struct RunArgs {
     /// ...collected for at most this many milliseconds.
     #[arg(long, default_value_t = 50)]
     batch_wait_ms: u64,
+    /// /readyz reports a role that made no progress for this many seconds as stalled.
+    #[arg(long, default_value_t = 60)]
+    stall_secs: u64,
     /// How long a delete's tombstone is kept to refuse late older writes; must exceed Kafka retention.
     #[arg(long, default_value_t = 14)]
     tombstone_ttl_days: u64,
@@ -218,6 +226,10 @@ async fn dispatch(cli: Cli) -> ExitCode {
         Command::Topics { action } => topics_cmd(&loaded, action).await,
         Command::Run(args) => run(loaded, args).await,
         Command::Dlq { action: DlqAction::Replay { service } } => dlq_replay(&loaded, &service).await,
+        Command::Status => crate::status::collect(&loaded.config, &loaded.topics, &loaded.services).await.map(|rows| {
+            print!("{}", crate::status::render(&rows));
+            ExitCode::SUCCESS
+        }),
         Command::Replay { service, in_place, from } => replay_cmd(&loaded, &service, in_place, from).await,
         Command::Verify { service, sample, gate, settle } => verify_cmd(&loaded, &service, sample, gate, settle).await,
     };
@@ -397,40 +409,27 @@ fn print_topic(report: &crate::bus::TopicReport) -> usize {
 async fn run(loaded: Loaded, args: RunArgs) -> anyhow::Result<ExitCode> {
     let cfg = &loaded.config;
     info!("ficus {} starting: {}", env!("CARGO_PKG_VERSION"), cfg.describe());
-    if let Some(addr) = args.metrics_addr {
-        metrics_exporter_prometheus::PrometheusBuilder::new()
-            .with_http_listener(addr)
-            .install()
-            .with_context(|| format!("serving metrics on {addr}"))?;
-        info!(%addr, "serving Prometheus metrics");
-    }
     let shutdown = CancellationToken::new();
     spawn_signal_handler(shutdown.clone());
+    let health = Health::new(Duration::from_secs(args.stall_secs));
+    if let Some(addr) = args.metrics_addr {
+        let handle = crate::ops::install_metrics().context("installing the metrics recorder")?;
+        let bound = crate::ops::serve(addr, handle, health.clone(), shutdown.clone())
+            .await
+            .with_context(|| format!("serving /metrics, /healthz, /readyz on {addr}"))?;
+        info!(addr = %bound, "serving /metrics, /healthz and /readyz");
+    }
 
     let mut tasks = tokio::task::JoinSet::new();
     if args.roles.contains(&Role::Tail) {
-        let collections: Vec<String> = loaded.topics.collections().map(String::from).collect();
-        let source = MongoSource::connect(&cfg.source.uri, &cfg.source.db, collections).await?;
-        let store_client = crate::mongo::connect(&cfg.store.uri, "store").await?;
-        let checkpoints = MongoCheckpoints::new(&store_client.database(&cfg.store.db));
-        let publisher = Arc::new(KafkaPublisher::new(&cfg.kafka, &format!("ficus-tail-{}", cfg.source.name))?);
-        let tailer = Tailer {
-            source_name: cfg.source.name.clone(),
+        let role = TailRole {
+            cfg: cfg.clone(),
             topics: loaded.topics.clone(),
-            source,
-            publisher: publisher.clone(),
-            checkpoints,
-            tail: cfg.tail.clone(),
-            snapshot: cfg.snapshot.clone(),
+            resnapshot: args.resnapshot,
+            health: health.clone(),
         };
         let token = shutdown.clone();
-        let resnapshot = args.resnapshot;
-        tasks.spawn(async move {
-            let r = tailer.run(token.clone(), resnapshot).await.map_err(anyhow::Error::from);
-            // Everything handed to Kafka was awaited by the tailer; flush is a last guard.
-            let _ = tokio::task::spawn_blocking(move || publisher.flush(Duration::from_secs(10))).await;
-            r.context("tail")
-        });
+        tasks.spawn(async move { role.run(token).await.context("tail") });
     }
 
     if args.roles.contains(&Role::Consume) {
@@ -446,6 +445,7 @@ async fn run(loaded: Loaded, args: RunArgs) -> anyhow::Result<ExitCode> {
             .await
             .with_context(|| format!("opening {}", service.database()))?;
             let consumer = ServiceConsumer {
+                health: health.clone(),
                 transforms: service.clone(),
                 sink,
                 kafka: cfg.kafka.clone(),
@@ -464,6 +464,7 @@ async fn run(loaded: Loaded, args: RunArgs) -> anyhow::Result<ExitCode> {
         let store_client = crate::mongo::connect(&cfg.store.uri, "archive").await?;
         let store = EventStore::open(&store_client.database(&cfg.store.db)).await.context("opening the event store")?;
         let archiver = Archiver {
+            health: health.clone(),
             store,
             kafka: cfg.kafka.clone(),
             topics: loaded.topics.defs.iter().map(|d| d.topic.clone()).collect(),
@@ -491,6 +492,7 @@ async fn run(loaded: Loaded, args: RunArgs) -> anyhow::Result<ExitCode> {
         let Some(joined) = next else { break };
         let outcome = joined.map_err(anyhow::Error::from).and_then(|r| r);
         if let Err(e) = outcome {
+            metrics::counter!("ficus_errors_total", "stage" => "run", "kind" => "fatal").increment(1);
             if failure.is_none() {
                 failure = Some(e);
             }
@@ -507,6 +509,99 @@ async fn run(loaded: Loaded, args: RunArgs) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// The tail role: waits for the source's lease, tails while holding it, and stands by again if
+/// it loses it (a paused process whose lease expired); releases it on a clean stop so a standby
+/// takes over at once.
+struct TailRole {
+    cfg: Config,
+    topics: Arc<Topics>,
+    resnapshot: bool,
+    health: Health,
+}
+
+impl TailRole {
+    async fn run(mut self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        let cfg = &self.cfg;
+        let store_client = crate::mongo::connect(&cfg.store.uri, "tail").await?;
+        let store = store_client.database(&cfg.store.db);
+        let lease = Lease::new(&store, &cfg.source.name, &holder_id(), cfg.tail.lease_ttl);
+        let collections: Vec<String> = self.topics.collections().map(String::from).collect();
+        let source = MongoSource::connect(&cfg.source.uri, &cfg.source.db, collections).await?;
+        loop {
+            let Some(epoch) = lease.acquire(&shutdown, &self.health).await? else { return Ok(()) };
+            let active = shutdown.child_token();
+            let renewal = tokio::spawn(keep_lease(lease.clone(), epoch, active.clone()));
+            let publisher = Arc::new(KafkaPublisher::new(&cfg.kafka, &format!("ficus-tail-{}", cfg.source.name))?);
+            let tailer = Tailer {
+                source_name: cfg.source.name.clone(),
+                topics: self.topics.clone(),
+                source: source.clone(),
+                publisher: publisher.clone(),
+                checkpoints: MongoCheckpoints::new(&store),
+                tail: cfg.tail.clone(),
+                snapshot: cfg.snapshot.clone(),
+                epoch: Some(epoch),
+                health: self.health.clone(),
+            };
+            let result = tailer.run(active.clone(), std::mem::take(&mut self.resnapshot)).await;
+            renewal.abort();
+            // Everything handed to Kafka was awaited by the tailer; flush is a last guard.
+            let _ = tokio::task::spawn_blocking(move || publisher.flush(Duration::from_secs(10))).await;
+            match result {
+                Ok(()) if shutdown.is_cancelled() => {
+                    let _ = lease.release(epoch).await;
+                    return Ok(());
+                }
+                Ok(()) | Err(TailError::Checkpoint(CheckpointError::Fenced { .. })) => {
+                    warn!(source = %cfg.source.name, "lost the lease; standing by");
+                    metrics::gauge!("ficus_lease_held", "source" => cfg.source.name.clone()).set(0.0);
+                }
+                Err(e) => {
+                    let _ = lease.release(epoch).await;
+                    return Err(e.into());
+                }
+            }
+        }
+    }
+}
+
+/// Renews the lease every third of its life; cancels `active` if it is lost or cannot be
+/// renewed before it would expire.
+async fn keep_lease(lease: Lease, epoch: i64, active: CancellationToken) {
+    let mut renewed = std::time::Instant::now();
+    loop {
+        tokio::select! {
+            _ = active.cancelled() => return,
+            _ = tokio::time::sleep(lease.ttl() / 3) => {}
+        }
+        match lease.renew(epoch).await {
+            Ok(true) => renewed = std::time::Instant::now(),
+            Ok(false) => {
+                error!("the tail lease was taken over; stopping this tailer");
+                active.cancel();
+                return;
+            }
+            Err(e) if renewed.elapsed() >= lease.ttl() => {
+                error!("the tail lease could not be renewed before it expired ({e}); stopping this tailer");
+                active.cancel();
+                return;
+            }
+            Err(e) => warn!("lease renewal failed, retrying: {e}"),
+        }
+    }
+}
+
+/// Identifies this process in the lease: host name and process id.
+fn holder_id() -> String {
+    let host = std::env::var("HOSTNAME")
+        .ok()
+        .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "localhost".into());
+    format!("{host}:{}", std::process::id())
 }
 
 fn select_services(all: &[Arc<ServiceTransforms>], wanted: &[String]) -> anyhow::Result<Vec<Arc<ServiceTransforms>>> {

@@ -92,6 +92,7 @@ pub struct TailFile {
     pub checkpoint_interval_ms: Option<u64>,
     pub max_await_ms: Option<u64>,
     pub batch_size: Option<u32>,
+    pub lease_ttl_ms: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -161,6 +162,8 @@ pub struct TailConfig {
     /// How long one change-stream getMore waits for new changes.
     pub max_await: Duration,
     pub batch_size: u32,
+    /// How long a tailer's lease lasts unrenewed: a standby takes over within it.
+    pub lease_ttl: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -263,6 +266,7 @@ impl Config {
             positive("tail.checkpoint_interval_ms", f.tail.checkpoint_interval_ms, 1000, &mut err);
         let max_await = positive("tail.max_await_ms", f.tail.max_await_ms, 1000, &mut err);
         let tail_batch = positive("tail.batch_size", f.tail.batch_size.map(u64::from), 1000, &mut err) as u32;
+        let lease_ttl = positive("tail.lease_ttl_ms", f.tail.lease_ttl_ms, 15_000, &mut err);
         let snap_batch = positive("snapshot.batch_size", f.snapshot.batch_size.map(u64::from), 1000, &mut err) as u32;
 
         let cfg = Config {
@@ -282,6 +286,7 @@ impl Config {
                 checkpoint_interval: Duration::from_millis(checkpoint_interval),
                 max_await: Duration::from_millis(max_await),
                 batch_size: tail_batch,
+                lease_ttl: Duration::from_millis(lease_ttl),
             },
             snapshot: SnapshotConfig {
                 batch_size: snap_batch,

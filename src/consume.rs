@@ -30,6 +30,7 @@ use crate::bus::{BusError, ClientRole, client_config};
 use crate::config::KafkaConfig;
 use crate::event::CanonicalEvent;
 use crate::mongo::ErrorClass;
+use crate::ops::Health;
 use crate::retry::with_backoff;
 use crate::sink::{Sink, SinkError, Versioned};
 use crate::transform::ServiceTransforms;
@@ -63,13 +64,33 @@ pub fn group_id(service: &str) -> String {
     format!("ficus.{service}")
 }
 
-/// Commits stored offsets when partitions are revoked, and tells the loop a rebalance happened.
-#[derive(Default)]
+/// Commits stored offsets when partitions are revoked, tells the loop a rebalance happened, and
+/// publishes librdkafka's per-partition consumer lag as `ficus_consumer_lag`.
 pub struct DrainContext {
+    group: String,
     rebalanced: AtomicBool,
 }
 
-impl ClientContext for DrainContext {}
+impl DrainContext {
+    pub fn new(group: &str) -> Self {
+        DrainContext { group: group.to_string(), rebalanced: AtomicBool::new(false) }
+    }
+}
+
+impl ClientContext for DrainContext {
+    fn stats(&self, stats: rdkafka::Statistics) {
+        for (topic, t) in &stats.topics {
+            for (partition, p) in &t.partitions {
+                // librdkafka's internal "unassigned" partition is -1; unknown lag is -1 too.
+                if *partition >= 0 && p.consumer_lag >= 0 {
+                    let labels =
+                        [("group", self.group.clone()), ("topic", topic.clone()), ("partition", partition.to_string())];
+                    metrics::gauge!("ficus_consumer_lag", &labels).set(p.consumer_lag as f64);
+                }
+            }
+        }
+    }
+}
 
 impl ConsumerContext for DrainContext {
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
@@ -221,6 +242,11 @@ pub async fn process_batch<S: Sink>(
     }
     metrics::histogram!("ficus_consume_apply_seconds", "service" => service.clone())
         .record(started.elapsed().as_secs_f64());
+    let now = DateTime::now();
+    let e2e = metrics::histogram!("ficus_end_to_end_latency_seconds", "service" => service.clone());
+    for (_, v) in &writes {
+        e2e.record(now.saturating_duration_since(v.event_time).as_secs_f64());
+    }
     metrics::histogram!("ficus_consume_batch_size", "service" => service.clone()).record(batch.len() as f64);
     metrics::counter!("ficus_events_applied_total", "service" => service).increment(writes.len() as u64);
     Ok(())
@@ -229,6 +255,7 @@ pub async fn process_batch<S: Sink>(
 /// The consume role for one service.
 pub struct ServiceConsumer<S> {
     pub transforms: Arc<ServiceTransforms>,
+    pub health: Health,
     pub sink: S,
     pub kafka: KafkaConfig,
     pub batch_max: usize,
@@ -238,20 +265,22 @@ pub struct ServiceConsumer<S> {
 impl<S: Sink> ServiceConsumer<S> {
     /// Runs until shutdown (finishing the batch at hand and committing) or a fatal error.
     pub async fn run(&self, shutdown: CancellationToken) -> Result<(), ConsumeError> {
-        with_backoff(
-            &format!("consume:{}", self.transforms.service()),
-            &shutdown,
-            || self.attempt(&shutdown),
-            ConsumeError::is_transient,
-        )
-        .await
+        let role = format!("consume:{}", self.transforms.service());
+        let attempt = || async {
+            let r = self.attempt(&shutdown).await;
+            if r.is_err() {
+                self.health.disconnected(&role);
+            }
+            r
+        };
+        with_backoff(&role, &shutdown, attempt, ConsumeError::is_transient).await
     }
 
     async fn attempt(&self, shutdown: &CancellationToken) -> Result<(), ConsumeError> {
         let service = self.transforms.service();
         let mut cfg = client_config(&self.kafka, ClientRole::Consumer, &format!("ficus-consume-{service}"));
         cfg.set("group.id", group_id(service));
-        let consumer: StreamConsumer<DrainContext> = cfg.create_with_context(DrainContext::default())?;
+        let consumer: StreamConsumer<DrainContext> = cfg.create_with_context(DrainContext::new(&group_id(service)))?;
         let topics: Vec<String> = self.transforms.topics().into_iter().collect();
         let refs: Vec<&str> = topics.iter().map(String::as_str).collect();
         consumer.subscribe(&refs)?;
@@ -273,7 +302,10 @@ impl<S: Sink> ServiceConsumer<S> {
         dlq: &DeadLetters,
         shutdown: &CancellationToken,
     ) -> Result<(), ConsumeError> {
-        while let Some(batch) = next_batch(consumer, self.batch_max, self.batch_wait, shutdown).await? {
+        let role = format!("consume:{}", self.transforms.service());
+        while let Some(batch) =
+            next_batch(consumer, self.batch_max, self.batch_wait, shutdown, (&self.health, &role)).await?
+        {
             process_batch(&self.transforms, &self.sink, dlq, &batch, shutdown).await?;
             store_offsets(consumer, &batch)?;
         }
@@ -290,11 +322,19 @@ pub async fn next_batch(
     max: usize,
     wait: Duration,
     shutdown: &CancellationToken,
+    health: (&Health, &str),
 ) -> Result<Option<Vec<Delivery>>, rdkafka::error::KafkaError> {
     loop {
-        let first = tokio::select! {
-            _ = shutdown.cancelled() => return Ok(None),
-            m = consumer.recv() => m?,
+        // Idle is healthy: beat while waiting for the first message.
+        let first = loop {
+            health.0.beat(health.1);
+            tokio::select! {
+                _ = shutdown.cancelled() => return Ok(None),
+                m = tokio::time::timeout(Duration::from_secs(5), consumer.recv()) => match m {
+                    Ok(m) => break m?,
+                    Err(_) => continue,
+                },
+            }
         };
         let mut batch = vec![Delivery::from_message(&first)];
         drop(first);

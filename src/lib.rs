@@ -29,6 +29,9 @@
 //!   same transform-and-write path, in a shadow database swapped in when caught up.
 //! - [`verify`]: proves a service database equals the transforms applied to the source.
 
+//! - [`lease`]: one active tailer per source, fenced checkpoints.
+//! - [`ops`]: `/metrics`, `/healthz`, `/readyz` and the roles' health registry.
+//! - [`status`]: `ficus status`, every stage's position, lag and health, read from outside.
 //! - [`mongo`], [`retry`]: shared connection, error classification and backoff.
 //! - [`workload`]: reference documents in the monolith's shapes, for the demo, tests and benches.
 //! - [`cli`]: the binary's edge.
@@ -40,12 +43,15 @@ pub mod config;
 pub mod consume;
 pub mod definitions;
 pub mod event;
+pub mod lease;
 pub mod mapping;
 pub mod mongo;
+pub mod ops;
 pub mod replay;
 pub mod retry;
 pub mod sink;
 pub mod source;
+pub mod status;
 pub mod store;
 pub mod tail;
 pub mod topics;

@@ -48,7 +48,7 @@ where
         .sleep(sleeper)
         .when(|e| transient(e))
         .notify(|e, d| {
-            metrics::counter!("ficus_retries_total", "stage" => what.to_string()).increment(1);
+            metrics::counter!("ficus_errors_total", "stage" => what.to_string(), "kind" => "transient").increment(1);
             tracing::warn!(stage = what, error = %e, "transient failure; retrying in {:.1}s", d.as_secs_f64());
         })
         .await

@@ -40,6 +40,8 @@ pub struct Versioned {
     pub event_id: String,
     pub source_collection: String,
     pub source_id: Bson,
+    /// When the change happened at the source (for end-to-end latency).
+    pub event_time: bson::DateTime,
     pub ops: Vec<WriteOp>,
 }
 
@@ -51,6 +53,7 @@ impl Versioned {
             event_id: ev.id.clone(),
             source_collection: ev.data.collection.clone(),
             source_id: ev.data.document_id.clone(),
+            event_time: ev.time,
             ops,
         }
     }

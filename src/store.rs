@@ -26,6 +26,7 @@ use crate::config::KafkaConfig;
 use crate::consume::{DrainContext, next_batch, store_offsets};
 use crate::event::CanonicalEvent;
 use crate::mongo::{self, ErrorClass};
+use crate::ops::Health;
 use crate::retry::with_backoff;
 
 pub const EVENTS: &str = "events";
@@ -200,17 +201,25 @@ pub struct Archiver {
     pub topics: Vec<String>,
     pub batch_max: usize,
     pub batch_wait: Duration,
+    pub health: Health,
 }
 
 impl Archiver {
     pub async fn run(&self, shutdown: CancellationToken) -> Result<(), StoreError> {
-        with_backoff("archive", &shutdown, || self.attempt(&shutdown), StoreError::is_transient).await
+        let attempt = || async {
+            let r = self.attempt(&shutdown).await;
+            if r.is_err() {
+                self.health.disconnected("archive");
+            }
+            r
+        };
+        with_backoff("archive", &shutdown, attempt, StoreError::is_transient).await
     }
 
     async fn attempt(&self, shutdown: &CancellationToken) -> Result<(), StoreError> {
         let mut cfg = client_config(&self.kafka, ClientRole::Consumer, "ficus-archive");
         cfg.set("group.id", ARCHIVE_GROUP);
-        let consumer: StreamConsumer<DrainContext> = cfg.create_with_context(DrainContext::default())?;
+        let consumer: StreamConsumer<DrainContext> = cfg.create_with_context(DrainContext::new(ARCHIVE_GROUP))?;
         let refs: Vec<&str> = self.topics.iter().map(String::as_str).collect();
         consumer.subscribe(&refs)?;
         info!(group = ARCHIVE_GROUP, topics = ?self.topics, "archiving");
@@ -224,7 +233,9 @@ impl Archiver {
         consumer: &StreamConsumer<DrainContext>,
         shutdown: &CancellationToken,
     ) -> Result<(), StoreError> {
-        while let Some(raw) = next_batch(consumer, self.batch_max, self.batch_wait, shutdown).await? {
+        while let Some(raw) =
+            next_batch(consumer, self.batch_max, self.batch_wait, shutdown, (&self.health, "archive")).await?
+        {
             let mut batch = Vec::with_capacity(raw.len());
             for d in &raw {
                 match CanonicalEvent::decode(&d.payload) {

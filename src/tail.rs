@@ -32,6 +32,7 @@ use crate::config::{OnHistoryLost, SnapshotConfig, TailConfig};
 use crate::event::Op;
 use crate::mapping::{ChangeRecord, map_change};
 use crate::mongo::ErrorClass;
+use crate::ops::Health;
 use crate::retry::with_backoff;
 use crate::source::{MongoSource, SourceError, StartAt, to_record, token_doc};
 use crate::topics::Topics;
@@ -55,7 +56,7 @@ impl TailError {
             TailError::Source(e) => e.class() == ErrorClass::Transient,
             TailError::Bus(e) => e.is_transient(),
             TailError::Checkpoint(CheckpointError::Mongo(e)) => crate::mongo::classify(e) == ErrorClass::Transient,
-            TailError::Checkpoint(CheckpointError::Corrupt { .. }) => false,
+            TailError::Checkpoint(CheckpointError::Corrupt { .. } | CheckpointError::Fenced { .. }) => false,
             TailError::Reader(_) => true,
         }
     }
@@ -70,6 +71,9 @@ pub struct Tailer<P, C> {
     pub checkpoints: C,
     pub tail: TailConfig,
     pub snapshot: SnapshotConfig,
+    /// The lease epoch this tailer holds (fences its checkpoints); `None` without a lease.
+    pub epoch: Option<i64>,
+    pub health: Health,
 }
 
 /// Where one published change leaves the checkpoint once all its events are acknowledged.
@@ -79,6 +83,8 @@ struct Covered {
     cluster_time: Timestamp,
     index: u32,
     event_time: Option<DateTime>,
+    /// When the token's position was current at the source.
+    token_time: DateTime,
 }
 
 /// What the reader hands the publisher.
@@ -90,6 +96,7 @@ enum Item {
     /// An empty batch: the post-batch resume token, which moves the checkpoint in quiet periods.
     Quiet {
         token: Document,
+        at: DateTime,
     },
 }
 
@@ -102,7 +109,14 @@ impl<P: Publisher + 'static, C: CheckpointStore> Tailer<P, C> {
             &shutdown,
             || {
                 let fresh = std::mem::take(&mut resnapshot);
-                self.attempt(&shutdown, fresh)
+                let shutdown = &shutdown;
+                async move {
+                    let r = self.attempt(shutdown, fresh).await;
+                    if r.is_err() {
+                        self.health.disconnected("tail");
+                    }
+                    r
+                }
             },
             TailError::is_transient,
         )
@@ -112,7 +126,7 @@ impl<P: Publisher + 'static, C: CheckpointStore> Tailer<P, C> {
     async fn attempt(&self, shutdown: &CancellationToken, resnapshot: bool) -> Result<(), TailError> {
         if resnapshot {
             warn!(source = %self.source_name, "re-snapshot requested: discarding the checkpoint");
-            self.checkpoints.clear(&self.source_name).await?;
+            self.checkpoints.clear(&self.source_name, self.epoch).await?;
         }
         loop {
             if shutdown.is_cancelled() {
@@ -134,7 +148,7 @@ impl<P: Publisher + 'static, C: CheckpointStore> Tailer<P, C> {
                 {
                     warn!(source = %self.source_name, %detail, "change stream history lost: taking a fresh snapshot (tail.on_history_lost = resnapshot)");
                     metrics::counter!("ficus_tail_resnapshots_total").increment(1);
-                    self.checkpoints.clear(&self.source_name).await?;
+                    self.checkpoints.clear(&self.source_name, self.epoch).await?;
                 }
                 other => return other,
             }
@@ -150,6 +164,8 @@ impl<P: Publisher + 'static, C: CheckpointStore> Tailer<P, C> {
             stream: None,
             updated_at: DateTime::now(),
             last_event_time: None,
+            token_time: None,
+            epoch: self.epoch,
         };
         self.checkpoints.save(&state).await?;
         Ok(state)
@@ -214,13 +230,14 @@ impl<P: Publisher + 'static, C: CheckpointStore> Tailer<P, C> {
                     acks.extend(self.publish(def.topic.as_str(), record).await?);
                 }
                 try_join_all(acks).await?;
+                self.health.beat("tail");
                 progress.current = Some(coll.to_string());
                 progress.last_id = Some(next_id.clone());
                 progress.copied += n;
                 last_id = Some(next_id);
                 state.snapshot = Some(progress.clone());
                 state.updated_at = DateTime::now();
-                self.checkpoints.save(state).await?;
+                self.save(state).await?;
                 metrics::counter!("ficus_snapshot_documents_total", "collection" => coll.to_string()).increment(n);
                 if let Some(b) = &bar {
                     b.set_position(progress.copied);
@@ -234,7 +251,7 @@ impl<P: Publisher + 'static, C: CheckpointStore> Tailer<P, C> {
             progress.current = None;
             progress.last_id = None;
             state.snapshot = Some(progress.clone());
-            self.checkpoints.save(state).await?;
+            self.save(state).await?;
             info!(source = %self.source_name, collection = coll, copied = progress.copied, "snapshot: collection copied");
         }
         if let Some(b) = bar {
@@ -244,7 +261,7 @@ impl<P: Publisher + 'static, C: CheckpointStore> Tailer<P, C> {
         state.snapshot = None;
         state.stream = Some(StreamPosition { resume_token: None, cluster_time: progress.start_time, index: 0 });
         state.updated_at = DateTime::now();
-        self.checkpoints.save(state).await?;
+        self.save(state).await?;
         Ok(())
     }
 
@@ -278,7 +295,14 @@ impl<P: Publisher + 'static, C: CheckpointStore> Tailer<P, C> {
 
         let (tx, mut rx) = mpsc::channel::<Item>(self.tail.batch_size as usize * 2);
         let reader_stop = shutdown.child_token();
-        let reader = tokio::spawn(read_changes(stream, tx, reader_stop.clone(), pos.cluster_time, pos.index));
+        let reader = tokio::spawn(read_changes(
+            stream,
+            tx,
+            reader_stop.clone(),
+            pos.cluster_time,
+            pos.index,
+            self.health.clone(),
+        ));
 
         let topics_by_coll: HashMap<&str, &str> =
             self.topics.defs.iter().map(|d| (d.collection.as_str(), d.topic.as_str())).collect();
@@ -310,7 +334,8 @@ impl<P: Publisher + 'static, C: CheckpointStore> Tailer<P, C> {
                 item = rx.recv(), if in_flight_events < self.tail.max_in_flight => {
                     match item {
                         Some(Item::Change { record, token }) => {
-                            let c = Covered { token, cluster_time: record.cluster_time, index: record.index, event_time: record.wall_time };
+                            let token_time = record.wall_time.unwrap_or_else(|| DateTime::from_millis(i64::from(record.cluster_time.time) * 1000));
+                            let c = Covered { token, cluster_time: record.cluster_time, index: record.index, event_time: record.wall_time, token_time };
                             sent = (record.cluster_time, record.index);
                             metrics::counter!("ficus_tail_changes_read_total", "collection" => record.collection.clone()).increment(1);
                             let Some(topic) = topics_by_coll.get(record.collection.as_str()).copied() else {
@@ -326,8 +351,8 @@ impl<P: Publisher + 'static, C: CheckpointStore> Tailer<P, C> {
                             pending_events.push_back(acks.len());
                             inflight.push_back(async move { try_join_all(acks).await.map(|_| c) }.boxed());
                         }
-                        Some(Item::Quiet { token }) => {
-                            let c = Covered { token, cluster_time: sent.0, index: sent.1, event_time: None };
+                        Some(Item::Quiet { token, at }) => {
+                            let c = Covered { token, cluster_time: sent.0, index: sent.1, event_time: None, token_time: at };
                             inflight.push_back(futures::future::ready(Ok(c)).boxed());
                             pending_events.push_back(0);
                         }
@@ -335,6 +360,10 @@ impl<P: Publisher + 'static, C: CheckpointStore> Tailer<P, C> {
                     }
                 }
                 _ = tick.tick() => {
+                    if let Some(t) = state.token_time {
+                        let age = DateTime::now().saturating_duration_since(t).as_secs_f64();
+                        metrics::gauge!("ficus_tail_checkpoint_age_seconds").set(age);
+                    }
                     if dirty {
                         if let Err(e) = self.save_stream(state, covered.as_ref()).await { break Err(e); }
                         saved_at = Instant::now();
@@ -380,6 +409,14 @@ impl<P: Publisher + 'static, C: CheckpointStore> Tailer<P, C> {
         outcome
     }
 
+    /// Saves the state under this tailer's lease epoch.
+    async fn save(&self, state: &mut TailState) -> Result<(), TailError> {
+        state.epoch = self.epoch;
+        state.updated_at = DateTime::now();
+        self.checkpoints.save(state).await?;
+        Ok(())
+    }
+
     async fn save_stream(&self, state: &mut TailState, covered: Option<&Covered>) -> Result<(), TailError> {
         let Some(c) = covered else { return Ok(()) };
         state.stream =
@@ -387,10 +424,9 @@ impl<P: Publisher + 'static, C: CheckpointStore> Tailer<P, C> {
         if c.event_time.is_some() {
             state.last_event_time = c.event_time;
         }
-        state.updated_at = DateTime::now();
-        self.checkpoints.save(state).await?;
+        state.token_time = Some(c.token_time);
+        self.save(state).await?;
         metrics::counter!("ficus_tail_checkpoints_total").increment(1);
-        metrics::gauge!("ficus_tail_checkpoint_cluster_time_seconds").set(f64::from(c.cluster_time.time));
         Ok(())
     }
 }
@@ -403,23 +439,30 @@ async fn read_changes(
     stop: CancellationToken,
     mut last_time: Timestamp,
     mut last_index: u32,
+    health: Health,
 ) -> Result<(), SourceError> {
     while !stop.is_cancelled() {
-        match stream.next_if_any().await {
+        let next = stream.next_if_any().await;
+        if next.is_ok() {
+            health.beat("tail");
+        }
+        match next {
             Ok(Some(ev)) => {
                 let token = token_doc(&ev.id)?;
                 let mut record = to_record(ev)?;
                 record.index = if record.cluster_time == last_time { last_index + 1 } else { 1 };
                 last_time = record.cluster_time;
                 last_index = record.index;
-                metrics::gauge!("ficus_tail_last_cluster_time_seconds").set(f64::from(last_time.time));
+                metrics::gauge!("ficus_tail_lag_seconds").set(crate::ops::age_seconds(last_time.time));
                 if tx.send(Item::Change { record: Box::new(record), token }).await.is_err() {
                     return Ok(());
                 }
             }
             Ok(None) => {
+                // Nothing new: the stream is caught up with the source.
+                metrics::gauge!("ficus_tail_lag_seconds").set(0.0);
                 if let Some(t) = stream.resume_token()
-                    && tx.send(Item::Quiet { token: token_doc(&t)? }).await.is_err()
+                    && tx.send(Item::Quiet { token: token_doc(&t)?, at: DateTime::now() }).await.is_err()
                 {
                     return Ok(());
                 }

@@ -1,0 +1,149 @@
+//! What operators see of a running daemon: `/metrics`, `/healthz`, `/readyz` on one address.
+//!
+//! Roles report liveness through a shared [`Health`]: each beats while it makes progress (or is
+//! waiting for work it could do), and says whether it is connected. `/healthz` answers while
+//! the process runs; `/readyz` answers 200 only while every role is connected and has beaten
+//! within the stall timeout, and 503 naming the stalled roles otherwise. The registry is passed
+//! to the roles that report to it, like the shutdown token; nothing here is global but the
+//! metrics recorder itself, which the `metrics` facade requires.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::routing::get;
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use tokio_util::sync::CancellationToken;
+
+#[derive(Debug, Clone, Copy)]
+struct Beat {
+    at: Instant,
+    connected: bool,
+}
+
+/// Liveness of the roles in this process.
+#[derive(Clone)]
+pub struct Health {
+    roles: Arc<Mutex<BTreeMap<String, Beat>>>,
+    stall_after: Duration,
+}
+
+impl Health {
+    pub fn new(stall_after: Duration) -> Self {
+        Health { roles: Arc::default(), stall_after }
+    }
+
+    /// A role made progress (or is idle but able to work) and is connected.
+    pub fn beat(&self, role: &str) {
+        self.set(role, true);
+    }
+
+    /// A role lost its connection (it is retrying).
+    pub fn disconnected(&self, role: &str) {
+        self.set(role, false);
+    }
+
+    fn set(&self, role: &str, connected: bool) {
+        let mut roles = self.roles.lock().unwrap_or_else(|p| p.into_inner());
+        roles.insert(role.to_string(), Beat { at: Instant::now(), connected });
+        metrics::gauge!("ficus_role_ready", "role" => role.to_string()).set(if connected { 1.0 } else { 0.0 });
+    }
+
+    /// Roles that are not ready, with why; empty when all are.
+    pub fn problems(&self) -> Vec<String> {
+        let roles = self.roles.lock().unwrap_or_else(|p| p.into_inner());
+        let mut out = Vec::new();
+        for (role, beat) in roles.iter() {
+            if !beat.connected {
+                out.push(format!("{role}: disconnected, retrying"));
+            } else if beat.at.elapsed() > self.stall_after {
+                out.push(format!("{role}: no progress for {}s", beat.at.elapsed().as_secs()));
+            }
+        }
+        if roles.is_empty() {
+            out.push("no role has started yet".into());
+        }
+        out
+    }
+}
+
+/// Installs the Prometheus recorder (once per process) and returns its handle.
+pub fn install_metrics() -> Result<PrometheusHandle, metrics_exporter_prometheus::BuildError> {
+    let buckets = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];
+    PrometheusBuilder::new()
+        .set_buckets_for_metric(metrics_exporter_prometheus::Matcher::Suffix("_seconds".into()), &buckets)?
+        .set_buckets_for_metric(
+            metrics_exporter_prometheus::Matcher::Full("ficus_consume_batch_size".into()),
+            &[1.0, 10.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 5000.0],
+        )?
+        .install_recorder()
+}
+
+/// Serves `/metrics`, `/healthz` and `/readyz` until shutdown. Returns the bound address
+/// (useful with port 0).
+pub async fn serve(
+    addr: SocketAddr,
+    metrics: PrometheusHandle,
+    health: Health,
+    shutdown: CancellationToken,
+) -> std::io::Result<SocketAddr> {
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    let bound = listener.local_addr()?;
+    let app = Router::new()
+        .route("/metrics", get(|State((m, _)): State<(PrometheusHandle, Health)>| async move { m.render() }))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route(
+            "/readyz",
+            get(|State((_, h)): State<(PrometheusHandle, Health)>| async move {
+                let problems = h.problems();
+                if problems.is_empty() {
+                    (StatusCode::OK, "ready\n".to_string())
+                } else {
+                    (StatusCode::SERVICE_UNAVAILABLE, format!("not ready:\n{}\n", problems.join("\n")))
+                }
+            }),
+        )
+        .with_state((metrics.clone(), health));
+    // The handle's upkeep (histogram buckets) and the HTTP server both stop with the process.
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(5));
+        loop {
+            tick.tick().await;
+            metrics.run_upkeep();
+        }
+    });
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).with_graceful_shutdown(async move { shutdown.cancelled().await }).await;
+    });
+    Ok(bound)
+}
+
+/// Seconds from a cluster time to now (negative clocks clamp to 0).
+pub fn age_seconds(cluster_time_secs: u32) -> f64 {
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_secs_f64();
+    (now - f64::from(cluster_time_secs)).max(0.0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_role_that_stops_beating_is_not_ready() {
+        let h = Health::new(Duration::from_millis(50));
+        assert_eq!(h.problems(), ["no role has started yet"]);
+        h.beat("tail");
+        assert!(h.problems().is_empty());
+        h.disconnected("consume:customers_db");
+        assert_eq!(h.problems(), ["consume:customers_db: disconnected, retrying"]);
+        h.beat("consume:customers_db");
+        std::thread::sleep(Duration::from_millis(80));
+        let p = h.problems();
+        assert_eq!(p.len(), 2, "{p:?}");
+        assert!(p[0].contains("no progress"));
+    }
+}
