@@ -90,7 +90,9 @@ pub fn client_config(cfg: &KafkaConfig, role: ClientRole, client_id: &str) -> Cl
             c.set("fetch.wait.max.ms", "100");
             // Feeds ficus_consumer_lag (see consume::DrainContext).
             c.set("statistics.interval.ms", "5000");
-            c.set("session.timeout.ms", "30000");
+            // A consumer that dies holds its partitions this long before the group moves them.
+            c.set("session.timeout.ms", "10000");
+            c.set("heartbeat.interval.ms", "2000");
             c.set("partition.assignment.strategy", "cooperative-sticky");
         }
         ClientRole::Admin => {}

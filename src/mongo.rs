@@ -59,14 +59,23 @@ pub fn error_code(e: &Error) -> Option<i32> {
     }
 }
 
+/// Sorts a server error code (from a command's `writeErrors`, say).
+pub fn classify_code(code: i32) -> ErrorClass {
+    if HISTORY_LOST_CODES.contains(&code) {
+        ErrorClass::HistoryLost
+    } else if TRANSIENT_CODES.contains(&code) {
+        ErrorClass::Transient
+    } else {
+        ErrorClass::Fatal
+    }
+}
+
 /// Sorts a driver error.
 pub fn classify(e: &Error) -> ErrorClass {
     if let Some(code) = error_code(e) {
-        if HISTORY_LOST_CODES.contains(&code) {
-            return ErrorClass::HistoryLost;
-        }
-        if TRANSIENT_CODES.contains(&code) {
-            return ErrorClass::Transient;
+        let class = classify_code(code);
+        if class != ErrorClass::Fatal {
+            return class;
         }
     }
     if ["ResumableChangeStreamError", "RetryableWriteError", "TransientTransactionError", "NetworkError"]

@@ -64,12 +64,15 @@ impl Versioned {
 pub enum SinkError {
     #[error("target MongoDB: {}", mongo::describe(.0))]
     Mongo(#[from] mongodb::error::Error),
+    #[error("writing to {collection}: error {code}: {message}")]
+    Write { collection: String, code: i32, message: String },
 }
 
 impl SinkError {
     pub fn class(&self) -> ErrorClass {
         match self {
             SinkError::Mongo(e) => mongo::classify(e),
+            SinkError::Write { code, .. } => mongo::classify_code(*code),
         }
     }
 }
@@ -88,6 +91,8 @@ pub struct MongoSink {
 }
 
 const DUPLICATE_KEY: i32 = 11000;
+/// Statements per `update` command are cut well below MongoDB's 16 MB message limit.
+const MAX_COMMAND_BYTES: usize = 8 * 1024 * 1024;
 
 impl MongoSink {
     /// Opens the service database and makes sure ficus's indexes exist.
@@ -123,26 +128,67 @@ impl MongoSink {
         doc! { "v": &v.version, "src": { "c": &v.source_collection, "id": v.source_id.clone() }, "event": &v.event_id }
     }
 
-    /// Version-guarded replace-or-insert. A document that is newer, or a tombstone that is
-    /// newer, wins; either way the write is a no-op.
-    async fn upsert(&self, v: &Versioned, collection: &str, id: &Bson, mut doc: Document) -> Result<(), SinkError> {
-        let tomb = self
-            .db
-            .collection::<Document>(TOMBSTONES)
-            .find_one(doc! { "_id": { "c": collection, "id": id.clone() }, "v": { "$gte": &v.version } })
-            .await?;
-        if tomb.is_some() {
+    /// Version-guarded replace-or-insert of many documents of one collection, in as few round
+    /// trips as the 16 MB command limit allows: one query for tombstones, one `update` command
+    /// per chunk. A document that is newer, or a tombstone that is newer, wins; either way that
+    /// write is a no-op (the guard's failed upsert surfaces as a duplicate key, ignored).
+    async fn upsert_many(&self, collection: &str, items: Vec<(&Versioned, Bson, Document)>) -> Result<(), SinkError> {
+        let keys: Vec<Bson> =
+            items.iter().map(|(_, id, _)| Bson::Document(doc! { "c": collection, "id": id.clone() })).collect();
+        let mut tombs: HashMap<String, String> = HashMap::new();
+        let mut cursor = self.db.collection::<Document>(TOMBSTONES).find(doc! { "_id": { "$in": keys } }).await?;
+        while let Some(t) = cursor.try_next().await? {
+            if let (Ok(key), Ok(v)) = (t.get_document("_id"), t.get_str("v")) {
+                tombs.insert(key.get("id").map(Bson::to_string).unwrap_or_default(), v.to_string());
+            }
+        }
+        let mut statements: Vec<Document> = Vec::with_capacity(items.len());
+        let mut size = 0usize;
+        for (v, id, mut doc) in items {
+            if tombs.get(&id.to_string()).is_some_and(|t| t.as_str() >= v.version.as_str()) {
+                continue; // deleted by a newer event
+            }
+            doc.insert("_id", id.clone());
+            doc.insert(META, Self::meta(v));
+            size += bson::serialize_to_vec(&doc).map(|b| b.len()).unwrap_or(0) + 256;
+            let q = doc! { "_id": id, "$or": [ { "_ficus.v": { "$lt": &v.version } }, { "_ficus.v": { "$exists": false } } ] };
+            statements.push(doc! { "q": q, "u": doc, "upsert": true });
+            if size > MAX_COMMAND_BYTES {
+                self.run_updates(collection, std::mem::take(&mut statements)).await?;
+                size = 0;
+            }
+        }
+        self.run_updates(collection, statements).await
+    }
+
+    async fn run_updates(&self, collection: &str, statements: Vec<Document>) -> Result<(), SinkError> {
+        if statements.is_empty() {
             return Ok(());
         }
-        doc.insert("_id", id.clone());
-        doc.insert(META, Self::meta(v));
-        let filter = doc! { "_id": id.clone(), "$or": [ { "_ficus.v": { "$lt": &v.version } }, { "_ficus.v": { "$exists": false } } ] };
-        match self.db.collection::<Document>(collection).replace_one(filter, doc).upsert(true).await {
-            Ok(_) => Ok(()),
-            // The guard failed on an existing, newer document: the upsert's insert collided.
-            Err(e) if mongo::error_code(&e) == Some(DUPLICATE_KEY) => Ok(()),
-            Err(e) => Err(e.into()),
+        let reply = self
+            .db
+            .run_command(doc! {
+                "update": collection,
+                "updates": statements,
+                "ordered": false,
+                "writeConcern": { "w": "majority", "j": true },
+            })
+            .await?;
+        if let Ok(errors) = reply.get_array("writeErrors") {
+            for e in errors.iter().filter_map(Bson::as_document) {
+                let code = e.get_i32("code").unwrap_or(0);
+                if code != DUPLICATE_KEY {
+                    let message = e.get_str("errmsg").unwrap_or("").to_string();
+                    return Err(SinkError::Write { collection: collection.to_string(), code, message });
+                }
+            }
         }
+        if let Ok(wce) = reply.get_document("writeConcernError") {
+            let code = wce.get_i32("code").unwrap_or(0);
+            let message = wce.get_str("errmsg").unwrap_or("").to_string();
+            return Err(SinkError::Write { collection: collection.to_string(), code, message });
+        }
+        Ok(())
     }
 
     async fn delete(&self, v: &Versioned, collection: &str, id: Option<&Bson>) -> Result<(), SinkError> {
@@ -277,49 +323,42 @@ impl MongoSink {
             }
         }
     }
-
-    async fn apply_one(&self, v: &Versioned) -> Result<(), SinkError> {
-        for op in &v.ops {
-            match op {
-                WriteOp::Upsert { collection, id, doc } => self.upsert(v, collection, id, doc.clone()).await?,
-                WriteOp::Delete { collection, id } => self.delete(v, collection, id.as_ref()).await?,
-                WriteOp::Rollup { collection, group, member, count_field, distinct, group_fields } => {
-                    self.rollup(v, collection, group.as_ref(), member, count_field, distinct, group_fields).await?
-                }
-            }
-        }
-        Ok(())
-    }
 }
 
 impl Sink for MongoSink {
     async fn apply(&self, batch: &[Versioned]) -> Result<(), SinkError> {
-        // Writes to one document keep their order; different documents are independent. Only the
-        // newest write per plain upsert target matters, so older ones in the same batch are
-        // skipped (the version guard would refuse them anyway).
-        let mut newest: HashMap<(String, String), &str> = HashMap::new();
+        // Every write is version-guarded, so the final state does not depend on the order the
+        // writes land in (the property test in tests/sink_property.rs holds us to that). That
+        // allows: only the newest upsert per target document, all upserts of a collection in
+        // bulk, then deletes, then rollups.
+        let mut newest: HashMap<(&str, String), (&Versioned, &Bson, &Document)> = HashMap::new();
         for v in batch {
             for op in &v.ops {
-                if let WriteOp::Upsert { collection, id, .. } = op {
-                    let k = (collection.clone(), id.to_string());
-                    let e = newest.entry(k).or_insert(v.version.as_str());
-                    if *e < v.version.as_str() {
-                        *e = v.version.as_str();
+                if let WriteOp::Upsert { collection, id, doc } = op {
+                    let e = newest.entry((collection.as_str(), id.to_string())).or_insert((v, id, doc));
+                    if e.0.version < v.version {
+                        *e = (v, id, doc);
                     }
                 }
             }
         }
+        let mut by_collection: HashMap<&str, Vec<(&Versioned, Bson, Document)>> = HashMap::new();
+        for ((collection, _), (v, id, doc)) in newest {
+            by_collection.entry(collection).or_default().push((v, id.clone(), doc.clone()));
+        }
+        for (collection, items) in by_collection {
+            self.upsert_many(collection, items).await?;
+        }
         for v in batch {
-            let superseded = v.ops.iter().all(|op| match op {
-                WriteOp::Upsert { collection, id, .. } => {
-                    newest.get(&(collection.clone(), id.to_string())).is_some_and(|n| *n > v.version.as_str())
+            for op in &v.ops {
+                match op {
+                    WriteOp::Upsert { .. } => {}
+                    WriteOp::Delete { collection, id } => self.delete(v, collection, id.as_ref()).await?,
+                    WriteOp::Rollup { collection, group, member, count_field, distinct, group_fields } => {
+                        self.rollup(v, collection, group.as_ref(), member, count_field, distinct, group_fields).await?
+                    }
                 }
-                _ => false,
-            });
-            if superseded && !v.ops.is_empty() {
-                continue;
             }
-            self.apply_one(v).await?;
         }
         Ok(())
     }
