@@ -62,9 +62,15 @@ pids+=($ficus_pid)
 sleep 3
 echo "== live changes in the monolith"
 "$bin/ficus-demo" churn --changes 20
-sleep 2
+sleep 4
 echo "== what arrived on Kafka"
 "$bin/ficus-demo" peek
+echo "== what arrived in the service databases"
+"$bin/ficus-demo" targets
+echo "== ficus status"
+"$bin/ficus" status
+echo "== ficus verify --service products_db (the target equals the transforms applied to the monolith)"
+"$bin/ficus" verify --service products_db
 echo "== stopping ficus (SIGTERM: drain, checkpoint, exit 0)"
 kill -TERM "$ficus_pid"
 wait "$ficus_pid" && echo "ficus exited cleanly" || { echo "ficus exited with $?"; tail -20 "$work/ficus.log"; exit 1; }

@@ -179,7 +179,9 @@ impl DeadLetters {
         match self.producer.send(record, Duration::from_secs(30)).await {
             Ok(_) => {
                 metrics::counter!("ficus_events_dead_lettered_total", "service" => self.service.clone(), "topic" => d.topic.clone(), "stage" => stage.to_string()).increment(1);
-                warn!(service = %self.service, topic = %d.topic, partition = d.partition, offset = d.offset, stage, error, "dead-lettered");
+                let event_id = body["event"].get("id").and_then(Value::as_str).unwrap_or("");
+                let aggregate = body["event"].get("subject").and_then(Value::as_str).unwrap_or("");
+                warn!(service = %self.service, topic = %d.topic, partition = d.partition, offset = d.offset, event_id, aggregate, stage, error, "dead-lettered");
                 Ok(())
             }
             Err((error, _)) => Err(BusError::Delivery {

@@ -32,13 +32,27 @@ pub struct GroupLag {
     pub committed: usize,
     pub partitions: usize,
     pub state: String,
-    pub members: usize,
+    /// `None` when the broker does not report group members.
+    pub members: Option<usize>,
 }
+
+/// A client context that keeps librdkafka's own log lines and connection errors out of the
+/// command's output (brokers that do not implement group listing drop the connection, which is
+/// harmless here: the member count is then reported as unknown).
+pub struct Quiet;
+
+impl rdkafka::ClientContext for Quiet {
+    fn log(&self, _level: rdkafka::config::RDKafkaLogLevel, _fac: &str, _log_message: &str) {}
+    fn error(&self, _error: rdkafka::error::KafkaError, _reason: &str) {}
+}
+
+impl rdkafka::consumer::ConsumerContext for Quiet {}
 
 /// Reads a group's committed offsets against the topics' high watermarks. `base` is a client
 /// configuration to connect with; the group is only read (offsets fetched), never joined.
 pub fn group_lag(base: &ClientConfig, group: &str, topics: &[String]) -> Result<GroupLag, rdkafka::error::KafkaError> {
-    let consumer: BaseConsumer = base.clone().set("group.id", group).set("enable.auto.commit", "false").create()?;
+    let consumer: BaseConsumer<Quiet> =
+        base.clone().set("group.id", group).set("enable.auto.commit", "false").create_with_context(Quiet)?;
     let timeout = Duration::from_secs(10);
     let mut tpl = TopicPartitionList::new();
     for t in topics {
@@ -64,7 +78,7 @@ pub fn group_lag(base: &ClientConfig, group: &str, topics: &[String]) -> Result<
         && let Some(g) = list.groups().first()
     {
         out.state = g.state().to_string();
-        out.members = g.members().len();
+        out.members = Some(g.members().len());
     }
     Ok(out)
 }
@@ -155,11 +169,11 @@ pub async fn collect(
                 stage,
                 position: format!("group {group}: {}/{} partitions committed", g.committed, g.partitions),
                 lag: format!("{} msgs", g.lag),
-                health: match (g.members, g.lag) {
-                    (0, 0) => "idle (no members), caught up".into(),
-                    (0, _) => "STOPPED: no members, lag growing".into(),
-                    (_, 0) => format!("ok ({} members)", g.members),
-                    (m, _) => format!("consuming ({m} members)"),
+                health: match (g.members.filter(|m| *m > 0), g.lag) {
+                    (Some(m), 0) => format!("ok, caught up ({m} members)"),
+                    (Some(m), _) => format!("consuming, behind ({m} members)"),
+                    (None, 0) => "ok, caught up".into(),
+                    (None, _) => "STOPPED? behind, and no live member reported".into(),
                 },
             },
             Err(e) => {

@@ -24,7 +24,7 @@ use futures::stream::FuturesOrdered;
 use governor::{Quota, RateLimiter};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, error, info, warn};
+use tracing::{Instrument, debug, error, info, warn};
 
 use crate::bus::{Ack, BusError, Publisher};
 use crate::checkpoint::{CheckpointError, CheckpointStore, SnapshotProgress, StreamPosition, TailState};
@@ -278,7 +278,9 @@ impl<P: Publisher + 'static, C: CheckpointStore> Tailer<P, C> {
         }
         let mut acks = Vec::with_capacity(mapped.events.len());
         for ev in &mapped.events {
-            acks.push(self.publisher.publish(topic, ev).await?);
+            // Everything logged while handing this event over carries its id and aggregate.
+            let span = tracing::debug_span!("event", id = %ev.id, aggregate = %ev.subject, r#type = %ev.event_type);
+            acks.push(self.publisher.publish(topic, ev).instrument(span).await?);
             metrics::counter!("ficus_events_published_total", "topic" => topic.to_string(), "type" => ev.event_type.clone()).increment(1);
         }
         Ok(acks)

@@ -42,6 +42,13 @@ enum Cmd {
         #[arg(long, default_value_t = 20)]
         changes: u64,
     },
+    /// Count the documents in every service database.
+    Targets {
+        #[arg(long, env = "FICUS_TARGET_URI")]
+        uri: String,
+        #[arg(long, default_value = "transforms")]
+        transforms_dir: std::path::PathBuf,
+    },
     /// Count what is on each ficus topic and show one event.
     Peek {
         #[arg(long, env = "FICUS_KAFKA_BROKERS")]
@@ -57,6 +64,7 @@ async fn main() -> anyhow::Result<()> {
         Cmd::Seed { uri, db, count } => seed(&uri, &db, count).await,
         Cmd::Churn { uri, db, changes } => churn(&uri, &db, changes).await,
         Cmd::Peek { brokers, topics_dir } => peek(&brokers, &topics_dir),
+        Cmd::Targets { uri, transforms_dir } => targets(&uri, &transforms_dir).await,
     }
 }
 
@@ -143,7 +151,32 @@ fn peek(brokers: &str, topics_dir: &std::path::Path) -> anyhow::Result<()> {
         }
     }
     if let Some(ev) = sample {
-        println!("\none event, as kcat would show it:\n{}", serde_json::to_string_pretty(&ev.to_json())?);
+        let mut json = ev.to_json();
+        for big in ["after", "before", "changed"] {
+            if json["data"][big].is_object() {
+                json["data"][big] = serde_json::Value::String("(elided here)".into());
+            }
+        }
+        println!("\none event, as kcat would show it:\n{}", serde_json::to_string_pretty(&json)?);
+    }
+    Ok(())
+}
+
+async fn targets(uri: &str, transforms_dir: &std::path::Path) -> anyhow::Result<()> {
+    let client = mongodb::Client::with_uri_str(uri).await?;
+    let mut services: Vec<_> =
+        std::fs::read_dir(transforms_dir)?.filter_map(|e| e.ok()).filter(|e| e.path().is_dir()).collect();
+    services.sort_by_key(|e| e.file_name());
+    println!("\n{:<44} {:>9}", "service database.collection", "documents");
+    for service in services {
+        let name = service.file_name().to_string_lossy().into_owned();
+        let db = client.database(&name);
+        let mut colls = db.list_collection_names().await?;
+        colls.sort();
+        for c in colls.iter().filter(|c| !c.starts_with("_ficus")) {
+            let n = db.collection::<Document>(c).estimated_document_count().await?;
+            println!("{:<44} {n:>9}", format!("{name}.{c}"));
+        }
     }
     Ok(())
 }
