@@ -60,14 +60,18 @@ async fn metrics_move_probes_answer_and_lag_returns_to_zero() {
         count(&client, "products_db", "products", doc! {}).await == 50
     })
     .await;
-    let body = get(port, "/metrics").1;
-    assert!(metric(&body, "ficus_events_published_total", "linechatbot.products") >= 50.0, "{body}");
-    assert!(metric(&body, "ficus_tail_changes_read_total", "products") >= 50.0);
-    assert!(metric(&body, "ficus_events_applied_total", "products_db") >= 50.0);
-    assert!(metric(&body, "ficus_events_archived_total", "") >= 50.0);
-    assert!(metric(&body, "ficus_end_to_end_latency_seconds_count", "products_db") >= 50.0);
-    assert!(metric(&body, "ficus_consume_apply_seconds_count", "products_db") >= 1.0);
-    assert!(body.contains("ficus_role_ready{role=\"tail\"} 1"), "{body}");
+    // Counters move just after the writes they count land: give them a moment.
+    eventually("counters moved", Duration::from_secs(30), || async {
+        let body = get(port, "/metrics").1;
+        metric(&body, "ficus_events_published_total", "linechatbot.products") >= 50.0
+            && metric(&body, "ficus_tail_changes_read_total", "products") >= 50.0
+            && metric(&body, "ficus_events_applied_total", "products_db") >= 50.0
+            && metric(&body, "ficus_events_archived_total", "") >= 50.0
+            && metric(&body, "ficus_end_to_end_latency_seconds_count", "products_db") >= 50.0
+            && metric(&body, "ficus_consume_apply_seconds_count", "products_db") >= 1.0
+            && body.contains("ficus_role_ready{role=\"tail\"} 1")
+    })
+    .await;
 
     // Once quiet, the stream and the consumers are caught up.
     eventually("lag back to 0", Duration::from_secs(60), || async {
