@@ -16,10 +16,20 @@
 //! The workload is `linechatbot.customers` (~2 KB, `Workload::customer`), consumed by
 //! `customers_db`: each insert is one `customer.created` event plus one
 //! `customer.purchase_recorded` per purchase (0 to 5), and each event is one upsert in the target.
-//! Sizes are in canonical events: `FICUS_BENCH_BACKLOG` (default 30,000) for the backlog the tail
+//! Sizes are in canonical events: `FICUS_BENCH_BACKLOG` (default 10,000) for the backlog the tail
 //! catches up over (and consume, archive, replay, verify and the snapshot work on),
-//! `FICUS_BENCH_EVENTS` (default 15,000) for each while-inserting run, `FICUS_BENCH_RATE` (1,000
-//! events/s) and `FICUS_BENCH_LATENCY_SECS` (20) for the latency run.
+//! `FICUS_BENCH_EVENTS` (default 10,000) for each while-inserting run, `FICUS_BENCH_RATE` (1,000
+//! events/s) and `FICUS_BENCH_LATENCY_SECS` (10) for the latency run, `FICUS_BENCH_GUARD_EVENTS`
+//! (5,000) for the diagnostic pass with the sink's `$or` guard. `FICUS_BENCH_PHASES` picks phases
+//! (comma list of consume, replay, verify, snapshot, headers, live, latency; default all; the
+//! backlog catch-up always runs), e.g. `FICUS_BENCH_PHASES=none FICUS_BENCH_BACKLOG=1000000` for
+//! the tail's memory over a million-event backlog.
+//!
+//! Every ficus run uses `kafka.ce_headers = false` unless `FICUS_BENCH_CE_HEADERS=true`: Tansu 0.6.0
+//! pays dearly for record headers (about 2.5× the CPU to produce and about 130× to fetch a record
+//! with ficus's seven headers, measured here), which would make every consuming figure a figure
+//! of the broker's header path; the `headers` phase runs the tail catch-up with the other setting,
+//! so CPU per event with headers on and off is in every run.
 //!
 //! Runs only under `cargo bench` (`--bench`); `cargo test --all-targets` just builds it.
 
@@ -68,6 +78,8 @@ const MAX_IN_FLIGHT: usize = 20_000;
 /// ficus's consume batch (`--batch-max` default), also the bare bulk loop's batch.
 const BULK_BATCH: usize = 500;
 const CHUNK: u64 = 1000;
+/// A measured ficus run that makes no progress for this long has failed (and is reported so).
+const STALL: Duration = Duration::from_secs(120);
 
 fn main() {
     if !support::bench_mode() {
@@ -305,6 +317,10 @@ struct World {
     target: common::Mongo,
     kafka: common::Kafka,
     procs: Procs,
+    /// `kafka.ce_headers` for every ficus run but the comparison one (FICUS_BENCH_CE_HEADERS).
+    ce_headers: bool,
+    /// Config files: `[kafka] ce_headers = true|false`.
+    headers_on: PathBuf,
     headers_off: PathBuf,
 }
 
@@ -324,6 +340,9 @@ impl World {
 
     fn command(&self, args: &[&str]) -> Command {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_ficus"));
+        if !args.contains(&"--config") {
+            cmd.arg("--config").arg(if self.ce_headers { &self.headers_on } else { &self.headers_off });
+        }
         cmd.current_dir(repo()).args(args).env_remove("FICUS_CONFIG").env_remove("FICUS_METRICS_ADDR");
         for (k, v) in self.env() {
             cmd.env(k, v);
@@ -675,9 +694,37 @@ fn target_docs(topics: &Topics, svc: &ServiceTransforms, docs: Vec<Document>) ->
     out
 }
 
+/// How a bulk loop shapes its writes: the ceiling itself, and ficus's version guard written two
+/// ways, to attribute the gap between the sink and the ceiling (a diagnostic: the sink is not
+/// called, the shape of its `update` statements is copied, with the `_ficus.src.id` index the sink
+/// keeps on every target collection).
+#[derive(Clone, Copy, PartialEq, Debug)]
+enum Shape {
+    /// `q: {_id}`: the ceiling.
+    Plain,
+    /// `q: {_id, $or: [{_ficus.v: {$lt: v}}, {_ficus.v: {$exists: false}}]}`, as src/sink.rs has it.
+    GuardOr,
+    /// `q: {_id, _ficus.v: {$not: {$gte: v}}}`: the same guard for string versions, no `$or`.
+    GuardNot,
+}
+
 /// The bare bulk loop: the same documents, upserted by `_id` in `update` commands of 500
 /// statements (unordered, majority, journaled), one command at a time. Only the writes are timed.
-async fn bare_bulk(db: &Database, topics: &Topics, svc: &ServiceTransforms, set: &Set) -> (Duration, u64) {
+async fn bare_bulk(
+    db: &Database,
+    topics: &Topics,
+    svc: &ServiceTransforms,
+    set: &Set,
+    shape: Shape,
+) -> (Duration, u64) {
+    if shape != Shape::Plain {
+        for c in svc.collections() {
+            db.collection::<Document>(&c)
+                .create_index(mongodb::IndexModel::builder().keys(doc! { "_ficus.src.id": 1 }).build())
+                .await
+                .expect("index");
+        }
+    }
     let mut timed = Duration::ZERO;
     let mut n = 0u64;
     for chunk in set.chunks() {
@@ -686,10 +733,15 @@ async fn bare_bulk(db: &Database, topics: &Topics, svc: &ServiceTransforms, set:
             let mut by_coll: BTreeMap<&str, Vec<Document>> = BTreeMap::new();
             for (c, d) in batch {
                 let id = d.get("_id").cloned().unwrap_or(Bson::Null);
-                by_coll
-                    .entry(c.as_str())
-                    .or_default()
-                    .push(doc! { "q": { "_id": id }, "u": d.clone(), "upsert": true });
+                let v = d.get_document(META).ok().and_then(|m| m.get_str("v").ok()).unwrap_or("").to_string();
+                let q = match shape {
+                    Shape::Plain => doc! { "_id": id },
+                    Shape::GuardOr => {
+                        doc! { "_id": id, "$or": [ { "_ficus.v": { "$lt": &v } }, { "_ficus.v": { "$exists": false } } ] }
+                    }
+                    Shape::GuardNot => doc! { "_id": id, "_ficus.v": { "$not": { "$gte": &v } } },
+                };
+                by_coll.entry(c.as_str()).or_default().push(doc! { "q": q, "u": d.clone(), "upsert": true });
             }
             let started = Instant::now();
             for (c, updates) in by_coll {
@@ -761,10 +813,15 @@ struct Run {
     steady: Duration,
     /// Work done between first progress and done (for the steady rate).
     steady_work: u64,
+    /// CPU seconds per process over the steady window.
     cpu: BTreeMap<String, f64>,
+    /// CPU seconds per process, spawn → done.
+    cpu_total: BTreeMap<String, f64>,
     peak_rss_mb: Option<f64>,
     /// RSS samples (progress fraction, MB), to see whether memory grows with the backlog.
     rss_curve: Vec<(f64, f64)>,
+    /// Once a second: elapsed, progress, CPU seconds per process (cumulative).
+    timeline: Vec<Value>,
 }
 
 /// Waits until `progress()` reaches `expect`, sampling RSS. `progress` counts from 0.
@@ -775,18 +832,31 @@ fn measure(
     expect: u64,
     timeout: Duration,
     mut progress: impl FnMut(&Ficus) -> u64,
-) -> Run {
+) -> Result<Run, String> {
     let cpu0 = world.procs.snapshot(Some(f.pid()));
-    let mut first: Option<(Instant, u64)> = None;
+    let mut first: Option<(Instant, u64, BTreeMap<String, f64>)> = None;
     let mut curve = Vec::new();
     let mut next_mark = 0.0;
+    let mut timeline: Vec<Value> = Vec::new();
+    let mut next_tick = Instant::now();
     let deadline = Instant::now() + timeout;
+    let mut last = (0u64, Instant::now());
     loop {
         f.check_alive();
         let p = progress(f);
         let now = Instant::now();
+        if p != last.0 {
+            last = (p, now);
+        }
         if p > 0 && first.is_none() {
-            first = Some((now, p));
+            first = Some((now, p, world.procs.snapshot(Some(f.pid()))));
+        }
+        if now >= next_tick {
+            // Once a second: progress and each process's CPU seconds so far.
+            next_tick = now + Duration::from_secs(1);
+            let cpu = world.procs.snapshot(Some(f.pid()));
+            timeline
+                .push(json!({ "t": ((now - spawned).as_secs_f64() * 10.0).round() / 10.0, "done": p, "cpu_s": cpu }));
         }
         let frac = p as f64 / expect as f64;
         if frac >= next_mark {
@@ -797,21 +867,31 @@ fn measure(
         }
         if p >= expect {
             let cpu1 = world.procs.snapshot(Some(f.pid()));
-            let (t0, p0) = first.unwrap_or((spawned, 0));
+            let (t0, p0, cpu_first) = first.unwrap_or((spawned, 0, cpu0.clone()));
             let steady_work = expect - p0.min(expect);
-            return Run {
+            // CPU over the same window as the steady rate (first progress → done).
+            let steady = steady_work > 0;
+            return Ok(Run {
                 total: now - spawned,
-                steady: if steady_work > 0 { now - t0 } else { now - spawned },
-                steady_work: if steady_work > 0 { steady_work } else { expect },
-                cpu: cpu_delta(&cpu0, &cpu1),
+                steady: if steady { now - t0 } else { now - spawned },
+                steady_work: if steady { steady_work } else { expect },
+                cpu: cpu_delta(if steady { &cpu_first } else { &cpu0 }, &cpu1),
+                cpu_total: cpu_delta(&cpu0, &cpu1),
                 peak_rss_mb: f.peak_rss_mb(),
                 rss_curve: curve,
-            };
+                timeline,
+            });
         }
-        if now > deadline {
+        let stalled = now - last.1 > STALL;
+        if now > deadline || stalled {
             let log = f.logs();
-            let tail: Vec<&str> = log.lines().rev().take(30).collect();
-            panic!("timed out after {timeout:?} at {p}/{expect}; ficus log (newest first):\n{}", tail.join("\n"));
+            let tail: Vec<&str> = log.lines().rev().take(12).collect();
+            let why = if stalled {
+                format!("no progress for {}s", STALL.as_secs())
+            } else {
+                format!("timed out after {timeout:?}")
+            };
+            return Err(format!("{why} at {p}/{expect}; ficus log (newest first):\n{}", tail.join("\n")));
         }
         std::thread::sleep(Duration::from_millis(50));
     }
@@ -823,6 +903,31 @@ fn rate(n: u64, d: Duration) -> f64 {
 
 fn mb(x: Option<f64>) -> Value {
     x.map(|v| json!((v * 10.0).round() / 10.0)).unwrap_or(Value::Null)
+}
+
+/// Second by second: which process had a core to itself (≥ 85% of one core) and for how long.
+fn bound_seconds(timeline: &[Value]) -> String {
+    let mut bound: BTreeMap<String, u32> = BTreeMap::new();
+    let mut secs = 0;
+    for w in timeline.windows(2) {
+        let (a, b) = (&w[0], &w[1]);
+        let dt = b["t"].as_f64().unwrap_or(0.0) - a["t"].as_f64().unwrap_or(0.0);
+        if dt <= 0.0 {
+            continue;
+        }
+        secs += 1;
+        for (k, v) in b["cpu_s"].as_object().into_iter().flatten() {
+            let d = v.as_f64().unwrap_or(0.0) - a["cpu_s"][k].as_f64().unwrap_or(0.0);
+            if d / dt >= 0.85 {
+                *bound.entry(k.clone()).or_default() += 1;
+            }
+        }
+    }
+    if bound.is_empty() {
+        return format!("no process had a core to itself in any of {secs} one-second samples");
+    }
+    let parts: Vec<String> = bound.iter().map(|(k, n)| format!("{k} in {n}")).collect();
+    format!("CPU-bound (≥ 85% of a core) seconds out of {secs}: {}", parts.join(", "))
 }
 
 /// The limiting process of a phase, by CPU seconds, and whether the machine was saturated.
@@ -889,10 +994,15 @@ impl Figures {
 }
 
 async fn run() -> Value {
-    let backlog_events = support::env_u64("FICUS_BENCH_BACKLOG", 30_000);
-    let live_events = support::env_u64("FICUS_BENCH_EVENTS", 15_000);
+    let backlog_events = support::env_u64("FICUS_BENCH_BACKLOG", 10_000);
+    let live_events = support::env_u64("FICUS_BENCH_EVENTS", 10_000);
     let lat_rate = support::env_u64("FICUS_BENCH_RATE", 1_000);
-    let lat_secs = support::env_u64("FICUS_BENCH_LATENCY_SECS", 20);
+    let lat_secs = support::env_u64("FICUS_BENCH_LATENCY_SECS", 10);
+    // FICUS_BENCH_PHASES: a comma list of consume, replay, verify, snapshot, headers, live,
+    // latency (default all); the backlog catch-up always runs. replay and verify need consume.
+    let phases = std::env::var("FICUS_BENCH_PHASES").unwrap_or_else(|_| "all".into());
+    let listed = |p: &str| phases == "all" || phases.split(',').any(|x| x.trim() == p);
+    let want = |p: &str| listed(p) || (p == "consume" && (listed("replay") || listed("verify")));
     let machine = support::machine();
     let cores = machine["cores"].as_f64().unwrap_or(2.0);
     let started = Instant::now();
@@ -916,9 +1026,12 @@ async fn run() -> Value {
             ("bench", std::process::id() as i32),
         ],
     };
+    let headers_on = dir.path().join("headers-on.toml");
+    std::fs::write(&headers_on, "[kafka]\nce_headers = true\n").unwrap();
     let headers_off = dir.path().join("headers-off.toml");
     std::fs::write(&headers_off, "[kafka]\nce_headers = false\n").unwrap();
-    let world = World { dir, source, target, kafka, procs, headers_off };
+    let ce_headers = std::env::var("FICUS_BENCH_CE_HEADERS").map(|v| v == "true" || v == "1").unwrap_or(false);
+    let world = World { dir, source, target, kafka, procs, ce_headers, headers_on, headers_off };
     let src_client = world.source.client().await;
     let tgt_client = world.target.client().await;
     let src = src_client.database(SOURCE_DB);
@@ -944,6 +1057,7 @@ async fn run() -> Value {
     let live_ficus = Set::sized(2, live_events);
     let live_bare = Set::sized(3, live_events);
     let workload = json!({
+        "ce_headers": world.ce_headers,
         "collection": "linechatbot.customers (~2 KB, 0-5 purchases each)",
         "backlog": format!("{} docs / {} events", backlog.docs, backlog.events),
         "while_inserting": format!("{} docs / {} events per run", live_ficus.docs, live_ficus.events),
@@ -966,19 +1080,35 @@ async fn run() -> Value {
     );
     say(&format!("backlog inserted: {} docs in {:.1}s", backlog.docs, ins.as_secs_f64()));
 
+    // Three runs over the same backlog (each from t0); the median is the ceiling.
+    let mut runs = Vec::new();
     let cpu0 = world.procs.snapshot(None);
-    let bare_catchup = bare_tail(src.clone(), kcfg.clone(), t0, backlog.docs).await;
+    for _ in 0..3 {
+        runs.push(bare_tail(src.clone(), kcfg.clone(), t0, backlog.docs).await);
+    }
     let cpu1 = world.procs.snapshot(None);
-    let bare_cpu = cpu_delta(&cpu0, &cpu1);
+    runs.sort();
+    let bare_catchup = runs[1];
+    // CPU of the three runs, scaled to one.
+    let bare_cpu: BTreeMap<String, f64> =
+        cpu_delta(&cpu0, &cpu1).into_iter().map(|(k, v)| (k, (v / 3.0 * 100.0).round() / 100.0)).collect();
     let bare_catchup_rate = rate(backlog.docs, bare_catchup);
-    fig.phase("bare tail, catching up", backlog.docs, bare_catchup, &bare_cpu, json!({ "unit": "changes" }));
+    let runs_s: Vec<f64> = runs.iter().map(|d| (d.as_secs_f64() * 1000.0).round() / 1000.0).collect();
+    fig.phase(
+        "bare tail, catching up (median of 3)",
+        backlog.docs,
+        bare_catchup,
+        &bare_cpu,
+        json!({ "unit": "changes", "runs_s": runs_s }),
+    );
     say(&format!("bare tail catch-up: {bare_catchup_rate:.0} changes/s"));
 
     let base = wm.total();
     let spawned = Instant::now();
     let mut f = world.spawn("tail-catchup", &["run", "--roles", "tail"]);
     let tail_timeout = Duration::from_secs(120 + backlog.events / 100);
-    let r = measure(&world, &mut f, spawned, backlog.events, tail_timeout, |_| wm.total() - base);
+    let r = measure(&world, &mut f, spawned, backlog.events, tail_timeout, |_| wm.total() - base)
+        .unwrap_or_else(|e| panic!("ficus tail catch-up failed: {e}"));
     f.stop();
     let catchup_changes = rate(backlog.docs, r.steady) * r.steady_work as f64 / backlog.events as f64;
     let catchup_events = rate(r.steady_work, r.steady);
@@ -992,14 +1122,14 @@ async fn run() -> Value {
         json!({ "events_per_sec": catchup_events, "startup_s": (r.total - r.steady).as_secs_f64(), "peak_rss_mb": mb(r.peak_rss_mb) }),
     );
     fig.phase(
-        "ficus tail, catching up (ce_headers on)",
+        &format!("ficus tail, catching up (ce_headers {})", if world.ce_headers { "on" } else { "off" }),
         backlog.events,
         r.steady,
         &r.cpu,
-        json!({ "changes": backlog.docs, "peak_rss_mb": mb(r.peak_rss_mb), "rss_curve": r.rss_curve }),
+        json!({ "cpu_incl_startup_s": r.cpu_total,  "changes": backlog.docs, "peak_rss_mb": mb(r.peak_rss_mb), "rss_curve": r.rss_curve }),
     );
     let tail_rss = r.peak_rss_mb;
-    let tail_limit = limit(&r.cpu, r.steady, cores);
+    let tail_limit = format!("{}; {}", limit(&r.cpu, r.steady, cores), bound_seconds(&r.timeline));
     let tail_cpu = r.cpu.clone();
     fig.add(
         &format!("peak RSS, tail catching up over {} events (MB)", backlog.events),
@@ -1013,87 +1143,150 @@ async fn run() -> Value {
         "ficus tail catch-up: {catchup_changes:.0} changes/s ({catchup_events:.0} events/s), peak RSS {tail_rss:?} MB"
     ));
 
-    // ---- 2. Kafka → target: consume the backlog's events into customers_db; the bare bulk loop.
-    let spawned = Instant::now();
-    let mut f = world.spawn("consume", &["run", "--roles", "consume", "--service", SERVICE]);
-    let applied = |f: &Ficus| f.scrape().sum("ficus_events_applied_total", SERVICE) as u64;
-    let r = measure(&world, &mut f, spawned, backlog.events, Duration::from_secs(300 + backlog.events / 50), applied);
-    f.stop();
-    let consume_rate = rate(r.steady_work, r.steady);
-    let consume_rss = r.peak_rss_mb;
-    let consume_cpu = r.cpu.clone();
-    let consume_limit = limit(&r.cpu, r.steady, cores);
-    fig.phase(
-        "ficus consume customers_db",
-        backlog.events,
-        r.steady,
-        &r.cpu,
-        json!({ "peak_rss_mb": mb(consume_rss), "rss_curve": r.rss_curve }),
-    );
-    say(&format!("ficus consume: {consume_rate:.0} events/s, peak RSS {consume_rss:?} MB"));
+    let mut consume_rss = None;
+    let mut consume_cpu = BTreeMap::new();
+    let mut bulk_rate = 0.0;
+    if want("consume") {
+        'consume: {
+            // ---- 2. Kafka → target: consume the backlog's events into customers_db; the bare bulk loop.
+            let spawned = Instant::now();
+            let mut f = world.spawn("consume", &["run", "--roles", "consume", "--service", SERVICE]);
+            let applied = |f: &Ficus| f.scrape().sum("ficus_events_applied_total", SERVICE) as u64;
+            let r = match measure(
+                &world,
+                &mut f,
+                spawned,
+                backlog.events,
+                Duration::from_secs(300 + backlog.events / 50),
+                applied,
+            ) {
+                Ok(r) => r,
+                Err(e) => {
+                    f.stop();
+                    fig.verdicts.push(format!("consume: FAILED: {e}"));
+                    break 'consume;
+                }
+            };
+            let consume_stats = consume_stats(&Metrics::default(), &f.scrape(), r.steady);
+            f.stop();
+            let consume_rate = rate(r.steady_work, r.steady);
+            consume_rss = r.peak_rss_mb;
+            consume_cpu = r.cpu.clone();
+            let consume_limit = format!("{}; {}", limit(&r.cpu, r.steady, cores), bound_seconds(&r.timeline));
+            fig.phase(
+            "ficus consume customers_db",
+            backlog.events,
+            r.steady,
+            &r.cpu,
+            json!({ "peak_rss_mb": mb(consume_rss), "rss_curve": r.rss_curve, "consumer": consume_stats, "timeline": r.timeline }),
+        );
+            say(&format!("ficus consume: {consume_rate:.0} events/s, peak RSS {consume_rss:?} MB, {consume_stats}"));
 
-    let bulk_db = tgt_client.database("bench_bulk");
-    let cpu0 = world.procs.snapshot(None);
-    let (bulk_time, bulk_n) = bare_bulk(&bulk_db, &topics, svc, &backlog).await;
-    let cpu1 = world.procs.snapshot(None);
-    let bulk_rate = rate(bulk_n, bulk_time);
-    fig.phase(
-        "bare bulk upsert",
-        bulk_n,
-        bulk_time,
-        &cpu_delta(&cpu0, &cpu1),
-        json!({ "note": "bench CPU includes computing the documents (untimed)" }),
-    );
-    say(&format!("bare bulk upsert: {bulk_rate:.0} upserts/s"));
-    let met = consume_rate >= 0.8 * bulk_rate;
-    fig.add(
-        "Kafka → target, customers_db (events/s)",
-        Some(consume_rate),
-        "events/s",
-        Some(bulk_rate),
-        Some(("≥ 0.8× bare bulk loop", met)),
-        json!({ "startup_s": (r.total - r.steady).as_secs_f64(), "peak_rss_mb": mb(consume_rss) }),
-    );
-    if !met {
-        fig.verdicts.push(format!("Kafka → target missed ({:.2}×): {consume_limit}", consume_rate / bulk_rate));
+            // The shipped guard makes each upsert scan the collection on secantusd (quadratic), so it
+            // is measured on the first FICUS_BENCH_GUARD_EVENTS (5,000) events only.
+            let guard_set = Set::sized(1, support::env_u64("FICUS_BENCH_GUARD_EVENTS", 5_000).min(backlog.events));
+            let mut bulk = HashMap::new();
+            for (shape, db, set) in [
+                (Shape::Plain, "bench_bulk", &backlog),
+                (Shape::GuardNot, "bench_bulk_guard_not", &backlog),
+                (Shape::GuardOr, "bench_bulk_guard_or", &guard_set),
+            ] {
+                let cpu0 = world.procs.snapshot(None);
+                let (time, n) = bare_bulk(&tgt_client.database(db), &topics, svc, set, shape).await;
+                let cpu = cpu_delta(&cpu0, &world.procs.snapshot(None));
+                let r = rate(n, time);
+                fig.phase(
+                    &format!("bare bulk upsert ({shape:?})"),
+                    n,
+                    time,
+                    &cpu,
+                    json!({ "note": "wall: the timed writes; bench CPU also computes the documents (untimed)" }),
+                );
+                say(&format!("bare bulk upsert ({shape:?}): {r:.0} upserts/s over {n}"));
+                bulk.insert(
+                    format!("{shape:?}"),
+                    (r, cpu.get("mongo-target").copied().unwrap_or(0.0) * 1e6 / n as f64, n),
+                );
+            }
+            bulk_rate = bulk["Plain"].0;
+            for (shape, what) in
+                [("GuardOr", "with the sink's `$or` version guard"), ("GuardNot", "with the guard as `$not: {$gte}`")]
+            {
+                fig.add(
+                &format!("diagnostic: bare bulk upsert {what} (upserts/s, {} events)", bulk[shape].2),
+                Some(bulk[shape].0),
+                "upserts/s",
+                Some(bulk_rate),
+                None,
+                json!({ "target_cpu_us_per_upsert": bulk[shape].1, "plain_target_cpu_us_per_upsert": bulk["Plain"].1 }),
+            );
+            }
+            let met = consume_rate >= 0.8 * bulk_rate;
+            fig.add(
+                "Kafka → target, customers_db (events/s)",
+                Some(consume_rate),
+                "events/s",
+                Some(bulk_rate),
+                Some(("≥ 0.8× bare bulk loop", met)),
+                json!({ "startup_s": (r.total - r.steady).as_secs_f64(), "peak_rss_mb": mb(consume_rss) }),
+            );
+            if !met {
+                fig.verdicts.push(format!("Kafka → target missed ({:.2}×): {consume_limit}", consume_rate / bulk_rate));
+            }
+            fig.add(
+                &format!("peak RSS, consume over {} events (MB)", backlog.events),
+                consume_rss,
+                "MB",
+                None,
+                Some(("≤ 150 MB at 1M events", consume_rss.is_some_and(|m| m <= 150.0))),
+                json!({}),
+            );
+        }
     }
-    fig.add(
-        &format!("peak RSS, consume over {} events (MB)", backlog.events),
-        consume_rss,
-        "MB",
-        None,
-        Some(("≤ 150 MB at 1M events", consume_rss.is_some_and(|m| m <= 150.0))),
-        json!({}),
-    );
+    if want("replay") {
+        'replay: {
+            // ---- 3. Archive, replay, verify.
+            let spawned = Instant::now();
+            let mut f = world.spawn("archive", &["run", "--roles", "archive"]);
+            let archived = |f: &Ficus| f.scrape().sum("ficus_events_archived_total", "") as u64;
+            let r = match measure(
+                &world,
+                &mut f,
+                spawned,
+                backlog.events,
+                Duration::from_secs(300 + backlog.events / 50),
+                archived,
+            ) {
+                Ok(r) => r,
+                Err(e) => {
+                    f.stop();
+                    fig.verdicts.push(format!("replay: FAILED: {e}"));
+                    break 'replay;
+                }
+            };
+            f.stop();
+            let archive_rate = rate(r.steady_work, r.steady);
+            fig.phase("ficus archive", backlog.events, r.steady, &r.cpu, json!({ "peak_rss_mb": mb(r.peak_rss_mb) }));
+            fig.add(
+                "archive into the event store (events/s)",
+                Some(archive_rate),
+                "events/s",
+                None,
+                None,
+                json!({ "peak_rss_mb": mb(r.peak_rss_mb) }),
+            );
+            say(&format!("ficus archive: {archive_rate:.0} events/s"));
 
-    // ---- 3. Archive, replay, verify.
-    let spawned = Instant::now();
-    let mut f = world.spawn("archive", &["run", "--roles", "archive"]);
-    let archived = |f: &Ficus| f.scrape().sum("ficus_events_archived_total", "") as u64;
-    let r = measure(&world, &mut f, spawned, backlog.events, Duration::from_secs(300 + backlog.events / 50), archived);
-    f.stop();
-    let archive_rate = rate(r.steady_work, r.steady);
-    fig.phase("ficus archive", backlog.events, r.steady, &r.cpu, json!({ "peak_rss_mb": mb(r.peak_rss_mb) }));
-    fig.add(
-        "archive into the event store (events/s)",
-        Some(archive_rate),
-        "events/s",
-        None,
-        None,
-        json!({ "peak_rss_mb": mb(r.peak_rss_mb) }),
-    );
-    say(&format!("ficus archive: {archive_rate:.0} events/s"));
-
-    let cpu0 = world.procs.snapshot(None);
-    let (elapsed, log, ok, peak, ficus_cpu) = world.run_to_end("replay", &["replay", "--service", SERVICE]);
-    let mut cpu = cpu_delta(&cpu0, &world.procs.snapshot(None));
-    cpu.insert("ficus".into(), (ficus_cpu * 100.0).round() / 100.0);
-    assert!(ok, "ficus replay failed:\n{log}");
-    let replay_rate = rate(backlog.events, elapsed);
-    let replay_limit = limit(&cpu, elapsed, cores);
-    let met = replay_rate >= 0.8 * bulk_rate;
-    fig.phase("ficus replay customers_db", backlog.events, elapsed, &cpu, json!({ "peak_rss_mb": mb(peak) }));
-    fig.add(
+            let cpu0 = world.procs.snapshot(None);
+            let (elapsed, log, ok, peak, ficus_cpu) = world.run_to_end("replay", &["replay", "--service", SERVICE]);
+            let mut cpu = cpu_delta(&cpu0, &world.procs.snapshot(None));
+            cpu.insert("ficus".into(), (ficus_cpu * 100.0).round() / 100.0);
+            assert!(ok, "ficus replay failed:\n{log}");
+            let replay_rate = rate(backlog.events, elapsed);
+            let replay_limit = limit(&cpu, elapsed, cores);
+            let met = replay_rate >= 0.8 * bulk_rate;
+            fig.phase("ficus replay customers_db", backlog.events, elapsed, &cpu, json!({ "peak_rss_mb": mb(peak) }));
+            fig.add(
         "replay customers_db (events/s)",
         Some(replay_rate),
         "events/s",
@@ -1101,146 +1294,184 @@ async fn run() -> Value {
         Some(("≥ 0.8× bare bulk loop", met)),
         json!({ "ficus_says": log.lines().rev().find(|l| l.contains("events/s")).unwrap_or("").trim(), "peak_rss_mb": mb(peak) }),
     );
-    if !met {
-        fig.verdicts.push(format!("replay missed ({:.2}×): {replay_limit}", replay_rate / bulk_rate));
+            if !met {
+                fig.verdicts.push(format!("replay missed ({:.2}×): {replay_limit}", replay_rate / bulk_rate));
+            }
+            say(&format!("ficus replay: {replay_rate:.0} events/s"));
+        }
     }
-    say(&format!("ficus replay: {replay_rate:.0} events/s"));
-
-    let collections: Vec<String> = svc.collections().into_iter().collect();
-    let (scan_time, scanned) = bare_scan(&src, &tgt_client.database(SERVICE), &collections).await;
-    let scan_rate = rate(scanned, scan_time);
-    let cpu0 = world.procs.snapshot(None);
-    let (elapsed, log, ok, peak, ficus_cpu) = world.run_to_end("verify", &["verify", "--service", SERVICE]);
-    let mut cpu = cpu_delta(&cpu0, &world.procs.snapshot(None));
-    cpu.insert("ficus".into(), (ficus_cpu * 100.0).round() / 100.0);
-    let verify_rate = rate(backlog.docs, elapsed);
-    fig.phase(
-        "ficus verify customers_db",
-        backlog.docs,
-        elapsed,
-        &cpu,
-        json!({ "unit": "source documents", "peak_rss_mb": mb(peak), "exit_ok": ok }),
-    );
-    fig.add(
-        "verify customers_db (source docs/s)",
-        Some(verify_rate),
-        "docs/s",
-        Some(scan_rate),
-        None,
-        json!({ "consistent": ok, "ceiling_is": "bare scan of source and target", "peak_rss_mb": mb(peak) }),
-    );
-    if !ok {
-        fig.notes.push(format!("verify reported drift after consume + replay:\n{log}"));
+    if want("verify") {
+        {
+            let collections: Vec<String> = svc.collections().into_iter().collect();
+            let (scan_time, scanned) = bare_scan(&src, &tgt_client.database(SERVICE), &collections).await;
+            let scan_rate = rate(scanned, scan_time);
+            let cpu0 = world.procs.snapshot(None);
+            let (elapsed, log, ok, peak, ficus_cpu) = world.run_to_end("verify", &["verify", "--service", SERVICE]);
+            let mut cpu = cpu_delta(&cpu0, &world.procs.snapshot(None));
+            cpu.insert("ficus".into(), (ficus_cpu * 100.0).round() / 100.0);
+            let verify_rate = rate(backlog.docs, elapsed);
+            fig.phase(
+                "ficus verify customers_db",
+                backlog.docs,
+                elapsed,
+                &cpu,
+                json!({ "unit": "source documents", "peak_rss_mb": mb(peak), "exit_ok": ok }),
+            );
+            fig.add(
+                "verify customers_db (source docs/s)",
+                Some(verify_rate),
+                "docs/s",
+                Some(scan_rate),
+                None,
+                json!({ "consistent": ok, "ceiling_is": "bare scan of source and target", "peak_rss_mb": mb(peak) }),
+            );
+            if !ok {
+                fig.notes.push(format!("verify reported drift after consume + replay:\n{log}"));
+            }
+            say(&format!("ficus verify: {verify_rate:.0} docs/s (exit ok: {ok})"));
+        }
     }
-    say(&format!("ficus verify: {verify_rate:.0} docs/s (exit ok: {ok})"));
+    if want("snapshot") {
+        'snapshot: {
+            // ---- 4. Initial snapshot (fresh: --resnapshot) over the backlog documents; the bare scan.
+            let raw_base = raw_wm.total();
+            let cpu0 = world.procs.snapshot(None);
+            let bare_snap = bare_snapshot(src.clone(), kcfg.clone(), backlog.docs).await;
+            let cpu1 = world.procs.snapshot(None);
+            assert_eq!(raw_wm.total() - raw_base, backlog.docs);
+            let bare_snap_rate = rate(backlog.docs, bare_snap);
+            fig.phase(
+                "bare snapshot (scan → Kafka)",
+                backlog.docs,
+                bare_snap,
+                &cpu_delta(&cpu0, &cpu1),
+                json!({ "unit": "documents" }),
+            );
 
-    // ---- 4. Initial snapshot (fresh: --resnapshot) over the backlog documents; the bare scan.
-    let raw_base = raw_wm.total();
-    let cpu0 = world.procs.snapshot(None);
-    let bare_snap = bare_snapshot(src.clone(), kcfg.clone(), backlog.docs).await;
-    let cpu1 = world.procs.snapshot(None);
-    assert_eq!(raw_wm.total() - raw_base, backlog.docs);
-    let bare_snap_rate = rate(backlog.docs, bare_snap);
-    fig.phase(
-        "bare snapshot (scan → Kafka)",
-        backlog.docs,
-        bare_snap,
-        &cpu_delta(&cpu0, &cpu1),
-        json!({ "unit": "documents" }),
-    );
-
-    let base = wm.total();
-    let spawned = Instant::now();
-    let mut f = world.spawn("snapshot", &["run", "--roles", "tail", "--resnapshot"]);
-    let r = measure(&world, &mut f, spawned, backlog.events, tail_timeout, |_| wm.total() - base);
-    f.stop();
-    let snap_docs = rate(backlog.docs, r.steady) * r.steady_work as f64 / backlog.events as f64;
-    fig.phase(
-        "ficus initial snapshot",
-        backlog.events,
-        r.steady,
-        &r.cpu,
-        json!({ "docs": backlog.docs, "peak_rss_mb": mb(r.peak_rss_mb) }),
-    );
-    fig.add(
-        "initial snapshot (docs/s)",
-        Some(snap_docs),
-        "docs/s",
-        Some(bare_snap_rate),
-        None,
-        json!({ "events_per_sec": rate(r.steady_work, r.steady), "peak_rss_mb": mb(r.peak_rss_mb) }),
-    );
-    say(&format!("ficus snapshot: {snap_docs:.0} docs/s (bare {bare_snap_rate:.0})"));
-
-    // ---- 5. Catch-up again with ce_headers = false (CPU per event with and without headers).
-    checkpoint_at(&store, t0).await;
-    let base = wm.total();
-    let spawned = Instant::now();
-    let off = world.headers_off.display().to_string();
-    let mut f = world.spawn("tail-noheaders", &["run", "--config", &off, "--roles", "tail"]);
-    let r = measure(&world, &mut f, spawned, backlog.events, tail_timeout, |_| wm.total() - base);
-    f.stop();
-    let nohdr_changes = rate(backlog.docs, r.steady) * r.steady_work as f64 / backlog.events as f64;
-    fig.phase(
-        "ficus tail, catching up (ce_headers off)",
-        backlog.events,
-        r.steady,
-        &r.cpu,
-        json!({ "changes": backlog.docs, "peak_rss_mb": mb(r.peak_rss_mb) }),
-    );
-    fig.add(
-        "source → Kafka, catching up, ce_headers off (changes/s)",
-        Some(nohdr_changes),
-        "changes/s",
-        Some(bare_catchup_rate),
-        None,
-        json!({ "events_per_sec": rate(r.steady_work, r.steady) }),
-    );
-    say(&format!("ficus tail catch-up without headers: {nohdr_changes:.0} changes/s"));
-    let nohdr_cpu = r.cpu.clone();
-
-    // ---- 6. While inserting: ficus tail already streaming, then the bare loop, each over its own set.
-    let spawned = Instant::now();
-    let mut f = world.spawn("tail-live", &["run", "--roles", "tail"]);
-    f.wait_log("streaming changes", Duration::from_secs(60));
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let base = wm.total();
-    let insert_started = Instant::now();
-    let src2 = src.clone();
-    let inserter = tokio::spawn(async move { insert_set(&src2, &live_ficus, 100).await });
-    let r = measure(&world, &mut f, spawned, live_ficus.events, tail_timeout, |_| wm.total() - base);
-    let live_wall = insert_started.elapsed();
-    let live_insert = inserter.await.unwrap();
-    f.stop();
-    let live_rate = rate(live_ficus.docs, live_wall);
-    fig.phase(
+            let base = wm.total();
+            let spawned = Instant::now();
+            let mut f = world.spawn("snapshot", &["run", "--roles", "tail", "--resnapshot"]);
+            let r = match measure(&world, &mut f, spawned, backlog.events, tail_timeout, |_| wm.total() - base) {
+                Ok(r) => r,
+                Err(e) => {
+                    f.stop();
+                    fig.verdicts.push(format!("snapshot: FAILED: {e}"));
+                    break 'snapshot;
+                }
+            };
+            f.stop();
+            let snap_docs = rate(backlog.docs, r.steady) * r.steady_work as f64 / backlog.events as f64;
+            fig.phase(
+                "ficus initial snapshot",
+                backlog.events,
+                r.steady,
+                &r.cpu,
+                json!({ "docs": backlog.docs, "peak_rss_mb": mb(r.peak_rss_mb) }),
+            );
+            fig.add(
+                "initial snapshot (docs/s)",
+                Some(snap_docs),
+                "docs/s",
+                Some(bare_snap_rate),
+                None,
+                json!({ "events_per_sec": rate(r.steady_work, r.steady), "peak_rss_mb": mb(r.peak_rss_mb) }),
+            );
+            say(&format!("ficus snapshot: {snap_docs:.0} docs/s (bare {bare_snap_rate:.0})"));
+        }
+    }
+    let mut nohdr_cpu = BTreeMap::new();
+    if want("headers") {
+        'headers: {
+            // ---- 5. Catch-up again with ce_headers = false (CPU per event with and without headers).
+            checkpoint_at(&store, t0).await;
+            let base = wm.total();
+            let spawned = Instant::now();
+            // The other setting than every other run's.
+            let other = if world.ce_headers { &world.headers_off } else { &world.headers_on };
+            let other_name = if world.ce_headers { "off" } else { "on" };
+            let other = other.display().to_string();
+            let mut f =
+                world.spawn(&format!("tail-headers-{other_name}"), &["run", "--config", &other, "--roles", "tail"]);
+            let r = match measure(&world, &mut f, spawned, backlog.events, tail_timeout, |_| wm.total() - base) {
+                Ok(r) => r,
+                Err(e) => {
+                    f.stop();
+                    fig.verdicts.push(format!("headers: FAILED: {e}"));
+                    break 'headers;
+                }
+            };
+            f.stop();
+            let nohdr_changes = rate(backlog.docs, r.steady) * r.steady_work as f64 / backlog.events as f64;
+            fig.phase(
+                &format!("ficus tail, catching up (ce_headers {other_name})"),
+                backlog.events,
+                r.steady,
+                &r.cpu,
+                json!({ "changes": backlog.docs, "peak_rss_mb": mb(r.peak_rss_mb) }),
+            );
+            fig.add(
+                &format!("source → Kafka, catching up, ce_headers {other_name} (changes/s)"),
+                Some(nohdr_changes),
+                "changes/s",
+                Some(bare_catchup_rate),
+                None,
+                json!({ "events_per_sec": rate(r.steady_work, r.steady) }),
+            );
+            say(&format!("ficus tail catch-up with ce_headers {other_name}: {nohdr_changes:.0} changes/s"));
+            nohdr_cpu = r.cpu.clone();
+        }
+    }
+    if want("live") {
+        'live: {
+            // ---- 6. While inserting: ficus tail already streaming, then the bare loop, each over its own set.
+            let spawned = Instant::now();
+            let mut f = world.spawn("tail-live", &["run", "--roles", "tail"]);
+            f.wait_log("streaming changes", Duration::from_secs(60));
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            let base = wm.total();
+            let insert_started = Instant::now();
+            let src2 = src.clone();
+            let inserter = tokio::spawn(async move { insert_set(&src2, &live_ficus, 100).await });
+            let r = match measure(&world, &mut f, spawned, live_ficus.events, tail_timeout, |_| wm.total() - base) {
+                Ok(r) => r,
+                Err(e) => {
+                    f.stop();
+                    fig.verdicts.push(format!("live: FAILED: {e}"));
+                    break 'live;
+                }
+            };
+            let live_wall = insert_started.elapsed();
+            let live_insert = inserter.await.unwrap();
+            f.stop();
+            let live_rate = rate(live_ficus.docs, live_wall);
+            fig.phase(
         "ficus tail while inserting",
         live_ficus.events,
         live_wall,
         &r.cpu,
         json!({ "changes": live_ficus.docs, "insert_s": live_insert.as_secs_f64(), "peak_rss_mb": mb(r.peak_rss_mb) }),
     );
-    let live_cpu = r.cpu.clone();
+            let live_cpu = r.cpu.clone();
 
-    let t = cluster_time(&src_client).await;
-    let cpu0 = world.procs.snapshot(None);
-    let bare = tokio::spawn(bare_tail(src.clone(), kcfg.clone(), t, live_bare.docs));
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let insert_started = Instant::now();
-    let bare_insert = insert_set(&src, &live_bare, 100).await;
-    bare.await.unwrap();
-    let bare_live_wall = insert_started.elapsed();
-    let cpu1 = world.procs.snapshot(None);
-    let bare_live_rate = rate(live_bare.docs, bare_live_wall);
-    fig.phase(
-        "bare tail while inserting",
-        live_bare.docs,
-        bare_live_wall,
-        &cpu_delta(&cpu0, &cpu1),
-        json!({ "insert_s": bare_insert.as_secs_f64(), "note": "bench CPU includes the inserts" }),
-    );
-    let met_live = live_rate >= 0.8 * bare_live_rate;
-    fig.add(
+            let t = cluster_time(&src_client).await;
+            let cpu0 = world.procs.snapshot(None);
+            let bare = tokio::spawn(bare_tail(src.clone(), kcfg.clone(), t, live_bare.docs));
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            let insert_started = Instant::now();
+            let bare_insert = insert_set(&src, &live_bare, 100).await;
+            bare.await.unwrap();
+            let bare_live_wall = insert_started.elapsed();
+            let cpu1 = world.procs.snapshot(None);
+            let bare_live_rate = rate(live_bare.docs, bare_live_wall);
+            fig.phase(
+                "bare tail while inserting",
+                live_bare.docs,
+                bare_live_wall,
+                &cpu_delta(&cpu0, &cpu1),
+                json!({ "insert_s": bare_insert.as_secs_f64(), "note": "bench CPU includes the inserts" }),
+            );
+            let met_live = live_rate >= 0.8 * bare_live_rate;
+            fig.add(
         "source → Kafka, while inserting (changes/s)",
         Some(live_rate),
         "changes/s",
@@ -1248,60 +1479,67 @@ async fn run() -> Value {
         Some(("≥ 0.8× bare loop", met_live)),
         json!({ "insert_only_changes_per_sec": rate(live_ficus.docs, live_insert), "events_per_sec": rate(live_ficus.events, live_wall) }),
     );
-    say(&format!("while inserting: ficus {live_rate:.0} changes/s, bare {bare_live_rate:.0} changes/s"));
-    let catchup_met = catchup_changes >= 0.8 * bare_catchup_rate;
-    if !catchup_met {
-        fig.verdicts.push(format!(
-            "source → Kafka catching up missed ({:.2}×): {tail_limit}",
-            catchup_changes / bare_catchup_rate
-        ));
+            say(&format!("while inserting: ficus {live_rate:.0} changes/s, bare {bare_live_rate:.0} changes/s"));
+            let catchup_met = catchup_changes >= 0.8 * bare_catchup_rate;
+            if !catchup_met {
+                fig.verdicts.push(format!(
+                    "source → Kafka catching up missed ({:.2}×): {tail_limit}",
+                    catchup_changes / bare_catchup_rate
+                ));
+            }
+            if !met_live {
+                fig.verdicts.push(format!(
+                    "source → Kafka while inserting missed ({:.2}×): {}",
+                    live_rate / bare_live_rate,
+                    limit(&live_cpu, live_wall, cores)
+                ));
+            }
+        }
     }
-    if !met_live {
-        fig.verdicts.push(format!(
-            "source → Kafka while inserting missed ({:.2}×): {}",
-            live_rate / bare_live_rate,
-            limit(&live_cpu, live_wall, cores)
-        ));
-    }
-
-    // ---- 7. End-to-end latency at a fixed rate: tail + consume in one process, caught up.
-    skip_to_end(&kcfg.brokers, &ficus::consume::group_id(SERVICE), TOPIC);
-    checkpoint_at(&store, cluster_time(&src_client).await).await;
-    let spawned = Instant::now();
-    let mut f = world.spawn("latency", &["run", "--roles", "tail,consume", "--service", SERVICE]);
-    f.wait_log("streaming changes", Duration::from_secs(60));
-    f.wait_log("partitions assigned", Duration::from_secs(60));
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let lat = latency_run(&world, &tgt_client, &src, lat_rate, lat_secs, &mut f, spawned).await;
-    f.stop();
-    fig.phase(
+    if want("latency") {
+        {
+            // ---- 7. End-to-end latency at a fixed rate: tail + consume in one process, caught up.
+            skip_to_end(&kcfg.brokers, &ficus::consume::group_id(SERVICE), TOPIC);
+            checkpoint_at(&store, cluster_time(&src_client).await).await;
+            let spawned = Instant::now();
+            let mut f = world.spawn("latency", &["run", "--roles", "tail,consume", "--service", SERVICE]);
+            f.wait_log("streaming changes", Duration::from_secs(60));
+            f.wait_log("partitions assigned", Duration::from_secs(60));
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            let lat = latency_run(&world, &tgt_client, &src, lat_rate, lat_secs, &mut f, spawned).await;
+            f.stop();
+            fig.phase(
         &format!("latency run ({lat_rate} events/s, tail + consume)"),
         lat.events,
         lat.wall,
         &lat.cpu,
-        json!({ "peak_rss_mb": mb(lat.peak_rss) }),
+        json!({ "peak_rss_mb": mb(lat.peak_rss), "consumer": lat.stats, "applied_per_sec": rate(lat.events, lat.wall) }),
     );
-    let p99 = lat.exact.get(2).copied().flatten();
-    let met = p99.is_some_and(|p| p <= 100.0);
-    for (i, q) in ["p50", "p95", "p99"].iter().enumerate() {
-        fig.add(
-            &format!("end-to-end latency {q} at {lat_rate} ev/s (ms)"),
-            lat.exact[i],
-            "ms",
-            None,
-            if *q == "p99" { Some(("≤ 100 ms", met)) } else { None },
-            json!({ "from_ficus_histogram_ms": lat.histogram[i], "samples": lat.samples }),
-        );
+            let p99 = lat.exact.get(2).copied().flatten();
+            let met = p99.is_some_and(|p| p <= 100.0);
+            for (i, q) in ["p50", "p95", "p99"].iter().enumerate() {
+                fig.add(
+                    &format!("end-to-end latency {q} at {lat_rate} ev/s (ms)"),
+                    lat.exact[i],
+                    "ms",
+                    None,
+                    if *q == "p99" { Some(("≤ 100 ms", met)) } else { None },
+                    json!({ "from_ficus_histogram_ms": lat.histogram[i], "samples": lat.samples }),
+                );
+            }
+            if !met {
+                fig.verdicts.push(format!(
+                    "p99 latency missed ({:?} ms): {}",
+                    p99.map(|p| p.round()),
+                    limit(&lat.cpu, lat.wall, cores)
+                ));
+            }
+            say(&format!(
+                "latency p50/p95/p99 {:?} ms (histogram {:?}), consumer {}",
+                lat.exact, lat.histogram, lat.stats
+            ));
+        }
     }
-    if !met {
-        fig.verdicts.push(format!(
-            "p99 latency missed ({:?} ms): {}",
-            p99.map(|p| p.round()),
-            limit(&lat.cpu, lat.wall, cores)
-        ));
-    }
-    say(&format!("latency p50/p95/p99 {:?} ms (histogram {:?})", lat.exact, lat.histogram));
-
     // ---- Verdicts.
     let rss_ok = tail_rss.is_some_and(|m| m <= 150.0) && consume_rss.is_some_and(|m| m <= 150.0);
     if backlog.events < 1_000_000 {
@@ -1319,8 +1557,15 @@ async fn run() -> Value {
             "kafka_us_per_event": cpu.get("kafka").map(|s| s * 1e6 / backlog.events as f64),
         })
     };
-    let headers = json!({ "on": hdr(&tail_cpu), "off": hdr(&nohdr_cpu) });
-    fig.notes.push(format!("ce_headers on vs off, CPU µs per event (tail catch-up): {headers}"));
+    let headers = if world.ce_headers {
+        json!({ "on": hdr(&tail_cpu), "off": hdr(&nohdr_cpu) })
+    } else {
+        json!({ "on": hdr(&nohdr_cpu), "off": hdr(&tail_cpu) })
+    };
+    fig.notes.push(format!(
+        "every ficus run used kafka.ce_headers = {} (FICUS_BENCH_CE_HEADERS); tail catch-up CPU µs per event with headers on vs off: {headers}",
+        world.ce_headers
+    ));
     fig.notes.push(format!(
         "consume CPU per event: ficus {:.1} µs, target MongoDB {:.1} µs, Kafka {:.1} µs",
         consume_cpu.get("ficus").unwrap_or(&0.0) * 1e6 / backlog.events as f64,
@@ -1334,6 +1579,15 @@ async fn run() -> Value {
         }
     }
     fig.verdicts.splice(0..0, summary);
+    // Keep the ficus logs (the scratch directory goes with the servers).
+    let logs = support::out_dir().join("logs");
+    let _ = std::fs::remove_dir_all(&logs);
+    let _ = std::fs::create_dir_all(&logs);
+    for e in std::fs::read_dir(world.dir.path()).into_iter().flatten().flatten() {
+        if e.path().extension().is_some_and(|x| x == "log") {
+            let _ = std::fs::copy(e.path(), logs.join(e.file_name()));
+        }
+    }
     say("done");
 
     json!({
@@ -1357,6 +1611,8 @@ struct Latency {
     wall: Duration,
     cpu: BTreeMap<String, f64>,
     peak_rss: Option<f64>,
+    /// The consumer's own view: batches, their sizes and time in the sink.
+    stats: Value,
 }
 
 /// Inserts customers at `rate` events/s for `secs` seconds, each batch stamped with the time just
@@ -1450,6 +1706,7 @@ async fn latency_run(
     let wall = started.elapsed();
     let cpu1 = world.procs.snapshot(Some(f.pid()));
     let after = f.scrape();
+    let stats = consume_stats(&before, &after, wall);
     let seen = watcher.await.unwrap();
     let mut lat: Vec<f64> =
         seen.iter().filter_map(|(k, at)| keys.get(k).map(|&i| (*at - stamps[i]).max(0) as f64)).collect();
@@ -1477,5 +1734,22 @@ async fn latency_run(
         wall,
         cpu: cpu_delta(&cpu0, &cpu1),
         peak_rss: f.peak_rss_mb(),
+        stats,
     }
+}
+
+/// What ficus's consume histograms say between two scrapes: batches, mean batch size, time in
+/// the sink (`ficus_consume_apply_seconds`, the write of a whole batch) against the wall time.
+fn consume_stats(before: &Metrics, after: &Metrics, wall: Duration) -> Value {
+    let d = |name: &str| after.sum(name, SERVICE) - before.sum(name, SERVICE);
+    let batches = d("ficus_consume_batch_size_count");
+    let messages = d("ficus_consume_batch_size_sum");
+    let apply = d("ficus_consume_apply_seconds_sum");
+    json!({
+        "batches": batches,
+        "mean_batch": if batches > 0.0 { (messages / batches * 10.0).round() / 10.0 } else { 0.0 },
+        "sink_s": (apply * 100.0).round() / 100.0,
+        "mean_sink_ms_per_batch": if batches > 0.0 { (apply / batches * 1e4).round() / 10.0 } else { 0.0 },
+        "sink_share_of_wall": (apply / wall.as_secs_f64().max(1e-9) * 100.0).round() / 100.0,
+    })
 }

@@ -240,6 +240,50 @@ fn main() {
                 }
             })
         });
+        if case.name == "customer_2KB" {
+            // Where encode and decode spend their time, to aim fixes in src/event.rs.
+            let afters: Vec<Document> = events.iter().filter_map(|e| e.data.after.clone()).collect();
+            let values: Vec<Value> = events.iter().map(CanonicalEvent::to_json).collect();
+            bench("encode:clone_after", n, wire, &mut |b| {
+                b.iter(|| {
+                    for d in &afters {
+                        black_box(d.clone());
+                    }
+                })
+            });
+            bench("encode:to_json", n, wire, &mut |b| {
+                b.iter(|| {
+                    for ev in &events {
+                        black_box(ev.to_json());
+                    }
+                })
+            });
+            bench("encode:serialize_value", n, wire, &mut |b| {
+                b.iter(|| {
+                    for v in &values {
+                        black_box(serde_json::to_vec(v).unwrap());
+                    }
+                })
+            });
+            bench("decode:parse_value", n, wire, &mut |b| {
+                b.iter(|| {
+                    for bytes in &encoded {
+                        black_box(serde_json::from_slice::<Value>(bytes).unwrap());
+                    }
+                })
+            });
+            bench("decode:from_json", n, wire, &mut |b| {
+                b.iter_batched(
+                    || values.clone(),
+                    |vs| {
+                        for v in vs {
+                            black_box(CanonicalEvent::from_json(v).unwrap());
+                        }
+                    },
+                    BatchSize::SmallInput,
+                )
+            });
+        }
         g.finish();
         eprintln!(
             "{}: {} source bytes, {n} event(s), {wire} bytes on the wire, {writes} write(s) for {:?}",
@@ -253,7 +297,8 @@ fn main() {
     }
     let mut out = Vec::new();
     for r in &rows {
-        let est = criterion_dir.join(r.case).join(r.stage).join("new").join("estimates.json");
+        // criterion turns `:` in a benchmark id into `_` in its directory names.
+        let est = criterion_dir.join(r.case).join(r.stage.replace(':', "_")).join("new").join("estimates.json");
         let Some(ns) = std::fs::read(&est)
             .ok()
             .and_then(|b| serde_json::from_slice::<Value>(&b).ok())

@@ -157,7 +157,7 @@ fn machine_line(m: &Value) -> String {
 fn render_pipeline(s: &mut String, p: &Value) {
     let _ = writeln!(s, "## Micro: per stage (criterion, mean per iteration)\n");
     let _ = writeln!(s, "Machine: {}\n", machine_line(&p["machine"]));
-    let _ = writeln!(s, "| case | stage | events | source bytes | time / iter | per event | events/s | MB/s |");
+    let _ = writeln!(s, "| case | stage | events | bytes | time / iter | per event | events/s | MB/s |");
     let _ = writeln!(s, "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |");
     for r in p["rows"].as_array().into_iter().flatten() {
         let ns = num(&r["ns_per_iter"]).unwrap_or(f64::NAN);
