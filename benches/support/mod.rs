@@ -22,9 +22,10 @@ pub fn out_dir() -> PathBuf {
 }
 
 /// True under `cargo bench` (which passes `--bench`); false under `cargo test --all-targets`,
-/// which runs bench targets without it and must not pay for a benchmark run.
+/// which runs bench targets without it, and under `cargo bench -- --test`: criterion's rule.
 pub fn bench_mode() -> bool {
-    std::env::args().any(|a| a == "--bench")
+    let args: Vec<String> = std::env::args().collect();
+    args.iter().any(|a| a == "--bench") && !args.iter().any(|a| a == "--test")
 }
 
 /// Reads an environment variable as a number, with a default.
