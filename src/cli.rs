@@ -21,7 +21,7 @@ use crate::config::{Config, parse_addr};
 use crate::consume::ServiceConsumer;
 use crate::definitions::Report;
 use crate::sink::MongoSink;
-use crate::store::{Archiver, EventStore};
+use crate::store::{Archiver, EventStore, StoreError};
 
 use crate::checkpoint::CheckpointError;
 use crate::lease::Lease;
@@ -436,25 +436,19 @@ async fn run(loaded: Loaded, args: RunArgs) -> anyhow::Result<ExitCode> {
         let chosen = select_services(&loaded.services, &args.services)?;
         let target = crate::mongo::connect(&cfg.target_uri, "consume").await?;
         for service in chosen {
-            let sink = MongoSink::open(
-                target.clone(),
-                service.database(),
-                &service.collections(),
-                Duration::from_secs(args.tombstone_ttl_days * 86_400),
-            )
-            .await
-            .with_context(|| format!("opening {}", service.database()))?;
-            let consumer = ServiceConsumer {
-                health: health.clone(),
-                transforms: service.clone(),
-                sink,
-                kafka: cfg.kafka.clone(),
-                batch_max: args.batch_max.max(1),
-                batch_wait: Duration::from_millis(args.batch_wait_ms),
-            };
-            let token = shutdown.clone();
-            let name = service.service().to_string();
+            let (target, health, kafka, token) = (target.clone(), health.clone(), cfg.kafka.clone(), shutdown.clone());
+            let ttl = Duration::from_secs(args.tombstone_ttl_days * 86_400);
+            let (batch_max, batch_wait) = (args.batch_max.max(1), Duration::from_millis(args.batch_wait_ms));
             tasks.spawn(async move {
+                let name = service.service().to_string();
+                // The target may not be reachable yet: wait for it rather than exit.
+                let collections = service.collections();
+                let open = || MongoSink::open(target.clone(), service.database(), &collections, ttl);
+                let transient = |e: &crate::sink::SinkError| e.class() == crate::mongo::ErrorClass::Transient;
+                let sink = crate::retry::with_backoff(&format!("consume:{name}"), &token, open, transient)
+                    .await
+                    .with_context(|| format!("opening {}", service.database()))?;
+                let consumer = ServiceConsumer { health, transforms: service, sink, kafka, batch_max, batch_wait };
                 consumer.run(token).await.map_err(anyhow::Error::from).with_context(|| format!("consume {name}"))
             });
         }
@@ -462,17 +456,19 @@ async fn run(loaded: Loaded, args: RunArgs) -> anyhow::Result<ExitCode> {
 
     if args.roles.contains(&Role::Archive) {
         let store_client = crate::mongo::connect(&cfg.store.uri, "archive").await?;
-        let store = EventStore::open(&store_client.database(&cfg.store.db)).await.context("opening the event store")?;
-        let archiver = Archiver {
-            health: health.clone(),
-            store,
-            kafka: cfg.kafka.clone(),
-            topics: loaded.topics.defs.iter().map(|d| d.topic.clone()).collect(),
-            batch_max: args.batch_max.max(1),
-            batch_wait: Duration::from_millis(args.batch_wait_ms),
-        };
-        let token = shutdown.clone();
-        tasks.spawn(async move { archiver.run(token).await.map_err(anyhow::Error::from).context("archive") });
+        let store_db = store_client.database(&cfg.store.db);
+        let (health, token) = (health.clone(), shutdown.clone());
+        let (kafka, topics) = (cfg.kafka.clone(), loaded.topics.defs.iter().map(|d| d.topic.clone()).collect());
+        let (batch_max, batch_wait) = (args.batch_max.max(1), Duration::from_millis(args.batch_wait_ms));
+        tasks.spawn(async move {
+            // The store may not be reachable yet: wait for it rather than exit.
+            let store =
+                crate::retry::with_backoff("archive", &token, || EventStore::open(&store_db), StoreError::is_transient)
+                    .await
+                    .context("opening the event store")?;
+            let archiver = Archiver { health, store, kafka, topics, batch_max, batch_wait };
+            archiver.run(token).await.map_err(anyhow::Error::from).context("archive")
+        });
     }
 
     // The first role to fail stops the others; a signal stops them all.
@@ -530,7 +526,12 @@ impl TailRole {
         let collections: Vec<String> = self.topics.collections().map(String::from).collect();
         let source = MongoSource::connect(&cfg.source.uri, &cfg.source.db, collections).await?;
         loop {
-            let Some(epoch) = lease.acquire(&shutdown, &self.health).await? else { return Ok(()) };
+            // The store may not be reachable yet: waiting for it is what a tailer should do.
+            let transient =
+                |e: &mongodb::error::Error| crate::mongo::classify(e) == crate::mongo::ErrorClass::Transient;
+            let acquired =
+                crate::retry::with_backoff("tail", &shutdown, || lease.acquire(&shutdown, &self.health), transient);
+            let Some(epoch) = acquired.await? else { return Ok(()) };
             let active = shutdown.child_token();
             let renewal = tokio::spawn(keep_lease(lease.clone(), epoch, active.clone()));
             let publisher = Arc::new(KafkaPublisher::new(&cfg.kafka, &format!("ficus-tail-{}", cfg.source.name))?);

@@ -20,8 +20,9 @@ pub fn policy() -> ExponentialBuilder {
         .without_max_times()
 }
 
-/// Runs `attempt` until it succeeds or fails with an error `transient` rejects. On shutdown a
-/// backoff sleep ends early; the next attempt is expected to see the cancelled token and return.
+/// Runs `attempt` until it succeeds, fails with an error `transient` rejects, or fails while
+/// `shutdown` is cancelled (a backoff sleep also ends early then). Roles return `Ok` from an
+/// attempt that sees the cancelled token, so a clean stop is still a success.
 pub async fn with_backoff<T, E, F, Fut>(
     what: &str,
     shutdown: &CancellationToken,
@@ -46,7 +47,7 @@ where
     attempt
         .retry(policy())
         .sleep(sleeper)
-        .when(|e| transient(e))
+        .when(|e| transient(e) && !shutdown.is_cancelled())
         .notify(|e, d| {
             metrics::counter!("ficus_errors_total", "stage" => what.to_string(), "kind" => "transient").increment(1);
             tracing::warn!(stage = what, error = %e, "transient failure; retrying in {:.1}s", d.as_secs_f64());
