@@ -555,9 +555,13 @@ impl TailRole {
                     let _ = lease.release(epoch).await;
                     return Ok(());
                 }
+                // Lost the lease (or the store while holding it): stand by and try again.
                 Ok(()) | Err(TailError::Checkpoint(CheckpointError::Fenced { .. })) => {
                     warn!(source = %cfg.source.name, "lost the lease; standing by");
                     metrics::gauge!("ficus_lease_held", "source" => cfg.source.name.clone()).set(0.0);
+                }
+                Err(e) if e.is_transient() && !shutdown.is_cancelled() => {
+                    warn!(source = %cfg.source.name, error = %e, "tailer stopped on a transient error after losing its lease; standing by");
                 }
                 Err(e) => {
                     let _ = lease.release(epoch).await;
