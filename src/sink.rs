@@ -151,7 +151,9 @@ impl MongoSink {
             doc.insert("_id", id.clone());
             doc.insert(META, Self::meta(v));
             size += bson::serialize_to_vec(&doc).map(|b| b.len()).unwrap_or(0) + 256;
-            let q = doc! { "_id": id, "$or": [ { "_ficus.v": { "$lt": &v.version } }, { "_ficus.v": { "$exists": false } } ] };
+            // `$not: {$gte}` also matches a document without `_ficus.v`, in one indexable predicate
+            // (an `$or` here made the server scan the collection per upsert).
+            let q = doc! { "_id": id, "_ficus.v": { "$not": { "$gte": &v.version } } };
             statements.push(doc! { "q": q, "u": doc, "upsert": true });
             if size > MAX_COMMAND_BYTES {
                 self.run_updates(collection, std::mem::take(&mut statements)).await?;
