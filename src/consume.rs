@@ -69,16 +69,22 @@ pub fn group_id(service: &str) -> String {
 pub struct DrainContext {
     group: String,
     rebalanced: AtomicBool,
+    /// Whether any broker connection is up, as of librdkafka's last statistics (or a consumer
+    /// error saying all are down since).
+    connected: AtomicBool,
 }
 
 impl DrainContext {
     pub fn new(group: &str) -> Self {
-        DrainContext { group: group.to_string(), rebalanced: AtomicBool::new(false) }
+        DrainContext { group: group.to_string(), rebalanced: AtomicBool::new(false), connected: AtomicBool::new(true) }
     }
 }
 
 impl ClientContext for DrainContext {
     fn stats(&self, stats: rdkafka::Statistics) {
+        // Bootstrap and learned brokers both count: a consumer is connected while any link is up.
+        let up = stats.brokers.values().any(|b| b.state == "UP");
+        self.connected.store(up, Ordering::SeqCst);
         for (topic, t) in &stats.topics {
             for (partition, p) in &t.partitions {
                 // librdkafka's internal "unassigned" partition is -1; unknown lag is -1 too.
@@ -318,7 +324,8 @@ impl<S: Sink> ServiceConsumer<S> {
 /// Collects the next batch: waits for one message (or shutdown, then `None`), then takes more
 /// for up to `wait` or until `max`. If a rebalance happened meanwhile, messages of partitions
 /// this consumer no longer owns are dropped unprocessed: their new owner reads them from the
-/// committed offset.
+/// committed offset. Consumer errors librdkafka recovers from are logged and polling goes on
+/// (see [`survive`]); only fatal ones are returned.
 pub async fn next_batch(
     consumer: &StreamConsumer<DrainContext>,
     max: usize,
@@ -326,14 +333,21 @@ pub async fn next_batch(
     shutdown: &CancellationToken,
     health: (&Health, &str),
 ) -> Result<Option<Vec<Delivery>>, rdkafka::error::KafkaError> {
+    let (health, role) = health;
+    let ctx = consumer.context();
     loop {
-        // Idle is healthy: beat while waiting for the first message.
+        // Idle is healthy while connected: beat while waiting for the first message.
         let first = loop {
-            health.0.beat(health.1);
+            if ctx.connected.load(Ordering::SeqCst) {
+                health.beat(role);
+            } else {
+                health.disconnected(role);
+            }
             tokio::select! {
                 _ = shutdown.cancelled() => return Ok(None),
                 m = tokio::time::timeout(Duration::from_secs(5), consumer.recv()) => match m {
-                    Ok(m) => break m?,
+                    Ok(Ok(m)) => break m,
+                    Ok(Err(e)) => survive(ctx, role, e)?,
                     Err(_) => continue,
                 },
             }
@@ -343,7 +357,8 @@ pub async fn next_batch(
         let deadline = tokio::time::Instant::now() + wait;
         while batch.len() < max {
             match tokio::time::timeout_at(deadline, consumer.recv()).await {
-                Ok(m) => batch.push(Delivery::from_message(&m?)),
+                Ok(Ok(m)) => batch.push(Delivery::from_message(&m)),
+                Ok(Err(e)) => survive(ctx, role, e)?,
                 Err(_) => break,
             }
         }
@@ -356,6 +371,33 @@ pub async fn next_batch(
             return Ok(Some(batch));
         }
     }
+}
+
+/// A consumer error seen while polling. librdkafka reports broker outages, timeouts and
+/// transport failures as errors but recovers from them itself, reconnecting and rejoining the
+/// group with the same consumer: so those are logged and polling goes on. Replacing the
+/// consumer instead would leave its old member in the group whenever the broker is
+/// unreachable (the leave cannot be sent), and a coordinator that does not evict it (Tansu's)
+/// would then hold the group's partitions forever. Errors that no retry can fix end the role.
+fn survive(ctx: &DrainContext, role: &str, e: rdkafka::error::KafkaError) -> Result<(), rdkafka::error::KafkaError> {
+    use rdkafka::error::KafkaError;
+    let transient = matches!(e, KafkaError::MessageConsumption(_)) && BusError::Kafka(e.clone()).is_transient();
+    if !transient {
+        return Err(e);
+    }
+    metrics::counter!("ficus_errors_total", "stage" => role.to_string(), "kind" => "transient").increment(1);
+    // One warning per outage; the reconnect attempts that follow are logged at debug.
+    let was_connected = if e.rdkafka_error_code() == Some(rdkafka::types::RDKafkaErrorCode::AllBrokersDown) {
+        ctx.connected.swap(false, Ordering::SeqCst)
+    } else {
+        ctx.connected.load(Ordering::SeqCst)
+    };
+    if was_connected {
+        warn!(stage = role, error = %e, "consumer error; librdkafka reconnects by itself, polling on");
+    } else {
+        debug!(stage = role, error = %e, "consumer error while disconnected");
+    }
+    Ok(())
 }
 
 /// Stores, for commit, the offsets after a processed batch (per partition, the next to read).

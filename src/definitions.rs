@@ -65,20 +65,25 @@ impl fmt::Display for Report {
 
 impl std::error::Error for Report {}
 
-/// Reads and parses one TOML file, turning I/O and syntax problems into a [`DefinitionError`]
-/// that carries the line and column TOML reports.
+/// Reads and parses one TOML file, turning I/O, syntax and type problems into a
+/// [`DefinitionError`] that names the field (its dotted path) and the line TOML reports.
 pub fn read_toml<T: serde::de::DeserializeOwned>(file: &Path) -> Result<T, DefinitionError> {
     let text =
         std::fs::read_to_string(file).map_err(|e| DefinitionError::new(file, "", format!("cannot read: {e}")))?;
-    toml::from_str(&text).map_err(|e| {
-        let at = e
-            .span()
-            .map(|s| {
-                let line = text[..s.start].lines().count().max(1);
-                format!(" (line {line})")
-            })
-            .unwrap_or_default();
-        DefinitionError::new(file, "", format!("{}{at}", e.message()))
+    parse_toml(&text).map_err(|(field, message)| DefinitionError::new(file, field, message))
+}
+
+/// Parses TOML text into `T`; an error comes as (dotted path of the field, message with line).
+pub fn parse_toml<T: serde::de::DeserializeOwned>(text: &str) -> Result<T, (String, String)> {
+    let describe = |e: &toml::de::Error| {
+        let at = e.span().map(|s| format!(" (line {})", text[..s.start].lines().count().max(1))).unwrap_or_default();
+        format!("{}{at}", e.message().trim_end())
+    };
+    let de = toml::Deserializer::parse(text).map_err(|e| (String::new(), describe(&e)))?;
+    serde_path_to_error::deserialize(de).map_err(|e| {
+        let path = e.path().to_string();
+        let field = if path == "." { String::new() } else { path };
+        (field, describe(e.inner()))
     })
 }
 
@@ -92,4 +97,36 @@ pub fn toml_files(dir: &Path) -> Result<Vec<PathBuf>, DefinitionError> {
         .collect();
     files.sort();
     Ok(files)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    #[allow(dead_code)]
+    struct File {
+        tail: Tail,
+    }
+
+    #[derive(Debug, serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    #[allow(dead_code)]
+    struct Tail {
+        lease_ttl_ms: u64,
+    }
+
+    #[test]
+    fn a_type_error_names_the_field_and_the_line() {
+        let (field, message) = parse_toml::<File>("[tail]\n\nlease_ttl_ms = \"soon\"\n").unwrap_err();
+        assert_eq!(field, "tail.lease_ttl_ms");
+        assert!(message.contains("line 3"), "{message}");
+        let (field, message) = parse_toml::<File>("[tail]\nlease_ttl_ms = 1\nttl = 2\n").unwrap_err();
+        assert_eq!(field, "tail.ttl");
+        assert!(message.contains("unknown field"), "{message}");
+        let (field, message) = parse_toml::<File>("[tail\n").unwrap_err();
+        assert_eq!(field, "");
+        assert!(message.contains("line 1"), "{message}");
+    }
 }

@@ -177,7 +177,7 @@ impl Kafka {
             .arg("broker")
             .args(["--listener-url", &url, "--advertised-listener-url", &url])
             .args(["--storage-engine", "sqlite://tansu.db"])
-            .env("RUST_LOG", "warn");
+            .env("RUST_LOG", std::env::var("FICUS_TANSU_LOG").unwrap_or_else(|_| "warn".into()));
         self.child = Owned(Some(spawn(&mut cmd, &log)));
         wait_port(self.port, "tansu", &log);
     }
