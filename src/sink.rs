@@ -128,20 +128,37 @@ impl MongoSink {
         doc! { "v": &v.version, "src": { "c": &v.source_collection, "id": v.source_id.clone() }, "event": &v.event_id }
     }
 
-    /// Version-guarded replace-or-insert of many documents of one collection, in as few round
-    /// trips as the 16 MB command limit allows: one query for tombstones, one `update` command
-    /// per chunk. A document that is newer, or a tombstone that is newer, wins; either way that
-    /// write is a no-op (the guard's failed upsert surfaces as a duplicate key, ignored).
-    async fn upsert_many(&self, collection: &str, items: Vec<(&Versioned, Bson, Document)>) -> Result<(), SinkError> {
-        let keys: Vec<Bson> =
-            items.iter().map(|(_, id, _)| Bson::Document(doc! { "c": collection, "id": id.clone() })).collect();
-        let mut tombs: HashMap<String, String> = HashMap::new();
+    /// The tombstones of some documents of a collection: id (as text) → the deleting version.
+    async fn tombstones<'a>(
+        &self,
+        collection: &str,
+        ids: impl Iterator<Item = &'a Bson>,
+    ) -> Result<HashMap<String, String>, SinkError> {
+        let keys: Vec<Bson> = ids.map(|id| Bson::Document(doc! { "c": collection, "id": id.clone() })).collect();
+        let mut tombs = HashMap::new();
         let mut cursor = self.db.collection::<Document>(TOMBSTONES).find(doc! { "_id": { "$in": keys } }).await?;
         while let Some(t) = cursor.try_next().await? {
             if let (Ok(key), Ok(v)) = (t.get_document("_id"), t.get_str("v")) {
                 tombs.insert(key.get("id").map(Bson::to_string).unwrap_or_default(), v.to_string());
             }
         }
+        Ok(tombs)
+    }
+
+    /// Version-guarded replace-or-insert of many documents of one collection, in as few round
+    /// trips as the 16 MB command limit allows: one query for tombstones, one `update` command
+    /// per chunk. A document that is newer, or a tombstone that is newer, wins; either way that
+    /// write is a no-op (the guard's failed upsert surfaces as a duplicate key, ignored).
+    ///
+    /// The tombstone check and the upsert are two steps, so a newer delete of the same document
+    /// (from another consumer: a replay's catch-up, or a fan-in target) can land between them.
+    /// A second look at the tombstones after the upserts closes that window: the delete writes
+    /// its tombstone before deleting, so either this second look sees the tombstone and removes
+    /// what the upsert resurrected, or the tombstone came later and the delete itself removes
+    /// the document this upsert wrote.
+    async fn upsert_many(&self, collection: &str, items: Vec<(&Versioned, Bson, Document)>) -> Result<(), SinkError> {
+        let tombs = self.tombstones(collection, items.iter().map(|(_, id, _)| id)).await?;
+        let mut written: Vec<(Bson, &str)> = Vec::with_capacity(items.len());
         let mut statements: Vec<Document> = Vec::with_capacity(items.len());
         let mut size = 0usize;
         for (v, id, mut doc) in items {
@@ -153,14 +170,24 @@ impl MongoSink {
             size += bson::serialize_to_vec(&doc).map(|b| b.len()).unwrap_or(0) + 256;
             // `$not: {$gte}` also matches a document without `_ficus.v`, in one indexable predicate
             // (an `$or` here made the server scan the collection per upsert).
-            let q = doc! { "_id": id, "_ficus.v": { "$not": { "$gte": &v.version } } };
+            let q = doc! { "_id": id.clone(), "_ficus.v": { "$not": { "$gte": &v.version } } };
             statements.push(doc! { "q": q, "u": doc, "upsert": true });
+            written.push((id, v.version.as_str()));
             if size > MAX_COMMAND_BYTES {
                 self.run_updates(collection, std::mem::take(&mut statements)).await?;
                 size = 0;
             }
         }
-        self.run_updates(collection, statements).await
+        self.run_updates(collection, statements).await?;
+
+        let late = self.tombstones(collection, written.iter().map(|(id, _)| id)).await?;
+        let coll = self.db.collection::<Document>(collection);
+        for (id, version) in &written {
+            if let Some(t) = late.get(&id.to_string()).filter(|t| t.as_str() >= *version) {
+                coll.delete_one(doc! { "_id": id.clone(), "_ficus.v": { "$lt": t.as_str() } }).await?;
+            }
+        }
+        Ok(())
     }
 
     async fn run_updates(&self, collection: &str, statements: Vec<Document>) -> Result<(), SinkError> {
