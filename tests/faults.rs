@@ -101,9 +101,15 @@ fn seed_for(name: &str) -> u64 {
 /// real Kafka evicts such a member after `session.timeout.ms`. (Static membership would avoid
 /// it, but ficus gives every group the same `group.instance.id`, which Tansu mishandles.)
 fn fault_config(dir: &Path, name: &str, tail: &str, rest: &str) -> String {
+    fault_config_with_session(dir, name, tail, rest, Duration::from_secs(6))
+}
+
+/// [`fault_config`] with a chosen consumer session timeout.
+fn fault_config_with_session(dir: &Path, name: &str, tail: &str, rest: &str, session: Duration) -> String {
     let path = dir.join(format!("{name}.toml"));
     let text = format!(
-        "[tail]\nlease_ttl_ms = 2000\n{tail}\n\n[kafka.consumer]\n\"session.timeout.ms\" = \"6000\"\n\"heartbeat.interval.ms\" = \"1000\"\n\n{rest}\n"
+        "[tail]\nlease_ttl_ms = 2000\n{tail}\n\n[kafka.consumer]\n\"session.timeout.ms\" = \"{}\"\n\"heartbeat.interval.ms\" = \"1000\"\n\n{rest}\n",
+        session.as_millis()
     );
     std::fs::write(&path, text).unwrap();
     path.to_str().unwrap().to_string()
@@ -730,7 +736,9 @@ async fn converge(source: &mongodb::Client, target: &mongodb::Client) -> Vec<Str
     let deadline = Instant::now() + Duration::from_secs(if long() { 600 } else { 150 });
     let mut diffs = differences(source, target).await;
     let mut since = Instant::now();
-    while !diffs.is_empty() && Instant::now() < deadline && since.elapsed() < Duration::from_secs(45) {
+    // A consumer that lost its group coordinator may only rejoin when its session times out
+    // (45 s at most in this suite), so wait past that before calling it stuck.
+    while !diffs.is_empty() && Instant::now() < deadline && since.elapsed() < Duration::from_secs(75) {
         tokio::time::sleep(Duration::from_millis(500)).await;
         let now = differences(source, target).await;
         if now != diffs {
@@ -840,7 +848,7 @@ async fn settle_and_audit(
         let events = target.database("ficus").collection::<Document>("events");
         let mut missing = all_ids.len();
         // Only worth waiting for when the consumers kept up.
-        let wait = if diffs.is_empty() { 90 } else { 0 };
+        let wait = if diffs.is_empty() { 120 } else { 0 };
         let deadline = Instant::now() + Duration::from_secs(wait);
         while Instant::now() < deadline {
             let archived: HashSet<String> = events
@@ -1007,7 +1015,6 @@ async fn sigkill_during_the_snapshot() {
 
 /// `ficus replay` killed with SIGKILL at random moments (shadow and in-place) while the daemon
 /// keeps consuming live writes; a final replay completes and the database verifies.
-#[ignore = "under investigation: failed in the session's last full run; see issue #7 notes"]
 #[tokio::test(flavor = "multi_thread")]
 async fn sigkill_during_replay() {
     let name = "sigkill-replay";
@@ -1242,7 +1249,6 @@ async fn ficus_started_while_mongodb_and_kafka_are_down_waits_for_them() {
 /// new owner around a rebalance. Each aggregate gets an upsert from one writer and the newer
 /// delete from the other, concurrently. Whatever the interleaving, the version guards promise
 /// that the older write never wins: no document may survive its newer delete.
-#[ignore = "bug: the tombstone check and the guarded upsert are not atomic, so two writers racing on one document (a rebalance overlap) can resurrect a deleted document"]
 #[tokio::test(flavor = "multi_thread")]
 async fn an_older_upsert_racing_a_newer_delete_never_resurrects_the_document() {
     use ficus::sink::{MongoSink, Sink, Versioned};
@@ -1337,7 +1343,6 @@ async fn network_faults(proxy: &Proxy, rng: &mut StdRng) -> String {
 }
 
 /// Every connection ficus makes to MongoDB (source, targets, store) goes through the proxy.
-#[ignore = "under investigation: failed in the session's last full run; see issue #7 notes"]
 #[tokio::test(flavor = "multi_thread")]
 async fn network_faults_between_ficus_and_mongodb() {
     let name = "proxy-mongodb";
@@ -1397,7 +1402,7 @@ impl ProxiedKafka {
             .args(["--listener-url", &format!("tcp://127.0.0.1:{port}")])
             .args(["--advertised-listener-url", &format!("tcp://127.0.0.1:{}", proxy.port)])
             .args(["--storage-engine", "sqlite://tansu.db"])
-            .env("RUST_LOG", "warn")
+            .env("RUST_LOG", std::env::var("FICUS_TANSU_LOG").unwrap_or_else(|_| "warn".into()))
             .stdin(std::process::Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log);
@@ -1424,10 +1429,15 @@ impl Drop for ProxiedKafka {
     }
 }
 
-/// Kafka network faults. If the consumers stall for good after the refusal phase, look for
-/// `transient failure; retrying ... AllBrokersDown` followed by `consuming service=...`: ficus
-/// replaced a consumer while the broker was unreachable, the old member could not leave, and
-/// Tansu's coordinator never evicts it (see [`fault_config`]).
+/// Kafka network faults. Consumers keep their group membership through them (librdkafka
+/// reconnects by itself; ficus never replaces a consumer over a transient error), and the
+/// consumer session timeout here (Kafka's default, 45 s) outlasts the longest partition (8 s,
+/// 32 s in the long variant), so no member's session expires. That is deliberate, not a way
+/// around a ficus fault: Tansu 0.6.0 wedges a group for good when its leader's session expires
+/// while that leader is still heartbeating late (its heartbeat path drops the member but keeps
+/// it as the group's leader, so every later JoinGroup waits on a leader that no longer exists;
+/// `FICUS_TANSU_LOG=warn,tansu_broker::coordinator=debug` shows it). Real Kafka rebalances
+/// and recovers.
 #[tokio::test(flavor = "multi_thread")]
 async fn network_faults_between_ficus_and_kafka() {
     let name = "proxy-kafka";
@@ -1436,7 +1446,7 @@ async fn network_faults_between_ficus_and_kafka() {
     let world = World::start();
     let kafka = ProxiedKafka::start(&world.dir.path().join("proxied-kafka"));
     let env = Env::default()
-        .with("FICUS_CONFIG", fault_config(world.dir.path(), name, "", ""))
+        .with("FICUS_CONFIG", fault_config_with_session(world.dir.path(), name, "", "", Duration::from_secs(45)))
         .with("FICUS_KAFKA_BROKERS", kafka.brokers());
     let out = run_ficus(&world, &["topics", "apply"], &env);
     assert!(out.status.success(), "topics apply through the proxy:\n{}", text(&out));
@@ -1995,7 +2005,6 @@ async fn malformed_messages_and_unmatched_events() {
 
 /// Broken configuration and definitions: every case exits 2, fast, naming the file and the
 /// field, and never prints a password; `ficus run` behaves like `ficus validate`.
-#[ignore = "bug: not every broken configuration exits 2 naming file and field; see issue #7 notes"]
 #[test]
 fn broken_configuration_and_definitions_exit_2_naming_file_and_field() {
     let dir = tempfile::tempdir().unwrap();
