@@ -6,6 +6,11 @@
 //! every BSON type (an Int32 stays an Int32, a Decimal128 a Decimal128, a Date a Date) through
 //! the round trip; relaxed JSON would fold Int32/Int64/Double together.
 //!
+//! Field names that begin with `$` (legal in MongoDB documents since 5.0) would be read back as
+//! Extended JSON type wrappers (`{"$numberInt": "5"}` is the number 5), so inside `data` every
+//! such name is written with one more `$` (`$numberInt` → `$$numberInt`) and the decoder strips
+//! it again. Type wrappers never begin with `$$`, so the escape is unambiguous.
+//!
 //! Ordering and identity come from the [`Position`]: `id` is a hash of it (the same change always
 //! yields the same id, so duplicates are recognisable) and `sequence` is a fixed-width decimal
 //! string whose lexicographic order is the source's commit order, usable as a version.
@@ -190,7 +195,47 @@ fn bad(field: &'static str, reason: impl Into<String>) -> DecodeError {
 }
 
 fn doc_to_json(doc: &Document) -> Value {
-    Bson::Document(doc.clone()).into_canonical_extjson()
+    to_ejson(&Bson::Document(doc.clone()))
+}
+
+/// Canonical Extended JSON of a value, with `$`-prefixed field names escaped (see the module
+/// header). Values without such names, nearly all of them, are converted as they are.
+pub fn to_ejson(b: &Bson) -> Value {
+    if has_dollar_keys(b, "$") {
+        escape_keys(b.clone()).into_canonical_extjson()
+    } else {
+        b.clone().into_canonical_extjson()
+    }
+}
+
+/// Parses Extended JSON written by [`to_ejson`], undoing its escape.
+pub fn from_ejson(v: Value) -> Result<Bson, bson::error::Error> {
+    let b = Bson::try_from(v)?;
+    Ok(if has_dollar_keys(&b, "$$") { unescape_keys(b) } else { b })
+}
+
+fn has_dollar_keys(b: &Bson, prefix: &str) -> bool {
+    match b {
+        Bson::Document(d) => d.iter().any(|(k, v)| k.starts_with(prefix) || has_dollar_keys(v, prefix)),
+        Bson::Array(a) => a.iter().any(|v| has_dollar_keys(v, prefix)),
+        _ => false,
+    }
+}
+
+fn rename_keys(b: Bson, rename: &impl Fn(String) -> String) -> Bson {
+    match b {
+        Bson::Document(d) => Bson::Document(d.into_iter().map(|(k, v)| (rename(k), rename_keys(v, rename))).collect()),
+        Bson::Array(a) => Bson::Array(a.into_iter().map(|v| rename_keys(v, rename)).collect()),
+        other => other,
+    }
+}
+
+fn escape_keys(b: Bson) -> Bson {
+    rename_keys(b, &|k| if k.starts_with('$') { format!("${k}") } else { k })
+}
+
+fn unescape_keys(b: Bson) -> Bson {
+    rename_keys(b, &|k| if k.starts_with("$$") { k[1..].to_string() } else { k })
 }
 
 impl CanonicalEvent {
@@ -204,8 +249,8 @@ impl CanonicalEvent {
         let mut data = Map::new();
         data.insert("op".into(), Value::String(self.data.op.as_str().into()));
         data.insert("collection".into(), Value::String(self.data.collection.clone()));
-        data.insert("key".into(), self.data.key.clone().into_canonical_extjson());
-        data.insert("documentId".into(), self.data.document_id.clone().into_canonical_extjson());
+        data.insert("key".into(), to_ejson(&self.data.key));
+        data.insert("documentId".into(), to_ejson(&self.data.document_id));
         let opt = |d: &Option<Document>| d.as_ref().map(doc_to_json).unwrap_or(Value::Null);
         data.insert("after".into(), opt(&self.data.after));
         data.insert("before".into(), opt(&self.data.before));
@@ -217,7 +262,7 @@ impl CanonicalEvent {
             let mut m = Map::new();
             m.insert("field".into(), Value::String(d.field.clone()));
             m.insert("index".into(), d.index.map(Value::from).unwrap_or(Value::Null));
-            m.insert("element".into(), d.element.clone().into_canonical_extjson());
+            m.insert("element".into(), to_ejson(&d.element));
             data.insert("derived".into(), Value::Object(m));
         }
 
@@ -303,14 +348,14 @@ impl CanonicalEvent {
         };
         let bson_of = |field: &'static str, v: Option<Value>| -> Result<Bson, DecodeError> {
             let v = v.ok_or_else(|| bad(field, "missing"))?;
-            Bson::try_from(v).map_err(|e| bad(field, format!("not Extended JSON: {e}")))
+            from_ejson(v).map_err(|e| bad(field, format!("not Extended JSON: {e}")))
         };
         let key = bson_of("data.key", data.remove("key"))?;
         let document_id = bson_of("data.documentId", data.remove("documentId"))?;
         let opt_doc = |field: &'static str, v: Option<Value>| -> Result<Option<Document>, DecodeError> {
             match v {
                 None | Some(Value::Null) => Ok(None),
-                Some(v) => match Bson::try_from(v) {
+                Some(v) => match from_ejson(v) {
                     Ok(Bson::Document(d)) => Ok(Some(d)),
                     Ok(_) => Err(bad(field, "expected a document")),
                     Err(e) => Err(bad(field, format!("not Extended JSON: {e}"))),
@@ -433,6 +478,26 @@ mod tests {
         let after = back.data.after.unwrap();
         assert!(matches!(after.get("n32"), Some(Bson::Int32(5))));
         assert!(matches!(after.get("n64"), Some(Bson::Int64(5))));
+    }
+
+    #[test]
+    fn field_names_that_look_like_type_wrappers_survive_the_envelope() {
+        let mut ev = sample();
+        let lookalikes = doc! {
+            "count": { "$numberInt": "5" },
+            "ref": { "$oid": "not an object id" },
+            "made": { "$date": { "$numberLong": "0" } },
+            "list": [{ "$$already": 1_i32, "plain": { "$regularExpression": { "pattern": "a", "options": "" } } }],
+            "n": 7_i32,
+        };
+        ev.data.after = Some(lookalikes.clone());
+        ev.data.changed = Some(doc! { "count": { "$numberInt": "5" } });
+        let wire = ev.to_json();
+        assert_eq!(wire["data"]["after"]["count"]["$$numberInt"], "5");
+        assert_eq!(wire["data"]["after"]["n"]["$numberInt"], "7");
+        let back = CanonicalEvent::decode(&ev.encode()).unwrap();
+        assert_eq!(back.data.after, Some(lookalikes));
+        assert_eq!(back, ev);
     }
 
     #[test]

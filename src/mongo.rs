@@ -112,3 +112,10 @@ pub async fn connect(uri: &str, app: &str) -> Result<Client, Error> {
     }
     Client::with_options(opts)
 }
+
+/// A raw document as a [`bson::Document`], converted element by element. Read documents this
+/// way rather than through serde, which takes sub-documents with keys like `$oid` or
+/// `$numberInt` (legal field names) for Extended JSON type wrappers.
+pub fn to_document(raw: &bson::RawDocument) -> Result<bson::Document, bson::error::Error> {
+    bson::Document::try_from(raw)
+}

@@ -4,11 +4,16 @@
 //! watches the whole source database (one ordered stream, so a transaction spanning collections
 //! stays in commit order), filtered server-side to the collections that have topic definitions,
 //! with `fullDocument: updateLookup` and `fullDocumentBeforeChange: whenAvailable`.
+//!
+//! Events and snapshot documents are read as raw BSON and converted structurally
+//! ([`Document::try_from`]), never through serde: serde's `Document` reader takes a
+//! sub-document such as `{"$numberInt": "5"}` or `{"$oid": ...}` (legal field names since
+//! MongoDB 5.0) for an Extended JSON type wrapper, changing the value or failing on it.
 
-use bson::{Bson, Document, Timestamp, doc};
+use bson::{Bson, Document, RawDocumentBuf, Timestamp, doc};
 use futures::TryStreamExt;
 use mongodb::change_stream::ChangeStream;
-use mongodb::change_stream::event::{ChangeStreamEvent, OperationType, ResumeToken};
+use mongodb::change_stream::event::ResumeToken;
 use mongodb::options::{FullDocumentBeforeChangeType, FullDocumentType};
 use mongodb::{Client, Database};
 use std::time::Duration;
@@ -73,7 +78,8 @@ pub struct MongoSource {
     collections: Vec<String>,
 }
 
-pub type Stream = ChangeStream<ChangeStreamEvent<Document>>;
+/// The change stream, one raw event document at a time (see the module header for why raw).
+pub type Stream = ChangeStream<RawDocumentBuf>;
 
 impl MongoSource {
     pub async fn connect(uri: &str, db: &str, collections: Vec<String>) -> Result<Self, SourceError> {
@@ -144,13 +150,14 @@ impl MongoSource {
                 w.start_at_operation_time(*ts)
             }
         };
-        w.await.map_err(|e| match (start, crate::mongo::error_code(&e)) {
+        let stream = w.await.map_err(|e| match (start, crate::mongo::error_code(&e)) {
             // A token the server cannot parse is as unusable as one it no longer holds.
             (StartAt::Token(_), Some(9)) => SourceError::HistoryLost {
                 detail: format!("the stored resume token is unusable: {}", mongo::describe(&e)),
             },
             _ => SourceError::from_mongo(e),
-        })
+        })?;
+        Ok(stream.with_type::<RawDocumentBuf>())
     }
 
     /// The time of the oldest oplog entry, where ficus may read `local.oplog.rs` (not every
@@ -179,13 +186,16 @@ impl MongoSource {
         };
         let cursor = self
             .db
-            .collection::<Document>(coll)
+            .collection::<RawDocumentBuf>(coll)
             .find(filter)
             .sort(doc! { "_id": 1 })
             .limit(i64::from(limit))
             .batch_size(limit)
             .await?;
-        Ok(cursor.try_collect().await?)
+        let raw: Vec<RawDocumentBuf> = cursor.try_collect().await?;
+        raw.iter()
+            .map(|r| mongo::to_document(r).map_err(|e| SourceError::Malformed(format!("a document of {coll}: {e}"))))
+            .collect()
     }
 
     /// Turns on pre- and post-images for a collection (`collMod`), creating it if needed.
@@ -226,63 +236,60 @@ pub fn token_doc(token: &ResumeToken) -> Result<Document, SourceError> {
     bson::serialize_to_document(token).map_err(|e| SourceError::Malformed(format!("resume token: {e}")))
 }
 
-/// Converts one change-stream event into a [`ChangeRecord`] (index left at 0 for the caller
-/// to assign). Operations that are not document changes are errors the caller must surface.
-pub fn to_record(ev: ChangeStreamEvent<Document>) -> Result<ChangeRecord, SourceError> {
-    let namespace = ev
-        .ns
-        .as_ref()
-        .map(|ns| format!("{}.{}", ns.db, ns.coll.as_deref().unwrap_or("*")))
+/// Converts one raw change-stream event into a [`ChangeRecord`] (index left at 0 for the caller
+/// to assign) and its resume token. Operations that are not document changes are errors the
+/// caller must surface.
+pub fn to_record(raw: &bson::RawDocument) -> Result<(ChangeRecord, Document), SourceError> {
+    let ev = mongo::to_document(raw).map_err(|e| SourceError::Malformed(format!("change event: {e}")))?;
+    let ns = ev.get_document("ns").ok();
+    let collection = ns.and_then(|n| n.get_str("coll").ok()).map(str::to_string);
+    let namespace = ns
+        .map(|n| format!("{}.{}", n.get_str("db").unwrap_or("?"), collection.as_deref().unwrap_or("*")))
         .unwrap_or_else(|| "?".into());
-    let op = match ev.operation_type {
-        OperationType::Insert => Op::Insert,
-        OperationType::Update => Op::Update,
-        OperationType::Replace => Op::Replace,
-        OperationType::Delete => Op::Delete,
-        OperationType::Drop => {
-            return Err(SourceError::Unsupported { op: "drop".into(), namespace });
-        }
-        OperationType::Rename => {
-            return Err(SourceError::Unsupported { op: "rename".into(), namespace });
-        }
-        OperationType::DropDatabase => {
-            return Err(SourceError::Unsupported { op: "dropDatabase".into(), namespace });
-        }
-        OperationType::Invalidate => {
-            return Err(SourceError::Unsupported { op: "invalidate".into(), namespace });
-        }
-        OperationType::Other(o) => return Err(SourceError::Unsupported { op: o, namespace }),
-        _ => {
-            return Err(SourceError::Unsupported { op: "unknown".into(), namespace });
-        }
+    let kind =
+        ev.get_str("operationType").map_err(|_| SourceError::Malformed("change event without operationType".into()))?;
+    let op = match kind {
+        "insert" => Op::Insert,
+        "update" => Op::Update,
+        "replace" => Op::Replace,
+        "delete" => Op::Delete,
+        other => return Err(SourceError::Unsupported { op: other.to_string(), namespace }),
     };
-    let collection = ev
-        .ns
-        .and_then(|ns| ns.coll)
-        .ok_or_else(|| SourceError::Malformed(format!("{op} event without a collection")))?;
+    let collection = collection.ok_or_else(|| SourceError::Malformed(format!("{op} event without a collection")))?;
+    let token = ev
+        .get_document("_id")
+        .cloned()
+        .map_err(|_| SourceError::Malformed(format!("{op} event on {collection} without a resume token")))?;
     let document_id = ev
-        .document_key
-        .and_then(|mut k| k.remove("_id"))
+        .get_document("documentKey")
+        .ok()
+        .and_then(|k| k.get("_id").cloned())
         .ok_or_else(|| SourceError::Malformed(format!("{op} event on {collection} without documentKey._id")))?;
     let cluster_time = ev
-        .cluster_time
-        .ok_or_else(|| SourceError::Malformed(format!("{op} event on {collection} without clusterTime")))?;
-    let token = token_doc(&ev.id)?;
-    let (changed, removed) = match ev.update_description {
-        Some(u) => (Some(u.updated_fields), u.removed_fields),
-        None => (None, Vec::new()),
+        .get_timestamp("clusterTime")
+        .map_err(|_| SourceError::Malformed(format!("{op} event on {collection} without clusterTime")))?;
+    let image = |field: &str| ev.get_document(field).ok().cloned();
+    let (changed, removed) = match ev.get_document("updateDescription") {
+        Ok(u) => (
+            Some(u.get_document("updatedFields").cloned().unwrap_or_default()),
+            u.get_array("removedFields")
+                .map(|a| a.iter().filter_map(|f| f.as_str().map(str::to_string)).collect())
+                .unwrap_or_default(),
+        ),
+        Err(_) => (None, Vec::new()),
     };
-    Ok(ChangeRecord {
+    let record = ChangeRecord {
         op,
         collection,
         document_id,
-        after: ev.full_document,
-        before: ev.full_document_before_change,
+        after: image("fullDocument"),
+        before: image("fullDocumentBeforeChange"),
         changed,
         removed,
         cluster_time,
         index: 0,
-        wall_time: ev.wall_time,
+        wall_time: ev.get_datetime("wallTime").ok().copied(),
         resume_token: Some(token_data(&token)),
-    })
+    };
+    Ok((record, token))
 }

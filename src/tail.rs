@@ -450,8 +450,7 @@ async fn read_changes(
         }
         match next {
             Ok(Some(ev)) => {
-                let token = token_doc(&ev.id)?;
-                let mut record = to_record(ev)?;
+                let (mut record, token) = to_record(&ev)?;
                 record.index = if record.cluster_time == last_time { last_index + 1 } else { 1 };
                 last_time = record.cluster_time;
                 last_index = record.index;

@@ -38,6 +38,14 @@ pub enum VerifyError {
     Mongo(#[from] mongodb::error::Error),
     #[error("{0}")]
     Transform(#[from] crate::transform::TransformError),
+    #[error("a document of {collection} is not valid BSON: {error}")]
+    Bson { collection: String, error: bson::error::Error },
+}
+
+/// Reads documents raw and converts them structurally (see [`mongo::to_document`]), so field
+/// names like `$oid` stay field names.
+fn document(collection: &str, raw: bson::RawDocumentBuf) -> Result<Document, VerifyError> {
+    mongo::to_document(&raw).map_err(|error| VerifyError::Bson { collection: collection.to_string(), error })
 }
 
 /// Options.
@@ -347,8 +355,9 @@ pub async fn verify(
     // 1. Expected: the source through the transforms.
     let mut pending = Vec::with_capacity(BATCH);
     for coll in &source_collections {
-        let mut cursor = source.collection::<Document>(coll).find(doc! {}).batch_size(BATCH as u32).await?;
+        let mut cursor = source.collection::<bson::RawDocumentBuf>(coll).find(doc! {}).batch_size(BATCH as u32).await?;
         while let Some(d) = cursor.try_next().await? {
+            let d = document(coll, d)?;
             let id = d.get("_id").cloned().unwrap_or(Bson::Null);
             let ops = expected.writes(coll, d)?;
             expected.record(coll, &id, ops, &mut pending).await?;
@@ -373,10 +382,11 @@ pub async fn verify(
     for coll in transforms.collections() {
         let tally = report.collections.entry(coll.clone()).or_default();
         tally.expected = scratch.count_documents(doc! { "_id.c": &coll }).await?;
-        let mut cursor = target.collection::<Document>(&coll).find(doc! {}).batch_size(BATCH as u32).await?;
+        let mut cursor =
+            target.collection::<bson::RawDocumentBuf>(&coll).find(doc! {}).batch_size(BATCH as u32).await?;
         let mut chunk: Vec<Document> = Vec::with_capacity(BATCH);
         loop {
-            let next = cursor.try_next().await?;
+            let next = cursor.try_next().await?.map(|d| document(&coll, d)).transpose()?;
             let done = next.is_none();
             if let Some(d) = next {
                 chunk.push(d);
@@ -459,7 +469,13 @@ async fn recheck(
 ) -> Result<(), VerifyError> {
     const MAX_RECHECK: usize = 10_000;
     for (coll, id, why) in suspects.into_iter().take(MAX_RECHECK) {
-        let actual = target.collection::<Document>(&coll).find_one(doc! { "_id": id.clone() }).await?.map(strip_meta);
+        let actual = target
+            .collection::<bson::RawDocumentBuf>(&coll)
+            .find_one(doc! { "_id": id.clone() })
+            .await?
+            .map(|d| document(&coll, d))
+            .transpose()?
+            .map(strip_meta);
         let exp = expected_now(expected, source, &coll, &id).await?;
         let tally = report.collections.entry(coll.clone()).or_default();
         let agree = match (&exp, &actual) {
@@ -504,7 +520,13 @@ async fn expected_now(
     let (Ok(src_coll), Some(src_id)) = (src.get_str("c"), src.get("_id").or_else(|| src.get("id"))) else {
         return Ok(None);
     };
-    let Some(doc) = source.collection::<Document>(src_coll).find_one(doc! { "_id": src_id.clone() }).await? else {
+    let Some(doc) = source
+        .collection::<bson::RawDocumentBuf>(src_coll)
+        .find_one(doc! { "_id": src_id.clone() })
+        .await?
+        .map(|d| document(src_coll, d))
+        .transpose()?
+    else {
         return Ok(None);
     };
     for op in expected.writes(src_coll, doc)? {
