@@ -127,6 +127,13 @@ pub trait Publisher: Send + Sync {
     /// Queues one event for `topic`, keyed by its aggregate id. Waits only while the client's
     /// queue is full; the returned [`Ack`] resolves when the broker has acknowledged it.
     fn publish(&self, topic: &str, event: &CanonicalEvent) -> impl Future<Output = Result<Ack, BusError>> + Send;
+    /// Queues one event for every partition of `topic` (a marker each partition's consumer must
+    /// see, in order with the events before it); one [`Ack`] per partition.
+    fn publish_to_all_partitions(
+        &self,
+        topic: &str,
+        event: impl Fn(i32, i32) -> CanonicalEvent + Send,
+    ) -> impl Future<Output = Result<Vec<Ack>, BusError>> + Send;
     /// Waits until everything queued is acknowledged or `timeout` passes.
     fn flush(&self, timeout: Duration) -> Result<(), BusError>;
 }
@@ -146,6 +153,41 @@ impl KafkaPublisher {
 
 impl Publisher for KafkaPublisher {
     async fn publish(&self, topic: &str, event: &CanonicalEvent) -> Result<Ack, BusError> {
+        self.send(topic, None, event).await
+    }
+
+    async fn publish_to_all_partitions(
+        &self,
+        topic: &str,
+        event: impl Fn(i32, i32) -> CanonicalEvent + Send,
+    ) -> Result<Vec<Ack>, BusError> {
+        let producer = self.producer.clone();
+        let name = topic.to_string();
+        let metadata =
+            tokio::task::spawn_blocking(move || producer.client().fetch_metadata(Some(&name), Duration::from_secs(30)))
+                .await
+                .map_err(|e| BusError::Topic {
+                    topic: topic.into(),
+                    reason: format!("metadata lookup failed: {e}"),
+                })??;
+        let partitions = metadata.topics().first().map_or(0, |t| t.partitions().len()) as i32;
+        if partitions == 0 {
+            return Err(BusError::Topic { topic: topic.into(), reason: "has no partitions (does it exist?)".into() });
+        }
+        let mut acks = Vec::with_capacity(partitions as usize);
+        for p in 0..partitions {
+            acks.push(self.send(topic, Some(p), &event(p, partitions)).await?);
+        }
+        Ok(acks)
+    }
+
+    fn flush(&self, timeout: Duration) -> Result<(), BusError> {
+        self.producer.flush(timeout).map_err(BusError::from)
+    }
+}
+
+impl KafkaPublisher {
+    async fn send(&self, topic: &str, partition: Option<i32>, event: &CanonicalEvent) -> Result<Ack, BusError> {
         let payload = event.encode();
         let headers = if self.ce_headers {
             let mut h = OwnedHeaders::new_with_capacity(7);
@@ -158,6 +200,9 @@ impl Publisher for KafkaPublisher {
             None
         };
         let mut record = FutureRecord::to(topic).key(event.key()).payload(&payload);
+        if let Some(p) = partition {
+            record = record.partition(p);
+        }
         if let Some(h) = headers {
             record = record.headers(h);
         }
@@ -183,10 +228,6 @@ impl Publisher for KafkaPublisher {
             }
         }
         .boxed())
-    }
-
-    fn flush(&self, timeout: Duration) -> Result<(), BusError> {
-        self.producer.flush(timeout).map_err(BusError::from)
     }
 }
 

@@ -181,6 +181,27 @@ pub fn render_key(key: &Bson) -> String {
     }
 }
 
+/// The CloudEvents `type` of the marker the tailer puts on every partition of a topic once a
+/// snapshot of its collection is copied and acknowledged (see [`CanonicalEvent::snapshot_marker`]).
+pub const SNAPSHOT_COMPLETED: &str = "ficus.snapshot.completed";
+
+/// What a snapshot marker says: every document of `collection` that existed at `start` has
+/// been copied ahead of this marker on this partition. A consumer that has seen the markers of
+/// every partition knows that anything of `collection` it holds at a version older than
+/// `start` no longer exists at the source (it was deleted while no history was kept), and
+/// removes it as a `delete_type` event would.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SnapshotMarker {
+    pub collection: String,
+    /// The version of the snapshot's copies (their `sequence`).
+    pub start: String,
+    pub partition: i32,
+    pub partitions: i32,
+    /// The topic's snapshot and delete event types.
+    pub snapshot_type: String,
+    pub delete_type: String,
+}
+
 /// A message on the wire that is not a canonical event.
 #[derive(Debug, thiserror::Error)]
 pub enum DecodeError {
@@ -239,6 +260,63 @@ fn unescape_keys(b: Bson) -> Bson {
 }
 
 impl CanonicalEvent {
+    /// The marker for one partition of a completed snapshot taken at `start`. It sorts after
+    /// every event of that snapshot (and of its cluster time): its index is the largest there
+    /// is. Its details travel in `data.after`, readable with kcat like any event.
+    pub fn snapshot_marker(
+        source_name: &str,
+        collection: &str,
+        start: Timestamp,
+        (snapshot_type, delete_type): (&str, &str),
+        partition: i32,
+        partitions: i32,
+    ) -> CanonicalEvent {
+        let copies = Position { cluster_time: start, index: 0, resume_token: None };
+        let position = Position { cluster_time: start, index: u32::MAX, resume_token: None };
+        CanonicalEvent {
+            id: event_id(source_name, &position, &format!("snapshot-completed:{collection}:{partition}")),
+            source: format!("ficus://{source_name}/{collection}"),
+            event_type: SNAPSHOT_COMPLETED.to_string(),
+            subject: collection.to_string(),
+            time: DateTime::now(),
+            schema_version: SCHEMA_VERSION,
+            data: EventData {
+                op: Op::Snapshot,
+                collection: collection.to_string(),
+                key: Bson::String(collection.to_string()),
+                document_id: Bson::Null,
+                after: Some(bson::doc! {
+                    "start": copies.sequence(),
+                    "partition": partition,
+                    "partitions": partitions,
+                    "snapshotType": snapshot_type,
+                    "deleteType": delete_type,
+                }),
+                before: None,
+                changed: None,
+                removed: Vec::new(),
+                derived: None,
+            },
+            position,
+        }
+    }
+
+    /// The marker's details, when this is a snapshot marker.
+    pub fn as_snapshot_marker(&self) -> Option<SnapshotMarker> {
+        if self.event_type != SNAPSHOT_COMPLETED {
+            return None;
+        }
+        let a = self.data.after.as_ref()?;
+        Some(SnapshotMarker {
+            collection: self.data.collection.clone(),
+            start: a.get_str("start").ok()?.to_string(),
+            partition: a.get_i32("partition").ok()?,
+            partitions: a.get_i32("partitions").ok()?,
+            snapshot_type: a.get_str("snapshotType").ok()?.to_string(),
+            delete_type: a.get_str("deleteType").ok()?.to_string(),
+        })
+    }
+
     /// The Kafka message key: the aggregate id.
     pub fn key(&self) -> &str {
         &self.subject

@@ -31,6 +31,8 @@ use crate::transform::WriteOp;
 pub const META: &str = "_ficus";
 pub const TOMBSTONES: &str = "_ficus_tombstones";
 pub const MEMBERS_PREFIX: &str = "_ficus_members_";
+/// Which partitions have reported a completed snapshot, per target and snapshot.
+pub const SNAPSHOTS: &str = "_ficus_snapshots";
 
 /// One event's writes, with the position that versions them.
 #[derive(Debug, Clone)]
@@ -250,6 +252,94 @@ impl MongoSink {
         Ok(())
     }
 
+    /// Marks what a source document built in `collection` as seen by the snapshot at `v`.
+    async fn touch(&self, v: &Versioned, collection: &str) -> Result<(), SinkError> {
+        self.db
+            .collection::<Document>(collection)
+            .update_many(
+                doc! {
+                    "_ficus.src.c": &v.source_collection,
+                    "_ficus.src.id": v.source_id.clone(),
+                    // Only what the sweep would look at: documents older than the snapshot.
+                    "_ficus.v": { "$lt": &v.version },
+                    "_ficus.seen": { "$not": { "$gte": &v.version } },
+                },
+                doc! { "$set": { "_ficus.seen": &v.version } },
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// Records one partition's snapshot marker; when every partition has reported, removes what
+    /// the snapshot did not refresh (see [`WriteOp::Sweep`]). Idempotent: markers delivered again,
+    /// or a sweep cut short and run again, change nothing more.
+    async fn sweep(&self, v: &Versioned, op: &WriteOp) -> Result<(), SinkError> {
+        let WriteOp::Sweep { collection, source_collection, before, partition, partitions, rollup, touched } = op
+        else {
+            return Ok(());
+        };
+        let (collection, source_collection, before) =
+            (collection.as_str(), source_collection.as_str(), before.as_str());
+        let stale = if *touched {
+            doc! { "_ficus.src.c": source_collection, "_ficus.v": { "$lt": before }, "_ficus.seen": { "$not": { "$gte": before } } }
+        } else {
+            doc! { "_ficus.src.c": source_collection, "_ficus.v": { "$lt": before } }
+        };
+        let (partition, partitions) = (*partition, *partitions);
+        let rollup = rollup.as_ref();
+        let snapshots = self.db.collection::<Document>(SNAPSHOTS);
+        let id = doc! { "collection": collection, "source": source_collection, "start": before };
+        let seen = snapshots
+            .find_one_and_update(doc! { "_id": id.clone() }, doc! { "$addToSet": { "partitions": partition } })
+            .upsert(true)
+            .return_document(mongodb::options::ReturnDocument::After)
+            .await?
+            .unwrap_or_default();
+        let reported = seen.get_array("partitions").map_or(0, Vec::len);
+        if reported < partitions as usize || seen.get_bool("swept").unwrap_or(false) {
+            return Ok(());
+        }
+        // Deletes and leaves at the snapshot's own version: older than every copy it made.
+        let at = Versioned { version: before.to_string(), ..v.clone() };
+        let mut removed = 0u64;
+        match rollup {
+            None => {
+                let coll = self.db.collection::<Document>(collection);
+                let mut cursor = coll.find(stale).projection(doc! { "_id": 1 }).await?;
+                let mut ids = Vec::new();
+                while let Some(d) = cursor.try_next().await? {
+                    ids.extend(d.get("_id").cloned());
+                }
+                for id in ids {
+                    self.delete(&at, collection, Some(&id)).await?;
+                    removed += 1;
+                }
+            }
+            Some((count_field, distinct)) => {
+                let members = self.db.collection::<Document>(&format!("{MEMBERS_PREFIX}{collection}"));
+                let stale = doc! { "v": { "$lt": before }, "g": { "$ne": Bson::Null } };
+                let mut cursor = members.find(stale).projection(doc! { "_id": 1 }).await?;
+                let mut ids = Vec::new();
+                while let Some(d) = cursor.try_next().await? {
+                    ids.extend(d.get("_id").cloned());
+                }
+                let leave: Vec<(String, Option<Bson>)> = distinct.iter().map(|d| (d.clone(), None)).collect();
+                for member in ids {
+                    self.rollup(&at, collection, None, &member, count_field, &leave, &Document::new()).await?;
+                    removed += 1;
+                }
+            }
+        }
+        snapshots.update_one(doc! { "_id": id }, doc! { "$set": { "swept": true, "removed": removed as i64 } }).await?;
+        tracing::info!(
+            collection,
+            source = source_collection,
+            removed,
+            "snapshot complete on every partition: removed what the source no longer has"
+        );
+        Ok(())
+    }
+
     #[allow(clippy::too_many_arguments)] // the fields of one WriteOp::Rollup
     async fn rollup(
         &self,
@@ -386,7 +476,15 @@ impl Sink for MongoSink {
                     WriteOp::Rollup { collection, group, member, count_field, distinct, group_fields } => {
                         self.rollup(v, collection, group.as_ref(), member, count_field, distinct, group_fields).await?
                     }
+                    WriteOp::Touch { collection } => self.touch(v, collection).await?,
+                    WriteOp::Sweep { .. } => {}
                 }
+            }
+        }
+        // Last, so a marker's sweep follows every write delivered before it.
+        for v in batch {
+            for op in v.ops.iter().filter(|op| matches!(op, WriteOp::Sweep { .. })) {
+                self.sweep(v, op).await?;
             }
         }
         Ok(())

@@ -29,7 +29,7 @@ use tracing::{Instrument, debug, error, info, warn};
 use crate::bus::{Ack, BusError, Publisher};
 use crate::checkpoint::{CheckpointError, CheckpointStore, SnapshotProgress, StreamPosition, TailState};
 use crate::config::{OnHistoryLost, SnapshotConfig, TailConfig};
-use crate::event::Op;
+use crate::event::{CanonicalEvent, Op};
 use crate::mapping::{ChangeRecord, map_change};
 use crate::mongo::ErrorClass;
 use crate::ops::Health;
@@ -247,6 +247,12 @@ impl<P: Publisher + 'static, C: CheckpointStore> Tailer<P, C> {
                     info!(source = %self.source_name, collection = coll, copied = progress.copied, estimated_total = total, "snapshot progress");
                 }
             }
+            // Every copy of this collection is acknowledged: tell each partition's consumers, so
+            // they can remove what no longer exists at the source (see `SnapshotMarker`).
+            let types = (def.event_type(Op::Snapshot), def.event_type(Op::Delete));
+            let start = progress.start_time;
+            let marker = |p, n| CanonicalEvent::snapshot_marker(&self.source_name, coll, start, types, p, n);
+            try_join_all(self.publisher.publish_to_all_partitions(def.topic.as_str(), marker).await?).await?;
             progress.done.push(coll.to_string());
             progress.current = None;
             progress.last_id = None;

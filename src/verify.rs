@@ -283,7 +283,10 @@ impl Expected<'_> {
                         }
                     }
                 }
-                WriteOp::Rollup { group: None, .. } | WriteOp::Delete { .. } => {}
+                WriteOp::Rollup { group: None, .. }
+                | WriteOp::Delete { .. }
+                | WriteOp::Sweep { .. }
+                | WriteOp::Touch { .. } => {}
             }
         }
         if pending.len() >= BATCH {

@@ -346,7 +346,8 @@ async fn snapshot_with_writes_during_the_copy_and_a_crash_mid_copy() {
 
     // The topic's latest state per key equals the collection.
     let mut latest: HashMap<&str, Option<&Document>> = HashMap::new();
-    for r in records.iter().filter(|r| r.event.data.derived.is_none()) {
+    // (Document events only: not derived events, nor the snapshot's end-of-copy markers.)
+    for r in records.iter().filter(|r| r.event.data.derived.is_none() && r.event.as_snapshot_marker().is_none()) {
         latest.insert(r.key.as_str(), r.event.data.after.as_ref());
     }
     let mut cursor = customers.find(doc! {}).await.unwrap();
@@ -392,7 +393,9 @@ async fn a_quiet_source_still_advances_its_checkpoint() {
     .await;
     assert!(f.terminate().success(), "{}", f.logs());
     let records = read_topics(&world.kafka.brokers(), &[CUSTOMERS], Duration::from_secs(2), |_| true);
-    assert!(records.is_empty());
+    // The empty snapshot's end-of-copy markers, one per partition, and no change event.
+    assert!(records.iter().all(|r| r.event.as_snapshot_marker().is_some()), "{} records", records.len());
+    assert_eq!(records.len(), 6, "one snapshot marker per partition of {CUSTOMERS}");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -423,14 +426,7 @@ async fn history_lost_stops_with_the_remedy_and_resnapshot_recovers() {
         .get_timestamp("cluster_time")
         .unwrap();
     eventually("the oplog pruned past the checkpoint", Duration::from_secs(60), || async {
-        let oldest = client
-            .database("local")
-            .collection::<Document>("oplog.rs")
-            .find_one(doc! {})
-            .sort(doc! { "$natural": 1 })
-            .await
-            .unwrap();
-        oldest.and_then(|d| d.get_timestamp("ts").ok()).is_some_and(|ts| ts > checkpoint_time)
+        common::oldest_oplog_time(&client).await.is_some_and(|ts| ts > checkpoint_time)
     })
     .await;
 

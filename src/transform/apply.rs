@@ -16,7 +16,7 @@ use super::builtins::found;
 use super::compile::{Fields, Input, Key, Rollup, Shape, Target, Transform};
 use super::expr::{Expr, Scope};
 use super::{TransformError, WriteOp};
-use crate::event::{CanonicalEvent, Op};
+use crate::event::{CanonicalEvent, Op, SnapshotMarker};
 
 /// A failure inside the fields: which target field, and why.
 struct FieldError {
@@ -28,6 +28,41 @@ impl Transform {
     /// Whether this transform reads the event.
     pub(super) fn reads(&self, ev: &CanonicalEvent) -> bool {
         ev.data.collection == self.source_collection && self.events.contains(&ev.event_type)
+    }
+
+    /// The sweep a completed snapshot calls for here: where this transform follows the deletes
+    /// of the snapshotted collection, and, for whole documents, reads its snapshot copies too.
+    pub(super) fn sweep(&self, marker: &SnapshotMarker) -> Option<WriteOp> {
+        let follows = marker.collection == self.source_collection && self.events.contains(&marker.delete_type);
+        let mirrors = match self.input {
+            Input::Document => follows && self.events.contains(&marker.snapshot_type),
+            Input::Element => follows,
+        };
+        mirrors.then(|| WriteOp::Sweep {
+            collection: self.collection.clone(),
+            source_collection: self.source_collection.clone(),
+            before: marker.start.clone(),
+            partition: marker.partition,
+            partitions: marker.partitions,
+            rollup: match &self.target {
+                Target::Rollup(r) => {
+                    Some((r.count_field.clone(), r.distinct.iter().map(|(name, _)| name.clone()).collect()))
+                }
+                Target::Document { .. } => None,
+            },
+            touched: self.input == Input::Element,
+        })
+    }
+
+    /// For a target of array elements that follows its source's deletes: a snapshot copy of a
+    /// source document marks what that document built as still backed (see [`WriteOp::Touch`]).
+    pub(super) fn touch(&self, ev: &CanonicalEvent) -> Option<WriteOp> {
+        let copy = ev.data.op == Op::Snapshot
+            && ev.data.collection == self.source_collection
+            && ev.event_type == self.snapshot_type
+            && ev.data.derived.is_none();
+        (copy && self.input == Input::Element && self.events.contains(&self.delete_type))
+            .then(|| WriteOp::Touch { collection: self.collection.clone() })
     }
 
     /// Appends the event's writes to `out`.

@@ -31,6 +31,9 @@ pub(super) struct Transform {
     /// The monolith collection the topic carries (matched against `data.collection`).
     pub source_collection: String,
     pub events: BTreeSet<String>,
+    /// The topic's snapshot and delete event types.
+    pub snapshot_type: String,
+    pub delete_type: String,
     pub input: Input,
     /// The target collection.
     pub collection: String,
@@ -345,6 +348,8 @@ impl Compiler<'_> {
             name: self.file.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default(),
             topic: def?.topic.clone(),
             source_collection: def?.collection.clone(),
+            snapshot_type: def?.event_type(Op::Snapshot).to_string(),
+            delete_type: def?.event_type(Op::Delete).to_string(),
             events,
             input,
             collection: collection?,

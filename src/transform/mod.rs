@@ -68,6 +68,27 @@ pub enum WriteOp {
         distinct: Vec<(String, Option<Bson>)>,
         group_fields: Document,
     },
+    /// A snapshot of `source_collection` (taken at version `before`) has reached this
+    /// partition's end of it: once every one of the topic's `partitions` has reported, the
+    /// documents of `collection` that came from `source_collection` and are still older than
+    /// `before` were not in the snapshot, so the source no longer has them, and they are
+    /// removed (rollup members leave their groups) as their deletes would have done.
+    Sweep {
+        collection: String,
+        source_collection: String,
+        before: String,
+        partition: i32,
+        partitions: i32,
+        /// For a rollup target: its count field and distinct fields.
+        rollup: Option<(String, Vec<String>)>,
+        /// For a target built from array elements: its documents are versioned by the elements'
+        /// events, which a snapshot does not repeat, so what the snapshot saw is marked by
+        /// [`WriteOp::Touch`] instead, and the untouched ones are swept.
+        touched: bool,
+    },
+    /// A snapshot copied the source document: mark what it built in `collection` (a target of
+    /// array elements) as still backed by the source, for the [`WriteOp::Sweep`] that follows.
+    Touch { collection: String },
 }
 
 impl WriteOp {
@@ -89,6 +110,15 @@ impl WriteOp {
                     "countField": count_field, "distinct": distinct, "groupFields": group_fields.clone(),
                 }
             }
+            WriteOp::Sweep { collection, source_collection, before, partition, partitions, rollup, touched } => {
+                doc! {
+                    "op": "sweep", "collection": collection, "sourceCollection": source_collection,
+                    "before": before, "partition": partition, "partitions": partitions,
+                    "rollup": rollup.as_ref().map(|(count, distinct)| doc! { "countField": count, "distinct": distinct.clone() }),
+                    "touched": touched,
+                }
+            }
+            WriteOp::Touch { collection } => doc! { "op": "touch", "collection": collection },
         }
     }
 }
@@ -137,9 +167,16 @@ impl ServiceTransforms {
     /// The writes one event calls for, in file order; `Ok(vec![])` when no transform reads it.
     /// Pure: no I/O, and the same event always yields the same writes (or the same error).
     pub fn apply(&self, ev: &CanonicalEvent) -> Result<Vec<WriteOp>, TransformError> {
+        if let Some(marker) = ev.as_snapshot_marker() {
+            return Ok(self.transforms.iter().filter_map(|t| t.sweep(&marker)).collect());
+        }
         let mut out = Vec::new();
-        for t in self.transforms.iter().filter(|t| t.reads(ev)) {
-            t.apply(ev, &mut out)?;
+        for t in &self.transforms {
+            if t.reads(ev) {
+                t.apply(ev, &mut out)?;
+            } else if let Some(touch) = t.touch(ev) {
+                out.push(touch);
+            }
         }
         Ok(out)
     }

@@ -508,3 +508,50 @@ fn events_nobody_reads_yield_nothing() {
     let ev = event(Op::Insert, "customers", "customer.created", Some(doc! { "sku": "S1" }), None);
     assert_eq!(svc.apply(&ev).unwrap(), vec![]);
 }
+
+#[test]
+fn a_completed_snapshot_sweeps_the_targets_that_mirror_the_collection() {
+    let services = load_all(&repo().join("transforms"), &shipped_topics()).unwrap_or_else(|r| panic!("{r}"));
+    let sweeps = |svc: &str, collection: &str, types: (&str, &str)| {
+        let s = services.iter().find(|s| s.service() == svc).unwrap();
+        let start = bson::Timestamp { time: 1_800_000_000, increment: 3 };
+        let marker = CanonicalEvent::snapshot_marker("linechatbot", collection, start, types, 1, 3);
+        let back = CanonicalEvent::decode(&marker.encode()).unwrap();
+        s.apply(&back).unwrap()
+    };
+    let products = sweeps("products_db", "products", ("product.snapshot", "product.deleted"));
+    let before = crate::event::format_sequence(bson::Timestamp { time: 1_800_000_000, increment: 3 }, 0);
+    assert_eq!(
+        products,
+        vec![
+            WriteOp::Sweep {
+                collection: "categories".into(),
+                source_collection: "products".into(),
+                before: before.clone(),
+                partition: 1,
+                partitions: 3,
+                rollup: Some(("productCount".into(), vec!["subcategories".into()])),
+                touched: false,
+            },
+            WriteOp::Sweep {
+                collection: "products".into(),
+                source_collection: "products".into(),
+                before,
+                partition: 1,
+                partitions: 3,
+                rollup: None,
+                touched: false,
+            },
+        ]
+    );
+    // customer_events is built from purchase elements: swept by what the snapshot touched.
+    let customers = sweeps("customers_db", "customers", ("customer.snapshot", "customer.deleted"));
+    let swept: Vec<(&str, bool)> = customers
+        .iter()
+        .filter_map(|w| match w {
+            WriteOp::Sweep { collection, touched, .. } => Some((collection.as_str(), *touched)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(swept, [("customer_events", true), ("customers", false)], "{customers:?}");
+}

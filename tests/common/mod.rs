@@ -415,6 +415,18 @@ where
     panic!("timed out waiting for: {what}");
 }
 
+/// The time of the oldest entry in the server's oplog.
+pub async fn oldest_oplog_time(client: &mongodb::Client) -> Option<bson::Timestamp> {
+    let oldest = client
+        .database("local")
+        .collection::<Document>("oplog.rs")
+        .find_one(bson::doc! {})
+        .sort(bson::doc! { "$natural": 1 })
+        .await
+        .unwrap();
+    oldest.and_then(|d| d.get_timestamp("ts").ok())
+}
+
 /// The tail checkpoint document, if any.
 pub async fn checkpoint(client: &mongodb::Client, source: &str) -> Option<Document> {
     client.database("ficus").collection::<Document>("checkpoints").find_one(bson::doc! { "_id": source }).await.unwrap()
