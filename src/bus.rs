@@ -213,6 +213,13 @@ impl KafkaPublisher {
                     record = r;
                     tokio::time::sleep(Duration::from_millis(5)).await;
                 }
+                Err((e, _)) if oversized(&e) => {
+                    let producer = self.producer.clone();
+                    let (topic, stripped, size) = (topic.to_string(), event.without_images(), payload.len());
+                    return Ok(
+                        async move { dead_letter_oversized(&producer, &topic, stripped, size, &e).await }.boxed()
+                    );
+                }
                 Err((e, _)) => {
                     return Err(BusError::Delivery { id: event.id.clone(), topic: topic.into(), error: Box::new(e) });
                 }
@@ -220,14 +227,75 @@ impl KafkaPublisher {
         };
         let id = event.id.clone();
         let topic = topic.to_string();
+        let producer = self.producer.clone();
+        let (stripped, size) = (event.without_images(), payload.len());
+        drop(payload);
         Ok(async move {
             match fut.await {
                 Ok(Ok(_delivery)) => Ok(()),
+                Ok(Err((error, _msg))) if oversized(&error) => {
+                    dead_letter_oversized(&producer, &topic, stripped, size, &error).await
+                }
                 Ok(Err((error, _msg))) => Err(BusError::Delivery { id, topic, error: Box::new(error) }),
                 Err(_) => Err(BusError::Cancelled { id, topic }),
             }
         }
         .boxed())
+    }
+}
+
+fn oversized(e: &KafkaError) -> bool {
+    e.rdkafka_error_code() == Some(Code::MessageSizeTooLarge)
+}
+
+/// The body of a dead letter on `<topic>.dlq`, as every stage writes it.
+#[allow(clippy::too_many_arguments)]
+pub fn dead_letter_body(
+    service: &str,
+    stage: &str,
+    error: &str,
+    topic: &str,
+    partition: i32,
+    offset: i64,
+    event: serde_json::Value,
+) -> serde_json::Value {
+    serde_json::json!({
+        "service": service,
+        "stage": stage,
+        "error": error,
+        "topic": topic,
+        "partition": partition,
+        "offset": offset,
+        "failedAt": bson::DateTime::now().try_to_rfc3339_string().unwrap_or_default(),
+        "event": event,
+    })
+}
+
+/// An event too large for the broker (or the producer's `message.max.bytes`). Stopping on it
+/// would stop the tail for good, since a restart meets the same change again; so its envelope,
+/// without the document images, goes to `<topic>.dlq` with the error and the remedy, loudly,
+/// and the tail moves on. The service documents it would have changed are then stale until the
+/// document changes again or is re-snapshotted, which `ficus verify` shows.
+async fn dead_letter_oversized(
+    producer: &FutureProducer,
+    topic: &str,
+    event: CanonicalEvent,
+    size: usize,
+    error: &KafkaError,
+) -> Result<(), BusError> {
+    let error = format!(
+        "the event is {size} bytes, too large for {topic} ({error}); raise the producer's message.max.bytes \
+         ([kafka.producer]) and the topic's max.message.bytes, then re-snapshot (`ficus run --resnapshot`) to carry it"
+    );
+    tracing::error!(topic, event_id = %event.id, aggregate = %event.subject, size, "event too large for Kafka: dead-lettered without its document: {error}");
+    metrics::counter!("ficus_events_dead_lettered_total", "service" => "tail", "topic" => topic.to_string(), "stage" => "publish").increment(1);
+    let body = dead_letter_body("tail", "publish", &error, topic, -1, -1, event.to_json());
+    let payload = serde_json::to_vec(&body).expect("JSON values serialise");
+    let dlq = format!("{topic}.dlq");
+    let record = FutureRecord::to(&dlq).key(event.key()).payload(&payload);
+    match producer.send(record, Duration::from_secs(30)).await {
+        Ok(_) => Ok(()),
+        Err((error, _)) => Err(BusError::Delivery { id: event.id.clone(), topic: dlq, error: Box::new(error) }),
     }
 }
 

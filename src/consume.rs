@@ -22,11 +22,11 @@ use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Reb
 use rdkafka::message::{Header, Message, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{ClientContext, TopicPartitionList};
-use serde_json::{Value, json};
+use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use crate::bus::{BusError, ClientRole, client_config};
+use crate::bus::{BusError, ClientRole, client_config, dead_letter_body};
 use crate::config::KafkaConfig;
 use crate::event::CanonicalEvent;
 use crate::mongo::ErrorClass;
@@ -163,16 +163,7 @@ impl DeadLetters {
             Ok(v) => v,
             Err(_) => Value::String(String::from_utf8_lossy(&d.payload).into_owned()),
         };
-        let body = json!({
-            "service": self.service,
-            "stage": stage,
-            "error": error,
-            "topic": d.topic,
-            "partition": d.partition,
-            "offset": d.offset,
-            "failedAt": DateTime::now().try_to_rfc3339_string().unwrap_or_default(),
-            "event": original,
-        });
+        let body = dead_letter_body(&self.service, stage, error, &d.topic, d.partition, d.offset, original);
         let payload = serde_json::to_vec(&body).expect("JSON values serialise");
         let dlq = format!("{}.dlq", d.topic);
         let headers = OwnedHeaders::new()

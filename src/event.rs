@@ -317,6 +317,36 @@ impl CanonicalEvent {
         })
     }
 
+    /// The event without its document images (`after`, `before`, `changed`, the derived
+    /// element): what a dead letter keeps of an event too large to send.
+    /// Built field by field, so the images are never copied.
+    pub fn without_images(&self) -> CanonicalEvent {
+        CanonicalEvent {
+            id: self.id.clone(),
+            source: self.source.clone(),
+            event_type: self.event_type.clone(),
+            subject: self.subject.clone(),
+            time: self.time,
+            position: self.position.clone(),
+            schema_version: self.schema_version,
+            data: EventData {
+                op: self.data.op,
+                collection: self.data.collection.clone(),
+                key: self.data.key.clone(),
+                document_id: self.data.document_id.clone(),
+                after: None,
+                before: None,
+                changed: None,
+                removed: Vec::new(),
+                derived: self.data.derived.as_ref().map(|d| Derived {
+                    field: d.field.clone(),
+                    index: d.index,
+                    element: Bson::Null,
+                }),
+            },
+        }
+    }
+
     /// The Kafka message key: the aggregate id.
     pub fn key(&self) -> &str {
         &self.subject

@@ -1881,59 +1881,70 @@ async fn extended_json_lookalike_keys_are_not_mistaken_for_types() {
     }
 }
 
-/// A document near MongoDB's 16 MB limit does not fit Kafka's default message size (1 MB). What
-/// must not happen is silence: the tail stops with an error naming the event, the size and the
-/// setting, and does not checkpoint past it; the events before it are delivered.
+/// A document near MongoDB's 16 MB limit does not fit Kafka's default message size (1 MB).
+/// Stopping on it would stop the tail for good (a restart meets the same change: a crash loop),
+/// and skipping it quietly would lose it. So: an ERROR naming the topic, the event, the size and
+/// the remedy; a dead letter on `<topic>.dlq` with the event's envelope (no document); the tail
+/// carries on, the events before and after are delivered, and `ficus verify` reports the drift.
 #[tokio::test(flavor = "multi_thread")]
-async fn a_document_near_16_mb_is_refused_loudly_not_lost() {
+async fn a_document_near_16_mb_is_dead_lettered_loudly_and_the_tail_goes_on() {
     let name = "hostile-16mb";
     let world = World::start();
     world.apply_topics();
     let client = world.mongo.client().await;
     let env = Env::default().with("FICUS_CONFIG", fault_config(world.dir.path(), name, "", ""));
-    let mut f = spawn(&world, &["run", "--roles", "tail"], &env);
+    let mut f = spawn(&world, &["run", "--service", "products_db"], &env);
     wait_for("streaming", Duration::from_secs(120), || streaming(&client)).await;
     let products = client.database("linechatbot").collection::<Document>("products");
     products.insert_one(hostile_product("BIG-before", doc! {}, Bson::Array(vec![]))).await.unwrap();
     let mut big = hostile_product("BIG-16mb", doc! {}, Bson::Array(vec![]));
     big.insert("desc_en", "x".repeat(16 * 1024 * 1024 - 4096));
     products.insert_one(big).await.expect("the monolith takes a document just under 16 MB");
-    let Some(status) = tokio::task::block_in_place(|| f.wait(Duration::from_secs(120))) else {
-        panic!(
-            "the tail neither delivered nor refused the 16 MB document within 2 minutes:\n{}",
-            tail_of(&plain(&f.logs()), 30)
-        );
-    };
+    products.insert_one(hostile_product("BIG-after", doc! {}, Bson::Array(vec![]))).await.unwrap();
+
+    wait_for("the dead letter and the event after it", Duration::from_secs(120), || {
+        let brokers = world.kafka.brokers();
+        async move {
+            let after = read_raw_async(&brokers, &[PRODUCTS])
+                .await
+                .iter()
+                .filter_map(|r| r.payload.as_deref().and_then(|p| CanonicalEvent::decode(p).ok()))
+                .any(|e| e.subject == "BIG-after");
+            after && !dead_letters(&brokers, PRODUCTS).await.is_empty()
+        }
+    })
+    .await;
+    let dead = dead_letters(&world.kafka.brokers(), PRODUCTS).await;
     let logs = plain(&f.logs());
-    let records = read_raw_async(&world.kafka.brokers(), &[PRODUCTS]).await;
-    let keys: Vec<String> = records
+    let keys: Vec<String> = read_raw_async(&world.kafka.brokers(), &[PRODUCTS])
+        .await
         .iter()
         .filter_map(|r| r.payload.as_deref().and_then(|p| CanonicalEvent::decode(p).ok()))
+        .filter(|e| e.as_snapshot_marker().is_none())
         .map(|e| e.subject)
         .collect();
-    let delivered_big = keys.iter().any(|k| k == "BIG-16mb");
+    let alive = f.wait(Duration::ZERO).is_none();
+    let letter = dead.iter().find(|d| d["event"]["subject"] == "BIG-16mb").cloned().unwrap_or_default();
     announce(&format!(
-        "fault {name}: written 2, delivered {}, applied -, lost {}, duplicated-absorbed 0 (tail exit {:?}; the error: {})",
+        "fault {name}: written 3, delivered {} (+1 dead-lettered), applied -, lost 0, duplicated-absorbed 0 (ficus {}; the dead letter: {})",
         keys.len(),
-        if delivered_big || !status.success() { 0 } else { 1 },
-        status.code(),
-        logs.lines().find(|l| l.contains("ERROR")).unwrap_or("(none)").chars().take(300).collect::<String>()
+        if alive { "running" } else { "stopped" },
+        letter["error"].as_str().unwrap_or("(none)").chars().take(200).collect::<String>()
     ));
-    assert!(keys.iter().any(|k| k == "BIG-before"), "the event before the big one must be delivered");
-    assert!(!status.success(), "the tail must not exit 0 having skipped an event:\n{}", tail_of(&logs, 20));
-    let error = logs.lines().filter(|l| l.contains("ERROR")).collect::<Vec<_>>().join("\n");
-    assert!(
-        error.contains("linechatbot.products") && (error.contains("too large") || error.contains("TooLarge")),
-        "the error should name the topic and the size problem:\n{error}"
-    );
-    // Nothing skipped: a restart meets the same event again (the checkpoint did not pass it).
-    let mut again = spawn(&world, &["run", "--roles", "tail"], &env);
-    let status = tokio::task::block_in_place(|| again.wait(Duration::from_secs(120)));
-    assert!(
-        status.is_some_and(|s| !s.success()),
-        "a restart must stop on the same event:\n{}",
-        tail_of(&again.logs(), 20)
-    );
+    assert!(alive, "the tail must carry on past an oversized event:\n{}", tail_of(&logs, 20));
+    assert!(keys.iter().any(|k| k == "BIG-before") && keys.iter().any(|k| k == "BIG-after"), "{keys:?}");
+    assert!(!keys.iter().any(|k| k == "BIG-16mb"), "the big event cannot be on the topic: {keys:?}");
+    assert_eq!(letter["stage"], "publish", "{letter}");
+    assert!(letter["event"]["data"]["after"].is_null(), "the dead letter keeps the envelope, not the document");
+    let error = letter["error"].as_str().unwrap_or_default();
+    assert!(error.contains("too large") && error.contains("message.max.bytes"), "{error}");
+    let logged = logs.lines().filter(|l| l.contains("ERROR")).collect::<Vec<_>>().join("\n");
+    assert!(logged.contains(PRODUCTS) && logged.contains("BIG-16mb") && logged.contains("too large"), "{logged}");
+    // Not silent downstream either: the service database lacks it, and verify says so.
+    let out = run_ficus(&world, &["verify", "--service", "products_db", "--settle", "1"], &env);
+    assert_eq!(out.status.code(), Some(1), "verify must report the missing document:\n{}", text(&out));
+    assert!(text(&out).contains("BIG-16mb"), "{}", tail_of(&text(&out), 30));
+    stop_cleanly(&mut f, "ficus");
 }
 
 /// Another producer puts garbage on a ficus topic, and events arrive that no transform
