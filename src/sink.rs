@@ -34,6 +34,14 @@ pub const MEMBERS_PREFIX: &str = "_ficus_members_";
 /// Which partitions have reported a completed snapshot, per target and snapshot.
 pub const SNAPSHOTS: &str = "_ficus_snapshots";
 
+/// The key of ficus's per-document bookkeeping (tombstones, verify's scratch records): the
+/// collection and the document's `_id` in canonical Extended JSON, as one string. A string,
+/// not a `{c, id}` sub-document, because some servers (secantusd-rs) answer `$in` over
+/// document-valued `_id`s with a collection scan; strings use the `_id` index.
+pub fn doc_key(collection: &str, id: &Bson) -> String {
+    format!("{collection}/{}", id.clone().into_canonical_extjson())
+}
+
 /// One event's writes, with the position that versions them.
 #[derive(Debug, Clone)]
 pub struct Versioned {
@@ -130,18 +138,18 @@ impl MongoSink {
         doc! { "v": &v.version, "src": { "c": &v.source_collection, "id": v.source_id.clone() }, "event": &v.event_id }
     }
 
-    /// The tombstones of some documents of a collection: id (as text) → the deleting version.
+    /// The tombstones of some documents of a collection: [`doc_key`] → the deleting version.
     async fn tombstones<'a>(
         &self,
         collection: &str,
         ids: impl Iterator<Item = &'a Bson>,
     ) -> Result<HashMap<String, String>, SinkError> {
-        let keys: Vec<Bson> = ids.map(|id| Bson::Document(doc! { "c": collection, "id": id.clone() })).collect();
+        let keys: Vec<String> = ids.map(|id| doc_key(collection, id)).collect();
         let mut tombs = HashMap::new();
         let mut cursor = self.db.collection::<Document>(TOMBSTONES).find(doc! { "_id": { "$in": keys } }).await?;
         while let Some(t) = cursor.try_next().await? {
-            if let (Ok(key), Ok(v)) = (t.get_document("_id"), t.get_str("v")) {
-                tombs.insert(key.get("id").map(Bson::to_string).unwrap_or_default(), v.to_string());
+            if let (Ok(key), Ok(v)) = (t.get_str("_id"), t.get_str("v")) {
+                tombs.insert(key.to_string(), v.to_string());
             }
         }
         Ok(tombs)
@@ -164,7 +172,7 @@ impl MongoSink {
         let mut statements: Vec<Document> = Vec::with_capacity(items.len());
         let mut size = 0usize;
         for (v, id, mut doc) in items {
-            if tombs.get(&id.to_string()).is_some_and(|t| t.as_str() >= v.version.as_str()) {
+            if tombs.get(&doc_key(collection, &id)).is_some_and(|t| t.as_str() >= v.version.as_str()) {
                 continue; // deleted by a newer event
             }
             doc.insert("_id", id.clone());
@@ -185,7 +193,7 @@ impl MongoSink {
         let late = self.tombstones(collection, written.iter().map(|(id, _)| id)).await?;
         let coll = self.db.collection::<Document>(collection);
         for (id, version) in &written {
-            if let Some(t) = late.get(&id.to_string()).filter(|t| t.as_str() >= *version) {
+            if let Some(t) = late.get(&doc_key(collection, id)).filter(|t| t.as_str() >= *version) {
                 coll.delete_one(doc! { "_id": id.clone(), "_ficus.v": { "$lt": t.as_str() } }).await?;
             }
         }
@@ -242,8 +250,11 @@ impl MongoSink {
         for id in ids {
             tombs
                 .update_one(
-                    doc! { "_id": { "c": collection, "id": id.clone() } },
-                    doc! { "$max": { "v": &v.version }, "$set": { "at": bson::DateTime::now() } },
+                    doc! { "_id": doc_key(collection, &id) },
+                    doc! {
+                        "$max": { "v": &v.version },
+                        "$set": { "c": collection, "id": id.clone(), "at": bson::DateTime::now() },
+                    },
                 )
                 .upsert(true)
                 .await?;
@@ -465,9 +476,8 @@ impl Sink for MongoSink {
         for ((collection, _), (v, id, doc)) in newest {
             by_collection.entry(collection).or_default().push((v, id.clone(), doc.clone()));
         }
-        for (collection, items) in by_collection {
-            self.upsert_many(collection, items).await?;
-        }
+        // Collections are independent: their bulk writes go out together.
+        futures::future::try_join_all(by_collection.into_iter().map(|(c, items)| self.upsert_many(c, items))).await?;
         for v in batch {
             for op in &v.ops {
                 match op {

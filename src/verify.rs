@@ -24,7 +24,7 @@ use mongodb::{Collection, Database};
 use crate::event::Op;
 use crate::mapping::{ChangeRecord, map_change};
 use crate::mongo;
-use crate::sink::{META, strip_meta};
+use crate::sink::{META, doc_key, strip_meta};
 use crate::topics::Topics;
 use crate::transform::{ServiceTransforms, WriteOp};
 
@@ -259,7 +259,9 @@ impl Expected<'_> {
             match op {
                 WriteOp::Upsert { collection, id, doc } => {
                     pending.push(doc! {
-                        "_id": { "c": &collection, "id": id },
+                        "_id": doc_key(&collection, &id),
+                        "c": &collection,
+                        "id": id,
                         "h": Bson::Binary(bson::Binary { subtype: bson::spec::BinarySubtype::Generic, bytes: content_hash(&doc) }),
                         "src": { "c": src_collection, "id": src_id.clone() },
                     });
@@ -369,7 +371,9 @@ pub async fn verify(
     }
     for (collection, g, d) in expected.group_docs() {
         pending.push(doc! {
-            "_id": { "c": &collection, "id": g },
+            "_id": doc_key(&collection, &g),
+            "c": &collection,
+            "id": g,
             "h": Bson::Binary(bson::Binary { subtype: bson::spec::BinarySubtype::Generic, bytes: content_hash(&d) }),
             "rollup": true,
         });
@@ -384,7 +388,7 @@ pub async fn verify(
     let mut suspects: Vec<(String, Bson, Suspect)> = Vec::new();
     for coll in transforms.collections() {
         let tally = report.collections.entry(coll.clone()).or_default();
-        tally.expected = scratch.count_documents(doc! { "_id.c": &coll }).await?;
+        tally.expected = scratch.count_documents(doc! { "c": &coll }).await?;
         let mut cursor =
             target.collection::<bson::RawDocumentBuf>(&coll).find(doc! {}).batch_size(BATCH as u32).await?;
         let mut chunk: Vec<Document> = Vec::with_capacity(BATCH);
@@ -404,10 +408,10 @@ pub async fn verify(
         }
         // Expected documents nobody matched are missing.
         let mut missing =
-            scratch.find(doc! { "_id.c": &coll, "seen": { "$ne": true } }).projection(doc! { "_id": 1 }).await?;
+            scratch.find(doc! { "c": &coll, "seen": { "$ne": true } }).projection(doc! { "id": 1 }).await?;
         while let Some(m) = missing.try_next().await? {
             tally.missing += 1;
-            if let Some(id) = m.get_document("_id").ok().and_then(|i| i.get("id")).cloned() {
+            if let Some(id) = m.get("id").cloned() {
                 suspects.push((coll.clone(), id, Suspect::Missing));
             }
         }
@@ -430,17 +434,13 @@ async fn compare_chunk(
     tally: &mut Tally,
     suspects: &mut Vec<(String, Bson, Suspect)>,
 ) -> Result<(), VerifyError> {
-    let keys: Vec<Bson> = chunk
-        .iter()
-        .map(|d| Bson::Document(doc! { "c": coll, "id": d.get("_id").cloned().unwrap_or(Bson::Null) }))
-        .collect();
+    let keys: Vec<String> = chunk.iter().map(|d| doc_key(coll, d.get("_id").unwrap_or(&Bson::Null))).collect();
     let found: Vec<Document> = scratch.find(doc! { "_id": { "$in": &keys } }).await?.try_collect().await?;
-    let by_key: HashMap<String, &Document> =
-        found.iter().filter_map(|f| Some((f.get("_id")?.to_string(), f))).collect();
+    let by_key: HashMap<&str, &Document> = found.iter().filter_map(|f| Some((f.get_str("_id").ok()?, f))).collect();
     for (d, key) in chunk.drain(..).zip(keys.iter()) {
         tally.actual += 1;
         let id = d.get("_id").cloned().unwrap_or(Bson::Null);
-        match by_key.get(&key.to_string()) {
+        match by_key.get(key.as_str()) {
             None => {
                 tally.unexpected += 1;
                 suspects.push((coll.to_string(), id, Suspect::Unexpected));
@@ -510,7 +510,7 @@ async fn expected_now(
     coll: &str,
     id: &Bson,
 ) -> Result<Option<Document>, VerifyError> {
-    let entry = expected.scratch.find_one(doc! { "_id": { "c": coll, "id": id.clone() } }).await?;
+    let entry = expected.scratch.find_one(doc! { "_id": doc_key(coll, id) }).await?;
     if entry.as_ref().is_some_and(|e| e.get_bool("rollup").unwrap_or(false)) {
         let key = (coll.to_string(), id.to_string());
         return Ok(expected

@@ -659,14 +659,14 @@ async fn target_versions(target: &mongodb::Client, db: &str, coll: &str) -> Hash
     }
     let tombs: Vec<Document> = db
         .collection::<Document>("_ficus_tombstones")
-        .find(doc! { "_id.c": coll })
+        .find(doc! { "c": coll })
         .await
         .unwrap()
         .try_collect()
         .await
         .unwrap();
     for t in tombs {
-        let Some(Bson::String(id)) = t.get_document("_id").ok().and_then(|i| i.get("id")) else { continue };
+        let Some(Bson::String(id)) = t.get("id") else { continue };
         let v = t.get_str("v").ok().map(str::to_string);
         let e = out.entry(id.clone()).or_insert((None, false));
         if v > e.0 {
