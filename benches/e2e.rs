@@ -25,7 +25,8 @@
 //! backlog catch-up always runs), e.g. `FICUS_BENCH_PHASES=none FICUS_BENCH_BACKLOG=1000000` for
 //! the tail's memory over a million-event backlog.
 //!
-//! `FICUS_BENCH_KAFKA_PRODUCER` (`key=value,…`) adds `[kafka.producer]` settings to every ficus run.
+//! `FICUS_BENCH_KAFKA_PRODUCER` and `FICUS_BENCH_KAFKA_CONSUMER` (`key=value,…`) add
+//! `[kafka.producer]` and `[kafka.consumer]` settings to every ficus run.
 //!
 //! Every ficus run uses `kafka.ce_headers = false` unless `FICUS_BENCH_CE_HEADERS=true`: Tansu 0.6.0
 //! pays dearly for record headers (about 2.5× the CPU to produce and about 130× to fetch a record
@@ -1030,15 +1031,21 @@ async fn run() -> Value {
             ("bench", std::process::id() as i32),
         ],
     };
-    // FICUS_BENCH_KAFKA_PRODUCER="linger.ms=50,batch.num.messages=10000": [kafka.producer] for ficus.
-    let mut producer = String::new();
-    for kv in
-        std::env::var("FICUS_BENCH_KAFKA_PRODUCER").unwrap_or_default().split(',').filter(|s| !s.trim().is_empty())
-    {
-        let (k, v) = kv.split_once('=').expect("FICUS_BENCH_KAFKA_PRODUCER: key=value,…");
-        producer.push_str(&format!("{:?} = {:?}\n", k.trim(), v.trim()));
-    }
-    let producer = if producer.is_empty() { producer } else { format!("[kafka.producer]\n{producer}") };
+    // FICUS_BENCH_KAFKA_PRODUCER="linger.ms=50,batch.num.messages=10000": [kafka.producer] for
+    // ficus; FICUS_BENCH_KAFKA_CONSUMER likewise [kafka.consumer].
+    let section = |var: &str, table: &str| {
+        let mut out = String::new();
+        for kv in std::env::var(var).unwrap_or_default().split(',').filter(|s| !s.trim().is_empty()) {
+            let (k, v) = kv.split_once('=').unwrap_or_else(|| panic!("{var}: key=value,…"));
+            out.push_str(&format!("{:?} = {:?}\n", k.trim(), v.trim()));
+        }
+        if out.is_empty() { out } else { format!("[{table}]\n{out}") }
+    };
+    let producer = format!(
+        "{}{}",
+        section("FICUS_BENCH_KAFKA_PRODUCER", "kafka.producer"),
+        section("FICUS_BENCH_KAFKA_CONSUMER", "kafka.consumer")
+    );
     let headers_on = dir.path().join("headers-on.toml");
     std::fs::write(&headers_on, format!("[kafka]\nce_headers = true\n{producer}")).unwrap();
     let headers_off = dir.path().join("headers-off.toml");
@@ -1072,6 +1079,7 @@ async fn run() -> Value {
     let workload = json!({
         "ce_headers": world.ce_headers,
         "kafka_producer": std::env::var("FICUS_BENCH_KAFKA_PRODUCER").unwrap_or_default(),
+        "kafka_consumer": std::env::var("FICUS_BENCH_KAFKA_CONSUMER").unwrap_or_default(),
         "collection": "linechatbot.customers (~2 KB, 0-5 purchases each)",
         "backlog": format!("{} docs / {} events", backlog.docs, backlog.events),
         "while_inserting": format!("{} docs / {} events per run", live_ficus.docs, live_ficus.events),

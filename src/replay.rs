@@ -31,7 +31,7 @@ use crate::consume::{Delivery, Prepared, prepare};
 use crate::mongo::{self, ErrorClass};
 use crate::retry::with_backoff;
 use crate::sink::{MongoSink, Sink, SinkError, Versioned};
-use crate::store::{EventStore, StoreError};
+use crate::store::{Archived, EventStore, StoreError};
 use crate::transform::ServiceTransforms;
 
 /// Errors of a replay.
@@ -110,26 +110,28 @@ pub async fn replay(
     let total = store.count(filter).await?;
     info!(service = transforms.service(), events = total, into = %build_name, "replaying the event store");
     let bar = progress_bar(total);
-    let mut cursor = store.scan(&topics, opts.from).await?;
+    // A reader task reads and decodes the next batches while this one is written (two ahead at
+    // most, so memory stays bounded).
+    let cursor = store.scan(&topics, opts.from).await?;
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Result<Vec<Archived>, ReplayError>>(2);
+    let reader = tokio::spawn(read_batches(cursor, opts.batch, tx));
     let mut archived_to: HashMap<(String, i32), i64> = HashMap::new();
-    let mut batch = Vec::with_capacity(opts.batch);
-    while let Some(d) = cursor.try_next().await.map_err(StoreError::from)? {
-        let a = EventStore::from_doc(d)?;
-        let e = archived_to.entry((a.topic.clone(), a.partition)).or_insert(-1);
-        *e = (*e).max(a.offset);
-        batch.push(a.event);
-        if batch.len() >= opts.batch {
-            report.rejected += apply(transforms, &sink, &batch, shutdown).await?;
-            report.from_store += batch.len() as u64;
-            bar.set_position(report.from_store);
-            batch.clear();
+    while let Some(batch) = rx.recv().await {
+        let batch = batch?;
+        let mut events = Vec::with_capacity(batch.len());
+        for a in batch {
+            let e = archived_to.entry((a.topic.clone(), a.partition)).or_insert(-1);
+            *e = (*e).max(a.offset);
+            events.push(a.event);
         }
+        report.rejected += apply(transforms, &sink, &events, shutdown).await?;
+        report.from_store += events.len() as u64;
+        bar.set_position(report.from_store);
         if shutdown.is_cancelled() {
+            reader.abort();
             return Err(ReplayError::Interrupted);
         }
     }
-    report.rejected += apply(transforms, &sink, &batch, shutdown).await?;
-    report.from_store += batch.len() as u64;
     bar.finish_and_clear();
 
     // 2. The live tail after the archive.
@@ -149,6 +151,36 @@ pub async fn replay(
     }
     report.elapsed = started.elapsed();
     Ok(report)
+}
+
+/// Reads the archive cursor in batches of `size` decoded events into `tx`, until the cursor ends,
+/// an error (sent on, then stop) or the receiver goes away.
+async fn read_batches(
+    mut cursor: mongodb::Cursor<Document>,
+    size: usize,
+    tx: tokio::sync::mpsc::Sender<Result<Vec<Archived>, ReplayError>>,
+) {
+    loop {
+        let mut batch = Vec::with_capacity(size);
+        let result: Result<(), ReplayError> = async {
+            while batch.len() < size {
+                match cursor.try_next().await.map_err(StoreError::from)? {
+                    Some(d) => batch.push(EventStore::from_doc(d)?),
+                    None => break,
+                }
+            }
+            Ok(())
+        }
+        .await;
+        let last = result.is_err() || batch.len() < size;
+        let item = result.map(|()| batch);
+        if (item.as_ref().is_ok_and(|b| !b.is_empty()) || item.is_err()) && tx.send(item).await.is_err() {
+            return;
+        }
+        if last {
+            return;
+        }
+    }
 }
 
 /// Applies events through the live path; returns how many were rejected (and logged).
