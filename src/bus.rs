@@ -88,11 +88,10 @@ pub fn client_config(cfg: &KafkaConfig, role: ClientRole, client_id: &str) -> Cl
         ClientRole::Consumer => {
             c.set("auto.offset.reset", "earliest");
             // How long the broker may hold a fetch while no data is there. Real Kafka answers
-            // as soon as data arrives, so this bounds only the idle polling rate. Tansu 0.6.0
-            // sleeps through part of it on every fetch (half of it from 250 ms up, all of it
-            // below), so it also sets latency there, and at 100 ms the fetches alone saturated
-            // Tansu in the latency benchmark (p99 42 s at 1,000 events/s; 0.4 s at 300 ms).
-            c.set("fetch.wait.max.ms", "300");
+            // as soon as data arrives, so this bounds only the idle polling rate; Tansu 0.6.0
+            // sleeps through it on every fetch, data or not (half of it from 250 ms up), so
+            // there it also sets the consumer's latency (benches/README.md).
+            c.set("fetch.wait.max.ms", "100");
             // Feeds ficus_consumer_lag (see consume::DrainContext).
             c.set("statistics.interval.ms", "5000");
             // A consumer that dies holds its partitions this long before the group moves them.
