@@ -1389,47 +1389,20 @@ async fn network_faults_between_ficus_and_mongodb() {
 /// A Tansu broker that advertises a proxy's address, so every Kafka connection (bootstrap and
 /// partition leaders alike) goes through the proxy. Killed with the test.
 struct ProxiedKafka {
-    child: std::process::Child,
+    _kafka: common::Kafka,
     proxy: Proxy,
 }
 
 impl ProxiedKafka {
     fn start(dir: &Path) -> ProxiedKafka {
-        use std::os::unix::process::CommandExt;
-        std::fs::create_dir_all(dir).unwrap();
         let port = free_port();
         let proxy = Proxy::start(port);
-        let log = std::fs::File::create(dir.join("tansu.log")).unwrap();
-        let mut cmd = std::process::Command::new(common::tansu());
-        cmd.current_dir(dir)
-            .arg("broker")
-            .args(["--listener-url", &format!("tcp://127.0.0.1:{port}")])
-            .args(["--advertised-listener-url", &format!("tcp://127.0.0.1:{}", proxy.port)])
-            .args(["--storage-engine", "sqlite://tansu.db"])
-            .env("RUST_LOG", std::env::var("FICUS_TANSU_LOG").unwrap_or_else(|_| "warn".into()))
-            .stdin(std::process::Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log);
-        unsafe {
-            cmd.pre_exec(|| {
-                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-                Ok(())
-            });
-        }
-        let child = cmd.spawn().unwrap();
-        common::wait_port(port, "tansu", &dir.join("tansu.log"));
-        ProxiedKafka { child, proxy }
+        let kafka = common::Kafka::start_advertising(dir, port, proxy.port);
+        ProxiedKafka { _kafka: kafka, proxy }
     }
 
     fn brokers(&self) -> String {
         self.proxy.addr()
-    }
-}
-
-impl Drop for ProxiedKafka {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 

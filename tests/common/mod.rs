@@ -157,14 +157,22 @@ impl Mongo {
 /// A Tansu Kafka broker on sqlite storage.
 pub struct Kafka {
     pub port: u16,
+    /// The port it tells clients to connect to: its own, or a proxy's in front of it.
+    advertised: u16,
     dir: PathBuf,
     child: Owned,
 }
 
 impl Kafka {
     pub fn start(dir: &Path) -> Kafka {
+        let port = free_port();
+        Kafka::start_advertising(dir, port, port)
+    }
+
+    /// A broker on `port` that advertises `advertised` (a proxy forwarding to `port`).
+    pub fn start_advertising(dir: &Path, port: u16, advertised: u16) -> Kafka {
         std::fs::create_dir_all(dir).unwrap();
-        let mut k = Kafka { port: free_port(), dir: dir.to_path_buf(), child: Owned(None) };
+        let mut k = Kafka { port, advertised, dir: dir.to_path_buf(), child: Owned(None) };
         k.boot();
         k
     }
@@ -172,10 +180,11 @@ impl Kafka {
     fn boot(&mut self) {
         let log = self.dir.join("tansu.log");
         let url = format!("tcp://127.0.0.1:{}", self.port);
+        let advertised = format!("tcp://127.0.0.1:{}", self.advertised);
         let mut cmd = Command::new(tansu());
         cmd.current_dir(&self.dir)
             .arg("broker")
-            .args(["--listener-url", &url, "--advertised-listener-url", &url])
+            .args(["--listener-url", &url, "--advertised-listener-url", &advertised])
             .args(["--storage-engine", "sqlite://tansu.db"])
             .env("RUST_LOG", std::env::var("FICUS_TANSU_LOG").unwrap_or_else(|_| "warn".into()));
         self.child = Owned(Some(spawn(&mut cmd, &log)));
