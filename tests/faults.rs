@@ -240,17 +240,13 @@ fn ficus_problems(world: &World, name: &str) -> String {
 use common::eventually as wait_for;
 
 /// [`wait_for`], with ficus's warnings and errors (and where every log was kept) on timeout.
-async fn wait_in<F, Fut>(world: &World, name: &str, what: &str, timeout: Duration, mut f: F)
+async fn wait_in<F, Fut>(world: &World, name: &str, what: &str, timeout: Duration, f: F)
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = bool>,
 {
-    let deadline = Instant::now() + timeout;
-    while Instant::now() < deadline {
-        if f().await {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(250)).await;
+    if common::poll_until(timeout, f).await {
+        return;
     }
     panic!("timed out after {timeout:?} waiting for: {what}\n{}", ficus_problems(world, name));
 }

@@ -111,26 +111,6 @@ fn versioned(topics: &Topics, service: &ServiceTransforms, records: Vec<ChangeRe
     out
 }
 
-async fn dump(db: &mongodb::Database) -> BTreeMap<String, Vec<Document>> {
-    let mut out = BTreeMap::new();
-    for name in db.list_collection_names().await.unwrap() {
-        let mut docs: Vec<Document> = db
-            .collection::<Document>(&name)
-            .find(doc! {})
-            .sort(doc! { "_id": 1 })
-            .await
-            .unwrap()
-            .try_collect()
-            .await
-            .unwrap();
-        for d in &mut docs {
-            d.remove("at"); // tombstone timestamps are wall-clock
-        }
-        out.insert(name, docs);
-    }
-    out
-}
-
 #[test]
 fn duplicates_and_interleavings_converge_to_the_ordered_result() {
     let dir = tempfile::tempdir().unwrap();
@@ -188,7 +168,7 @@ fn duplicates_and_interleavings_converge_to_the_ordered_result() {
             for chunk in delivery.chunks(batch) {
                 shuffled.apply(chunk).await.unwrap();
             }
-            let (a, b) = (dump(ordered.database()).await, dump(shuffled.database()).await);
+            let (a, b) = (common::dump(ordered.database()).await, common::dump(shuffled.database()).await);
             prop_assert_eq!(a, b);
             Ok(())
         })?;

@@ -8,7 +8,6 @@ use std::time::Duration;
 use bson::{Document, doc};
 use common::{World, eventually, read_all};
 use ficus::workload::Workload;
-use futures::TryStreamExt;
 
 const TOPICS: [&str; 2] = ["linechatbot.customers", "linechatbot.products"];
 
@@ -18,26 +17,7 @@ async fn count(client: &mongodb::Client, db: &str, coll: &str, filter: Document)
 
 /// Every collection of a database, documents sorted by `_id`.
 async fn dump(client: &mongodb::Client, db: &str) -> BTreeMap<String, Vec<Document>> {
-    let db = client.database(db);
-    let mut out = BTreeMap::new();
-    let mut names = db.list_collection_names().await.unwrap();
-    names.sort();
-    for c in names {
-        let mut docs: Vec<Document> = db
-            .collection::<Document>(&c)
-            .find(doc! {})
-            .sort(doc! { "_id": 1 })
-            .await
-            .unwrap()
-            .try_collect()
-            .await
-            .unwrap();
-        for d in &mut docs {
-            d.remove("at"); // tombstone wall-clock stamps
-        }
-        out.insert(c, docs);
-    }
-    out
+    common::dump(&client.database(db)).await
 }
 
 async fn seed(client: &mongodb::Client, customers: u64, products: u64) {

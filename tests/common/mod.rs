@@ -408,8 +408,45 @@ pub fn read_topics(
     out
 }
 
+/// Every collection of a database, documents in `_id` order, with tombstones' wall-clock `at`
+/// left out: for comparing two databases built by different deliveries.
+pub async fn dump(db: &mongodb::Database) -> std::collections::BTreeMap<String, Vec<Document>> {
+    use futures::TryStreamExt;
+    let mut names = db.list_collection_names().await.unwrap();
+    names.sort();
+    let mut out = std::collections::BTreeMap::new();
+    for name in names {
+        let mut docs: Vec<Document> = db
+            .collection::<Document>(&name)
+            .find(bson::doc! {})
+            .sort(bson::doc! { "_id": 1 })
+            .await
+            .unwrap()
+            .try_collect()
+            .await
+            .unwrap();
+        for d in &mut docs {
+            d.remove("at");
+        }
+        out.insert(name, docs);
+    }
+    out
+}
+
 /// Polls an async condition until true or panics after `timeout`.
-pub async fn eventually<F, Fut>(what: &str, timeout: Duration, mut f: F)
+pub async fn eventually<F, Fut>(what: &str, timeout: Duration, f: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    if poll_until(timeout, f).await {
+        return;
+    }
+    panic!("timed out waiting for: {what}");
+}
+
+/// Polls an async condition every 200 ms until true (`true`) or `timeout` passes (`false`).
+pub async fn poll_until<F, Fut>(timeout: Duration, mut f: F) -> bool
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = bool>,
@@ -417,11 +454,11 @@ where
     let deadline = Instant::now() + timeout;
     while Instant::now() < deadline {
         if f().await {
-            return;
+            return true;
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    panic!("timed out waiting for: {what}");
+    false
 }
 
 /// The time of the oldest entry in the server's oplog.
