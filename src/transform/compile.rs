@@ -16,7 +16,7 @@ use toml::Spanned;
 use toml::de::{DeTable, DeValue};
 
 use super::builtins;
-use super::expr::{self, Context, Expr, ValueMap};
+use super::expr::{self, Context, Expr, Root, ValueMap};
 use crate::definitions::{DefinitionError, Report};
 use crate::event::Op;
 use crate::topics::{TopicDef, Topics};
@@ -311,8 +311,16 @@ impl Compiler<'_> {
         });
 
         let target = match (slots.remove("fields"), slots.remove("rollup")) {
-            (Some(fields), None) => {
-                let fields = self.field_table("fields", &fields, &cx).unwrap_or_default();
+            (Some(node), None) => {
+                let fields = self.field_table("fields", &node, &cx).unwrap_or_default();
+                if input == Input::Element && fields.iter().any(|(_, s)| reads_doc(s)) {
+                    self.err(
+                        "fields",
+                        Some(node.line),
+                        "derived events carry the array element, not the document: `$doc` reads nothing here; \
+                         use `$key` for the aggregate id",
+                    );
+                }
                 let key = match slots.remove("key") {
                     Some(n) => self.key(&n, &fields, input),
                     None => {
@@ -619,6 +627,14 @@ impl Compiler<'_> {
             }
         }
         Some(Rollup { group: group?, count_field: count?, distinct, fields })
+    }
+}
+
+fn reads_doc(shape: &Shape) -> bool {
+    match shape {
+        Shape::Value(e) => e.reads_root(Root::Doc),
+        Shape::Object(fields) => fields.iter().any(|(_, s)| reads_doc(s)),
+        Shape::Each { source, fields } => source.reads_root(Root::Doc) || fields.iter().any(|(_, s)| reads_doc(s)),
     }
 }
 

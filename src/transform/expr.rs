@@ -528,6 +528,19 @@ impl Expr {
         }
     }
 
+    /// Whether the expression reads a path from `root`.
+    pub(super) fn reads_root(&self, root: Root) -> bool {
+        match self {
+            Expr::Literal(_) => false,
+            Expr::Path { root: r, .. } => *r == root,
+            Expr::Call { args, .. } => args.iter().any(|a| a.reads_root(root)),
+            Expr::Compare { left, right, .. } | Expr::And(left, right) | Expr::Or(left, right) => {
+                left.reads_root(root) || right.reads_root(root)
+            }
+            Expr::Not(e) => e.reads_root(root),
+        }
+    }
+
     /// Evaluates the expression.
     pub(super) fn eval<'a>(&'a self, scope: &Scope<'a>) -> Result<Value<'a>, EvalError> {
         match self {

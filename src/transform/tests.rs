@@ -470,11 +470,13 @@ key = "eventId"
 when = "status != 'pending'"
 [fields]
 eventId = "concat('p:', id)"
-user = "$doc.user_id"
+user = "$key"
 at = "$event.time"
 "#,
     )]);
-    let mut ev = event(Op::Update, "customers", "customer.purchase_recorded", Some(doc! { "user_id": "U1" }), None);
+    // As the tail makes them: the element, the aggregate's key, no document.
+    let mut ev = event(Op::Update, "customers", "customer.purchase_recorded", None, None);
+    ev.data.key = Bson::String("U1".into());
     ev.data.derived =
         Some(Derived { field: "purchases".into(), index: Some(0), element: Bson::Document(doc! { "id": "P1" }) });
     let writes = svc.apply(&ev).unwrap();
@@ -554,4 +556,16 @@ fn a_completed_snapshot_sweeps_the_targets_that_mirror_the_collection() {
         })
         .collect();
     assert_eq!(swept, [("customer_events", true), ("customers", false)], "{customers:?}");
+}
+
+#[test]
+fn a_transform_of_array_elements_cannot_read_the_document() {
+    let dir = tempfile::tempdir().unwrap();
+    let body = "topic = \"linechatbot.customers\"\nevents = [\"customer.purchase_recorded\"]\ncollection = \"buys\"\nkey = \"pid\"\n\n[fields]\npid = \"id\"\nwho = \"$doc.user_id\"\n";
+    write_files(dir.path(), &[("svc_db/buys.toml", body)]);
+    let report = load_service(&dir.path().join("svc_db"), &shipped_topics()).unwrap_err().to_string();
+    assert!(report.contains("buys.toml") && report.contains("fields") && report.contains("$key"), "{report}");
+    // `$key` is the way.
+    let ok = service(&[("buys.toml", &body.replace("$doc.user_id", "$key"))]);
+    assert_eq!(ok.collections().into_iter().collect::<Vec<_>>(), ["buys"]);
 }
