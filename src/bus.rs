@@ -253,7 +253,6 @@ fn oversized(e: &KafkaError) -> bool {
 }
 
 /// The body of a dead letter on `<topic>.dlq`, as every stage writes it.
-#[allow(clippy::too_many_arguments)]
 pub fn dead_letter_body(
     service: &str,
     stage: &str,

@@ -92,10 +92,11 @@ pub fn map_change(def: &TopicDef, source_name: &str, rec: ChangeRecord) -> Mappe
     // aggregate, and consumers that want the document read the change event beside it. (With
     // the document, a customer with three purchases cost Kafka four copies of the customer,
     // and a 400-message conversation 401 copies of 64 KB.)
-    let bare = (!derived.iter().all(|(_, e)| e.is_empty())).then(|| base.without_images());
+    let bare = if derived.iter().any(|(_, e)| !e.is_empty()) { Some(base.without_images()) } else { None };
     for (rule, elements) in derived {
         for (n, (index, element)) in elements.into_iter().enumerate() {
-            let mut ev = bare.clone().expect("built when there are derived elements");
+            let Some(bare) = &bare else { break };
+            let mut ev = bare.clone();
             let which = index.map_or_else(|| format!("n{n}"), |i| i.to_string());
             ev.id =
                 event_id(source_name, &base.position, &format!("{discriminator}derived:{}:{which}", rule.event_type));

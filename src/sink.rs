@@ -264,18 +264,26 @@ impl MongoSink {
     }
 
     /// Marks what a source document built in `collection` as seen by the snapshot at `v`.
-    async fn touch(&self, v: &Versioned, collection: &str) -> Result<(), SinkError> {
+    /// One command per collection and version for a whole batch of copies: a snapshot's copies
+    /// share their version, so a batch of them is one `update_many`.
+    async fn touch(
+        &self,
+        collection: &str,
+        source_collection: &str,
+        version: &str,
+        ids: Vec<Bson>,
+    ) -> Result<(), SinkError> {
         self.db
             .collection::<Document>(collection)
             .update_many(
                 doc! {
-                    "_ficus.src.c": &v.source_collection,
-                    "_ficus.src.id": v.source_id.clone(),
+                    "_ficus.src.c": source_collection,
+                    "_ficus.src.id": { "$in": ids },
                     // Only what the sweep would look at: documents older than the snapshot.
-                    "_ficus.v": { "$lt": &v.version },
-                    "_ficus.seen": { "$not": { "$gte": &v.version } },
+                    "_ficus.v": { "$lt": version },
+                    "_ficus.seen": { "$not": { "$gte": version } },
                 },
-                doc! { "$set": { "_ficus.seen": &v.version } },
+                doc! { "$set": { "_ficus.seen": version } },
             )
             .await?;
         Ok(())
@@ -486,10 +494,22 @@ impl Sink for MongoSink {
                     WriteOp::Rollup { collection, group, member, count_field, distinct, group_fields } => {
                         self.rollup(v, collection, group.as_ref(), member, count_field, distinct, group_fields).await?
                     }
-                    WriteOp::Touch { collection } => self.touch(v, collection).await?,
+                    WriteOp::Touch { .. } => {}
                     WriteOp::Sweep { .. } => {}
                 }
             }
+        }
+        let mut touches: HashMap<(&str, &str, &str), Vec<Bson>> = HashMap::new();
+        for v in batch {
+            for op in &v.ops {
+                if let WriteOp::Touch { collection } = op {
+                    let key = (collection.as_str(), v.source_collection.as_str(), v.version.as_str());
+                    touches.entry(key).or_default().push(v.source_id.clone());
+                }
+            }
+        }
+        for ((collection, source_collection, version), ids) in touches {
+            self.touch(collection, source_collection, version, ids).await?;
         }
         // Last, so a marker's sweep follows every write delivered before it.
         for v in batch {

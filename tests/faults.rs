@@ -41,6 +41,8 @@
 //!   partitions). The short ones run by default: the whole file in about four minutes on two
 //!   cores.
 //! - `FICUS_FAULTS_SEED=<n>`: every scenario prints its seed; this reruns with a given one.
+//! - `FICUS_TANSU_LOG=<filter>`: Tansu's `RUST_LOG` (default `warn`), e.g.
+//!   `warn,tansu_broker::coordinator=debug` to see what its group coordinator decides.
 //! - `FICUS_FAULTS_KEEP_LOGS=1`: keep every log (ficus's and the servers') of every scenario in
 //!   `$TMPDIR/ficus-faults-<scenario>-<pid>/`; a failing scenario keeps them anyway and says where.
 //!
