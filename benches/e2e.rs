@@ -1059,6 +1059,8 @@ async fn run() -> Value {
     let kcfg = KafkaConfig {
         brokers: world.kafka.brokers(),
         ce_headers: true,
+        instance_id: "bench".into(),
+        membership: ficus::config::Membership::Static,
         properties: Default::default(),
         producer: Default::default(),
         consumer: Default::default(),

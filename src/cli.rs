@@ -435,8 +435,10 @@ async fn run(loaded: Loaded, args: RunArgs) -> anyhow::Result<ExitCode> {
     if args.roles.contains(&Role::Consume) {
         let chosen = select_services(&loaded.services, &args.services)?;
         let target = crate::mongo::connect(&cfg.target_uri, "consume").await?;
+        let store = crate::mongo::connect(&cfg.store.uri, "consume").await?.database(&cfg.store.db);
         for service in chosen {
             let (target, health, kafka, token) = (target.clone(), health.clone(), cfg.kafka.clone(), shutdown.clone());
+            let store = store.clone();
             let ttl = Duration::from_secs(args.tombstone_ttl_days * 86_400);
             let (batch_max, batch_wait) = (args.batch_max.max(1), Duration::from_millis(args.batch_wait_ms));
             tasks.spawn(async move {
@@ -448,7 +450,8 @@ async fn run(loaded: Loaded, args: RunArgs) -> anyhow::Result<ExitCode> {
                 let sink = crate::retry::with_backoff(&format!("consume:{name}"), &token, open, transient)
                     .await
                     .with_context(|| format!("opening {}", service.database()))?;
-                let consumer = ServiceConsumer { health, transforms: service, sink, kafka, batch_max, batch_wait };
+                let consumer =
+                    ServiceConsumer { health, store, transforms: service, sink, kafka, batch_max, batch_wait };
                 consumer.run(token).await.map_err(anyhow::Error::from).with_context(|| format!("consume {name}"))
             });
         }
@@ -466,7 +469,7 @@ async fn run(loaded: Loaded, args: RunArgs) -> anyhow::Result<ExitCode> {
                 crate::retry::with_backoff("archive", &token, || EventStore::open(&store_db), StoreError::is_transient)
                     .await
                     .context("opening the event store")?;
-            let archiver = Archiver { health, store, kafka, topics, batch_max, batch_wait };
+            let archiver = Archiver { health, store, db: store_db, kafka, topics, batch_max, batch_wait };
             archiver.run(token).await.map_err(anyhow::Error::from).context("archive")
         });
     }
@@ -499,12 +502,27 @@ async fn run(loaded: Loaded, args: RunArgs) -> anyhow::Result<ExitCode> {
         }
     }
     match failure {
+        Some(e) if misconfigured(&e) => {
+            error!("{e:#}");
+            eprintln!("error: {}", crate::config::redact_text(&format!("{e:#}")));
+            Ok(ExitCode::from(2))
+        }
         Some(e) => Err(e),
         None => {
             info!("stopped cleanly");
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// Whether a role stopped over how ficus is deployed (two processes with one
+/// `kafka.instance_id`): exit 2, which supervisors are told not to restart, so the two never
+/// take turns fencing each other.
+fn misconfigured(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<crate::consume::ConsumeError>().is_some_and(|e| e.is_misconfiguration())
+            || c.downcast_ref::<StoreError>().is_some_and(|e| e.is_misconfiguration())
+    })
 }
 
 /// The tail role: waits for the source's lease, tails while holding it, and stands by again if

@@ -20,6 +20,10 @@ pub const ENV_VARS: &[(&str, &str)] = &[
     ("FICUS_SOURCE_DB", "source.db: the monolith database (default linechatbot)"),
     ("FICUS_SOURCE_NAME", "source.name: names the source in events and checkpoints (default: the db)"),
     ("FICUS_KAFKA_BROKERS", "kafka.brokers: bootstrap servers"),
+    (
+        "FICUS_KAFKA_INSTANCE_ID",
+        "kafka.instance_id: this process slot's static group membership (default: the host name)",
+    ),
     ("FICUS_TARGET_URI", "target.uri: the service databases' MongoDB"),
     ("FICUS_STORE_URI", "store.uri: ficus's own database (checkpoints, leases, event store)"),
     ("FICUS_STORE_DB", "store.db: the name of that database (default ficus)"),
@@ -60,6 +64,10 @@ pub struct SourceFile {
 pub struct KafkaFile {
     pub brokers: Option<String>,
     pub ce_headers: Option<bool>,
+    /// Names this process slot in every consumer group it joins (static membership).
+    pub instance_id: Option<String>,
+    /// `"static"` (default) or `"dynamic"`.
+    pub membership: Option<String>,
     /// librdkafka properties for every client (security.protocol, sasl.*, ssl.*, …).
     #[serde(default)]
     pub properties: BTreeMap<String, String>,
@@ -109,6 +117,18 @@ pub struct PathsFile {
     pub transforms: Option<PathBuf>,
 }
 
+/// How ficus's consumers join their groups.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Membership {
+    /// KIP-345 static membership: each member has a `group.instance.id` built from
+    /// `kafka.instance_id`, so a process that restarts in place (systemd, a StatefulSet pod, a
+    /// one-replica Deployment) gets its partitions back at once, with no rebalance and no wait
+    /// for the dead member's session to expire. The default.
+    Static,
+    /// Plain dynamic membership: every start is a new member.
+    Dynamic,
+}
+
 /// What to do when the change stream can no longer resume from the checkpoint.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum OnHistoryLost {
@@ -142,6 +162,11 @@ pub struct SourceConfig {
 pub struct KafkaConfig {
     pub brokers: String,
     pub ce_headers: bool,
+    /// Stable across restarts of the same process slot (host name, pod name): with
+    /// [`Membership::Static`] every consumer group member is `group.instance.id =
+    /// <instance_id>/<group>`, so a restarted process takes its partitions straight back.
+    pub instance_id: String,
+    pub membership: Membership,
     pub properties: BTreeMap<String, String>,
     pub producer: BTreeMap<String, String>,
     pub consumer: BTreeMap<String, String>,
@@ -210,6 +235,7 @@ impl Config {
         let store_uri = pick("FICUS_STORE_URI", f.store.uri, &target_uri);
         let store_db = pick("FICUS_STORE_DB", f.store.db, "ficus");
         let brokers = pick("FICUS_KAFKA_BROKERS", f.kafka.brokers, DEFAULT_BROKERS);
+        let instance_id = pick("FICUS_KAFKA_INSTANCE_ID", f.kafka.instance_id, &host_name());
         let topics_dir =
             env("FICUS_TOPICS_DIR").map(PathBuf::from).or(f.paths.topics).unwrap_or_else(|| PathBuf::from("topics"));
         let transforms_dir = env("FICUS_TRANSFORMS_DIR")
@@ -237,11 +263,33 @@ impl Config {
             [("properties", &f.kafka.properties), ("producer", &f.kafka.producer), ("consumer", &f.kafka.consumer)]
         {
             for k in props.keys() {
-                if k == "bootstrap.servers" {
-                    err(&format!("kafka.{section}.{k}"), "set kafka.brokers (or FICUS_KAFKA_BROKERS) instead".into());
-                }
+                let why = match k.as_str() {
+                    "bootstrap.servers" => "set kafka.brokers (or FICUS_KAFKA_BROKERS) instead",
+                    "group.instance.id" => "set kafka.instance_id (and kafka.membership) instead",
+                    "group.id" | "enable.auto.commit" | "enable.auto.offset.store" => {
+                        "ficus sets it: offsets are stored only after the write, per consumer group"
+                    }
+                    _ => continue,
+                };
+                err(&format!("kafka.{section}.{k}"), why.into());
             }
         }
+        if instance_id.is_empty() || instance_id.len() > 200 || !instance_id.chars().all(|c| c.is_ascii_graphic()) {
+            err(
+                "kafka.instance_id",
+                format!(
+                    "`{instance_id}` must be 1 to 200 printable characters without spaces (say, the pod or host name)"
+                ),
+            );
+        }
+        let membership = match f.kafka.membership.as_deref() {
+            None | Some("static") => Membership::Static,
+            Some("dynamic") => Membership::Dynamic,
+            Some(other) => {
+                err("kafka.membership", format!("`{other}`: expected \"static\" or \"dynamic\""));
+                Membership::Static
+            }
+        };
         let on_history_lost = match f.tail.on_history_lost.as_deref() {
             None | Some("fail") => OnHistoryLost::Fail,
             Some("resnapshot") => OnHistoryLost::Resnapshot,
@@ -274,6 +322,8 @@ impl Config {
             kafka: KafkaConfig {
                 brokers,
                 ce_headers: f.kafka.ce_headers.unwrap_or(true),
+                instance_id,
+                membership,
                 properties: f.kafka.properties,
                 producer: f.kafka.producer,
                 consumer: f.kafka.consumer,
@@ -301,11 +351,16 @@ impl Config {
     /// A human-readable summary with every password redacted.
     pub fn describe(&self) -> String {
         format!(
-            "source {} db {} (name {}), kafka {}, target {}, store {} db {}, topics {}, transforms {}",
+            "source {} db {} (name {}), kafka {} (instance {}, {} membership), target {}, store {} db {}, topics {}, transforms {}",
             redact_uri(&self.source.uri),
             self.source.db,
             self.source.name,
             self.kafka.brokers,
+            self.kafka.instance_id,
+            match self.kafka.membership {
+                Membership::Static => "static",
+                Membership::Dynamic => "dynamic",
+            },
             redact_uri(&self.target_uri),
             redact_uri(&self.store.uri),
             self.store.db,
@@ -313,6 +368,17 @@ impl Config {
             self.transforms_dir.display(),
         )
     }
+}
+
+/// This machine's host name (the pod name in Kubernetes, stable under systemd), or
+/// `localhost` if the system will not say.
+pub fn host_name() -> String {
+    gethostname::gethostname()
+        .into_string()
+        .ok()
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "localhost".into())
 }
 
 /// Parses a metrics listen address.

@@ -12,25 +12,26 @@
 //! the topic's dead-letter topic (`<topic>.dlq`) with the error, and the consumer moves on.
 //! Transient failures (target down, network) retry with backoff and never skip.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use bson::DateTime;
-use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer};
+use rdkafka::TopicPartitionList;
+use rdkafka::consumer::{CommitMode, Consumer};
 use rdkafka::message::{Header, Message, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
-use rdkafka::{ClientContext, TopicPartitionList};
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, warn};
+use tracing::{info, warn};
 
-use crate::bus::{BusError, ClientRole, client_config, dead_letter_body};
-use crate::config::KafkaConfig;
+pub use crate::bus::Delivery;
+use crate::bus::{BusError, ClientRole, GroupConsumer, client_config, dead_letter_body};
+use crate::config::{KafkaConfig, Membership};
 use crate::event::CanonicalEvent;
 use crate::mongo::ErrorClass;
 use crate::ops::Health;
+use crate::presence::{InstanceConflict, PresenceError, Slot};
 use crate::retry::with_backoff;
 use crate::sink::{Sink, SinkError, Versioned};
 use crate::transform::ServiceTransforms;
@@ -42,6 +43,8 @@ pub enum ConsumeError {
     Bus(#[from] BusError),
     #[error(transparent)]
     Sink(#[from] SinkError),
+    #[error(transparent)]
+    Presence(#[from] PresenceError),
 }
 
 impl ConsumeError {
@@ -49,6 +52,16 @@ impl ConsumeError {
         match self {
             ConsumeError::Bus(e) => e.is_transient(),
             ConsumeError::Sink(e) => e.class() == ErrorClass::Transient,
+            ConsumeError::Presence(e) => e.is_transient(),
+        }
+    }
+
+    /// See [`BusError::is_misconfiguration`]: two processes with one instance id.
+    pub fn is_misconfiguration(&self) -> bool {
+        match self {
+            ConsumeError::Bus(e) => e.is_misconfiguration(),
+            ConsumeError::Presence(PresenceError::Conflict(_)) => true,
+            _ => false,
         }
     }
 }
@@ -62,69 +75,6 @@ impl From<rdkafka::error::KafkaError> for ConsumeError {
 /// The consumer group of a service.
 pub fn group_id(service: &str) -> String {
     format!("ficus.{service}")
-}
-
-/// Commits stored offsets when partitions are revoked, tells the loop a rebalance happened, and
-/// publishes librdkafka's per-partition consumer lag as `ficus_consumer_lag`.
-pub struct DrainContext {
-    group: String,
-    rebalanced: AtomicBool,
-    /// Whether any broker connection is up, as of librdkafka's last statistics (or a consumer
-    /// error saying all are down since).
-    connected: AtomicBool,
-}
-
-impl DrainContext {
-    pub fn new(group: &str) -> Self {
-        DrainContext { group: group.to_string(), rebalanced: AtomicBool::new(false), connected: AtomicBool::new(true) }
-    }
-}
-
-impl ClientContext for DrainContext {
-    fn stats(&self, stats: rdkafka::Statistics) {
-        // Bootstrap and learned brokers both count: a consumer is connected while any link is up.
-        let up = stats.brokers.values().any(|b| b.state == "UP");
-        self.connected.store(up, Ordering::SeqCst);
-        for (topic, t) in &stats.topics {
-            for (partition, p) in &t.partitions {
-                // librdkafka's internal "unassigned" partition is -1; unknown lag is -1 too.
-                if *partition >= 0 && p.consumer_lag >= 0 {
-                    let labels =
-                        [("group", self.group.clone()), ("topic", topic.clone()), ("partition", partition.to_string())];
-                    metrics::gauge!("ficus_consumer_lag", &labels).set(p.consumer_lag as f64);
-                }
-            }
-        }
-    }
-}
-
-impl ConsumerContext for DrainContext {
-    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
-        if let Rebalance::Revoke(tpl) = rebalance {
-            // Everything processed has its offset stored; commit it before letting go.
-            if let Err(e) = consumer.commit_consumer_state(CommitMode::Sync) {
-                debug!("commit on revoke: {e}");
-            }
-            info!(partitions = tpl.count(), "partitions revoked");
-        }
-        self.rebalanced.store(true, Ordering::SeqCst);
-    }
-
-    fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
-        if let Rebalance::Assign(tpl) = rebalance {
-            info!(partitions = tpl.count(), "partitions assigned");
-        }
-    }
-}
-
-/// One message, owned, as taken from Kafka.
-#[derive(Debug, Clone)]
-pub struct Delivery {
-    pub topic: String,
-    pub partition: i32,
-    pub offset: i64,
-    pub key: Option<Vec<u8>>,
-    pub payload: Vec<u8>,
 }
 
 /// What became of one delivery after transformation.
@@ -255,6 +205,8 @@ pub async fn process_batch<S: Sink>(
 pub struct ServiceConsumer<S> {
     pub transforms: Arc<ServiceTransforms>,
     pub health: Health,
+    /// ficus's store (the registry of group members).
+    pub store: mongodb::Database,
     pub sink: S,
     pub kafka: KafkaConfig,
     pub batch_max: usize,
@@ -277,150 +229,78 @@ impl<S: Sink> ServiceConsumer<S> {
 
     async fn attempt(&self, shutdown: &CancellationToken) -> Result<(), ConsumeError> {
         let service = self.transforms.service();
-        let mut cfg = client_config(&self.kafka, ClientRole::Consumer, &format!("ficus-consume-{service}"));
-        cfg.set("group.id", group_id(service));
-        let consumer: StreamConsumer<DrainContext> = cfg.create_with_context(DrainContext::new(&group_id(service)))?;
+        let group = group_id(service);
+        let role = format!("consume:{service}");
         let topics: Vec<String> = self.transforms.topics().into_iter().collect();
-        let refs: Vec<&str> = topics.iter().map(String::as_str).collect();
-        consumer.subscribe(&refs)?;
+        // Claim this process's slot in the group before joining it (see `presence`).
+        let Some(slot) = claim_slot(&self.store, &self.kafka, &group, shutdown).await? else { return Ok(()) };
+        let consumer = GroupConsumer::join(&self.kafka, &group, &topics, &format!("ficus-consume-{service}"))?;
         let dlq = DeadLetters::new(&self.kafka, service)?;
-        info!(service, group = %group_id(service), topics = ?topics, "consuming");
+        info!(service, %group, topics = ?topics, "consuming");
 
-        let result = self.consume_loop(&consumer, &dlq, shutdown).await;
+        let watching = shutdown.child_token();
+        let keeper = tokio::spawn(crate::presence::keep(
+            slot.clone(),
+            consumer.clone(),
+            role.clone(),
+            self.health.clone(),
+            watching.clone(),
+        ));
+        let result = tokio::select! {
+            r = self.consume_loop(&consumer, &dlq, &role, shutdown) => r,
+            kept = keeper_ended(&watching, keeper) => kept,
+        };
+        watching.cancel();
         // Commit whatever was stored, whether stopping cleanly or on an error.
-        if let Err(e) = consumer.commit_consumer_state(CommitMode::Sync) {
-            debug!(service, "final commit: {e}");
+        consumer.close();
+        if shutdown.is_cancelled() {
+            slot.release().await;
         }
-        consumer.unsubscribe();
         result
     }
 
     async fn consume_loop(
         &self,
-        consumer: &StreamConsumer<DrainContext>,
+        consumer: &GroupConsumer,
         dlq: &DeadLetters,
+        role: &str,
         shutdown: &CancellationToken,
     ) -> Result<(), ConsumeError> {
-        let role = format!("consume:{}", self.transforms.service());
-        while let Some(batch) =
-            next_batch(consumer, self.batch_max, self.batch_wait, shutdown, (&self.health, &role)).await?
-        {
+        let idle = |up| if up { self.health.beat(role) } else { self.health.disconnected(role) };
+        while let Some(batch) = consumer.next_batch(self.batch_max, self.batch_wait, shutdown, idle).await? {
             process_batch(&self.transforms, &self.sink, dlq, &batch, shutdown).await?;
-            store_offsets(consumer, &batch)?;
+            consumer.store_offsets(&batch)?;
         }
         Ok(())
     }
 }
 
-/// Collects the next batch: waits for one message (or shutdown, then `None`), then takes more
-/// for up to `wait` or until `max`. If a rebalance happened meanwhile, messages of partitions
-/// this consumer no longer owns are dropped unprocessed: their new owner reads them from the
-/// committed offset. Consumer errors librdkafka recovers from are logged and polling goes on
-/// (see [`survive`]); only fatal ones are returned.
-pub async fn next_batch(
-    consumer: &StreamConsumer<DrainContext>,
-    max: usize,
-    wait: Duration,
+/// Claims this process's slot in `group` in the store's registry (see `presence`): the slot
+/// `kafka.instance_id` with static membership, a per-process one with dynamic membership.
+/// `None` when shutdown came first.
+pub(crate) async fn claim_slot(
+    store: &mongodb::Database,
+    kafka: &KafkaConfig,
+    group: &str,
     shutdown: &CancellationToken,
-    health: (&Health, &str),
-) -> Result<Option<Vec<Delivery>>, rdkafka::error::KafkaError> {
-    let (health, role) = health;
-    let ctx = consumer.context();
-    loop {
-        // Idle is healthy while connected: beat while waiting for the first message.
-        let first = loop {
-            if ctx.connected.load(Ordering::SeqCst) {
-                health.beat(role);
-            } else {
-                health.disconnected(role);
-            }
-            tokio::select! {
-                _ = shutdown.cancelled() => return Ok(None),
-                m = tokio::time::timeout(Duration::from_secs(5), consumer.recv()) => match m {
-                    Ok(Ok(m)) => break m,
-                    Ok(Err(e)) => survive(ctx, role, e)?,
-                    Err(_) => continue,
-                },
-            }
-        };
-        let mut batch = vec![Delivery::from_message(&first)];
-        drop(first);
-        let deadline = tokio::time::Instant::now() + wait;
-        while batch.len() < max {
-            match tokio::time::timeout_at(deadline, consumer.recv()).await {
-                Ok(Ok(m)) => batch.push(Delivery::from_message(&m)),
-                Ok(Err(e)) => survive(ctx, role, e)?,
-                Err(_) => break,
-            }
-        }
-        if consumer.context().rebalanced.swap(false, Ordering::SeqCst) {
-            let owned_now: HashSet<(String, i32)> =
-                consumer.assignment()?.elements().iter().map(|e| (e.topic().to_string(), e.partition())).collect();
-            batch.retain(|d| owned_now.contains(&(d.topic.clone(), d.partition)));
-        }
-        if !batch.is_empty() {
-            return Ok(Some(batch));
-        }
-    }
-}
-
-/// A consumer error seen while polling. librdkafka reports broker outages, timeouts and
-/// transport failures as errors but recovers from them itself, reconnecting and rejoining the
-/// group with the same consumer: so those are logged and polling goes on. Replacing the
-/// consumer instead would leave its old member in the group whenever the broker is
-/// unreachable (the leave cannot be sent), and a coordinator that does not evict it (Tansu's)
-/// would then hold the group's partitions forever. Errors that no retry can fix end the role.
-fn survive(ctx: &DrainContext, role: &str, e: rdkafka::error::KafkaError) -> Result<(), rdkafka::error::KafkaError> {
-    use rdkafka::error::KafkaError;
-    let transient = matches!(e, KafkaError::MessageConsumption(_)) && BusError::Kafka(e.clone()).is_transient();
-    if !transient {
-        return Err(e);
-    }
-    metrics::counter!("ficus_errors_total", "stage" => role.to_string(), "kind" => "transient").increment(1);
-    // One warning per outage; the reconnect attempts that follow are logged at debug.
-    let was_connected = if e.rdkafka_error_code() == Some(rdkafka::types::RDKafkaErrorCode::AllBrokersDown) {
-        ctx.connected.swap(false, Ordering::SeqCst)
-    } else {
-        ctx.connected.load(Ordering::SeqCst)
+) -> Result<Option<Slot>, PresenceError> {
+    let instance = match kafka.membership {
+        Membership::Static => kafka.instance_id.clone(),
+        Membership::Dynamic => format!("{}#{}", kafka.instance_id, std::process::id()),
     };
-    if was_connected {
-        warn!(stage = role, error = %e, "consumer error; librdkafka reconnects by itself, polling on");
-    } else {
-        debug!(stage = role, error = %e, "consumer error while disconnected");
-    }
-    Ok(())
+    Slot::claim(store, group, &instance, shutdown).await
 }
 
-/// Stores, for commit, the offsets after a processed batch (per partition, the next to read).
-pub fn store_offsets(
-    consumer: &StreamConsumer<DrainContext>,
-    batch: &[Delivery],
-) -> Result<(), rdkafka::error::KafkaError> {
-    let mut next: HashMap<(&str, i32), i64> = HashMap::new();
-    for d in batch {
-        let e = next.entry((d.topic.as_str(), d.partition)).or_insert(0);
-        *e = (*e).max(d.offset + 1);
-    }
-    let mut tpl = TopicPartitionList::new();
-    for ((topic, partition), offset) in next {
-        tpl.add_partition_offset(topic, partition, rdkafka::Offset::Offset(offset))?;
-    }
-    if let Err(e) = consumer.store_offsets(&tpl) {
-        // The partition was revoked meanwhile: its new owner re-applies (a no-op by version).
-        debug!("store offsets: {e}");
-    }
-    Ok(())
-}
-
-impl Delivery {
-    pub fn from_message(m: &rdkafka::message::BorrowedMessage<'_>) -> Delivery {
-        Delivery {
-            topic: m.topic().to_string(),
-            partition: m.partition(),
-            offset: m.offset(),
-            key: m.key().map(<[u8]>::to_vec),
-            payload: m.payload().map(<[u8]>::to_vec).unwrap_or_default(),
-        }
+/// Waits for the member's keeper: it only ends early when another process took the slot.
+pub(crate) async fn keeper_ended<E: From<PresenceError>>(
+    watching: &CancellationToken,
+    keeper: tokio::task::JoinHandle<Result<(), InstanceConflict>>,
+) -> Result<(), E> {
+    let _ = watching;
+    match keeper.await {
+        Ok(Err(conflict)) => Err(PresenceError::from(conflict).into()),
+        // Stopped by the token, or the task panicked: either way the loop decides.
+        _ => std::future::pending().await,
     }
 }
 
@@ -446,8 +326,8 @@ pub async fn replay_dead_letters<S: Sink>(
 ) -> Result<ReplayReport, ConsumeError> {
     use rdkafka::consumer::BaseConsumer;
     let service = transforms.service();
-    let mut cfg = client_config(kafka, ClientRole::Consumer, &format!("ficus-dlq-replay-{service}"));
-    cfg.set("group.id", format!("{}.dlq", group_id(service)));
+    let group = format!("{}.dlq", group_id(service));
+    let cfg = client_config(kafka, ClientRole::Reader { group: Some(&group) }, &format!("ficus-dlq-replay-{service}"));
     let consumer: BaseConsumer = cfg.create()?;
     let dlq = DeadLetters::new(kafka, service)?;
 

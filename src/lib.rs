@@ -31,6 +31,7 @@
 
 //! - [`lease`]: one active tailer per source, fenced checkpoints.
 //! - [`ops`]: `/metrics`, `/healthz`, `/readyz` and the roles' health registry.
+//! - [`presence`]: which live process holds which consumer-group slot (static membership).
 //! - [`status`]: `ficus status`, every stage's position, lag and health, read from outside.
 //! - [`mongo`], [`retry`]: shared connection, error classification and backoff.
 //! - [`workload`]: reference documents in the monolith's shapes, for the demo, tests and benches.
@@ -47,6 +48,7 @@ pub mod lease;
 pub mod mapping;
 pub mod mongo;
 pub mod ops;
+pub mod presence;
 pub mod replay;
 pub mod retry;
 pub mod sink;

@@ -19,10 +19,13 @@ use axum::routing::get;
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use tokio_util::sync::CancellationToken;
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 struct Beat {
     at: Instant,
     connected: bool,
+    /// Why the role cannot make progress although it is connected and alive (a consumer group
+    /// that holds nothing while messages wait), as its own watcher last judged.
+    stalled: Option<String>,
 }
 
 /// Liveness of the roles in this process.
@@ -47,10 +50,22 @@ impl Health {
         self.set(role, false);
     }
 
+    /// A role's watcher judged it stalled (`Some(why)`) or not (`None`).
+    pub fn set_stalled(&self, role: &str, why: Option<String>) {
+        let mut roles = self.roles.lock().unwrap_or_else(|p| p.into_inner());
+        let beat = roles.entry(role.to_string()).or_insert(Beat { at: Instant::now(), connected: true, stalled: None });
+        beat.stalled = why;
+        let ready = beat.connected && beat.stalled.is_none();
+        metrics::gauge!("ficus_role_ready", "role" => role.to_string()).set(if ready { 1.0 } else { 0.0 });
+    }
+
     fn set(&self, role: &str, connected: bool) {
         let mut roles = self.roles.lock().unwrap_or_else(|p| p.into_inner());
-        roles.insert(role.to_string(), Beat { at: Instant::now(), connected });
-        metrics::gauge!("ficus_role_ready", "role" => role.to_string()).set(if connected { 1.0 } else { 0.0 });
+        let beat = roles.entry(role.to_string()).or_insert(Beat { at: Instant::now(), connected, stalled: None });
+        beat.at = Instant::now();
+        beat.connected = connected;
+        let ready = connected && beat.stalled.is_none();
+        metrics::gauge!("ficus_role_ready", "role" => role.to_string()).set(if ready { 1.0 } else { 0.0 });
     }
 
     /// Roles that are not ready, with why; empty when all are.
@@ -60,6 +75,8 @@ impl Health {
         for (role, beat) in roles.iter() {
             if !beat.connected {
                 out.push(format!("{role}: disconnected, retrying"));
+            } else if let Some(why) = &beat.stalled {
+                out.push(format!("{role}: {why}"));
             } else if beat.at.elapsed() > self.stall_after {
                 out.push(format!("{role}: no progress for {}s", beat.at.elapsed().as_secs()));
             }
@@ -145,5 +162,16 @@ mod tests {
         let p = h.problems();
         assert_eq!(p.len(), 2, "{p:?}");
         assert!(p[0].contains("no progress"));
+    }
+
+    #[test]
+    fn a_stalled_group_is_not_ready_however_often_it_beats() {
+        let h = Health::new(Duration::from_secs(60));
+        h.beat("consume:customers_db");
+        h.set_stalled("consume:customers_db", Some("no partitions assigned, lag 12".into()));
+        h.beat("consume:customers_db");
+        assert_eq!(h.problems(), ["consume:customers_db: no partitions assigned, lag 12"]);
+        h.set_stalled("consume:customers_db", None);
+        assert!(h.problems().is_empty());
     }
 }

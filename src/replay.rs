@@ -242,8 +242,8 @@ async fn catch_up<S: Sink>(
     archived_to: &HashMap<(String, i32), i64>,
     shutdown: &CancellationToken,
 ) -> Result<(u64, u64), ReplayError> {
-    let mut cfg = client_config(kafka, ClientRole::Consumer, &format!("ficus-replay-{}", transforms.service()));
-    cfg.set("group.id", format!("ficus.{}.replay", transforms.service())).set("enable.auto.commit", "false");
+    let cfg =
+        client_config(kafka, ClientRole::Reader { group: None }, &format!("ficus-replay-{}", transforms.service()));
     let consumer: BaseConsumer = cfg.create()?;
     let mut assign = TopicPartitionList::new();
     let mut ends: HashMap<(String, i32), i64> = HashMap::new();

@@ -5,12 +5,13 @@
 use std::time::Duration;
 
 use bson::{DateTime, Document, doc};
+use rdkafka::TopicPartitionList;
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::{ClientConfig, TopicPartitionList};
 
 use crate::bus::{ClientRole, client_config};
 use crate::checkpoint::{CheckpointStore, MongoCheckpoints};
-use crate::config::Config;
+use crate::config::{Config, KafkaConfig};
+use crate::presence::MemberState;
 use crate::topics::Topics;
 use crate::transform::ServiceTransforms;
 
@@ -31,9 +32,6 @@ pub struct GroupLag {
     /// Partitions with a committed offset, of all partitions.
     pub committed: usize,
     pub partitions: usize,
-    pub state: String,
-    /// `None` when the broker does not report group members.
-    pub members: Option<usize>,
 }
 
 /// A client context that keeps librdkafka's own log lines and connection errors out of the
@@ -50,9 +48,9 @@ impl rdkafka::consumer::ConsumerContext for Quiet {}
 
 /// Reads a group's committed offsets against the topics' high watermarks. `base` is a client
 /// configuration to connect with; the group is only read (offsets fetched), never joined.
-pub fn group_lag(base: &ClientConfig, group: &str, topics: &[String]) -> Result<GroupLag, rdkafka::error::KafkaError> {
+pub fn group_lag(kafka: &KafkaConfig, group: &str, topics: &[String]) -> Result<GroupLag, rdkafka::error::KafkaError> {
     let consumer: BaseConsumer<Quiet> =
-        base.clone().set("group.id", group).set("enable.auto.commit", "false").create_with_context(Quiet)?;
+        client_config(kafka, ClientRole::Reader { group: Some(group) }, "ficus-status").create_with_context(Quiet)?;
     let timeout = Duration::from_secs(10);
     let mut tpl = TopicPartitionList::new();
     for t in topics {
@@ -73,12 +71,6 @@ pub fn group_lag(base: &ClientConfig, group: &str, topics: &[String]) -> Result<
             _ => low,
         };
         out.lag += (high - at).max(0);
-    }
-    if let Ok(list) = consumer.fetch_group_list(Some(group), timeout)
-        && let Some(g) = list.groups().first()
-    {
-        out.state = g.state().to_string();
-        out.members = Some(g.members().len());
     }
     Ok(out)
 }
@@ -147,7 +139,6 @@ pub async fn collect(
     });
 
     // Consumer groups: one per service, and the archive.
-    let base = client_config(&cfg.kafka, ClientRole::Consumer, "ficus-status");
     let mut groups: Vec<(String, String, Vec<String>)> = services
         .iter()
         .map(|s| {
@@ -164,17 +155,13 @@ pub async fn collect(
         topics.defs.iter().map(|d| d.topic.clone()).collect(),
     ));
     for (stage, group, topics) in groups {
-        let row = match tokio::task::block_in_place(|| group_lag(&base, &group, &topics)) {
+        let members = crate::presence::live_members(&store, &group).await?;
+        let row = match tokio::task::block_in_place(|| group_lag(&cfg.kafka, &group, &topics)) {
             Ok(g) => Row {
                 stage,
                 position: format!("group {group}: {}/{} partitions committed", g.committed, g.partitions),
                 lag: format!("{} msgs", g.lag),
-                health: match (g.members.filter(|m| *m > 0), g.lag) {
-                    (Some(m), 0) => format!("ok, caught up ({m} members)"),
-                    (Some(m), _) => format!("consuming, behind ({m} members)"),
-                    (None, 0) => "ok, caught up".into(),
-                    (None, _) => "STOPPED? behind, and no live member reported".into(),
-                },
+                health: group_health(g.lag, &members),
             },
             Err(e) => {
                 Row { stage, position: format!("group {group}"), lag: "?".into(), health: format!("unknown: {e}") }
@@ -183,6 +170,24 @@ pub async fn collect(
         rows.push(row);
     }
     Ok(rows)
+}
+
+/// How a group is doing, from its lag and its live members as the registry has them (each
+/// member reports the partitions it holds and whether its group is stalled).
+pub fn group_health(lag: i64, members: &[(String, MemberState)]) -> String {
+    let n = members.len();
+    let held: usize = members.iter().map(|(_, m)| m.partitions).sum();
+    if let Some((instance, m)) = members.iter().find(|(_, m)| m.stalled.is_some()) {
+        let why = m.stalled.as_deref().unwrap_or_default();
+        return format!("STALLED: {why} ({instance}; {n} members)");
+    }
+    match (n, lag) {
+        (0, 0) => "caught up, no live member".into(),
+        (0, lag) => format!("STOPPED: no live member, lag {lag}"),
+        (_, lag) if held == 0 && lag > 0 => format!("no partitions assigned, lag {lag} ({n} members)"),
+        (_, 0) => format!("ok, caught up ({n} members, {held} partitions)"),
+        (_, _) => format!("consuming, behind ({n} members, {held} partitions)"),
+    }
 }
 
 /// Renders rows as an aligned table.
@@ -201,6 +206,20 @@ pub fn render(rows: &[Row]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn group_health_tells_stopped_stalled_and_idle_apart() {
+        let member = |partitions, stalled: Option<&str>| MemberState { partitions, stalled: stalled.map(String::from) };
+        assert_eq!(group_health(0, &[]), "caught up, no live member");
+        assert_eq!(group_health(7, &[]), "STOPPED: no live member, lag 7");
+        let one = [("host-a".to_string(), member(0, None))];
+        assert_eq!(group_health(7, &one), "no partitions assigned, lag 7 (1 members)");
+        assert_eq!(group_health(0, &one), "ok, caught up (1 members, 0 partitions)");
+        let stalled = [("host-a".to_string(), member(0, Some("no partitions assigned, lag 7")))];
+        assert_eq!(group_health(7, &stalled), "STALLED: no partitions assigned, lag 7 (host-a; 1 members)");
+        let two = [("a".to_string(), member(4, None)), ("b".to_string(), member(2, None))];
+        assert_eq!(group_health(3, &two), "consuming, behind (2 members, 6 partitions)");
+    }
 
     #[test]
     fn the_table_aligns() {

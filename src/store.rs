@@ -17,16 +17,16 @@ use bson::{Bson, DateTime, Document, doc};
 use futures::TryStreamExt;
 use mongodb::options::{Acknowledgment, IndexOptions, InsertManyOptions, WriteConcern};
 use mongodb::{Collection, Database, IndexModel};
-use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::bus::{BusError, ClientRole, client_config};
+use crate::bus::{BusError, GroupConsumer};
 use crate::config::KafkaConfig;
-use crate::consume::{DrainContext, next_batch, store_offsets};
+use crate::consume::{claim_slot, keeper_ended};
 use crate::event::CanonicalEvent;
 use crate::mongo::{self, ErrorClass};
 use crate::ops::Health;
+use crate::presence::PresenceError;
 use crate::retry::with_backoff;
 
 pub const EVENTS: &str = "events";
@@ -41,6 +41,8 @@ pub enum StoreError {
     Bus(#[from] BusError),
     #[error("stored event {id} is unreadable: {reason}")]
     Corrupt { id: String, reason: String },
+    #[error(transparent)]
+    Presence(#[from] PresenceError),
 }
 
 impl StoreError {
@@ -49,6 +51,16 @@ impl StoreError {
             StoreError::Mongo(e) => mongo::classify(e) == ErrorClass::Transient,
             StoreError::Bus(e) => e.is_transient(),
             StoreError::Corrupt { .. } => false,
+            StoreError::Presence(e) => e.is_transient(),
+        }
+    }
+
+    /// See [`BusError::is_misconfiguration`]: two processes with one instance id.
+    pub fn is_misconfiguration(&self) -> bool {
+        match self {
+            StoreError::Bus(e) => e.is_misconfiguration(),
+            StoreError::Presence(PresenceError::Conflict(_)) => true,
+            _ => false,
         }
     }
 }
@@ -197,6 +209,8 @@ impl EventStore {
 /// The archive role.
 pub struct Archiver {
     pub store: EventStore,
+    /// ficus's store database (the registry of group members).
+    pub db: mongodb::Database,
     pub kafka: KafkaConfig,
     pub topics: Vec<String>,
     pub batch_max: usize,
@@ -217,25 +231,32 @@ impl Archiver {
     }
 
     async fn attempt(&self, shutdown: &CancellationToken) -> Result<(), StoreError> {
-        let mut cfg = client_config(&self.kafka, ClientRole::Consumer, "ficus-archive");
-        cfg.set("group.id", ARCHIVE_GROUP);
-        let consumer: StreamConsumer<DrainContext> = cfg.create_with_context(DrainContext::new(ARCHIVE_GROUP))?;
-        let refs: Vec<&str> = self.topics.iter().map(String::as_str).collect();
-        consumer.subscribe(&refs)?;
+        let Some(slot) = claim_slot(&self.db, &self.kafka, ARCHIVE_GROUP, shutdown).await? else { return Ok(()) };
+        let consumer = GroupConsumer::join(&self.kafka, ARCHIVE_GROUP, &self.topics, "ficus-archive")?;
         info!(group = ARCHIVE_GROUP, topics = ?self.topics, "archiving");
-        let result = self.archive_loop(&consumer, shutdown).await;
-        let _ = consumer.commit_consumer_state(CommitMode::Sync);
+        let watching = shutdown.child_token();
+        let keeper = tokio::spawn(crate::presence::keep(
+            slot.clone(),
+            consumer.clone(),
+            "archive".into(),
+            self.health.clone(),
+            watching.clone(),
+        ));
+        let result = tokio::select! {
+            r = self.archive_loop(&consumer, shutdown) => r,
+            kept = keeper_ended(&watching, keeper) => kept,
+        };
+        watching.cancel();
+        consumer.close();
+        if shutdown.is_cancelled() {
+            slot.release().await;
+        }
         result
     }
 
-    async fn archive_loop(
-        &self,
-        consumer: &StreamConsumer<DrainContext>,
-        shutdown: &CancellationToken,
-    ) -> Result<(), StoreError> {
-        while let Some(raw) =
-            next_batch(consumer, self.batch_max, self.batch_wait, shutdown, (&self.health, "archive")).await?
-        {
+    async fn archive_loop(&self, consumer: &GroupConsumer, shutdown: &CancellationToken) -> Result<(), StoreError> {
+        let idle = |up| if up { self.health.beat("archive") } else { self.health.disconnected("archive") };
+        while let Some(raw) = consumer.next_batch(self.batch_max, self.batch_wait, shutdown, idle).await? {
             let mut batch = Vec::with_capacity(raw.len());
             for d in &raw {
                 match CanonicalEvent::decode(&d.payload) {
@@ -250,7 +271,7 @@ impl Archiver {
             }
             let inserted = self.store.append(&batch).await?;
             metrics::counter!("ficus_events_archived_total").increment(inserted);
-            store_offsets(consumer, &raw)?;
+            consumer.store_offsets(&raw)?;
         }
         Ok(())
     }

@@ -235,11 +235,10 @@ async fn consumers_killed_mid_batch_converge_to_a_clean_run() {
         world.spawn_ficus(&["run", "--roles", "consume", "--service", "customers_db", "--service", "products_db"], &[]);
     // Caught up when the tail has published every change (its checkpoint is quiet) and both
     // groups have committed everything on the topics.
-    let mut base = rdkafka::ClientConfig::new();
-    base.set("bootstrap.servers", world.kafka.brokers());
+    let kafka = world.kafka.config();
     let topics = ["linechatbot.customers".to_string(), "linechatbot.products".to_string()];
     eventually("consumers caught up", Duration::from_secs(120), || async {
-        let lag = |g: &str, t: &str| ficus::status::group_lag(&base, g, &[t.to_string()]).map(|l| l.lag).unwrap_or(1);
+        let lag = |g: &str, t: &str| ficus::status::group_lag(&kafka, g, &[t.to_string()]).map(|l| l.lag).unwrap_or(1);
         let streaming =
             common::checkpoint(&client, "linechatbot").await.is_some_and(|c| c.get_document("stream").is_ok());
         streaming && lag("ficus.customers_db", &topics[0]) == 0 && lag("ficus.products_db", &topics[1]) == 0
@@ -247,7 +246,7 @@ async fn consumers_killed_mid_batch_converge_to_a_clean_run() {
     .await;
     assert!(tail.terminate().success(), "{}", tail.logs());
     eventually("consumers caught up with the tail's last events", Duration::from_secs(60), || async {
-        let lag = |g: &str, t: &str| ficus::status::group_lag(&base, g, &[t.to_string()]).map(|l| l.lag).unwrap_or(1);
+        let lag = |g: &str, t: &str| ficus::status::group_lag(&kafka, g, &[t.to_string()]).map(|l| l.lag).unwrap_or(1);
         lag("ficus.customers_db", &topics[0]) == 0 && lag("ficus.products_db", &topics[1]) == 0
     })
     .await;

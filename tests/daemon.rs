@@ -124,7 +124,8 @@ async fn sigterm_during_a_heavy_stream_exits_0_and_a_restart_loses_nothing() {
     base.set("bootstrap.servers", world.kafka.brokers());
     let consumer: rdkafka::consumer::BaseConsumer = base.clone().set("group.id", "probe").create().unwrap();
     let topic = ["linechatbot.products".to_string()];
-    let pending = ficus::status::group_lag(&base, "ficus.products_db", &topic).unwrap().lag;
+    let kafka = world.kafka.config();
+    let pending = ficus::status::group_lag(&kafka, "ficus.products_db", &topic).unwrap().lag;
     let end = |c: &rdkafka::consumer::BaseConsumer| -> i64 {
         (0..3).map(|p| c.fetch_watermarks("linechatbot.products", p, Duration::from_secs(10)).unwrap().1).sum()
     };
@@ -132,7 +133,7 @@ async fn sigterm_during_a_heavy_stream_exits_0_and_a_restart_loses_nothing() {
 
     let mut f = world.spawn_ficus(&args, &[]);
     eventually("caught up after the restart", Duration::from_secs(120), || async {
-        let sum: i64 = ficus::status::group_lag(&base, "ficus.products_db", &topic).map(|g| g.lag).unwrap_or(1);
+        let sum: i64 = ficus::status::group_lag(&kafka, "ficus.products_db", &topic).map(|g| g.lag).unwrap_or(1);
         sum == 0 && std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
     })
     .await;

@@ -195,6 +195,13 @@ impl Kafka {
         format!("127.0.0.1:{}", self.port)
     }
 
+    /// ficus's Kafka settings for this broker, as the defaults give them.
+    pub fn config(&self) -> ficus::config::KafkaConfig {
+        let env = |k: &str| (k == "FICUS_KAFKA_BROKERS").then(|| self.brokers());
+        let file = ficus::config::ConfigFile::default();
+        ficus::config::Config::from_file(file, Path::new("test"), &env).expect("default configuration").kafka
+    }
+
     pub fn kill(&mut self) {
         self.child.kill();
     }

@@ -1,0 +1,285 @@
+//! A member of a consumer group: the one way ficus's roles read topics with Kafka's group
+//! protocol (each service's consumer group, the archive's).
+//!
+//! The member subscribes, takes messages in batches and stores each batch's offsets for commit
+//! only when the caller says the batch is durably handed on ([`GroupConsumer::store_offsets`]).
+//! Processing happens between polls, and rebalance callbacks only run inside a poll, so nothing
+//! is in flight when partitions are revoked: the revoke commits what was stored, and messages
+//! collected for a partition taken away meanwhile are dropped for its new owner to read from the
+//! committed offset.
+//!
+//! Broker outages are ridden out with the same member (librdkafka reconnects and rejoins by
+//! itself); only fatal errors end it. A member fenced by another process with the same
+//! `group.instance.id` is reported as [`BusError::Fenced`].
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer};
+use rdkafka::error::KafkaError;
+use rdkafka::message::Message;
+use rdkafka::types::RDKafkaErrorCode;
+use rdkafka::{ClientContext, Offset, TopicPartitionList};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use super::{BusError, ClientRole, client_config};
+use crate::config::{KafkaConfig, Membership};
+
+/// One message, owned, as taken from Kafka.
+#[derive(Debug, Clone)]
+pub struct Delivery {
+    pub topic: String,
+    pub partition: i32,
+    pub offset: i64,
+    pub key: Option<Vec<u8>>,
+    pub payload: Vec<u8>,
+}
+
+impl Delivery {
+    pub(crate) fn from_message<M: Message>(m: &M) -> Delivery {
+        Delivery {
+            topic: m.topic().to_string(),
+            partition: m.partition(),
+            offset: m.offset(),
+            key: m.key().map(<[u8]>::to_vec),
+            payload: m.payload().map(<[u8]>::to_vec).unwrap_or_default(),
+        }
+    }
+}
+
+/// Where a group stands over its topics: messages not yet consumed, and the sum of its
+/// committed offsets (which moves whenever any member commits).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct GroupProgress {
+    pub lag: i64,
+    pub committed: i64,
+}
+
+/// Commits stored offsets when partitions are revoked, tells the loop a rebalance happened, and
+/// publishes librdkafka's per-partition consumer lag as `ficus_consumer_lag`.
+pub struct DrainContext {
+    group: String,
+    rebalanced: AtomicBool,
+    /// Whether any broker connection is up, as of librdkafka's last statistics (or a consumer
+    /// error saying all are down since).
+    connected: AtomicBool,
+}
+
+impl ClientContext for DrainContext {
+    fn stats(&self, stats: rdkafka::Statistics) {
+        // Bootstrap and learned brokers both count: a consumer is connected while any link is up.
+        let up = stats.brokers.values().any(|b| b.state == "UP");
+        self.connected.store(up, Ordering::SeqCst);
+        for (topic, t) in &stats.topics {
+            for (partition, p) in &t.partitions {
+                // librdkafka's internal "unassigned" partition is -1; unknown lag is -1 too.
+                if *partition >= 0 && p.consumer_lag >= 0 {
+                    let labels =
+                        [("group", self.group.clone()), ("topic", topic.clone()), ("partition", partition.to_string())];
+                    metrics::gauge!("ficus_consumer_lag", &labels).set(p.consumer_lag as f64);
+                }
+            }
+        }
+    }
+}
+
+impl ConsumerContext for DrainContext {
+    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Revoke(tpl) = rebalance {
+            // Everything processed has its offset stored; commit it before letting go.
+            if let Err(e) = consumer.commit_consumer_state(CommitMode::Sync) {
+                debug!("commit on revoke: {e}");
+            }
+            info!(group = %self.group, partitions = tpl.count(), "partitions revoked");
+        }
+        self.rebalanced.store(true, Ordering::SeqCst);
+    }
+
+    fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Assign(tpl) = rebalance {
+            info!(group = %self.group, partitions = tpl.count(), "partitions assigned");
+        }
+    }
+}
+
+/// A subscribed member of one consumer group. Clones share the member (for a task that watches
+/// its partitions and progress).
+#[derive(Clone)]
+pub struct GroupConsumer {
+    consumer: Arc<StreamConsumer<DrainContext>>,
+    group: String,
+    topics: Vec<String>,
+    instance: Option<String>,
+}
+
+impl GroupConsumer {
+    /// Creates the member and subscribes it to `topics` (it joins on the first poll).
+    pub fn join(kafka: &KafkaConfig, group: &str, topics: &[String], client_id: &str) -> Result<Self, BusError> {
+        let cfg = client_config(kafka, ClientRole::GroupMember { group }, client_id);
+        let ctx = DrainContext {
+            group: group.to_string(),
+            rebalanced: AtomicBool::new(false),
+            connected: AtomicBool::new(true),
+        };
+        let consumer: StreamConsumer<DrainContext> = cfg.create_with_context(ctx)?;
+        let refs: Vec<&str> = topics.iter().map(String::as_str).collect();
+        consumer.subscribe(&refs)?;
+        let instance = (kafka.membership == Membership::Static).then(|| super::group_instance_id(kafka, group));
+        Ok(GroupConsumer { consumer: Arc::new(consumer), group: group.to_string(), topics: topics.to_vec(), instance })
+    }
+
+    pub fn group(&self) -> &str {
+        &self.group
+    }
+
+    /// Collects the next batch: waits for one message (or shutdown, then `None`), then takes
+    /// more for up to `wait` or until `max`. While waiting it calls `idle(connected)` every few
+    /// seconds. If a rebalance happened meanwhile, messages of partitions this member no longer
+    /// owns are dropped unprocessed: their new owner reads them from the committed offset.
+    /// Consumer errors librdkafka recovers from are logged and polling goes on (see
+    /// [`Self::survive`]); only fatal ones are returned.
+    pub async fn next_batch(
+        &self,
+        max: usize,
+        wait: Duration,
+        shutdown: &CancellationToken,
+        mut idle: impl FnMut(bool),
+    ) -> Result<Option<Vec<Delivery>>, BusError> {
+        let ctx = self.consumer.context();
+        loop {
+            let first = loop {
+                idle(ctx.connected.load(Ordering::SeqCst));
+                tokio::select! {
+                    _ = shutdown.cancelled() => return Ok(None),
+                    m = tokio::time::timeout(Duration::from_secs(5), self.consumer.recv()) => match m {
+                        Ok(Ok(m)) => break Delivery::from_message(&m),
+                        Ok(Err(e)) => self.survive(e)?,
+                        Err(_) => continue,
+                    },
+                }
+            };
+            let mut batch = vec![first];
+            let deadline = tokio::time::Instant::now() + wait;
+            while batch.len() < max {
+                match tokio::time::timeout_at(deadline, self.consumer.recv()).await {
+                    Ok(Ok(m)) => batch.push(Delivery::from_message(&m)),
+                    Ok(Err(e)) => self.survive(e)?,
+                    Err(_) => break,
+                }
+            }
+            if ctx.rebalanced.swap(false, Ordering::SeqCst) {
+                let owned_now: HashSet<(String, i32)> = self
+                    .consumer
+                    .assignment()?
+                    .elements()
+                    .iter()
+                    .map(|e| (e.topic().to_string(), e.partition()))
+                    .collect();
+                batch.retain(|d| owned_now.contains(&(d.topic.clone(), d.partition)));
+            }
+            if !batch.is_empty() {
+                return Ok(Some(batch));
+            }
+        }
+    }
+
+    /// A consumer error seen while polling. librdkafka reports broker outages, timeouts and
+    /// transport failures as errors but recovers from them itself, reconnecting and rejoining
+    /// the group with the same consumer: so those are logged and polling goes on. Replacing the
+    /// consumer instead would leave its old member in the group whenever the broker is
+    /// unreachable (the leave cannot be sent), and a coordinator that does not evict it
+    /// (Tansu's) would then hold the group's partitions for good. Errors that no retry can fix
+    /// end the member; being fenced by another process's `group.instance.id` says so.
+    fn survive(&self, e: KafkaError) -> Result<(), BusError> {
+        if let Some((code, reason)) = self.consumer.client().fatal_error()
+            && code == RDKafkaErrorCode::FencedInstanceId
+        {
+            return Err(BusError::Fenced {
+                group: self.group.clone(),
+                instance: self.instance.clone().unwrap_or_default(),
+                reason,
+            });
+        }
+        let transient = matches!(e, KafkaError::MessageConsumption(_)) && BusError::Kafka(e.clone()).is_transient();
+        if !transient {
+            return Err(e.into());
+        }
+        let stage = format!("group:{}", self.group);
+        metrics::counter!("ficus_errors_total", "stage" => stage.clone(), "kind" => "transient").increment(1);
+        let ctx = self.consumer.context();
+        // One warning per outage; the reconnect attempts that follow are logged at debug.
+        let was_connected = if e.rdkafka_error_code() == Some(RDKafkaErrorCode::AllBrokersDown) {
+            ctx.connected.swap(false, Ordering::SeqCst)
+        } else {
+            ctx.connected.load(Ordering::SeqCst)
+        };
+        if was_connected {
+            warn!(%stage, error = %e, "consumer error; librdkafka reconnects by itself, polling on");
+        } else {
+            debug!(%stage, error = %e, "consumer error while disconnected");
+        }
+        Ok(())
+    }
+
+    /// Stores, for commit, the offsets after a batch that is durably handed on (per partition,
+    /// the next to read).
+    pub fn store_offsets(&self, batch: &[Delivery]) -> Result<(), BusError> {
+        let mut next: HashMap<(&str, i32), i64> = HashMap::new();
+        for d in batch {
+            let e = next.entry((d.topic.as_str(), d.partition)).or_insert(0);
+            *e = (*e).max(d.offset + 1);
+        }
+        let mut tpl = TopicPartitionList::new();
+        for ((topic, partition), offset) in next {
+            tpl.add_partition_offset(topic, partition, Offset::Offset(offset))?;
+        }
+        if let Err(e) = self.consumer.store_offsets(&tpl) {
+            // The partition was revoked meanwhile: its new owner re-applies (a no-op by version).
+            debug!(group = %self.group, "store offsets: {e}");
+        }
+        Ok(())
+    }
+
+    /// Partitions assigned to this member now.
+    pub fn partitions(&self) -> usize {
+        self.consumer.assignment().map(|a| a.count()).unwrap_or(0)
+    }
+
+    /// The group's lag and committed offsets over its topics, as the broker has them. Blocking
+    /// (a few requests): call it off the runtime's worker threads.
+    pub fn progress(&self) -> Result<GroupProgress, BusError> {
+        let timeout = Duration::from_secs(10);
+        let mut tpl = TopicPartitionList::new();
+        for t in &self.topics {
+            let md = self.consumer.fetch_metadata(Some(t), timeout)?;
+            for p in md.topics().iter().flat_map(|t| t.partitions()) {
+                tpl.add_partition(t, p.id());
+            }
+        }
+        let committed = self.consumer.committed_offsets(tpl, timeout)?;
+        let mut out = GroupProgress::default();
+        for e in committed.elements() {
+            let (low, high) = self.consumer.fetch_watermarks(e.topic(), e.partition(), timeout)?;
+            let at = match e.offset() {
+                Offset::Offset(o) => o,
+                _ => low,
+            };
+            out.committed += at;
+            out.lag += (high - at).max(0);
+        }
+        Ok(out)
+    }
+
+    /// Commits what was stored and leaves the subscription (on a clean stop or an error
+    /// alike). A static member's partitions stay reserved for its instance id until its session
+    /// expires, so the same process slot coming back takes them at once.
+    pub fn close(&self) {
+        if let Err(e) = self.consumer.commit_consumer_state(CommitMode::Sync) {
+            debug!(group = %self.group, "final commit: {e}");
+        }
+        self.consumer.unsubscribe();
+    }
+}
