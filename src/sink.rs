@@ -263,29 +263,34 @@ impl MongoSink {
         Ok(())
     }
 
-    /// Marks what a source document built in `collection` as seen by the snapshot at `v`.
-    /// One command per collection and version for a whole batch of copies: a snapshot's copies
-    /// share their version, so a batch of them is one `update_many`.
-    async fn touch(
-        &self,
-        collection: &str,
-        source_collection: &str,
-        version: &str,
-        ids: Vec<Bson>,
-    ) -> Result<(), SinkError> {
-        self.db
+    /// Makes what some source documents built in `collection` (a target of array elements)
+    /// match the elements they have now: for each source document, the newest [`WriteOp::Retain`]
+    /// of the batch names the target documents that stay; the others, unless newer than it, are
+    /// deleted (with tombstones) at its version. One query for the whole batch.
+    async fn retain(&self, collection: &str, retains: Vec<(&Versioned, &[Bson])>) -> Result<(), SinkError> {
+        let source_collection = retains.first().map(|(v, _)| v.source_collection.clone()).unwrap_or_default();
+        let ids: Vec<Bson> = retains.iter().map(|(v, _)| v.source_id.clone()).collect();
+        let mut cursor = self
+            .db
             .collection::<Document>(collection)
-            .update_many(
-                doc! {
-                    "_ficus.src.c": source_collection,
-                    "_ficus.src.id": { "$in": ids },
-                    // Only what the sweep would look at: documents older than the snapshot.
-                    "_ficus.v": { "$lt": version },
-                    "_ficus.seen": { "$not": { "$gte": version } },
-                },
-                doc! { "$set": { "_ficus.seen": version } },
-            )
+            .find(doc! { "_ficus.src.c": &source_collection, "_ficus.src.id": { "$in": ids } })
+            .projection(doc! { "_id": 1, "_ficus.src.id": 1, "_ficus.v": 1 })
             .await?;
+        let mut built: Vec<Built> = Vec::new();
+        while let Some(d) = cursor.try_next().await? {
+            let meta = d.get_document(META).ok();
+            let (Some(id), Some(src)) = (d.get("_id"), meta.and_then(|m| m.get_document("src").ok())) else {
+                continue;
+            };
+            built.push(Built {
+                id: id.clone(),
+                source_id: src.get("id").cloned().unwrap_or(Bson::Null),
+                version: meta.and_then(|m| m.get_str("v").ok()).unwrap_or_default().to_string(),
+            });
+        }
+        for (v, id) in plan_retain(&retains, &built) {
+            self.delete(v, collection, Some(&id)).await?;
+        }
         Ok(())
     }
 
@@ -293,17 +298,12 @@ impl MongoSink {
     /// the snapshot did not refresh (see [`WriteOp::Sweep`]). Idempotent: markers delivered again,
     /// or a sweep cut short and run again, change nothing more.
     async fn sweep(&self, v: &Versioned, op: &WriteOp) -> Result<(), SinkError> {
-        let WriteOp::Sweep { collection, source_collection, before, partition, partitions, rollup, touched } = op
-        else {
+        let WriteOp::Sweep { collection, source_collection, before, partition, partitions, rollup } = op else {
             return Ok(());
         };
         let (collection, source_collection, before) =
             (collection.as_str(), source_collection.as_str(), before.as_str());
-        let stale = if *touched {
-            doc! { "_ficus.src.c": source_collection, "_ficus.v": { "$lt": before }, "_ficus.seen": { "$not": { "$gte": before } } }
-        } else {
-            doc! { "_ficus.src.c": source_collection, "_ficus.v": { "$lt": before } }
-        };
+        let stale = doc! { "_ficus.src.c": source_collection, "_ficus.v": { "$lt": before } };
         let (partition, partitions) = (*partition, *partitions);
         let rollup = rollup.as_ref();
         let snapshots = self.db.collection::<Document>(SNAPSHOTS);
@@ -494,22 +494,20 @@ impl Sink for MongoSink {
                     WriteOp::Rollup { collection, group, member, count_field, distinct, group_fields } => {
                         self.rollup(v, collection, group.as_ref(), member, count_field, distinct, group_fields).await?
                     }
-                    WriteOp::Touch { .. } => {}
-                    WriteOp::Sweep { .. } => {}
+                    WriteOp::Retain { .. } | WriteOp::Sweep { .. } => {}
                 }
             }
         }
-        let mut touches: HashMap<(&str, &str, &str), Vec<Bson>> = HashMap::new();
+        let mut retains: HashMap<&str, Vec<(&Versioned, &[Bson])>> = HashMap::new();
         for v in batch {
             for op in &v.ops {
-                if let WriteOp::Touch { collection } = op {
-                    let key = (collection.as_str(), v.source_collection.as_str(), v.version.as_str());
-                    touches.entry(key).or_default().push(v.source_id.clone());
+                if let WriteOp::Retain { collection, keep } = op {
+                    retains.entry(collection.as_str()).or_default().push((v, keep.as_slice()));
                 }
             }
         }
-        for ((collection, source_collection, version), ids) in touches {
-            self.touch(collection, source_collection, version, ids).await?;
+        for (collection, r) in retains {
+            self.retain(collection, r).await?;
         }
         // Last, so a marker's sweep follows every write delivered before it.
         for v in batch {
@@ -521,8 +519,82 @@ impl Sink for MongoSink {
     }
 }
 
+/// A target document as [`MongoSink::retain`] sees it: what built it and at which version.
+#[derive(Debug, Clone, PartialEq)]
+struct Built {
+    id: Bson,
+    source_id: Bson,
+    version: String,
+}
+
+/// Which target documents the retains of a batch remove, each with the retain that removes it:
+/// per source document the newest retain counts; a document it does not keep goes unless its
+/// version is at least the retain's (a newer element event already wrote it).
+fn plan_retain<'a>(retains: &[(&'a Versioned, &[Bson])], built: &[Built]) -> Vec<(&'a Versioned, Bson)> {
+    let mut newest: HashMap<String, (&'a Versioned, &[Bson])> = HashMap::new();
+    for (v, keep) in retains {
+        let e = newest.entry(v.source_id.to_string()).or_insert((v, keep));
+        if e.0.version < v.version {
+            *e = (v, keep);
+        }
+    }
+    let mut out = Vec::new();
+    for b in built {
+        if let Some((v, keep)) = newest.get(&b.source_id.to_string())
+            && !keep.contains(&b.id)
+            && b.version.as_str() < v.version.as_str()
+        {
+            out.push((*v, b.id.clone()));
+        }
+    }
+    out
+}
+
 /// Removes ficus's metadata from a target document (for comparisons and display).
 pub fn strip_meta(mut d: Document) -> Document {
     d.remove(META);
     d
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn versioned(source: &str, version: &str) -> Versioned {
+        Versioned {
+            version: version.into(),
+            event_id: format!("e{version}"),
+            source_collection: "customers".into(),
+            source_id: Bson::String(source.into()),
+            event_time: bson::DateTime::from_millis(0),
+            ops: Vec::new(),
+        }
+    }
+
+    fn built(id: &str, source: &str, version: &str) -> Built {
+        Built { id: Bson::String(id.into()), source_id: Bson::String(source.into()), version: version.into() }
+    }
+
+    #[test]
+    fn retain_removes_only_what_the_newest_state_lacks_and_is_older() {
+        let (older, newer, other) = (versioned("C1", "10"), versioned("C1", "20"), versioned("C2", "15"));
+        let keep_old = [Bson::String("P1".into()), Bson::String("P2".into())];
+        let keep_new = [Bson::String("P1".into())];
+        let keep_other: [Bson; 0] = [];
+        let retains = [(&older, &keep_old[..]), (&newer, &keep_new[..]), (&other, &keep_other[..])];
+        let docs = [
+            built("P1", "C1", "05"), // kept by the newest state
+            built("P2", "C1", "05"), // pulled since: goes, at the newest retain's version
+            built("P3", "C1", "25"), // written by an element event newer than every retain: stays
+            built("P4", "C2", "15"), // as new as the retain: stays (a version never regresses)
+            built("P5", "C2", "14"), // C2 has no elements left: goes
+            built("P6", "C3", "01"), // another customer, not retained here: untouched
+        ];
+        let gone: Vec<(String, Bson)> =
+            plan_retain(&retains, &docs).into_iter().map(|(v, id)| (v.version.clone(), id)).collect();
+        assert_eq!(
+            gone,
+            vec![("20".to_string(), Bson::String("P2".into())), ("15".to_string(), Bson::String("P5".into()))]
+        );
+    }
 }

@@ -98,20 +98,30 @@ impl VerifyReport {
         if all == 0 { 100.0 } else { 100.0 * matched as f64 / all as f64 }
     }
 
-    /// The seed's validation score: per collection, four checks (counts equal, nothing
-    /// missing, nothing unexpected, ≥ 99% of contents matching); the share that passed.
+    /// The validation score, after the seed's validator (record counts, missing records, data
+    /// quality), with each criterion measured rather than passed or failed, so the score moves
+    /// in proportion to what is wrong: per collection the mean of four shares, counts agreeing
+    /// (smaller count over larger), expected documents present, present documents expected,
+    /// and contents matching among documents on both sides; collections weighted by size. One
+    /// stray document among fifty costs about one point, not a whole criterion.
     pub fn validation(&self) -> f64 {
-        let mut passed = 0;
-        let mut total = 0;
+        let share = |part: u64, whole: u64| if whole == 0 { 1.0 } else { part as f64 / whole as f64 };
+        let (mut score, mut weight) = (0.0, 0.0);
         for t in self.collections.values() {
-            let both = t.matched + t.differing + t.missing + t.unexpected;
-            let content = both == 0 || 100.0 * t.matched as f64 / both as f64 >= CONSISTENCY_THRESHOLD;
-            for ok in [t.expected == t.actual, t.missing == 0, t.unexpected == 0, content] {
-                total += 1;
-                passed += usize::from(ok);
+            let size = t.expected.max(t.actual);
+            if size == 0 {
+                continue;
             }
+            let criteria = [
+                share(t.expected.min(t.actual), size),
+                share(t.expected.saturating_sub(t.missing), t.expected),
+                share(t.actual.saturating_sub(t.unexpected), t.actual),
+                share(t.matched, t.matched + t.differing),
+            ];
+            score += size as f64 * criteria.iter().sum::<f64>() / criteria.len() as f64;
+            weight += size as f64;
         }
-        if total == 0 { 100.0 } else { 100.0 * passed as f64 / total as f64 }
+        if weight == 0.0 { 100.0 } else { 100.0 * score / weight }
     }
 
     /// Whether the service passes the gate.
@@ -288,7 +298,7 @@ impl Expected<'_> {
                 WriteOp::Rollup { group: None, .. }
                 | WriteOp::Delete { .. }
                 | WriteOp::Sweep { .. }
-                | WriteOp::Touch { .. } => {}
+                | WriteOp::Retain { .. } => {}
             }
         }
         if pending.len() >= BATCH {
@@ -553,4 +563,57 @@ fn bar() -> indicatif::ProgressBar {
             .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner()),
     );
     bar
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn report(collections: &[(&str, Tally)]) -> VerifyReport {
+        VerifyReport {
+            service: "s".into(),
+            collections: collections.iter().map(|(c, t)| (c.to_string(), t.clone())).collect(),
+            differences: Vec::new(),
+        }
+    }
+
+    fn tally(expected: u64, actual: u64, matched: u64, differing: u64, missing: u64, unexpected: u64) -> Tally {
+        Tally { expected, actual, matched, differing, missing, unexpected }
+    }
+
+    #[test]
+    fn a_clean_service_scores_full_marks() {
+        let r = report(&[("customers", tally(14, 14, 14, 0, 0, 0)), ("customer_events", tally(40, 40, 40, 0, 0, 0))]);
+        assert_eq!((r.consistency(), r.validation()), (100.0, 100.0));
+        assert!(r.exact() && r.consistent());
+        assert_eq!(report(&[]).validation(), 100.0);
+    }
+
+    #[test]
+    fn scores_move_in_proportion_to_what_is_wrong() {
+        // One stray document among 55: about a point off, not a whole criterion.
+        let one = report(&[("customers", tally(14, 14, 14, 0, 0, 0)), ("customer_events", tally(40, 41, 40, 0, 0, 1))]);
+        assert!((one.consistency() - 100.0 * 54.0 / 55.0).abs() < 1e-9, "{}", one.consistency());
+        assert!(one.validation() > 98.5 && one.validation() < 100.0, "{}", one.validation());
+        assert!(!one.exact());
+        // Ten times as much wrong costs about ten times as much.
+        let ten =
+            report(&[("customers", tally(14, 14, 14, 0, 0, 0)), ("customer_events", tally(40, 50, 40, 0, 0, 10))]);
+        let (lost_one, lost_ten) = (100.0 - one.validation(), 100.0 - ten.validation());
+        assert!(lost_ten > 5.0 * lost_one && lost_ten < 15.0 * lost_one, "{lost_one} vs {lost_ten}");
+        // Missing, differing and unexpected documents each count.
+        let mixed = report(&[("c", tally(100, 100, 90, 5, 5, 5))]);
+        assert!((mixed.consistency() - 100.0 * 90.0 / 105.0).abs() < 1e-9);
+        let expected = 100.0 * (1.0 + 0.95 + 0.95 + 90.0 / 95.0) / 4.0;
+        assert!((mixed.validation() - expected).abs() < 1e-9, "{}", mixed.validation());
+        assert!(!mixed.consistent());
+    }
+
+    #[test]
+    fn content_hashes_ignore_key_order_ids_and_metadata() {
+        let a = bson::doc! { "_id": 1, "x": { "b": 2, "a": 1 }, "_ficus": { "v": "1" } };
+        let b = bson::doc! { "x": { "a": 1, "b": 2 }, "_id": 2 };
+        assert_eq!(content_hash(&a), content_hash(&b));
+        assert_ne!(content_hash(&a), content_hash(&bson::doc! { "x": { "a": 1, "b": 3 } }));
+    }
 }

@@ -16,7 +16,7 @@ use super::builtins::found;
 use super::compile::{Fields, Input, Key, Rollup, Shape, Target, Transform};
 use super::expr::{Expr, Scope};
 use super::{TransformError, WriteOp};
-use crate::event::{CanonicalEvent, Op, SnapshotMarker};
+use crate::event::{CanonicalEvent, Op, SNAPSHOT_COMPLETED, SnapshotMarker};
 
 /// A failure inside the fields: which target field, and why.
 struct FieldError {
@@ -36,7 +36,7 @@ impl Transform {
         let follows = marker.collection == self.source_collection && self.events.contains(&marker.delete_type);
         let mirrors = match self.input {
             Input::Document => follows && self.events.contains(&marker.snapshot_type),
-            Input::Element => follows,
+            Input::Element { .. } => follows,
         };
         mirrors.then(|| WriteOp::Sweep {
             collection: self.collection.clone(),
@@ -50,19 +50,39 @@ impl Transform {
                 }
                 Target::Document { .. } => None,
             },
-            touched: self.input == Input::Element,
         })
     }
 
-    /// For a target of array elements that follows its source's deletes: a snapshot copy of a
-    /// source document marks what that document built as still backed (see [`WriteOp::Touch`]).
-    pub(super) fn touch(&self, ev: &CanonicalEvent) -> Option<WriteOp> {
-        let copy = ev.data.op == Op::Snapshot
-            && ev.data.collection == self.source_collection
-            && ev.event_type == self.snapshot_type
-            && ev.data.derived.is_none();
-        (copy && self.input == Input::Element && self.events.contains(&self.delete_type))
-            .then(|| WriteOp::Touch { collection: self.collection.clone() })
+    /// For a target of array elements: a change of the source document itself says which
+    /// elements it has now, and so which of its target documents stay ([`WriteOp::Retain`]).
+    /// Elements that do not pass `when` or yield no key build nothing, so they are not kept.
+    pub(super) fn retain(&self, ev: &CanonicalEvent) -> Option<WriteOp> {
+        let Input::Element { array } = &self.input else { return None };
+        let Target::Document { key: Key::Field { expr, .. }, .. } = &self.target else { return None };
+        let data = &ev.data;
+        let document_event = data.collection == self.source_collection
+            && data.derived.is_none()
+            && data.op != Op::Delete
+            && ev.event_type != SNAPSHOT_COMPLETED;
+        let after = data.after.as_ref().filter(|_| document_event)?;
+        let empty = Document::new();
+        let mut keep = Vec::new();
+        if let Some(Bson::Array(elements)) = crate::mapping::get_path(after, array) {
+            for element in elements {
+                let Bson::Document(element) = element else { continue };
+                // The same scope a derived event of this element gets: no document, the element.
+                let scope = Scope { event: ev, doc: &empty, input: element, group: None };
+                if !matches!(self.passes(&scope), Ok(true)) {
+                    continue;
+                }
+                if let Some(id) = expr.eval(&scope).ok().and_then(|v| key_value(v.as_deref()).ok())
+                    && !keep.contains(&id)
+                {
+                    keep.push(id);
+                }
+            }
+        }
+        Some(WriteOp::Retain { collection: self.collection.clone(), keep })
     }
 
     /// Appends the event's writes to `out`.
@@ -108,7 +128,7 @@ impl Transform {
                 // The document vanished before the update was looked up; its delete follows.
                 None => return Ok(()),
             },
-            Input::Element => match data.derived.as_ref().map(|d| &d.element) {
+            Input::Element { .. } => match data.derived.as_ref().map(|d| &d.element) {
                 Some(Bson::Document(element)) => (data.after.as_ref().unwrap_or(&empty), element),
                 Some(other) => {
                     return Err(
@@ -157,7 +177,7 @@ impl Transform {
             Key::SourceId => delete(Some(ev.data.document_id.clone())),
             Key::Field { .. } => delete(None),
         };
-        let before = match (self.input, &ev.data.before) {
+        let before = match (&self.input, &ev.data.before) {
             (Input::Document, Some(before)) => before,
             // Without a before-state (or for array elements, which a document's before-state
             // does not key) only the sink knows what this document produced.

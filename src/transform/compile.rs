@@ -31,9 +31,6 @@ pub(super) struct Transform {
     /// The monolith collection the topic carries (matched against `data.collection`).
     pub source_collection: String,
     pub events: BTreeSet<String>,
-    /// The topic's snapshot and delete event types.
-    pub snapshot_type: String,
-    pub delete_type: String,
     pub input: Input,
     /// The target collection.
     pub collection: String,
@@ -42,12 +39,13 @@ pub(super) struct Transform {
 }
 
 /// What plain paths read.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub(super) enum Input {
     /// The source document (the after-state; the before-state when keying a delete).
     Document,
-    /// The array element a derived event reports (`customer.purchase_recorded`).
-    Element,
+    /// The array element a derived event reports (`customer.purchase_recorded`), from the
+    /// source document's array at `array` (`purchases`).
+    Element { array: String },
 }
 
 #[derive(Debug, Clone)]
@@ -313,7 +311,7 @@ impl Compiler<'_> {
         let target = match (slots.remove("fields"), slots.remove("rollup")) {
             (Some(node), None) => {
                 let fields = self.field_table("fields", &node, &cx).unwrap_or_default();
-                if input == Input::Element && fields.iter().any(|(_, s)| reads_doc(s)) {
+                if matches!(input, Input::Element { .. }) && fields.iter().any(|(_, s)| reads_doc(s)) {
                     self.err(
                         "fields",
                         Some(node.line),
@@ -322,7 +320,7 @@ impl Compiler<'_> {
                     );
                 }
                 let key = match slots.remove("key") {
-                    Some(n) => self.key(&n, &fields, input),
+                    Some(n) => self.key(&n, &fields, &input),
                     None => {
                         let why =
                             "missing: name the field that identifies a target document, or \"_id\" for the monolith's";
@@ -336,7 +334,7 @@ impl Compiler<'_> {
                 if let Some(n) = slots.remove("key") {
                     self.err("key", Some(n.line), "a rollup is keyed by its group; remove `key`");
                 }
-                if input == Input::Element {
+                if matches!(input, Input::Element { .. }) {
                     self.err("events", None, "a rollup counts source documents, not derived array elements");
                 }
                 self.rollup(&rollup, &maps).map(Target::Rollup)
@@ -356,8 +354,6 @@ impl Compiler<'_> {
             name: self.file.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default(),
             topic: def?.topic.clone(),
             source_collection: def?.collection.clone(),
-            snapshot_type: def?.event_type(Op::Snapshot).to_string(),
-            delete_type: def?.event_type(Op::Delete).to_string(),
             events,
             input,
             collection: collection?,
@@ -400,7 +396,9 @@ impl Compiler<'_> {
         }
         let derived: BTreeSet<&str> = def.derived.iter().map(|d| d.event_type.as_str()).collect();
         let delete = def.event_type(Op::Delete);
-        let reads_elements = events.iter().any(|e| derived.contains(e.as_str()));
+        let arrays: BTreeSet<&str> =
+            def.derived.iter().filter(|d| events.contains(&d.event_type)).map(|d| d.array_field.as_str()).collect();
+        let reads_elements = !arrays.is_empty();
         let reads_documents = events.iter().any(|e| !derived.contains(e.as_str()) && e != delete);
         if reads_elements && reads_documents {
             self.err(
@@ -412,7 +410,29 @@ impl Compiler<'_> {
                 ),
             );
         }
-        (events, if reads_elements { Input::Element } else { Input::Document })
+        if arrays.len() > 1 {
+            let arrays: Vec<&str> = arrays.iter().copied().collect();
+            self.err(
+                "events",
+                Some(node.line),
+                format!("reads the elements of several arrays ({}); one transform, one array", arrays.join(", ")),
+            );
+        }
+        if reads_elements && !events.contains(delete) {
+            self.err(
+                "events",
+                Some(node.line),
+                format!(
+                    "a target built from array elements mirrors the elements its source document has now, so it \
+                     follows the document's deletes: add `{delete}`"
+                ),
+            );
+        }
+        let input = match arrays.first() {
+            Some(array) => Input::Element { array: array.to_string() },
+            None => Input::Document,
+        };
+        (events, input)
     }
 
     fn maps(&mut self, node: &Node) -> BTreeMap<String, Arc<ValueMap>> {
@@ -536,16 +556,28 @@ impl Compiler<'_> {
         }
     }
 
-    fn key(&mut self, node: &Node, fields: &Fields, input: Input) -> Option<Key> {
+    fn key(&mut self, node: &Node, fields: &Fields, input: &Input) -> Option<Key> {
         let name = self.text("key", node)?;
+        let element = matches!(input, Input::Element { .. });
         if name == "_id" {
-            if input == Input::Element {
+            if element {
                 self.err("key", Some(node.line), "array elements have no `_id`; name a field of [fields]");
                 return None;
             }
             return Some(Key::SourceId);
         }
         match fields.iter().find(|(k, _)| *k == name) {
+            Some((_, Shape::Value(expr))) if element && expr.reads_event() => {
+                self.err(
+                    "key",
+                    Some(node.line),
+                    format!(
+                        "`{name}` reads `$event`: the key of an element's target must come from the element \
+                         (and `$key`), so the document's own changes can tell which elements it still has"
+                    ),
+                );
+                None
+            }
             Some((_, Shape::Value(expr))) => Some(Key::Field { name, expr: expr.clone() }),
             _ => {
                 self.err(

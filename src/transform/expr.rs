@@ -528,6 +528,19 @@ impl Expr {
         }
     }
 
+    /// Whether the expression reads any attribute of the event envelope (`$event.*`).
+    pub(super) fn reads_event(&self) -> bool {
+        match self {
+            Expr::Literal(_) => false,
+            Expr::Path { root, .. } => matches!(root, Root::Event(_)),
+            Expr::Call { args, .. } => args.iter().any(Expr::reads_event),
+            Expr::Compare { left, right, .. } | Expr::And(left, right) | Expr::Or(left, right) => {
+                left.reads_event() || right.reads_event()
+            }
+            Expr::Not(e) => e.reads_event(),
+        }
+    }
+
     /// Whether the expression reads a path from `root`.
     pub(super) fn reads_root(&self, root: Root) -> bool {
         match self {

@@ -81,14 +81,12 @@ pub enum WriteOp {
         partitions: i32,
         /// For a rollup target: its count field and distinct fields.
         rollup: Option<(String, Vec<String>)>,
-        /// For a target built from array elements: its documents are versioned by the elements'
-        /// events, which a snapshot does not repeat, so what the snapshot saw is marked by
-        /// [`WriteOp::Touch`] instead, and the untouched ones are swept.
-        touched: bool,
     },
-    /// A snapshot copied the source document: mark what it built in `collection` (a target of
-    /// array elements) as still backed by the source, for the [`WriteOp::Sweep`] that follows.
-    Touch { collection: String },
+    /// A target built from array elements mirrors the elements the source document has now:
+    /// of what this source document (`event.data.document_id`) built in `collection`, only the
+    /// documents `keep` names stay; the others (elements pulled, replaced away, filtered out)
+    /// are removed as a delete would, unless they are newer than this event.
+    Retain { collection: String, keep: Vec<Bson> },
 }
 
 impl WriteOp {
@@ -110,15 +108,16 @@ impl WriteOp {
                     "countField": count_field, "distinct": distinct, "groupFields": group_fields.clone(),
                 }
             }
-            WriteOp::Sweep { collection, source_collection, before, partition, partitions, rollup, touched } => {
+            WriteOp::Sweep { collection, source_collection, before, partition, partitions, rollup } => {
                 doc! {
                     "op": "sweep", "collection": collection, "sourceCollection": source_collection,
                     "before": before, "partition": partition, "partitions": partitions,
                     "rollup": rollup.as_ref().map(|(count, distinct)| doc! { "countField": count, "distinct": distinct.clone() }),
-                    "touched": touched,
                 }
             }
-            WriteOp::Touch { collection } => doc! { "op": "touch", "collection": collection },
+            WriteOp::Retain { collection, keep } => {
+                doc! { "op": "retain", "collection": collection, "keep": keep.clone() }
+            }
         }
     }
 }
@@ -174,8 +173,8 @@ impl ServiceTransforms {
         for t in &self.transforms {
             if t.reads(ev) {
                 t.apply(ev, &mut out)?;
-            } else if let Some(touch) = t.touch(ev) {
-                out.push(touch);
+            } else if let Some(retain) = t.retain(ev) {
+                out.push(retain);
             }
         }
         Ok(out)

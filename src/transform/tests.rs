@@ -533,7 +533,6 @@ fn a_completed_snapshot_sweeps_the_targets_that_mirror_the_collection() {
                 partition: 1,
                 partitions: 3,
                 rollup: Some(("productCount".into(), vec!["subcategories".into()])),
-                touched: false,
             },
             WriteOp::Sweep {
                 collection: "products".into(),
@@ -542,26 +541,73 @@ fn a_completed_snapshot_sweeps_the_targets_that_mirror_the_collection() {
                 partition: 1,
                 partitions: 3,
                 rollup: None,
-                touched: false,
             },
         ]
     );
-    // customer_events is built from purchase elements: swept by what the snapshot touched.
+    // customer_events, built from purchase elements, mirrors the customers too: a snapshot
+    // rewrote every element it still has, so what is older than it belongs to customers gone.
     let customers = sweeps("customers_db", "customers", ("customer.snapshot", "customer.deleted"));
-    let swept: Vec<(&str, bool)> = customers
+    let swept: Vec<&str> = customers
         .iter()
         .filter_map(|w| match w {
-            WriteOp::Sweep { collection, touched, .. } => Some((collection.as_str(), *touched)),
+            WriteOp::Sweep { collection, .. } => Some(collection.as_str()),
             _ => None,
         })
         .collect();
-    assert_eq!(swept, [("customer_events", true), ("customers", false)], "{customers:?}");
+    assert_eq!(swept, ["customer_events", "customers"], "{customers:?}");
 }
+
+#[test]
+fn an_element_target_keeps_exactly_the_elements_its_document_has_now() {
+    let svc = service(&[("buys.toml", BUYS)]);
+    let purchase = |id: &str, status: &str| doc! { "id": id, "amount": "1.00", "status": status };
+    // A $pull (or a replace, or a snapshot copy): the document now holds P1 and P3, P3 refunded.
+    let after = doc! { "user_id": "U1", "purchases": [purchase("P1", "paid"), purchase("P3", "refunded"), "junk"] };
+    for (op, ty) in
+        [(Op::Update, "customer.updated"), (Op::Replace, "customer.updated"), (Op::Snapshot, "customer.snapshot")]
+    {
+        let ev = event(op, "customers", ty, Some(after.clone()), None);
+        assert_eq!(
+            svc.apply(&ev).unwrap(),
+            vec![WriteOp::Retain { collection: "buys".into(), keep: vec![Bson::String("buy:P1".into())] }],
+            "{op:?}: refunded purchases are filtered out, and so are elements that are not documents"
+        );
+    }
+    // A document without the array keeps nothing; a delete is a delete.
+    let ev = event(Op::Update, "customers", "customer.updated", Some(doc! { "user_id": "U1" }), None);
+    assert_eq!(svc.apply(&ev).unwrap(), vec![WriteOp::Retain { collection: "buys".into(), keep: vec![] }]);
+    let ev = event(Op::Delete, "customers", "customer.deleted", None, None);
+    assert_eq!(svc.apply(&ev).unwrap(), vec![WriteOp::Delete { collection: "buys".into(), id: None }]);
+}
+
+#[test]
+fn an_element_target_must_follow_deletes_and_key_by_the_element() {
+    let dir = tempfile::tempdir().unwrap();
+    let no_delete = BUYS.replace(", \"customer.deleted\"", "");
+    write_files(dir.path(), &[("svc_db/buys.toml", &no_delete)]);
+    let report = load_service(&dir.path().join("svc_db"), &shipped_topics()).unwrap_err().to_string();
+    assert!(report.contains("buys.toml: events") && report.contains("customer.deleted"), "{report}");
+    let by_event = BUYS.replace("concat('buy:', id)", "$event.id");
+    write_files(dir.path(), &[("svc_db/buys.toml", &by_event)]);
+    let report = load_service(&dir.path().join("svc_db"), &shipped_topics()).unwrap_err().to_string();
+    assert!(report.contains("buys.toml: key") && report.contains("$event"), "{report}");
+}
+
+const BUYS: &str = r#"topic = "linechatbot.customers"
+events = ["customer.purchase_recorded", "customer.deleted"]
+collection = "buys"
+key = "buyId"
+when = "status != 'refunded'"
+
+[fields]
+buyId = "concat('buy:', id)"
+who = "$key"
+"#;
 
 #[test]
 fn a_transform_of_array_elements_cannot_read_the_document() {
     let dir = tempfile::tempdir().unwrap();
-    let body = "topic = \"linechatbot.customers\"\nevents = [\"customer.purchase_recorded\"]\ncollection = \"buys\"\nkey = \"pid\"\n\n[fields]\npid = \"id\"\nwho = \"$doc.user_id\"\n";
+    let body = "topic = \"linechatbot.customers\"\nevents = [\"customer.purchase_recorded\", \"customer.deleted\"]\ncollection = \"buys\"\nkey = \"pid\"\n\n[fields]\npid = \"id\"\nwho = \"$doc.user_id\"\n";
     write_files(dir.path(), &[("svc_db/buys.toml", body)]);
     let report = load_service(&dir.path().join("svc_db"), &shipped_topics()).unwrap_err().to_string();
     assert!(report.contains("buys.toml") && report.contains("fields") && report.contains("$key"), "{report}");
