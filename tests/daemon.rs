@@ -253,3 +253,97 @@ async fn status_shows_a_stopped_consumer_lag_growing() {
     .await;
     assert!(tail.terminate().success());
 }
+
+/// A consumer group that holds no partitions while messages wait (here, a foreign member that
+/// took the only partition and consumes nothing) makes the role not ready, naming it, and
+/// `ficus status` says so; once the partition comes to ficus, it consumes and is ready again.
+#[tokio::test(flavor = "multi_thread")]
+async fn readyz_is_503_while_a_group_is_stalled_with_lag_and_200_once_it_consumes() {
+    let world = World::start();
+    let defs = world.dir.path().join("defs");
+    std::fs::create_dir_all(defs.join("topics")).unwrap();
+    std::fs::create_dir_all(defs.join("transforms/stall_db")).unwrap();
+    std::fs::write(
+        defs.join("topics/logs.toml"),
+        "collection = \"logs\"\ntopic = \"stall.logs\"\naggregate = \"log\"\nkey = \"_id\"\npartitions = 1\nreplication_factor = 1\n",
+    )
+    .unwrap();
+    std::fs::write(
+        defs.join("transforms/stall_db/entries.toml"),
+        "topic = \"stall.logs\"\nevents = [\"log.snapshot\", \"log.created\", \"log.updated\", \"log.deleted\"]\ncollection = \"entries\"\nkey = \"_id\"\n\n[fields]\nkind = \"kind\"\n",
+    )
+    .unwrap();
+    let config = world.dir.path().join("stall.toml");
+    std::fs::write(&config, "[kafka.consumer]\n\"session.timeout.ms\" = \"6000\"\n\"heartbeat.interval.ms\" = \"1000\"\n").unwrap();
+    let (topics, transforms) = (defs.join("topics"), defs.join("transforms"));
+    let env = [
+        ("FICUS_TOPICS_DIR", topics.to_str().unwrap()),
+        ("FICUS_TRANSFORMS_DIR", transforms.to_str().unwrap()),
+        ("FICUS_CONFIG", config.to_str().unwrap()),
+    ];
+    let out = world.ficus(&["topics", "apply"], &env);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+
+    // A member of ficus's group that takes the only partition and never commits.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (held_tx, held_rx) = std::sync::mpsc::channel();
+    let squatter = {
+        let (brokers, stop) = (world.kafka.brokers(), stop.clone());
+        std::thread::spawn(move || {
+            let c: rdkafka::consumer::BaseConsumer = rdkafka::ClientConfig::new()
+                .set("bootstrap.servers", &brokers)
+                .set("group.id", "ficus.stall_db")
+                .set("enable.auto.commit", "false")
+                .set("session.timeout.ms", "6000")
+                .set("partition.assignment.strategy", "cooperative-sticky")
+                .create()
+                .unwrap();
+            c.subscribe(&["stall.logs"]).unwrap();
+            let mut told = false;
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                let _ = c.poll(Duration::from_millis(200));
+                if !told && c.assignment().map(|a| a.count()).unwrap_or(0) == 1 {
+                    told = true;
+                    held_tx.send(()).unwrap();
+                }
+            }
+            // Dropping the consumer leaves the group: the partition goes to ficus.
+        })
+    };
+    held_rx.recv_timeout(Duration::from_secs(60)).expect("the squatter never got the partition");
+
+    let client = world.mongo.client().await;
+    let port = free_port();
+    let addr = format!("127.0.0.1:{port}");
+    let mut f = world.spawn_ficus(&["run", "--roles", "tail,consume", "--metrics-addr", &addr], &env);
+    let logs = client.database("linechatbot").collection::<Document>("logs");
+    for i in 0..5 {
+        logs.insert_one(doc! { "kind": "audit", "n": i }).await.unwrap();
+    }
+    let mut body = String::new();
+    eventually("readyz 503 naming the stalled group", Duration::from_secs(120), || {
+        let (code, text) = if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            get(port, "/readyz")
+        } else {
+            (0, String::new())
+        };
+        body = text;
+        async move { code == 503 }
+    })
+    .await;
+    assert!(body.contains("consume:stall_db: no partitions assigned, lag 5"), "{body}\n{}", f.logs());
+    assert!(!body.contains("tail"), "only the stalled role is named: {body}");
+    let status = world.ficus(&["status"], &env);
+    let status = String::from_utf8_lossy(&status.stdout).into_owned();
+    let row = status.lines().find(|l| l.starts_with("consume stall_db")).unwrap_or_else(|| panic!("{status}"));
+    assert!(row.contains("no partitions assigned, lag 5"), "{status}");
+    assert_eq!(count(&client, "stall_db", "entries", doc! {}).await, 0);
+
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    squatter.join().unwrap();
+    eventually("consumed and ready again", Duration::from_secs(90), || async {
+        count(&client, "stall_db", "entries", doc! {}).await == 5 && get(port, "/readyz").0 == 200
+    })
+    .await;
+    assert!(f.terminate().success(), "{}", f.logs());
+}

@@ -96,12 +96,12 @@ fn seed_for(name: &str) -> u64 {
 
 /// A ficus.toml for fault runs: a short tail lease and consumer session, so a SIGKILLed
 /// process's successor takes over in seconds rather than the production defaults' 15-30 s.
-/// Group membership stays dynamic (ficus's default). Tansu 0.6.0 caveat: its group coordinator
-/// expires members only when other requests arrive and never evicts a dead member that is the
-/// group's leader, so a consumer that disappears without leaving (SIGKILL, or ficus recreating
-/// a consumer while the broker is unreachable) can wedge its group in JoinGroup/SyncGroup;
-/// real Kafka evicts such a member after `session.timeout.ms`. (Static membership would avoid
-/// it, but ficus gives every group the same `group.instance.id`, which Tansu mishandles.)
+/// Group membership is static (ficus's default): a restarted process is the same member of
+/// each group. Tansu 0.6.0 caveat: its group coordinator expires members only when other
+/// requests arrive and never evicts a dead member that is the group's leader, so a *dynamic*
+/// consumer that disappears without leaving (SIGKILL) can wedge its group for good; real Kafka
+/// evicts such a member after `session.timeout.ms`. The static-membership scenarios below hold
+/// ficus to surviving exactly that.
 fn fault_config(dir: &Path, name: &str, tail: &str, rest: &str) -> String {
     fault_config_with_session(dir, name, tail, rest, Duration::from_secs(6))
 }
@@ -1078,6 +1078,230 @@ async fn sigkill_during_replay() {
     }
     finish(&mut report, &mut f, "ficus");
     report.check();
+}
+
+// ---------------------------------------------------------------------------------------------
+// 1b. Static group membership: a process that restarts in place is the same member
+// ---------------------------------------------------------------------------------------------
+
+/// Every consumer group of a `ficus run` with every service: one per service, and the archive.
+fn every_group() -> Vec<String> {
+    let root = common::repo_root();
+    let topics = ficus::topics::load(&root.join("topics")).unwrap();
+    let services = ficus::transform::load_all(&root.join("transforms"), &topics).unwrap();
+    let mut groups: Vec<String> = services.iter().map(|s| format!("ficus.{}", s.service())).collect();
+    groups.push("ficus.archive".into());
+    groups
+}
+
+/// Groups in which the process `pid` holds no partition, per what its members report in the
+/// store (`<store.db>.consumers`, renewed every 5 s).
+async fn groups_without_partitions(store: &mongodb::Client, groups: &[String], pid: u32) -> Vec<String> {
+    let members: Vec<Document> = store
+        .database("ficus")
+        .collection::<Document>("consumers")
+        .find(doc! { "pid": i64::from(pid), "partitions": { "$gt": 0_i64 } })
+        .await
+        .unwrap()
+        .try_collect()
+        .await
+        .unwrap();
+    let holding: HashSet<&str> = members.iter().filter_map(|m| m.get_str("group").ok()).collect();
+    groups.iter().filter(|g| !holding.contains(g.as_str())).cloned().collect()
+}
+
+/// Waits until the process holds partitions in every group; how long that took, or the groups
+/// that still had none after `timeout`.
+async fn until_every_group_consumes(
+    store: &mongodb::Client,
+    groups: &[String],
+    f: &Ficus,
+    timeout: Duration,
+) -> Result<Duration, Vec<String>> {
+    let pid = f.pid().expect("running");
+    let t0 = Instant::now();
+    loop {
+        let missing = groups_without_partitions(store, groups, pid).await;
+        if missing.is_empty() {
+            return Ok(t0.elapsed());
+        }
+        if t0.elapsed() > timeout {
+            return Err(missing);
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// The only ficus process (every role, every service, as under systemd or in a one-replica
+/// Deployment) is SIGKILLed and restarted while the workload writes. Each time, every one of
+/// its eight consumer groups must consume again within seconds: the restarted process is the
+/// same static member and gets its partitions straight back. (With dynamic membership Tansu
+/// never evicts the dead member and the new one is assigned nothing, for good.)
+#[tokio::test(flavor = "multi_thread")]
+async fn a_lone_ficus_run_killed_and_restarted_consumes_again_at_once() {
+    let name = "sigkill-lone-run";
+    let seed = seed_for(name);
+    let mut rng = StdRng::seed_from_u64(seed);
+    let world = World::start();
+    world.apply_topics();
+    let client = world.mongo.client().await;
+    let env = Env::default().with("FICUS_CONFIG", fault_config(world.dir.path(), name, "", ""));
+    let mut driver = Driver::new(&client, seed);
+    driver.seed(100, 50).await;
+    let every = ["run", "--batch-max", "100"];
+    let groups = every_group();
+
+    let mut f = spawn(&world, &every, &env);
+    wait_in(&world, name, "streaming", Duration::from_secs(120), || streaming(&client)).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = tokio::spawn(driver.run_until(stop.clone(), Duration::from_millis(15)));
+    let first = until_every_group_consumes(&client, &groups, &f, Duration::from_secs(60)).await;
+    let mut problems = Vec::new();
+    if let Err(missing) = &first {
+        problems.push(format!("at first start, no partitions in {missing:?}"));
+    }
+    let cycles = if long() { 20 } else { 5 };
+    let mut rejoined = Vec::new();
+    for cycle in 0..cycles {
+        tokio::time::sleep(Duration::from_millis(rng.random_range(1500..4000))).await;
+        f.sigkill();
+        f = spawn(&world, &every, &env);
+        // Well under the 6 s session a dynamic member's successor would wait for (and on Tansu,
+        // wait for ever): the registry is renewed every 5 s, so allow one renewal and a join.
+        match until_every_group_consumes(&client, &groups, &f, Duration::from_secs(30)).await {
+            Ok(took) => rejoined.push(took.as_millis()),
+            Err(missing) => problems.push(format!("restart {cycle}: after 30 s no partitions in {missing:?}")),
+        }
+    }
+    stop.store(true, Ordering::SeqCst);
+    let driver = writer.await.unwrap();
+    let mut report = settle_and_audit(
+        name,
+        &world,
+        &env,
+        &world.kafka.brokers(),
+        &client,
+        &client,
+        &driver.log,
+        true,
+        format!("seed {seed}, {cycles} SIGKILLs of the only process; every group consuming again after (ms) {rejoined:?}"),
+    )
+    .await;
+    if !problems.is_empty() {
+        problems.push(ficus_problems(&world, name));
+    }
+    report.problems.extend(problems);
+    finish(&mut report, &mut f, "ficus");
+    report.check();
+}
+
+/// `--roles consume` processes only: two members of each group (instance ids `a` and `b`), the
+/// tail in its own process. `b` is SIGKILLed and restarted while `a` stays alive (the group
+/// rebalances around it and back), then `a` alone is killed and restarted with nobody else in
+/// the group. Every restart gets partitions back, and nothing is lost.
+#[tokio::test(flavor = "multi_thread")]
+async fn consumers_restarted_beside_a_live_member_and_alone_get_their_partitions_back() {
+    let name = "sigkill-consume-members";
+    let seed = seed_for(name);
+    let mut rng = StdRng::seed_from_u64(seed);
+    let world = World::start();
+    world.apply_topics();
+    let client = world.mongo.client().await;
+    let env = Env::default().with("FICUS_CONFIG", fault_config(world.dir.path(), name, "", ""));
+    let (env_a, env_b) = (env.clone().with("FICUS_KAFKA_INSTANCE_ID", "a"), env.clone().with("FICUS_KAFKA_INSTANCE_ID", "b"));
+    let mut driver = Driver::new(&client, seed);
+    driver.seed(100, 50).await;
+    let consume = ["run", "--roles", "consume", "--service", "products_db", "--service", "customers_db", "--batch-max", "100"];
+    let groups = ["ficus.products_db".to_string(), "ficus.customers_db".to_string()];
+
+    let mut tail = spawn(&world, TAIL, &env);
+    let mut a = spawn(&world, &consume, &env_a);
+    let mut b = spawn(&world, &consume, &env_b);
+    wait_in(&world, name, "streaming", Duration::from_secs(120), || streaming(&client)).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = tokio::spawn(driver.run_until(stop.clone(), Duration::from_millis(15)));
+    let mut problems = Vec::new();
+    for (who, f) in [("a", &a), ("b", &b)] {
+        if let Err(missing) = until_every_group_consumes(&client, &groups, f, Duration::from_secs(60)).await {
+            problems.push(format!("{who} at first start: no partitions in {missing:?}"));
+        }
+    }
+    let cycles = if long() { 10 } else { 3 };
+    for cycle in 0..cycles {
+        tokio::time::sleep(Duration::from_millis(rng.random_range(1500..3000))).await;
+        b.sigkill();
+        b = spawn(&world, &consume, &env_b);
+        if let Err(missing) = until_every_group_consumes(&client, &groups, &b, Duration::from_secs(30)).await {
+            problems.push(format!("b, restart {cycle} beside a live a: after 30 s no partitions in {missing:?}"));
+        }
+    }
+    // `a` alone: `b` stops cleanly first (a static member that leaves keeps its partitions
+    // reserved until its session ends, 6 s here), then `a` is killed and restarted.
+    finish(&mut Report::default(), &mut b, "b");
+    for cycle in 0..cycles {
+        tokio::time::sleep(Duration::from_millis(rng.random_range(1500..3000))).await;
+        a.sigkill();
+        a = spawn(&world, &consume, &env_a);
+        if let Err(missing) = until_every_group_consumes(&client, &groups, &a, Duration::from_secs(30)).await {
+            problems.push(format!("a, restart {cycle} alone: after 30 s no partitions in {missing:?}"));
+        }
+    }
+    stop.store(true, Ordering::SeqCst);
+    let driver = writer.await.unwrap();
+    let mut report = settle_and_audit(
+        name,
+        &world,
+        &env,
+        &world.kafka.brokers(),
+        &client,
+        &client,
+        &driver.log,
+        false,
+        format!("seed {seed}, {cycles} restarts of b beside a, {cycles} of a alone"),
+    )
+    .await;
+    if !problems.is_empty() {
+        problems.push(ficus_problems(&world, name));
+    }
+    report.problems.extend(problems);
+    finish(&mut report, &mut tail, "the tail");
+    finish(&mut report, &mut a, "consumer a");
+    report.check();
+}
+
+/// Two live processes configured with one `kafka.instance_id` would fence each other in turn:
+/// the second one stops before it joins, with exit 2 and a message naming the setting, and
+/// the first goes on undisturbed.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_second_process_with_the_same_instance_id_stops_with_exit_2() {
+    let world = World::start();
+    world.apply_topics();
+    let client = world.mongo.client().await;
+    let env = Env::default().with("FICUS_KAFKA_INSTANCE_ID", "slot-1");
+    let consume = ["run", "--roles", "consume", "--service", "products_db"];
+    let mut first = spawn(&world, &consume, &env);
+    let groups = ["ficus.products_db".to_string()];
+    if let Err(missing) = until_every_group_consumes(&client, &groups, &first, Duration::from_secs(60)).await {
+        panic!("the first process never consumed {missing:?}:\n{}", first.logs());
+    }
+    let mut second = spawn(&world, &consume, &env);
+    let status = tokio::task::block_in_place(|| second.wait(Duration::from_secs(60)))
+        .unwrap_or_else(|| panic!("the second process did not stop:\n{}", second.logs()));
+    let logs = plain(&second.logs());
+    assert_eq!(status.code(), Some(2), "exit status {status:?}:\n{logs}");
+    assert!(logs.contains("kafka.instance_id `slot-1`") && logs.contains("ficus.products_db"), "{logs}");
+    assert!(logs.contains(&format!("pid {}", first.pid().unwrap())), "names the live holder:\n{logs}");
+    // The first never noticed: still running, still the member.
+    assert!(first.wait(Duration::ZERO).is_none(), "{}", first.logs());
+    let still = groups_without_partitions(&client, &groups, first.pid().unwrap()).await;
+    assert!(still.is_empty(), "the first process lost its partitions: {still:?}\n{}", first.logs());
+    assert!(!first.logs().contains("fenced"), "{}", first.logs());
+    // Another instance id joins the same group beside it.
+    let mut other = spawn(&world, &consume, &Env::default().with("FICUS_KAFKA_INSTANCE_ID", "slot-2"));
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    assert!(other.wait(Duration::ZERO).is_none(), "{}", other.logs());
+    stop_cleanly(&mut other, "the second instance id");
+    stop_cleanly(&mut first, "the first process");
 }
 
 // ---------------------------------------------------------------------------------------------
