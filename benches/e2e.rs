@@ -61,10 +61,10 @@ use serde_json::{Value, json};
 use ficus::bus::{ClientRole, TopicAdmin, client_config};
 use ficus::checkpoint::{CheckpointStore, MongoCheckpoints, StreamPosition, TailState};
 use ficus::config::KafkaConfig;
+use ficus::config::topics::Topics;
 use ficus::event::Op;
 use ficus::mapping::{ChangeRecord, map_change};
 use ficus::sink::META;
-use ficus::topics::Topics;
 use ficus::transform::{ServiceTransforms, WriteOp};
 use ficus::workload::Workload;
 
@@ -1011,7 +1011,7 @@ async fn run() -> Value {
     let started = Instant::now();
     let say = |what: &str| eprintln!("[e2e {:>6.1}s] {what}", started.elapsed().as_secs_f64());
 
-    let topics = ficus::topics::load(&repo().join("topics")).unwrap_or_else(|r| panic!("{r}"));
+    let topics = ficus::config::topics::load(&repo().join("topics")).unwrap_or_else(|r| panic!("{r}"));
     let services = ficus::transform::load_all(&repo().join("transforms"), &topics).unwrap_or_else(|r| panic!("{r}"));
     let svc = services.iter().find(|s| s.service() == SERVICE).expect("customers_db");
 

@@ -2,7 +2,7 @@
 //!
 //! Tail side, per change: change record → canonical events (`mapping::map_change` with the shipped
 //! `topics/`) → encoded bytes (`CanonicalEvent::encode`). Consume side, per event: bytes →
-//! `CanonicalEvent::decode` → `ServiceTransforms::apply` (the shipped `transforms/`) → write model
+//! `Message::decode` → `ServiceTransforms::apply_message` (the shipped `transforms/`) → write model
 //! (`sink::Versioned::of` plus each upsert's document as the sink sends it: `_id` and `_ficus`
 //! metadata added, encoded to BSON as the driver does). `tail_path` and `consume_path` time the
 //! stages back to back.
@@ -25,10 +25,10 @@ use std::time::Duration;
 
 use bson::{Bson, DateTime, Document, Timestamp, doc};
 use criterion::{BatchSize, Criterion, Throughput};
-use ficus::event::{CanonicalEvent, Op};
+use ficus::config::topics::Topics;
+use ficus::event::{CanonicalEvent, Message, Op};
 use ficus::mapping::{ChangeRecord, map_change};
 use ficus::sink::{META, Versioned};
-use ficus::topics::Topics;
 use ficus::transform::{ServiceTransforms, WriteOp};
 use ficus::workload::Workload;
 use serde_json::{Value, json};
@@ -119,7 +119,7 @@ fn source_bytes(r: &ChangeRecord) -> u64 {
 
 /// What the sink hands the driver for one event's writes: the versioned batch item and, per
 /// upsert, the replacement document with `_id` and `_ficus` metadata, BSON-encoded.
-fn write_model(ev: &CanonicalEvent, ops: Vec<WriteOp>) -> (Versioned, usize) {
+fn write_model(ev: &Message, ops: Vec<WriteOp>) -> (Versioned, usize) {
     let v = Versioned::of(ev, ops);
     let mut bytes = 0;
     for op in &v.ops {
@@ -144,7 +144,7 @@ struct Row {
 }
 
 fn main() {
-    let topics: Topics = ficus::topics::load(&repo().join("topics")).unwrap_or_else(|r| panic!("{r}"));
+    let topics: Topics = ficus::config::topics::load(&repo().join("topics")).unwrap_or_else(|r| panic!("{r}"));
     let services: Vec<ServiceTransforms> =
         ficus::transform::load_all(&repo().join("transforms"), &topics).unwrap_or_else(|r| panic!("{r}"));
     let service = |name: &str| services.iter().find(|s| s.service() == name).expect("shipped service");
@@ -162,9 +162,9 @@ fn main() {
         let svcs: Vec<&ServiceTransforms> = case.services.iter().map(|s| service(s)).collect();
         let events = map_change(def, "linechatbot", case.record.clone()).events;
         let encoded: Vec<Vec<u8>> = events.iter().map(CanonicalEvent::encode).collect();
-        let decoded: Vec<CanonicalEvent> = encoded.iter().map(|b| CanonicalEvent::decode(b).unwrap()).collect();
+        let decoded: Vec<Message> = encoded.iter().map(|b| Message::decode(b).unwrap()).collect();
         let ops: Vec<Vec<WriteOp>> =
-            decoded.iter().map(|ev| svcs.iter().flat_map(|s| s.apply(ev).unwrap()).collect()).collect();
+            decoded.iter().map(|ev| svcs.iter().flat_map(|s| s.apply_message(ev).unwrap()).collect()).collect();
         let n = events.len() as u64;
         let src = source_bytes(&case.record);
         let wire: u64 = encoded.iter().map(|b| b.len() as u64).sum();
@@ -207,7 +207,7 @@ fn main() {
         bench("decode", n, wire, &mut |b| {
             b.iter(|| {
                 for bytes in &encoded {
-                    black_box(CanonicalEvent::decode(bytes).unwrap());
+                    black_box(Message::decode(bytes).unwrap());
                 }
             })
         });
@@ -215,7 +215,7 @@ fn main() {
             b.iter(|| {
                 for ev in &decoded {
                     for s in &svcs {
-                        black_box(s.apply(ev).unwrap());
+                        black_box(s.apply_message(ev).unwrap());
                     }
                 }
             })
@@ -234,8 +234,8 @@ fn main() {
         bench("consume_path", n, wire, &mut |b| {
             b.iter(|| {
                 for bytes in &encoded {
-                    let ev = CanonicalEvent::decode(bytes).unwrap();
-                    let o: Vec<WriteOp> = svcs.iter().flat_map(|s| s.apply(&ev).unwrap()).collect();
+                    let ev = Message::decode(bytes).unwrap();
+                    let o: Vec<WriteOp> = svcs.iter().flat_map(|s| s.apply_message(&ev).unwrap()).collect();
                     black_box(write_model(&ev, o));
                 }
             })

@@ -17,18 +17,18 @@ use tracing::{error, info, warn};
 
 use crate::bus::{KafkaPublisher, Publisher, TopicAdmin, TopicState};
 use crate::checkpoint::MongoCheckpoints;
+use crate::config::report::Report;
 use crate::config::{Config, parse_addr};
 use crate::consume::ServiceConsumer;
-use crate::definitions::Report;
 use crate::sink::MongoSink;
 use crate::store::{Archiver, EventStore, StoreError};
 
 use crate::checkpoint::CheckpointError;
+use crate::config::topics::{self, Topics};
 use crate::lease::Lease;
 use crate::ops::Health;
 use crate::source::MongoSource;
 use crate::tail::{TailError, Tailer};
-use crate::topics::{self, Topics};
 use crate::transform::{self, ServiceTransforms};
 
 #[derive(Debug, Parser)]
@@ -190,15 +190,15 @@ struct Loaded {
 fn load(cli_config: Option<&std::path::Path>) -> Result<Loaded, Report> {
     let env = |k: &str| std::env::var(k).ok();
     let mut report = Report::default();
-    let config = Config::load(cli_config, &env).map_err(|r| report.extend(r)).ok();
-    let topics_dir = config.as_ref().map_or_else(|| PathBuf::from("topics"), |c| c.topics_dir.clone());
-    let topics = topics::load(&topics_dir).map_err(|r| report.extend(r)).ok();
-    let transforms_dir = config.as_ref().map_or_else(|| PathBuf::from("transforms"), |c| c.transforms_dir.clone());
+    let (config, problems) = Config::load(cli_config, &env);
+    report.extend(problems);
+    let topics = topics::load(&config.topics_dir).map_err(|r| report.extend(r)).ok();
+    let transforms_dir = config.transforms_dir.clone();
     // Transforms are checked against the topics; with broken topics there is nothing to check against.
     let services =
         topics.as_ref().and_then(|t| transform::load_all(&transforms_dir, t).map_err(|r| report.extend(r)).ok());
-    match (config, topics, services) {
-        (Some(config), Some(topics), Some(services)) if report.is_empty() => {
+    match (topics, services) {
+        (Some(topics), Some(services)) if report.is_empty() => {
             Ok(Loaded { config, topics: Arc::new(topics), services: services.into_iter().map(Arc::new).collect() })
         }
         _ => Err(report),
@@ -259,17 +259,15 @@ async fn topics_cmd(loaded: &Loaded, action: TopicsAction) -> anyhow::Result<Exi
         bad += print_topic(&report);
     }
     // Dead-letter topics: one partition, kept a month so an operator can inspect and re-drive.
-    let dlq_config: std::collections::BTreeMap<String, String> =
-        [("cleanup.policy".to_string(), "delete".to_string()), ("retention.ms".to_string(), "2592000000".to_string())]
-            .into();
     for def in &loaded.topics.defs {
         let dlq = def.dlq_topic();
         let report = match action {
-            TopicsAction::Apply => admin.apply_named(&dlq, 1, def.replication_factor, &dlq_config).await,
-            TopicsAction::Check => admin
-                .inspect_named(&dlq, 1, def.replication_factor, &dlq_config)
-                .await
-                .map(|state| crate::bus::TopicReport { topic: dlq.clone(), state, created: false }),
+            TopicsAction::Apply => admin.apply_dead_letters(def).await,
+            TopicsAction::Check => admin.inspect_dead_letters(def).await.map(|state| crate::bus::TopicReport {
+                topic: dlq.clone(),
+                state,
+                created: false,
+            }),
         }
         .with_context(|| format!("topic {dlq}"))?;
         bad += print_topic(&report);
@@ -324,8 +322,12 @@ async fn replay_cmd(
     let target = crate::mongo::connect(&cfg.target_uri, "replay").await?;
     let shutdown = CancellationToken::new();
     spawn_signal_handler(shutdown.clone());
-    let opts =
-        crate::replay::ReplayOptions { in_place, from, batch: 500, tombstone_ttl: Duration::from_secs(14 * 86_400) };
+    let opts = crate::replay::ReplayOptions {
+        in_place,
+        from,
+        batch: cfg.consume.batch_max,
+        tombstone_ttl: cfg.consume.tombstone_ttl,
+    };
     let r = crate::replay::replay(&chosen[0], &store, &target, &cfg.kafka, &opts, &shutdown).await?;
     let total = r.from_store + r.from_live;
     println!(
@@ -373,12 +375,12 @@ async fn dlq_replay(loaded: &Loaded, service: &str) -> anyhow::Result<ExitCode> 
     let chosen = select_services(&loaded.services, &[service.to_string()])?;
     let transforms = &chosen[0];
     let target = crate::mongo::connect(&loaded.config.target_uri, "dlq").await?;
-    let sink =
-        MongoSink::open(target, transforms.database(), &transforms.collections(), Duration::from_secs(14 * 86_400))
-            .await?;
+    let consume = &loaded.config.consume;
+    let sink = MongoSink::open(target, transforms.database(), &transforms.collections(), consume.tombstone_ttl).await?;
     let shutdown = CancellationToken::new();
     spawn_signal_handler(shutdown.clone());
-    let report = crate::consume::replay_dead_letters(transforms, &sink, &loaded.config.kafka, &shutdown).await?;
+    let kafka = &loaded.config.kafka;
+    let report = crate::consume::redrive_dead_letters(transforms, &sink, kafka, consume.batch_max, &shutdown).await?;
     println!(
         "{service}: {} applied, {} failed again (dead-lettered anew), {} belong to other services",
         report.applied, report.failed, report.skipped

@@ -7,8 +7,8 @@
 
 use bson::{Bson, DateTime, Document, Timestamp};
 
+use crate::config::topics::{DerivedRule, TopicDef};
 use crate::event::{CanonicalEvent, Derived, EventData, Op, Position, SCHEMA_VERSION, event_id, render_key};
-use crate::topics::{DerivedRule, TopicDef};
 
 /// One change in the source, owned and driver-independent.
 #[derive(Debug, Clone, PartialEq)]
@@ -200,12 +200,12 @@ fn diff(after: Vec<Bson>, mut before: Vec<Bson>) -> Vec<Grown> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::topics::Topics;
+    use crate::config::topics::Topics;
     use bson::{doc, oid::ObjectId};
     use std::path::Path;
 
     fn topics() -> Topics {
-        crate::topics::load(Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/topics"))).unwrap()
+        crate::config::topics::load(Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/topics"))).unwrap()
     }
 
     fn rec(op: Op, coll: &str, after: Option<Document>) -> ChangeRecord {

@@ -277,7 +277,7 @@ impl StallWatch {
         &mut self,
         now: std::time::Instant,
         partitions: usize,
-        progress: Option<crate::bus::GroupProgress>,
+        progress: Option<crate::bus::GroupLag>,
     ) -> Option<String> {
         if partitions > 0 {
             self.empty_since = None;
@@ -290,9 +290,9 @@ impl StallWatch {
         }
         let p = progress?;
         let since = match self.committed {
-            Some((c, since)) if c == p.committed => since,
+            Some((c, since)) if c == p.committed_sum => since,
             _ => {
-                self.committed = Some((p.committed, now));
+                self.committed = Some((p.committed_sum, now));
                 now
             }
         };
@@ -355,7 +355,7 @@ pub async fn keep(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::bus::GroupProgress;
+    use crate::bus::GroupLag;
     use std::time::Instant;
 
     #[test]
@@ -372,17 +372,17 @@ mod tests {
         assert!(!w.wants_progress(at(10), 0));
         assert!(w.wants_progress(at(21), 0));
         // Lag, but the group's offsets move: another member is consuming.
-        assert_eq!(w.observe(at(21), 0, Some(GroupProgress { lag: 50, committed: 100 })), None);
-        assert_eq!(w.observe(at(35), 0, Some(GroupProgress { lag: 40, committed: 110 })), None);
-        assert_eq!(w.observe(at(50), 0, Some(GroupProgress { lag: 40, committed: 120 })), None);
+        assert_eq!(w.observe(at(21), 0, Some(GroupLag { lag: 50, committed_sum: 100, ..Default::default() })), None);
+        assert_eq!(w.observe(at(35), 0, Some(GroupLag { lag: 40, committed_sum: 110, ..Default::default() })), None);
+        assert_eq!(w.observe(at(50), 0, Some(GroupLag { lag: 40, committed_sum: 120, ..Default::default() })), None);
         // The offsets stop moving while messages wait: stalled once that lasts the grace.
-        assert_eq!(w.observe(at(60), 0, Some(GroupProgress { lag: 45, committed: 120 })), None);
+        assert_eq!(w.observe(at(60), 0, Some(GroupLag { lag: 45, committed_sum: 120, ..Default::default() })), None);
         assert_eq!(
-            w.observe(at(71), 0, Some(GroupProgress { lag: 45, committed: 120 })).as_deref(),
+            w.observe(at(71), 0, Some(GroupLag { lag: 45, committed_sum: 120, ..Default::default() })).as_deref(),
             Some("no partitions assigned, lag 45")
         );
         // Nothing waiting: an idle member, not a stall.
-        assert_eq!(w.observe(at(72), 0, Some(GroupProgress { lag: 0, committed: 120 })), None);
+        assert_eq!(w.observe(at(72), 0, Some(GroupLag { lag: 0, committed_sum: 120, ..Default::default() })), None);
         // Partitions come back: healthy at once.
         assert_eq!(w.observe(at(73), 2, None), None);
         assert!(!w.wants_progress(at(80), 0), "the grace starts again");

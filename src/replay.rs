@@ -19,18 +19,14 @@ use std::time::{Duration, Instant};
 use bson::{DateTime, Document, doc};
 use futures::TryStreamExt;
 use mongodb::Client;
-use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::message::Message;
-use rdkafka::{Offset, TopicPartitionList};
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::info;
 
-use crate::bus::{BusError, ClientRole, client_config};
+use crate::bus::{BusError, Reader, StartAt};
 use crate::config::KafkaConfig;
-use crate::consume::{Delivery, Prepared, prepare};
-use crate::mongo::{self, ErrorClass};
-use crate::retry::with_backoff;
-use crate::sink::{MongoSink, Sink, SinkError, Versioned};
+use crate::consume::{Applied, Applier, ConsumeError, Item, Path, Rejects};
+use crate::mongo;
+use crate::sink::{MongoSink, SinkError};
 use crate::store::{Archived, EventStore, StoreError};
 use crate::transform::ServiceTransforms;
 
@@ -43,16 +39,12 @@ pub enum ReplayError {
     Sink(#[from] SinkError),
     #[error(transparent)]
     Bus(#[from] BusError),
+    #[error(transparent)]
+    Apply(#[from] ConsumeError),
     #[error("target MongoDB: {}", mongo::describe(.0))]
     Mongo(#[from] mongodb::error::Error),
     #[error("stopped by shutdown before the rebuild was complete; the live database is untouched")]
     Interrupted,
-}
-
-impl From<rdkafka::error::KafkaError> for ReplayError {
-    fn from(e: rdkafka::error::KafkaError) -> Self {
-        ReplayError::Bus(BusError::Kafka(e))
-    }
 }
 
 /// How to replay.
@@ -62,6 +54,7 @@ pub struct ReplayOptions {
     pub in_place: bool,
     /// Only archived events from this time on.
     pub from: Option<DateTime>,
+    /// Events per write batch.
     pub batch: usize,
     pub tombstone_ttl: Duration,
 }
@@ -115,17 +108,18 @@ pub async fn replay(
     let cursor = store.scan(&topics, opts.from).await?;
     let (tx, mut rx) = tokio::sync::mpsc::channel::<Result<Vec<Archived>, ReplayError>>(2);
     let reader = tokio::spawn(read_batches(cursor, opts.batch, tx));
+    let applier = Applier { transforms, sink: &sink, rejects: Rejects::Count, path: Path::Replay };
     let mut archived_to: HashMap<(String, i32), i64> = HashMap::new();
     while let Some(batch) = rx.recv().await {
         let batch = batch?;
-        let mut events = Vec::with_capacity(batch.len());
+        let mut items = Vec::with_capacity(batch.len());
         for a in batch {
             let e = archived_to.entry((a.topic.clone(), a.partition)).or_insert(-1);
             *e = (*e).max(a.offset);
-            events.push(a.event);
+            items.push(Item::archived(a.topic, a.partition, a.offset, a.message));
         }
-        report.rejected += apply(transforms, &sink, &events, shutdown).await?;
-        report.from_store += events.len() as u64;
+        report.rejected += applier.apply(&items, shutdown).await?.rejected;
+        report.from_store += items.len() as u64;
         bar.set_position(report.from_store);
         if shutdown.is_cancelled() {
             reader.abort();
@@ -135,9 +129,9 @@ pub async fn replay(
     bar.finish_and_clear();
 
     // 2. The live tail after the archive.
-    let (applied, rejected) = catch_up(transforms, &sink, kafka, &topics, &archived_to, shutdown).await?;
-    report.from_live += applied;
-    report.rejected += rejected;
+    let live = catch_up(&applier, kafka, &topics, &archived_to, opts.batch, shutdown).await?;
+    report.from_live += live.applied;
+    report.rejected += live.rejected;
 
     // 3. Swap the shadow in, then apply the live tail once more over what the live consumer
     //    may have written to the old collections meanwhile.
@@ -145,9 +139,10 @@ pub async fn replay(
         swap(target, &build_name, &live_name, &transforms.collections()).await?;
         let live_sink =
             MongoSink::open(target.clone(), &live_name, &transforms.collections(), opts.tombstone_ttl).await?;
-        let (applied, rejected) = catch_up(transforms, &live_sink, kafka, &topics, &archived_to, shutdown).await?;
-        report.from_live += applied;
-        report.rejected += rejected;
+        let applier = Applier { transforms, sink: &live_sink, rejects: Rejects::Count, path: Path::Replay };
+        let live = catch_up(&applier, kafka, &topics, &archived_to, opts.batch, shutdown).await?;
+        report.from_live += live.applied;
+        report.rejected += live.rejected;
     }
     report.elapsed = started.elapsed();
     Ok(report)
@@ -183,120 +178,33 @@ async fn read_batches(
     }
 }
 
-/// Applies events through the live path; returns how many were rejected (and logged).
-async fn apply<S: Sink>(
-    transforms: &ServiceTransforms,
-    sink: &S,
-    events: &[crate::event::CanonicalEvent],
-    shutdown: &CancellationToken,
-) -> Result<u64, ReplayError> {
-    let mut rejected = 0;
-    let mut writes: Vec<Versioned> = Vec::with_capacity(events.len());
-    for ev in events {
-        match transforms.apply(ev) {
-            Ok(ops) => writes.push(Versioned::of(ev, ops)),
-            Err(e) => {
-                rejected += 1;
-                warn!(service = transforms.service(), event = %ev.id, "replay: transform rejected the event: {e}");
-            }
-        }
-    }
-    write(transforms, sink, &writes, shutdown).await.map(|r| r + rejected)
-}
-
-async fn write<S: Sink>(
-    transforms: &ServiceTransforms,
-    sink: &S,
-    writes: &[Versioned],
-    shutdown: &CancellationToken,
-) -> Result<u64, ReplayError> {
-    let transient = |e: &SinkError| e.class() == ErrorClass::Transient;
-    match with_backoff("replay", shutdown, || sink.apply(writes), transient).await {
-        Ok(()) => Ok(0),
-        Err(e) if transient(&e) => Err(e.into()),
-        Err(e) => {
-            warn!(service = transforms.service(), error = %e, "replay: a batch failed permanently; applying one by one");
-            let mut rejected = 0;
-            for w in writes {
-                match with_backoff("replay", shutdown, || sink.apply(std::slice::from_ref(w)), transient).await {
-                    Ok(()) => {}
-                    Err(e) if transient(&e) => return Err(e.into()),
-                    Err(e) => {
-                        rejected += 1;
-                        warn!(event = %w.event_id, "replay: write failed permanently: {e}");
-                    }
-                }
-            }
-            Ok(rejected)
-        }
-    }
-}
-
-/// Reads every partition of `topics` from just after the archived offset up to the end it has
-/// now, applying what it reads. Returns (applied, rejected).
-async fn catch_up<S: Sink>(
-    transforms: &ServiceTransforms,
-    sink: &S,
+/// Applies every partition of `topics` from just after the archived offset up to the end it
+/// has now, through the live path.
+async fn catch_up(
+    applier: &Applier<'_, MongoSink>,
     kafka: &KafkaConfig,
     topics: &[String],
     archived_to: &HashMap<(String, i32), i64>,
+    batch: usize,
     shutdown: &CancellationToken,
-) -> Result<(u64, u64), ReplayError> {
-    let cfg =
-        client_config(kafka, ClientRole::Reader { group: None }, &format!("ficus-replay-{}", transforms.service()));
-    let consumer: BaseConsumer = cfg.create()?;
-    let mut assign = TopicPartitionList::new();
-    let mut ends: HashMap<(String, i32), i64> = HashMap::new();
-    for topic in topics {
-        let md = tokio::task::block_in_place(|| consumer.fetch_metadata(Some(topic), Duration::from_secs(10)))?;
-        for p in md.topics().iter().flat_map(|t| t.partitions()) {
-            let (_, high) =
-                tokio::task::block_in_place(|| consumer.fetch_watermarks(topic, p.id(), Duration::from_secs(10)))?;
-            let start = archived_to.get(&(topic.clone(), p.id())).map_or(Offset::Beginning, |o| Offset::Offset(o + 1));
-            let from = if let Offset::Offset(o) = start { o } else { 0 };
-            if from < high {
-                assign.add_partition_offset(topic, p.id(), start)?;
-                ends.insert((topic.clone(), p.id()), high);
-            }
-        }
+) -> Result<Applied, ReplayError> {
+    let reader = Reader::new(kafka, &format!("ficus-replay-{}", applier.transforms.service()), None)?;
+    let start = |topic: &str, p: i32| match archived_to.get(&(topic.to_string(), p)) {
+        Some(o) => StartAt::Offset(o + 1),
+        None => StartAt::Beginning,
+    };
+    let mut done = Applied::default();
+    let outcome = reader
+        .read_to_end(topics, start, batch, false, shutdown, async |deliveries| {
+            let items: Vec<Item> = deliveries.into_iter().map(Item::delivered).collect();
+            done += applier.apply(&items, shutdown).await?;
+            Ok::<(), ReplayError>(())
+        })
+        .await?;
+    if !outcome.complete {
+        return Err(ReplayError::Interrupted);
     }
-    if ends.is_empty() {
-        return Ok((0, 0));
-    }
-    consumer.assign(&assign)?;
-    let (mut applied, mut rejected) = (0u64, 0u64);
-    let mut batch: Vec<Delivery> = Vec::new();
-    while !ends.is_empty() {
-        if shutdown.is_cancelled() {
-            return Err(ReplayError::Interrupted);
-        }
-        let polled = tokio::task::block_in_place(|| consumer.poll(Duration::from_millis(100)));
-        let idle = polled.is_none();
-        if let Some(m) = polled {
-            let m = m?;
-            let key = (m.topic().to_string(), m.partition());
-            if let Some(end) = ends.get(&key).copied() {
-                if m.offset() < end {
-                    batch.push(Delivery::from_message(&m));
-                }
-                if m.offset() + 1 >= end {
-                    ends.remove(&key);
-                }
-            }
-        }
-        if !batch.is_empty() && (batch.len() >= 500 || idle || ends.is_empty()) {
-            let mut writes = Vec::with_capacity(batch.len());
-            for d in batch.drain(..) {
-                match prepare(transforms, &d) {
-                    Prepared::Write(v) => writes.push(v),
-                    Prepared::Dead { .. } => rejected += 1, // the live consumer dead-letters it
-                }
-            }
-            applied += writes.len() as u64;
-            rejected += write(transforms, sink, &writes, shutdown).await?;
-        }
-    }
-    Ok((applied, rejected))
+    Ok(done)
 }
 
 /// Renames every collection of the shadow over the live one, then drops live collections the

@@ -10,9 +10,9 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 
 use crate::bus::{ClientRole, client_config};
 use crate::checkpoint::{CheckpointStore, MongoCheckpoints};
+use crate::config::topics::Topics;
 use crate::config::{Config, KafkaConfig};
 use crate::presence::MemberState;
-use crate::topics::Topics;
 use crate::transform::ServiceTransforms;
 
 /// One row of the table.

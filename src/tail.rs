@@ -28,14 +28,14 @@ use tracing::{Instrument, debug, error, info, warn};
 
 use crate::bus::{Ack, BusError, Publisher};
 use crate::checkpoint::{CheckpointError, CheckpointStore, SnapshotProgress, StreamPosition, TailState};
+use crate::config::topics::Topics;
 use crate::config::{OnHistoryLost, SnapshotConfig, TailConfig};
-use crate::event::{CanonicalEvent, Op};
+use crate::event::{ControlMessage, Op};
 use crate::mapping::{ChangeRecord, map_change};
 use crate::mongo::ErrorClass;
 use crate::ops::Health;
 use crate::retry::with_backoff;
 use crate::source::{MongoSource, SourceError, StartAt, to_record, token_doc};
-use crate::topics::Topics;
 
 /// Errors of the tail role.
 #[derive(Debug, thiserror::Error)]
@@ -251,7 +251,7 @@ impl<P: Publisher + 'static, C: CheckpointStore> Tailer<P, C> {
             // they can remove what no longer exists at the source (see `SnapshotMarker`).
             let types = (def.event_type(Op::Snapshot), def.event_type(Op::Delete));
             let start = progress.start_time;
-            let marker = |p, n| CanonicalEvent::snapshot_marker(&self.source_name, coll, start, types, p, n);
+            let marker = |p, n| ControlMessage::snapshot_completed(&self.source_name, coll, start, types, p, n);
             try_join_all(self.publisher.publish_to_all_partitions(def.topic.as_str(), marker).await?).await?;
             progress.done.push(coll.to_string());
             progress.current = None;

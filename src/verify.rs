@@ -21,11 +21,11 @@ use futures::TryStreamExt;
 use mongodb::options::InsertManyOptions;
 use mongodb::{Collection, Database};
 
+use crate::config::topics::Topics;
 use crate::event::Op;
 use crate::mapping::{ChangeRecord, map_change};
 use crate::mongo;
 use crate::sink::{META, doc_key, strip_meta};
-use crate::topics::Topics;
 use crate::transform::{ServiceTransforms, WriteOp};
 
 pub const CONSISTENCY_THRESHOLD: f64 = 99.0;

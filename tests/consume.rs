@@ -257,7 +257,7 @@ async fn consumers_killed_mid_batch_converge_to_a_clean_run() {
     // A clean run: the same events, once, in partition order, through the same transforms and
     // sink, into fresh databases.
     let root = common::repo_root();
-    let topics = ficus::topics::load(&root.join("topics")).unwrap();
+    let topics = ficus::config::topics::load(&root.join("topics")).unwrap();
     let services = ficus::transform::load_all(&root.join("transforms"), &topics).unwrap();
     let records = common::read_all(&world.kafka.brokers(), &["linechatbot.customers", "linechatbot.products"]);
     let mut clean = BTreeMap::new();
@@ -268,8 +268,8 @@ async fn consumers_killed_mid_batch_converge_to_a_clean_run() {
                 .await
                 .unwrap();
         for r in &records {
-            let ops = service.apply(&r.event).unwrap();
-            let v = ficus::sink::Versioned::of(&r.event, ops);
+            let ops = service.apply_message(&r.message).unwrap();
+            let v = ficus::sink::Versioned::of(&r.message, ops);
             use ficus::sink::Sink;
             sink.apply(&[v]).await.unwrap();
         }

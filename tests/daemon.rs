@@ -184,14 +184,14 @@ async fn a_standby_tailer_takes_over_within_the_lease_time_and_nothing_is_lost()
 
     let records = read_all(&world.kafka.brokers(), &["linechatbot.customers"]);
     let keys: std::collections::HashSet<&str> =
-        records.iter().filter(|r| r.event.data.op == Op::Insert).map(|r| r.key.as_str()).collect();
+        records.iter().filter(|r| r.is_event() && r.event().data.op == Op::Insert).map(|r| r.key.as_str()).collect();
     for i in 0..300 {
         assert!(keys.contains(Workload::user_id(i).as_str()), "customer {i} lost in the takeover");
     }
     // Duplicates from the overlap carry the same ids.
     let mut by_id: HashMap<&str, &str> = HashMap::new();
     for r in &records {
-        if let Some(prev) = by_id.insert(&r.event.id, &r.key) {
+        if let Some(prev) = by_id.insert(r.message.id(), &r.key) {
             assert_eq!(prev, r.key);
         }
     }
@@ -274,7 +274,11 @@ async fn readyz_is_503_while_a_group_is_stalled_with_lag_and_200_once_it_consume
     )
     .unwrap();
     let config = world.dir.path().join("stall.toml");
-    std::fs::write(&config, "[kafka.consumer]\n\"session.timeout.ms\" = \"6000\"\n\"heartbeat.interval.ms\" = \"1000\"\n").unwrap();
+    std::fs::write(
+        &config,
+        "[kafka.consumer]\n\"session.timeout.ms\" = \"6000\"\n\"heartbeat.interval.ms\" = \"1000\"\n",
+    )
+    .unwrap();
     let (topics, transforms) = (defs.join("topics"), defs.join("transforms"));
     let env = [
         ("FICUS_TOPICS_DIR", topics.to_str().unwrap()),

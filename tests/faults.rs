@@ -61,13 +61,13 @@ use std::time::{Duration, Instant};
 use bson::{Bson, Document, doc};
 use common::proxy::Proxy;
 use common::{Ficus, World, checkpoint, free_port};
-use ficus::event::{CanonicalEvent, Op};
+use ficus::event::{CanonicalEvent, Message, Op};
 use ficus::workload::Workload;
 use futures::TryStreamExt;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::message::Message;
+use rdkafka::message::Message as _;
 
 const PRODUCTS: &str = "linechatbot.products";
 const CUSTOMERS: &str = "linechatbot.customers";
@@ -788,15 +788,16 @@ async fn settle_and_audit(
     // the consumers' sweep after that snapshot carries it instead.
     let mut swept: HashSet<String> = HashSet::new();
     for r in &raw {
-        let Some(ev) = r.payload.as_deref().and_then(|p| CanonicalEvent::decode(p).ok()) else {
+        let Some(message) = r.payload.as_deref().and_then(|p| Message::decode(p).ok()) else {
             report.problems.push(format!("undecodable record at {}[{}]@{}", r.topic, r.partition, r.offset));
             continue;
         };
-        all_ids.insert(ev.id.clone());
-        if ev.as_snapshot_marker().is_some() {
+        all_ids.insert(message.id().to_string());
+        let Message::Event(ev) = message else {
+            // A snapshot's end-of-copy marker.
             swept.insert(r.topic.clone());
             continue;
-        }
+        };
         if ev.data.derived.is_some() {
             continue;
         }
@@ -1087,7 +1088,7 @@ async fn sigkill_during_replay() {
 /// Every consumer group of a `ficus run` with every service: one per service, and the archive.
 fn every_group() -> Vec<String> {
     let root = common::repo_root();
-    let topics = ficus::topics::load(&root.join("topics")).unwrap();
+    let topics = ficus::config::topics::load(&root.join("topics")).unwrap();
     let services = ficus::transform::load_all(&root.join("transforms"), &topics).unwrap();
     let mut groups: Vec<String> = services.iter().map(|s| format!("ficus.{}", s.service())).collect();
     groups.push("ficus.archive".into());
@@ -1184,7 +1185,9 @@ async fn a_lone_ficus_run_killed_and_restarted_consumes_again_at_once() {
         &client,
         &driver.log,
         true,
-        format!("seed {seed}, {cycles} SIGKILLs of the only process; every group consuming again after (ms) {rejoined:?}"),
+        format!(
+            "seed {seed}, {cycles} SIGKILLs of the only process; every group consuming again after (ms) {rejoined:?}"
+        ),
     )
     .await;
     if !problems.is_empty() {
@@ -1208,10 +1211,12 @@ async fn consumers_restarted_beside_a_live_member_and_alone_get_their_partitions
     world.apply_topics();
     let client = world.mongo.client().await;
     let env = Env::default().with("FICUS_CONFIG", fault_config(world.dir.path(), name, "", ""));
-    let (env_a, env_b) = (env.clone().with("FICUS_KAFKA_INSTANCE_ID", "a"), env.clone().with("FICUS_KAFKA_INSTANCE_ID", "b"));
+    let (env_a, env_b) =
+        (env.clone().with("FICUS_KAFKA_INSTANCE_ID", "a"), env.clone().with("FICUS_KAFKA_INSTANCE_ID", "b"));
     let mut driver = Driver::new(&client, seed);
     driver.seed(100, 50).await;
-    let consume = ["run", "--roles", "consume", "--service", "products_db", "--service", "customers_db", "--batch-max", "100"];
+    let consume =
+        ["run", "--roles", "consume", "--service", "products_db", "--service", "customers_db", "--batch-max", "100"];
     let groups = ["ficus.products_db".to_string(), "ficus.customers_db".to_string()];
 
     let mut tail = spawn(&world, TAIL, &env);
@@ -1488,7 +1493,7 @@ async fn an_older_upsert_racing_a_newer_delete_never_resurrects_the_document() {
     let live = MongoSink::open(client.clone(), "race_db", &collections, ttl).await.unwrap();
     let replay = MongoSink::open(client.clone(), "race_db", &collections, ttl).await.unwrap();
     let event = |key: usize, n: u32, op: WriteOp| Versioned {
-        version: ficus::event::format_sequence(bson::Timestamp { time: 1_800_000_000, increment: key as u32 }, n),
+        version: ficus::event::Version::at(bson::Timestamp { time: 1_800_000_000, increment: key as u32 }, n),
         event_id: format!("e-{key}-{n}"),
         source_collection: "things".into(),
         source_id: Bson::String(format!("K{key}")),
@@ -2114,8 +2119,8 @@ async fn a_document_near_16_mb_is_dead_lettered_loudly_and_the_tail_goes_on() {
     let keys: Vec<String> = read_raw_async(&world.kafka.brokers(), &[PRODUCTS])
         .await
         .iter()
+        // Events only: snapshot markers are control messages, which do not decode as events.
         .filter_map(|r| r.payload.as_deref().and_then(|p| CanonicalEvent::decode(p).ok()))
-        .filter(|e| e.as_snapshot_marker().is_none())
         .map(|e| e.subject)
         .collect();
     let alive = f.wait(Duration::ZERO).is_none();

@@ -8,10 +8,10 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use bson::{Bson, DateTime, Document, Timestamp, doc};
+use ficus::config::topics::Topics;
 use ficus::event::Op;
 use ficus::mapping::{ChangeRecord, map_change};
 use ficus::sink::{MongoSink, Sink, Versioned};
-use ficus::topics::Topics;
 use ficus::transform::ServiceTransforms;
 use futures::TryStreamExt;
 use proptest::prelude::*;
@@ -105,7 +105,8 @@ fn versioned(topics: &Topics, service: &ServiceTransforms, records: Vec<ChangeRe
     for r in records {
         for ev in map_change(def, "linechatbot", r).events {
             let ops = service.apply(&ev).expect("shipped transforms accept generated products");
-            out.push((ev.subject.clone(), Versioned::of(&ev, ops)));
+            let subject = ev.subject.clone();
+            out.push((subject, Versioned::of(&ficus::event::Message::Event(ev), ops)));
         }
     }
     out
@@ -116,7 +117,7 @@ fn duplicates_and_interleavings_converge_to_the_ordered_result() {
     let dir = tempfile::tempdir().unwrap();
     let mongo = common::Mongo::start(dir.path(), &[]);
     let root = common::repo_root();
-    let topics = ficus::topics::load(&root.join("topics")).unwrap();
+    let topics = ficus::config::topics::load(&root.join("topics")).unwrap();
     let services = ficus::transform::load_all(&root.join("transforms"), &topics).unwrap();
     let products = services.into_iter().find(|s| s.service() == "products_db").expect("products_db transforms");
     let rt = tokio::runtime::Runtime::new().unwrap();
@@ -181,7 +182,7 @@ fn the_ordered_result_is_what_the_transforms_say() {
     let dir = tempfile::tempdir().unwrap();
     let mongo = common::Mongo::start(dir.path(), &[]);
     let root = common::repo_root();
-    let topics = ficus::topics::load(&root.join("topics")).unwrap();
+    let topics = ficus::config::topics::load(&root.join("topics")).unwrap();
     let services = ficus::transform::load_all(&root.join("transforms"), &topics).unwrap();
     let products = services.into_iter().find(|s| s.service() == "products_db").unwrap();
     let rt = tokio::runtime::Runtime::new().unwrap();

@@ -31,8 +31,13 @@ async fn seed(client: &mongodb::Client, customers: u64, products: u64) {
 
 /// Waits until the archive holds every distinct event on the topics.
 async fn archive_caught_up(world: &World, client: &mongodb::Client) -> usize {
-    let distinct =
-        || read_all(&world.kafka.brokers(), &TOPICS).into_iter().map(|r| r.event.id).collect::<HashSet<String>>().len();
+    let distinct = || {
+        read_all(&world.kafka.brokers(), &TOPICS)
+            .into_iter()
+            .map(|r| r.message.id().to_string())
+            .collect::<HashSet<String>>()
+            .len()
+    };
     eventually("archive caught up", Duration::from_secs(120), || async {
         count(client, "ficus", "events", doc! { "topic": { "$in": TOPICS.to_vec() } }).await == distinct() as u64
     })

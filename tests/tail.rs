@@ -78,7 +78,7 @@ async fn every_kind_of_change_becomes_the_right_canonical_event() {
     let records =
         read_topics(&world.kafka.brokers(), &[CUSTOMERS, PRODUCTS], Duration::from_secs(60), |r| r.len() >= 9);
     let u1 = of_key(&records, "U1");
-    let types: Vec<&str> = u1.iter().map(|r| r.event.event_type.as_str()).collect();
+    let types: Vec<&str> = u1.iter().map(|r| r.event().event_type.as_str()).collect();
     assert_eq!(
         types,
         [
@@ -91,12 +91,12 @@ async fn every_kind_of_change_becomes_the_right_canonical_event() {
         ],
         "U1's events, in order:\n{records:#?}"
     );
-    let ops: Vec<Op> = u1.iter().map(|r| r.event.data.op).collect();
+    let ops: Vec<Op> = u1.iter().map(|r| r.event().data.op).collect();
     assert_eq!(ops, [Op::Insert, Op::Update, Op::Update, Op::Update, Op::Replace, Op::Delete]);
 
     // $set / $unset / $inc on nested paths: the update description says exactly what changed
     // (the after-state is looked up later and may already show the replace that followed).
-    let upd = &u1[1].event;
+    let upd = u1[1].event();
     assert!(upd.data.after.is_some(), "updates carry the looked-up full document");
     let changed = upd.data.changed.as_ref().unwrap();
     assert_eq!(changed.get_str("tier").unwrap(), "vip");
@@ -111,40 +111,41 @@ async fn every_kind_of_change_becomes_the_right_canonical_event() {
     );
 
     // $push: the derived event carries the new element.
-    let derived = u1[3].event.data.derived.as_ref().unwrap();
+    let derived = u1[3].event().data.derived.as_ref().unwrap();
     assert_eq!(derived.field, "purchases");
     assert_eq!(derived.element.as_document().unwrap().get_str("id").unwrap(), "P1");
 
     // Delete: keyed by the aggregate (from the pre-image), no after-state.
-    let del = &u1[5].event;
+    let del = u1[5].event();
     assert!(del.data.after.is_none());
     assert_eq!(del.subject, "U1");
 
     // Envelope: CloudEvents attributes and ce_ headers.
     for r in &records {
-        assert_eq!(r.key, r.event.subject);
-        assert!(r.headers.iter().any(|(k, v)| k == "ce_id" && *v == r.event.id));
+        assert_eq!(r.key, r.event().subject);
+        assert!(r.headers.iter().any(|(k, v)| k == "ce_id" && *v == r.event().id));
         assert!(r.headers.iter().any(|(k, v)| k == "content-type" && v == "application/cloudevents+json"));
     }
 
     // The transaction's events, in commit order, with strictly increasing sequences.
     let u2 = of_key(&records, "U2");
     assert_eq!(
-        u2.iter().map(|r| r.event.event_type.as_str()).collect::<Vec<_>>(),
+        u2.iter().map(|r| r.event().event_type.as_str()).collect::<Vec<_>>(),
         ["customer.created", "customer.updated"]
     );
     let product = of_key(&records, "SKU-1");
     assert_eq!(product.len(), 1);
-    assert_eq!(product[0].event.event_type, "product.created");
-    let seqs = [u2[0].event.position.sequence(), product[0].event.position.sequence(), u2[1].event.position.sequence()];
+    assert_eq!(product[0].event().event_type, "product.created");
+    let seqs =
+        [u2[0].event().position.sequence(), product[0].event().position.sequence(), u2[1].event().position.sequence()];
     assert!(seqs[0] < seqs[1] && seqs[1] < seqs[2], "transaction order: {seqs:?}");
 
     // All sequences within a key strictly increase.
     for key in ["U1", "U2"] {
         let s: Vec<String> = of_key(&records, key)
             .iter()
-            .filter(|r| r.event.data.derived.is_none())
-            .map(|r| r.event.position.sequence())
+            .filter(|r| r.event().data.derived.is_none())
+            .map(|r| r.event().position.sequence())
             .collect();
         assert!(s.windows(2).all(|w| w[0] < w[1]), "{key}: {s:?}");
     }
@@ -190,15 +191,19 @@ fn validate_accepts_the_shipped_definitions() {
 /// events only, or (with `snapshot`) from snapshot copies only.
 fn seqs_by_key(records: &[Record], snapshot: bool) -> BTreeMap<String, Vec<(i64, String)>> {
     let mut out: BTreeMap<String, Vec<(i64, String)>> = BTreeMap::new();
-    for r in records.iter().filter(|r| r.event.data.derived.is_none() && (r.event.data.op == Op::Snapshot) == snapshot)
+    for r in records
+        .iter()
+        .filter(|r| r.is_event() && r.event().data.derived.is_none() && (r.event().data.op == Op::Snapshot) == snapshot)
     {
-        let seq = match r.event.data.op {
-            Op::Update => r.event.data.changed.as_ref().and_then(|c| c.get("seq")).cloned(),
-            Op::Insert | Op::Snapshot | Op::Replace => r.event.data.after.as_ref().and_then(|a| a.get("seq")).cloned(),
+        let seq = match r.event().data.op {
+            Op::Update => r.event().data.changed.as_ref().and_then(|c| c.get("seq")).cloned(),
+            Op::Insert | Op::Snapshot | Op::Replace => {
+                r.event().data.after.as_ref().and_then(|a| a.get("seq")).cloned()
+            }
             Op::Delete => None,
         };
         if let Some(Bson::Int64(s)) = seq {
-            out.entry(r.key.clone()).or_default().push((s, r.event.id.clone()));
+            out.entry(r.key.clone()).or_default().push((s, r.event().id.clone()));
         }
     }
     out
@@ -340,15 +345,15 @@ async fn snapshot_with_writes_during_the_copy_and_a_crash_mid_copy() {
     })
     .await;
     let records = read_topics(&world.kafka.brokers(), &[CUSTOMERS], Duration::from_secs(120), |r| {
-        r.iter().any(|r| r.key == "U-late") && r.iter().any(|r| r.key == "U00001" && r.event.data.op == Op::Delete)
+        r.iter().any(|r| r.key == "U-late") && r.iter().any(|r| r.key == "U00001" && r.event().data.op == Op::Delete)
     });
     assert!(f.terminate().success(), "{}", f.logs());
 
     // The topic's latest state per key equals the collection.
     let mut latest: HashMap<&str, Option<&Document>> = HashMap::new();
     // (Document events only: not derived events, nor the snapshot's end-of-copy markers.)
-    for r in records.iter().filter(|r| r.event.data.derived.is_none() && r.event.as_snapshot_marker().is_none()) {
-        latest.insert(r.key.as_str(), r.event.data.after.as_ref());
+    for r in records.iter().filter(|r| r.is_event() && r.event().data.derived.is_none()) {
+        latest.insert(r.key.as_str(), r.event().data.after.as_ref());
     }
     let mut cursor = customers.find(doc! {}).await.unwrap();
     let mut live = 0;
@@ -367,8 +372,10 @@ async fn snapshot_with_writes_during_the_copy_and_a_crash_mid_copy() {
     assert_complete_and_ordered(&records, 1, &last);
 
     // The copy resumed rather than restarting: at most the in-flight batch was copied twice.
-    let snapshot_events =
-        records.iter().filter(|r| r.event.data.op == Op::Snapshot && r.event.data.derived.is_none()).count();
+    let snapshot_events = records
+        .iter()
+        .filter(|r| r.is_event() && r.event().data.op == Op::Snapshot && r.event().data.derived.is_none())
+        .count();
     assert!(snapshot_events >= N, "{snapshot_events} snapshot events for {N} documents");
     assert!(snapshot_events <= N + 2 * 200, "the copy restarted from zero: {snapshot_events} snapshot events");
 }
@@ -394,7 +401,7 @@ async fn a_quiet_source_still_advances_its_checkpoint() {
     assert!(f.terminate().success(), "{}", f.logs());
     let records = read_topics(&world.kafka.brokers(), &[CUSTOMERS], Duration::from_secs(2), |_| true);
     // The empty snapshot's end-of-copy markers, one per partition, and no change event.
-    assert!(records.iter().all(|r| r.event.as_snapshot_marker().is_some()), "{} records", records.len());
+    assert!(records.iter().all(|r| !r.is_event()), "{} records", records.len());
     assert_eq!(records.len(), 6, "one snapshot marker per partition of {CUSTOMERS}");
 }
 

@@ -113,7 +113,7 @@ async fn churn(uri: &str, db: &str, changes: u64) -> anyhow::Result<()> {
 }
 
 fn peek(brokers: &str, topics_dir: &std::path::Path) -> anyhow::Result<()> {
-    let topics = ficus::topics::load(topics_dir).map_err(|r| anyhow::anyhow!("{r}"))?;
+    let topics = ficus::config::topics::load(topics_dir).map_err(|r| anyhow::anyhow!("{r}"))?;
     let consumer: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", brokers)
         .set("group.id", "ficus-demo-peek")

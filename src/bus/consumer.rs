@@ -12,20 +12,20 @@
 //! itself); only fatal errors end it. A member fenced by another process with the same
 //! `group.instance.id` is reported as [`BusError::Fenced`].
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use rdkafka::ClientContext;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer};
 use rdkafka::error::KafkaError;
 use rdkafka::message::Message;
 use rdkafka::types::RDKafkaErrorCode;
-use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use super::{BusError, ClientRole, client_config};
+use super::{BusError, ClientRole, GroupLag, client_config};
 use crate::config::{KafkaConfig, Membership};
 
 /// One message, owned, as taken from Kafka.
@@ -48,14 +48,6 @@ impl Delivery {
             payload: m.payload().map(<[u8]>::to_vec).unwrap_or_default(),
         }
     }
-}
-
-/// Where a group stands over its topics: messages not yet consumed, and the sum of its
-/// committed offsets (which moves whenever any member commits).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct GroupProgress {
-    pub lag: i64,
-    pub committed: i64,
 }
 
 /// Commits stored offsets when partitions are revoked, tells the loop a rebalance happened, and
@@ -227,16 +219,7 @@ impl GroupConsumer {
     /// Stores, for commit, the offsets after a batch that is durably handed on (per partition,
     /// the next to read).
     pub fn store_offsets(&self, batch: &[Delivery]) -> Result<(), BusError> {
-        let mut next: HashMap<(&str, i32), i64> = HashMap::new();
-        for d in batch {
-            let e = next.entry((d.topic.as_str(), d.partition)).or_insert(0);
-            *e = (*e).max(d.offset + 1);
-        }
-        let mut tpl = TopicPartitionList::new();
-        for ((topic, partition), offset) in next {
-            tpl.add_partition_offset(topic, partition, Offset::Offset(offset))?;
-        }
-        if let Err(e) = self.consumer.store_offsets(&tpl) {
+        if let Err(e) = self.consumer.store_offsets(&super::reader::next_offsets(batch)?) {
             // The partition was revoked meanwhile: its new owner re-applies (a no-op by version).
             debug!(group = %self.group, "store offsets: {e}");
         }
@@ -250,27 +233,8 @@ impl GroupConsumer {
 
     /// The group's lag and committed offsets over its topics, as the broker has them. Blocking
     /// (a few requests): call it off the runtime's worker threads.
-    pub fn progress(&self) -> Result<GroupProgress, BusError> {
-        let timeout = Duration::from_secs(10);
-        let mut tpl = TopicPartitionList::new();
-        for t in &self.topics {
-            let md = self.consumer.fetch_metadata(Some(t), timeout)?;
-            for p in md.topics().iter().flat_map(|t| t.partitions()) {
-                tpl.add_partition(t, p.id());
-            }
-        }
-        let committed = self.consumer.committed_offsets(tpl, timeout)?;
-        let mut out = GroupProgress::default();
-        for e in committed.elements() {
-            let (low, high) = self.consumer.fetch_watermarks(e.topic(), e.partition(), timeout)?;
-            let at = match e.offset() {
-                Offset::Offset(o) => o,
-                _ => low,
-            };
-            out.committed += at;
-            out.lag += (high - at).max(0);
-        }
-        Ok(out)
+    pub fn progress(&self) -> Result<GroupLag, BusError> {
+        super::reader::group_lag(self.consumer.as_ref(), &self.topics)
     }
 
     /// Commits what was stored and leaves the subscription (on a clean stop or an error

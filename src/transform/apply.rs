@@ -16,7 +16,7 @@ use super::builtins::found;
 use super::compile::{Fields, Input, Key, Rollup, Shape, Target, Transform};
 use super::expr::{Expr, Scope};
 use super::{TransformError, WriteOp};
-use crate::event::{CanonicalEvent, Op, SNAPSHOT_COMPLETED, SnapshotMarker};
+use crate::event::{CanonicalEvent, Op, SnapshotMarker};
 
 /// A failure inside the fields: which target field, and why.
 struct FieldError {
@@ -60,10 +60,8 @@ impl Transform {
         let Input::Element { array } = &self.input else { return None };
         let Target::Document { key: Key::Field { expr, .. }, .. } = &self.target else { return None };
         let data = &ev.data;
-        let document_event = data.collection == self.source_collection
-            && data.derived.is_none()
-            && data.op != Op::Delete
-            && ev.event_type != SNAPSHOT_COMPLETED;
+        let document_event =
+            data.collection == self.source_collection && data.derived.is_none() && data.op != Op::Delete;
         let after = data.after.as_ref().filter(|_| document_event)?;
         let empty = Document::new();
         let mut keep = Vec::new();

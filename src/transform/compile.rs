@@ -17,9 +17,9 @@ use toml::de::{DeTable, DeValue};
 
 use super::builtins;
 use super::expr::{self, Context, Expr, Root, ValueMap};
-use crate::definitions::{DefinitionError, Report};
+use crate::config::report::{DefinitionError, Report};
+use crate::config::topics::{TopicDef, Topics};
 use crate::event::Op;
-use crate::topics::{TopicDef, Topics};
 
 /// One compiled transform: one file, one target collection.
 #[derive(Debug, Clone)]

@@ -38,9 +38,9 @@ use std::path::{Path, PathBuf};
 
 use bson::{Bson, Document, doc};
 
-use crate::definitions::{DefinitionError, Report, toml_files};
-use crate::event::CanonicalEvent;
-use crate::topics::Topics;
+use crate::config::report::{DefinitionError, Report, toml_files};
+use crate::config::topics::Topics;
+use crate::event::{CanonicalEvent, Control, Message, Version};
 use compile::Transform;
 
 /// One write into a service database.
@@ -76,7 +76,7 @@ pub enum WriteOp {
     Sweep {
         collection: String,
         source_collection: String,
-        before: String,
+        before: Version,
         partition: i32,
         partitions: i32,
         /// For a rollup target: its count field and distinct fields.
@@ -111,7 +111,7 @@ impl WriteOp {
             WriteOp::Sweep { collection, source_collection, before, partition, partitions, rollup } => {
                 doc! {
                     "op": "sweep", "collection": collection, "sourceCollection": source_collection,
-                    "before": before, "partition": partition, "partitions": partitions,
+                    "before": before.as_str(), "partition": partition, "partitions": partitions,
                     "rollup": rollup.as_ref().map(|(count, distinct)| doc! { "countField": count, "distinct": distinct.clone() }),
                 }
             }
@@ -163,12 +163,22 @@ impl ServiceTransforms {
         self.transforms.iter().map(|t| t.collection.clone()).collect()
     }
 
+    /// The writes a message calls for: an event's (see [`Self::apply`]), or the sweeps a
+    /// completed snapshot calls for.
+    pub fn apply_message(&self, m: &Message) -> Result<Vec<WriteOp>, TransformError> {
+        match m {
+            Message::Event(ev) => self.apply(ev),
+            Message::Control(c) => match &c.control {
+                Control::SnapshotCompleted(marker) => {
+                    Ok(self.transforms.iter().filter_map(|t| t.sweep(marker)).collect())
+                }
+            },
+        }
+    }
+
     /// The writes one event calls for, in file order; `Ok(vec![])` when no transform reads it.
     /// Pure: no I/O, and the same event always yields the same writes (or the same error).
     pub fn apply(&self, ev: &CanonicalEvent) -> Result<Vec<WriteOp>, TransformError> {
-        if let Some(marker) = ev.as_snapshot_marker() {
-            return Ok(self.transforms.iter().filter_map(|t| t.sweep(&marker)).collect());
-        }
         let mut out = Vec::new();
         for t in &self.transforms {
             if t.reads(ev) {

@@ -9,14 +9,14 @@ use bson::{Bson, DateTime, Document, Timestamp, doc, oid::ObjectId};
 use serde_json::Value;
 
 use super::*;
-use crate::event::{CanonicalEvent, Derived, EventData, Op, Position, SCHEMA_VERSION};
+use crate::event::{CanonicalEvent, Derived, EventData, Message, Op, Position, SCHEMA_VERSION};
 
 fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
 fn shipped_topics() -> Topics {
-    crate::topics::load(&repo().join("topics")).unwrap_or_else(|r| panic!("{r}"))
+    crate::config::topics::load(&repo().join("topics")).unwrap_or_else(|r| panic!("{r}"))
 }
 
 /// Every fixture of every shipped service: the event must be exactly what
@@ -517,12 +517,12 @@ fn a_completed_snapshot_sweeps_the_targets_that_mirror_the_collection() {
     let sweeps = |svc: &str, collection: &str, types: (&str, &str)| {
         let s = services.iter().find(|s| s.service() == svc).unwrap();
         let start = bson::Timestamp { time: 1_800_000_000, increment: 3 };
-        let marker = CanonicalEvent::snapshot_marker("linechatbot", collection, start, types, 1, 3);
-        let back = CanonicalEvent::decode(&marker.encode()).unwrap();
-        s.apply(&back).unwrap()
+        let marker = crate::event::ControlMessage::snapshot_completed("linechatbot", collection, start, types, 1, 3);
+        let back = Message::decode(&Message::Control(marker).encode()).unwrap();
+        s.apply_message(&back).unwrap()
     };
     let products = sweeps("products_db", "products", ("product.snapshot", "product.deleted"));
-    let before = crate::event::format_sequence(bson::Timestamp { time: 1_800_000_000, increment: 3 }, 0);
+    let before = crate::event::Version::at(bson::Timestamp { time: 1_800_000_000, increment: 3 }, 0);
     assert_eq!(
         products,
         vec![

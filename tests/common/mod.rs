@@ -15,9 +15,9 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use bson::Document;
-use ficus::event::CanonicalEvent;
+use ficus::event::{CanonicalEvent, Message};
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::message::Message;
+use rdkafka::message::Message as _;
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 
 pub const SECANTUS_VERSION: &str = "0.5.3-beta.196";
@@ -354,7 +354,22 @@ pub struct Record {
     pub offset: i64,
     pub key: String,
     pub headers: Vec<(String, String)>,
-    pub event: CanonicalEvent,
+    pub message: Message,
+}
+
+impl Record {
+    /// The canonical event this record carries; a test that meets a control message here
+    /// expected an event.
+    pub fn event(&self) -> &CanonicalEvent {
+        self.message
+            .as_event()
+            .unwrap_or_else(|| panic!("{}@{}: a control message, not an event", self.topic, self.offset))
+    }
+
+    /// Whether it carries a canonical event (not a control message such as a snapshot marker).
+    pub fn is_event(&self) -> bool {
+        self.message.as_event().is_some()
+    }
 }
 
 /// Reads every record of `topics` from the beginning with a plain consumer (no group), until
@@ -388,7 +403,7 @@ pub fn read_topics(
         match consumer.poll(Duration::from_millis(100)) {
             Some(Ok(m)) => {
                 let payload = m.payload().expect("payload");
-                let event = CanonicalEvent::decode(payload).unwrap_or_else(|e| panic!("undecodable record: {e}"));
+                let message = Message::decode(payload).unwrap_or_else(|e| panic!("undecodable record: {e}"));
                 let headers = m
                     .headers()
                     .map(|h| {
@@ -406,7 +421,7 @@ pub fn read_topics(
                     offset: m.offset(),
                     key: String::from_utf8_lossy(m.key().unwrap_or_default()).into_owned(),
                     headers,
-                    event,
+                    message,
                 });
             }
             Some(Err(e)) => panic!("kafka read: {e}"),

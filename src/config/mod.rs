@@ -10,9 +10,13 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use serde::Deserialize;
+use report::{DefinitionError, Report};
 
-use crate::definitions::{DefinitionError, Report, read_toml};
+mod file;
+pub mod report;
+pub mod topics;
+
+pub use file::ConfigFile;
 
 /// Environment variables that override connection settings (documented in the README).
 pub const ENV_VARS: &[(&str, &str)] = &[
@@ -30,92 +34,6 @@ pub const ENV_VARS: &[(&str, &str)] = &[
     ("FICUS_TOPICS_DIR", "paths.topics (default ./topics)"),
     ("FICUS_TRANSFORMS_DIR", "paths.transforms (default ./transforms)"),
 ];
-
-/// The file as written: everything optional.
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ConfigFile {
-    #[serde(default)]
-    pub source: SourceFile,
-    #[serde(default)]
-    pub kafka: KafkaFile,
-    #[serde(default)]
-    pub target: UriFile,
-    #[serde(default)]
-    pub store: StoreFile,
-    #[serde(default)]
-    pub tail: TailFile,
-    #[serde(default)]
-    pub snapshot: SnapshotFile,
-    #[serde(default)]
-    pub paths: PathsFile,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct SourceFile {
-    pub uri: Option<String>,
-    pub db: Option<String>,
-    pub name: Option<String>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct KafkaFile {
-    pub brokers: Option<String>,
-    pub ce_headers: Option<bool>,
-    /// Names this process slot in every consumer group it joins (static membership).
-    pub instance_id: Option<String>,
-    /// `"static"` (default) or `"dynamic"`.
-    pub membership: Option<String>,
-    /// librdkafka properties for every client (security.protocol, sasl.*, ssl.*, …).
-    #[serde(default)]
-    pub properties: BTreeMap<String, String>,
-    /// librdkafka properties for the producer only.
-    #[serde(default)]
-    pub producer: BTreeMap<String, String>,
-    /// librdkafka properties for consumers only.
-    #[serde(default)]
-    pub consumer: BTreeMap<String, String>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct UriFile {
-    pub uri: Option<String>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct StoreFile {
-    pub uri: Option<String>,
-    pub db: Option<String>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct TailFile {
-    pub on_history_lost: Option<String>,
-    pub max_in_flight: Option<usize>,
-    pub checkpoint_interval_ms: Option<u64>,
-    pub max_await_ms: Option<u64>,
-    pub batch_size: Option<u32>,
-    pub lease_ttl_ms: Option<u64>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct SnapshotFile {
-    pub batch_size: Option<u32>,
-    pub max_docs_per_sec: Option<u32>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct PathsFile {
-    pub topics: Option<PathBuf>,
-    pub transforms: Option<PathBuf>,
-}
 
 /// How ficus's consumers join their groups.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -147,6 +65,7 @@ pub struct Config {
     pub store: StoreConfig,
     pub tail: TailConfig,
     pub snapshot: SnapshotConfig,
+    pub consume: ConsumeConfig,
     pub topics_dir: PathBuf,
     pub transforms_dir: PathBuf,
 }
@@ -198,6 +117,21 @@ pub struct SnapshotConfig {
     pub max_docs_per_sec: u32,
 }
 
+/// How consumers apply what they read, for live consumption, replay and re-drive alike.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConsumeConfig {
+    /// A batch is at most this many messages...
+    pub batch_max: usize,
+    /// ...collected for at most this long.
+    pub batch_wait: Duration,
+    /// How long a delete's tombstone refuses late older writes; must exceed Kafka retention.
+    pub tombstone_ttl: Duration,
+    /// `/readyz` reports a role that made no progress for this long as stalled.
+    pub stall: Duration,
+    /// How long SIGTERM/SIGINT may take to drain and checkpoint.
+    pub shutdown_timeout: Duration,
+}
+
 pub const DEFAULT_MONGO_URI: &str = "mongodb://127.0.0.1:27017/?directConnection=true";
 pub const DEFAULT_BROKERS: &str = "127.0.0.1:9092";
 pub const DEFAULT_CONFIG_FILE: &str = "ficus.toml";
@@ -208,21 +142,44 @@ pub type EnvLookup<'a> = &'a dyn Fn(&str) -> Option<String>;
 
 impl Config {
     /// Loads the config file if given or if `ficus.toml` exists in the working directory, then
-    /// applies the environment. An explicitly named file that is missing is an error.
-    pub fn load(path: Option<&Path>, env: EnvLookup<'_>) -> Result<Config, Report> {
-        let file = match path {
-            Some(p) => read_toml::<ConfigFile>(p).map_err(|e| Report { errors: vec![e] })?,
-            None if Path::new(DEFAULT_CONFIG_FILE).exists() => {
-                read_toml::<ConfigFile>(Path::new(DEFAULT_CONFIG_FILE)).map_err(|e| Report { errors: vec![e] })?
-            }
-            None => ConfigFile::default(),
-        };
+    /// applies the environment. An explicitly named file that is missing is an error. Returns
+    /// the configuration as far as it could be read (defaults where a value is wrong, so the
+    /// definitions it points to can still be checked) and every problem found.
+    pub fn load(path: Option<&Path>, env: EnvLookup<'_>) -> (Config, Report) {
         let origin = path.unwrap_or(Path::new(DEFAULT_CONFIG_FILE));
-        Self::from_file(file, origin, env)
+        let text = match path {
+            Some(p) => std::fs::read_to_string(p).map_err(|e| format!("cannot read: {e}")),
+            None if origin.exists() => std::fs::read_to_string(origin).map_err(|e| format!("cannot read: {e}")),
+            None => Ok(String::new()),
+        };
+        match text {
+            Ok(text) => Self::from_text(&text, origin, env),
+            Err(why) => {
+                let (config, mut report) = Self::build(ConfigFile::default(), origin, env);
+                report.errors.insert(0, DefinitionError::new(origin, "", why));
+                (config, report)
+            }
+        }
+    }
+
+    /// Reads a configuration file's text (see [`ConfigFile::parse`]) and builds the
+    /// configuration from it and the environment; every problem of both, together.
+    pub fn from_text(text: &str, origin: &Path, env: EnvLookup<'_>) -> (Config, Report) {
+        let (file, mut report) = ConfigFile::parse(text, origin);
+        let (config, more) = Self::build(file, origin, env);
+        report.extend(more);
+        (config, report)
     }
 
     /// Builds and validates a config from a parsed file and the environment.
     pub fn from_file(f: ConfigFile, origin: &Path, env: EnvLookup<'_>) -> Result<Config, Report> {
+        let (config, report) = Self::build(f, origin, env);
+        report.into_result(config)
+    }
+
+    /// Builds a config from a parsed file and the environment, with defaults where a value is
+    /// wrong, and the problems found.
+    fn build(f: ConfigFile, origin: &Path, env: EnvLookup<'_>) -> (Config, Report) {
         let mut report = Report::default();
         let mut err = |field: &str, msg: String| report.push(DefinitionError::new(origin, field, msg));
         let pick = |var: &str, file: Option<String>, default: &str| -> String {
@@ -308,14 +265,19 @@ impl Config {
                 None => default,
             }
         };
-        let max_in_flight =
-            positive("tail.max_in_flight", f.tail.max_in_flight.map(|v| v as u64), 20_000, &mut err) as usize;
+        let max_in_flight = positive("tail.max_in_flight", f.tail.max_in_flight, 20_000, &mut err) as usize;
         let checkpoint_interval =
             positive("tail.checkpoint_interval_ms", f.tail.checkpoint_interval_ms, 1000, &mut err);
         let max_await = positive("tail.max_await_ms", f.tail.max_await_ms, 1000, &mut err);
-        let tail_batch = positive("tail.batch_size", f.tail.batch_size.map(u64::from), 1000, &mut err) as u32;
+        let tail_batch = positive("tail.batch_size", f.tail.batch_size, 1000, &mut err).min(u64::from(u32::MAX)) as u32;
         let lease_ttl = positive("tail.lease_ttl_ms", f.tail.lease_ttl_ms, 15_000, &mut err);
-        let snap_batch = positive("snapshot.batch_size", f.snapshot.batch_size.map(u64::from), 1000, &mut err) as u32;
+        let snap_batch =
+            positive("snapshot.batch_size", f.snapshot.batch_size, 1000, &mut err).min(u64::from(u32::MAX)) as u32;
+        let batch_max = positive("consume.batch_max", f.consume.batch_max, 500, &mut err) as usize;
+        let batch_wait = positive("consume.batch_wait_ms", f.consume.batch_wait_ms, 50, &mut err);
+        let tombstone_days = positive("consume.tombstone_ttl_days", f.consume.tombstone_ttl_days, 14, &mut err);
+        let stall = positive("consume.stall_secs", f.consume.stall_secs, 60, &mut err);
+        let shutdown = positive("consume.shutdown_timeout_secs", f.consume.shutdown_timeout_secs, 30, &mut err);
 
         let cfg = Config {
             source: SourceConfig { uri: source_uri, db: source_db, name: source_name },
@@ -340,12 +302,19 @@ impl Config {
             },
             snapshot: SnapshotConfig {
                 batch_size: snap_batch,
-                max_docs_per_sec: f.snapshot.max_docs_per_sec.unwrap_or(0),
+                max_docs_per_sec: f.snapshot.max_docs_per_sec.unwrap_or(0).min(u64::from(u32::MAX)) as u32,
+            },
+            consume: ConsumeConfig {
+                batch_max,
+                batch_wait: Duration::from_millis(batch_wait),
+                tombstone_ttl: Duration::from_secs(tombstone_days.saturating_mul(86_400)),
+                stall: Duration::from_secs(stall),
+                shutdown_timeout: Duration::from_secs(shutdown),
             },
             topics_dir,
             transforms_dir,
         };
-        report.into_result(cfg)
+        (cfg, report)
     }
 
     /// A human-readable summary with every password redacted.
@@ -441,10 +410,10 @@ mod tests {
         assert_eq!(cfg.store.db, "ficus");
         assert!(cfg.kafka.ce_headers);
 
-        let file: ConfigFile =
-            toml::from_str("[source]\ndb = \"other\"\n[kafka]\nbrokers = \"k:1\"\nce_headers = false\n").unwrap();
         let env = env_of(&[("FICUS_KAFKA_BROKERS", "k:2"), ("FICUS_STORE_URI", "mongodb://s:1")]);
-        let cfg = Config::from_file(file, Path::new("f.toml"), &env).unwrap();
+        let text = "[source]\ndb = \"other\"\n[kafka]\nbrokers = \"k:1\"\nce_headers = false\n";
+        let (cfg, report) = Config::from_text(text, Path::new("f.toml"), &env);
+        assert!(report.is_empty(), "{report}");
         assert_eq!(cfg.source.db, "other");
         assert_eq!(cfg.kafka.brokers, "k:2");
         assert!(!cfg.kafka.ce_headers);
@@ -453,18 +422,16 @@ mod tests {
 
     #[test]
     fn every_problem_is_reported_with_its_field() {
-        let file: ConfigFile = toml::from_str(
-            "[source]\ndb = \"a.b\"\n[tail]\non_history_lost = \"shrug\"\nmax_in_flight = 0\n[kafka.producer]\n\"bootstrap.servers\" = \"x\"\n",
-        )
-        .unwrap();
+        let file = "[source]\ndb = \"a.b\"\n[tail]\non_history_lost = \"shrug\"\nmax_in_flight = 0\n[consume]\nbatch_max = 0\n[kafka.producer]\n\"bootstrap.servers\" = \"x\"\n";
         let env = env_of(&[("FICUS_TARGET_URI", "http://nope")]);
-        let text = Config::from_file(file, Path::new("f.toml"), &env).unwrap_err().to_string();
+        let text = Config::from_text(file, Path::new("f.toml"), &env).1.to_string();
         for needle in [
             "source.db",
             "tail.on_history_lost",
             "tail.max_in_flight",
             "target.uri",
             "kafka.producer.bootstrap.servers",
+            "consume.batch_max",
         ] {
             assert!(text.contains(needle), "missing {needle} in {text}");
         }
@@ -472,14 +439,24 @@ mod tests {
 
     #[test]
     fn unknown_keys_are_refused() {
-        assert!(toml::from_str::<ConfigFile>("[source]\nurl = \"x\"\n").is_err());
+        let (_, report) = Config::from_text("[source]\nurl = \"x\"\n", Path::new("f.toml"), &env_of(&[]));
+        assert!(report.to_string().contains("source.url: unknown key"), "{report}");
     }
 
     #[test]
     fn the_shipped_example_parses() {
         let path = Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/ficus.example.toml"));
-        let file: ConfigFile = read_toml(path).unwrap();
-        Config::from_file(file, path, &env_of(&[])).unwrap();
+        let (cfg, report) = Config::load(Some(path), &env_of(&[]));
+        assert!(report.is_empty(), "{report}");
+        assert_eq!(cfg.consume.batch_max, 500);
+    }
+
+    #[test]
+    fn paths_are_kept_when_other_values_are_wrong() {
+        let text = "[source]\ndb = 5\n[paths]\ntopics = \"elsewhere\"\n";
+        let (cfg, report) = Config::from_text(text, Path::new("f.toml"), &env_of(&[]));
+        assert_eq!(report.errors.len(), 1, "{report}");
+        assert_eq!(cfg.topics_dir, Path::new("elsewhere"));
     }
 
     #[test]

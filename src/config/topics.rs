@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-use crate::definitions::{DefinitionError, Report, read_toml, toml_files};
+use crate::config::report::{DefinitionError, Report, read_toml, toml_files};
 use crate::event::Op;
 
 /// The file format, as written.
@@ -91,7 +91,7 @@ impl TopicDef {
 
     /// The dead-letter topic consumers use for this topic.
     pub fn dlq_topic(&self) -> String {
-        format!("{}.dlq", self.topic)
+        dlq_topic(&self.topic)
     }
 }
 
@@ -128,6 +128,11 @@ impl Topics {
         let by_collection = defs.iter().enumerate().map(|(i, d)| (d.collection.clone(), i)).collect();
         Topics { defs, by_collection }
     }
+}
+
+/// The dead-letter topic of a topic: `<topic>.dlq` (names ending so are reserved for it).
+pub fn dlq_topic(topic: &str) -> String {
+    format!("{topic}.dlq")
 }
 
 /// Kafka's own rule for topic names.

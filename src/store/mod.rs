@@ -1,4 +1,5 @@
-//! The event store: every canonical event, archived for good, queryable and replayable.
+//! The event store: every message ficus put on its topics, archived for good, queryable and
+//! replayable; [`archive`] is the role that fills it.
 //!
 //! Kafka's retention and the oplog both forget; the store does not. The archive role (consumer
 //! group `ficus.archive`, all topics) writes each event once, keyed by its id, into
@@ -11,23 +12,18 @@
 //! indexes for the questions people ask (an aggregate's history, a time range, a topic in
 //! order), and `data` in native BSON.
 
-use std::time::Duration;
-
 use bson::{Bson, DateTime, Document, doc};
 use futures::TryStreamExt;
 use mongodb::options::{Acknowledgment, IndexOptions, InsertManyOptions, WriteConcern};
 use mongodb::{Collection, Database, IndexModel};
-use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
 
-use crate::bus::{BusError, GroupConsumer};
-use crate::config::KafkaConfig;
-use crate::consume::{claim_slot, keeper_ended};
-use crate::event::CanonicalEvent;
+use crate::bus::BusError;
+use crate::event::Message;
 use crate::mongo::{self, ErrorClass};
-use crate::ops::Health;
 use crate::presence::PresenceError;
-use crate::retry::with_backoff;
+
+mod archive;
+pub use archive::Archiver;
 
 pub const EVENTS: &str = "events";
 pub const ARCHIVE_GROUP: &str = "ficus.archive";
@@ -65,19 +61,13 @@ impl StoreError {
     }
 }
 
-impl From<rdkafka::error::KafkaError> for StoreError {
-    fn from(e: rdkafka::error::KafkaError) -> Self {
-        StoreError::Bus(BusError::Kafka(e))
-    }
-}
-
-/// One archived event with where it sat on Kafka.
+/// One archived message with where it sat on Kafka.
 #[derive(Debug, Clone)]
 pub struct Archived {
     pub topic: String,
     pub partition: i32,
     pub offset: i64,
-    pub event: CanonicalEvent,
+    pub message: Message,
 }
 
 /// The MongoDB event store.
@@ -107,27 +97,32 @@ impl EventStore {
     }
 
     fn to_doc(a: &Archived) -> Result<Document, StoreError> {
-        let json = a.event.to_json();
-        let data = Bson::try_from(json["data"].clone())
-            .map_err(|e| StoreError::Corrupt { id: a.event.id.clone(), reason: e.to_string() })?;
+        let m = &a.message;
+        let mut json = m.to_json();
+        let data = Bson::try_from(json["data"].take())
+            .map_err(|e| StoreError::Corrupt { id: m.id().to_string(), reason: e.to_string() })?;
+        let (source, resume_token) = match m {
+            Message::Event(e) => (&e.source, e.position.resume_token.clone()),
+            Message::Control(c) => (&c.source, None),
+        };
         Ok(doc! {
-            "_id": &a.event.id,
+            "_id": m.id(),
             "topic": &a.topic,
             "partition": a.partition,
             "offset": a.offset,
-            "key": &a.event.subject,
-            "type": &a.event.event_type,
-            "source": &a.event.source,
-            "time": a.event.time,
-            "sequence": a.event.position.sequence(),
-            "resumetoken": a.event.position.resume_token.clone(),
-            "schemaversion": a.event.schema_version as i32,
+            "key": m.key(),
+            "type": m.event_type(),
+            "source": source,
+            "time": m.time(),
+            "sequence": m.position().sequence(),
+            "resumetoken": resume_token,
+            "schemaversion": crate::event::SCHEMA_VERSION as i32,
             "data": data,
             "archived_at": DateTime::now(),
         })
     }
 
-    /// Rebuilds the canonical event from a stored document.
+    /// Rebuilds the message from a stored document.
     pub fn from_doc(d: Document) -> Result<Archived, StoreError> {
         let id = d.get_str("_id").unwrap_or("?").to_string();
         let corrupt = |reason: String| StoreError::Corrupt { id: id.clone(), reason };
@@ -146,12 +141,12 @@ impl EventStore {
         }
         env.insert("schemaversion".into(), d.get_i32("schemaversion").unwrap_or(1).into());
         env.insert("data".into(), get("data")?.into_canonical_extjson());
-        let event = CanonicalEvent::from_json(serde_json::Value::Object(env)).map_err(|e| corrupt(e.to_string()))?;
+        let message = Message::from_json(serde_json::Value::Object(env)).map_err(|e| corrupt(e.to_string()))?;
         Ok(Archived {
             topic: d.get_str("topic").map_err(|e| corrupt(e.to_string()))?.to_string(),
             partition: d.get_i32("partition").map_err(|e| corrupt(e.to_string()))?,
             offset: d.get_i64("offset").map_err(|e| corrupt(e.to_string()))?,
-            event,
+            message,
         })
     }
 
@@ -206,81 +201,10 @@ impl EventStore {
     }
 }
 
-/// The archive role.
-pub struct Archiver {
-    pub store: EventStore,
-    /// ficus's store database (the registry of group members).
-    pub db: mongodb::Database,
-    pub kafka: KafkaConfig,
-    pub topics: Vec<String>,
-    pub batch_max: usize,
-    pub batch_wait: Duration,
-    pub health: Health,
-}
-
-impl Archiver {
-    pub async fn run(&self, shutdown: CancellationToken) -> Result<(), StoreError> {
-        let attempt = || async {
-            let r = self.attempt(&shutdown).await;
-            if r.is_err() {
-                self.health.disconnected("archive");
-            }
-            r
-        };
-        with_backoff("archive", &shutdown, attempt, StoreError::is_transient).await
-    }
-
-    async fn attempt(&self, shutdown: &CancellationToken) -> Result<(), StoreError> {
-        let Some(slot) = claim_slot(&self.db, &self.kafka, ARCHIVE_GROUP, shutdown).await? else { return Ok(()) };
-        let consumer = GroupConsumer::join(&self.kafka, ARCHIVE_GROUP, &self.topics, "ficus-archive")?;
-        info!(group = ARCHIVE_GROUP, topics = ?self.topics, "archiving");
-        let watching = shutdown.child_token();
-        let keeper = tokio::spawn(crate::presence::keep(
-            slot.clone(),
-            consumer.clone(),
-            "archive".into(),
-            self.health.clone(),
-            watching.clone(),
-        ));
-        let result = tokio::select! {
-            r = self.archive_loop(&consumer, shutdown) => r,
-            kept = keeper_ended(&watching, keeper) => kept,
-        };
-        watching.cancel();
-        consumer.close();
-        if shutdown.is_cancelled() {
-            slot.release().await;
-        }
-        result
-    }
-
-    async fn archive_loop(&self, consumer: &GroupConsumer, shutdown: &CancellationToken) -> Result<(), StoreError> {
-        let idle = |up| if up { self.health.beat("archive") } else { self.health.disconnected("archive") };
-        while let Some(raw) = consumer.next_batch(self.batch_max, self.batch_wait, shutdown, idle).await? {
-            let mut batch = Vec::with_capacity(raw.len());
-            for d in &raw {
-                match CanonicalEvent::decode(&d.payload) {
-                    Ok(event) => {
-                        batch.push(Archived { topic: d.topic.clone(), partition: d.partition, offset: d.offset, event })
-                    }
-                    // Not a canonical event: the consumers dead-letter it; the archive keeps events only.
-                    Err(e) => {
-                        warn!(topic = %d.topic, partition = d.partition, offset = d.offset, "not archived, not a canonical event: {e}")
-                    }
-                }
-            }
-            let inserted = self.store.append(&batch).await?;
-            metrics::counter!("ficus_events_archived_total").increment(inserted);
-            consumer.store_offsets(&raw)?;
-        }
-        Ok(())
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::event::{Derived, EventData, Op, Position};
+    use crate::event::{CanonicalEvent, Derived, EventData, Op, Position};
     use bson::Timestamp;
 
     #[test]
@@ -311,9 +235,9 @@ mod tests {
                 }),
             },
         };
-        let archived = Archived { topic: "t".into(), partition: 2, offset: 40, event };
+        let archived = Archived { topic: "t".into(), partition: 2, offset: 40, message: Message::Event(event) };
         let back = EventStore::from_doc(EventStore::to_doc(&archived).unwrap()).unwrap();
-        assert_eq!(back.event, archived.event);
+        assert_eq!(back.message, archived.message);
         assert_eq!((back.topic.as_str(), back.partition, back.offset), ("t", 2, 40));
     }
 }

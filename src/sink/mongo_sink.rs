@@ -1,21 +1,8 @@
-//! The target adapter: applies transform output to a service database, idempotently.
-//!
-//! Every document ficus writes carries `_ficus: { v, src, event }`: `v` is the `sequence` of the
-//! last event applied (a fixed-width string, so MongoDB compares it with `$lt`), `src` the
-//! source document it came from. A write only lands where the stored `v` is older, so
-//! duplicates, replays and redelivery after a rebalance are no-ops and can never regress a
-//! document. Deletes remove the document from the service collection and leave a tombstone
-//! (`_ficus_tombstones`, keyed by collection and id, holding the delete's `v`) so a late, older
-//! upsert is refused too. Tombstones expire after `consume.tombstone_ttl` (a TTL index), which
-//! must exceed the longest redelivery window (Kafka retention); a full replay rebuilds them.
-//!
-//! Rollups (a target derived from many sources, e.g. `categories.productCount`) keep one
-//! membership record per source aggregate in `_ficus_members_<collection>`, version-guarded
-//! like any document; the group document is recomputed from the members inside a transaction,
-//! so concurrent consumers cannot interleave a stale count.
+//! The MongoDB adapter of the sink: version-guarded bulk upserts, deletes with tombstones,
+//! rollup memberships in transactions, retains and sweeps (see the module above for what each
+//! guarantees, and [`super::plan`] for the order they go out in).
 
 use std::collections::{BTreeSet, HashMap};
-use std::future::Future;
 use std::time::Duration;
 
 use bson::{Bson, Document, doc};
@@ -23,75 +10,12 @@ use futures::TryStreamExt;
 use mongodb::options::{Acknowledgment, IndexOptions, ReadConcern, WriteConcern};
 use mongodb::{Client, Database, IndexModel};
 
-use crate::event::CanonicalEvent;
-use crate::mongo::{self, ErrorClass};
+use super::plan::{Built, Step, Upsert, plan, retained_away};
+use super::rollup::GroupTally;
+use super::{MEMBERS_PREFIX, META, SNAPSHOTS, Sink, SinkError, TOMBSTONES, Versioned, doc_key};
+use crate::event::Version;
+use crate::mongo;
 use crate::transform::WriteOp;
-
-/// The metadata field on every document ficus writes.
-pub const META: &str = "_ficus";
-pub const TOMBSTONES: &str = "_ficus_tombstones";
-pub const MEMBERS_PREFIX: &str = "_ficus_members_";
-/// Which partitions have reported a completed snapshot, per target and snapshot.
-pub const SNAPSHOTS: &str = "_ficus_snapshots";
-
-/// The key of ficus's per-document bookkeeping (tombstones, verify's scratch records): the
-/// collection and the document's `_id` in canonical Extended JSON, as one string. A string,
-/// not a `{c, id}` sub-document, because some servers (secantusd-rs) answer `$in` over
-/// document-valued `_id`s with a collection scan; strings use the `_id` index.
-pub fn doc_key(collection: &str, id: &Bson) -> String {
-    format!("{collection}/{}", id.clone().into_canonical_extjson())
-}
-
-/// One event's writes, with the position that versions them.
-#[derive(Debug, Clone)]
-pub struct Versioned {
-    /// The event's `sequence`.
-    pub version: String,
-    pub event_id: String,
-    pub source_collection: String,
-    pub source_id: Bson,
-    /// When the change happened at the source (for end-to-end latency).
-    pub event_time: bson::DateTime,
-    pub ops: Vec<WriteOp>,
-}
-
-impl Versioned {
-    /// The writes of one event, versioned by its position.
-    pub fn of(ev: &CanonicalEvent, ops: Vec<WriteOp>) -> Self {
-        Versioned {
-            version: ev.position.sequence(),
-            event_id: ev.id.clone(),
-            source_collection: ev.data.collection.clone(),
-            source_id: ev.data.document_id.clone(),
-            event_time: ev.time,
-            ops,
-        }
-    }
-}
-
-/// Errors from the sink.
-#[derive(Debug, thiserror::Error)]
-pub enum SinkError {
-    #[error("target MongoDB: {}", mongo::describe(.0))]
-    Mongo(#[from] mongodb::error::Error),
-    #[error("writing to {collection}: error {code}: {message}")]
-    Write { collection: String, code: i32, message: String },
-}
-
-impl SinkError {
-    pub fn class(&self) -> ErrorClass {
-        match self {
-            SinkError::Mongo(e) => mongo::classify(e),
-            SinkError::Write { code, .. } => mongo::classify_code(*code),
-        }
-    }
-}
-
-/// Applies versioned writes to a service database.
-pub trait Sink: Send + Sync {
-    /// Applies a batch in order; returns once every write is durable (majority, journaled).
-    fn apply(&self, batch: &[Versioned]) -> impl Future<Output = Result<(), SinkError>> + Send;
-}
 
 /// The MongoDB sink for one service database.
 #[derive(Clone)]
@@ -135,7 +59,7 @@ impl MongoSink {
     }
 
     fn meta(v: &Versioned) -> Document {
-        doc! { "v": &v.version, "src": { "c": &v.source_collection, "id": v.source_id.clone() }, "event": &v.event_id }
+        doc! { "v": v.version.as_str(), "src": { "c": &v.source_collection, "id": v.source_id.clone() }, "event": &v.event_id }
     }
 
     /// The tombstones of some documents of a collection: [`doc_key`] → the deleting version.
@@ -166,12 +90,13 @@ impl MongoSink {
     /// its tombstone before deleting, so either this second look sees the tombstone and removes
     /// what the upsert resurrected, or the tombstone came later and the delete itself removes
     /// the document this upsert wrote.
-    async fn upsert_many(&self, collection: &str, items: Vec<(&Versioned, Bson, Document)>) -> Result<(), SinkError> {
-        let tombs = self.tombstones(collection, items.iter().map(|(_, id, _)| id)).await?;
+    async fn upsert_many(&self, collection: &str, items: &[Upsert<'_>]) -> Result<(), SinkError> {
+        let tombs = self.tombstones(collection, items.iter().map(|u| u.id)).await?;
         let mut written: Vec<(Bson, &str)> = Vec::with_capacity(items.len());
         let mut statements: Vec<Document> = Vec::with_capacity(items.len());
         let mut size = 0usize;
-        for (v, id, mut doc) in items {
+        for Upsert { by: v, id, doc } in items {
+            let (id, mut doc) = ((*id).clone(), (*doc).clone());
             if tombs.get(&doc_key(collection, &id)).is_some_and(|t| t.as_str() >= v.version.as_str()) {
                 continue; // deleted by a newer event
             }
@@ -180,7 +105,7 @@ impl MongoSink {
             size += bson::serialize_to_vec(&doc).map(|b| b.len()).unwrap_or(0) + 256;
             // `$not: {$gte}` also matches a document without `_ficus.v`, in one indexable predicate
             // (an `$or` here made the server scan the collection per upsert).
-            let q = doc! { "_id": id.clone(), "_ficus.v": { "$not": { "$gte": &v.version } } };
+            let q = doc! { "_id": id.clone(), "_ficus.v": { "$not": { "$gte": v.version.as_str() } } };
             statements.push(doc! { "q": q, "u": doc, "upsert": true });
             written.push((id, v.version.as_str()));
             if size > MAX_COMMAND_BYTES {
@@ -252,13 +177,13 @@ impl MongoSink {
                 .update_one(
                     doc! { "_id": doc_key(collection, &id) },
                     doc! {
-                        "$max": { "v": &v.version },
+                        "$max": { "v": v.version.as_str() },
                         "$set": { "c": collection, "id": id.clone(), "at": bson::DateTime::now() },
                     },
                 )
                 .upsert(true)
                 .await?;
-            coll.delete_one(doc! { "_id": id, "_ficus.v": { "$lt": &v.version } }).await?;
+            coll.delete_one(doc! { "_id": id, "_ficus.v": { "$lt": v.version.as_str() } }).await?;
         }
         Ok(())
     }
@@ -267,7 +192,7 @@ impl MongoSink {
     /// match the elements they have now: for each source document, the newest [`WriteOp::Retain`]
     /// of the batch names the target documents that stay; the others, unless newer than it, are
     /// deleted (with tombstones) at its version. One query for the whole batch.
-    async fn retain(&self, collection: &str, retains: Vec<(&Versioned, &[Bson])>) -> Result<(), SinkError> {
+    async fn retain(&self, collection: &str, retains: &[(&Versioned, &[Bson])]) -> Result<(), SinkError> {
         let source_collection = retains.first().map(|(v, _)| v.source_collection.clone()).unwrap_or_default();
         let ids: Vec<Bson> = retains.iter().map(|(v, _)| v.source_id.clone()).collect();
         let mut cursor = self
@@ -285,10 +210,10 @@ impl MongoSink {
             built.push(Built {
                 id: id.clone(),
                 source_id: src.get("id").cloned().unwrap_or(Bson::Null),
-                version: meta.and_then(|m| m.get_str("v").ok()).unwrap_or_default().to_string(),
+                version: Version::stored(meta.and_then(|m| m.get_str("v").ok()).unwrap_or_default()),
             });
         }
-        for (v, id) in plan_retain(&retains, &built) {
+        for (v, id) in retained_away(retains, &built) {
             self.delete(v, collection, Some(&id)).await?;
         }
         Ok(())
@@ -319,7 +244,7 @@ impl MongoSink {
             return Ok(());
         }
         // Deletes and leaves at the snapshot's own version: older than every copy it made.
-        let at = Versioned { version: before.to_string(), ..v.clone() };
+        let at = Versioned { version: Version::stored(before), ..v.clone() };
         let mut removed = 0u64;
         match rollup {
             None => {
@@ -389,7 +314,7 @@ impl MongoSink {
                 for (field, value) in distinct {
                     values.insert(field, value.clone().unwrap_or(Bson::Null));
                 }
-                let record = doc! { "_id": member.clone(), "g": group.cloned().unwrap_or(Bson::Null), "d": values, "v": &v.version, "event": &v.event_id };
+                let record = doc! { "_id": member.clone(), "g": group.cloned().unwrap_or(Bson::Null), "d": values, "v": v.version.as_str(), "event": &v.event_id };
                 members.replace_one(doc! { "_id": member.clone() }, record).upsert(true).session(&mut session).await?;
                 let mut affected: Vec<Bson> = group.into_iter().cloned().collect();
                 if let Some(g) = old_group
@@ -402,19 +327,12 @@ impl MongoSink {
                         groups.delete_one(doc! { "_id": g.clone() }).session(&mut session).await?;
                         continue;
                     }
-                    let mut set = Document::new();
-                    set.insert(count_field, in_group.len() as i64);
-                    for (field, _) in distinct {
-                        let mut seen: Vec<Bson> = Vec::new();
-                        for m in &in_group {
-                            if let Some(x) = m.get_document("d").ok().and_then(|d| d.get(field)).filter(|x| !matches!(x, Bson::Null))
-                                && !seen.contains(x) {
-                                    seen.push(x.clone());
-                                }
-                        }
-                        seen.sort_by_key(|b| b.to_string());
-                        set.insert(field.as_str(), seen);
+                    let mut tally = GroupTally::new(distinct.iter().map(|(f, _)| f.as_str()));
+                    for m in &in_group {
+                        let values = m.get_document("d").ok();
+                        tally.add(|field| values.and_then(|d| d.get(field)));
                     }
+                    let mut set = tally.fields(count_field);
                     // The newest member's version, so the group document is the same whatever
                     // order its members' events arrived in.
                     let newest = in_group
@@ -422,7 +340,7 @@ impl MongoSink {
                         .filter_map(|m| Some((m.get_str("v").ok()?, m.get_str("event").ok()?)))
                         .max()
                         .map(|(v, e)| (v.to_string(), e.to_string()))
-                        .unwrap_or_else(|| (v.version.clone(), v.event_id.clone()));
+                        .unwrap_or_else(|| (v.version.to_string(), v.event_id.clone()));
                     set.insert(META, doc! { "v": newest.0, "event": newest.1, "rollup": true });
                     if Some(&g) == group {
                         // The member's own group: its constant fields come with this event.
@@ -465,136 +383,24 @@ impl MongoSink {
 
 impl Sink for MongoSink {
     async fn apply(&self, batch: &[Versioned]) -> Result<(), SinkError> {
-        // Every write is version-guarded, so the final state does not depend on the order the
-        // writes land in (the property test in tests/sink_property.rs holds us to that). That
-        // allows: only the newest upsert per target document, all upserts of a collection in
-        // bulk, then deletes, then rollups.
-        let mut newest: HashMap<(&str, String), (&Versioned, &Bson, &Document)> = HashMap::new();
-        for v in batch {
-            for op in &v.ops {
-                if let WriteOp::Upsert { collection, id, doc } = op {
-                    let e = newest.entry((collection.as_str(), id.to_string())).or_insert((v, id, doc));
-                    if e.0.version < v.version {
-                        *e = (v, id, doc);
-                    }
-                }
-            }
-        }
-        let mut by_collection: HashMap<&str, Vec<(&Versioned, Bson, Document)>> = HashMap::new();
-        for ((collection, _), (v, id, doc)) in newest {
-            by_collection.entry(collection).or_default().push((v, id.clone(), doc.clone()));
-        }
+        let plan = plan(batch);
         // Collections are independent: their bulk writes go out together.
-        futures::future::try_join_all(by_collection.into_iter().map(|(c, items)| self.upsert_many(c, items))).await?;
-        for v in batch {
-            for op in &v.ops {
-                match op {
-                    WriteOp::Upsert { .. } => {}
-                    WriteOp::Delete { collection, id } => self.delete(v, collection, id.as_ref()).await?,
-                    WriteOp::Rollup { collection, group, member, count_field, distinct, group_fields } => {
-                        self.rollup(v, collection, group.as_ref(), member, count_field, distinct, group_fields).await?
-                    }
-                    WriteOp::Retain { .. } | WriteOp::Sweep { .. } => {}
+        futures::future::try_join_all(plan.upserts.iter().map(|(c, items)| self.upsert_many(c, items))).await?;
+        for Step { by, op } in &plan.steps {
+            match op {
+                WriteOp::Delete { collection, id } => self.delete(by, collection, id.as_ref()).await?,
+                WriteOp::Rollup { collection, group, member, count_field, distinct, group_fields } => {
+                    self.rollup(by, collection, group.as_ref(), member, count_field, distinct, group_fields).await?
                 }
+                _ => {}
             }
         }
-        let mut retains: HashMap<&str, Vec<(&Versioned, &[Bson])>> = HashMap::new();
-        for v in batch {
-            for op in &v.ops {
-                if let WriteOp::Retain { collection, keep } = op {
-                    retains.entry(collection.as_str()).or_default().push((v, keep.as_slice()));
-                }
-            }
+        for (collection, retains) in &plan.retains {
+            self.retain(collection, retains).await?;
         }
-        for (collection, r) in retains {
-            self.retain(collection, r).await?;
-        }
-        // Last, so a marker's sweep follows every write delivered before it.
-        for v in batch {
-            for op in v.ops.iter().filter(|op| matches!(op, WriteOp::Sweep { .. })) {
-                self.sweep(v, op).await?;
-            }
+        for Step { by, op } in &plan.sweeps {
+            self.sweep(by, op).await?;
         }
         Ok(())
-    }
-}
-
-/// A target document as [`MongoSink::retain`] sees it: what built it and at which version.
-#[derive(Debug, Clone, PartialEq)]
-struct Built {
-    id: Bson,
-    source_id: Bson,
-    version: String,
-}
-
-/// Which target documents the retains of a batch remove, each with the retain that removes it:
-/// per source document the newest retain counts; a document it does not keep goes unless its
-/// version is at least the retain's (a newer element event already wrote it).
-fn plan_retain<'a>(retains: &[(&'a Versioned, &[Bson])], built: &[Built]) -> Vec<(&'a Versioned, Bson)> {
-    let mut newest: HashMap<String, (&'a Versioned, &[Bson])> = HashMap::new();
-    for (v, keep) in retains {
-        let e = newest.entry(v.source_id.to_string()).or_insert((v, keep));
-        if e.0.version < v.version {
-            *e = (v, keep);
-        }
-    }
-    let mut out = Vec::new();
-    for b in built {
-        if let Some((v, keep)) = newest.get(&b.source_id.to_string())
-            && !keep.contains(&b.id)
-            && b.version.as_str() < v.version.as_str()
-        {
-            out.push((*v, b.id.clone()));
-        }
-    }
-    out
-}
-
-/// Removes ficus's metadata from a target document (for comparisons and display).
-pub fn strip_meta(mut d: Document) -> Document {
-    d.remove(META);
-    d
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn versioned(source: &str, version: &str) -> Versioned {
-        Versioned {
-            version: version.into(),
-            event_id: format!("e{version}"),
-            source_collection: "customers".into(),
-            source_id: Bson::String(source.into()),
-            event_time: bson::DateTime::from_millis(0),
-            ops: Vec::new(),
-        }
-    }
-
-    fn built(id: &str, source: &str, version: &str) -> Built {
-        Built { id: Bson::String(id.into()), source_id: Bson::String(source.into()), version: version.into() }
-    }
-
-    #[test]
-    fn retain_removes_only_what_the_newest_state_lacks_and_is_older() {
-        let (older, newer, other) = (versioned("C1", "10"), versioned("C1", "20"), versioned("C2", "15"));
-        let keep_old = [Bson::String("P1".into()), Bson::String("P2".into())];
-        let keep_new = [Bson::String("P1".into())];
-        let keep_other: [Bson; 0] = [];
-        let retains = [(&older, &keep_old[..]), (&newer, &keep_new[..]), (&other, &keep_other[..])];
-        let docs = [
-            built("P1", "C1", "05"), // kept by the newest state
-            built("P2", "C1", "05"), // pulled since: goes, at the newest retain's version
-            built("P3", "C1", "25"), // written by an element event newer than every retain: stays
-            built("P4", "C2", "15"), // as new as the retain: stays (a version never regresses)
-            built("P5", "C2", "14"), // C2 has no elements left: goes
-            built("P6", "C3", "01"), // another customer, not retained here: untouched
-        ];
-        let gone: Vec<(String, Bson)> =
-            plan_retain(&retains, &docs).into_iter().map(|(v, id)| (v.version.clone(), id)).collect();
-        assert_eq!(
-            gone,
-            vec![("20".to_string(), Bson::String("P2".into())), ("15".to_string(), Bson::String("P5".into()))]
-        );
     }
 }

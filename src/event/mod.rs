@@ -2,22 +2,26 @@
 //!
 //! The tailer produces it, Kafka carries it, consumers and the event store read it. On the wire
 //! it is a CloudEvents 1.0 envelope in structured JSON mode, so `kcat` shows something a person
-//! can read. Document values inside `data` are MongoDB **canonical** Extended JSON v2, which keeps
-//! every BSON type (an Int32 stays an Int32, a Decimal128 a Decimal128, a Date a Date) through
-//! the round trip; relaxed JSON would fold Int32/Int64/Double together.
-//!
-//! Field names that begin with `$` (legal in MongoDB documents since 5.0) would be read back as
-//! Extended JSON type wrappers (`{"$numberInt": "5"}` is the number 5), so inside `data` every
-//! such name is written with one more `$` (`$numberInt` → `$$numberInt`) and the decoder strips
-//! it again. Type wrappers never begin with `$$`, so the escape is unambiguous.
+//! can read; document values inside `data` are canonical Extended JSON ([`ejson`]). Beside events,
+//! topics carry ficus's own [`control`] messages (snapshot markers), and [`Message`] is either.
 //!
 //! Ordering and identity come from the [`Position`]: `id` is a hash of it (the same change always
-//! yields the same id, so duplicates are recognisable) and `sequence` is a fixed-width decimal
-//! string whose lexicographic order is the source's commit order, usable as a version.
+//! yields the same id, so duplicates are recognisable) and `sequence` is its [`Version`], whose
+//! order is the source's commit order.
+
+mod control;
+mod ejson;
+mod version;
+
+pub use control::{Control, ControlMessage, Message, SNAPSHOT_COMPLETED, SnapshotMarker};
+pub use ejson::{from_ejson, to_ejson};
+pub use version::Version;
 
 use std::fmt;
 
 use bson::{Bson, DateTime, Document, Timestamp};
+
+use ejson::doc_to_json;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
@@ -45,24 +49,13 @@ impl Position {
     /// The `sequence` extension: 30 digits, `time` then `increment` then `index`, each padded to
     /// 10, so comparing strings compares positions (and MongoDB can compare them with `$lt`).
     pub fn sequence(&self) -> String {
-        format_sequence(self.cluster_time, self.index)
+        self.version().as_str().to_string()
     }
-}
 
-/// Formats a sequence string; see [`Position::sequence`].
-pub fn format_sequence(ts: Timestamp, index: u32) -> String {
-    format!("{:010}{:010}{:010}", ts.time, ts.increment, index)
-}
-
-/// Parses a sequence string back into cluster time and index.
-pub fn parse_sequence(s: &str) -> Option<(Timestamp, u32)> {
-    if s.len() != 30 || !s.bytes().all(|b| b.is_ascii_digit()) {
-        return None;
+    /// The position as a document version.
+    pub fn version(&self) -> Version {
+        Version::at(self.cluster_time, self.index)
     }
-    let time = s[0..10].parse().ok()?;
-    let increment = s[10..20].parse().ok()?;
-    let index = s[20..30].parse().ok()?;
-    Some((Timestamp { time, increment }, index))
 }
 
 /// What happened to the source document.
@@ -181,27 +174,6 @@ pub fn render_key(key: &Bson) -> String {
     }
 }
 
-/// The CloudEvents `type` of the marker the tailer puts on every partition of a topic once a
-/// snapshot of its collection is copied and acknowledged (see [`CanonicalEvent::snapshot_marker`]).
-pub const SNAPSHOT_COMPLETED: &str = "ficus.snapshot.completed";
-
-/// What a snapshot marker says: every document of `collection` that existed at `start` has
-/// been copied ahead of this marker on this partition. A consumer that has seen the markers of
-/// every partition knows that anything of `collection` it holds at a version older than
-/// `start` no longer exists at the source (it was deleted while no history was kept), and
-/// removes it as a `delete_type` event would.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SnapshotMarker {
-    pub collection: String,
-    /// The version of the snapshot's copies (their `sequence`).
-    pub start: String,
-    pub partition: i32,
-    pub partitions: i32,
-    /// The topic's snapshot and delete event types.
-    pub snapshot_type: String,
-    pub delete_type: String,
-}
-
 /// A message on the wire that is not a canonical event.
 #[derive(Debug, thiserror::Error)]
 pub enum DecodeError {
@@ -211,112 +183,11 @@ pub enum DecodeError {
     Field { field: &'static str, reason: String },
 }
 
-fn bad(field: &'static str, reason: impl Into<String>) -> DecodeError {
+pub(crate) fn bad(field: &'static str, reason: impl Into<String>) -> DecodeError {
     DecodeError::Field { field, reason: reason.into() }
 }
 
-fn doc_to_json(doc: &Document) -> Value {
-    to_ejson(&Bson::Document(doc.clone()))
-}
-
-/// Canonical Extended JSON of a value, with `$`-prefixed field names escaped (see the module
-/// header). Values without such names, nearly all of them, are converted as they are.
-pub fn to_ejson(b: &Bson) -> Value {
-    if has_dollar_keys(b, "$") {
-        escape_keys(b.clone()).into_canonical_extjson()
-    } else {
-        b.clone().into_canonical_extjson()
-    }
-}
-
-/// Parses Extended JSON written by [`to_ejson`], undoing its escape.
-pub fn from_ejson(v: Value) -> Result<Bson, bson::error::Error> {
-    let b = Bson::try_from(v)?;
-    Ok(if has_dollar_keys(&b, "$$") { unescape_keys(b) } else { b })
-}
-
-fn has_dollar_keys(b: &Bson, prefix: &str) -> bool {
-    match b {
-        Bson::Document(d) => d.iter().any(|(k, v)| k.starts_with(prefix) || has_dollar_keys(v, prefix)),
-        Bson::Array(a) => a.iter().any(|v| has_dollar_keys(v, prefix)),
-        _ => false,
-    }
-}
-
-fn rename_keys(b: Bson, rename: &impl Fn(String) -> String) -> Bson {
-    match b {
-        Bson::Document(d) => Bson::Document(d.into_iter().map(|(k, v)| (rename(k), rename_keys(v, rename))).collect()),
-        Bson::Array(a) => Bson::Array(a.into_iter().map(|v| rename_keys(v, rename)).collect()),
-        other => other,
-    }
-}
-
-fn escape_keys(b: Bson) -> Bson {
-    rename_keys(b, &|k| if k.starts_with('$') { format!("${k}") } else { k })
-}
-
-fn unescape_keys(b: Bson) -> Bson {
-    rename_keys(b, &|k| if k.starts_with("$$") { k[1..].to_string() } else { k })
-}
-
 impl CanonicalEvent {
-    /// The marker for one partition of a completed snapshot taken at `start`. It sorts after
-    /// every event of that snapshot (and of its cluster time): its index is the largest there
-    /// is. Its details travel in `data.after`, readable with kcat like any event.
-    pub fn snapshot_marker(
-        source_name: &str,
-        collection: &str,
-        start: Timestamp,
-        (snapshot_type, delete_type): (&str, &str),
-        partition: i32,
-        partitions: i32,
-    ) -> CanonicalEvent {
-        let copies = Position { cluster_time: start, index: 0, resume_token: None };
-        let position = Position { cluster_time: start, index: u32::MAX, resume_token: None };
-        CanonicalEvent {
-            id: event_id(source_name, &position, &format!("snapshot-completed:{collection}:{partition}")),
-            source: format!("ficus://{source_name}/{collection}"),
-            event_type: SNAPSHOT_COMPLETED.to_string(),
-            subject: collection.to_string(),
-            time: DateTime::now(),
-            schema_version: SCHEMA_VERSION,
-            data: EventData {
-                op: Op::Snapshot,
-                collection: collection.to_string(),
-                key: Bson::String(collection.to_string()),
-                document_id: Bson::Null,
-                after: Some(bson::doc! {
-                    "start": copies.sequence(),
-                    "partition": partition,
-                    "partitions": partitions,
-                    "snapshotType": snapshot_type,
-                    "deleteType": delete_type,
-                }),
-                before: None,
-                changed: None,
-                removed: Vec::new(),
-                derived: None,
-            },
-            position,
-        }
-    }
-
-    /// The marker's details, when this is a snapshot marker.
-    pub fn as_snapshot_marker(&self) -> Option<SnapshotMarker> {
-        if self.event_type != SNAPSHOT_COMPLETED {
-            return None;
-        }
-        let a = self.data.after.as_ref()?;
-        Some(SnapshotMarker {
-            collection: self.data.collection.clone(),
-            start: a.get_str("start").ok()?.to_string(),
-            partition: a.get_i32("partition").ok()?,
-            partitions: a.get_i32("partitions").ok()?,
-            snapshot_type: a.get_str("snapshotType").ok()?.to_string(),
-            delete_type: a.get_str("deleteType").ok()?.to_string(),
-        })
-    }
-
     /// The event without its document images (`after`, `before`, `changed`, the derived
     /// element): what a dead letter keeps of an event too large to send.
     /// Built field by field, so the images are never copied.
@@ -429,7 +300,8 @@ impl CanonicalEvent {
         let time_s = string("time")?;
         let time = DateTime::parse_rfc3339_str(&time_s).map_err(|e| bad("time", format!("not RFC 3339: {e}")))?;
         let seq = string("sequence")?;
-        let (cluster_time, index) = parse_sequence(&seq).ok_or_else(|| bad("sequence", "expected 30 digits"))?;
+        let (cluster_time, index) =
+            Version::parse(&seq).and_then(|v| v.position()).ok_or_else(|| bad("sequence", "expected 30 digits"))?;
         let resume_token = match env.remove("resumetoken") {
             Some(Value::String(s)) => Some(s),
             None | Some(Value::Null) => None,
@@ -629,16 +501,6 @@ mod tests {
         q.index += 1;
         assert_ne!(event_id("s", &p, ""), event_id("s", &q, ""));
         assert_eq!(event_id("s", &p, "").len(), 32);
-    }
-
-    #[test]
-    fn sequence_orders_like_positions() {
-        let a = format_sequence(Timestamp { time: 9, increment: 99 }, 5);
-        let b = format_sequence(Timestamp { time: 10, increment: 1 }, 0);
-        let c = format_sequence(Timestamp { time: 10, increment: 1 }, 1);
-        assert!(a < b && b < c);
-        assert_eq!(parse_sequence(&c), Some((Timestamp { time: 10, increment: 1 }, 1)));
-        assert_eq!(parse_sequence("12"), None);
     }
 
     #[test]

@@ -1,0 +1,303 @@
+//! The configuration file as written: every key optional, read leniently so that one run
+//! reports every problem in the file.
+//!
+//! A file is parsed as TOML first (a syntax error stops there: nothing after it can be trusted).
+//! Each known key is then read on its own, so a value of the wrong type (`db = 5`) is one
+//! problem among others instead of the end of the parse, and every unknown key is reported too,
+//! each with its dotted path and line. What was read is handed to [`super::Config`], which
+//! fills the gaps with defaults and the environment and checks the values.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::de::DeserializeOwned;
+
+use super::report::{DefinitionError, Report};
+
+/// The file, every value optional.
+#[derive(Debug, Default, Clone)]
+pub struct ConfigFile {
+    pub source: SourceFile,
+    pub kafka: KafkaFile,
+    pub target: UriFile,
+    pub store: StoreFile,
+    pub tail: TailFile,
+    pub snapshot: SnapshotFile,
+    pub consume: ConsumeFile,
+    pub paths: PathsFile,
+}
+
+#[derive(Debug, Default, Clone)]
+pub struct SourceFile {
+    pub uri: Option<String>,
+    pub db: Option<String>,
+    pub name: Option<String>,
+}
+
+#[derive(Debug, Default, Clone)]
+pub struct KafkaFile {
+    pub brokers: Option<String>,
+    pub ce_headers: Option<bool>,
+    /// Names this process slot in every consumer group it joins (static membership).
+    pub instance_id: Option<String>,
+    /// `"static"` (default) or `"dynamic"`.
+    pub membership: Option<String>,
+    /// librdkafka properties for every client (security.protocol, sasl.*, ssl.*, …).
+    pub properties: BTreeMap<String, String>,
+    /// librdkafka properties for the producer only.
+    pub producer: BTreeMap<String, String>,
+    /// librdkafka properties for consumers only.
+    pub consumer: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Default, Clone)]
+pub struct UriFile {
+    pub uri: Option<String>,
+}
+
+#[derive(Debug, Default, Clone)]
+pub struct StoreFile {
+    pub uri: Option<String>,
+    pub db: Option<String>,
+}
+
+#[derive(Debug, Default, Clone)]
+pub struct TailFile {
+    pub on_history_lost: Option<String>,
+    pub max_in_flight: Option<u64>,
+    pub checkpoint_interval_ms: Option<u64>,
+    pub max_await_ms: Option<u64>,
+    pub batch_size: Option<u64>,
+    pub lease_ttl_ms: Option<u64>,
+}
+
+#[derive(Debug, Default, Clone)]
+pub struct SnapshotFile {
+    pub batch_size: Option<u64>,
+    pub max_docs_per_sec: Option<u64>,
+}
+
+#[derive(Debug, Default, Clone)]
+pub struct ConsumeFile {
+    pub batch_max: Option<u64>,
+    pub batch_wait_ms: Option<u64>,
+    pub tombstone_ttl_days: Option<u64>,
+    pub stall_secs: Option<u64>,
+    pub shutdown_timeout_secs: Option<u64>,
+}
+
+#[derive(Debug, Default, Clone)]
+pub struct PathsFile {
+    pub topics: Option<PathBuf>,
+    pub transforms: Option<PathBuf>,
+}
+
+impl ConfigFile {
+    /// Reads a file's text: what could be read, and every problem found (syntax, types,
+    /// unknown keys), each naming its field and line.
+    pub fn parse(text: &str, origin: &Path) -> (ConfigFile, Report) {
+        let mut r = Reader { origin, text, report: Report::default() };
+        let root: toml::Table = match text.parse() {
+            Ok(t) => t,
+            Err(e) => {
+                let e: toml::de::Error = e;
+                let at = e.span().map(|s| format!(" (line {})", line_of(text, s.start))).unwrap_or_default();
+                r.report.push(DefinitionError::new(origin, "", format!("{}{at}", e.message().trim_end())));
+                return (ConfigFile::default(), r.report);
+            }
+        };
+        r.unknown(&root, "", &["source", "kafka", "target", "store", "tail", "snapshot", "consume", "paths"]);
+        let empty = toml::Table::new();
+        let section = |r: &mut Reader<'_>, name: &str, keys: &[&str]| {
+            let t = r.table(&root, "", name).unwrap_or(&empty);
+            r.unknown(t, name, keys);
+            t
+        };
+        let t = section(&mut r, "source", &["uri", "db", "name"]);
+        let source = SourceFile {
+            uri: r.get(t, "source", "uri"),
+            db: r.get(t, "source", "db"),
+            name: r.get(t, "source", "name"),
+        };
+        let t = section(
+            &mut r,
+            "kafka",
+            &["brokers", "ce_headers", "instance_id", "membership", "properties", "producer", "consumer"],
+        );
+        let kafka = KafkaFile {
+            brokers: r.get(t, "kafka", "brokers"),
+            ce_headers: r.get(t, "kafka", "ce_headers"),
+            instance_id: r.get(t, "kafka", "instance_id"),
+            membership: r.get(t, "kafka", "membership"),
+            properties: r.properties(t, "kafka", "properties"),
+            producer: r.properties(t, "kafka", "producer"),
+            consumer: r.properties(t, "kafka", "consumer"),
+        };
+        let t = section(&mut r, "target", &["uri"]);
+        let target = UriFile { uri: r.get(t, "target", "uri") };
+        let t = section(&mut r, "store", &["uri", "db"]);
+        let store = StoreFile { uri: r.get(t, "store", "uri"), db: r.get(t, "store", "db") };
+        let keys = [
+            "on_history_lost",
+            "max_in_flight",
+            "checkpoint_interval_ms",
+            "max_await_ms",
+            "batch_size",
+            "lease_ttl_ms",
+        ];
+        let t = section(&mut r, "tail", &keys);
+        let tail = TailFile {
+            on_history_lost: r.get(t, "tail", "on_history_lost"),
+            max_in_flight: r.get(t, "tail", "max_in_flight"),
+            checkpoint_interval_ms: r.get(t, "tail", "checkpoint_interval_ms"),
+            max_await_ms: r.get(t, "tail", "max_await_ms"),
+            batch_size: r.get(t, "tail", "batch_size"),
+            lease_ttl_ms: r.get(t, "tail", "lease_ttl_ms"),
+        };
+        let t = section(&mut r, "snapshot", &["batch_size", "max_docs_per_sec"]);
+        let snapshot = SnapshotFile {
+            batch_size: r.get(t, "snapshot", "batch_size"),
+            max_docs_per_sec: r.get(t, "snapshot", "max_docs_per_sec"),
+        };
+        let keys = ["batch_max", "batch_wait_ms", "tombstone_ttl_days", "stall_secs", "shutdown_timeout_secs"];
+        let t = section(&mut r, "consume", &keys);
+        let consume = ConsumeFile {
+            batch_max: r.get(t, "consume", "batch_max"),
+            batch_wait_ms: r.get(t, "consume", "batch_wait_ms"),
+            tombstone_ttl_days: r.get(t, "consume", "tombstone_ttl_days"),
+            stall_secs: r.get(t, "consume", "stall_secs"),
+            shutdown_timeout_secs: r.get(t, "consume", "shutdown_timeout_secs"),
+        };
+        let t = section(&mut r, "paths", &["topics", "transforms"]);
+        let paths = PathsFile { topics: r.get(t, "paths", "topics"), transforms: r.get(t, "paths", "transforms") };
+        (ConfigFile { source, kafka, target, store, tail, snapshot, consume, paths }, r.report)
+    }
+}
+
+struct Reader<'a> {
+    origin: &'a Path,
+    text: &'a str,
+    report: Report,
+}
+
+impl Reader<'_> {
+    fn problem(&mut self, field: &str, message: impl std::fmt::Display) {
+        let at = find_line(self.text, field).map(|l| format!(" (line {l})")).unwrap_or_default();
+        self.report.push(DefinitionError::new(self.origin, field, format!("{message}{at}")));
+    }
+
+    fn table<'t>(&mut self, parent: &'t toml::Table, at: &str, key: &str) -> Option<&'t toml::Table> {
+        match parent.get(key)? {
+            toml::Value::Table(t) => Some(t),
+            other => {
+                self.problem(&join(at, key), format!("expected a table, found {}", other.type_str()));
+                None
+            }
+        }
+    }
+
+    fn unknown(&mut self, t: &toml::Table, at: &str, known: &[&str]) {
+        for key in t.keys().filter(|k| !known.contains(&k.as_str())) {
+            self.problem(&join(at, key), format!("unknown key (expected one of: {})", known.join(", ")));
+        }
+    }
+
+    fn get<T: DeserializeOwned>(&mut self, t: &toml::Table, at: &str, key: &str) -> Option<T> {
+        let v = t.get(key)?;
+        match T::deserialize(v.clone()) {
+            Ok(x) => Some(x),
+            Err(e) => {
+                self.problem(&join(at, key), e.message().trim_end());
+                None
+            }
+        }
+    }
+
+    /// A table of librdkafka properties: names to text (numbers and booleans are taken as text).
+    fn properties(&mut self, t: &toml::Table, at: &str, key: &str) -> BTreeMap<String, String> {
+        let Some(table) = self.table(t, at, key) else { return BTreeMap::new() };
+        let at = join(at, key);
+        let mut out = BTreeMap::new();
+        for (k, v) in table {
+            let text = match v {
+                toml::Value::String(s) => s.clone(),
+                toml::Value::Integer(i) => i.to_string(),
+                toml::Value::Boolean(b) => b.to_string(),
+                toml::Value::Float(f) => f.to_string(),
+                other => {
+                    self.problem(
+                        &join(&at, k),
+                        format!("expected a librdkafka value (text), found {}", other.type_str()),
+                    );
+                    continue;
+                }
+            };
+            out.insert(k.clone(), text);
+        }
+        out
+    }
+}
+
+fn join(at: &str, key: &str) -> String {
+    if at.is_empty() { key.to_string() } else { format!("{at}.{key}") }
+}
+
+/// The line a byte offset is on.
+fn line_of(text: &str, offset: usize) -> usize {
+    text[..offset.min(text.len())].lines().count().max(1)
+}
+
+/// The line a dotted field is set on: its key under its table's header (`[a.b]` then `c = `),
+/// or a header naming it. Quoted keys are matched with their quotes.
+fn find_line(text: &str, field: &str) -> Option<usize> {
+    let (table, key) = field.rsplit_once('.').map_or(("", field), |(t, k)| (t, k));
+    let mut current = String::new();
+    for (i, line) in text.lines().enumerate() {
+        let l = line.trim();
+        if let Some(header) = l.strip_prefix('[').and_then(|h| h.split(']').next()) {
+            current = header.trim().to_string();
+            if current == field {
+                return Some(i + 1);
+            }
+            continue;
+        }
+        let name = l.split('=').next().unwrap_or_default().trim().trim_matches('"');
+        if current == table && name == key && l.contains('=') {
+            return Some(i + 1);
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_problem_of_a_file_is_reported_in_one_run() {
+        let text = "[source]\ndb = 5\nurl = \"x\"\n\n[tail]\nlease_ttl_ms = \"abc\"\n\n[kafka.producer]\n\"linger.ms\" = 5\n\n[paths]\ntopics = \"defs\"\n\n[nonsense]\n";
+        let (file, report) = ConfigFile::parse(text, Path::new("f.toml"));
+        let text = report.to_string();
+        for needle in [
+            "f.toml: source.db: invalid type: integer `5`, expected a string (line 2)",
+            "f.toml: source.url: unknown key",
+            "(line 3)",
+            "f.toml: tail.lease_ttl_ms:",
+            "(line 6)",
+            "f.toml: nonsense: unknown key",
+        ] {
+            assert!(text.contains(needle), "missing {needle:?} in\n{text}");
+        }
+        assert_eq!(report.errors.len(), 4, "{text}");
+        // What could be read was read.
+        assert_eq!(file.paths.topics.as_deref(), Some(Path::new("defs")));
+        assert_eq!(file.kafka.producer.get("linger.ms").map(String::as_str), Some("5"));
+    }
+
+    #[test]
+    fn a_syntax_error_names_its_line() {
+        let (_, report) = ConfigFile::parse("[tail]\nlease_ttl_ms = = 3\n", Path::new("f.toml"));
+        assert_eq!(report.errors.len(), 1);
+        assert!(report.to_string().contains("(line 2)"), "{report}");
+    }
+}

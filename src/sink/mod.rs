@@ -1,0 +1,118 @@
+//! The target side: version-guarded, idempotent writes of transform output into a service
+//! database.
+//!
+//! Every document ficus writes carries `_ficus: { v, src, event }`: `v` is the [`Version`] of
+//! the last message applied, `src` the source document it came from. A write only lands where
+//! the stored `v` is older, so duplicates, replays and redelivery after a rebalance are no-ops
+//! and can never regress a document. Deletes remove the document and leave a tombstone
+//! (`_ficus_tombstones`: collection, id, the delete's `v`) so a late, older upsert is refused
+//! too; tombstones expire after the consume settings' TTL, which must exceed the longest
+//! redelivery window (Kafka retention). Rollups keep one membership record per source
+//! aggregate in `_ficus_members_<collection>` and recompute the group document ([`rollup`]).
+//!
+//! - [`plan`]: the order a batch's writes take (pure);
+//! - [`rollup`]: a rollup's group document from its members (pure; `verify` computes the same);
+//! - [`MongoSink`]: the MongoDB adapter.
+
+use std::future::Future;
+
+use bson::{Bson, Document};
+
+use crate::event::{Message, Version};
+use crate::mongo::{self, ErrorClass};
+use crate::transform::WriteOp;
+
+mod mongo_sink;
+pub mod plan;
+pub mod rollup;
+
+pub use mongo_sink::MongoSink;
+
+/// The metadata field on every document ficus writes.
+pub const META: &str = "_ficus";
+pub const TOMBSTONES: &str = "_ficus_tombstones";
+pub const MEMBERS_PREFIX: &str = "_ficus_members_";
+/// Which partitions have reported a completed snapshot, per target and snapshot.
+pub const SNAPSHOTS: &str = "_ficus_snapshots";
+
+/// The key of ficus's per-document bookkeeping (tombstones, verify's scratch records): the
+/// collection and the document's `_id` in canonical Extended JSON, as one string. A string,
+/// not a `{c, id}` sub-document, because some servers (secantusd-rs) answer `$in` over
+/// document-valued `_id`s with a collection scan; strings use the `_id` index.
+pub fn doc_key(collection: &str, id: &Bson) -> String {
+    format!("{collection}/{}", id.clone().into_canonical_extjson())
+}
+
+/// One message's writes, with the position that versions them.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Versioned {
+    /// The message's position in the source's history.
+    pub version: Version,
+    pub event_id: String,
+    pub source_collection: String,
+    pub source_id: Bson,
+    /// When the change happened at the source (for end-to-end latency).
+    pub event_time: bson::DateTime,
+    pub ops: Vec<WriteOp>,
+}
+
+impl Versioned {
+    /// The writes of one message, versioned by its position.
+    pub fn of(m: &Message, ops: Vec<WriteOp>) -> Self {
+        match m {
+            Message::Event(ev) => Versioned {
+                version: ev.position.version(),
+                event_id: ev.id.clone(),
+                source_collection: ev.data.collection.clone(),
+                source_id: ev.data.document_id.clone(),
+                event_time: ev.time,
+                ops,
+            },
+            Message::Control(c) => Versioned {
+                version: c.position.version(),
+                event_id: c.id.clone(),
+                source_collection: c.collection().to_string(),
+                source_id: Bson::Null,
+                event_time: c.time,
+                ops,
+            },
+        }
+    }
+}
+
+/// Errors from the sink.
+#[derive(Debug, thiserror::Error)]
+pub enum SinkError {
+    #[error("target MongoDB: {}", mongo::describe(.0))]
+    Mongo(#[from] mongodb::error::Error),
+    #[error("writing to {collection}: error {code}: {message}")]
+    Write { collection: String, code: i32, message: String },
+}
+
+impl SinkError {
+    pub fn class(&self) -> ErrorClass {
+        match self {
+            SinkError::Mongo(e) => mongo::classify(e),
+            SinkError::Write { code, .. } => mongo::classify_code(*code),
+        }
+    }
+}
+
+/// Applies versioned writes to a service database.
+///
+/// Contract: when `apply` returns `Ok`, every write of the batch is durable (majority,
+/// journaled), and the database is in the state one delivery of the batch's messages in
+/// version order would leave, whatever was applied before: a write never lands over a newer
+/// version (of the document or of its tombstone), so applying a batch twice, or batches out of
+/// order, or interleaved with another writer of the same messages, converges to the same
+/// state. The writes of a batch may go out in any order that keeps that promise ([`plan`]).
+/// An error means some writes may have landed; applying the batch again is always safe.
+pub trait Sink: Send + Sync {
+    fn apply(&self, batch: &[Versioned]) -> impl Future<Output = Result<(), SinkError>> + Send;
+}
+
+/// Removes ficus's metadata from a target document (for comparisons and display).
+pub fn strip_meta(mut d: Document) -> Document {
+    d.remove(META);
+    d
+}
