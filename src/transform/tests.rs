@@ -383,6 +383,12 @@ conversion = "ratio(sold, views)"
 inStock = "stock > 0"
 specs = "specs | drop('internal', 'dims.raw') | camel_keys"
 label = "concat(sku, ':', default(name, 'unnamed'))"
+
+[reverse]
+conversion = { read_only = "computed from sold and views" }
+inStock = { read_only = "follows stock" }
+specs = { read_only = "internal specs never leave the monolith" }
+label = { read_only = "computed from sku and name" }
 "#;
 
 #[test]
