@@ -171,9 +171,12 @@ pub fn render_classification<'a>(services: impl IntoIterator<Item = &'a ServiceT
     s
 }
 
+/// Counts something per (collection, field), for a column of the table.
+pub(super) type PerField<'a> = &'a dyn Fn(&str, &str) -> usize;
+
 /// One service's classification; with `failures`, the number of failed law checks per field is
 /// appended to each row (`ficus lens check`).
-pub(super) fn render_service(classes: &[CollectionClass], failures: Option<&dyn Fn(&str, &str) -> usize>) -> String {
+pub(super) fn render_service(classes: &[CollectionClass], failures: Option<PerField<'_>>) -> String {
     let mut s = String::new();
     for c in classes {
         let _ = writeln!(

@@ -28,7 +28,7 @@ use bson::{Bson, DateTime, Document, Timestamp, doc};
 
 use super::builtins::{describe, same, same_opt};
 use super::classify::{CollectionClass, render_service};
-use super::expr::Func;
+use super::expr::{Expr, Func};
 use super::invert::{Align, FieldPlan, Forward, How, ScopePlan};
 use super::reverse::{Patch, Reverse, unset_path};
 use super::{ServiceTransforms, WriteOp};
@@ -205,7 +205,7 @@ fn render_failure(service: &str, f: &LawFailure) -> String {
         if t.chars().count() > 48 { format!("{}…", t.chars().take(47).collect::<String>()) } else { t.to_string() }
     };
     let width = paths.iter().map(|p| p.chars().count()).max().unwrap_or(5).max(5);
-    let _ = writeln!(s, "    {:<width$}    {:<48}   {}", "field", "service", "get(put(monolith, service))");
+    let _ = writeln!(s, "    {:<width$}    {:<48}   get(put(monolith, service))", "field", "service");
     for p in paths {
         let l = left.iter().find(|(q, _)| q == p).map(|(_, v)| v.as_str());
         let r = right.iter().find(|(q, _)| q == p).map(|(_, v)| v.as_str());
@@ -757,8 +757,8 @@ fn field_edits(
                 Some(v),
             ));
         }
-        if let How::Lens(lens) = &f.how
-            && let Some(Func::Map(map)) = lens.steps.last()
+        // Another value of the value map the field's forward ends in, if any.
+        if let Forward::Value(Expr::Call { func: Func::Map(map), .. }) = &f.forward
             && let Some(v) = map.entries.values().find(|v| !same(v, current))
         {
             out.push((

@@ -39,7 +39,7 @@ pub enum ReverseError {
         /// The target field (`segmentation.lifetimeValue`, `purchaseHistory[2].amount`).
         field: String,
         /// The service's value, when the problem is one.
-        value: Option<Bson>,
+        value: Option<Box<Bson>>,
         reason: String,
     },
     /// The monolith document, patched, no longer transforms (a value the service did not send is
@@ -355,7 +355,7 @@ impl<'a> Reverse<'a> {
             file: self.t.file.clone(),
             transform: self.t.name.clone(),
             field: field.to_string(),
-            value: value.cloned(),
+            value: value.map(|v| Box::new(v.clone())),
             reason: reason.into(),
         }
     }
@@ -489,7 +489,7 @@ fn join(at: &str, name: &str) -> String {
 
 /// Reads a target path from a service document; a sub-document path holding something else is
 /// an error (the forward never writes one).
-fn service_value<'d>(doc: &'d Document, path: &str) -> Result<Option<&'d Bson>, (String, Bson)> {
+fn service_value<'d>(doc: &'d Document, path: &str) -> Result<Option<&'d Bson>, (String, &'d Bson)> {
     let mut cur = doc;
     let mut walked = String::new();
     let mut segments = path.split('.').peekable();
@@ -501,7 +501,7 @@ fn service_value<'d>(doc: &'d Document, path: &str) -> Result<Option<&'d Bson>, 
         walked = join(&walked, seg);
         match v {
             Bson::Document(d) => cur = d,
-            other => return Err((walked, other.clone())),
+            other => return Err((walked, other)),
         }
     }
     Ok(None)
@@ -527,7 +527,7 @@ impl Cx<'_> {
             let field = join(at, &f.target);
             let sv = service_value(s, &f.target).map_err(|(path, v)| {
                 let path = join(at, &path);
-                self.r.error(&field, Some(&v), format!("expected a sub-document at `{path}`, found {}", found(&v)))
+                self.r.error(&field, Some(v), format!("expected a sub-document at `{path}`, found {}", found(v)))
             })?;
             let (path, current) = match &f.how {
                 How::ReadOnly(_) => continue,

@@ -235,3 +235,533 @@ fn every_law_holds_on_reference_documents() {
     assert!(bad.is_empty(), "{bad}");
     assert!(checked > 1000, "only {checked} checks");
 }
+
+// ---- the classification of the shipped services ----
+
+/// The fields that do not simply go back, per service collection: what transforms/README.md's
+/// table says.
+#[test]
+fn shipped_classification() {
+    let mut rows = Vec::new();
+    let mut reversible = 0;
+    for svc in shipped() {
+        for c in svc.classification() {
+            for f in &c.fields {
+                match &f.class {
+                    Reversibility::Reversible(how) => {
+                        assert!(how.starts_with("← "), "{how}");
+                        reversible += 1;
+                    }
+                    other => rows.push(format!("{}.{} {} {}", c.service, c.collection, f.field, other.label())),
+                }
+            }
+        }
+    }
+    assert_eq!(
+        rows,
+        [
+            "ai_sessions_db.ai_responses cached read-only",
+            "ai_sessions_db.ai_sessions context read-only",
+            "customers_db.customer_events eventId derived",
+            "customers_db.customer_events lineUserId derived",
+            "customers_db.customer_events eventType derived",
+            "customers_db.customer_events eventData.purchaseId derived",
+            "customers_db.customer_events eventData.productId derived",
+            "customers_db.customer_events eventData.productName derived",
+            "customers_db.customer_events eventData.amount derived",
+            "customers_db.customer_events eventData.currency derived",
+            "customers_db.customer_events eventData.purchaseDate derived",
+            "customers_db.customer_events eventData.status derived",
+            "customers_db.customer_events timestamp derived",
+            "customers_db.customer_events source derived",
+            "customers_db.customer_events correlationId derived",
+            "customers_db.customer_events createdAt derived",
+            "products_db.categories categoryId derived",
+            "products_db.categories name derived",
+            "products_db.categories productCount derived",
+            "products_db.categories subcategories derived",
+            "products_db.products availability.inStock read-only",
+            "products_db.products analytics.conversionRate read-only",
+            "research_db.healthcare_knowledge sources reversible by rule",
+            "research_db.research_cache results reversible by rule",
+        ]
+    );
+    assert!(reversible > 150, "{reversible}");
+    let text = render_classification(&shipped());
+    assert!(text.contains("customers_db.customers ← customers (customers.toml)"), "{text}");
+    assert!(text.contains("segmentation.lifetimeValue"), "{text}");
+    assert!(text.contains("← ltv | decimal"), "{text}");
+    assert!(text.contains("← sources, elements aligned by `url`"), "{text}");
+}
+
+// ---- load-time checks of [reverse] ----
+
+fn write_files(dir: &Path, files: &[(&str, &str)]) {
+    for (name, body) in files {
+        let path = dir.join(name);
+        if let Some(parent) = path.parent() {
+            fs::create_dir_all(parent).unwrap();
+        }
+        fs::write(path, body).unwrap();
+    }
+}
+
+fn load(files: &[(&str, &str)]) -> Result<ServiceTransforms, String> {
+    let dir = tempfile::tempdir().unwrap();
+    let files: Vec<(String, &str)> = files.iter().map(|(n, b)| (format!("test_db/{n}"), *b)).collect();
+    let files: Vec<(&str, &str)> = files.iter().map(|(n, b)| (n.as_str(), *b)).collect();
+    write_files(dir.path(), &files);
+    load_service(&dir.path().join("test_db"), &shipped_topics()).map_err(|r| r.to_string())
+}
+
+fn service(files: &[(&str, &str)]) -> ServiceTransforms {
+    load(files).unwrap_or_else(|r| panic!("{r}"))
+}
+
+#[test]
+fn loading_reports_every_field_that_does_not_reverse_and_every_bad_entry() {
+    let report = load(&[
+        (
+            "a_missing.toml",
+            r#"topic = "linechatbot.conversations"
+events = ["conversation.updated"]
+collection = "a"
+key = "_id"
+
+[maps.role]
+bot = "assistant"
+system = "assistant"
+
+[fields]
+role = "from | role"
+inStock = "stock > 0"
+rate = "ratio(sold, views)"
+source = "'ficus'"
+label = "concat(a, b)"
+fallback = "default(x, 1)"
+seen = "$event.time"
+first = "messages.0.text"
+[fields.context]
+each = "messages"
+content = "text"
+"#,
+        ),
+        (
+            "b_entries.toml",
+            r#"topic = "linechatbot.products"
+events = ["product.updated"]
+collection = "b"
+key = "productId"
+
+[maps.state_of]
+active = "on"
+
+[fields]
+productId = "sku"
+name = "name_en"
+inStock = "stock > 0"
+rate = "ratio(sold, views)"
+live = "status == 'active'"
+flag = "status != 'gone'"
+tags = "tags"
+kind = "'product'"
+[fields.pics]
+each = "images_meta"
+url = "url"
+[fields.facts]
+each = "facts"
+value = "value"
+
+[reverse]
+name = { read_only = "the service never renames" }
+inStock = { set = "stock", from = "$value | nope" }
+rate = { set = "$bad", from = "$value" }
+live = { set = "status", from = "$event.time" }
+flag = { read_only = "" }
+tags = { align = "position" }
+kind = { set = "kind" }
+pics = { align = "href" }
+facts = { set = "facts", from = "$value" }
+nothing = { read_only = "no such field" }
+"pics.url" = { read_only = "inside an array that has no plan" }
+"#,
+        ),
+        (
+            "c_rollup.toml",
+            r#"topic = "linechatbot.products"
+events = ["product.updated"]
+collection = "c"
+
+[rollup]
+group = "category"
+count = "n"
+
+[reverse]
+n = { read_only = "computed" }
+"#,
+        ),
+        (
+            "d_elements.toml",
+            r#"topic = "linechatbot.customers"
+events = ["customer.purchase_recorded"]
+collection = "d"
+key = "pid"
+
+[fields]
+pid = "id"
+
+[reverse]
+pid = { read_only = "derived" }
+"#,
+        ),
+    ])
+    .unwrap_err();
+    for needle in [
+        "a_missing.toml: fields.role: not automatically reversible: value map `role` is not injective: `bot` and `system` both become `assistant`; add to [reverse]: \"role\" = { read_only = ",
+        "a_missing.toml: fields.inStock: not automatically reversible: `stock > 0` is a condition",
+        "(line 12)",
+        "a_missing.toml: fields.rate: not automatically reversible: `ratio(sold, views)` is computed from several fields",
+        "a_missing.toml: fields.source: not automatically reversible: `'ficus'` is a constant",
+        "a_missing.toml: fields.label: not automatically reversible: `concat(a, b)` joins several values",
+        "a_missing.toml: fields.fallback: not automatically reversible: `default(x, 1)` writes a default",
+        "a_missing.toml: fields.seen: not automatically reversible: `$event.time` comes from the event",
+        "a_missing.toml: fields.first: not automatically reversible: `messages.0.text` reads an array element by its position",
+        "a_missing.toml: fields.context: not automatically reversible: the elements of `messages` carry no id",
+        "{ align = \"position\" }",
+        "b_entries.toml: reverse.name: `name` reverses automatically (← name_en); remove this entry",
+        "b_entries.toml: reverse.inStock.from: in `$value | nope`: unknown function or map `nope`",
+        "b_entries.toml: reverse.rate.set: `$bad` is not a monolith field path",
+        "b_entries.toml: reverse.live.from: in `$event.time`: `$event` does not exist in a reverse rule",
+        "b_entries.toml: reverse.flag: `read_only` takes the reason",
+        "b_entries.toml: reverse.tags: `tags` reverses automatically (← tags); remove this entry",
+        "b_entries.toml: reverse.kind: a rule takes both `set` (the monolith path) and `from` (its value)",
+        "b_entries.toml: reverse.pics: `align = \"href\"` must name a single-value field of the elements of `pics` (they have: url)",
+        "b_entries.toml: reverse.facts: `facts` is an array built with `each`: it takes `align` or `read_only`",
+        "b_entries.toml: reverse.nothing: `nothing` is not a target field of [fields]",
+        "b_entries.toml: reverse.pics.url: `pics.url` is inside `pics`, which needs its own entry first",
+        "c_rollup.toml: reverse.n: this target is never written back (a rollup over many `products` documents",
+        "d_elements.toml: reverse.pid: this target is never written back (built from array elements of `customers`",
+    ] {
+        assert!(report.contains(needle), "missing {needle:?} in\n{report}");
+    }
+    // The fields whose entry was broken still say why they need one.
+    assert!(
+        report.contains("b_entries.toml: fields.kind: not automatically reversible: `'product'` is a constant"),
+        "{report}"
+    );
+}
+
+#[test]
+fn rules_that_write_inside_another_field_are_refused() {
+    let report = load(&[(
+        "a.toml",
+        r#"topic = "linechatbot.conversations"
+events = ["conversation.updated"]
+collection = "a"
+key = "_id"
+
+[fields]
+metadata = "meta"
+channel = "concat('#', meta.channel)"
+inner = "meta.campaign"
+
+[reverse]
+channel = { set = "meta.channel", from = "$value" }
+"#,
+    )])
+    .unwrap_err();
+    assert!(
+        report.contains("a.toml: fields.inner: not automatically reversible: it reads `meta.campaign`, inside `meta`, which `metadata` writes back whole"),
+        "{report}"
+    );
+    assert!(
+        report.contains("a.toml: reverse.channel: the rule sets `meta.channel`, and `metadata` writes `meta` back"),
+        "{report}"
+    );
+}
+
+// ---- put, on small inline definitions ----
+
+const ITEMS: &str = r#"topic = "linechatbot.products"
+events = ["product.snapshot", "product.created", "product.updated", "product.deleted"]
+collection = "items"
+key = "itemId"
+when = "kind == 'item' and status != 'hidden'"
+
+[maps.level]
+low = "minor"
+info = "minor"
+high = "major"
+
+[maps.level_back]
+minor = "low"
+major = "high"
+
+[fields]
+itemId = "code | string"
+severity = "level | level"
+label = "concat(code, ':', title)"
+title = "title"
+[fields.parts]
+each = "parts"
+name = "name"
+qty = "qty | int"
+
+[reverse]
+severity = { set = "level", from = "$value | level_back" }
+label = { read_only = "code and title, which go back" }
+parts = { align = "position" }
+"#;
+
+fn items() -> ServiceTransforms {
+    service(&[("items.toml", ITEMS)])
+}
+
+#[test]
+fn rules_read_the_value_the_service_and_the_monolith() {
+    let svc = items();
+    let r = svc.reverse_for("items").unwrap();
+    let m = doc! { "_id": 1, "kind": "item", "code": 7, "level": "info", "title": "bolt", "parts": [] };
+    let s = doc! { "itemId": "7", "severity": "minor", "label": "7:bolt", "title": "bolt", "parts": [] };
+    // Unchanged: the rule does not run (info stays info, though level_back would say low).
+    assert!(r.put(Some(&m), &s).unwrap().is_empty());
+    let mut edited = s.clone();
+    edited.insert("severity", "major");
+    let p = r.put(Some(&m), &edited).unwrap();
+    assert_eq!(p.set, doc! { "level": "high" });
+    // The natural key goes back through `string` in the monolith's type: an integer.
+    edited.insert("itemId", "8");
+    edited.insert("label", "8:bolt");
+    let p = r.put(Some(&m), &edited).unwrap();
+    assert_eq!(p.set, doc! { "code": 8, "level": "high" });
+    assert!(p.conflicts.is_empty(), "{p:?}");
+    // $source reads the monolith, plain paths the service document.
+    let svc = service(&[(
+        "items.toml",
+        &ITEMS.replace("from = \"$value | level_back\"", "from = \"concat($source.level, '>', $value, '>', title)\""),
+    )]);
+    let r = svc.reverse_for("items").unwrap();
+    let mut edited = s.clone();
+    edited.insert("severity", "major");
+    assert_eq!(r.put(Some(&m), &edited).unwrap().set, doc! { "level": "info>major>bolt" });
+    let edited = doc! { "itemId": "7", "label": "7:bolt", "title": "bolt", "parts": [] };
+    // Absent: the rule sees no $value, and concat of an absent value is absent: unset.
+    assert_eq!(r.put(Some(&m), &edited).unwrap().unset, ["level"]);
+}
+
+#[test]
+fn read_only_fields_are_checked_against_the_patched_document() {
+    let svc = items();
+    let r = svc.reverse_for("items").unwrap();
+    let m = doc! { "_id": 1, "kind": "item", "code": "A1", "level": "low", "title": "bolt" };
+    let s = doc! { "itemId": "A1", "severity": "minor", "label": "A1:bolt", "title": "nut" };
+    let p = r.put(Some(&m), &s).unwrap();
+    assert_eq!(p.set, doc! { "title": "nut" });
+    assert_eq!(
+        p.conflicts,
+        [Conflict {
+            field: "label".into(),
+            service: Some("A1:bolt".into()),
+            monolith: Some("A1:nut".into()),
+            reason: "code and title, which go back".into(),
+        }]
+    );
+    let s = doc! { "itemId": "A1", "severity": "minor", "label": "A1:nut", "title": "nut" };
+    assert!(r.put(Some(&m), &s).unwrap().conflicts.is_empty());
+    // A change that takes the document out of the target's filter is a conflict too.
+    let svc = service(&[("items.toml", &ITEMS.replace("title = \"title\"", "title = \"status\""))]);
+    let r = svc.reverse_for("items").unwrap();
+    let s = doc! { "itemId": "A1", "severity": "minor", "label": "A1:bolt", "title": "hidden" };
+    let p = r.put(Some(&m), &s).unwrap();
+    assert_eq!(p.set, doc! { "status": "hidden" });
+    assert_eq!(p.conflicts.len(), 1);
+    assert_eq!(p.conflicts[0].field, "(when)");
+}
+
+#[test]
+fn an_insert_writes_the_filter_constants() {
+    let svc = items();
+    let r = svc.reverse_for("items").unwrap();
+    let s = doc! { "_id": "B2", "itemId": "B2", "severity": "major", "label": "B2:cog", "title": "cog", "parts": [{ "name": "x", "qty": 2 }] };
+    let p = r.put(None, &s).unwrap();
+    assert_eq!(
+        p.set,
+        doc! { "code": "B2", "level": "high", "title": "cog", "parts": [{ "name": "x", "qty": 2 }], "kind": "item" }
+    );
+    assert!(!p.has_issues(), "{p:?}");
+    assert_eq!(r.locate(&s).unwrap(), doc! { "code": "B2" });
+}
+
+#[test]
+fn positional_arrays_keep_unread_fields_by_position() {
+    let svc = items();
+    let r = svc.reverse_for("items").unwrap();
+    let m = doc! { "_id": 1, "kind": "item", "code": "A1", "level": "low", "title": "bolt",
+    "parts": [{ "name": "a", "qty": "1", "sku": "S-a" }, { "name": "b", "qty": 2, "sku": "S-b" }] };
+    let base = doc! { "itemId": "A1", "severity": "minor", "label": "A1:bolt", "title": "bolt" };
+    let with = |parts: Bson| {
+        let mut d = base.clone();
+        d.insert("parts", parts);
+        d
+    };
+    // Edit the first, append one: the first keeps its text quantity and its sku.
+    let s = with(bson::bson!([{ "name": "a", "qty": 5 }, { "name": "b", "qty": 2 }, { "name": "c", "qty": 1 }]));
+    let p = r.put(Some(&m), &s).unwrap();
+    assert_eq!(
+        p.set,
+        doc! { "parts": [{ "name": "a", "qty": "5", "sku": "S-a" }, { "name": "b", "qty": 2, "sku": "S-b" }, { "name": "c", "qty": 1 }] }
+    );
+    // The documented caveat: a reorder keeps the unread fields where they were.
+    let s = with(bson::bson!([{ "name": "b", "qty": 2 }, { "name": "a", "qty": 1 }]));
+    let p = r.put(Some(&m), &s).unwrap();
+    assert_eq!(
+        p.set,
+        doc! { "parts": [{ "name": "b", "qty": "2", "sku": "S-a" }, { "name": "a", "qty": 1, "sku": "S-b" }] }
+    );
+}
+
+#[test]
+fn elements_with_repeated_or_missing_ids_align_by_occurrence() {
+    let svc = shipped().into_iter().find(|s| s.service() == "customers_db").unwrap();
+    let r = svc.reverse_for("customers").unwrap();
+    let m = doc! {
+        "_id": 1, "user_id": "U1",
+        "purchases": [
+            { "id": "P1", "amount": "1.00", "note": "first" },
+            { "id": "P1", "amount": "2.00", "note": "second" },
+            { "amount": "3.00", "note": "no id" },
+        ],
+    };
+    let s = doc! {
+        "lineUserId": "U1",
+        "purchaseHistory": [
+            { "amount": bson::Decimal128::from_str_radix_unchecked("3.50") },
+            { "purchaseId": "P1", "amount": bson::Decimal128::from_str_radix_unchecked("1.00") },
+            { "purchaseId": "P1", "amount": bson::Decimal128::from_str_radix_unchecked("2.50") },
+        ],
+    };
+    let p = r.put(Some(&m), &s).unwrap();
+    assert_eq!(
+        p.set,
+        doc! { "purchases": [
+            { "amount": "3.50", "note": "no id" },
+            { "id": "P1", "amount": "1.00", "note": "first" },
+            { "id": "P1", "amount": "2.50", "note": "second" },
+        ] }
+    );
+}
+
+trait DecimalText {
+    fn from_str_radix_unchecked(s: &str) -> Bson;
+}
+
+impl DecimalText for bson::Decimal128 {
+    fn from_str_radix_unchecked(s: &str) -> Bson {
+        Bson::Decimal128(s.parse().unwrap())
+    }
+}
+
+#[test]
+fn locate_finds_the_monolith_document() {
+    let svcs = shipped();
+    let find = |svc: &str, coll: &str| svcs.iter().find(|s| s.service() == svc).unwrap().reverse_for(coll).unwrap();
+    let r = find("customers_db", "customers");
+    assert_eq!(r.source_collection(), "customers");
+    assert_eq!(r.locate(&doc! { "_id": "U1", "lineUserId": "U1" }).unwrap(), doc! { "user_id": "U1" });
+    assert!(
+        r.locate(&doc! { "_id": "U1" })
+            .unwrap_err()
+            .to_string()
+            .contains("lineUserId: the service document has no key value")
+    );
+    let r = find("conversations_db", "conversations");
+    let oid = bson::oid::ObjectId::parse_str("6602b3e5d4c1a2f3e4d5c6b7").unwrap();
+    assert_eq!(r.locate(&doc! { "_id": oid }).unwrap(), doc! { "_id": oid });
+    assert!(r.locate(&doc! {}).is_err());
+    assert!(svcs.iter().find(|s| s.service() == "products_db").unwrap().reverse_for("categories").is_none());
+    assert!(svcs.iter().find(|s| s.service() == "customers_db").unwrap().reverse_for("customer_events").is_none());
+    assert!(svcs.iter().find(|s| s.service() == "customers_db").unwrap().reverse_for("nothing").is_none());
+}
+
+#[test]
+fn patches_apply_with_mongodb_semantics() {
+    let patch = |set: Document, unset: &[&str]| Patch {
+        set,
+        unset: unset.iter().map(ToString::to_string).collect(),
+        ..Patch::default()
+    };
+    let mut d = doc! { "a": { "b": 1, "keep": true }, "arr": [{ "x": 1 }, 5], "gone": 1, "n": null };
+    patch(doc! { "a.c.d": 2, "arr.0.y": 3, "arr.4": "p", "top": 1 }, &["gone", "arr.1", "a.zz.q", "missing"])
+        .apply_to(&mut d)
+        .unwrap();
+    assert_eq!(
+        d,
+        doc! { "a": { "b": 1, "keep": true, "c": { "d": 2 } }, "arr": [{ "x": 1, "y": 3 }, null, null, null, "p"], "n": null, "top": 1 }
+    );
+    // As on the server: through a scalar or null, or with overlapping paths, nothing applies.
+    let before = d.clone();
+    for (set, unset) in [
+        (doc! { "top.x": 1 }, vec![]),
+        (doc! { "n.x": 1 }, vec![]),
+        (doc! { "arr.k": 1 }, vec![]),
+        (doc! { "a": 1, "a.b": 2 }, vec![]),
+        (doc! { "a.b": 1 }, vec!["a"]),
+    ] {
+        let err = patch(set.clone(), &unset).apply_to(&mut d).unwrap_err();
+        assert!(matches!(err, ReverseError::Apply { .. }), "{set}: {err}");
+        assert_eq!(d, before);
+    }
+    let p = patch(doc! { "a.b": 2 }, &["c"]);
+    assert_eq!(p.to_update(), doc! { "$set": { "a.b": 2 }, "$unset": { "c": "" } });
+    assert_eq!(Patch::default().to_update(), doc! {});
+    assert!(Patch::default().is_empty());
+}
+
+#[test]
+fn camel_case_reverses_to_snake_case() {
+    use super::builtins::{camel_case, snake_case};
+    for key in
+        ["avgResponseTime", "p95ResponseTime", "userID", "HTTPCode", "_id", "a1B", "x", "$fooBar", "a.bC", "ÉtéChaud"]
+    {
+        let back = snake_case(key);
+        assert_eq!(camel_case(&back), key, "{key} → {back}");
+    }
+    assert_eq!(snake_case("avgResponseTime"), "avg_response_time");
+    assert_eq!(snake_case("p95ResponseTime"), "p95_response_time");
+}
+
+#[test]
+fn the_law_check_finds_a_wrong_rule() {
+    // `from = "'low'"` writes every severity back as `low`: PutGet must fail on the map edit.
+    let svc = service(&[("items.toml", &ITEMS.replace("from = \"$value | level_back\"", "from = \"'low'\""))]);
+    let m = doc! { "_id": 1, "kind": "item", "code": "A1", "level": "info", "title": "bolt", "parts": [{ "name": "a", "qty": 1 }] };
+    let report = check_laws(&svc, &shipped_topics(), "linechatbot", [("products".to_string(), m.clone())]);
+    assert!(!report.ok());
+    let broken: Vec<(&str, Law)> = report.failures.iter().map(|f| (f.field.as_str(), f.law)).collect();
+    assert!(broken.contains(&("severity", Law::PutGet)), "{}", report.render(10));
+    assert!(report.failures.iter().all(|f| f.field == "severity"), "{}", report.render(10));
+    let edits: Vec<&str> = report.failures.iter().map(|f| f.edit.as_str()).collect();
+    assert_eq!(
+        edits,
+        ["move severity: \"minor\" → \"minor~\"", "map severity: \"minor\" → \"major\"", "unset severity"]
+    );
+    let text = report.render(10);
+    assert!(text.contains("[3 failed]") && text.contains("LAWS BROKEN"), "{text}");
+    assert!(text.contains("≠ severity"), "{text}");
+    // The right rule passes, on the same document.
+    let report = check_laws(&items(), &shipped_topics(), "linechatbot", [("products".to_string(), m)]);
+    assert!(report.ok(), "{}", report.render(10));
+    let t = &report.tallies["items"];
+    assert_eq!((t.documents, t.get_put, t.inserts, t.failed), (1, 1, 1, 0));
+    assert!(t.put_get >= 10, "{t:?}");
+}
+
+#[test]
+fn the_law_check_counts_documents_the_forward_rejects() {
+    let svc = items();
+    let m = doc! { "_id": 1, "kind": "item", "code": "A1", "level": "info", "title": "bolt", "parts": [{ "name": "a", "qty": "many" }] };
+    let report = check_laws(&svc, &shipped_topics(), "linechatbot", [("products".to_string(), m)]);
+    assert_eq!(report.tallies["items"].rejected, 1);
+    assert_eq!(report.tallies["items"].documents, 0);
+    assert!(report.ok());
+}
