@@ -330,13 +330,16 @@ pub(super) fn found(v: &Bson) -> String {
 /// `1290.5` differ, as their lexical forms do).
 pub(super) fn same(a: &Bson, b: &Bson) -> bool {
     match (a, b) {
-        (Bson::Document(x), Bson::Document(y)) => {
-            x.len() == y.len() && x.iter().all(|(k, v)| y.get(k).is_some_and(|w| same(v, w)))
-        }
+        (Bson::Document(x), Bson::Document(y)) => same_doc(x, y),
         (Bson::Array(x), Bson::Array(y)) => x.len() == y.len() && x.iter().zip(y).all(|(v, w)| same(v, w)),
         (Bson::Double(x), Bson::Double(y)) => x == y || (x.is_nan() && y.is_nan()),
         _ => a == b,
     }
+}
+
+/// [`same`] for two documents.
+pub(super) fn same_doc(x: &Document, y: &Document) -> bool {
+    x.len() == y.len() && x.iter().all(|(k, v)| y.get(k).is_some_and(|w| same(v, w)))
 }
 
 /// [`same`] over possibly absent values: absent equals only absent.

@@ -19,7 +19,7 @@ use std::path::PathBuf;
 
 use bson::{Bson, Document, Timestamp, doc};
 
-use super::builtins::{self, found, same, same_opt};
+use super::builtins::{self, found, same, same_doc, same_opt};
 use super::compile::{Key, Target, Transform};
 use super::expr::{Expr, Scope};
 use super::invert::{Align, DocumentPlan, Forward, How, Lens, ScopePlan};
@@ -246,6 +246,15 @@ struct Write {
     /// Whether the service changed the field (an unchanged one writes nothing, but tells which
     /// of two fields sharing a path changed).
     changed: bool,
+}
+
+/// A monolith array being aligned: its current value, the forward of each of its elements, and
+/// the forward scope around it.
+#[derive(Clone, Copy)]
+struct Monolith<'m, 's> {
+    current: Option<&'m Bson>,
+    images: &'m [Bson],
+    forward: &'m Scope<'s>,
 }
 
 /// What stays fixed while a document is reversed.
@@ -535,12 +544,13 @@ impl Cx<'_> {
                 How::Rule { set, .. } => (set, get_path(mdoc, set)),
                 How::Array { source, .. } => (source, get_path(mdoc, source)),
             };
-            let unchanged = match &f.forward {
-                Forward::Value(expr) => expr.eval(forward).is_ok_and(|v| same_opt(v.as_deref(), sv)),
-                Forward::Each { source, fields } => {
-                    super::apply::each(source, fields, forward, &field).is_ok_and(|v| same_opt(v.as_ref(), sv))
-                }
+            // What the forward makes of the monolith's current value: equal to the service's,
+            // the field is unchanged and writes nothing.
+            let image: Option<Option<Bson>> = match &f.forward {
+                Forward::Value(expr) => expr.eval(forward).ok().map(|v| v.map(Cow::into_owned)),
+                Forward::Each { source, fields } => super::apply::each(source, fields, forward, &field).ok(),
             };
+            let unchanged = image.as_ref().is_some_and(|v| same_opt(v.as_ref(), sv));
             if unchanged {
                 let value = current.cloned();
                 writes.push(Write { path: path.clone(), field, service: sv.cloned(), value, changed: false });
@@ -553,7 +563,12 @@ impl Cx<'_> {
                     Some(lens.put(v, current).map_err(|why| self.r.error(&field, Some(v), why))?)
                 }
                 (How::Array { align, element, .. }, Some(v)) => {
-                    Some(self.array(align, element, v, current, forward, &field, patch)?)
+                    let images = match &image {
+                        Some(Some(Bson::Array(items))) => items.as_slice(),
+                        _ => &[],
+                    };
+                    let monolith = Monolith { current, images, forward };
+                    Some(self.array(align, element, v, &monolith, &field, patch)?)
                 }
                 (How::ReadOnly(_), Some(_)) => continue,
             };
@@ -582,17 +597,16 @@ impl Cx<'_> {
     /// or by position), takes that element as its complement, and the result follows the
     /// service's order; unmatched monolith elements are dropped, unmatched service elements are
     /// built from the fields the transform reads.
-    #[allow(clippy::too_many_arguments)]
     fn array(
         &self,
         align: &Align,
         element: &ScopePlan,
         v: &Bson,
-        current: Option<&Bson>,
-        forward: &Scope<'_>,
+        monolith: &Monolith<'_, '_>,
         field: &str,
         patch: &mut Patch,
     ) -> Result<Bson, ReverseError> {
+        let Monolith { current, images, forward } = *monolith;
         let items = match v {
             Bson::Null => return Ok(Bson::Null),
             Bson::Array(items) => items,
@@ -628,24 +642,51 @@ impl Cx<'_> {
                 keys.push(key_of(name, d)?);
             }
         }
-        let mut taken = vec![false; mine.len()];
-        let mut out = Vec::with_capacity(items.len());
+        let mut service: Vec<&Document> = Vec::with_capacity(items.len());
         for (j, item) in items.iter().enumerate() {
-            let at = format!("{field}[{j}]");
-            let Bson::Document(se) = item else {
-                return Err(self.r.error(&at, Some(item), format!("expected a document, found {}", found(item))));
-            };
-            let matched = match align {
-                Align::Position => (j < mine.len()).then_some(j),
-                Align::Field(name) => {
-                    let key = se.get(name.as_str());
-                    (0..mine.len()).find(|&i| !taken[i] && same_opt(keys[i].as_ref(), key))
+            match item {
+                Bson::Document(se) => service.push(se),
+                other => {
+                    let at = format!("{field}[{j}]");
+                    return Err(self.r.error(&at, Some(other), format!("expected a document, found {}", found(other))));
                 }
-            };
-            if let Some(i) = matched {
-                taken[i] = true;
             }
-            let me = matched.map(|i| mine[i]);
+        }
+        // Matching: by position; or by the alignment field, first with a monolith element whose
+        // forward is the service element exactly (so elements sharing a key keep their own
+        // complement when they move), then by occurrence among those sharing the key.
+        let mut taken = vec![false; mine.len()];
+        let mut matched: Vec<Option<usize>> = vec![None; service.len()];
+        match align {
+            Align::Position => {
+                for (j, m) in matched.iter_mut().enumerate() {
+                    *m = (j < mine.len()).then_some(j);
+                }
+            }
+            Align::Field(name) => {
+                let key = |se: &Document| se.get(name.as_str()).cloned();
+                for exact in [true, false] {
+                    for (j, se) in service.iter().enumerate() {
+                        if matched[j].is_some() {
+                            continue;
+                        }
+                        let found = (0..mine.len()).find(|&i| {
+                            !taken[i]
+                                && same_opt(keys[i].as_ref(), key(se).as_ref())
+                                && (!exact || matches!(images.get(i), Some(Bson::Document(img)) if same_doc(img, se)))
+                        });
+                        if let Some(i) = found {
+                            taken[i] = true;
+                            matched[j] = Some(i);
+                        }
+                    }
+                }
+            }
+        }
+        let mut out = Vec::with_capacity(items.len());
+        for (j, se) in service.into_iter().enumerate() {
+            let at = format!("{field}[{j}]");
+            let me = matched[j].map(|i| mine[i]);
             let empty = Document::new();
             let inner = forward.with_input(me.unwrap_or(&empty));
             let writes = self.scope(element, me, &inner, se, &at, patch)?;

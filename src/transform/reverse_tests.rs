@@ -651,6 +651,27 @@ fn elements_with_repeated_or_missing_ids_align_by_occurrence() {
     );
 }
 
+#[test]
+fn elements_sharing_an_id_keep_their_own_fields_when_they_move() {
+    // Found by the property test: two purchases with one id, one amount a string and one an
+    // integer, reversed in the service. Matching by occurrence alone swapped their complements.
+    let svc = shipped().into_iter().find(|s| s.service() == "customers_db").unwrap();
+    let r = svc.reverse_for("customers").unwrap();
+    let m = doc! { "_id": 1, "user_id": "U1", "purchases": [
+        { "id": "x", "amount": "0.00", "note": "a" },
+        { "id": "x", "amount": 1114, "note": "b" },
+    ] };
+    let s = doc! { "lineUserId": "U1", "purchaseHistory": [
+        { "purchaseId": "x", "amount": bson::Decimal128::from_str_radix_unchecked("1114") },
+        { "purchaseId": "x", "amount": bson::Decimal128::from_str_radix_unchecked("0.00") },
+    ] };
+    let p = r.put(Some(&m), &s).unwrap();
+    assert_eq!(
+        p.set,
+        doc! { "purchases": [{ "id": "x", "amount": 1114, "note": "b" }, { "id": "x", "amount": "0.00", "note": "a" }] }
+    );
+}
+
 trait DecimalText {
     fn from_str_radix_unchecked(s: &str) -> Bson;
 }
