@@ -241,15 +241,6 @@ struct Edit {
     doc: Document,
 }
 
-/// How strictly the fields of a round trip are compared.
-#[derive(Clone, Copy)]
-enum Mode<'e> {
-    /// This field was edited; other fields may follow a monolith field the patch wrote.
-    Edited(&'e str),
-    /// Every field must come back as it was (inserts, and inside an edited array).
-    All,
-}
-
 impl<'a> LensCheck<'a> {
     /// Failures kept with their documents; the rest are counted.
     pub const KEEP: usize = 100;
@@ -338,7 +329,7 @@ impl<'a> LensCheck<'a> {
             self.tally(r.collection()).documents += 1;
             self.get_put(&r, m, &id, &s);
             for edit in edits(r.plan, m, &s) {
-                self.put_get(&r, m, edit);
+                self.put_get(&r, m, &s, edit);
             }
             self.insert(&r, m, &s);
         }
@@ -410,14 +401,14 @@ impl<'a> LensCheck<'a> {
         }
     }
 
-    fn put_get(&mut self, r: &Reverse<'_>, m: &Document, edit: Edit) {
+    fn put_get(&mut self, r: &Reverse<'_>, m: &Document, s: &Document, edit: Edit) {
         self.tally(r.collection()).put_get += 1;
-        self.round_trip(Law::PutGet, r, Some(m), m, &edit.doc, Mode::Edited(&edit.field), &edit.what);
+        self.round_trip(Law::PutGet, r, Some(m), m, &edit.doc, Some(s), &edit.field, &edit.what);
     }
 
     fn insert(&mut self, r: &Reverse<'_>, m: &Document, s: &Document) {
         self.tally(r.collection()).inserts += 1;
-        self.round_trip(Law::Insert, r, None, m, s, Mode::All, "the monolith has no document yet");
+        self.round_trip(Law::Insert, r, None, m, s, None, "(document)", "the monolith has no document yet");
     }
 
     /// `put`, apply, `get`, compare.
@@ -429,13 +420,10 @@ impl<'a> LensCheck<'a> {
         monolith: Option<&Document>,
         m: &Document,
         v: &Document,
-        mode: Mode<'_>,
+        original: Option<&Document>,
+        field: &str,
         what: &str,
     ) {
-        let field = match mode {
-            Mode::Edited(f) => f,
-            Mode::All => "(document)",
-        };
         let patch = match r.put(monolith, v) {
             Ok(p) => p,
             Err(e) => return self.fail(law, r, m, field, what, format!("put failed: {e}"), v, None, None),
@@ -462,7 +450,7 @@ impl<'a> LensCheck<'a> {
         let written: Vec<&str> =
             patch.set.keys().map(String::as_str).chain(patch.unset.iter().map(String::as_str)).collect();
         let mut claimed = vec![false; patch.conflicts.len()];
-        compare(&r.plan.scope, v, &back, &patch, &mut claimed, mode, "", &written, &mut problems);
+        compare(&r.plan.scope, original, v, &back, &patch, &mut claimed, "", &written, &mut problems);
         for (i, c) in patch.conflicts.iter().enumerate() {
             if !claimed[i] {
                 problems.push((
@@ -534,19 +522,34 @@ fn reads(f: &FieldPlan) -> Vec<String> {
     out
 }
 
-/// Compares the service document with the round trip, field by field (see the module header).
+/// Compares the service document `expected` with the round trip `got`, field by field, knowing
+/// `original`, the service document before the edit (`None` for an insert: every field is then
+/// the service's to set). A field the edit changed must come back as the service wrote it; any
+/// other may change only if it reads a monolith field the patch wrote (`written`, at the top) or
+/// one an edited field of the same scope reads (two fields from one source follow each other); a
+/// read-only field that differs must be a conflict with the round trip's value.
 #[allow(clippy::too_many_arguments)]
 fn compare(
     plan: &ScopePlan,
+    original: Option<&Document>,
     expected: &Document,
     got: &Document,
     patch: &Patch,
     claimed: &mut [bool],
-    mode: Mode<'_>,
     at: &str,
     written: &[&str],
     problems: &mut Vec<(String, String)>,
 ) {
+    let edited = |f: &FieldPlan| match original {
+        None => true,
+        Some(o) => !same_opt(get_path(o, &f.target), get_path(expected, &f.target)),
+    };
+    let edited_reads: Vec<String> = plan
+        .fields
+        .iter()
+        .filter(|f| original.is_some() && !matches!(f.how, How::ReadOnly(_)) && edited(f))
+        .flat_map(reads)
+        .collect();
     for f in &plan.fields {
         let field = join(at, &f.target);
         let (e, g) = (get_path(expected, &f.target), get_path(got, &f.target));
@@ -574,24 +577,48 @@ fn compare(
         if same_opt(e, g) && !matches!(f.how, How::Array { .. }) {
             continue;
         }
-        let strict = match mode {
-            Mode::All => true,
-            Mode::Edited(edited) => edited == field,
-        };
-        let follows = !strict && reads(f).iter().any(|p| written.iter().any(|w| touches(p, w)));
-        if let How::Array { element, .. } = &f.how {
+        let strict = edited(f);
+        let follows = !strict
+            && reads(f)
+                .iter()
+                .any(|p| written.iter().any(|w| touches(p, w)) || edited_reads.iter().any(|w| touches(p, w)));
+        if let How::Array { element, align, .. } = &f.how {
             match (e, g) {
                 (Some(Bson::Array(a)), Some(Bson::Array(b))) if a.len() == b.len() && (strict || !follows) => {
-                    let inner = if strict { Mode::All } else { mode };
+                    let before = match original.map(|o| get_path(o, &f.target)) {
+                        Some(Some(Bson::Array(items))) => items.as_slice(),
+                        _ => &[],
+                    };
+                    let mut used = vec![false; before.len()];
                     for (i, (x, y)) in a.iter().zip(b).enumerate() {
                         let at = format!("{field}[{i}]");
-                        match (x, y) {
-                            (Bson::Document(x), Bson::Document(y)) => {
-                                compare(element, x, y, patch, claimed, inner, &at, &[], problems)
+                        let (Bson::Document(x), Bson::Document(y)) = (x, y) else {
+                            if !same(x, y) {
+                                problems.push((at, format!("{} came back as {}", describe(x), describe(y))));
                             }
-                            _ if same(x, y) => {}
-                            _ => problems.push((at, format!("{} came back as {}", describe(x), describe(y)))),
-                        }
+                            continue;
+                        };
+                        // The element before the edit: the one with the same alignment key, or
+                        // at the same position; none for a new one.
+                        let was = match align {
+                            Align::Position => before.get(i),
+                            Align::Field(name) => {
+                                let found = (0..before.len()).find(|&k| {
+                                    !used[k]
+                                        && matches!(&before[k], Bson::Document(d)
+                                            if same_opt(d.get(name.as_str()), x.get(name.as_str())))
+                                });
+                                found.map(|k| {
+                                    used[k] = true;
+                                    &before[k]
+                                })
+                            }
+                        };
+                        let was = match (original, was) {
+                            (Some(_), Some(Bson::Document(d))) => Some(d),
+                            _ => None,
+                        };
+                        compare(element, was, x, y, patch, claimed, &at, &[], problems);
                     }
                     continue;
                 }

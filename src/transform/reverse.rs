@@ -248,10 +248,12 @@ struct Write {
     changed: bool,
 }
 
-/// A monolith array being aligned: its current value, the forward of each of its elements, and
-/// the forward scope around it.
+/// A monolith array being aligned: its path and current value, the forward of each of its
+/// elements, and the forward scope around it.
 #[derive(Clone, Copy)]
 struct Monolith<'m, 's> {
+    /// The array's monolith path, for naming disagreements inside elements.
+    path: &'m str,
     current: Option<&'m Bson>,
     images: &'m [Bson],
     forward: &'m Scope<'s>,
@@ -567,7 +569,7 @@ impl Cx<'_> {
                         Some(Some(Bson::Array(items))) => items.as_slice(),
                         _ => &[],
                     };
-                    let monolith = Monolith { current, images, forward };
+                    let monolith = Monolith { path, current, images, forward };
                     Some(self.array(align, element, v, &monolith, &field, patch)?)
                 }
                 (How::ReadOnly(_), Some(_)) => continue,
@@ -606,7 +608,7 @@ impl Cx<'_> {
         field: &str,
         patch: &mut Patch,
     ) -> Result<Bson, ReverseError> {
-        let Monolith { current, images, forward } = *monolith;
+        let Monolith { path, current, images, forward } = *monolith;
         let items = match v {
             Bson::Null => return Ok(Bson::Null),
             Bson::Array(items) => items,
@@ -691,7 +693,8 @@ impl Cx<'_> {
             let inner = forward.with_input(me.unwrap_or(&empty));
             let writes = self.scope(element, me, &inner, se, &at, patch)?;
             let mut built = me.cloned().unwrap_or_default();
-            for (path, value) in reconcile(writes, me.unwrap_or(&empty), &at, &mut patch.disagreements) {
+            let monolith_at = format!("{path}[{j}]");
+            for (path, value) in reconcile(writes, me.unwrap_or(&empty), &monolith_at, &mut patch.disagreements) {
                 let applied = match value {
                     Some(v) => set_path(&mut built, &path, v),
                     None => {

@@ -786,3 +786,34 @@ fn the_law_check_counts_documents_the_forward_rejects() {
     assert_eq!(report.tallies["items"].documents, 0);
     assert!(report.ok());
 }
+
+#[test]
+fn disagreements_inside_elements_name_the_monolith_element() {
+    let svc = service(&[("items.toml", &ITEMS.replace("name = \"name\"\n", "name = \"name\"\ncaption = \"name\"\n"))]);
+    let r = svc.reverse_for("items").unwrap();
+    let m = doc! { "_id": 1, "kind": "item", "code": "A1", "level": "low", "title": "bolt",
+    "parts": [{ "name": "a", "qty": 1 }, { "name": "b", "qty": 2 }] };
+    let s = doc! { "itemId": "A1", "severity": "minor", "label": "A1:bolt", "title": "bolt",
+    "parts": [{ "name": "a", "caption": "a", "qty": 1 }, { "name": "c", "caption": "d", "qty": 3 }] };
+    let p = r.put(Some(&m), &s).unwrap();
+    assert_eq!(
+        p.disagreements,
+        [Disagreement {
+            path: "parts[1].name".into(),
+            fields: vec![("parts[1].name".into(), Some("c".into())), ("parts[1].caption".into(), Some("d".into()))],
+        }]
+    );
+    // What agrees still goes back; the disputed field keeps the monolith's value.
+    assert_eq!(p.set, doc! { "parts": [{ "name": "a", "qty": 1 }, { "name": "b", "qty": 3 }] });
+}
+
+#[test]
+fn the_law_check_lets_fields_from_one_source_follow_each_other() {
+    // name and caption both come from the element's name: editing one changes the other.
+    let svc = service(&[("items.toml", &ITEMS.replace("name = \"name\"\n", "name = \"name\"\ncaption = \"name\"\n"))]);
+    let m = doc! { "_id": 1, "kind": "item", "code": "A1", "level": "low", "title": "bolt",
+                   "parts": [{ "name": "a", "qty": 1, "sku": "S-a" }, { "name": "b", "qty": "2" }] };
+    let report = check_laws(&svc, &shipped_topics(), "linechatbot", [("products".to_string(), m)]);
+    assert!(report.ok(), "{}", report.render(10));
+    assert!(report.tallies["items"].put_get > 15, "{:?}", report.tallies);
+}
