@@ -17,8 +17,9 @@ fn text(out: &std::process::Output) -> (String, String) {
 fn tally(stdout: &str, collection: &str) -> Vec<u64> {
     stdout
         .lines()
-        .find(|l| l.split_whitespace().next() == Some(collection))
-        .map(|l| l.split_whitespace().skip(1).filter_map(|n| n.parse().ok()).collect())
+        .filter(|l| l.split_whitespace().next() == Some(collection))
+        .map(|l| l.split_whitespace().skip(1).map(|n| n.parse().ok()).collect::<Option<Vec<u64>>>())
+        .find_map(|numbers| numbers.filter(|n| n.len() == 6))
         .unwrap_or_default()
 }
 
