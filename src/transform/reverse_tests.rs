@@ -811,8 +811,8 @@ fn disagreements_inside_elements_name_the_monolith_element() {
 fn the_law_check_lets_fields_from_one_source_follow_each_other() {
     // name and caption both come from the element's name: editing one changes the other.
     let svc = service(&[("items.toml", &ITEMS.replace("name = \"name\"\n", "name = \"name\"\ncaption = \"name\"\n"))]);
-    let m = doc! { "_id": 1, "kind": "item", "code": "A1", "level": "low", "title": "bolt",
-                   "parts": [{ "name": "a", "qty": 1, "sku": "S-a" }, { "name": "b", "qty": "2" }] };
+    let mut m = doc! { "_id": 1, "kind": "item", "code": "A1", "level": "low", "title": "bolt" };
+    m.insert("parts", bson::bson!([{ "name": "a", "qty": 1, "sku": "S-a" }, { "name": "b", "qty": "2" }]));
     let report = check_laws(&svc, &shipped_topics(), "linechatbot", [("products".to_string(), m)]);
     assert!(report.ok(), "{}", report.render(10));
     assert!(report.tallies["items"].put_get > 15, "{:?}", report.tallies);
