@@ -323,7 +323,7 @@ impl<'a> Reverse<'a> {
     pub fn put(&self, monolith: Option<&Document>, service: &Document) -> Result<Patch, ReverseError> {
         let empty = Document::new();
         let m = monolith.unwrap_or(&empty);
-        let event = self.snapshot(m.clone());
+        let event = self.snapshot(m.clone())?;
         let cx = Cx { r: self, service };
         let forward = Scope::forward(&event, m, m);
         let mut patch = Patch::default();
@@ -372,7 +372,7 @@ impl<'a> Reverse<'a> {
     }
 
     /// The monolith document as the tail would publish a snapshot copy of it.
-    fn snapshot(&self, doc: Document) -> CanonicalEvent {
+    fn snapshot(&self, doc: Document) -> Result<CanonicalEvent, TransformError> {
         let record = ChangeRecord {
             op: Op::Snapshot,
             collection: self.t.source_collection.clone(),
@@ -386,15 +386,19 @@ impl<'a> Reverse<'a> {
             wall_time: None,
             resume_token: None,
         };
-        let mut events = map_change(&self.t.def, "", record).events;
-        // map_change always yields the change event first.
-        events.swap_remove(0)
+        // map_change yields the change event first (and derived events after it, none here).
+        map_change(&self.t.def, "", record).events.into_iter().next().ok_or_else(|| TransformError {
+            file: self.t.file.clone(),
+            transform: self.t.name.clone(),
+            field: "(event)".into(),
+            reason: "a snapshot copy of the document maps to no event".into(),
+        })
     }
 
     /// The target document the forward transform makes of a monolith document; `None` when it
     /// does not pass `when`.
     pub(super) fn forward(&self, doc: Document) -> Result<Option<Document>, TransformError> {
-        let event = self.snapshot(doc);
+        let event = self.snapshot(doc)?;
         let mut out = Vec::new();
         self.t.apply(&event, &mut out)?;
         Ok(out.into_iter().find_map(|w| match w {

@@ -635,9 +635,9 @@ fn elements_with_repeated_or_missing_ids_align_by_occurrence() {
     let s = doc! {
         "lineUserId": "U1",
         "purchaseHistory": [
-            { "amount": bson::Decimal128::from_str_radix_unchecked("3.50") },
-            { "purchaseId": "P1", "amount": bson::Decimal128::from_str_radix_unchecked("1.00") },
-            { "purchaseId": "P1", "amount": bson::Decimal128::from_str_radix_unchecked("2.50") },
+            { "amount": dec("3.50") },
+            { "purchaseId": "P1", "amount": dec("1.00") },
+            { "purchaseId": "P1", "amount": dec("2.50") },
         ],
     };
     let p = r.put(Some(&m), &s).unwrap();
@@ -662,8 +662,8 @@ fn elements_sharing_an_id_keep_their_own_fields_when_they_move() {
         { "id": "x", "amount": 1114, "note": "b" },
     ] };
     let s = doc! { "lineUserId": "U1", "purchaseHistory": [
-        { "purchaseId": "x", "amount": bson::Decimal128::from_str_radix_unchecked("1114") },
-        { "purchaseId": "x", "amount": bson::Decimal128::from_str_radix_unchecked("0.00") },
+        { "purchaseId": "x", "amount": dec("1114") },
+        { "purchaseId": "x", "amount": dec("0.00") },
     ] };
     let p = r.put(Some(&m), &s).unwrap();
     assert_eq!(
@@ -672,14 +672,8 @@ fn elements_sharing_an_id_keep_their_own_fields_when_they_move() {
     );
 }
 
-trait DecimalText {
-    fn from_str_radix_unchecked(s: &str) -> Bson;
-}
-
-impl DecimalText for bson::Decimal128 {
-    fn from_str_radix_unchecked(s: &str) -> Bson {
-        Bson::Decimal128(s.parse().unwrap())
-    }
+fn dec(text: &str) -> Bson {
+    Bson::Decimal128(text.parse().unwrap())
 }
 
 #[test]
