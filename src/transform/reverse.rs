@@ -282,10 +282,18 @@ impl<'a> Reverse<'a> {
         &self.t.file
     }
 
-    /// The filter that finds the monolith document a service document belongs to: its `_id`
-    /// for `key = "_id"` targets; for a natural key, the key field's monolith path and the key
-    /// written back in its default form (`{ sku: "SKU-000042" }`).
+    /// The filter that finds the monolith document a service document belongs to: the source
+    /// `_id` ficus recorded in the document's `_ficus.src` when it names this monolith collection
+    /// (it survives a change of natural key); else its `_id` for `key = "_id"` targets; for a
+    /// natural key, the key field's monolith path and the key written back in its default form
+    /// (`{ sku: "SKU-000042" }`).
     pub fn locate(&self, service: &Document) -> Result<Document, ReverseError> {
+        if let Ok(src) = service.get_document(crate::sink::META).and_then(|m| m.get_document("src"))
+            && src.get_str("c").is_ok_and(|c| c == self.t.source_collection)
+            && let Some(id) = src.get("id").filter(|id| !matches!(id, Bson::Null))
+        {
+            return Ok(doc! { "_id": id.clone() });
+        }
         let Some(key) = &self.plan.key else {
             return match service.get("_id") {
                 Some(id) => Ok(doc! { "_id": id.clone() }),

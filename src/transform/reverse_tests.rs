@@ -689,6 +689,12 @@ fn locate_finds_the_monolith_document() {
             .to_string()
             .contains("lineUserId: the service document has no key value")
     );
+    // What ficus wrote carries its source: found by it even after the natural key changed.
+    let written =
+        doc! { "_id": "U2", "lineUserId": "U2", "_ficus": { "v": "1", "src": { "c": "customers", "id": 7 } } };
+    assert_eq!(r.locate(&written).unwrap(), doc! { "_id": 7 });
+    let elsewhere = doc! { "_id": "U2", "lineUserId": "U2", "_ficus": { "v": "1", "src": { "c": "other", "id": 7 } } };
+    assert_eq!(r.locate(&elsewhere).unwrap(), doc! { "user_id": "U2" });
     let r = find("conversations_db", "conversations");
     let oid = bson::oid::ObjectId::parse_str("6602b3e5d4c1a2f3e4d5c6b7").unwrap();
     assert_eq!(r.locate(&doc! { "_id": oid }).unwrap(), doc! { "_id": oid });
