@@ -27,6 +27,11 @@ use super::{TransformError, WriteOp};
 use crate::event::{CanonicalEvent, Op};
 use crate::mapping::{ChangeRecord, get_path, map_change};
 
+/// The metadata field ficus's sink writes on every service document (`sink::META`):
+/// `{ v, src: { c, id }, event }`. Named here rather than imported, to keep this pure module
+/// apart from the sink.
+const FICUS_META: &str = "_ficus";
+
 /// Why a service document cannot be written back. The consumer dead-letters the change.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum ReverseError {
@@ -288,7 +293,7 @@ impl<'a> Reverse<'a> {
     /// natural key, the key field's monolith path and the key written back in its default form
     /// (`{ sku: "SKU-000042" }`).
     pub fn locate(&self, service: &Document) -> Result<Document, ReverseError> {
-        if let Ok(src) = service.get_document(crate::sink::META).and_then(|m| m.get_document("src"))
+        if let Ok(src) = service.get_document(FICUS_META).and_then(|m| m.get_document("src"))
             && src.get_str("c").is_ok_and(|c| c == self.t.source_collection)
             && let Some(id) = src.get("id").filter(|id| !matches!(id, Bson::Null))
         {
