@@ -94,6 +94,24 @@ enum Command {
         #[command(subcommand)]
         action: DlqAction,
     },
+    /// Reverse sync: the derived reverses of the transforms.
+    Lens {
+        #[command(subcommand)]
+        action: LensAction,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum LensAction {
+    /// Check GetPut, PutGet and Insert on the monolith documents each service reads; print the
+    /// classification and the failures side by side; exit 1 if a law breaks.
+    Check {
+        #[arg(long = "service", value_name = "NAME")]
+        service: Option<String>,
+        /// Documents per monolith collection, in _id order (default: all).
+        #[arg(long, value_name = "N")]
+        sample: Option<u64>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -221,7 +239,21 @@ async fn dispatch(cli: Cli) -> ExitCode {
                 loaded.services.len(),
                 loaded.config.describe()
             );
+            print!("{}", transform::render_classification(loaded.services.iter().map(AsRef::as_ref)));
             return ExitCode::SUCCESS;
+        }
+        Command::Lens { action: LensAction::Check { service, sample } } => {
+            let cfg = &loaded.config;
+            let (uri, db, name) = (&cfg.source.uri, &cfg.source.db, &cfg.source.name);
+            match crate::lens::check(&loaded.services, &loaded.topics, uri, db, name, service.as_deref(), sample).await
+            {
+                Ok(ok) => Ok(if ok { ExitCode::SUCCESS } else { ExitCode::from(1) }),
+                Err(crate::lens::LensError::UnknownService(why)) => {
+                    eprintln!("error: {why}");
+                    return ExitCode::from(2);
+                }
+                Err(e) => Err(e.into()),
+            }
         }
         Command::Topics { action } => topics_cmd(&loaded, action).await,
         Command::Run(args) => run(loaded, args).await,

@@ -28,6 +28,7 @@
 //! - [`replay`]: rebuilds a service database from the store plus the live tail, through the
 //!   same transform-and-write path, in a shadow database swapped in when caught up.
 //! - [`verify`]: proves a service database equals the transforms applied to the source.
+//! - [`lens`]: `ficus lens check`, the lens laws of the derived reverses on the monolith's documents.
 
 //! - [`lease`]: one active tailer per source, fenced checkpoints.
 //! - [`ops`]: `/metrics`, `/healthz`, `/readyz` and the roles' health registry.
@@ -44,6 +45,7 @@ pub mod config;
 pub mod consume;
 pub mod event;
 pub mod lease;
+pub mod lens;
 pub mod mapping;
 pub mod mongo;
 pub mod ops;

@@ -19,7 +19,7 @@ use super::{TransformError, WriteOp};
 use crate::event::{CanonicalEvent, Op, SnapshotMarker};
 
 /// A failure inside the fields: which target field, and why.
-struct FieldError {
+pub(super) struct FieldError {
     field: String,
     reason: String,
 }
@@ -69,7 +69,7 @@ impl Transform {
             for element in elements {
                 let Bson::Document(element) = element else { continue };
                 // The same scope a derived event of this element gets: no document, the element.
-                let scope = Scope { event: ev, doc: &empty, input: element, group: None };
+                let scope = Scope::forward(ev, &empty, element);
                 if !matches!(self.passes(&scope), Ok(true)) {
                     continue;
                 }
@@ -140,7 +140,7 @@ impl Transform {
                 }
             },
         };
-        let scope = Scope { event: ev, doc, input, group: None };
+        let scope = Scope::forward(ev, doc, input);
         let changed = self.input == Input::Document && matches!(data.op, Op::Update | Op::Replace);
         if !self.passes(&scope)? {
             // Filtered out now: whatever an earlier state of the document fed goes away.
@@ -181,7 +181,7 @@ impl Transform {
             // does not key) only the sink knows what this document produced.
             _ => return Some(by_source),
         };
-        let scope = Scope { event: ev, doc: before, input: before, group: None };
+        let scope = Scope::forward(ev, before, before);
         match self.passes(&scope) {
             Ok(false) => return None,
             Ok(true) => {}
@@ -216,7 +216,7 @@ impl Transform {
             (_, Some(after)) => after,
             (_, None) => return Ok(()),
         };
-        let scope = Scope { event: ev, doc: after, input: after, group: None };
+        let scope = Scope::forward(ev, after, after);
         if !self.passes(&scope)? {
             out.push(leave());
             return Ok(());
@@ -285,7 +285,7 @@ fn build(fields: &Fields, scope: &Scope<'_>, at: &str) -> Result<Option<Document
 }
 
 /// Maps every element of a source array through `fields`.
-fn each(source: &Expr, fields: &Fields, scope: &Scope<'_>, field: &str) -> Result<Option<Bson>, FieldError> {
+pub(super) fn each(source: &Expr, fields: &Fields, scope: &Scope<'_>, field: &str) -> Result<Option<Bson>, FieldError> {
     let fail = |reason: String| FieldError { field: field.to_string(), reason: format!("`{source}`: {reason}") };
     let Some(value) = source.eval(scope).map_err(|e| FieldError { field: field.to_string(), reason: e.to_string() })?
     else {

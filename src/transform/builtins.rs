@@ -5,13 +5,17 @@
 //! may look like, what `ratio` does with a zero, how a key becomes camelCase) read on their own.
 //! Absent values propagate (a cast of an absent field writes nothing) and null stays null;
 //! anything else that does not fit is an error naming the offending value.
+//!
+//! The inverses of the invertible ones (casts, value maps, `camel_keys`) live here too, beside
+//! the rules they undo: [`backward`] turns a service value back into the monolith's form, taking
+//! the monolith's current value as the model for its type, lexical form and key spelling.
 
 use std::borrow::Cow;
 use std::cmp::Ordering;
 
 use bson::{Bson, DateTime, Decimal128, Document};
 
-use super::expr::{CmpOp, Func, Value};
+use super::expr::{CmpOp, Func, Value, ValueMap};
 
 /// The casts (`ltv | decimal`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -39,7 +43,7 @@ impl Cast {
         }
     }
 
-    fn apply(self, v: &Bson) -> Result<Bson, String> {
+    pub(super) fn apply(self, v: &Bson) -> Result<Bson, String> {
         let cast = match self {
             Cast::Decimal => to_decimal(v),
             Cast::Double => to_number(v).map(Bson::Double),
@@ -319,6 +323,273 @@ pub(super) fn found(v: &Bson) -> String {
         _ => "a value",
     };
     format!("{kind} {}", describe(v))
+}
+
+/// Structural equality as the reverse sees it: documents compare whatever their key order,
+/// doubles by value (NaN equal to itself), everything else exactly (so Decimal128 `1290.50` and
+/// `1290.5` differ, as their lexical forms do).
+pub(super) fn same(a: &Bson, b: &Bson) -> bool {
+    match (a, b) {
+        (Bson::Document(x), Bson::Document(y)) => same_doc(x, y),
+        (Bson::Array(x), Bson::Array(y)) => x.len() == y.len() && x.iter().zip(y).all(|(v, w)| same(v, w)),
+        (Bson::Double(x), Bson::Double(y)) => x == y || (x.is_nan() && y.is_nan()),
+        _ => a == b,
+    }
+}
+
+/// [`same`] for two documents.
+pub(super) fn same_doc(x: &Document, y: &Document) -> bool {
+    x.len() == y.len() && x.iter().all(|(k, v)| y.get(k).is_some_and(|w| same(v, w)))
+}
+
+/// [`same`] over possibly absent values: absent equals only absent.
+pub(super) fn same_opt(a: Option<&Bson>, b: Option<&Bson>) -> bool {
+    match (a, b) {
+        (Some(a), Some(b)) => same(a, b),
+        (None, None) => true,
+        _ => false,
+    }
+}
+
+/// One invertible step (a cast, a value map, `camel_keys`) applied forward to a present value.
+pub(super) fn forward(func: &Func, v: &Bson) -> Result<Option<Bson>, String> {
+    call(func, vec![Some(Cow::Borrowed(v))]).map(|out| out.map(Cow::into_owned)).map_err(|(_, why)| why)
+}
+
+/// The inverse of one invertible step: a value that `func` turns into `v`, written in the form
+/// `like` (the monolith's current value) has, where the step allows. Null stays null.
+pub(super) fn backward(func: &Func, v: &Bson, like: Option<&Bson>) -> Result<Bson, String> {
+    if matches!(v, Bson::Null) {
+        return Ok(Bson::Null);
+    }
+    match func {
+        Func::Cast(cast) => uncast(*cast, v, like),
+        Func::Map(map) => unmap(map, v),
+        Func::CamelKeys => uncamel(v, like),
+        _ => Err("this function has no inverse".into()),
+    }
+}
+
+/// What a cast's service value must be: a number for `decimal`, `double` and `int`, a date for
+/// `date`, text for `string`.
+fn cast_accepts(cast: Cast, v: &Bson) -> bool {
+    match cast {
+        Cast::Decimal | Cast::Double | Cast::Int => numeric_kind(v),
+        Cast::Date => matches!(v, Bson::DateTime(_)),
+        Cast::String => matches!(v, Bson::String(_)),
+    }
+}
+
+fn numeric_kind(v: &Bson) -> bool {
+    matches!(v, Bson::Int32(_) | Bson::Int64(_) | Bson::Double(_) | Bson::Decimal128(_))
+}
+
+/// The inverse of a cast. The value is written in the BSON type the monolith holds now (text
+/// stays text, a double a double, integers integral, a date a date, epoch milliseconds
+/// milliseconds); with no value there, in the cast's default form: a decimal string for
+/// `decimal` (money, as the monolith stores it), a double, an integer, text, a date. The result
+/// must cast back to exactly the service's value, or it is an error: nothing is rounded or
+/// retyped silently.
+fn uncast(cast: Cast, v: &Bson, like: Option<&Bson>) -> Result<Bson, String> {
+    if !cast_accepts(cast, v) {
+        let wanted = match cast {
+            Cast::Decimal | Cast::Double | Cast::Int => "a number",
+            Cast::Date => "a date",
+            Cast::String => "text",
+        };
+        return Err(format!("expected {wanted}, found {}", found(v)));
+    }
+    // The value the forward would produce from it: Int32(3) in a double field means 3.0.
+    let target = cast.apply(v)?;
+    let like = like.filter(|l| !matches!(l, Bson::Null)).filter(|l| cast.apply(l).is_ok());
+    let candidate = match (cast, like) {
+        (Cast::Date, like) => undate(&target, like),
+        (Cast::String, like) => unstring(&target, like),
+        (_, Some(like)) => renumber(&target, like),
+        (Cast::Decimal, None) => to_string(&target),
+        (_, None) => Some(target.clone()),
+    };
+    let kind = like.map_or("default", bson_kind);
+    let fail = || format!("{} cannot be written back exactly as the monolith's {kind} value", describe(v));
+    let candidate = candidate.ok_or_else(fail)?;
+    match cast.apply(&candidate) {
+        Ok(back) if same(&back, &target) => Ok(candidate),
+        _ => Err(fail()),
+    }
+}
+
+/// A number (a cast's output) in the numeric or text form of `like`.
+fn renumber(target: &Bson, like: &Bson) -> Option<Bson> {
+    let text = match target {
+        Bson::Decimal128(d) => d.to_string(),
+        Bson::Int32(i) => i.to_string(),
+        Bson::Int64(i) => i.to_string(),
+        Bson::Double(f) if f.is_finite() => f.to_string(),
+        _ => return None,
+    };
+    let whole = || -> Option<i64> {
+        text.parse::<i64>().ok().or_else(|| {
+            let f: f64 = text.parse().ok()?;
+            let range = i64::MIN as f64..-(i64::MIN as f64);
+            (f.fract() == 0.0 && range.contains(&f)).then_some(f as i64)
+        })
+    };
+    match like {
+        Bson::String(_) => Some(Bson::String(text)),
+        Bson::Int32(_) => whole().map(int_value),
+        Bson::Int64(_) => whole().map(Bson::Int64),
+        Bson::Double(_) => text.parse::<f64>().ok().map(Bson::Double),
+        Bson::Decimal128(_) => text.parse::<Decimal128>().ok().map(Bson::Decimal128),
+        _ => None,
+    }
+}
+
+/// A date in the form of `like`: a date, RFC 3339 text or epoch milliseconds.
+fn undate(target: &Bson, like: Option<&Bson>) -> Option<Bson> {
+    let Bson::DateTime(d) = target else { return None };
+    match like {
+        Some(Bson::String(_)) => d.try_to_rfc3339_string().ok().map(Bson::String),
+        Some(Bson::Int32(_)) => Some(int_value(d.timestamp_millis())),
+        Some(Bson::Int64(_)) => Some(Bson::Int64(d.timestamp_millis())),
+        _ => Some(target.clone()),
+    }
+}
+
+/// Text back into the type `like` has: a number, a boolean, an ObjectId, a date, or text.
+fn unstring(target: &Bson, like: Option<&Bson>) -> Option<Bson> {
+    let Bson::String(text) = target else { return None };
+    Some(match like {
+        Some(Bson::Int32(_)) => int_value(text.parse().ok()?),
+        Some(Bson::Int64(_)) => Bson::Int64(text.parse().ok()?),
+        Some(Bson::Double(_)) => Bson::Double(text.parse().ok()?),
+        Some(Bson::Decimal128(_)) => Bson::Decimal128(text.parse().ok()?),
+        Some(Bson::Boolean(_)) => Bson::Boolean(text.parse().ok()?),
+        Some(Bson::ObjectId(_)) => Bson::ObjectId(bson::oid::ObjectId::parse_str(text).ok()?),
+        Some(Bson::DateTime(_)) => Bson::DateTime(DateTime::parse_rfc3339_str(text).ok()?),
+        _ => target.clone(),
+    })
+}
+
+fn bson_kind(v: &Bson) -> &'static str {
+    match v {
+        Bson::String(_) => "text",
+        Bson::Int32(_) => "Int32",
+        Bson::Int64(_) => "Int64",
+        Bson::Double(_) => "double",
+        Bson::Decimal128(_) => "Decimal128",
+        Bson::DateTime(_) => "date",
+        Bson::Boolean(_) => "boolean",
+        Bson::ObjectId(_) => "ObjectId",
+        _ => "other",
+    }
+}
+
+/// The inverse of an injective value map: the entry that gives `v`; a value no entry gives
+/// passes through, unless the map would turn it into something else.
+fn unmap(map: &ValueMap, v: &Bson) -> Result<Bson, String> {
+    if let Some((from, _)) = map.entries.iter().find(|(_, to)| same(to, v)) {
+        return Ok(Bson::String(from.clone()));
+    }
+    if let Bson::String(s) = v
+        && let Some(to) = map.entries.get(s)
+    {
+        return Err(format!(
+            "value map `{}` never gives {}: the monolith's `{s}` becomes {}",
+            map.name,
+            describe(v),
+            describe(to)
+        ));
+    }
+    Ok(v.clone())
+}
+
+/// camelCase back to snake_case, for keys the monolith does not have yet: `avgResponseTime` →
+/// `avg_response_time`, an upper-case letter after a lower-case letter or a digit starting a
+/// new word (`userID` → `user_iD`, `HTTPCode` stays). [`camel_case`] of the result is the key.
+pub(super) fn snake_case(key: &str) -> String {
+    let mut out = String::with_capacity(key.len() + 4);
+    let mut prev: Option<char> = None;
+    for c in key.chars() {
+        if c.is_uppercase() && prev.is_some_and(|p| p.is_lowercase() || p.is_ascii_digit()) {
+            out.push('_');
+            out.extend(c.to_lowercase());
+        } else {
+            out.push(c);
+        }
+        prev = Some(c);
+    }
+    out
+}
+
+/// The inverse of `camel_keys`: every key takes the spelling the monolith has at the same place
+/// (`error_types` stays `error_types`), and keys the monolith does not have become snake_case
+/// ([`snake_case`]). Sub-documents and arrays the service left unchanged keep the monolith's
+/// value whole.
+fn uncamel(v: &Bson, like: Option<&Bson>) -> Result<Bson, String> {
+    if !matches!(v, Bson::Document(_) | Bson::Array(_)) {
+        return Err(format!("expected a document, found {}", found(v)));
+    }
+    let back = uncamel_at(v, like)?;
+    match camel_keys(&back) {
+        Ok(again) if same(&again, v) => Ok(back),
+        Ok(_) => Err("its keys cannot all come from camel_keys".into()),
+        Err(why) => Err(why),
+    }
+}
+
+fn uncamel_at(v: &Bson, like: Option<&Bson>) -> Result<Bson, String> {
+    if let Some(like) = like
+        && matches!(v, Bson::Document(_) | Bson::Array(_))
+        && camel_keys(like).is_ok_and(|again| same(&again, v))
+    {
+        return Ok(like.clone());
+    }
+    let nested = |value: &Bson, like: Option<&Bson>| match value {
+        Bson::Document(_) | Bson::Array(_) => uncamel_at(value, like),
+        other => Ok(other.clone()),
+    };
+    match v {
+        Bson::Document(d) => {
+            let like = match like {
+                Some(Bson::Document(l)) => Some(l),
+                _ => None,
+            };
+            let mut out = Document::new();
+            for (key, value) in d {
+                let original = like.and_then(|l| l.iter().find(|(k, _)| camel_case(k) == key.as_str()));
+                let name = match original {
+                    Some((k, _)) => k.clone(),
+                    None => {
+                        let snake = snake_case(key);
+                        if camel_case(&snake) == key.as_str() {
+                            snake
+                        } else if camel_case(key) == key.as_str() {
+                            key.clone()
+                        } else {
+                            return Err(format!(
+                                "key `{key}` cannot come from camel_keys, which leaves no `_` inside a key"
+                            ));
+                        }
+                    }
+                };
+                out.insert(name, nested(value, original.map(|(_, v)| v))?);
+            }
+            Ok(Bson::Document(out))
+        }
+        Bson::Array(items) => {
+            let like = match like {
+                Some(Bson::Array(l)) => Some(l),
+                _ => None,
+            };
+            items
+                .iter()
+                .enumerate()
+                .map(|(i, e)| nested(e, like.and_then(|l| l.get(i))))
+                .collect::<Result<_, _>>()
+                .map(Bson::Array)
+        }
+        other => Ok(other.clone()),
+    }
 }
 
 #[cfg(test)]

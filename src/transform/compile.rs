@@ -17,6 +17,7 @@ use toml::de::{DeTable, DeValue};
 
 use super::builtins;
 use super::expr::{self, Context, Expr, Root, ValueMap};
+use super::invert::{self, Reversal};
 use crate::config::report::{DefinitionError, Report};
 use crate::config::topics::{TopicDef, Topics};
 use crate::event::Op;
@@ -36,6 +37,11 @@ pub(super) struct Transform {
     pub collection: String,
     pub when: Option<Expr>,
     pub target: Target,
+    /// The topic's definition without its derived events: the reverse runs the forward on
+    /// patched documents through `mapping::map_change` with it, as live traffic does.
+    pub def: TopicDef,
+    /// How the target goes back into the monolith's shape.
+    pub reverse: Reversal,
 }
 
 /// What plain paths read.
@@ -89,7 +95,16 @@ pub(super) enum Shape {
     },
 }
 
-const TOP_KEYS: [&str; 8] = ["topic", "events", "collection", "key", "when", "maps", "fields", "rollup"];
+const TOP_KEYS: [&str; 9] = ["topic", "events", "collection", "key", "when", "maps", "fields", "rollup", "reverse"];
+const REVERSE_KEYS: [&str; 4] = ["read_only", "set", "from", "align"];
+
+/// What the top of a file says: the topic, its event types, the target collection.
+struct Header<'t> {
+    def: Option<&'t TopicDef>,
+    events: BTreeSet<String>,
+    input: Input,
+    collection: Option<String>,
+}
 const ROLLUP_KEYS: [&str; 4] = ["group", "count", "distinct", "fields"];
 
 /// Compiles one file; problems go to `report`. `None` when there were any.
@@ -111,7 +126,7 @@ pub(super) fn compile_file(file: &Path, topics: &Topics, report: &mut Report) ->
         }
     };
     let entries = table(root.get_ref(), &lines);
-    let mut c = Compiler { file, errors: Vec::new() };
+    let mut c = Compiler { file, errors: Vec::new(), lines: BTreeMap::new() };
     let transform = c.transform(entries, topics);
     let failed = !c.errors.is_empty();
     report.errors.extend(c.errors);
@@ -227,6 +242,9 @@ fn join(at: &str, key: &str) -> String {
 struct Compiler<'f> {
     file: &'f Path,
     errors: Vec<DefinitionError>,
+    /// The line declaring each target field of `[fields]` (`availability.inStock`,
+    /// `purchaseHistory.amount`), for problems the reverse planner finds.
+    lines: BTreeMap<String, usize>,
 }
 
 impl Compiler<'_> {
@@ -256,17 +274,59 @@ impl Compiler<'_> {
     }
 
     fn transform(&mut self, entries: Vec<(String, Node)>, topics: &Topics) -> Option<Transform> {
-        let mut slots: BTreeMap<&str, Node> = BTreeMap::new();
+        let mut slots = self.slots(entries);
+        let header = self.header(&mut slots, topics);
+        let maps = slots.remove("maps").map(|n| self.maps(&n)).unwrap_or_default();
+        let cx = Context { maps: &maps, allow_group: false, reverse: false };
+        let when = slots.remove("when").and_then(|n| {
+            let src = self.text("when", &n)?;
+            self.expr("when", &n, &src, &cx)
+        });
+        let target = self.target(&mut slots, &header.input, &maps);
+        let entries = slots.remove("reverse").map(|n| self.reverse_entries(&n, &maps)).unwrap_or_default();
+        let def = header.def?;
+        let target = target?;
+        let (reverse, problems) =
+            invert::plan(&target, &header.input, when.as_ref(), entries, &self.lines, &def.collection);
+        for p in problems {
+            self.err(&p.field, p.line, p.message);
+        }
+        let mut forward_def = def.clone();
+        // The reverse runs the forward on whole documents; derived events play no part there.
+        forward_def.derived.clear();
+        Some(Transform {
+            file: self.file.to_path_buf(),
+            name: self.file.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default(),
+            topic: def.topic.clone(),
+            source_collection: def.collection.clone(),
+            events: header.events,
+            input: header.input,
+            collection: header.collection?,
+            when,
+            target,
+            def: forward_def,
+            reverse,
+        })
+    }
+
+    /// The top-level keys by name; unknown ones are reported.
+    fn slots(&mut self, entries: Vec<(String, Node)>) -> BTreeMap<&'static str, Node> {
+        let mut slots = BTreeMap::new();
         for (key, node) in entries {
             match TOP_KEYS.iter().find(|k| **k == key) {
                 Some(k) => {
-                    slots.insert(k, node);
+                    slots.insert(*k, node);
                 }
                 None => {
                     self.err(&key, Some(node.line), format!("unknown key (expected one of: {})", TOP_KEYS.join(", ")))
                 }
             }
         }
+        slots
+    }
+
+    /// `topic`, `events` and `collection`: what the transform reads and where it writes.
+    fn header<'t>(&mut self, slots: &mut BTreeMap<&str, Node>, topics: &'t Topics) -> Header<'t> {
         let mut required = |name: &str| {
             let node = slots.remove(name);
             if node.is_none() {
@@ -275,7 +335,6 @@ impl Compiler<'_> {
             node
         };
         let (topic, events, collection) = (required("topic"), required("events"), required("collection"));
-
         let def = topic.and_then(|n| {
             let name = self.text("topic", &n)?;
             let def = topics.by_topic(&name);
@@ -300,15 +359,18 @@ impl Compiler<'_> {
             }
             Some(name)
         });
+        Header { def, events, input, collection }
+    }
 
-        let maps = slots.remove("maps").map(|n| self.maps(&n)).unwrap_or_default();
-        let cx = Context { maps: &maps, allow_group: false };
-        let when = slots.remove("when").and_then(|n| {
-            let src = self.text("when", &n)?;
-            self.expr("when", &n, &src, &cx)
-        });
-
-        let target = match (slots.remove("fields"), slots.remove("rollup")) {
+    /// `[fields]` with its `key`, or `[rollup]`.
+    fn target(
+        &mut self,
+        slots: &mut BTreeMap<&str, Node>,
+        input: &Input,
+        maps: &BTreeMap<String, Arc<ValueMap>>,
+    ) -> Option<Target> {
+        let cx = Context { maps, allow_group: false, reverse: false };
+        match (slots.remove("fields"), slots.remove("rollup")) {
             (Some(node), None) => {
                 let fields = self.field_table("fields", &node, &cx).unwrap_or_default();
                 if matches!(input, Input::Element { .. }) && fields.iter().any(|(_, s)| reads_doc(s)) {
@@ -320,7 +382,7 @@ impl Compiler<'_> {
                     );
                 }
                 let key = match slots.remove("key") {
-                    Some(n) => self.key(&n, &fields, &input),
+                    Some(n) => self.key(&n, &fields, input),
                     None => {
                         let why =
                             "missing: name the field that identifies a target document, or \"_id\" for the monolith's";
@@ -337,7 +399,7 @@ impl Compiler<'_> {
                 if matches!(input, Input::Element { .. }) {
                     self.err("events", None, "a rollup counts source documents, not derived array elements");
                 }
-                self.rollup(&rollup, &maps).map(Target::Rollup)
+                self.rollup(&rollup, maps).map(Target::Rollup)
             }
             (Some(_), Some(n)) => {
                 self.err("rollup", Some(n.line), "a transform has either [fields] or [rollup], not both");
@@ -347,19 +409,103 @@ impl Compiler<'_> {
                 self.err("fields", None, "missing: declare the target's [fields] (or a [rollup])");
                 None
             }
-        };
+        }
+    }
 
-        Some(Transform {
-            file: self.file.to_path_buf(),
-            name: self.file.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default(),
-            topic: def?.topic.clone(),
-            source_collection: def?.collection.clone(),
-            events,
-            input,
-            collection: collection?,
-            when,
-            target: target?,
-        })
+    /// `[reverse]`: one inline table per target field, `{ read_only = "why" }`,
+    /// `{ set = "monolith.path", from = "expression" }` or `{ align = "field" | "position" }`.
+    fn reverse_entries(&mut self, node: &Node, maps: &BTreeMap<String, Arc<ValueMap>>) -> Vec<invert::Entry> {
+        let Raw::Table(entries) = &node.value else {
+            self.err(
+                "reverse",
+                Some(node.line),
+                format!("expected a table of target fields, found {}", node.value.kind()),
+            );
+            return Vec::new();
+        };
+        let cx = Context { maps, allow_group: false, reverse: true };
+        let mut out = Vec::new();
+        for (target, n) in entries {
+            let field = format!("reverse.{target}");
+            let Raw::Table(keys) = &n.value else {
+                self.err(
+                    &field,
+                    Some(n.line),
+                    format!(
+                        "expected {{ read_only = \"why\" }}, {{ set = \"path\", from = \"expression\" }} or \
+                         {{ align = \"field\" }}, found {}",
+                        n.value.kind()
+                    ),
+                );
+                continue;
+            };
+            let mut slots: BTreeMap<&str, (String, usize)> = BTreeMap::new();
+            for (key, v) in keys {
+                match REVERSE_KEYS.iter().find(|k| **k == key) {
+                    Some(k) => {
+                        if let Some(text) = self.text(&join(&field, key), v) {
+                            slots.insert(k, (text, v.line));
+                        }
+                    }
+                    None => self.err(
+                        &join(&field, key),
+                        Some(v.line),
+                        format!("unknown key (expected one of: {})", REVERSE_KEYS.join(", ")),
+                    ),
+                }
+            }
+            let line = n.line;
+            let kind =
+                match (slots.remove("read_only"), slots.remove("set"), slots.remove("from"), slots.remove("align")) {
+                    (Some((why, l)), None, None, None) => {
+                        if why.trim().is_empty() {
+                            self.err(
+                                &field,
+                                Some(l),
+                                "`read_only` takes the reason the service never changes this field",
+                            );
+                            continue;
+                        }
+                        invert::EntryKind::ReadOnly(why)
+                    }
+                    (None, Some((set, set_line)), Some((src, from_line)), None) => {
+                        if let Err(why) = invert::valid_set_path(&set) {
+                            self.err(&join(&field, "set"), Some(set_line), why);
+                        }
+                        let from = match expr::parse(&src, &cx) {
+                            Ok(e) => e,
+                            Err(e) => {
+                                self.err(&join(&field, "from"), Some(from_line), format!("in `{src}`: {e}"));
+                                continue;
+                            }
+                        };
+                        invert::EntryKind::Rule { set, from }
+                    }
+                    (None, None, None, Some((align, _))) => invert::EntryKind::Align(if align == "position" {
+                        invert::Align::Position
+                    } else {
+                        invert::Align::Field(align)
+                    }),
+                    (None, Some(_), None, None) | (None, None, Some(_), None) => {
+                        self.err(
+                            &field,
+                            Some(line),
+                            "a rule takes both `set` (the monolith path) and `from` (its value)",
+                        );
+                        continue;
+                    }
+                    (None, None, None, None) => {
+                        self.err(&field, Some(line), "empty entry: give `read_only`, `set` and `from`, or `align`");
+                        continue;
+                    }
+                    _ => {
+                        self.err(&field, Some(line), "give one of `read_only`, `set` with `from`, or `align`");
+                        continue;
+                    }
+                };
+            out.push(invert::Entry { target: target.clone(), line, kind });
+        }
+        out
     }
 
     fn events(&mut self, node: &Node, def: &TopicDef) -> (BTreeSet<String>, Input) {
@@ -519,6 +665,9 @@ impl Compiler<'_> {
                 self.err(&field, Some(node.line), format!("`{key}` is not a target field path"));
                 continue;
             }
+            if let Some(target) = field.strip_prefix("fields.") {
+                self.lines.insert(target.to_string(), node.line);
+            }
             let Some(shape) = self.shape(&field, node, cx) else { continue };
             if let Err(clash) = insert(&mut out, &segments, shape) {
                 self.err(&field, Some(node.line), format!("`{}` is declared more than once", join(at, &clash)));
@@ -595,52 +744,15 @@ impl Compiler<'_> {
             self.err("rollup", Some(node.line), format!("expected a table, found {}", node.value.kind()));
             return None;
         };
-        let cx = Context { maps, allow_group: false };
+        let cx = Context { maps, allow_group: false, reverse: false };
         let (mut group, mut count, mut distinct, mut fields) = (None, None, Vec::new(), Fields::new());
         for (key, n) in entries {
             let field = format!("rollup.{key}");
             match key.as_str() {
                 "group" => group = self.text(&field, n).and_then(|src| self.expr(&field, n, &src, &cx)),
-                "count" => {
-                    count = self.text(&field, n).filter(|name| {
-                        let ok = !name.is_empty() && !name.contains(['.', '$', '\0']) && name != "_id";
-                        if !ok {
-                            self.err(&field, Some(n.line), format!("`{name}` is not a top-level target field name"));
-                        }
-                        ok
-                    })
-                }
-                "distinct" => {
-                    let Raw::Table(arrays) = &n.value else {
-                        self.err(
-                            &field,
-                            Some(n.line),
-                            format!("expected a table of `targetArray = \"expression\"`, found {}", n.value.kind()),
-                        );
-                        continue;
-                    };
-                    for (target, e) in arrays {
-                        let f = join(&field, target);
-                        if target.is_empty() || target.contains(['.', '$', '\0']) || target == "_id" {
-                            self.err(&f, Some(e.line), format!("`{target}` is not a top-level target field name"));
-                        } else if let Some(expr) = self.text(&f, e).and_then(|src| self.expr(&f, e, &src, &cx)) {
-                            distinct.push((target.clone(), expr));
-                        }
-                    }
-                }
-                "fields" => {
-                    let group_cx = Context { maps, allow_group: true };
-                    fields = self.field_table(&field, n, &group_cx).unwrap_or_default();
-                    for (name, shape) in &fields {
-                        if reads_source(shape) {
-                            self.err(
-                                &join(&field, name),
-                                Some(n.line),
-                                "group fields may use only `$group` and constants, so all members agree on them",
-                            );
-                        }
-                    }
-                }
+                "count" => count = self.rollup_count(&field, n),
+                "distinct" => distinct = self.rollup_distinct(&field, n, &cx),
+                "fields" => fields = self.rollup_fields(&field, n, maps),
                 _ => {
                     self.err(&field, Some(n.line), format!("unknown key (expected one of: {})", ROLLUP_KEYS.join(", ")))
                 }
@@ -660,6 +772,60 @@ impl Compiler<'_> {
         }
         Some(Rollup { group: group?, count_field: count?, distinct, fields })
     }
+
+    /// `rollup.count`: the top-level group field counting members.
+    fn rollup_count(&mut self, field: &str, n: &Node) -> Option<String> {
+        self.text(field, n).filter(|name| {
+            let ok = top_level_name(name);
+            if !ok {
+                self.err(field, Some(n.line), format!("`{name}` is not a top-level target field name"));
+            }
+            ok
+        })
+    }
+
+    /// `[rollup.distinct]`: group arrays of the distinct values over the members.
+    fn rollup_distinct(&mut self, field: &str, n: &Node, cx: &Context<'_>) -> Vec<(String, Expr)> {
+        let Raw::Table(arrays) = &n.value else {
+            self.err(
+                field,
+                Some(n.line),
+                format!("expected a table of `targetArray = \"expression\"`, found {}", n.value.kind()),
+            );
+            return Vec::new();
+        };
+        let mut distinct = Vec::new();
+        for (target, e) in arrays {
+            let f = join(field, target);
+            if !top_level_name(target) {
+                self.err(&f, Some(e.line), format!("`{target}` is not a top-level target field name"));
+            } else if let Some(expr) = self.text(&f, e).and_then(|src| self.expr(&f, e, &src, cx)) {
+                distinct.push((target.clone(), expr));
+            }
+        }
+        distinct
+    }
+
+    /// `[rollup.fields]`: group fields, from `$group` and constants only.
+    fn rollup_fields(&mut self, field: &str, n: &Node, maps: &BTreeMap<String, Arc<ValueMap>>) -> Fields {
+        let group_cx = Context { maps, allow_group: true, reverse: false };
+        let fields = self.field_table(field, n, &group_cx).unwrap_or_default();
+        for (name, shape) in &fields {
+            if reads_source(shape) {
+                self.err(
+                    &join(field, name),
+                    Some(n.line),
+                    "group fields may use only `$group` and constants, so all members agree on them",
+                );
+            }
+        }
+        fields
+    }
+}
+
+/// A top-level target field name: no dots, no `$`, not `_id`.
+fn top_level_name(name: &str) -> bool {
+    !name.is_empty() && !name.contains(['.', '$', '\0']) && name != "_id"
 }
 
 fn reads_doc(shape: &Shape) -> bool {

@@ -19,6 +19,7 @@
 //!          | NAME '(' args ')' | path | '(' expr ')'
 //! path    := name ('.' (name | index))*  |  $doc[.path] | $event.<id|time|type|subject|source|sequence>
 //!          | $key | $id | $group
+//!          | $value | $source[.path]                  -- reverse rules only (`[reverse]`)
 //! ```
 
 use std::borrow::Cow;
@@ -63,6 +64,11 @@ pub(super) enum Root {
     Id,
     /// `$group`: the rollup group value (only in `[rollup.fields]`).
     Group,
+    /// `$value`: the target field's new value in the service (only in `[reverse]` rules).
+    Value,
+    /// `$source.<path>`: the monolith document (or, inside an array, the monolith element the
+    /// service element is aligned with) as it is now (only in `[reverse]` rules).
+    Source,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -163,6 +169,9 @@ pub(super) struct Context<'a> {
     pub maps: &'a BTreeMap<String, Arc<ValueMap>>,
     /// `$group` is only meaningful in a rollup's group fields.
     pub allow_group: bool,
+    /// A `[reverse]` rule: `$value` and `$source` exist, the event (`$event`, `$key`, `$id`)
+    /// does not, and plain paths and `$doc` read the service document.
+    pub reverse: bool,
 }
 
 /// Parses and checks an expression.
@@ -491,8 +500,17 @@ fn path(word: &str, ctx: &Context<'_>) -> Result<Expr, String> {
         None => Ok(Expr::Path { root, path: String::new() }),
         Some(_) => Err(format!("`{head}` is a single value; `{word}` reaches into it")),
     };
+    if ctx.reverse && matches!(head, "$event" | "$key" | "$id" | "$group") {
+        return Err(format!(
+            "`{head}` does not exist in a reverse rule: it writes a service value back, with no event \
+             (use $value, $source.<path> for the monolith's document, and plain paths for the service's)"
+        ));
+    }
     match head {
         "$doc" => Ok(Expr::Path { root: Root::Doc, path: rest.unwrap_or_default().to_string() }),
+        "$value" if ctx.reverse => no_rest(Root::Value),
+        "$source" if ctx.reverse => Ok(Expr::Path { root: Root::Source, path: rest.unwrap_or_default().to_string() }),
+        "$value" | "$source" => Err(format!("`{head}` only exists in [reverse] rules")),
         "$event" => {
             let field = rest.and_then(|r| EventField::ALL.iter().find(|(n, _)| *n == r));
             match field {
@@ -507,6 +525,9 @@ fn path(word: &str, ctx: &Context<'_>) -> Result<Expr, String> {
         "$id" => no_rest(Root::Id),
         "$group" if ctx.allow_group => no_rest(Root::Group),
         "$group" => Err("`$group` only exists in [rollup.fields]".into()),
+        _ if head.starts_with('$') && ctx.reverse => {
+            Err(format!("unknown `{head}` (known in reverse rules: $value, $source.<path>, $doc.<path>)"))
+        }
         _ if head.starts_with('$') => Err(format!("unknown `{head}` (known: $doc, $event.<field>, $key, $id, $group)")),
         _ if word.split('.').any(|s| s.contains('$')) => Err(format!("`{word}` is not a field path")),
         _ => Ok(Expr::Path { root: Root::Input, path: word.to_string() }),
@@ -519,25 +540,12 @@ impl Expr {
     pub(super) fn reads_source(&self) -> bool {
         match self {
             Expr::Literal(_) => false,
-            Expr::Path { root, .. } => *root != Root::Group,
+            Expr::Path { root, .. } => !matches!(root, Root::Group | Root::Value),
             Expr::Call { args, .. } => args.iter().any(Expr::reads_source),
             Expr::Compare { left, right, .. } | Expr::And(left, right) | Expr::Or(left, right) => {
                 left.reads_source() || right.reads_source()
             }
             Expr::Not(e) => e.reads_source(),
-        }
-    }
-
-    /// Whether the expression reads any attribute of the event envelope (`$event.*`).
-    pub(super) fn reads_event(&self) -> bool {
-        match self {
-            Expr::Literal(_) => false,
-            Expr::Path { root, .. } => matches!(root, Root::Event(_)),
-            Expr::Call { args, .. } => args.iter().any(Expr::reads_event),
-            Expr::Compare { left, right, .. } | Expr::And(left, right) | Expr::Or(left, right) => {
-                left.reads_event() || right.reads_event()
-            }
-            Expr::Not(e) => e.reads_event(),
         }
     }
 
@@ -551,6 +559,35 @@ impl Expr {
                 left.reads_root(root) || right.reads_root(root)
             }
             Expr::Not(e) => e.reads_root(root),
+        }
+    }
+
+    /// Whether the expression reads the event's envelope (`$event.*`), which the monolith
+    /// document alone cannot reproduce.
+    pub(super) fn reads_event(&self) -> bool {
+        match self {
+            Expr::Literal(_) => false,
+            Expr::Path { root, .. } => matches!(root, Root::Event(_)),
+            Expr::Call { args, .. } => args.iter().any(Expr::reads_event),
+            Expr::Compare { left, right, .. } | Expr::And(left, right) | Expr::Or(left, right) => {
+                left.reads_event() || right.reads_event()
+            }
+            Expr::Not(e) => e.reads_event(),
+        }
+    }
+
+    /// The paths the expression reads from the input (plain paths) and from `$doc`.
+    pub(super) fn input_paths(&self, out: &mut Vec<String>) {
+        match self {
+            Expr::Literal(_) => {}
+            Expr::Path { root: Root::Input | Root::Doc, path } => out.push(path.clone()),
+            Expr::Path { .. } => {}
+            Expr::Call { args, .. } => args.iter().for_each(|a| a.input_paths(out)),
+            Expr::Compare { left, right, .. } | Expr::And(left, right) | Expr::Or(left, right) => {
+                left.input_paths(out);
+                right.input_paths(out);
+            }
+            Expr::Not(e) => e.input_paths(out),
         }
     }
 
@@ -608,6 +645,8 @@ impl fmt::Display for Expr {
                     Root::Key => "$key",
                     Root::Id => "$id",
                     Root::Group => "$group",
+                    Root::Value => "$value",
+                    Root::Source => "$source",
                 };
                 if path.is_empty() { f.write_str(head) } else { write!(f, "{head}.{path}") }
             }
@@ -638,39 +677,58 @@ impl fmt::Display for Expr {
 
 /// What paths read during one evaluation.
 pub(super) struct Scope<'a> {
-    pub event: &'a CanonicalEvent,
-    /// `$doc`: the whole source document.
+    /// The event being transformed; `None` in a reverse rule, which has none.
+    pub event: Option<&'a CanonicalEvent>,
+    /// `$doc`: the whole source document (in a reverse rule, the whole service document).
     pub doc: &'a Document,
     /// Plain paths: the document, the derived element, or the `each` element.
     pub input: &'a Document,
     pub group: Option<&'a Bson>,
+    /// `$value` (reverse rules).
+    pub value: Option<&'a Bson>,
+    /// `$source` (reverse rules): the monolith document or element; `None` when it has none.
+    pub source: Option<&'a Document>,
 }
 
 impl<'a> Scope<'a> {
+    /// A scope for transforming `ev`, reading `doc` as `$doc` and `input` with plain paths.
+    pub(super) fn forward(ev: &'a CanonicalEvent, doc: &'a Document, input: &'a Document) -> Scope<'a> {
+        Scope { event: Some(ev), doc, input, group: None, value: None, source: None }
+    }
+
     /// The same scope reading `input` (an array element) for plain paths.
     pub(super) fn with_input<'b>(&self, input: &'b Document) -> Scope<'b>
     where
         'a: 'b,
     {
-        Scope { event: self.event, doc: self.doc, input, group: self.group }
+        Scope { input, ..*self }
     }
 
     fn resolve(&self, root: Root, path: &str) -> Value<'a> {
-        let ev = self.event;
         let owned = |b: Bson| Some(Cow::Owned(b));
+        let event = |field: EventField| {
+            let ev = self.event?;
+            let value = match field {
+                EventField::Id => Bson::String(ev.id.clone()),
+                EventField::Time => Bson::DateTime(ev.time),
+                EventField::Type => Bson::String(ev.event_type.clone()),
+                EventField::Subject => Bson::String(ev.subject.clone()),
+                EventField::Source => Bson::String(ev.source.clone()),
+                EventField::Sequence => Bson::String(ev.position.sequence()),
+            };
+            owned(value)
+        };
         match root {
             Root::Input => get_path(self.input, path).map(Cow::Borrowed),
             Root::Doc if path.is_empty() => owned(Bson::Document(self.doc.clone())),
             Root::Doc => get_path(self.doc, path).map(Cow::Borrowed),
-            Root::Event(EventField::Id) => owned(Bson::String(ev.id.clone())),
-            Root::Event(EventField::Time) => owned(Bson::DateTime(ev.time)),
-            Root::Event(EventField::Type) => owned(Bson::String(ev.event_type.clone())),
-            Root::Event(EventField::Subject) => owned(Bson::String(ev.subject.clone())),
-            Root::Event(EventField::Source) => owned(Bson::String(ev.source.clone())),
-            Root::Event(EventField::Sequence) => owned(Bson::String(ev.position.sequence())),
-            Root::Key => Some(Cow::Borrowed(&ev.data.key)),
-            Root::Id => Some(Cow::Borrowed(&ev.data.document_id)),
+            Root::Event(field) => event(field),
+            Root::Key => self.event.map(|ev| Cow::Borrowed(&ev.data.key)),
+            Root::Id => self.event.map(|ev| Cow::Borrowed(&ev.data.document_id)),
             Root::Group => self.group.map(Cow::Borrowed),
+            Root::Value => self.value.map(Cow::Borrowed),
+            Root::Source if path.is_empty() => self.source.map(|d| Cow::Owned(Bson::Document(d.clone()))),
+            Root::Source => self.source.and_then(|d| get_path(d, path)).map(Cow::Borrowed),
         }
     }
 }
@@ -700,7 +758,7 @@ mod tests {
     }
 
     fn compile(src: &str) -> Result<Expr, String> {
-        parse(src, &Context { maps: &maps(), allow_group: false })
+        parse(src, &Context { maps: &maps(), allow_group: false, reverse: false })
     }
 
     fn event(after: Document) -> CanonicalEvent {
@@ -730,7 +788,7 @@ mod tests {
         let expr = compile(src)?;
         let ev = event(doc);
         let after = ev.data.after.as_ref().unwrap();
-        let scope = Scope { event: &ev, doc: after, input: after, group: None };
+        let scope = Scope::forward(&ev, after, after);
         expr.eval(&scope).map(|v| v.map(Cow::into_owned)).map_err(|e| e.to_string())
     }
 

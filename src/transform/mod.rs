@@ -25,13 +25,28 @@
 //! state: no I/O, no clock, no randomness, so replaying an event reproduces its writes exactly.
 //! The shipped definitions, with a format guide at the top of each file, live in `transforms/`,
 //! and the golden fixtures beside them (`transforms/<service>/fixtures/*.json`) are their spec.
+//!
+//! The way back is derived from the same definitions: [`ServiceTransforms::reverse_for`] gives
+//! the [`Reverse`] of a service collection, whose [`Reverse::put`] turns a service document into
+//! a field-scoped [`Patch`] of the monolith document; [`ServiceTransforms::classification`] says
+//! field by field what goes back and how, and [`check_laws`] proves the round trip on documents.
 
 mod apply;
 mod builtins;
+mod classify;
 mod compile;
 mod expr;
+mod invert;
+mod laws;
+mod reverse;
+#[cfg(test)]
+mod reverse_tests;
 #[cfg(test)]
 mod tests;
+
+pub use classify::{CollectionClass, FieldClass, Reversibility, render_classification};
+pub use laws::{Law, LawFailure, LensCheck, LensReport, Tally, check_laws};
+pub use reverse::{Conflict, Disagreement, Patch, Reverse, ReverseError};
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -173,6 +188,21 @@ impl ServiceTransforms {
                     Ok(self.transforms.iter().filter_map(|t| t.sweep(marker)).collect())
                 }
             },
+        }
+    }
+
+    /// The reverse of a service collection: how its documents go back into the monolith.
+    /// `None` for a collection that is never written back (a rollup, a target built from array
+    /// elements, one written by several transforms) or that the service does not have.
+    pub fn reverse_for(&self, collection: &str) -> Option<Reverse<'_>> {
+        let mut writers = self.transforms.iter().filter(|t| t.collection == collection);
+        let t = writers.next()?;
+        if writers.next().is_some() {
+            return None;
+        }
+        match &t.reverse {
+            invert::Reversal::Document(plan) => Some(Reverse { t, plan }),
+            invert::Reversal::Derived(_) => None,
         }
     }
 

@@ -109,7 +109,7 @@ fn run_fixture(svc: &ServiceTransforms, path: &Path, exercised: &mut BTreeSet<St
 }
 
 /// A readable structural diff; Extended JSON wrappers (`{"$numberInt": …}`) count as leaves.
-fn diff(path: &str, expected: &Value, actual: &Value, out: &mut Vec<String>) {
+pub(super) fn diff(path: &str, expected: &Value, actual: &Value, out: &mut Vec<String>) {
     let leaf = |v: &Value| matches!(v, Value::Object(m) if m.keys().any(|k| k.starts_with('$')));
     match (expected, actual) {
         (Value::Object(e), Value::Object(a)) if !leaf(expected) && !leaf(actual) => {
@@ -383,6 +383,12 @@ conversion = "ratio(sold, views)"
 inStock = "stock > 0"
 specs = "specs | drop('internal', 'dims.raw') | camel_keys"
 label = "concat(sku, ':', default(name, 'unnamed'))"
+
+[reverse]
+conversion = { read_only = "computed from sold and views" }
+inStock = { read_only = "follows stock" }
+specs = { read_only = "internal specs never leave the monolith" }
+label = { read_only = "computed from sku and name" }
 "#;
 
 #[test]

@@ -1,0 +1,766 @@
+//! A service document back into the monolith's shape: `put(monolith, service) -> Patch` (pure).
+//!
+//! When a service database becomes the writer of the aggregates it owns, each of its changes has
+//! to reach the monolith, which other services still read. The reverse of a transform is derived
+//! from the transform itself ([`super::invert`] plans it at load), in the manner of Boomerang's
+//! lenses: `put` takes the monolith document as it is now (the complement: every field the
+//! transform does not read, the lexical form of every value it does) and the service document,
+//! and returns a field-scoped patch: `$set`/`$unset` of the monolith paths the transform reads,
+//! never a whole-document replace. Arrays are aligned element by element by an element id, so
+//! fields of an element the transform does not read stay with that element. Where two target
+//! fields come from one monolith field and the service changed them differently, the patch says
+//! so (a disagreement) instead of picking one; where the service holds a read-only field (a
+//! computed one) that the patched monolith document would not produce, the patch says so too
+//! (a conflict). The laws `put(m, get(m))` = no change and `get(put(m, v))` = `v` are checked by
+//! [`super::laws`] and `ficus lens check`.
+
+use std::borrow::Cow;
+use std::path::PathBuf;
+
+use bson::{Bson, Document, Timestamp, doc};
+
+use super::builtins::{self, found, same, same_doc, same_opt};
+use super::compile::{Key, Target, Transform};
+use super::expr::{Expr, Scope};
+use super::invert::{Align, DocumentPlan, Forward, How, Lens, ScopePlan};
+use super::{TransformError, WriteOp};
+use crate::event::{CanonicalEvent, Op};
+use crate::mapping::{ChangeRecord, get_path, map_change};
+
+/// The metadata field ficus's sink writes on every service document (`sink::META`):
+/// `{ v, src: { c, id }, event }`. Named here rather than imported, to keep this pure module
+/// apart from the sink.
+const FICUS_META: &str = "_ficus";
+
+/// Why a service document cannot be written back. The consumer dead-letters the change.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum ReverseError {
+    /// A service value with no monolith form: a string where a number belongs, a value the
+    /// monolith's type cannot hold exactly, a sub-document where a value belongs.
+    #[error("{} ({transform}): {field}: {reason}", file.display())]
+    Value {
+        file: PathBuf,
+        transform: String,
+        /// The target field (`segmentation.lifetimeValue`, `purchaseHistory[2].amount`).
+        field: String,
+        /// The service's value, when the problem is one.
+        value: Option<Box<Bson>>,
+        reason: String,
+    },
+    /// The monolith document, patched, no longer transforms (a value the service did not send is
+    /// broken there).
+    #[error("the patched monolith document does not transform: {0}")]
+    Forward(#[from] TransformError),
+    /// A patch that cannot be applied to the document (MongoDB would refuse the update too).
+    #[error("cannot apply the patch at `{path}`: {reason}")]
+    Apply { path: String, reason: String },
+}
+
+/// A read-only field the service holds differently from what the patched monolith implies.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Conflict {
+    /// The target field (`availability.inStock`; `(when)` when the patched document would leave
+    /// the target altogether).
+    pub field: String,
+    /// What the service holds (`None`: absent).
+    pub service: Option<Bson>,
+    /// What the patched monolith document makes of it (`None`: absent).
+    pub monolith: Option<Bson>,
+    /// Why the field is read-only, from the transform file.
+    pub reason: String,
+}
+
+/// Two target fields from one monolith field, changed to values that disagree: nothing is
+/// written to that field.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Disagreement {
+    /// The monolith field (`name_en`, `purchases[1].amount`).
+    pub path: String,
+    /// Each changed target field and the service's value (`None`: absent).
+    pub fields: Vec<(String, Option<Bson>)>,
+}
+
+/// What the service document calls for in the monolith document: fields to set and to unset
+/// (dotted monolith paths, MongoDB update semantics), plus what could not be written back
+/// faithfully. The caller decides what to do with a patch that has conflicts or disagreements.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Patch {
+    /// Dotted monolith path → new value.
+    pub set: Document,
+    /// Dotted monolith paths to remove.
+    pub unset: Vec<String>,
+    pub conflicts: Vec<Conflict>,
+    pub disagreements: Vec<Disagreement>,
+}
+
+impl Patch {
+    /// Nothing to write and nothing to report.
+    pub fn is_empty(&self) -> bool {
+        self.set.is_empty() && self.unset.is_empty() && self.conflicts.is_empty() && self.disagreements.is_empty()
+    }
+
+    /// Whether it reports conflicts or disagreements.
+    pub fn has_issues(&self) -> bool {
+        !self.conflicts.is_empty() || !self.disagreements.is_empty()
+    }
+
+    /// The MongoDB update document: `{ $set: {…}, $unset: {path: ""} }`, the empty parts left
+    /// out. Values are data: a sub-document whose own keys begin with `$` is legal since MongoDB
+    /// 5.0 but `$set` refuses it; a writer meeting one needs a pipeline update with `$literal`.
+    pub fn to_update(&self) -> Document {
+        let mut update = Document::new();
+        if !self.set.is_empty() {
+            update.insert("$set", self.set.clone());
+        }
+        if !self.unset.is_empty() {
+            let unset: Document = self.unset.iter().map(|p| (p.clone(), Bson::String(String::new()))).collect();
+            update.insert("$unset", unset);
+        }
+        update
+    }
+
+    /// Applies the patch to a document as MongoDB applies `$set` and `$unset` with dotted paths:
+    /// missing sub-documents are created, a numeric segment indexes an array (padding with
+    /// null), `$unset` of an array element nulls it, and unsetting what is not there does
+    /// nothing. Paths that overlap, and paths through a value that is neither a document nor an
+    /// array, are errors, as on the server; the document is then left unchanged.
+    pub fn apply_to(&self, doc: &mut Document) -> Result<(), ReverseError> {
+        let paths: Vec<&str> =
+            self.set.keys().map(String::as_str).chain(self.unset.iter().map(String::as_str)).collect();
+        for (i, a) in paths.iter().enumerate() {
+            for b in &paths[i + 1..] {
+                if a == b || super::invert::strictly_inside(a, b) || super::invert::strictly_inside(b, a) {
+                    let reason = format!("`{a}` and `{b}` overlap; MongoDB refuses such an update");
+                    return Err(ReverseError::Apply { path: a.to_string(), reason });
+                }
+            }
+        }
+        let mut out = doc.clone();
+        let mut sets: Vec<(&String, &Bson)> = self.set.iter().collect();
+        // MongoDB (5.0 on) applies the fields of an update operator in lexicographic order.
+        sets.sort_by(|a, b| a.0.cmp(b.0));
+        for (path, value) in sets {
+            set_path(&mut out, path, value.clone())
+                .map_err(|reason| ReverseError::Apply { path: path.clone(), reason })?;
+        }
+        for path in &self.unset {
+            unset_path(&mut out, path);
+        }
+        *doc = out;
+        Ok(())
+    }
+}
+
+/// Sets a dotted path the way `$set` does.
+pub(super) fn set_path(doc: &mut Document, path: &str, value: Bson) -> Result<(), String> {
+    let segments: Vec<&str> = path.split('.').collect();
+    let Some((last, parents)) = segments.split_last() else { return Err("empty path".into()) };
+    let Some((first, rest)) = parents.split_first() else {
+        doc.insert(*last, value);
+        return Ok(());
+    };
+    let mut cur = doc.entry(first.to_string()).or_insert_with(|| Bson::Document(Document::new()));
+    for (depth, seg) in rest.iter().enumerate() {
+        cur = step_into(cur, seg, &parents[..=depth])?;
+    }
+    match cur {
+        Bson::Document(d) => {
+            d.insert(*last, value);
+            Ok(())
+        }
+        Bson::Array(items) => match last.parse::<usize>() {
+            Ok(i) => {
+                if items.len() <= i {
+                    items.resize(i + 1, Bson::Null);
+                }
+                items[i] = value;
+                Ok(())
+            }
+            Err(_) => Err(format!("cannot create field `{last}` in the array at `{}`", parents.join("."))),
+        },
+        other => Err(format!("cannot create field `{last}` in {} at `{}`", found(other), parents.join("."))),
+    }
+}
+
+/// One step down a path being set: into (or creating) a sub-document, or into an array element
+/// (padding the array with null, the new element a sub-document).
+fn step_into<'d>(cur: &'d mut Bson, seg: &str, at: &[&str]) -> Result<&'d mut Bson, String> {
+    match cur {
+        Bson::Document(d) => Ok(d.entry(seg.to_string()).or_insert_with(|| Bson::Document(Document::new()))),
+        Bson::Array(items) => match seg.parse::<usize>() {
+            Ok(i) => {
+                if items.len() <= i {
+                    items.resize(i, Bson::Null);
+                    items.push(Bson::Document(Document::new()));
+                }
+                Ok(&mut items[i])
+            }
+            Err(_) => Err(format!("cannot create field `{seg}` in the array at `{}`", at.join("."))),
+        },
+        other => Err(format!("cannot create field `{seg}` in {} at `{}`", found(other), at.join("."))),
+    }
+}
+
+/// Removes a dotted path the way `$unset` does (an array element becomes null).
+pub(super) fn unset_path(doc: &mut Document, path: &str) {
+    let mut segments: Vec<&str> = path.split('.').collect();
+    let Some(last) = segments.pop() else { return };
+    let Some((first, rest)) = segments.split_first() else {
+        doc.remove(last);
+        return;
+    };
+    let Some(mut cur) = doc.get_mut(*first) else { return };
+    for seg in rest {
+        let next = match cur {
+            Bson::Document(d) => d.get_mut(*seg),
+            Bson::Array(items) => seg.parse::<usize>().ok().and_then(|i| items.get_mut(i)),
+            _ => None,
+        };
+        let Some(next) = next else { return };
+        cur = next;
+    }
+    match cur {
+        Bson::Document(d) => {
+            d.remove(last);
+        }
+        Bson::Array(items) => {
+            if let Some(slot) = last.parse::<usize>().ok().and_then(|i| items.get_mut(i)) {
+                *slot = Bson::Null;
+            }
+        }
+        _ => {}
+    }
+}
+
+/// The reverse of one transform: how documents of one service collection go back into one
+/// monolith collection. Obtained from [`super::ServiceTransforms::reverse_for`].
+#[derive(Debug, Clone, Copy)]
+pub struct Reverse<'a> {
+    pub(super) t: &'a Transform,
+    pub(super) plan: &'a DocumentPlan,
+}
+
+/// One write a field calls for, before fields sharing a monolith path are reconciled.
+#[derive(Debug)]
+struct Write {
+    path: String,
+    field: String,
+    service: Option<Bson>,
+    /// `None`: unset.
+    value: Option<Bson>,
+    /// Whether the service changed the field (an unchanged one writes nothing, but tells which
+    /// of two fields sharing a path changed).
+    changed: bool,
+}
+
+/// A monolith array being aligned: its path and current value, the forward of each of its
+/// elements, and the forward scope around it.
+#[derive(Clone, Copy)]
+struct Monolith<'m, 's> {
+    /// The array's monolith path, for naming disagreements inside elements.
+    path: &'m str,
+    current: Option<&'m Bson>,
+    images: &'m [Bson],
+    forward: &'m Scope<'s>,
+}
+
+/// What stays fixed while a document is reversed.
+struct Cx<'a> {
+    r: &'a Reverse<'a>,
+    /// The whole service document (`$doc` in rules).
+    service: &'a Document,
+}
+
+impl<'a> Reverse<'a> {
+    /// The service collection this reverse reads.
+    pub fn collection(&self) -> &'a str {
+        &self.t.collection
+    }
+
+    /// The monolith collection it writes.
+    pub fn source_collection(&self) -> &'a str {
+        &self.t.source_collection
+    }
+
+    /// The transform file it comes from.
+    pub fn file(&self) -> &'a std::path::Path {
+        &self.t.file
+    }
+
+    /// The filter that finds the monolith document a service document belongs to: the source
+    /// `_id` ficus recorded in the document's `_ficus.src` when it names this monolith collection
+    /// (it survives a change of natural key); else its `_id` for `key = "_id"` targets; for a
+    /// natural key, the key field's monolith path and the key written back in its default form
+    /// (`{ sku: "SKU-000042" }`).
+    pub fn locate(&self, service: &Document) -> Result<Document, ReverseError> {
+        if let Ok(src) = service.get_document(FICUS_META).and_then(|m| m.get_document("src"))
+            && src.get_str("c").is_ok_and(|c| c == self.t.source_collection)
+            && let Some(id) = src.get("id").filter(|id| !matches!(id, Bson::Null))
+        {
+            return Ok(doc! { "_id": id.clone() });
+        }
+        let Some(key) = &self.plan.key else {
+            return match service.get("_id") {
+                Some(id) => Ok(doc! { "_id": id.clone() }),
+                None => Err(self.error("_id", None, "the service document has no `_id`, which is the monolith's")),
+            };
+        };
+        let value = service.get(key).filter(|v| !matches!(v, Bson::Null));
+        let Some(value) = value else {
+            return Err(self.error(key, None, "the service document has no key value"));
+        };
+        let field = self.plan.scope.fields.iter().find(|f| f.target == *key);
+        match field.map(|f| &f.how) {
+            Some(How::Lens(lens)) => {
+                let back = lens.put(value, None).map_err(|why| self.error(key, Some(value), why))?;
+                Ok(doc! { lens.path.clone(): back })
+            }
+            Some(How::Rule { set, from }) => {
+                let scope =
+                    Scope { event: None, doc: service, input: service, group: None, value: Some(value), source: None };
+                let back = from.eval(&scope).map_err(|e| self.error(key, Some(value), e.to_string()))?;
+                match back {
+                    Some(v) => Ok(doc! { set.clone(): v.into_owned() }),
+                    None => Err(self.error(key, Some(value), format!("the rule's `{from}` gives no value"))),
+                }
+            }
+            _ => Err(self.error(key, Some(value), "the key is read-only, so no monolith document can be found by it")),
+        }
+    }
+
+    /// The patch that makes `monolith` (`None`: a document the monolith has never seen) say what
+    /// `service` says, limited to the fields this transform reads. `_id` and ficus's `_ficus`
+    /// metadata in `service` are ignored, as are fields the transform does not write (the
+    /// service's own). Read-only fields are checked after patching: the forward transform runs
+    /// on the patched document and each difference is a [`Conflict`].
+    pub fn put(&self, monolith: Option<&Document>, service: &Document) -> Result<Patch, ReverseError> {
+        let empty = Document::new();
+        let m = monolith.unwrap_or(&empty);
+        let event = self.snapshot(m.clone())?;
+        let cx = Cx { r: self, service };
+        let forward = Scope::forward(&event, m, m);
+        let mut patch = Patch::default();
+        let mut writes = cx.scope(&self.plan.scope, monolith, &forward, service, "", &mut patch)?;
+        if monolith.is_none() {
+            for (path, value) in &self.plan.when_constants {
+                if !writes.iter().any(|w| w.path == *path) {
+                    writes.push(Write {
+                        path: path.clone(),
+                        field: "(when)".into(),
+                        service: None,
+                        value: Some(value.clone()),
+                        changed: true,
+                    });
+                }
+            }
+        }
+        for (path, value) in reconcile(writes, m, "", &mut patch.disagreements) {
+            match value {
+                Some(v) => {
+                    patch.set.insert(path, v);
+                }
+                None => patch.unset.push(path),
+            }
+        }
+        let mut patched = m.clone();
+        if monolith.is_none()
+            && matches!(self.t.target, Target::Document { key: Key::SourceId, .. })
+            && let Some(id) = service.get("_id")
+        {
+            patched.insert("_id", id.clone());
+        }
+        patch.apply_to(&mut patched)?;
+        self.check(&patched, service, &mut patch)?;
+        Ok(patch)
+    }
+
+    fn error(&self, field: &str, value: Option<&Bson>, reason: impl Into<String>) -> ReverseError {
+        ReverseError::Value {
+            file: self.t.file.clone(),
+            transform: self.t.name.clone(),
+            field: field.to_string(),
+            value: value.map(|v| Box::new(v.clone())),
+            reason: reason.into(),
+        }
+    }
+
+    /// The monolith document as the tail would publish a snapshot copy of it.
+    fn snapshot(&self, doc: Document) -> Result<CanonicalEvent, TransformError> {
+        let record = ChangeRecord {
+            op: Op::Snapshot,
+            collection: self.t.source_collection.clone(),
+            document_id: doc.get("_id").cloned().unwrap_or(Bson::Null),
+            after: Some(doc),
+            before: None,
+            changed: None,
+            removed: Vec::new(),
+            cluster_time: Timestamp { time: 0, increment: 0 },
+            index: 0,
+            wall_time: None,
+            resume_token: None,
+        };
+        // map_change yields the change event first (and derived events after it, none here).
+        map_change(&self.t.def, "", record).events.into_iter().next().ok_or_else(|| TransformError {
+            file: self.t.file.clone(),
+            transform: self.t.name.clone(),
+            field: "(event)".into(),
+            reason: "a snapshot copy of the document maps to no event".into(),
+        })
+    }
+
+    /// The target document the forward transform makes of a monolith document; `None` when it
+    /// does not pass `when`.
+    pub(super) fn forward(&self, doc: Document) -> Result<Option<Document>, TransformError> {
+        let event = self.snapshot(doc)?;
+        let mut out = Vec::new();
+        self.t.apply(&event, &mut out)?;
+        Ok(out.into_iter().find_map(|w| match w {
+            WriteOp::Upsert { collection, doc, .. } if collection == self.t.collection => Some(doc),
+            _ => None,
+        }))
+    }
+
+    /// Runs the forward on the patched document and compares each read-only field with the
+    /// service's value.
+    fn check(&self, patched: &Document, service: &Document, patch: &mut Patch) -> Result<(), ReverseError> {
+        let Some(target) = self.forward(patched.clone())? else {
+            let when = self.t.when.as_ref().map(ToString::to_string).unwrap_or_default();
+            patch.conflicts.push(Conflict {
+                field: "(when)".into(),
+                service: None,
+                monolith: None,
+                reason: format!(
+                    "the patched monolith document no longer passes `{when}`: the forward would delete the \
+                     service's document"
+                ),
+            });
+            return Ok(());
+        };
+        read_only(&self.plan.scope, &target, service, "", &mut patch.conflicts);
+        Ok(())
+    }
+}
+
+/// Compares the read-only fields of one scope (and of aligned arrays' elements).
+fn read_only(plan: &ScopePlan, target: &Document, service: &Document, at: &str, out: &mut Vec<Conflict>) {
+    for f in &plan.fields {
+        let field = join(at, &f.target);
+        let (mine, theirs) = (get_path(target, &f.target), get_path(service, &f.target));
+        match &f.how {
+            How::ReadOnly(reason) => {
+                let from_event = match &f.forward {
+                    Forward::Value(e) => e.reads_event(),
+                    Forward::Each { .. } => false,
+                };
+                if !from_event && !same_opt(mine, theirs) {
+                    out.push(Conflict {
+                        field,
+                        service: theirs.cloned(),
+                        monolith: mine.cloned(),
+                        reason: reason.clone(),
+                    });
+                }
+            }
+            How::Array { element, .. }
+                if element.fields.iter().any(|e| matches!(e.how, How::ReadOnly(_) | How::Array { .. })) =>
+            {
+                if let (Some(Bson::Array(a)), Some(Bson::Array(b))) = (mine, theirs) {
+                    for (i, (x, y)) in a.iter().zip(b).enumerate() {
+                        if let (Bson::Document(x), Bson::Document(y)) = (x, y) {
+                            read_only(element, x, y, &format!("{field}[{i}]"), out);
+                        }
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+/// Reconciles the writes of one scope: per monolith path, the changed fields' values must agree
+/// (else a [`Disagreement`] and nothing is written there); what equals the monolith's current
+/// value is dropped. Returns `(path, Some(value) | None for unset)` in field order.
+fn reconcile(
+    writes: Vec<Write>,
+    m: &Document,
+    at: &str,
+    disagreements: &mut Vec<Disagreement>,
+) -> Vec<(String, Option<Bson>)> {
+    let mut paths: Vec<String> = Vec::new();
+    for w in &writes {
+        if !paths.contains(&w.path) {
+            paths.push(w.path.clone());
+        }
+    }
+    let mut out = Vec::new();
+    for path in paths {
+        let changed: Vec<&Write> = writes.iter().filter(|w| w.path == path && w.changed).collect();
+        let Some(first) = changed.first() else { continue };
+        if !changed.iter().all(|w| same_opt(w.value.as_ref(), first.value.as_ref())) {
+            disagreements.push(Disagreement {
+                path: join(at, &path),
+                fields: changed.iter().map(|w| (w.field.clone(), w.service.clone())).collect(),
+            });
+            continue;
+        }
+        if same_opt(first.value.as_ref(), get_path(m, &path)) {
+            continue;
+        }
+        out.push((path, first.value.clone()));
+    }
+    out
+}
+
+fn join(at: &str, name: &str) -> String {
+    if at.is_empty() { name.to_string() } else { format!("{at}.{name}") }
+}
+
+/// Reads a target path from a service document; a sub-document path holding something else is
+/// an error (the forward never writes one).
+fn service_value<'d>(doc: &'d Document, path: &str) -> Result<Option<&'d Bson>, (String, &'d Bson)> {
+    let mut cur = doc;
+    let mut walked = String::new();
+    let mut segments = path.split('.').peekable();
+    while let Some(seg) = segments.next() {
+        let Some(v) = cur.get(seg) else { return Ok(None) };
+        if segments.peek().is_none() {
+            return Ok(Some(v));
+        }
+        walked = join(&walked, seg);
+        match v {
+            Bson::Document(d) => cur = d,
+            other => return Err((walked, other)),
+        }
+    }
+    Ok(None)
+}
+
+impl Cx<'_> {
+    /// The writes the fields of one scope call for. `m` is the monolith scope (the document, or
+    /// the aligned element; `None` when there is none), `forward` evaluates the forward
+    /// expressions over it, `s` is the service scope.
+    fn scope(
+        &self,
+        plan: &ScopePlan,
+        m: Option<&Document>,
+        forward: &Scope<'_>,
+        s: &Document,
+        at: &str,
+        patch: &mut Patch,
+    ) -> Result<Vec<Write>, ReverseError> {
+        let empty = Document::new();
+        let mdoc = m.unwrap_or(&empty);
+        let mut writes = Vec::new();
+        for f in &plan.fields {
+            let field = join(at, &f.target);
+            let sv = service_value(s, &f.target).map_err(|(path, v)| {
+                let path = join(at, &path);
+                self.r.error(&field, Some(v), format!("expected a sub-document at `{path}`, found {}", found(v)))
+            })?;
+            let (path, current) = match &f.how {
+                How::ReadOnly(_) => continue,
+                How::Lens(lens) => (&lens.path, get_path(mdoc, &lens.path)),
+                How::Rule { set, .. } => (set, get_path(mdoc, set)),
+                How::Array { source, .. } => (source, get_path(mdoc, source)),
+            };
+            // What the forward makes of the monolith's current value: equal to the service's,
+            // the field is unchanged and writes nothing.
+            let image: Option<Option<Bson>> = match &f.forward {
+                Forward::Value(expr) => expr.eval(forward).ok().map(|v| v.map(Cow::into_owned)),
+                Forward::Each { source, fields } => super::apply::each(source, fields, forward, &field).ok(),
+            };
+            let unchanged = image.as_ref().is_some_and(|v| same_opt(v.as_ref(), sv));
+            if unchanged {
+                let value = current.cloned();
+                writes.push(Write { path: path.clone(), field, service: sv.cloned(), value, changed: false });
+                continue;
+            }
+            let value = match (&f.how, sv) {
+                (How::Rule { from, .. }, sv) => self.rule(from, sv, m, s, &field)?,
+                (_, None) => None,
+                (How::Lens(lens), Some(v)) => {
+                    Some(lens.put(v, current).map_err(|why| self.r.error(&field, Some(v), why))?)
+                }
+                (How::Array { align, element, .. }, Some(v)) => {
+                    let images = match &image {
+                        Some(Some(Bson::Array(items))) => items.as_slice(),
+                        _ => &[],
+                    };
+                    let monolith = Monolith { path, current, images, forward };
+                    Some(self.array(align, element, v, &monolith, &field, patch)?)
+                }
+                (How::ReadOnly(_), Some(_)) => continue,
+            };
+            writes.push(Write { path: path.clone(), field, service: sv.cloned(), value, changed: true });
+        }
+        Ok(writes)
+    }
+
+    /// A `[reverse]` rule's value: `$value` the service's, plain paths the service scope,
+    /// `$source` the monolith scope.
+    fn rule(
+        &self,
+        from: &Expr,
+        v: Option<&Bson>,
+        m: Option<&Document>,
+        s: &Document,
+        field: &str,
+    ) -> Result<Option<Bson>, ReverseError> {
+        let scope = Scope { event: None, doc: self.service, input: s, group: None, value: v, source: m };
+        let value = from.eval(&scope).map_err(|e| self.r.error(field, v, e.to_string()))?;
+        Ok(value.map(Cow::into_owned))
+    }
+
+    /// A service array back into the monolith array, element by element: each service element
+    /// is matched with a monolith element (by the alignment field's value and its occurrence,
+    /// or by position), takes that element as its complement, and the result follows the
+    /// service's order; unmatched monolith elements are dropped, unmatched service elements are
+    /// built from the fields the transform reads.
+    fn array(
+        &self,
+        align: &Align,
+        element: &ScopePlan,
+        v: &Bson,
+        monolith: &Monolith<'_, '_>,
+        field: &str,
+        patch: &mut Patch,
+    ) -> Result<Bson, ReverseError> {
+        let Monolith { path, current, images, forward } = *monolith;
+        let items = match v {
+            Bson::Null => return Ok(Bson::Null),
+            Bson::Array(items) => items,
+            other => {
+                return Err(self.r.error(field, Some(other), format!("expected an array, found {}", found(other))));
+            }
+        };
+        let mut mine: Vec<&Document> = Vec::new();
+        if let Some(Bson::Array(existing)) = current {
+            for (i, e) in existing.iter().enumerate() {
+                match e {
+                    Bson::Document(d) => mine.push(d),
+                    other => {
+                        let reason = format!(
+                            "the monolith's element {i} is {}, not a document: elements cannot be aligned",
+                            found(other)
+                        );
+                        return Err(self.r.error(field, None, reason));
+                    }
+                }
+            }
+        }
+        let key_of = |plan_field: &str, d: &Document| -> Result<Option<Bson>, ReverseError> {
+            let Some(f) = element.fields.iter().find(|f| f.target == plan_field) else { return Ok(None) };
+            let Forward::Value(expr) = &f.forward else { return Ok(None) };
+            expr.eval(&forward.with_input(d))
+                .map(|v| v.map(Cow::into_owned))
+                .map_err(|e| self.r.error(field, None, format!("a monolith element's `{plan_field}`: {e}")))
+        };
+        let mut keys: Vec<Option<Bson>> = Vec::with_capacity(mine.len());
+        if let Align::Field(name) = align {
+            for d in &mine {
+                keys.push(key_of(name, d)?);
+            }
+        }
+        let mut service: Vec<&Document> = Vec::with_capacity(items.len());
+        for (j, item) in items.iter().enumerate() {
+            match item {
+                Bson::Document(se) => service.push(se),
+                other => {
+                    let at = format!("{field}[{j}]");
+                    return Err(self.r.error(&at, Some(other), format!("expected a document, found {}", found(other))));
+                }
+            }
+        }
+        // Matching: by position; or by the alignment field, first with a monolith element whose
+        // forward is the service element exactly (so elements sharing a key keep their own
+        // complement when they move), then by occurrence among those sharing the key.
+        let mut taken = vec![false; mine.len()];
+        let mut matched: Vec<Option<usize>> = vec![None; service.len()];
+        match align {
+            Align::Position => {
+                for (j, m) in matched.iter_mut().enumerate() {
+                    *m = (j < mine.len()).then_some(j);
+                }
+            }
+            Align::Field(name) => {
+                let key = |se: &Document| se.get(name.as_str()).cloned();
+                for exact in [true, false] {
+                    for (j, se) in service.iter().enumerate() {
+                        if matched[j].is_some() {
+                            continue;
+                        }
+                        let found = (0..mine.len()).find(|&i| {
+                            !taken[i]
+                                && same_opt(keys[i].as_ref(), key(se).as_ref())
+                                && (!exact || matches!(images.get(i), Some(Bson::Document(img)) if same_doc(img, se)))
+                        });
+                        if let Some(i) = found {
+                            taken[i] = true;
+                            matched[j] = Some(i);
+                        }
+                    }
+                }
+            }
+        }
+        let mut out = Vec::with_capacity(items.len());
+        for (j, se) in service.into_iter().enumerate() {
+            let at = format!("{field}[{j}]");
+            let me = matched[j].map(|i| mine[i]);
+            let empty = Document::new();
+            let inner = forward.with_input(me.unwrap_or(&empty));
+            let writes = self.scope(element, me, &inner, se, &at, patch)?;
+            let mut built = me.cloned().unwrap_or_default();
+            let monolith_at = format!("{path}[{j}]");
+            for (path, value) in reconcile(writes, me.unwrap_or(&empty), &monolith_at, &mut patch.disagreements) {
+                let applied = match value {
+                    Some(v) => set_path(&mut built, &path, v),
+                    None => {
+                        unset_path(&mut built, &path);
+                        Ok(())
+                    }
+                };
+                applied.map_err(|why| self.r.error(&at, None, why))?;
+            }
+            out.push(Bson::Document(built));
+        }
+        Ok(Bson::Array(out))
+    }
+}
+
+impl Lens {
+    /// The steps applied forward to a monolith value.
+    pub(super) fn forward(&self, v: &Bson) -> Result<Option<Bson>, String> {
+        let mut cur = Some(v.clone());
+        for step in &self.steps {
+            cur = match cur {
+                Some(x) => builtins::forward(step, &x)?,
+                None => None,
+            };
+        }
+        Ok(cur)
+    }
+
+    /// The monolith value for service value `v`, given the monolith's current value. Step by
+    /// step from the last: where the forward of the current intermediate value already equals
+    /// the value to write back, that intermediate is kept (its lexical form, its type, its key
+    /// spelling); otherwise the step's inverse writes it in the current value's form.
+    pub(super) fn put(&self, v: &Bson, current: Option<&Bson>) -> Result<Bson, String> {
+        let mut chain: Vec<Option<Bson>> = vec![current.cloned()];
+        for step in &self.steps {
+            let next = match chain.last().and_then(Option::as_ref) {
+                Some(x) => builtins::forward(step, x).ok().flatten(),
+                None => None,
+            };
+            chain.push(next);
+        }
+        let mut value = v.clone();
+        for (i, step) in self.steps.iter().enumerate().rev() {
+            let (before, after) = (chain[i].as_ref(), chain[i + 1].as_ref());
+            value = match (before, after) {
+                (Some(before), Some(after)) if same(after, &value) => before.clone(),
+                _ => builtins::backward(step, &value, before)?,
+            };
+        }
+        Ok(value)
+    }
+}
