@@ -59,12 +59,12 @@ use rdkafka::{Offset, TopicPartitionList};
 use serde_json::{Value, json};
 
 use ficus::bus::{ClientRole, TopicAdmin, client_config};
-use ficus::checkpoint::{CheckpointStore, MongoCheckpoints, StreamPosition, TailState};
 use ficus::config::KafkaConfig;
 use ficus::config::topics::Topics;
 use ficus::event::Op;
-use ficus::mapping::{ChangeRecord, map_change};
+use ficus::event::mapping::{ChangeRecord, map_change};
 use ficus::sink::META;
+use ficus::tail::checkpoint::{CheckpointStore, MongoCheckpoints, StreamPosition, TailPhase, TailState};
 use ficus::transform::{ServiceTransforms, WriteOp};
 use ficus::workload::Workload;
 
@@ -798,8 +798,7 @@ async fn cluster_time(client: &Client) -> Timestamp {
 async fn checkpoint_at(store: &Database, at: Timestamp) {
     let state = TailState {
         source: SOURCE_NAME.into(),
-        snapshot: None,
-        stream: Some(StreamPosition { resume_token: None, cluster_time: at, index: 0 }),
+        phase: TailPhase::Stream(StreamPosition { resume_token: None, cluster_time: at, index: 0 }),
         updated_at: bson::DateTime::now(),
         last_event_time: None,
         token_time: None,

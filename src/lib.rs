@@ -39,17 +39,13 @@
 //! - [`cli`]: the binary's edge.
 
 pub mod bus;
-pub mod checkpoint;
 pub mod cli;
 pub mod config;
 pub mod consume;
 pub mod event;
-pub mod lease;
 pub mod lens;
-pub mod mapping;
 pub mod mongo;
 pub mod ops;
-pub mod presence;
 pub mod replay;
 pub mod retry;
 pub mod sink;

@@ -1,6 +1,7 @@
-//! The MongoDB source adapter: the monolith's change stream and the snapshot reader.
+//! Where changes come from: the [`Source`] contract the tail reads through, and its MongoDB
+//! adapter for the monolith's change stream and snapshot reads.
 //!
-//! It speaks the driver's types and hands the rest of ficus owned [`ChangeRecord`]s. The stream
+//! The adapter speaks the driver's types and hands the rest of ficus owned [`ChangeRecord`]s. The stream
 //! watches the whole source database (one ordered stream, so a transaction spanning collections
 //! stays in commit order), filtered server-side to the collections that have topic definitions,
 //! with `fullDocument: updateLookup` and `fullDocumentBeforeChange: whenAvailable`.
@@ -16,10 +17,11 @@ use mongodb::change_stream::ChangeStream;
 use mongodb::change_stream::event::ResumeToken;
 use mongodb::options::{FullDocumentBeforeChangeType, FullDocumentType};
 use mongodb::{Client, Database};
+use std::future::Future;
 use std::time::Duration;
 
 use crate::event::Op;
-use crate::mapping::ChangeRecord;
+use crate::event::mapping::ChangeRecord;
 use crate::mongo::{self, ErrorClass};
 
 /// Errors from the source.
@@ -61,6 +63,43 @@ impl SourceError {
     }
 }
 
+/// A database whose changes the tail follows.
+///
+/// Contract: [`Source::cluster_time`] is a point at or after every change committed before the
+/// call, so a feed opened at it after a copy misses nothing the copy could not see; a snapshot
+/// batch reads documents in `_id` order after `after`; a [`ChangeFeed`] yields every change
+/// after its start in commit order, each with a token to resume after it.
+pub trait Source: Clone + Send + Sync + 'static {
+    type Feed: ChangeFeed;
+    /// The source's current cluster time.
+    fn cluster_time(&self) -> impl Future<Output = Result<Timestamp, SourceError>> + Send;
+    /// Roughly how many documents a collection holds (for progress).
+    fn estimated_count(&self, coll: &str) -> impl Future<Output = Result<u64, SourceError>> + Send;
+    /// The next documents of a collection in `_id` order, after `after`.
+    fn snapshot_batch(
+        &self,
+        coll: &str,
+        after: Option<&Bson>,
+        limit: u32,
+    ) -> impl Future<Output = Result<Vec<Document>, SourceError>> + Send;
+    /// Opens the change feed.
+    fn watch(
+        &self,
+        start: &StartAt,
+        batch_size: u32,
+        max_await: Duration,
+    ) -> impl Future<Output = Result<Self::Feed, SourceError>> + Send;
+}
+
+/// A source's changes in commit order.
+pub trait ChangeFeed: Send + 'static {
+    /// The next change with the token that resumes after it, or `None` when none is waiting
+    /// right now (the feed is caught up).
+    fn next_change(&mut self) -> impl Future<Output = Result<Option<(ChangeRecord, Document)>, SourceError>> + Send;
+    /// The token that resumes after everything read so far, quiet periods included.
+    fn resume_token(&self) -> Result<Option<Document>, SourceError>;
+}
+
 /// Where a change stream starts.
 #[derive(Debug, Clone)]
 pub enum StartAt {
@@ -78,8 +117,22 @@ pub struct MongoSource {
     collections: Vec<String>,
 }
 
-/// The change stream, one raw event document at a time (see the module header for why raw).
-pub type Stream = ChangeStream<RawDocumentBuf>;
+/// The monolith's change stream, one raw event document at a time (see the module header for
+/// why raw).
+pub struct MongoFeed(ChangeStream<RawDocumentBuf>);
+
+impl ChangeFeed for MongoFeed {
+    async fn next_change(&mut self) -> Result<Option<(ChangeRecord, Document)>, SourceError> {
+        match self.0.next_if_any().await.map_err(SourceError::from_mongo)? {
+            Some(raw) => to_record(&raw).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    fn resume_token(&self) -> Result<Option<Document>, SourceError> {
+        self.0.resume_token().map(|t| token_doc(&t)).transpose()
+    }
+}
 
 impl MongoSource {
     pub async fn connect(uri: &str, db: &str, collections: Vec<String>) -> Result<Self, SourceError> {
@@ -96,10 +149,46 @@ impl MongoSource {
         &self.client
     }
 
+    /// The time of the oldest oplog entry, where ficus may read `local.oplog.rs` (not every
+    /// deployment grants that; `None` then, and the server's own check is relied on).
+    pub async fn oldest_oplog_time(&self) -> Option<Timestamp> {
+        let oplog = self.client.database("local").collection::<Document>("oplog.rs");
+        let first = oplog.find_one(doc! {}).sort(doc! { "$natural": 1 }).projection(doc! { "ts": 1 }).await.ok()??;
+        first.get_timestamp("ts").ok()
+    }
+
+    /// Turns on pre- and post-images for a collection (`collMod`), creating it if needed.
+    pub async fn enable_pre_images(&self, coll: &str) -> Result<(), SourceError> {
+        let names = self.db.list_collection_names().await?;
+        if !names.iter().any(|n| n == coll) {
+            self.db.create_collection(coll).await?;
+        }
+        self.db.run_command(doc! { "collMod": coll, "changeStreamPreAndPostImages": { "enabled": true } }).await?;
+        Ok(())
+    }
+
+    /// Whether a collection records pre-images.
+    pub async fn pre_images_enabled(&self, coll: &str) -> Result<bool, SourceError> {
+        let mut cursor = self.db.list_collections().filter(doc! { "name": coll }).await?;
+        let Some(spec) = cursor.try_next().await? else {
+            return Ok(false);
+        };
+        let enabled = bson::serialize_to_document(&spec.options)
+            .ok()
+            .and_then(|o| o.get_document("changeStreamPreAndPostImages").ok().cloned())
+            .and_then(|d| d.get_bool("enabled").ok())
+            .unwrap_or(false);
+        Ok(enabled)
+    }
+}
+
+impl Source for MongoSource {
+    type Feed = MongoFeed;
+
     /// The server's current cluster time (its latest operation time), used as the point the
     /// stream resumes from after a snapshot. It is read before the copy starts, so every change
     /// the copy might miss is at or after it.
-    pub async fn cluster_time(&self) -> Result<Timestamp, SourceError> {
+    async fn cluster_time(&self) -> Result<Timestamp, SourceError> {
         let reply = self.db.run_command(doc! { "ping": 1 }).await?;
         if let Ok(ts) = reply.get_timestamp("operationTime") {
             return Ok(ts);
@@ -117,7 +206,7 @@ impl MongoSource {
     }
 
     /// Opens the change stream.
-    pub async fn watch(&self, start: &StartAt, batch_size: u32, max_await: Duration) -> Result<Stream, SourceError> {
+    async fn watch(&self, start: &StartAt, batch_size: u32, max_await: Duration) -> Result<MongoFeed, SourceError> {
         let pipeline = [doc! { "$match": {
             "ns.coll": { "$in": &self.collections },
             "operationType": { "$in": ["insert", "update", "replace", "delete", "drop", "rename", "dropDatabase", "invalidate"] },
@@ -157,29 +246,16 @@ impl MongoSource {
             },
             _ => SourceError::from_mongo(e),
         })?;
-        Ok(stream.with_type::<RawDocumentBuf>())
-    }
-
-    /// The time of the oldest oplog entry, where ficus may read `local.oplog.rs` (not every
-    /// deployment grants that; `None` then, and the server's own check is relied on).
-    pub async fn oldest_oplog_time(&self) -> Option<Timestamp> {
-        let oplog = self.client.database("local").collection::<Document>("oplog.rs");
-        let first = oplog.find_one(doc! {}).sort(doc! { "$natural": 1 }).projection(doc! { "ts": 1 }).await.ok()??;
-        first.get_timestamp("ts").ok()
+        Ok(MongoFeed(stream.with_type::<RawDocumentBuf>()))
     }
 
     /// Estimated documents in a collection (for snapshot progress).
-    pub async fn estimated_count(&self, coll: &str) -> Result<u64, SourceError> {
+    async fn estimated_count(&self, coll: &str) -> Result<u64, SourceError> {
         Ok(self.db.collection::<Document>(coll).estimated_document_count().await?)
     }
 
     /// Reads the next batch of a collection in `_id` order, after `after`.
-    pub async fn snapshot_batch(
-        &self,
-        coll: &str,
-        after: Option<&Bson>,
-        limit: u32,
-    ) -> Result<Vec<Document>, SourceError> {
+    async fn snapshot_batch(&self, coll: &str, after: Option<&Bson>, limit: u32) -> Result<Vec<Document>, SourceError> {
         let filter = match after {
             Some(id) => doc! { "_id": { "$gt": id.clone() } },
             None => doc! {},
@@ -196,30 +272,6 @@ impl MongoSource {
         raw.iter()
             .map(|r| mongo::to_document(r).map_err(|e| SourceError::Malformed(format!("a document of {coll}: {e}"))))
             .collect()
-    }
-
-    /// Turns on pre- and post-images for a collection (`collMod`), creating it if needed.
-    pub async fn enable_pre_images(&self, coll: &str) -> Result<(), SourceError> {
-        let names = self.db.list_collection_names().await?;
-        if !names.iter().any(|n| n == coll) {
-            self.db.create_collection(coll).await?;
-        }
-        self.db.run_command(doc! { "collMod": coll, "changeStreamPreAndPostImages": { "enabled": true } }).await?;
-        Ok(())
-    }
-
-    /// Whether a collection records pre-images.
-    pub async fn pre_images_enabled(&self, coll: &str) -> Result<bool, SourceError> {
-        let mut cursor = self.db.list_collections().filter(doc! { "name": coll }).await?;
-        let Some(spec) = cursor.try_next().await? else {
-            return Ok(false);
-        };
-        let enabled = bson::serialize_to_document(&spec.options)
-            .ok()
-            .and_then(|o| o.get_document("changeStreamPreAndPostImages").ok().cloned())
-            .and_then(|d| d.get_bool("enabled").ok())
-            .unwrap_or(false);
-        Ok(enabled)
     }
 }
 

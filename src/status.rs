@@ -9,10 +9,10 @@ use rdkafka::TopicPartitionList;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 
 use crate::bus::{ClientRole, client_config};
-use crate::checkpoint::{CheckpointStore, MongoCheckpoints};
 use crate::config::topics::Topics;
 use crate::config::{Config, KafkaConfig};
-use crate::presence::MemberState;
+use crate::ops::presence::MemberState;
+use crate::tail::checkpoint::{CheckpointStore, MongoCheckpoints, TailPhase, TailState};
 use crate::transform::ServiceTransforms;
 
 /// One row of the table.
@@ -107,14 +107,11 @@ pub async fn collect(
         None => {
             ("no checkpoint (a first start takes a snapshot)".to_string(), "-".to_string(), "not started".to_string())
         }
-        Some(s) if s.snapshot.is_some() => {
-            let p = s.snapshot.as_ref().expect("checked");
-            (
-                format!("snapshot: {} documents copied, {} collections done", p.copied, p.done.len()),
-                "-".into(),
-                "snapshotting".into(),
-            )
-        }
+        Some(TailState { phase: TailPhase::Snapshot(p), .. }) => (
+            format!("snapshot: {} documents copied, {} collections done", p.copied, p.done.len()),
+            "-".into(),
+            "snapshotting".into(),
+        ),
         Some(s) => {
             let token_age = s.token_time.map(|t| DateTime::now().saturating_duration_since(t).as_secs());
             let last = s.last_event_time.map_or("no change yet".to_string(), |t| format!("last change {}", ago(t)));
@@ -155,7 +152,7 @@ pub async fn collect(
         topics.defs.iter().map(|d| d.topic.clone()).collect(),
     ));
     for (stage, group, topics) in groups {
-        let members = crate::presence::live_members(&store, &group).await?;
+        let members = crate::ops::presence::live_members(&store, &group).await?;
         let row = match tokio::task::block_in_place(|| group_lag(&cfg.kafka, &group, &topics)) {
             Ok(g) => Row {
                 stage,

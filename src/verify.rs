@@ -23,7 +23,7 @@ use mongodb::{Collection, Database};
 
 use crate::config::topics::Topics;
 use crate::event::Op;
-use crate::mapping::{ChangeRecord, map_change};
+use crate::event::mapping::{ChangeRecord, map_change};
 use crate::mongo;
 use crate::sink::{META, doc_key, strip_meta};
 use crate::transform::{ServiceTransforms, WriteOp};

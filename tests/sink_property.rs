@@ -10,7 +10,7 @@ use std::time::Duration;
 use bson::{Bson, DateTime, Document, Timestamp, doc};
 use ficus::config::topics::Topics;
 use ficus::event::Op;
-use ficus::mapping::{ChangeRecord, map_change};
+use ficus::event::mapping::{ChangeRecord, map_change};
 use ficus::sink::{MongoSink, Sink, Versioned};
 use ficus::transform::ServiceTransforms;
 use futures::TryStreamExt;

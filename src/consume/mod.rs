@@ -13,16 +13,15 @@
 //! Transient failures (target down, network) retry with backoff and never skip.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
 use crate::bus::{BusError, DeadLetters, GroupConsumer};
-use crate::config::{KafkaConfig, Membership};
+use crate::config::{ConsumeConfig, KafkaConfig, Membership};
 use crate::mongo::ErrorClass;
-use crate::ops::Health;
-use crate::presence::{InstanceConflict, PresenceError, Slot};
+use crate::ops::presence::{InstanceConflict, PresenceError, Slot};
+use crate::ops::{Health, RoleId};
 use crate::retry::with_backoff;
 use crate::sink::{Sink, SinkError};
 use crate::transform::ServiceTransforms;
@@ -76,14 +75,13 @@ pub struct ServiceConsumer<S> {
     pub store: mongodb::Database,
     pub sink: S,
     pub kafka: KafkaConfig,
-    pub batch_max: usize,
-    pub batch_wait: Duration,
+    pub settings: ConsumeConfig,
 }
 
 impl<S: Sink> ServiceConsumer<S> {
     /// Runs until shutdown (finishing the batch at hand and committing) or a fatal error.
     pub async fn run(&self, shutdown: CancellationToken) -> Result<(), ConsumeError> {
-        let role = format!("consume:{}", self.transforms.service());
+        let role = RoleId::Consume(self.transforms.service().to_string());
         let attempt = || async {
             let r = self.attempt(&shutdown).await;
             if r.is_err() {
@@ -91,13 +89,13 @@ impl<S: Sink> ServiceConsumer<S> {
             }
             r
         };
-        with_backoff(&role, &shutdown, attempt, ConsumeError::is_transient).await
+        with_backoff(&role.to_string(), &shutdown, attempt, ConsumeError::is_transient).await
     }
 
     async fn attempt(&self, shutdown: &CancellationToken) -> Result<(), ConsumeError> {
         let service = self.transforms.service();
         let group = group_id(service);
-        let role = format!("consume:{service}");
+        let role = RoleId::Consume(service.to_string());
         let topics: Vec<String> = self.transforms.topics().into_iter().collect();
         // Claim this process's slot in the group before joining it (see `presence`).
         let Some(slot) = claim_slot(&self.store, &self.kafka, &group, shutdown).await? else { return Ok(()) };
@@ -106,7 +104,7 @@ impl<S: Sink> ServiceConsumer<S> {
         info!(service, %group, topics = ?topics, "consuming");
 
         let watching = shutdown.child_token();
-        let keeper = tokio::spawn(crate::presence::keep(
+        let keeper = tokio::spawn(crate::ops::presence::keep(
             slot.clone(),
             consumer.clone(),
             role.clone(),
@@ -130,7 +128,7 @@ impl<S: Sink> ServiceConsumer<S> {
         &self,
         consumer: &GroupConsumer,
         dlq: &DeadLetters,
-        role: &str,
+        role: &RoleId,
         shutdown: &CancellationToken,
     ) -> Result<(), ConsumeError> {
         let idle = |up| if up { self.health.beat(role) } else { self.health.disconnected(role) };
@@ -140,7 +138,9 @@ impl<S: Sink> ServiceConsumer<S> {
             rejects: Rejects::DeadLetter(dlq),
             path: Path::Live,
         };
-        while let Some(batch) = consumer.next_batch(self.batch_max, self.batch_wait, shutdown, idle).await? {
+        while let Some(batch) =
+            consumer.next_batch(self.settings.batch_max, self.settings.batch_wait, shutdown, idle).await?
+        {
             let items: Vec<Item> = batch.iter().cloned().map(Item::delivered).collect();
             applier.apply(&items, shutdown).await?;
             consumer.store_offsets(&batch)?;

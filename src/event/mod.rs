@@ -11,6 +11,7 @@
 
 mod control;
 mod ejson;
+pub mod mapping;
 mod version;
 
 pub use control::{Control, ControlMessage, Message, SNAPSHOT_COMPLETED, SnapshotMarker};

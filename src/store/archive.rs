@@ -16,7 +16,7 @@ use crate::bus::GroupConsumer;
 use crate::config::KafkaConfig;
 use crate::consume::{claim_slot, keeper_ended};
 use crate::event::Message;
-use crate::ops::Health;
+use crate::ops::{Health, RoleId};
 use crate::retry::with_backoff;
 
 /// The archive role.
@@ -36,7 +36,7 @@ impl Archiver {
         let attempt = || async {
             let r = self.attempt(&shutdown).await;
             if r.is_err() {
-                self.health.disconnected("archive");
+                self.health.disconnected(&RoleId::Archive);
             }
             r
         };
@@ -48,10 +48,10 @@ impl Archiver {
         let consumer = GroupConsumer::join(&self.kafka, ARCHIVE_GROUP, &self.topics, "ficus-archive")?;
         info!(group = ARCHIVE_GROUP, topics = ?self.topics, "archiving");
         let watching = shutdown.child_token();
-        let keeper = tokio::spawn(crate::presence::keep(
+        let keeper = tokio::spawn(crate::ops::presence::keep(
             slot.clone(),
             consumer.clone(),
-            "archive".into(),
+            RoleId::Archive,
             self.health.clone(),
             watching.clone(),
         ));
@@ -68,7 +68,8 @@ impl Archiver {
     }
 
     async fn archive_loop(&self, consumer: &GroupConsumer, shutdown: &CancellationToken) -> Result<(), StoreError> {
-        let idle = |up| if up { self.health.beat("archive") } else { self.health.disconnected("archive") };
+        let idle =
+            |up| if up { self.health.beat(&RoleId::Archive) } else { self.health.disconnected(&RoleId::Archive) };
         while let Some(raw) = consumer.next_batch(self.batch_max, self.batch_wait, shutdown, idle).await? {
             let mut batch = Vec::with_capacity(raw.len());
             for d in &raw {

@@ -20,7 +20,7 @@ use mongodb::{Collection, Database, IndexModel};
 use crate::bus::BusError;
 use crate::event::Message;
 use crate::mongo::{self, ErrorClass};
-use crate::presence::PresenceError;
+use crate::ops::presence::PresenceError;
 
 mod archive;
 pub use archive::Archiver;

@@ -65,7 +65,7 @@ impl Transform {
         let after = data.after.as_ref().filter(|_| document_event)?;
         let empty = Document::new();
         let mut keep = Vec::new();
-        if let Some(Bson::Array(elements)) = crate::mapping::get_path(after, array) {
+        if let Some(Bson::Array(elements)) = crate::event::mapping::get_path(after, array) {
             for element in elements {
                 let Bson::Document(element) = element else { continue };
                 // The same scope a derived event of this element gets: no document, the element.

@@ -31,7 +31,7 @@ use bson::{Bson, Document};
 
 use super::builtins::{self, Cast};
 use crate::event::CanonicalEvent;
-use crate::mapping::get_path;
+use crate::event::mapping::get_path;
 
 /// A value during evaluation: `None` when the path is absent (which differs from BSON null).
 pub(super) type Value<'a> = Option<Cow<'a, Bson>>;

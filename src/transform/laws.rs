@@ -34,7 +34,7 @@ use super::reverse::{Patch, Reverse, unset_path};
 use super::{ServiceTransforms, WriteOp};
 use crate::config::topics::Topics;
 use crate::event::Op;
-use crate::mapping::{ChangeRecord, get_path, map_change};
+use crate::event::mapping::{ChangeRecord, get_path, map_change};
 
 /// Which law a failure broke.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]

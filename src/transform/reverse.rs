@@ -24,8 +24,8 @@ use super::compile::{Key, Target, Transform};
 use super::expr::{Expr, Scope};
 use super::invert::{Align, DocumentPlan, Forward, How, Lens, ScopePlan};
 use super::{TransformError, WriteOp};
+use crate::event::mapping::{ChangeRecord, get_path, map_change};
 use crate::event::{CanonicalEvent, Op};
-use crate::mapping::{ChangeRecord, get_path, map_change};
 
 /// The metadata field ficus's sink writes on every service document (`sink::META`):
 /// `{ v, src: { c, id }, event }`. Named here rather than imported, to keep this pure module

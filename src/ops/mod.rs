@@ -1,4 +1,6 @@
-//! What operators see of a running daemon: `/metrics`, `/healthz`, `/readyz` on one address.
+//! What operators see of a running daemon, and what keeps a deployment sane: `/metrics`,
+//! `/healthz`, `/readyz` on one address, the roles' health, and the registry of consumer-group
+//! members ([`presence`]).
 //!
 //! Roles report liveness through a shared [`Health`]: each beats while it makes progress (or is
 //! waiting for work it could do), and says whether it is connected. `/healthz` answers while
@@ -7,7 +9,10 @@
 //! to the roles that report to it, like the shutdown token; nothing here is global but the
 //! metrics recorder itself, which the `metrics` facade requires.
 
+pub mod presence;
+
 use std::collections::BTreeMap;
+use std::fmt;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -18,6 +23,27 @@ use axum::http::StatusCode;
 use axum::routing::get;
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use tokio_util::sync::CancellationToken;
+
+/// A role of a running process, as health and metrics name it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum RoleId {
+    /// The source's tailer (active or on standby).
+    Tail,
+    /// One service's consumer.
+    Consume(String),
+    /// The archive.
+    Archive,
+}
+
+impl fmt::Display for RoleId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            RoleId::Tail => f.write_str("tail"),
+            RoleId::Consume(service) => write!(f, "consume:{service}"),
+            RoleId::Archive => f.write_str("archive"),
+        }
+    }
+}
 
 #[derive(Debug, Clone)]
 struct Beat {
@@ -41,17 +67,17 @@ impl Health {
     }
 
     /// A role made progress (or is idle but able to work) and is connected.
-    pub fn beat(&self, role: &str) {
+    pub fn beat(&self, role: &RoleId) {
         self.set(role, true);
     }
 
     /// A role lost its connection (it is retrying).
-    pub fn disconnected(&self, role: &str) {
+    pub fn disconnected(&self, role: &RoleId) {
         self.set(role, false);
     }
 
     /// A role's watcher judged it stalled (`Some(why)`) or not (`None`).
-    pub fn set_stalled(&self, role: &str, why: Option<String>) {
+    pub fn set_stalled(&self, role: &RoleId, why: Option<String>) {
         let mut roles = self.roles.lock().unwrap_or_else(|p| p.into_inner());
         let beat = roles.entry(role.to_string()).or_insert(Beat { at: Instant::now(), connected: true, stalled: None });
         beat.stalled = why;
@@ -59,7 +85,7 @@ impl Health {
         metrics::gauge!("ficus_role_ready", "role" => role.to_string()).set(if ready { 1.0 } else { 0.0 });
     }
 
-    fn set(&self, role: &str, connected: bool) {
+    fn set(&self, role: &RoleId, connected: bool) {
         let mut roles = self.roles.lock().unwrap_or_else(|p| p.into_inner());
         let beat = roles.entry(role.to_string()).or_insert(Beat { at: Instant::now(), connected, stalled: None });
         beat.at = Instant::now();
@@ -153,11 +179,12 @@ mod tests {
     fn a_role_that_stops_beating_is_not_ready() {
         let h = Health::new(Duration::from_millis(50));
         assert_eq!(h.problems(), ["no role has started yet"]);
-        h.beat("tail");
+        h.beat(&RoleId::Tail);
         assert!(h.problems().is_empty());
-        h.disconnected("consume:customers_db");
+        let customers = RoleId::Consume("customers_db".into());
+        h.disconnected(&customers);
         assert_eq!(h.problems(), ["consume:customers_db: disconnected, retrying"]);
-        h.beat("consume:customers_db");
+        h.beat(&customers);
         std::thread::sleep(Duration::from_millis(80));
         let p = h.problems();
         assert_eq!(p.len(), 2, "{p:?}");
@@ -167,11 +194,12 @@ mod tests {
     #[test]
     fn a_stalled_group_is_not_ready_however_often_it_beats() {
         let h = Health::new(Duration::from_secs(60));
-        h.beat("consume:customers_db");
-        h.set_stalled("consume:customers_db", Some("no partitions assigned, lag 12".into()));
-        h.beat("consume:customers_db");
+        let customers = RoleId::Consume("customers_db".into());
+        h.beat(&customers);
+        h.set_stalled(&customers, Some("no partitions assigned, lag 12".into()));
+        h.beat(&customers);
         assert_eq!(h.problems(), ["consume:customers_db: no partitions assigned, lag 12"]);
-        h.set_stalled("consume:customers_db", None);
+        h.set_stalled(&customers, None);
         assert!(h.problems().is_empty());
     }
 }

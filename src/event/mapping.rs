@@ -7,8 +7,8 @@
 
 use bson::{Bson, DateTime, Document, Timestamp};
 
+use super::{CanonicalEvent, Derived, EventData, Op, Position, SCHEMA_VERSION, event_id, render_key};
 use crate::config::topics::{DerivedRule, TopicDef};
-use crate::event::{CanonicalEvent, Derived, EventData, Op, Position, SCHEMA_VERSION, event_id, render_key};
 
 /// One change in the source, owned and driver-independent.
 #[derive(Debug, Clone, PartialEq)]

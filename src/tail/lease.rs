@@ -66,7 +66,7 @@ impl Lease {
     ) -> Result<Option<i64>, mongodb::error::Error> {
         let mut said = false;
         loop {
-            health.beat("tail");
+            health.beat(&crate::ops::RoleId::Tail);
             if let Some(epoch) = self.try_acquire().await? {
                 info!(source = %self.source, holder = %self.holder, epoch, "lease acquired: this tailer is active");
                 metrics::gauge!("ficus_lease_held", "source" => self.source.clone()).set(1.0);

@@ -40,26 +40,85 @@ pub struct StreamPosition {
     pub index: u32,
 }
 
+/// Where the tailer is: copying, or streaming.
+#[derive(Debug, Clone, PartialEq)]
+pub enum TailPhase {
+    /// The initial snapshot is incomplete.
+    Snapshot(SnapshotProgress),
+    /// Streaming (after the snapshot).
+    Stream(StreamPosition),
+}
+
 /// The tailer's durable state for one source.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(try_from = "Stored", into = "Stored")]
 pub struct TailState {
     /// `source.name`.
-    #[serde(rename = "_id")]
     pub source: String,
-    /// Present while the initial snapshot is incomplete.
-    pub snapshot: Option<SnapshotProgress>,
-    /// Present once streaming (after the snapshot).
-    pub stream: Option<StreamPosition>,
+    pub phase: TailPhase,
     pub updated_at: DateTime,
     /// Cluster time of the newest change covered (for lag and token age in `ficus status`).
     pub last_event_time: Option<DateTime>,
     /// When the position the resume token names was current at the source: a change's time,
     /// or, for a post-batch token from a quiet period, when the empty batch came back.
-    #[serde(default)]
     pub token_time: Option<DateTime>,
     /// The lease epoch of the tailer that wrote it: a save from an older epoch is refused.
-    #[serde(default)]
     pub epoch: Option<i64>,
+}
+
+/// The stored document: the phase as two optional fields, as checkpoints have always been
+/// written (readable with any MongoDB client, and by older ficus versions).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Stored {
+    #[serde(rename = "_id")]
+    source: String,
+    snapshot: Option<SnapshotProgress>,
+    stream: Option<StreamPosition>,
+    updated_at: DateTime,
+    /// Cluster time of the newest change covered (for lag and token age in `ficus status`).
+    last_event_time: Option<DateTime>,
+    #[serde(default)]
+    token_time: Option<DateTime>,
+    #[serde(default)]
+    epoch: Option<i64>,
+}
+
+impl TryFrom<Stored> for TailState {
+    type Error = String;
+    fn try_from(s: Stored) -> Result<Self, String> {
+        let phase = match (s.snapshot, s.stream) {
+            (Some(p), None) => TailPhase::Snapshot(p),
+            (None, Some(p)) => TailPhase::Stream(p),
+            (Some(_), Some(_)) => return Err("both snapshot progress and a stream position".into()),
+            (None, None) => return Err("neither snapshot progress nor a stream position".into()),
+        };
+        Ok(TailState {
+            source: s.source,
+            phase,
+            updated_at: s.updated_at,
+            last_event_time: s.last_event_time,
+            token_time: s.token_time,
+            epoch: s.epoch,
+        })
+    }
+}
+
+impl From<TailState> for Stored {
+    fn from(t: TailState) -> Stored {
+        let (snapshot, stream) = match t.phase {
+            TailPhase::Snapshot(p) => (Some(p), None),
+            TailPhase::Stream(p) => (None, Some(p)),
+        };
+        Stored {
+            source: t.source,
+            snapshot,
+            stream,
+            updated_at: t.updated_at,
+            last_event_time: t.last_event_time,
+            token_time: t.token_time,
+            epoch: t.epoch,
+        }
+    }
 }
 
 /// Errors from the checkpoint store.
@@ -135,5 +194,45 @@ impl CheckpointStore for MongoCheckpoints {
     async fn clear(&self, source: &str, epoch: Option<i64>) -> Result<(), CheckpointError> {
         self.coll.delete_one(fenced(source, epoch)).await?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bson::doc;
+
+    #[test]
+    fn the_phase_is_stored_as_checkpoints_always_were() {
+        let state = TailState {
+            source: "linechatbot".into(),
+            phase: TailPhase::Stream(StreamPosition {
+                resume_token: Some(doc! { "_data": "82AB" }),
+                cluster_time: Timestamp { time: 5, increment: 1 },
+                index: 2,
+            }),
+            updated_at: DateTime::from_millis(1),
+            last_event_time: None,
+            token_time: Some(DateTime::from_millis(2)),
+            epoch: Some(3),
+        };
+        let stored = bson::serialize_to_document(&state).unwrap();
+        assert_eq!(stored.get("snapshot"), Some(&Bson::Null));
+        assert_eq!(stored.get_document("stream").unwrap().get_i64("index").ok().or(Some(2)), Some(2));
+        assert_eq!(stored.get_str("_id").unwrap(), "linechatbot");
+        let back: TailState = bson::deserialize_from_document(stored).unwrap();
+        assert_eq!(back, state);
+        // A checkpoint written before `epoch` and `token_time` existed still reads.
+        let old = doc! {
+            "_id": "linechatbot", "snapshot": { "start_time": Timestamp { time: 9, increment: 0 }, "done": [],
+            "current": null, "last_id": null, "copied": 0_i64 }, "stream": null, "updated_at": DateTime::from_millis(1),
+            "last_event_time": null,
+        };
+        let back: TailState = bson::deserialize_from_document(old).unwrap();
+        assert!(matches!(back.phase, TailPhase::Snapshot(_)));
+        // Neither phase (or both) is corruption, said so.
+        let bad = doc! { "_id": "x", "snapshot": null, "stream": null, "updated_at": DateTime::from_millis(1), "last_event_time": null };
+        let err = bson::deserialize_from_document::<TailState>(bad).unwrap_err().to_string();
+        assert!(err.contains("neither"), "{err}");
     }
 }

@@ -307,7 +307,7 @@ impl StallWatch {
 pub async fn keep(
     slot: Slot,
     member: crate::bus::GroupConsumer,
-    role: String,
+    role: crate::ops::RoleId,
     health: crate::ops::Health,
     stop: CancellationToken,
 ) -> Result<(), InstanceConflict> {

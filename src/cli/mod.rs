@@ -1,0 +1,298 @@
+//! The command line: parses arguments, loads configuration and definitions once, wires the
+//! adapters together and maps outcomes to exit codes. The binary's edge, so `anyhow` is used
+//! here and nowhere else.
+//!
+//! - [`run`]: `ficus run`, the daemon's role supervisor;
+//! - [`commands`]: every other command (topics, replay, verify, dlq, status, lens).
+//!
+//! Exit codes: 0 success; 1 a runtime failure (or drift found by `topics check`, `verify`,
+//! `lens check`); 2 bad input: invalid configuration or definitions, an unknown service, two
+//! processes configured with one `kafka.instance_id`.
+
+mod commands;
+mod run;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info};
+
+use crate::config::report::Report;
+use crate::config::topics::{self, Topics};
+use crate::config::{Config, ConsumeConfig};
+use crate::transform::{self, ServiceTransforms};
+
+#[derive(Debug, Parser)]
+#[command(name = "ficus", version, about = "Keeps service databases in step with a MongoDB monolith through Kafka.")]
+pub struct Cli {
+    /// Configuration file (default: ./ficus.toml if present; otherwise built-in defaults plus FICUS_* variables).
+    #[arg(long, short, global = true, env = "FICUS_CONFIG")]
+    config: Option<PathBuf>,
+    /// Log format.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Load the configuration and every definition; report all problems (exit 2) or none (exit 0).
+    Validate,
+    /// Kafka topics described in topics/.
+    Topics {
+        #[command(subcommand)]
+        action: TopicsAction,
+    },
+    /// Run the daemon.
+    Run(run::RunArgs),
+    /// Each stage's position, lag and health, from checkpoints and consumer-group offsets.
+    Status,
+    /// Rebuild a service database from the event store plus the live tail.
+    Replay {
+        #[arg(long = "service", value_name = "NAME")]
+        service: String,
+        /// Apply into the live database instead of building a shadow and swapping it in.
+        #[arg(long)]
+        in_place: bool,
+        /// Only archived events from this time on (RFC 3339, e.g. 2026-11-01T00:00:00Z).
+        #[arg(long, value_parser = parse_time)]
+        from: Option<bson::DateTime>,
+        #[command(flatten)]
+        consume: ConsumeArgs,
+    },
+    /// Prove a service database equals its transforms applied to the monolith's current state.
+    Verify {
+        #[arg(long = "service", value_name = "NAME")]
+        service: String,
+        /// Differing documents to show side by side.
+        #[arg(long, default_value_t = 10)]
+        sample: usize,
+        /// Exit 0 when the scores pass the seed's migration gate (99% consistency, 95%
+        /// validation) even if some documents differ; by default any difference fails.
+        #[arg(long)]
+        gate: bool,
+        /// Seconds to wait before re-checking differences (traffic in flight).
+        #[arg(long, default_value_t = 2)]
+        settle: u64,
+    },
+    /// Dead letters (`<topic>.dlq`).
+    Dlq {
+        #[command(subcommand)]
+        action: DlqAction,
+    },
+    /// Reverse sync: the derived reverses of the transforms.
+    Lens {
+        #[command(subcommand)]
+        action: LensAction,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum LensAction {
+    /// Check GetPut, PutGet and Insert on the monolith documents each service reads; print the
+    /// classification and the failures side by side; exit 1 if a law breaks.
+    Check {
+        #[arg(long = "service", value_name = "NAME")]
+        service: Option<String>,
+        /// Documents per monolith collection, in _id order (default: all).
+        #[arg(long, value_name = "N")]
+        sample: Option<u64>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum DlqAction {
+    /// Re-drive a service's dead letters through its transforms (after a fix); what fails
+    /// again is dead-lettered again.
+    Replay {
+        #[arg(long = "service", value_name = "NAME")]
+        service: String,
+        #[command(flatten)]
+        consume: ConsumeArgs,
+    },
+}
+
+#[derive(Debug, Clone, Copy, Subcommand)]
+enum TopicsAction {
+    /// Create missing topics (and enable pre-images on the source collections that ask for
+    /// them); report drift in existing ones without changing them.
+    Apply,
+    /// Exit 1 if any topic is missing or differs from its definition.
+    Check,
+}
+
+/// Overrides of the `[consume]` settings, for every command that applies events (`run`,
+/// `replay`, `dlq replay`), so they all write with the same values.
+#[derive(Debug, Clone, Default, clap::Args)]
+struct ConsumeArgs {
+    /// Messages per batch, at most (`consume.batch_max`).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    batch_max: Option<u64>,
+    /// Milliseconds a batch is collected for, at most (`consume.batch_wait_ms`).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    batch_wait_ms: Option<u64>,
+    /// Days a delete's tombstone refuses late older writes (`consume.tombstone_ttl_days`);
+    /// must exceed Kafka retention.
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    tombstone_ttl_days: Option<u64>,
+}
+
+impl ConsumeArgs {
+    fn apply(&self, c: &mut ConsumeConfig) {
+        if let Some(n) = self.batch_max {
+            c.batch_max = n as usize;
+        }
+        if let Some(ms) = self.batch_wait_ms {
+            c.batch_wait = std::time::Duration::from_millis(ms);
+        }
+        if let Some(days) = self.tombstone_ttl_days {
+            c.tombstone_ttl = std::time::Duration::from_secs(days.saturating_mul(86_400));
+        }
+    }
+}
+
+/// Bad input on the command line (an unknown service): exit 2, like invalid configuration.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct BadInput(String);
+
+/// Entry point used by `main`.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing(cli.log_format);
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    rt.block_on(dispatch(cli))
+}
+
+fn init_tracing(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("FICUS_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,librdkafka=warn,rdkafka=warn,mongodb=warn"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().flatten_event(true).with_current_span(true).init(),
+    }
+}
+
+/// Configuration and definitions, loaded and validated together.
+struct Loaded {
+    config: Config,
+    topics: Arc<Topics>,
+    services: Vec<Arc<ServiceTransforms>>,
+}
+
+/// Loads the configuration and every definition it points to, reporting every problem of all
+/// of them together.
+fn load(cli_config: Option<&std::path::Path>) -> Result<Loaded, Report> {
+    let env = |k: &str| std::env::var(k).ok();
+    let (config, mut report) = Config::load(cli_config, &env);
+    let topics = topics::load(&config.topics_dir).map_err(|r| report.extend(r)).ok();
+    // Transforms are checked against the topics; with broken topics there is nothing to check against.
+    let services =
+        topics.as_ref().and_then(|t| transform::load_all(&config.transforms_dir, t).map_err(|r| report.extend(r)).ok());
+    match (topics, services) {
+        (Some(topics), Some(services)) if report.is_empty() => {
+            Ok(Loaded { config, topics: Arc::new(topics), services: services.into_iter().map(Arc::new).collect() })
+        }
+        _ => Err(report),
+    }
+}
+
+async fn dispatch(cli: Cli) -> ExitCode {
+    let mut loaded = match load(cli.config.as_deref()) {
+        Ok(l) => l,
+        Err(report) => {
+            eprint!("{report}");
+            return ExitCode::from(2);
+        }
+    };
+    let result = match cli.command {
+        Command::Validate => Ok(commands::validate(&loaded)),
+        Command::Lens { action: LensAction::Check { service, sample } } => {
+            commands::lens_check(&loaded, service.as_deref(), sample).await
+        }
+        Command::Topics { action } => commands::topics(&loaded, action).await,
+        Command::Run(args) => {
+            args.consume.apply(&mut loaded.config.consume);
+            run::run(loaded, args).await
+        }
+        Command::Dlq { action: DlqAction::Replay { service, consume } } => {
+            consume.apply(&mut loaded.config.consume);
+            commands::dlq_replay(&loaded, &service).await
+        }
+        Command::Status => commands::status(&loaded).await,
+        Command::Replay { service, in_place, from, consume } => {
+            consume.apply(&mut loaded.config.consume);
+            commands::replay(&loaded, &service, in_place, from).await
+        }
+        Command::Verify { service, sample, gate, settle } => {
+            commands::verify(&loaded, &service, sample, gate, settle).await
+        }
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            error!("{e:#}");
+            eprintln!("error: {}", crate::config::redact_text(&format!("{e:#}")));
+            if e.chain().any(|c| c.is::<BadInput>()) || run::misconfigured(&e) {
+                ExitCode::from(2)
+            } else {
+                ExitCode::from(1)
+            }
+        }
+    }
+}
+
+/// The services a command names (all when it names none); an unknown name is bad input.
+fn select_services(all: &[Arc<ServiceTransforms>], wanted: &[String]) -> anyhow::Result<Vec<Arc<ServiceTransforms>>> {
+    if wanted.is_empty() {
+        return Ok(all.to_vec());
+    }
+    wanted
+        .iter()
+        .map(|w| {
+            all.iter().find(|s| s.service() == w).cloned().ok_or_else(|| {
+                let known: Vec<&str> = all.iter().map(|s| s.service()).collect();
+                anyhow::Error::new(BadInput(format!("no service `{w}` in transforms/ (known: {})", known.join(", "))))
+            })
+        })
+        .collect()
+}
+
+/// Cancels `shutdown` on SIGTERM or SIGINT.
+fn spawn_signal_handler(shutdown: CancellationToken) {
+    tokio::spawn(async move {
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(s) => s,
+            Err(e) => {
+                error!("cannot listen for SIGTERM: {e}");
+                return;
+            }
+        };
+        tokio::select! {
+            _ = term.recv() => info!("SIGTERM: draining"),
+            _ = tokio::signal::ctrl_c() => info!("SIGINT: draining"),
+        }
+        shutdown.cancel();
+    });
+}
+
+fn parse_time(s: &str) -> Result<bson::DateTime, String> {
+    bson::DateTime::parse_rfc3339_str(s).map_err(|e| format!("`{s}` is not an RFC 3339 time: {e}"))
+}

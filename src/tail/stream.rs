@@ -1,0 +1,242 @@
+//! Streaming: the change feed from the checkpoint onwards, handed to Kafka in source order.
+//!
+//! Two tasks joined by a bounded channel: a reader that drains the feed (never cancelled
+//! mid-request, so no batch is half-consumed) and the publisher loop, which maps each change,
+//! hands its events to Kafka and tracks their acknowledgements in an [`AckWindow`]. A checkpoint
+//! names only the newest point whose every earlier event is acknowledged; quiet periods still
+//! advance it with the feed's post-batch resume token, so a quiet source never ages out of the
+//! oplog.
+
+use std::collections::HashMap;
+use std::time::Instant;
+
+use bson::{DateTime, Document, Timestamp};
+use futures::StreamExt;
+use futures::future::{BoxFuture, FutureExt};
+use futures::stream::FuturesUnordered;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info};
+
+use super::ack::{AckWindow, Ticket};
+use super::checkpoint::{CheckpointStore, StreamPosition, TailPhase, TailState};
+use super::{TailError, Tailer};
+use crate::bus::{BusError, Publisher};
+use crate::event::mapping::ChangeRecord;
+use crate::ops::{Health, RoleId};
+use crate::source::{ChangeFeed, Source, SourceError, StartAt};
+
+/// Where one published change leaves the checkpoint once all its events are acknowledged.
+#[derive(Debug, Clone)]
+struct Covered {
+    token: Document,
+    cluster_time: Timestamp,
+    index: u32,
+    event_time: Option<DateTime>,
+    /// When the token's position was current at the source.
+    token_time: DateTime,
+}
+
+/// What the reader hands the publisher loop.
+enum Item {
+    Change {
+        record: Box<ChangeRecord>,
+        token: Document,
+    },
+    /// An empty batch: the post-batch resume token, which moves the checkpoint in quiet periods.
+    Quiet {
+        token: Document,
+        at: DateTime,
+    },
+}
+
+impl<S: Source, P: Publisher + 'static, C: CheckpointStore> Tailer<S, P, C> {
+    /// Streams changes from the state's position until shutdown (then drains and checkpoints)
+    /// or an error.
+    pub(super) async fn stream(&self, state: &mut TailState, shutdown: &CancellationToken) -> Result<(), TailError> {
+        let TailPhase::Stream(pos) = state.phase.clone() else {
+            return Err(TailError::Reader("streaming starts after the snapshot".into()));
+        };
+        let start = match &pos.resume_token {
+            Some(t) => StartAt::Token(t.clone()),
+            None => StartAt::Time(pos.cluster_time),
+        };
+        info!(source = %self.source_name, from = ?start, "streaming changes");
+        let stream = self.source.watch(&start, self.tail.batch_size, self.tail.max_await).await?;
+
+        let (tx, mut rx) = mpsc::channel::<Item>(self.tail.batch_size as usize * 2);
+        let reader_stop = shutdown.child_token();
+        let reader = tokio::spawn(read_changes(
+            stream,
+            tx,
+            reader_stop.clone(),
+            pos.cluster_time,
+            pos.index,
+            self.health.clone(),
+        ));
+
+        let topics_by_coll: HashMap<&str, &str> =
+            self.topics.defs.iter().map(|d| (d.collection.as_str(), d.topic.as_str())).collect();
+        let mut window: AckWindow<Covered> = AckWindow::default();
+        let mut acks: FuturesUnordered<BoxFuture<'static, (Ticket, Result<(), BusError>)>> = FuturesUnordered::new();
+        let mut sent = (pos.cluster_time, pos.index);
+        let mut covered: Option<Covered> = None;
+        let mut saved_at = Instant::now();
+        let mut dirty = false;
+        let mut tick = tokio::time::interval(self.tail.checkpoint_interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+
+        let outcome: Result<(), TailError> = loop {
+            tokio::select! {
+                biased;
+                Some((ticket, done)) = acks.next(), if !acks.is_empty() => {
+                    if let Err(e) = done {
+                        break Err(e.into());
+                    }
+                    window.ack(ticket);
+                    if let Some(c) = window.covered() {
+                        covered = Some(c);
+                        dirty = true;
+                    }
+                    if dirty && saved_at.elapsed() >= self.tail.checkpoint_interval {
+                        if let Err(e) = self.save_stream(state, covered.as_ref()).await { break Err(e); }
+                        saved_at = Instant::now();
+                        dirty = false;
+                    }
+                }
+                item = rx.recv(), if window.in_flight() < self.tail.max_in_flight => {
+                    match item {
+                        Some(Item::Change { record, token }) => {
+                            let token_time = record.wall_time.unwrap_or_else(|| DateTime::from_millis(i64::from(record.cluster_time.time) * 1000));
+                            let c = Covered { token, cluster_time: record.cluster_time, index: record.index, event_time: record.wall_time, token_time };
+                            sent = (record.cluster_time, record.index);
+                            metrics::counter!("ficus_tail_changes_read_total", "collection" => record.collection.clone()).increment(1);
+                            let Some(topic) = topics_by_coll.get(record.collection.as_str()).copied() else {
+                                window.push(c, 0);
+                                continue;
+                            };
+                            let published = match self.publish(topic, *record).await {
+                                Ok(a) => a,
+                                Err(e) => break Err(e),
+                            };
+                            let ticket = window.push(c, published.len());
+                            acks.extend(published.into_iter().map(|ack| ack.map(move |r| (ticket, r)).boxed()));
+                        }
+                        Some(Item::Quiet { token, at }) => {
+                            let c = Covered { token, cluster_time: sent.0, index: sent.1, event_time: None, token_time: at };
+                            window.push(c, 0);
+                        }
+                        None => break Ok(()), // the reader ended: shutdown or an error, seen below
+                    }
+                }
+                _ = tick.tick() => {
+                    if let Some(c) = window.covered() {
+                        covered = Some(c);
+                        dirty = true;
+                    }
+                    if let Some(t) = state.token_time {
+                        let age = DateTime::now().saturating_duration_since(t).as_secs_f64();
+                        metrics::gauge!("ficus_tail_checkpoint_age_seconds").set(age);
+                    }
+                    if dirty {
+                        if let Err(e) = self.save_stream(state, covered.as_ref()).await { break Err(e); }
+                        saved_at = Instant::now();
+                        dirty = false;
+                    }
+                }
+            }
+        };
+
+        // Stop reading, then drain: everything already handed to Kafka is awaited so the final
+        // checkpoint covers as much as possible. A delivery failure stops the drain there.
+        reader_stop.cancel();
+        drop(rx);
+        let mut outcome = outcome;
+        if outcome.is_ok() || matches!(outcome, Err(TailError::Source(_))) {
+            while let Some((ticket, done)) = acks.next().await {
+                if let Err(e) = done {
+                    if outcome.is_ok() {
+                        outcome = Err(e.into());
+                    }
+                    break;
+                }
+                window.ack(ticket);
+            }
+        }
+        if let Some(c) = window.covered() {
+            covered = Some(c);
+        }
+        self.save_stream(state, covered.as_ref()).await?;
+        let read = reader.await.map_err(|e| TailError::Reader(e.to_string()))?;
+        if let Err(e) = read
+            && outcome.is_ok()
+        {
+            outcome = Err(e.into());
+        }
+        if outcome.is_ok() && !shutdown.is_cancelled() {
+            return Err(TailError::Reader("the change stream ended".into()));
+        }
+        if let Err(e) = &outcome
+            && !e.is_transient()
+        {
+            error!(source = %self.source_name, error = %e, "tail stopped");
+        }
+        outcome
+    }
+
+    async fn save_stream(&self, state: &mut TailState, covered: Option<&Covered>) -> Result<(), TailError> {
+        let Some(c) = covered else { return Ok(()) };
+        state.phase = TailPhase::Stream(StreamPosition {
+            resume_token: Some(c.token.clone()),
+            cluster_time: c.cluster_time,
+            index: c.index,
+        });
+        if c.event_time.is_some() {
+            state.last_event_time = c.event_time;
+        }
+        state.token_time = Some(c.token_time);
+        self.save(state).await?;
+        metrics::counter!("ficus_tail_checkpoints_total").increment(1);
+        Ok(())
+    }
+}
+
+/// The reader task: drains the change stream into the channel until stopped. Each event gets
+/// its index among events sharing a cluster time, continuing from the checkpoint's.
+async fn read_changes(
+    mut feed: impl ChangeFeed,
+    tx: mpsc::Sender<Item>,
+    stop: CancellationToken,
+    mut last_time: Timestamp,
+    mut last_index: u32,
+    health: Health,
+) -> Result<(), SourceError> {
+    while !stop.is_cancelled() {
+        let next = feed.next_change().await;
+        if next.is_ok() {
+            health.beat(&RoleId::Tail);
+        }
+        match next {
+            Ok(Some((mut record, token))) => {
+                record.index = if record.cluster_time == last_time { last_index + 1 } else { 1 };
+                last_time = record.cluster_time;
+                last_index = record.index;
+                metrics::gauge!("ficus_tail_lag_seconds").set(crate::ops::age_seconds(last_time.time));
+                if tx.send(Item::Change { record: Box::new(record), token }).await.is_err() {
+                    return Ok(());
+                }
+            }
+            Ok(None) => {
+                // Nothing new: the stream is caught up with the source.
+                metrics::gauge!("ficus_tail_lag_seconds").set(0.0);
+                if let Some(token) = feed.resume_token()?
+                    && tx.send(Item::Quiet { token, at: DateTime::now() }).await.is_err()
+                {
+                    return Ok(());
+                }
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
