@@ -65,8 +65,8 @@ use ficus::event::Op;
 use ficus::event::mapping::{ChangeRecord, map_change};
 use ficus::sink::META;
 use ficus::tail::checkpoint::{CheckpointStore, MongoCheckpoints, StreamPosition, TailPhase, TailState};
+use ficus::testkit::workload::Workload;
 use ficus::transform::{ServiceTransforms, WriteOp};
-use ficus::workload::Workload;
 
 const SOURCE_DB: &str = "linechatbot";
 const SOURCE_NAME: &str = "linechatbot";

@@ -29,8 +29,8 @@ use ficus::config::topics::Topics;
 use ficus::event::mapping::{ChangeRecord, map_change};
 use ficus::event::{CanonicalEvent, Message, Op};
 use ficus::sink::{META, Versioned};
+use ficus::testkit::workload::Workload;
 use ficus::transform::{ServiceTransforms, WriteOp};
-use ficus::workload::Workload;
 use serde_json::{Value, json};
 
 /// A resume token of the length MongoDB produces for a change (`_data`, hex).

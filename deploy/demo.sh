@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 
 eval "$(bash .ci/install-servers)"
 echo "building ficus (release)..."
-cargo build --release --locked --bins -q
+cargo build --release --locked --bins --features testkit -q
 
 MONGO_PORT=${MONGO_PORT:-27170}
 KAFKA_PORT=${KAFKA_PORT:-19092}

@@ -53,6 +53,7 @@ pub mod source;
 pub mod status;
 pub mod store;
 pub mod tail;
+#[cfg(any(test, feature = "testkit"))]
+pub mod testkit;
 pub mod transform;
 pub mod verify;
-pub mod workload;

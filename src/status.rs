@@ -2,13 +2,9 @@
 //! (checkpoints and leases in the store, consumer-group offsets and watermarks on Kafka), so it
 //! works while the daemon runs, from any machine, and without joining any group.
 
-use std::time::Duration;
-
 use bson::{DateTime, Document, doc};
-use rdkafka::TopicPartitionList;
-use rdkafka::consumer::{BaseConsumer, Consumer};
 
-use crate::bus::{ClientRole, client_config};
+use crate::bus::{BusError, GroupLag, Reader};
 use crate::config::topics::Topics;
 use crate::config::{Config, KafkaConfig};
 use crate::ops::presence::MemberState;
@@ -24,55 +20,10 @@ pub struct Row {
     pub health: String,
 }
 
-/// A consumer group's progress over its topics.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct GroupLag {
-    /// Messages not yet consumed, over all partitions.
-    pub lag: i64,
-    /// Partitions with a committed offset, of all partitions.
-    pub committed: usize,
-    pub partitions: usize,
-}
-
-/// A client context that keeps librdkafka's own log lines and connection errors out of the
-/// command's output (brokers that do not implement group listing drop the connection, which is
-/// harmless here: the member count is then reported as unknown).
-pub struct Quiet;
-
-impl rdkafka::ClientContext for Quiet {
-    fn log(&self, _level: rdkafka::config::RDKafkaLogLevel, _fac: &str, _log_message: &str) {}
-    fn error(&self, _error: rdkafka::error::KafkaError, _reason: &str) {}
-}
-
-impl rdkafka::consumer::ConsumerContext for Quiet {}
-
-/// Reads a group's committed offsets against the topics' high watermarks. `base` is a client
-/// configuration to connect with; the group is only read (offsets fetched), never joined.
-pub fn group_lag(kafka: &KafkaConfig, group: &str, topics: &[String]) -> Result<GroupLag, rdkafka::error::KafkaError> {
-    let consumer: BaseConsumer<Quiet> =
-        client_config(kafka, ClientRole::Reader { group: Some(group) }, "ficus-status").create_with_context(Quiet)?;
-    let timeout = Duration::from_secs(10);
-    let mut tpl = TopicPartitionList::new();
-    for t in topics {
-        let md = consumer.fetch_metadata(Some(t), timeout)?;
-        for p in md.topics().iter().flat_map(|t| t.partitions()) {
-            tpl.add_partition(t, p.id());
-        }
-    }
-    let committed = consumer.committed_offsets(tpl, timeout)?;
-    let mut out = GroupLag { partitions: committed.count(), ..Default::default() };
-    for e in committed.elements() {
-        let (low, high) = consumer.fetch_watermarks(e.topic(), e.partition(), timeout)?;
-        let at = match e.offset() {
-            rdkafka::Offset::Offset(o) => {
-                out.committed += 1;
-                o
-            }
-            _ => low,
-        };
-        out.lag += (high - at).max(0);
-    }
-    Ok(out)
+/// A consumer group's committed offsets over `topics` against their high watermarks, read from
+/// outside: the group is never joined.
+pub fn group_lag(kafka: &KafkaConfig, group: &str, topics: &[String]) -> Result<GroupLag, BusError> {
+    Reader::new(kafka, "ficus-status", Some(group))?.group_lag(topics)
 }
 
 fn ago(t: DateTime) -> String {
@@ -153,7 +104,7 @@ pub async fn collect(
     ));
     for (stage, group, topics) in groups {
         let members = crate::ops::presence::live_members(&store, &group).await?;
-        let row = match tokio::task::block_in_place(|| group_lag(&cfg.kafka, &group, &topics)) {
+        let row = match group_lag(&cfg.kafka, &group, &topics) {
             Ok(g) => Row {
                 stage,
                 position: format!("group {group}: {}/{} partitions committed", g.committed, g.partitions),

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use bson::{Bson, Document, doc};
 use common::{World, eventually};
-use ficus::workload::Workload;
+use ficus::testkit::workload::Workload;
 use futures::TryStreamExt;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 

@@ -9,7 +9,7 @@ use std::time::Duration;
 use bson::{Document, doc};
 use common::{World, checkpoint, eventually, free_port, read_all};
 use ficus::event::Op;
-use ficus::workload::Workload;
+use ficus::testkit::workload::Workload;
 use rdkafka::consumer::Consumer;
 
 /// A plain HTTP GET: (status code, body).

@@ -62,7 +62,7 @@ use bson::{Bson, Document, doc};
 use common::proxy::Proxy;
 use common::{Ficus, World, checkpoint, free_port};
 use ficus::event::{CanonicalEvent, Message, Op};
-use ficus::workload::Workload;
+use ficus::testkit::workload::Workload;
 use futures::TryStreamExt;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};

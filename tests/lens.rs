@@ -7,7 +7,7 @@ mod common;
 
 use bson::{Document, doc, oid::ObjectId};
 use common::World;
-use ficus::workload::Workload;
+use ficus::testkit::workload::Workload;
 
 fn text(out: &std::process::Output) -> (String, String) {
     (String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use bson::{Document, doc};
 use common::{World, eventually, read_all};
-use ficus::workload::Workload;
+use ficus::testkit::workload::Workload;
 
 const TOPICS: [&str; 2] = ["linechatbot.customers", "linechatbot.products"];
 

@@ -8,11 +8,9 @@ use std::time::Duration;
 use anyhow::Context;
 use bson::{Document, doc};
 use clap::{Parser, Subcommand};
-use ficus::event::CanonicalEvent;
-use ficus::workload::Workload;
-use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::message::Message;
-use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+use ficus::bus::{Reader, StartAt};
+use ficus::event::{CanonicalEvent, Message};
+use ficus::testkit::workload::Workload;
 
 #[derive(Parser)]
 #[command(name = "ficus-demo", about = "Seed a sample monolith and show what ficus delivered.")]
@@ -63,7 +61,7 @@ async fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Cmd::Seed { uri, db, count } => seed(&uri, &db, count).await,
         Cmd::Churn { uri, db, changes } => churn(&uri, &db, changes).await,
-        Cmd::Peek { brokers, topics_dir } => peek(&brokers, &topics_dir),
+        Cmd::Peek { brokers, topics_dir } => peek(&brokers, &topics_dir).await,
         Cmd::Targets { uri, transforms_dir } => targets(&uri, &transforms_dir).await,
     }
 }
@@ -112,38 +110,37 @@ async fn churn(uri: &str, db: &str, changes: u64) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn peek(brokers: &str, topics_dir: &std::path::Path) -> anyhow::Result<()> {
+async fn peek(brokers: &str, topics_dir: &std::path::Path) -> anyhow::Result<()> {
     let topics = ficus::config::topics::load(topics_dir).map_err(|r| anyhow::anyhow!("{r}"))?;
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .set("group.id", "ficus-demo-peek")
-        .set("enable.auto.commit", "false")
-        .set("fetch.wait.max.ms", "50")
-        .create()?;
-    let mut tpl = TopicPartitionList::new();
-    for d in &topics.defs {
-        for p in 0..d.partitions {
-            tpl.add_partition_offset(&d.topic, p, Offset::Beginning)?;
-        }
-    }
-    consumer.assign(&tpl)?;
+    let env = |k: &str| (k == "FICUS_KAFKA_BROKERS").then(|| brokers.to_string());
+    let (config, report) = ficus::config::Config::from_text("", std::path::Path::new("(demo)"), &env);
+    anyhow::ensure!(report.is_empty(), "{report}");
+    let reader = Reader::new(&config.kafka, "ficus-demo-peek", None)?;
+    let names: Vec<String> = topics.defs.iter().map(|d| d.topic.clone()).collect();
     let mut counts: BTreeMap<String, BTreeMap<String, u64>> = BTreeMap::new();
     let mut sample: Option<CanonicalEvent> = None;
-    let mut idle = 0;
-    while idle < 10 {
-        match consumer.poll(Duration::from_millis(200)) {
-            Some(Ok(m)) => {
-                idle = 0;
-                let ev = CanonicalEvent::decode(m.payload().unwrap_or_default())?;
-                *counts.entry(m.topic().to_string()).or_default().entry(ev.event_type.clone()).or_default() += 1;
-                if ev.event_type == "customer.purchase_recorded" {
-                    sample = Some(ev);
+    let never = tokio_util::sync::CancellationToken::new();
+    reader
+        .read_to_end(
+            &names,
+            |_, _| StartAt::Beginning,
+            1000,
+            false,
+            &never,
+            async |batch| {
+                for d in batch {
+                    let m = Message::decode(&d.payload)?;
+                    *counts.entry(d.topic.clone()).or_default().entry(m.event_type().to_string()).or_default() += 1;
+                    if let Message::Event(ev) = m
+                        && ev.event_type == "customer.purchase_recorded"
+                    {
+                        sample = Some(ev);
+                    }
                 }
-            }
-            Some(Err(e)) => return Err(e.into()),
-            None => idle += 1,
-        }
-    }
+                Ok::<(), anyhow::Error>(())
+            },
+        )
+        .await?;
     println!("\n{:<32} {:<34} {:>7}", "topic", "event type", "events");
     for (topic, types) in &counts {
         for (t, n) in types {

@@ -179,3 +179,150 @@ impl<S: Source, P: Publisher + 'static, C: CheckpointStore> Tailer<S, P, C> {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+    use std::time::Duration;
+
+    use bson::{Bson, doc};
+
+    use super::*;
+    use crate::config::TailConfig;
+    use crate::consume::{Applier, Item, Path as ApplyPath, Rejects};
+    use crate::event::{Message, Op};
+    use crate::testkit::memory::{MemoryCheckpoints, MemoryPublisher, MemorySink, MemorySource};
+    use crate::transform::load_service;
+
+    fn repo(p: &str) -> std::path::PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join(p)
+    }
+
+    fn customer(n: u32, purchases: &[&str]) -> bson::Document {
+        let purchases: Vec<Bson> = purchases
+            .iter()
+            .map(|p| Bson::Document(doc! { "id": *p, "product_id": "SKU-1", "amount": "10.50", "currency": "THB" }))
+            .collect();
+        doc! { "_id": format!("{n:04}"), "user_id": format!("U{n}"), "name": format!("N{n}"), "ltv": "1.00", "purchases": purchases }
+    }
+
+    fn change(op: Op, before: Option<bson::Document>, after: Option<bson::Document>) -> ChangeRecord {
+        let id = after.as_ref().or(before.as_ref()).and_then(|d| d.get("_id").cloned()).unwrap_or(Bson::Null);
+        ChangeRecord {
+            op,
+            collection: "customers".into(),
+            document_id: id,
+            after,
+            before,
+            changed: None,
+            removed: Vec::new(),
+            cluster_time: bson::Timestamp { time: 0, increment: 0 },
+            index: 0,
+            wall_time: None,
+            resume_token: None,
+        }
+    }
+
+    /// The tail and a consumer driven through in-memory implementations of the source, the
+    /// bus, the checkpoint store and the sink: the snapshot, its markers, the changes after it,
+    /// the checkpoint, and the service database they build.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn the_tail_and_a_consumer_in_memory() {
+        let topics = Arc::new(crate::config::topics::load(&repo("topics")).unwrap());
+        let source = MemorySource::new();
+        source.seed("customers", customer(1, &["P1"]));
+        source.seed("customers", customer(2, &["P2", "P3"]));
+        let publisher = Arc::new(MemoryPublisher::with_partitions(&[("linechatbot.customers", 2)]));
+        let tailer = Tailer {
+            source_name: "linechatbot".into(),
+            topics,
+            source: source.clone(),
+            publisher: publisher.clone(),
+            checkpoints: MemoryCheckpoints::default(),
+            tail: TailConfig {
+                on_history_lost: OnHistoryLost::Fail,
+                max_in_flight: 100,
+                checkpoint_interval: Duration::from_millis(10),
+                max_await: Duration::from_millis(10),
+                batch_size: 10,
+                lease_ttl: Duration::from_secs(15),
+            },
+            snapshot: SnapshotConfig { batch_size: 1, max_docs_per_sec: 0 },
+            epoch: None,
+            health: Health::new(Duration::from_secs(60)),
+        };
+        let stop = CancellationToken::new();
+        let tailer = Arc::new(tailer);
+        let running = {
+            let (t, stop) = (tailer.clone(), stop.clone());
+            tokio::spawn(async move { t.run(stop, false).await })
+        };
+        let count = |p: &MemoryPublisher| p.published().len();
+        // Copies of every collection done (the snapshot ends before the stream starts).
+        while !matches!(tailer.checkpoints.get("linechatbot").map(|s| s.phase), Some(TailPhase::Stream(_)))
+            || count(&publisher) < 7
+        {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        // Customer 2 loses a purchase (a $pull), customer 1 goes, customer 3 comes.
+        source.change(change(Op::Update, Some(customer(2, &["P2", "P3"])), Some(customer(2, &["P3"]))));
+        source.change(change(Op::Delete, Some(customer(1, &["P1"])), None));
+        let last = source.change(change(Op::Insert, None, Some(customer(3, &[]))));
+        let streamed = |t: &Tailer<MemorySource, MemoryPublisher, MemoryCheckpoints>| {
+            matches!(t.checkpoints.get("linechatbot").map(|s| s.phase),
+                Some(TailPhase::Stream(p)) if p.cluster_time == last)
+        };
+        while !streamed(&tailer) {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        stop.cancel();
+        running.await.unwrap().unwrap();
+
+        let published = publisher.published();
+        // Every defined collection is copied (the others are empty: just their markers).
+        let kinds: Vec<String> = published
+            .iter()
+            .filter(|p| p.topic == "linechatbot.customers")
+            .map(|p| match &p.message {
+                Message::Event(e) => e.event_type.clone(),
+                Message::Control(c) => format!("{}@{}", c.event_type(), p.partition.unwrap_or(-1)),
+            })
+            .collect();
+        assert_eq!(
+            kinds,
+            [
+                "customer.snapshot",
+                "customer.purchase_recorded",
+                "customer.snapshot",
+                "customer.purchase_recorded",
+                "customer.purchase_recorded",
+                "ficus.control.snapshot_completed@0",
+                "ficus.control.snapshot_completed@1",
+                "customer.updated",
+                "customer.deleted",
+                "customer.created",
+            ]
+        );
+        let Some(TailPhase::Stream(pos)) = tailer.checkpoints.get("linechatbot").map(|s| s.phase) else {
+            panic!("streaming")
+        };
+        assert_eq!(pos.resume_token, Some(doc! { "n": 2_i64 }), "the checkpoint covers the last change");
+
+        // A consumer of customers_db reads the topic in order into an in-memory database.
+        let topics = crate::config::topics::load(&repo("topics")).unwrap();
+        let transforms = load_service(&repo("transforms/customers_db"), &topics).unwrap();
+        let sink = MemorySink::default();
+        let applier =
+            Applier { transforms: &transforms, sink: &sink, rejects: Rejects::Count, path: ApplyPath::Replay };
+        let items: Vec<Item> = published
+            .into_iter()
+            .enumerate()
+            .map(|(i, p)| Item::archived(p.topic, p.partition.unwrap_or(0), i as i64, p.message))
+            .collect();
+        let done = applier.apply(&items, &CancellationToken::new()).await.unwrap();
+        assert_eq!((done.applied, done.rejected), (items.len() as u64, 0));
+        let ids = |c: &str| sink.documents(c).iter().map(|d| d.get_str("_id").unwrap().to_string()).collect::<Vec<_>>();
+        assert_eq!(ids("customers"), ["U2", "U3"]);
+        assert_eq!(ids("customer_events"), ["purchase_made:P3"], "P1 went with its customer, P2 with the $pull");
+    }
+}

@@ -213,9 +213,9 @@ fn render(p: &Patch) -> String {
 #[test]
 fn every_law_holds_on_reference_documents() {
     let topics = shipped_topics();
-    let mut w = crate::workload::Workload::new(11);
+    let mut w = crate::testkit::workload::Workload::new(11);
     let mut docs = Vec::new();
-    for c in crate::workload::Workload::COLLECTIONS {
+    for c in crate::testkit::workload::Workload::COLLECTIONS {
         for i in 0..8 {
             docs.push((c.to_string(), w.document(c, i, 4).unwrap_or_default()));
         }
