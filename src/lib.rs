@@ -1,59 +1,57 @@
 //! ficus keeps per-service databases in step with a MongoDB monolith, through Kafka.
 //!
 //! ```text
-//!  monolith (MongoDB)                                     service databases (MongoDB)
-//!   │ change stream / snapshot                                      ▲
-//!   ▼                                                               │ version-guarded upserts
-//!  source ──► mapping ──► event ──► bus (Kafka) ──► consumer ──► transform ──► sink
-//!   (tail role; checkpoint after ack)                (consume role; offsets after the write)
+//!  monolith (MongoDB)                                              service databases (MongoDB)
+//!   │ change stream / snapshot                                               ▲
+//!   ▼                                                                        │ version-guarded writes
+//!  source ──► tail ──► event ──► bus (Kafka) ──► consume ──► transform ──► sink
+//!            (checkpoint after ack)                (offsets after the write)
+//!                              │
+//!                              └──► store (archive) ──► replay, verify
 //! ```
 //!
-//! Data flows one way. The pure cores, `mapping` (change → canonical events) and `transform`
-//! (canonical event → writes), do no I/O; adapters (`source`, `bus`, `checkpoint`) do only I/O.
+//! Data flows one way. The pure cores (`event::mapping`: a change → canonical events;
+//! `transform`: an event → writes, and their reverses; `sink::plan`; `tail::ack`) do no I/O;
+//! adapters (`source`, `bus`, the sinks, the stores) do only I/O. Modules in flow order; each
+//! imports only the ones listed before it, the commands at the end import what they drive:
 //!
-//! - [`config`]: the TOML file, defaults and `FICUS_*` environment, validated once.
-//! - [`definitions`]: collected errors with file and field, shared by every loader.
-//! - [`topics`]: `topics/*.toml`, one definition per monolith collection.
-//! - [`event`]: the canonical event (CloudEvents 1.0 envelope) and its ordering position.
-//! - [`mapping`]: pure change → canonical events, including derived semantic events.
-//! - [`source`]: MongoDB change stream and snapshot reader.
-//! - [`bus`]: Kafka client configuration (one place), the publisher, topic provisioning.
-//! - [`checkpoint`]: durable tail state (snapshot progress, resume token).
-//! - [`tail`]: the tail role, snapshot then stream, checkpoint only after Kafka acknowledges.
-//! - [`transform`]: declarative transforms, compiled at start-up, applied purely.
+//! - [`config`]: the configuration file, defaults and `FICUS_*` environment, and the topic
+//!   definitions (`topics/`), loaded once and validated together, every problem reported.
+//! - [`event`]: the canonical event (CloudEvents 1.0), ficus's control messages, versions, and
+//!   the pure mapping from a source change to events.
+//! - `source`: where changes come from: the `Source` contract and its MongoDB adapter.
+//! - [`tail`]: the tail role: snapshot then stream, checkpoint only after Kafka acknowledges;
+//!   its lease and checkpoints.
+//! - [`bus`]: Kafka, and everything rdkafka-specific: client configuration, publisher, group
+//!   consumer, reader, dead letters, topic admin.
+//! - [`transform`]: declarative transforms, compiled at start-up, applied purely; their
+//!   derived reverses and the lens laws.
 //! - [`sink`]: version-guarded, idempotent writes into a service database.
-//! - [`consume`]: the consume role, one consumer group per service, offsets after the write,
-//!   dead letters for what cannot be applied.
-//! - [`store`]: the event store and the archive role (group `ficus.archive`), for replay.
-//! - [`replay`]: rebuilds a service database from the store plus the live tail, through the
-//!   same transform-and-write path, in a shadow database swapped in when caught up.
-//! - [`verify`]: proves a service database equals the transforms applied to the source.
-//! - [`lens`]: `ficus lens check`, the lens laws of the derived reverses on the monolith's documents.
-
-//! - [`lease`]: one active tailer per source, fenced checkpoints.
-//! - [`ops`]: `/metrics`, `/healthz`, `/readyz` and the roles' health registry.
-//! - [`presence`]: which live process holds which consumer-group slot (static membership).
-//! - [`status`]: `ficus status`, every stage's position, lag and health, read from outside.
-//! - [`mongo`], [`retry`]: shared connection, error classification and backoff.
-//! - [`workload`]: reference documents in the monolith's shapes, for the demo, tests and benches.
-//! - [`cli`]: the binary's edge.
+//! - [`consume`]: the consume role and the one apply path (live, replay, dead-letter re-drive).
+//! - `store`: the event store and the archive role.
+//! - `replay`, `verify`, `lens`, [`status`]: the commands that rebuild, prove, check and
+//!   report.
+//! - `ops`: probes, metrics, role health, and the registry of consumer-group members.
+//! - [`mongo`], `retry`: shared MongoDB plumbing (connections, error classes) and backoff.
+//! - [`cli`]: the binary's edge: arguments, wiring, exit codes.
+//! - `testkit` (feature `testkit`): test data and in-memory implementations of the traits.
 
 pub mod bus;
 pub mod cli;
 pub mod config;
 pub mod consume;
 pub mod event;
-pub mod lens;
+mod lens;
 pub mod mongo;
-pub mod ops;
-pub mod replay;
-pub mod retry;
+mod ops;
+mod replay;
+mod retry;
 pub mod sink;
-pub mod source;
+mod source;
 pub mod status;
-pub mod store;
+mod store;
 pub mod tail;
 #[cfg(any(test, feature = "testkit"))]
 pub mod testkit;
 pub mod transform;
-pub mod verify;
+mod verify;

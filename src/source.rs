@@ -141,14 +141,6 @@ impl MongoSource {
         Ok(MongoSource { client, db, collections })
     }
 
-    pub fn database(&self) -> &Database {
-        &self.db
-    }
-
-    pub fn client(&self) -> &Client {
-        &self.client
-    }
-
     /// The time of the oldest oplog entry, where ficus may read `local.oplog.rs` (not every
     /// deployment grants that; `None` then, and the server's own check is relied on).
     pub async fn oldest_oplog_time(&self) -> Option<Timestamp> {

@@ -132,7 +132,7 @@ impl GroupConsumer {
     /// seconds. If a rebalance happened meanwhile, messages of partitions this member no longer
     /// owns are dropped unprocessed: their new owner reads them from the committed offset.
     /// Consumer errors librdkafka recovers from are logged and polling goes on (see
-    /// [`Self::survive`]); only fatal ones are returned.
+    /// `survive`); only fatal ones are returned.
     pub async fn next_batch(
         &self,
         max: usize,

@@ -2,8 +2,8 @@
 //! adapters together and maps outcomes to exit codes. The binary's edge, so `anyhow` is used
 //! here and nowhere else.
 //!
-//! - [`run`]: `ficus run`, the daemon's role supervisor;
-//! - [`commands`]: every other command (topics, replay, verify, dlq, status, lens).
+//! - `run`: `ficus run`, the daemon's role supervisor;
+//! - `commands`: every other command (topics, replay, verify, dlq, status, lens).
 //!
 //! Exit codes: 0 success; 1 a runtime failure (or drift found by `topics check`, `verify`,
 //! `lens check`); 2 bad input: invalid configuration or definitions, an unknown service, two

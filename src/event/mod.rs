@@ -2,8 +2,8 @@
 //!
 //! The tailer produces it, Kafka carries it, consumers and the event store read it. On the wire
 //! it is a CloudEvents 1.0 envelope in structured JSON mode, so `kcat` shows something a person
-//! can read; document values inside `data` are canonical Extended JSON ([`ejson`]). Beside events,
-//! topics carry ficus's own [`control`] messages (snapshot markers), and [`Message`] is either.
+//! can read; document values inside `data` are canonical Extended JSON (`ejson`). Beside events,
+//! topics carry ficus's own `control` messages (snapshot markers), and [`Message`] is either.
 //!
 //! Ordering and identity come from the [`Position`]: `id` is a hash of it (the same change always
 //! yields the same id, so duplicates are recognisable) and `sequence` is its [`Version`], whose

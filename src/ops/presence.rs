@@ -203,10 +203,6 @@ impl Slot {
             tracing::debug!(group = %self.group, "releasing the group slot: {e}");
         }
     }
-
-    pub fn group(&self) -> &str {
-        &self.group
-    }
 }
 
 /// The live members of a group as the registry has them: (instance id, state).

@@ -13,7 +13,6 @@
 //! order), and `data` in native BSON.
 
 use bson::{Bson, DateTime, Document, doc};
-use futures::TryStreamExt;
 use mongodb::options::{Acknowledgment, IndexOptions, InsertManyOptions, WriteConcern};
 use mongodb::{Collection, Database, IndexModel};
 
@@ -182,18 +181,6 @@ impl EventStore {
             filter.insert("time", doc! { "$gte": t });
         }
         Ok(self.events.find(filter).sort(doc! { "sequence": 1, "_id": 1 }).batch_size(1000).await?)
-    }
-
-    /// One aggregate's history.
-    pub async fn history(&self, topic: &str, key: &str) -> Result<Vec<Archived>, StoreError> {
-        let docs: Vec<Document> = self
-            .events
-            .find(doc! { "topic": topic, "key": key })
-            .sort(doc! { "sequence": 1 })
-            .await?
-            .try_collect()
-            .await?;
-        docs.into_iter().map(Self::from_doc).collect()
     }
 
     pub async fn count(&self, filter: Document) -> Result<u64, StoreError> {

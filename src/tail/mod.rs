@@ -1,8 +1,8 @@
 //! The tail role: a source's changes → canonical events → Kafka, with checkpoint-after-ack.
 //!
 //! On first start (no checkpoint) it captures the source's cluster time, copies every defined
-//! collection as snapshot events ([`snapshot`]), then streams changes from that captured point
-//! ([`stream`]), so nothing changed during the copy is missed. The copy is resumable: progress
+//! collection as snapshot events (`snapshot`), then streams changes from that captured point
+//! (`stream`), so nothing changed during the copy is missed. The copy is resumable: progress
 //! (the last `_id` whose events Kafka acknowledged) is checkpointed batch by batch. A checkpoint
 //! only ever names a point whose every earlier event Kafka has acknowledged ([`ack`]).
 //!
