@@ -353,3 +353,45 @@ async fn read_dlq(brokers: &str, topic: &str, n: usize) -> Vec<serde_json::Value
     }
     out
 }
+
+/// The TTL of the tombstones index of one service database, in days.
+async fn tombstone_ttl_days(client: &mongodb::Client, db: &str) -> Option<i64> {
+    use futures::TryStreamExt;
+    let indexes: Vec<mongodb::IndexModel> =
+        client.database(db).collection::<Document>("_ficus_tombstones").list_indexes().await.ok()?.try_collect().await.ok()?;
+    let ttl = indexes.iter().find_map(|i| i.options.as_ref()?.expire_after)?;
+    Some(ttl.as_secs() as i64 / 86_400)
+}
+
+/// Every command that writes a service database opens its tombstones with a TTL; one run with
+/// a longer TTL than the next command's must not stop that command (MongoDB refuses to create
+/// the same index with other options), and no command shortens what another lengthened.
+#[tokio::test(flavor = "multi_thread")]
+async fn commands_with_different_tombstone_ttls_share_one_database() {
+    let world = World::start();
+    world.apply_topics();
+    let client = world.mongo.client().await;
+    let mut f = world.spawn_ficus(
+        &["run", "--roles", "consume", "--service", "products_db", "--tombstone-ttl-days", "30"],
+        &[],
+    );
+    eventually("the sink opened", Duration::from_secs(60), || async {
+        tombstone_ttl_days(&client, "products_db").await == Some(30)
+    })
+    .await;
+    assert!(f.terminate().success(), "{}", f.logs());
+
+    // The default TTL (14 days) after a run with 30.
+    let out = world.ficus(&["dlq", "replay", "--service", "products_db"], &[]);
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "dlq replay after a run with a longer TTL:\n{text}");
+    assert_eq!(tombstone_ttl_days(&client, "products_db").await, Some(30), "kept the longer TTL");
+    let out = world.ficus(&["replay", "--service", "products_db"], &[]);
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "replay after a run with a longer TTL:\n{text}");
+    assert_eq!(tombstone_ttl_days(&client, "products_db").await, Some(30), "the shadow swapped in kept it too");
+    // A longer one lengthens it.
+    let out = world.ficus(&["dlq", "replay", "--service", "products_db", "--tombstone-ttl-days", "45"], &[]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(tombstone_ttl_days(&client, "products_db").await, Some(45));
+}
