@@ -91,7 +91,10 @@ pub async fn replay(
     if !opts.in_place {
         target.database(&build_name).drop().await?;
     }
-    let sink = MongoSink::open(target.clone(), &build_name, &transforms.collections(), opts.tombstone_ttl).await?;
+    // The shadow keeps tombstones at least as long as the live database does, since it replaces it.
+    let live_ttl = MongoSink::tombstone_ttl(&target.database(&live_name)).await?.unwrap_or_default();
+    let ttl = opts.tombstone_ttl.max(live_ttl);
+    let sink = MongoSink::open(target.clone(), &build_name, &transforms.collections(), ttl).await?;
     let mut report = ReplayReport { database: live_name.clone(), ..Default::default() };
     let topics: Vec<String> = transforms.topics().into_iter().collect();
 
@@ -137,8 +140,7 @@ pub async fn replay(
     //    may have written to the old collections meanwhile.
     if !opts.in_place {
         swap(target, &build_name, &live_name, &transforms.collections()).await?;
-        let live_sink =
-            MongoSink::open(target.clone(), &live_name, &transforms.collections(), opts.tombstone_ttl).await?;
+        let live_sink = MongoSink::open(target.clone(), &live_name, &transforms.collections(), ttl).await?;
         let applier = Applier { transforms, sink: &live_sink, rejects: Rejects::Count, path: Path::Replay };
         let live = catch_up(&applier, kafka, &topics, &archived_to, opts.batch, shutdown).await?;
         report.from_live += live.applied;

@@ -357,8 +357,15 @@ async fn read_dlq(brokers: &str, topic: &str, n: usize) -> Vec<serde_json::Value
 /// The TTL of the tombstones index of one service database, in days.
 async fn tombstone_ttl_days(client: &mongodb::Client, db: &str) -> Option<i64> {
     use futures::TryStreamExt;
-    let indexes: Vec<mongodb::IndexModel> =
-        client.database(db).collection::<Document>("_ficus_tombstones").list_indexes().await.ok()?.try_collect().await.ok()?;
+    let indexes: Vec<mongodb::IndexModel> = client
+        .database(db)
+        .collection::<Document>("_ficus_tombstones")
+        .list_indexes()
+        .await
+        .ok()?
+        .try_collect()
+        .await
+        .ok()?;
     let ttl = indexes.iter().find_map(|i| i.options.as_ref()?.expire_after)?;
     Some(ttl.as_secs() as i64 / 86_400)
 }
@@ -371,10 +378,8 @@ async fn commands_with_different_tombstone_ttls_share_one_database() {
     let world = World::start();
     world.apply_topics();
     let client = world.mongo.client().await;
-    let mut f = world.spawn_ficus(
-        &["run", "--roles", "consume", "--service", "products_db", "--tombstone-ttl-days", "30"],
-        &[],
-    );
+    let mut f = world
+        .spawn_ficus(&["run", "--roles", "consume", "--service", "products_db", "--tombstone-ttl-days", "30"], &[]);
     eventually("the sink opened", Duration::from_secs(60), || async {
         tombstone_ttl_days(&client, "products_db").await == Some(30)
     })

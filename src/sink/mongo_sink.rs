@@ -25,6 +25,7 @@ pub struct MongoSink {
 }
 
 const DUPLICATE_KEY: i32 = 11000;
+const NAMESPACE_NOT_FOUND: i32 = 26;
 /// Statements per `update` command are cut well below MongoDB's 16 MB message limit.
 const MAX_COMMAND_BYTES: usize = 8 * 1024 * 1024;
 
@@ -40,11 +41,7 @@ impl MongoSink {
         let db = client
             .database_with_options(database, mongodb::options::DatabaseOptions::builder().write_concern(wc).build());
         let sink = MongoSink { client, db };
-        let ttl = IndexOptions::builder().expire_after(tombstone_ttl).name("ttl".to_string()).build();
-        sink.db
-            .collection::<Document>(TOMBSTONES)
-            .create_index(IndexModel::builder().keys(doc! { "at": 1 }).options(ttl).build())
-            .await?;
+        sink.keep_tombstones_for(tombstone_ttl).await?;
         for c in collections {
             sink.db
                 .collection::<Document>(c)
@@ -56,6 +53,63 @@ impl MongoSink {
 
     pub fn database(&self) -> &Database {
         &self.db
+    }
+
+    /// How long this database keeps tombstones (its TTL index), if it has them yet.
+    pub async fn tombstone_ttl(db: &Database) -> Result<Option<Duration>, SinkError> {
+        let mut indexes = match db.collection::<Document>(TOMBSTONES).list_indexes().await {
+            Ok(c) => c,
+            // No collection, no index.
+            Err(e) if mongo::error_code(&e) == Some(NAMESPACE_NOT_FOUND) => return Ok(None),
+            Err(e) => return Err(e.into()),
+        };
+        while let Some(i) = indexes.try_next().await? {
+            if let Some(ttl) = i.options.and_then(|o| o.expire_after) {
+                return Ok(Some(ttl));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Makes tombstones live at least `ttl`. Every command that writes a service database opens
+    /// it with its own settings, and MongoDB refuses to create the same index with another TTL;
+    /// so an existing index is kept when it is longer (a longer TTL is always safe: it refuses
+    /// late writes for longer) and lengthened in place when it is shorter, never shortened.
+    async fn keep_tombstones_for(&self, ttl: Duration) -> Result<(), SinkError> {
+        match Self::tombstone_ttl(&self.db).await? {
+            None => {
+                let options = IndexOptions::builder().expire_after(ttl).name("ttl".to_string()).build();
+                self.db
+                    .collection::<Document>(TOMBSTONES)
+                    .create_index(IndexModel::builder().keys(doc! { "at": 1 }).options(options).build())
+                    .await?;
+            }
+            Some(held) if held >= ttl => {
+                if held > ttl {
+                    tracing::info!(
+                        database = %self.db.name(),
+                        held_days = held.as_secs() / 86_400,
+                        asked_days = ttl.as_secs() / 86_400,
+                        "tombstones are kept longer than asked; keeping the longer TTL"
+                    );
+                }
+            }
+            Some(held) => {
+                tracing::warn!(
+                    database = %self.db.name(),
+                    from_days = held.as_secs() / 86_400,
+                    to_days = ttl.as_secs() / 86_400,
+                    "lengthening the tombstones' TTL"
+                );
+                self.db
+                    .run_command(doc! {
+                        "collMod": TOMBSTONES,
+                        "index": { "name": "ttl", "expireAfterSeconds": ttl.as_secs() as i64 },
+                    })
+                    .await?;
+            }
+        }
+        Ok(())
     }
 
     fn meta(v: &Versioned) -> Document {
