@@ -69,8 +69,11 @@ echo "== what arrived in the service databases"
 "$bin/ficus-demo" targets
 echo "== ficus status"
 "$bin/ficus" status
-echo "== ficus verify --service products_db (the target equals the transforms applied to the monolith)"
-"$bin/ficus" verify --service products_db
+echo "== ficus verify, every service (each target equals the transforms applied to the monolith)"
+for dir in transforms/*/; do
+  service=$(basename "$dir")
+  "$bin/ficus" verify --service "$service" || { echo "verify $service failed"; tail -20 "$work/ficus.log"; exit 1; }
+done
 echo "== stopping ficus (SIGTERM: drain, checkpoint, exit 0)"
 kill -TERM "$ficus_pid"
 wait "$ficus_pid" && echo "ficus exited cleanly" || { echo "ficus exited with $?"; tail -20 "$work/ficus.log"; exit 1; }

@@ -158,11 +158,15 @@ impl ControlMessage {
             Some(Value::String(s)) => Ok(s.clone()),
             _ => Err(bad(field, "missing or not a string")),
         };
+        // A plain number on the wire; Extended JSON (`{"$numberInt": "3"}`) when read back from
+        // the event store, which keeps `data` as BSON.
         let int = |data: &Map<String, Value>, field: &'static str| {
-            data.get(field)
-                .and_then(Value::as_i64)
-                .and_then(|n| i32::try_from(n).ok())
-                .ok_or_else(|| bad(field, "missing or not an integer"))
+            let n = match data.get(field).cloned().map(Bson::try_from) {
+                Some(Ok(Bson::Int32(n))) => Some(i64::from(n)),
+                Some(Ok(Bson::Int64(n))) => Some(n),
+                _ => None,
+            };
+            n.and_then(|n| i32::try_from(n).ok()).ok_or_else(|| bad(field, "missing or not an integer"))
         };
         let control = Control::SnapshotCompleted(SnapshotMarker {
             collection: text(&data, "collection")?,
@@ -288,6 +292,10 @@ mod tests {
         assert!(wire["data"].get("after").is_none() && wire["data"].get("op").is_none(), "not an event's shape");
         let back = Message::decode(&Message::Control(m.clone()).encode()).unwrap();
         assert_eq!(back, Message::Control(m.clone()));
+        // As the event store gives it back: `data` through BSON, integers as Extended JSON.
+        let mut stored = m.to_json();
+        stored["data"] = Bson::try_from(stored["data"].take()).unwrap().into_canonical_extjson();
+        assert_eq!(Message::from_json(stored).unwrap(), Message::Control(m.clone()));
         let Control::SnapshotCompleted(details) = &m.control;
         assert_eq!(details.start, Version::at(Timestamp { time: 1_800_000_000, increment: 3 }, 0));
         assert!(m.position.version() > details.start, "sorts after the copies");

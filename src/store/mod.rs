@@ -227,4 +227,15 @@ mod tests {
         assert_eq!(back.message, archived.message);
         assert_eq!((back.topic.as_str(), back.partition, back.offset), ("t", 2, 40));
     }
+
+    #[test]
+    fn an_archived_control_message_reads_back_identical() {
+        let start = Timestamp { time: 1_800_000_000, increment: 3 };
+        let mut marker =
+            crate::event::ControlMessage::snapshot_completed("s", "customers", start, ("a.snapshot", "a.deleted"), 4, 6);
+        marker.time = DateTime::from_millis(1_800_000_000_123);
+        let archived = Archived { topic: "t".into(), partition: 4, offset: 9, message: Message::Control(marker) };
+        let back = EventStore::from_doc(EventStore::to_doc(&archived).unwrap()).unwrap();
+        assert_eq!(back.message, archived.message);
+    }
 }
