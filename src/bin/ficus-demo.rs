@@ -109,15 +109,18 @@ async fn churn(uri: &str, db: &str, changes: u64) -> anyhow::Result<()> {
     // A customer replaced as a whole (new purchases, the old ones gone), a purchase pulled, and a
     // customer with purchases deleted: their purchase events follow (customer_events mirrors).
     let mut replaced = w.customer(11);
-    replaced.insert("purchases", vec![doc! { "id": "P-replaced", "product_id": Workload::sku(1), "product_name": "Collagen",
-        "amount": "350.00", "currency": "THB", "date": bson::DateTime::now(), "status": "paid" }]);
-    customers.replace_one(doc! { "user_id": Workload::user_id(11) }, replaced).await?;
-    customers.update_one(doc! { "user_id": Workload::user_id(1) }, doc! { "$pull": { "purchases": { "id": "P-live-1" } } }).await?;
-    customers.delete_one(doc! { "user_id": Workload::user_id(12) }).await?;
-    println!(
-        "made {} changes (pushes, increments, category moves, a replace, a pull, deletes)",
-        changes * 3 + 4
+    replaced.remove("_id");
+    replaced.insert(
+        "purchases",
+        vec![doc! { "id": "P-replaced", "product_id": Workload::sku(1), "product_name": "Collagen",
+        "amount": "350.00", "currency": "THB", "date": bson::DateTime::now(), "status": "paid" }],
     );
+    customers.replace_one(doc! { "user_id": Workload::user_id(11) }, replaced).await?;
+    customers
+        .update_one(doc! { "user_id": Workload::user_id(1) }, doc! { "$pull": { "purchases": { "id": "P-live-1" } } })
+        .await?;
+    customers.delete_one(doc! { "user_id": Workload::user_id(12) }).await?;
+    println!("made {} changes (pushes, increments, category moves, a replace, a pull, deletes)", changes * 3 + 4);
     Ok(())
 }
 

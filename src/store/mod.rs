@@ -231,8 +231,14 @@ mod tests {
     #[test]
     fn an_archived_control_message_reads_back_identical() {
         let start = Timestamp { time: 1_800_000_000, increment: 3 };
-        let mut marker =
-            crate::event::ControlMessage::snapshot_completed("s", "customers", start, ("a.snapshot", "a.deleted"), 4, 6);
+        let mut marker = crate::event::ControlMessage::snapshot_completed(
+            "s",
+            "customers",
+            start,
+            ("a.snapshot", "a.deleted"),
+            4,
+            6,
+        );
         marker.time = DateTime::from_millis(1_800_000_000_123);
         let archived = Archived { topic: "t".into(), partition: 4, offset: 9, message: Message::Control(marker) };
         let back = EventStore::from_doc(EventStore::to_doc(&archived).unwrap()).unwrap();
