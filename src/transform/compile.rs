@@ -36,6 +36,9 @@ pub(super) struct Transform {
     /// The target collection.
     pub collection: String,
     pub when: Option<Expr>,
+    /// The monolith path of the routing key: which aggregate a document belongs to for
+    /// ownership (`route = "user_id"`); the topic's aggregate key unless the file names another.
+    pub route: String,
     pub target: Target,
     /// The topic's definition without its derived events: the reverse runs the forward on
     /// patched documents through `mapping::map_change` with it, as live traffic does.
@@ -95,7 +98,8 @@ pub(super) enum Shape {
     },
 }
 
-const TOP_KEYS: [&str; 9] = ["topic", "events", "collection", "key", "when", "maps", "fields", "rollup", "reverse"];
+const TOP_KEYS: [&str; 10] =
+    ["topic", "events", "collection", "key", "route", "when", "maps", "fields", "rollup", "reverse"];
 const REVERSE_KEYS: [&str; 4] = ["read_only", "set", "from", "align"];
 
 /// What the top of a file says: the topic, its event types, the target collection.
@@ -136,6 +140,7 @@ pub(super) fn compile_file(file: &Path, topics: &Topics, report: &mut Report) ->
 /// Checks the transforms of one service together: a collection written by several transforms
 /// must be keyed the same way by all of them, and a rollup collection belongs to one transform.
 pub(super) fn check_service(transforms: &[Transform], report: &mut Report) {
+    check_routes(transforms, report);
     let mut seen: BTreeMap<&str, (&Transform, String)> = BTreeMap::new();
     for t in transforms {
         let identity = match &t.target {
@@ -160,6 +165,31 @@ pub(super) fn check_service(transforms: &[Transform], report: &mut Report) {
                         ),
                     ));
                 }
+            }
+        }
+    }
+}
+
+/// Every transform of a service that reads one monolith collection routes it by the same key.
+fn check_routes(transforms: &[Transform], report: &mut Report) {
+    let mut routes: BTreeMap<&str, &Transform> = BTreeMap::new();
+    for t in transforms {
+        match routes.get(t.source_collection.as_str()) {
+            Some(first) if first.route != t.route => report.push(DefinitionError::new(
+                &t.file,
+                "route",
+                format!(
+                    "`{}` routes {} by `{}`, but {} routes it by `{}`: one service, one routing key per collection",
+                    t.name,
+                    t.source_collection,
+                    t.route,
+                    first.file.display(),
+                    first.route
+                ),
+            )),
+            Some(_) => {}
+            None => {
+                routes.insert(&t.source_collection, t);
             }
         }
     }
@@ -282,6 +312,15 @@ impl Compiler<'_> {
             let src = self.text("when", &n)?;
             self.expr("when", &n, &src, &cx)
         });
+        let route = slots.remove("route").and_then(|n| {
+            let path = self.text("route", &n)?;
+            let valid = !path.is_empty() && path.split('.').all(|p| !p.is_empty() && !p.starts_with('$'));
+            if !valid {
+                self.err("route", Some(n.line), format!("`{path}` is not a monolith field path"));
+                return None;
+            }
+            Some(path)
+        });
         let target = self.target(&mut slots, &header.input, &maps);
         let entries = slots.remove("reverse").map(|n| self.reverse_entries(&n, &maps)).unwrap_or_default();
         let def = header.def?;
@@ -303,6 +342,7 @@ impl Compiler<'_> {
             input: header.input,
             collection: header.collection?,
             when,
+            route: route.unwrap_or_else(|| def.key.clone()),
             target,
             def: forward_def,
             reverse,

@@ -173,6 +173,34 @@ impl ServiceTransforms {
         self.transforms.iter().map(|t| t.topic.clone()).collect()
     }
 
+    /// The monolith path that routes a monolith collection's documents to an owner (its
+    /// aggregate key unless the transforms name another); `None` when no transform reads it.
+    pub fn route(&self, source_collection: &str) -> Option<&str> {
+        self.transforms.iter().find(|t| t.source_collection == source_collection).map(|t| t.route.as_str())
+    }
+
+    /// Why the service cannot take over writes (`ficus cutover` refuses): a collection written
+    /// back whose routing key is not in its service documents. Empty when it can.
+    pub fn cutover_problems(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        for t in &self.transforms {
+            if let invert::Reversal::Document(plan) = &t.reverse
+                && reverse::route_field(t, plan).is_none()
+            {
+                out.push(format!(
+                    "{}: route: the routing key `{}` must be written back from a field of the service document \
+                     (map it to a target field, or route by another key)",
+                    t.file.display(),
+                    t.route
+                ));
+            }
+        }
+        if !self.transforms.iter().any(|t| matches!(t.reverse, invert::Reversal::Document(_))) {
+            out.push(format!("{}: no collection of this service is ever written back to the monolith", self.service));
+        }
+        out
+    }
+
     /// The target collections it writes.
     pub fn collections(&self) -> BTreeSet<String> {
         self.transforms.iter().map(|t| t.collection.clone()).collect()

@@ -287,6 +287,22 @@ impl<'a> Reverse<'a> {
         &self.t.file
     }
 
+    /// The routing key of a service document, as the monolith holds it (`user_id` of a
+    /// customer, from its `lineUserId`): which aggregate it belongs to for ownership. `None`
+    /// when the document lacks it.
+    pub fn route_value(&self, service: &Document) -> Option<Bson> {
+        match route_field(self.t, self.plan)? {
+            (target, None) => service.get(&target).cloned(),
+            (target, Some(lens)) => lens.put(get_path(service, &target)?, None).ok(),
+        }
+    }
+
+    /// The target document the forward transform makes of a monolith document; `None` when it
+    /// does not pass `when`.
+    pub fn image(&self, monolith: &Document) -> Result<Option<Document>, TransformError> {
+        self.forward(monolith.clone())
+    }
+
     /// The filter that finds the monolith document a service document belongs to: the source
     /// `_id` ficus recorded in the document's `_ficus.src` when it names this monolith collection
     /// (it survives a change of natural key); else its `_id` for `key = "_id"` targets; for a
@@ -725,6 +741,18 @@ impl Cx<'_> {
         }
         Ok(Bson::Array(out))
     }
+}
+
+/// Where a transform's routing key is in a service document: the target field, and the lens
+/// that turns its value back into the monolith's (`None`: the value as it is, the `_id` kept).
+pub(super) fn route_field<'p>(t: &Transform, plan: &'p DocumentPlan) -> Option<(String, Option<&'p Lens>)> {
+    if t.route == "_id" && matches!(t.target, Target::Document { key: Key::SourceId, .. }) {
+        return Some(("_id".to_string(), None));
+    }
+    plan.scope.fields.iter().find_map(|f| match &f.how {
+        How::Lens(lens) if lens.path == t.route => Some((f.target.clone(), Some(lens))),
+        _ => None,
+    })
 }
 
 impl Lens {
