@@ -680,6 +680,8 @@ fn target_docs(topics: &Topics, svc: &ServiceTransforms, docs: Vec<Document>) ->
             index: 1,
             wall_time: None,
             resume_token: Some("bench".into()),
+            txn: None,
+            origin: None,
         };
         for ev in map_change(def, SOURCE_NAME, rec).events {
             for op in svc.apply(&ev).expect("transform") {

@@ -65,6 +65,8 @@ fn record(
         index: 1,
         wall_time: Some(DateTime::from_millis(1_767_225_600_123)),
         resume_token: Some(TOKEN.into()),
+        txn: None,
+        origin: None,
     }
 }
 

@@ -21,8 +21,13 @@ use std::future::Future;
 use std::time::Duration;
 
 use crate::event::Op;
-use crate::event::mapping::ChangeRecord;
+use crate::event::mapping::{ChangeRecord, TxnId};
 use crate::mongo::{self, ErrorClass};
+
+/// The collection, in every database ficus writes (the service databases, and the monolith
+/// once services write back), where each applied batch leaves its marker, inside the batch's
+/// transaction: a change committed in a transaction that wrote a marker is ficus's own write.
+pub const MARKERS: &str = "_ficus_applied";
 
 /// Errors from the source.
 #[derive(Debug, thiserror::Error)]
@@ -199,8 +204,11 @@ impl Source for MongoSource {
 
     /// Opens the change stream.
     async fn watch(&self, start: &StartAt, batch_size: u32, max_await: Duration) -> Result<MongoFeed, SourceError> {
+        // ficus's apply markers too: they tell the tailer which transactions were ficus's own.
+        let mut collections = self.collections.clone();
+        collections.push(MARKERS.to_string());
         let pipeline = [doc! { "$match": {
-            "ns.coll": { "$in": &self.collections },
+            "ns.coll": { "$in": &collections },
             "operationType": { "$in": ["insert", "update", "replace", "delete", "drop", "rename", "dropDatabase", "invalidate"] },
         }}];
         let mut w = self
@@ -265,6 +273,18 @@ impl Source for MongoSource {
             .map(|r| mongo::to_document(r).map_err(|e| SourceError::Malformed(format!("a document of {coll}: {e}"))))
             .collect()
     }
+}
+
+/// The transaction a change event belongs to: its `lsid` and `txnNumber`, which MongoDB puts on
+/// the events of multi-document transactions only.
+fn txn_of(ev: &Document) -> Option<TxnId> {
+    let lsid = ev.get_document("lsid").ok()?;
+    let number = match ev.get("txnNumber")? {
+        Bson::Int64(n) => *n,
+        Bson::Int32(n) => i64::from(*n),
+        _ => return None,
+    };
+    Some(TxnId { lsid: Bson::Document(lsid.clone()).into_canonical_extjson().to_string(), number })
 }
 
 /// The `_data` string of a resume token document (or its Extended JSON when it has none).
@@ -334,6 +354,8 @@ pub fn to_record(raw: &bson::RawDocument) -> Result<(ChangeRecord, Document), So
         index: 0,
         wall_time: ev.get_datetime("wallTime").ok().copied(),
         resume_token: Some(token_data(&token)),
+        txn: txn_of(&ev),
+        origin: None,
     };
     Ok((record, token))
 }

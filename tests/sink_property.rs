@@ -93,6 +93,8 @@ fn history(steps: &[Step]) -> Vec<ChangeRecord> {
             index: 1,
             wall_time: None,
             resume_token: Some(format!("T{i}")),
+            txn: None,
+            origin: None,
         });
     }
     out

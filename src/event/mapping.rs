@@ -7,7 +7,7 @@
 
 use bson::{Bson, DateTime, Document, Timestamp};
 
-use super::{CanonicalEvent, Derived, EventData, Op, Position, SCHEMA_VERSION, event_id, render_key};
+use super::{CanonicalEvent, Derived, EventData, Op, Origin, Position, SCHEMA_VERSION, event_id, render_key};
 use crate::config::topics::{DerivedRule, TopicDef};
 
 /// One change in the source, owned and driver-independent.
@@ -25,6 +25,40 @@ pub struct ChangeRecord {
     pub index: u32,
     pub wall_time: Option<DateTime>,
     pub resume_token: Option<String>,
+    /// The multi-document transaction the change was part of, if any.
+    pub txn: Option<TxnId>,
+    /// Set when ficus's own write caused the change (see [`super::Origin`]).
+    pub origin: Option<Origin>,
+}
+
+/// A multi-document transaction: its session and number (`lsid`, `txnNumber`). Every change of
+/// one transaction carries the same; cluster times may differ (secantusd-rs gives each its own).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct TxnId {
+    /// The session id, as canonical Extended JSON.
+    pub lsid: String,
+    pub number: i64,
+}
+
+impl ChangeRecord {
+    /// A document as a snapshot copies it: an `Op::Snapshot` change at `cluster_time`, index 0.
+    pub fn snapshot(collection: &str, doc: Document, cluster_time: Timestamp) -> ChangeRecord {
+        ChangeRecord {
+            op: Op::Snapshot,
+            collection: collection.to_string(),
+            document_id: doc.get("_id").cloned().unwrap_or(Bson::Null),
+            after: Some(doc),
+            before: None,
+            changed: None,
+            removed: Vec::new(),
+            cluster_time,
+            index: 0,
+            wall_time: None,
+            resume_token: None,
+            txn: None,
+            origin: None,
+        }
+    }
 }
 
 /// What mapping one change produced.
@@ -87,6 +121,7 @@ pub fn map_change(def: &TopicDef, source_name: &str, rec: ChangeRecord) -> Mappe
             removed: rec.removed,
             derived: None,
         },
+        origin: rec.origin,
     };
     // A derived event carries its element, not the document again: `data.key` names the
     // aggregate, and consumers that want the document read the change event beside it. (With
@@ -221,6 +256,8 @@ mod tests {
             index: 1,
             wall_time: None,
             resume_token: Some("T1".into()),
+            txn: None,
+            origin: None,
         }
     }
 

@@ -123,6 +123,35 @@ pub struct EventData {
     pub derived: Option<Derived>,
 }
 
+/// Which of ficus's own writes caused a change: the service and the collection whose write-back
+/// it is (reverse sync into the monolith), or, on a service database, ficus's forward writes
+/// (`collection: None`). Carried by the event as the `ficusorigin` extension attribute
+/// (`customers_db/customers`); only the target that caused it skips it, every other reads it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Origin {
+    pub service: String,
+    pub collection: Option<String>,
+}
+
+impl Origin {
+    /// The attribute's text: `service/collection`, or `service` for forward writes.
+    pub fn render(&self) -> String {
+        match &self.collection {
+            Some(c) => format!("{}/{c}", self.service),
+            None => self.service.clone(),
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Origin> {
+        let (service, collection) = match s.split_once('/') {
+            Some((s, c)) => (s, Some(c.to_string())),
+            None => (s, None),
+        };
+        (!service.is_empty() && collection.as_deref() != Some(""))
+            .then(|| Origin { service: service.to_string(), collection })
+    }
+}
+
 /// One canonical domain event.
 #[derive(Debug, Clone, PartialEq)]
 pub struct CanonicalEvent {
@@ -139,6 +168,8 @@ pub struct CanonicalEvent {
     pub position: Position,
     pub schema_version: u32,
     pub data: EventData,
+    /// Set when ficus's own write-back caused the change (an echo; see [`Origin`]).
+    pub origin: Option<Origin>,
 }
 
 /// Deterministic event id: BLAKE3 over the source name, the position and (for snapshot and
@@ -201,6 +232,7 @@ impl CanonicalEvent {
             time: self.time,
             position: self.position.clone(),
             schema_version: self.schema_version,
+            origin: self.origin.clone(),
             data: EventData {
                 op: self.data.op,
                 collection: self.data.collection.clone(),
@@ -263,6 +295,9 @@ impl CanonicalEvent {
             env.insert("resumetoken".into(), Value::String(tok.clone()));
         }
         env.insert("schemaversion".into(), Value::from(self.schema_version));
+        if let Some(o) = &self.origin {
+            env.insert("ficusorigin".into(), Value::String(o.render()));
+        }
         env.insert("data".into(), Value::Object(data));
         Value::Object(env)
     }
@@ -315,6 +350,13 @@ impl CanonicalEvent {
                 .ok_or_else(|| bad("schemaversion", "expected a small unsigned integer"))?,
             Some(Value::String(s)) => s.parse().map_err(|_| bad("schemaversion", "expected an integer"))?,
             _ => return Err(bad("schemaversion", "missing")),
+        };
+        let origin = match env.remove("ficusorigin") {
+            None | Some(Value::Null) => None,
+            Some(Value::String(s)) => {
+                Some(Origin::parse(&s).ok_or_else(|| bad("ficusorigin", "expected service/collection"))?)
+            }
+            Some(_) => return Err(bad("ficusorigin", "expected a string")),
         };
         let Some(Value::Object(mut data)) = env.remove("data") else {
             return Err(bad("data", "missing or not an object"));
@@ -388,6 +430,7 @@ impl CanonicalEvent {
             position: Position { cluster_time, index, resume_token },
             schema_version,
             data: EventData { op, collection, key, document_id, after, before, changed, removed, derived },
+            origin,
         })
     }
 
@@ -447,7 +490,19 @@ mod tests {
                     element: Bson::Document(doc! { "id": "P1" }),
                 }),
             },
+            origin: None,
         }
+    }
+
+    #[test]
+    fn an_echo_says_whose_write_caused_it() {
+        let mut ev = sample();
+        ev.origin = Some(Origin { service: "customers_db".into(), collection: Some("customers".into()) });
+        assert_eq!(ev.to_json()["ficusorigin"], "customers_db/customers");
+        assert_eq!(CanonicalEvent::decode(&ev.encode()).unwrap(), ev);
+        assert!(sample().to_json().get("ficusorigin").is_none(), "no attribute on events nobody caused");
+        assert_eq!(Origin::parse("customers_db"), Some(Origin { service: "customers_db".into(), collection: None }));
+        assert_eq!(Origin::parse("/x"), None);
     }
 
     #[test]

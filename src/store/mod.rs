@@ -206,6 +206,7 @@ mod tests {
             time: DateTime::from_millis(7000),
             position: pos,
             schema_version: 1,
+            origin: None,
             data: EventData {
                 op: Op::Update,
                 collection: "customers".into(),

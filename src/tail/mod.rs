@@ -12,6 +12,7 @@
 
 pub mod ack;
 pub mod checkpoint;
+pub mod echo;
 pub mod lease;
 pub mod role;
 mod snapshot;
@@ -73,7 +74,37 @@ pub struct Tailer<S, P, C> {
     /// The lease epoch this tailer holds (fences its checkpoints); `None` without a lease.
     pub epoch: Option<i64>,
     pub health: Health,
+    pub role: RoleId,
+    /// Where a source without a checkpoint starts.
+    pub start: TailStart,
+    /// What becomes of ficus's own writes coming back ([`echo`]).
+    pub echoes: Echoes,
+    /// Which changes are published at all (`None`: every one).
+    pub admit: Option<Admit>,
 }
+
+/// Where a tailer without a checkpoint starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TailStart {
+    /// Copy every collection, then stream from the point captured before the copy (the monolith).
+    Snapshot,
+    /// Stream from now on, copying nothing (a service database, already in step).
+    Now,
+}
+
+/// What a tailer does with a change ficus's own write caused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Echoes {
+    /// Publish it with its origin: other targets read it, only the one that caused it skips it
+    /// (the monolith's tailer: a service's write-back is input for other services).
+    Publish,
+    /// Drop it (a service database's tailer: its only reader is the monolith, which sent it).
+    Drop,
+}
+
+/// Decides, per change, whether a tailer publishes it (the reverse tailer publishes only
+/// changes of documents the service owned when they were made).
+pub type Admit = Arc<dyn Fn(&ChangeRecord) -> bool + Send + Sync>;
 
 impl<S: Source, P: Publisher + 'static, C: CheckpointStore> Tailer<S, P, C> {
     /// Runs until `shutdown` is cancelled (then drains, checkpoints and returns `Ok`) or a fatal
@@ -88,7 +119,7 @@ impl<S: Source, P: Publisher + 'static, C: CheckpointStore> Tailer<S, P, C> {
                 async move {
                     let r = self.attempt(shutdown, fresh).await;
                     if r.is_err() {
-                        self.health.disconnected(&RoleId::Tail);
+                        self.health.disconnected(&self.role);
                     }
                     r
                 }
@@ -109,7 +140,7 @@ impl<S: Source, P: Publisher + 'static, C: CheckpointStore> Tailer<S, P, C> {
             }
             let mut state = match self.checkpoints.load(&self.source_name).await? {
                 Some(s) => s,
-                None => self.begin_snapshot().await?,
+                None => self.begin().await?,
             };
             if let TailPhase::Snapshot(progress) = state.phase.clone()
                 && !self.copy(&mut state, progress, shutdown).await?
@@ -129,18 +160,27 @@ impl<S: Source, P: Publisher + 'static, C: CheckpointStore> Tailer<S, P, C> {
         }
     }
 
-    async fn begin_snapshot(&self) -> Result<TailState, TailError> {
+    async fn begin(&self) -> Result<TailState, TailError> {
         let start_time = self.source.cluster_time().await?;
-        info!(source = %self.source_name, start = ?start_time, "no checkpoint: starting the initial snapshot");
+        let phase = match self.start {
+            TailStart::Snapshot => {
+                info!(source = %self.source_name, start = ?start_time, "no checkpoint: starting the initial snapshot");
+                TailPhase::Snapshot(SnapshotProgress {
+                    start_time,
+                    done: Vec::new(),
+                    current: None,
+                    last_id: None,
+                    copied: 0,
+                })
+            }
+            TailStart::Now => {
+                info!(source = %self.source_name, start = ?start_time, "no checkpoint: streaming from now on");
+                TailPhase::Stream(checkpoint::StreamPosition { resume_token: None, cluster_time: start_time, index: 0 })
+            }
+        };
         let state = TailState {
             source: self.source_name.clone(),
-            phase: TailPhase::Snapshot(SnapshotProgress {
-                start_time,
-                done: Vec::new(),
-                current: None,
-                last_id: None,
-                copied: 0,
-            }),
+            phase,
             updated_at: DateTime::now(),
             last_event_time: None,
             token_time: None,
@@ -220,6 +260,8 @@ mod tests {
             index: 0,
             wall_time: None,
             resume_token: None,
+            txn: None,
+            origin: None,
         }
     }
 
@@ -250,6 +292,10 @@ mod tests {
             snapshot: SnapshotConfig { batch_size: 1, max_docs_per_sec: 0 },
             epoch: None,
             health: Health::new(Duration::from_secs(60)),
+            role: RoleId::Tail,
+            start: TailStart::Snapshot,
+            echoes: Echoes::Publish,
+            admit: None,
         };
         let stop = CancellationToken::new();
         let tailer = Arc::new(tailer);

@@ -10,11 +10,11 @@ use tracing::{error, warn};
 
 use super::checkpoint::{CheckpointError, MongoCheckpoints};
 use super::lease::Lease;
-use super::{TailError, Tailer};
+use super::{Echoes, TailError, TailStart, Tailer};
 use crate::bus::{KafkaPublisher, Publisher};
 use crate::config::Config;
 use crate::config::topics::Topics;
-use crate::ops::Health;
+use crate::ops::{Health, RoleId};
 use crate::source::MongoSource;
 
 /// The tail role: waits for the source's lease, tails while holding it, and stands by again if
@@ -55,6 +55,10 @@ impl TailRole {
                 snapshot: cfg.snapshot.clone(),
                 epoch: Some(epoch),
                 health: self.health.clone(),
+                role: RoleId::Tail,
+                start: TailStart::Snapshot,
+                echoes: Echoes::Publish,
+                admit: None,
             };
             let result = tailer.run(active.clone(), std::mem::take(&mut self.resnapshot)).await;
             renewal.abort();

@@ -17,7 +17,6 @@ use super::{TailError, Tailer};
 use crate::bus::Publisher;
 use crate::event::mapping::ChangeRecord;
 use crate::event::{ControlMessage, Op};
-use crate::ops::RoleId;
 use crate::source::Source;
 
 impl<S: Source, P: Publisher + 'static, C: CheckpointStore> Tailer<S, P, C> {
@@ -69,23 +68,11 @@ impl<S: Source, P: Publisher + 'static, C: CheckpointStore> Tailer<S, P, C> {
                 let n = docs.len() as u64;
                 let mut acks = Vec::with_capacity(docs.len());
                 for doc in docs {
-                    let record = ChangeRecord {
-                        op: Op::Snapshot,
-                        collection: coll.to_string(),
-                        document_id: doc.get("_id").cloned().unwrap_or(Bson::Null),
-                        after: Some(doc),
-                        before: None,
-                        changed: None,
-                        removed: Vec::new(),
-                        cluster_time: progress.start_time,
-                        index: 0,
-                        wall_time: None,
-                        resume_token: None,
-                    };
+                    let record = ChangeRecord::snapshot(coll, doc, progress.start_time);
                     acks.extend(self.publish(def.topic.as_str(), record).await?);
                 }
                 try_join_all(acks).await?;
-                self.health.beat(&RoleId::Tail);
+                self.health.beat(&self.role);
                 progress.current = Some(coll.to_string());
                 progress.last_id = Some(next_id.clone());
                 progress.copied += n;

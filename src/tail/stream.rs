@@ -20,7 +20,8 @@ use tracing::{error, info};
 
 use super::ack::{AckWindow, Ticket};
 use super::checkpoint::{CheckpointStore, StreamPosition, TailPhase, TailState};
-use super::{TailError, Tailer};
+use super::echo::{EchoTagger, Seen};
+use super::{Echoes, TailError, Tailer};
 use crate::bus::{BusError, Publisher};
 use crate::event::mapping::ChangeRecord;
 use crate::ops::{Health, RoleId};
@@ -72,12 +73,13 @@ impl<S: Source, P: Publisher + 'static, C: CheckpointStore> Tailer<S, P, C> {
             reader_stop.clone(),
             pos.cluster_time,
             pos.index,
-            self.health.clone(),
+            (self.health.clone(), self.role.clone()),
         ));
 
         let topics_by_coll: HashMap<&str, &str> =
             self.topics.defs.iter().map(|d| (d.collection.as_str(), d.topic.as_str())).collect();
         let mut window: AckWindow<Covered> = AckWindow::default();
+        let mut echoes = EchoTagger::default();
         let mut acks: FuturesUnordered<BoxFuture<'static, (Ticket, Result<(), BusError>)>> = FuturesUnordered::new();
         let mut sent = (pos.cluster_time, pos.index);
         let mut covered: Option<Covered> = None;
@@ -110,6 +112,22 @@ impl<S: Source, P: Publisher + 'static, C: CheckpointStore> Tailer<S, P, C> {
                             let token_time = record.wall_time.unwrap_or_else(|| DateTime::from_millis(i64::from(record.cluster_time.time) * 1000));
                             let c = Covered { token, cluster_time: record.cluster_time, index: record.index, event_time: record.wall_time, token_time };
                             sent = (record.cluster_time, record.index);
+                            let record = match echoes.observe(*record) {
+                                Seen::Marker => {
+                                    window.push(c, 0);
+                                    continue;
+                                }
+                                Seen::Change(r) => r,
+                            };
+                            if record.origin.is_some() && self.echoes == Echoes::Drop {
+                                metrics::counter!("ficus_echoes_skipped_total", "service" => self.source_name.clone(), "side" => "tail").increment(1);
+                                window.push(c, 0);
+                                continue;
+                            }
+                            if self.admit.as_ref().is_some_and(|admit| !admit(&record)) {
+                                window.push(c, 0);
+                                continue;
+                            }
                             metrics::counter!("ficus_tail_changes_read_total", "collection" => record.collection.clone()).increment(1);
                             let Some(topic) = topics_by_coll.get(record.collection.as_str()).copied() else {
                                 window.push(c, 0);
@@ -209,12 +227,12 @@ async fn read_changes(
     stop: CancellationToken,
     mut last_time: Timestamp,
     mut last_index: u32,
-    health: Health,
+    (health, role): (Health, RoleId),
 ) -> Result<(), SourceError> {
     while !stop.is_cancelled() {
         let next = feed.next_change().await;
         if next.is_ok() {
-            health.beat(&RoleId::Tail);
+            health.beat(&role);
         }
         match next {
             Ok(Some((mut record, token))) => {

@@ -770,6 +770,7 @@ mod tests {
             time: DateTime::from_millis(1_000),
             position: Position { cluster_time: Timestamp { time: 1, increment: 2 }, index: 3, resume_token: None },
             schema_version: 1,
+            origin: None,
             data: EventData {
                 op: Op::Update,
                 collection: "products".into(),

@@ -24,7 +24,7 @@
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
-use bson::{Bson, DateTime, Document, Timestamp, doc};
+use bson::{Bson, DateTime, Document, doc};
 
 use super::builtins::{describe, same, same_opt};
 use super::classify::{CollectionClass, render_service};
@@ -33,8 +33,7 @@ use super::invert::{Align, FieldPlan, Forward, How, ScopePlan};
 use super::reverse::{Patch, Reverse, unset_path};
 use super::{ServiceTransforms, WriteOp};
 use crate::config::topics::Topics;
-use crate::event::Op;
-use crate::event::mapping::{ChangeRecord, get_path, map_change};
+use crate::event::mapping::get_path;
 
 /// Which law a failure broke.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -275,24 +274,7 @@ impl<'a> LensCheck<'a> {
     /// `get`: what live traffic writes for a snapshot copy of `doc`.
     fn get(&self, collection: &str, doc: &Document) -> Result<Vec<WriteOp>, super::TransformError> {
         let Some(def) = self.topics.for_collection(collection) else { return Ok(Vec::new()) };
-        let record = ChangeRecord {
-            op: Op::Snapshot,
-            collection: collection.to_string(),
-            document_id: doc.get("_id").cloned().unwrap_or(Bson::Null),
-            after: Some(doc.clone()),
-            before: None,
-            changed: None,
-            removed: Vec::new(),
-            cluster_time: Timestamp { time: 0, increment: 0 },
-            index: 0,
-            wall_time: None,
-            resume_token: None,
-        };
-        let mut out = Vec::new();
-        for ev in map_change(def, self.source_name, record).events {
-            out.extend(self.service.apply(&ev)?);
-        }
-        Ok(out)
+        self.service.writes_of_copy(def, self.source_name, doc.clone())
     }
 
     fn target_of(writes: &[WriteOp], collection: &str) -> Option<(Bson, Document)> {

@@ -55,6 +55,7 @@ use bson::{Bson, Document, doc};
 
 use crate::config::report::{DefinitionError, Report, toml_files};
 use crate::config::topics::Topics;
+use crate::event::mapping::{ChangeRecord, map_change};
 use crate::event::{CanonicalEvent, Control, Message, Version};
 use compile::Transform;
 
@@ -232,6 +233,22 @@ impl ServiceTransforms {
             invert::Reversal::Document(plan) => Some(Reverse { t, plan }),
             invert::Reversal::Derived(_) => None,
         }
+    }
+
+    /// What live traffic writes for a snapshot copy of `doc` (a document of `def`'s collection
+    /// as it is now): the expectation `verify` and the lens laws hold a target to.
+    pub fn writes_of_copy(
+        &self,
+        def: &crate::config::topics::TopicDef,
+        source_name: &str,
+        doc: Document,
+    ) -> Result<Vec<WriteOp>, TransformError> {
+        let record = ChangeRecord::snapshot(&def.collection, doc, bson::Timestamp { time: 0, increment: 0 });
+        let mut out = Vec::new();
+        for ev in map_change(def, source_name, record).events {
+            out.extend(self.apply(&ev)?);
+        }
+        Ok(out)
     }
 
     /// The writes one event calls for, in file order; `Ok(vec![])` when no transform reads it.

@@ -24,8 +24,8 @@ use super::compile::{Key, Target, Transform};
 use super::expr::{Expr, Scope};
 use super::invert::{Align, DocumentPlan, Forward, How, Lens, ScopePlan};
 use super::{TransformError, WriteOp};
+use crate::event::CanonicalEvent;
 use crate::event::mapping::{ChangeRecord, get_path, map_change};
-use crate::event::{CanonicalEvent, Op};
 
 /// The metadata field ficus's sink writes on every service document (`sink::META`):
 /// `{ v, src: { c, id }, event }`. Named here rather than imported, to keep this pure module
@@ -402,19 +402,7 @@ impl<'a> Reverse<'a> {
 
     /// The monolith document as the tail would publish a snapshot copy of it.
     fn snapshot(&self, doc: Document) -> Result<CanonicalEvent, TransformError> {
-        let record = ChangeRecord {
-            op: Op::Snapshot,
-            collection: self.t.source_collection.clone(),
-            document_id: doc.get("_id").cloned().unwrap_or(Bson::Null),
-            after: Some(doc),
-            before: None,
-            changed: None,
-            removed: Vec::new(),
-            cluster_time: Timestamp { time: 0, increment: 0 },
-            index: 0,
-            wall_time: None,
-            resume_token: None,
-        };
+        let record = ChangeRecord::snapshot(&self.t.source_collection, doc, Timestamp { time: 0, increment: 0 });
         // map_change yields the change event first (and derived events after it, none here).
         map_change(&self.t.def, "", record).events.into_iter().next().ok_or_else(|| TransformError {
             file: self.t.file.clone(),

@@ -358,6 +358,7 @@ fn event(
         time: DateTime::from_millis(1_767_225_600_000),
         position,
         schema_version: SCHEMA_VERSION,
+        origin: None,
         data: EventData {
             op,
             collection: collection.into(),

@@ -16,14 +16,12 @@ use std::collections::{BTreeSet, HashMap};
 use std::io::IsTerminal;
 use std::time::Duration;
 
-use bson::{Bson, Document, Timestamp, doc};
+use bson::{Bson, Document, doc};
 use futures::TryStreamExt;
 use mongodb::options::InsertManyOptions;
 use mongodb::{Collection, Database};
 
 use crate::config::topics::Topics;
-use crate::event::Op;
-use crate::event::mapping::{ChangeRecord, map_change};
 use crate::mongo;
 use crate::sink::rollup::GroupTally;
 use crate::sink::{doc_key, strip_meta};
@@ -90,24 +88,7 @@ impl Expected<'_> {
     /// Every target write the current state of one source document leads to.
     fn writes(&self, collection: &str, doc: Document) -> Result<Vec<WriteOp>, VerifyError> {
         let Some(def) = self.topics.for_collection(collection) else { return Ok(Vec::new()) };
-        let record = ChangeRecord {
-            op: Op::Snapshot,
-            collection: collection.to_string(),
-            document_id: doc.get("_id").cloned().unwrap_or(Bson::Null),
-            after: Some(doc),
-            before: None,
-            changed: None,
-            removed: Vec::new(),
-            cluster_time: Timestamp { time: 0, increment: 0 },
-            index: 0,
-            wall_time: None,
-            resume_token: None,
-        };
-        let mut out = Vec::new();
-        for ev in map_change(def, self.source_name, record).events {
-            out.extend(self.transforms.apply(&ev)?);
-        }
-        Ok(out)
+        Ok(self.transforms.writes_of_copy(def, self.source_name, doc)?)
     }
 
     async fn record(

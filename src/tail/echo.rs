@@ -1,0 +1,100 @@
+//! Echo tagging: which changes of a source were ficus's own writes.
+//!
+//! A MongoDB change event does not say who wrote it, except that the events of a
+//! multi-document transaction carry its `lsid` and `txnNumber`. Every batch ficus applies to a
+//! database is one transaction that first writes a marker into `_ficus_applied` (see
+//! `source::MARKERS`) naming the origin: the service (and, for a write-back into the monolith,
+//! the service collection) whose write it is. So when the feed shows a marker, every change of
+//! that same transaction is an echo of that origin. Transactions are recognised by their
+//! `lsid` and `txnNumber`, never by cluster time (secantusd-rs gives each event of a transaction
+//! its own). Markers themselves are bookkeeping and are never published.
+
+use bson::Bson;
+
+use crate::event::Origin;
+use crate::event::mapping::{ChangeRecord, TxnId};
+use crate::source::MARKERS;
+
+/// What a change turned out to be.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Seen {
+    /// A marker: ficus's bookkeeping, not a document change.
+    Marker,
+    /// A document change, with its origin set when ficus's own write caused it.
+    Change(Box<ChangeRecord>),
+}
+
+/// Remembers the marked transaction the feed is in.
+#[derive(Debug, Default)]
+pub struct EchoTagger {
+    current: Option<(TxnId, Origin)>,
+}
+
+impl EchoTagger {
+    pub fn observe(&mut self, mut record: ChangeRecord) -> Seen {
+        if record.collection == MARKERS {
+            if let (Some(txn), Some(origin)) = (record.txn.clone(), marker_origin(&record)) {
+                self.current = Some((txn, origin));
+            }
+            return Seen::Marker;
+        }
+        match (&self.current, &record.txn) {
+            (Some((marked, origin)), Some(txn)) if marked == txn => record.origin = Some(origin.clone()),
+            // Another transaction, or none: the marked one is over.
+            (Some(_), _) => self.current = None,
+            (None, _) => {}
+        }
+        Seen::Change(Box::new(record))
+    }
+}
+
+/// The origin a marker names: `{ origin: { service, collection } }` as the sinks write it.
+fn marker_origin(record: &ChangeRecord) -> Option<Origin> {
+    let o = record.after.as_ref()?.get_document("origin").ok()?;
+    let service = o.get_str("service").ok()?.to_string();
+    let collection = match o.get("collection") {
+        Some(Bson::String(c)) => Some(c.clone()),
+        _ => None,
+    };
+    Some(Origin { service, collection })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::Op;
+    use bson::{Timestamp, doc};
+
+    fn change(collection: &str, txn: Option<i64>, after: Option<bson::Document>) -> ChangeRecord {
+        let mut r = ChangeRecord::snapshot(collection, after.unwrap_or_default(), Timestamp { time: 1, increment: 1 });
+        r.op = Op::Update;
+        r.txn = txn.map(|n| TxnId { lsid: "{\"id\":1}".into(), number: n });
+        r
+    }
+
+    fn origin(seen: &Seen) -> Option<Origin> {
+        match seen {
+            Seen::Change(r) => r.origin.clone(),
+            Seen::Marker => panic!("a change"),
+        }
+    }
+
+    #[test]
+    fn the_changes_of_a_marked_transaction_are_echoes_and_only_they() {
+        let mut t = EchoTagger::default();
+        let marker = doc! { "_id": "reverse/customers_db/0", "origin": { "service": "customers_db", "collection": "customers" } };
+        assert_eq!(t.observe(change(MARKERS, Some(7), Some(marker))), Seen::Marker);
+        let echo = Origin { service: "customers_db".into(), collection: Some("customers".into()) };
+        assert_eq!(origin(&t.observe(change("customers", Some(7), None))), Some(echo.clone()));
+        assert_eq!(origin(&t.observe(change("customers", Some(7), None))), Some(echo), "every change of it");
+        // An application's own transaction, and a write outside any transaction, are not echoes.
+        assert_eq!(origin(&t.observe(change("customers", Some(8), None))), None);
+        assert_eq!(origin(&t.observe(change("customers", None, None))), None);
+        // A forward write's marker names the service only.
+        let forward = doc! { "origin": { "service": "customers_db" } };
+        t.observe(change(MARKERS, Some(9), Some(forward)));
+        let echo = Origin { service: "customers_db".into(), collection: None };
+        assert_eq!(origin(&t.observe(change("customers", Some(9), None))), Some(echo));
+        assert_eq!(origin(&t.observe(change("customers", Some(10), None))), None);
+    }
+}
