@@ -119,3 +119,63 @@ pub async fn connect(uri: &str, app: &str) -> Result<Client, Error> {
 pub fn to_document(raw: &bson::RawDocument) -> Result<bson::Document, bson::error::Error> {
     bson::Document::try_from(raw)
 }
+
+/// Whether an error inside a transaction means "run the whole transaction again": a write
+/// conflict with another transaction, or a transaction the server already aborted.
+pub fn transaction_conflict(e: &Error) -> bool {
+    e.contains_label("TransientTransactionError") || matches!(error_code(e), Some(112 | 251))
+}
+
+/// Starts a transaction (snapshot reads, majority journaled commit) on `session`.
+pub async fn begin(session: &mut mongodb::ClientSession) -> Result<(), Error> {
+    use mongodb::options::{Acknowledgment, ReadConcern, WriteConcern};
+    session
+        .start_transaction()
+        .read_concern(ReadConcern::snapshot())
+        .write_concern(WriteConcern::builder().w(Acknowledgment::Majority).journal(true).build())
+        .await
+}
+
+/// Ends a transaction whose body returned `outcome`: commits it (again, when the result of a
+/// commit is unknown) or aborts it. `None` means "run the whole transaction again": it
+/// conflicted with another (a bounded number of `attempts`; then the conflict is returned, and
+/// the caller's backoff takes over). `conflict` says whether one of the body's errors is such a
+/// conflict.
+pub async fn finish<T, E: From<Error>>(
+    session: &mut mongodb::ClientSession,
+    outcome: Result<T, E>,
+    attempts: &mut u32,
+    conflict: impl Fn(&E) -> bool,
+) -> Option<Result<T, E>> {
+    *attempts += 1;
+    let retry = *attempts < 20;
+    match outcome {
+        Ok(value) => loop {
+            match session.commit_transaction().await {
+                Ok(()) => return Some(Ok(value)),
+                // The commit may or may not have happened: committing again is safe.
+                Err(e) if e.contains_label("UnknownTransactionCommitResult") => continue,
+                Err(e) if transaction_conflict(&e) && retry => break,
+                Err(e) => return Some(Err(e.into())),
+            }
+        },
+        Err(e) => {
+            let _ = session.abort_transaction().await;
+            if !(conflict(&e) && retry) {
+                return Some(Err(e));
+            }
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(5 * u64::from(*attempts))).await;
+    None
+}
+
+/// The cluster time of a database's server now (its latest operation time): every change
+/// committed before the call is at or before it.
+pub async fn cluster_time(db: &mongodb::Database) -> Result<Option<bson::Timestamp>, Error> {
+    let reply = db.run_command(bson::doc! { "ping": 1 }).await?;
+    if let Ok(ts) = reply.get_timestamp("operationTime") {
+        return Ok(Some(ts));
+    }
+    Ok(reply.get_document("$clusterTime").and_then(|d| d.get_timestamp("clusterTime")).ok())
+}

@@ -186,12 +186,8 @@ impl Source for MongoSource {
     /// stream resumes from after a snapshot. It is read before the copy starts, so every change
     /// the copy might miss is at or after it.
     async fn cluster_time(&self) -> Result<Timestamp, SourceError> {
-        let reply = self.db.run_command(doc! { "ping": 1 }).await?;
-        if let Ok(ts) = reply.get_timestamp("operationTime") {
+        if let Some(ts) = mongo::cluster_time(&self.db).await? {
             return Ok(ts);
-        }
-        if let Ok(ct) = reply.get_document("$clusterTime").and_then(|d| d.get_timestamp("clusterTime")) {
-            return Ok(ct);
         }
         let hello = self.client.database("admin").run_command(doc! { "hello": 1 }).await?;
         if let Ok(ts) =

@@ -271,7 +271,7 @@ async fn consumers_killed_mid_batch_converge_to_a_clean_run() {
             let ops = service.apply_message(&r.message).unwrap();
             let v = ficus::sink::Versioned::of(&r.message, ops);
             use ficus::sink::Sink;
-            sink.apply(&[v]).await.unwrap();
+            sink.apply(&[v], None).await.unwrap();
         }
         for coll in service.collections() {
             let docs = all(&client, &name, &coll).await.into_iter().map(ficus::sink::strip_meta).collect::<Vec<_>>();

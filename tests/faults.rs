@@ -1508,10 +1508,15 @@ async fn an_older_upsert_racing_a_newer_delete_never_resurrects_the_document() {
         let delete = event(key, 2, WriteOp::Delete { collection: "things".into(), id: Some(id) });
         // Half the time the older upsert starts first, half the time the newer delete does.
         let (a, b) = if key % 2 == 0 {
-            tokio::join!(live.apply(std::slice::from_ref(&upsert)), replay.apply(std::slice::from_ref(&delete)))
+            tokio::join!(
+                live.apply(std::slice::from_ref(&upsert), None),
+                replay.apply(std::slice::from_ref(&delete), None)
+            )
         } else {
-            let (b, a) =
-                tokio::join!(replay.apply(std::slice::from_ref(&delete)), live.apply(std::slice::from_ref(&upsert)));
+            let (b, a) = tokio::join!(
+                replay.apply(std::slice::from_ref(&delete), None),
+                live.apply(std::slice::from_ref(&upsert), None)
+            );
             (a, b)
         };
         a.unwrap();

@@ -179,7 +179,7 @@ impl<S: Sink> Applier<'_, S> {
     async fn write(&self, batch: &[Versioned], shutdown: &CancellationToken) -> Result<(), SinkError> {
         let stage = format!("{}:{}", self.path.as_str(), self.transforms.service());
         let transient = |e: &SinkError| e.class() == ErrorClass::Transient;
-        with_backoff(&stage, shutdown, || self.sink.apply(batch), transient).await
+        with_backoff(&stage, shutdown, || self.sink.apply(batch, None), transient).await
     }
 
     async fn reject(&self, item: &Item, stage: Stage, error: &str) -> Result<(), ConsumeError> {

@@ -18,7 +18,7 @@ use std::future::Future;
 
 use bson::{Bson, Document};
 
-use crate::event::{Message, Version};
+use crate::event::{Message, Origin, Version};
 use crate::mongo::{self, ErrorClass};
 use crate::transform::WriteOp;
 
@@ -98,6 +98,36 @@ impl SinkError {
     }
 }
 
+/// The apply marker a batch writes first, inside its transaction, into the database it writes
+/// (`_ficus_applied`, see `tail::echo`): whose write the batch is, and where each partition it
+/// read was, so the tail of that database knows the changes the batch causes for ficus's own.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Marker {
+    pub origin: Origin,
+    /// Per topic and partition the batch read, the offset after its last message.
+    pub positions: Vec<(String, i32, i64)>,
+}
+
+impl Marker {
+    /// Writes the marker (one document per partition) in the session's transaction.
+    pub async fn write(&self, db: &mongodb::Database, s: &mut mongodb::ClientSession) -> Result<(), SinkError> {
+        let markers = db.collection::<Document>(crate::source::MARKERS);
+        let origin = match &self.origin.collection {
+            Some(c) => bson::doc! { "service": &self.origin.service, "collection": c },
+            None => bson::doc! { "service": &self.origin.service },
+        };
+        for (topic, partition, offset) in &self.positions {
+            let id = format!("{}/{topic}/{partition}", self.origin.render());
+            let marker = bson::doc! {
+                "_id": &id, "origin": origin.clone(), "offset": offset, "at": bson::DateTime::now(),
+            };
+            // A replace carries the whole marker in the change event, as written.
+            markers.replace_one(bson::doc! { "_id": &id }, marker).upsert(true).session(&mut *s).await?;
+        }
+        Ok(())
+    }
+}
+
 /// Applies versioned writes to a service database.
 ///
 /// Contract: when `apply` returns `Ok`, every write of the batch is durable (majority,
@@ -106,9 +136,12 @@ impl SinkError {
 /// version (of the document or of its tombstone), so applying a batch twice, or batches out of
 /// order, or interleaved with another writer of the same messages, converges to the same
 /// state. The writes of a batch may go out in any order that keeps that promise ([`plan`]).
-/// An error means some writes may have landed; applying the batch again is always safe.
+/// An error means some writes may have landed; applying the batch again is always safe. With a
+/// [`Marker`], the batch is one transaction that writes the marker first: all of it lands, or
+/// none.
 pub trait Sink: Send + Sync {
-    fn apply(&self, batch: &[Versioned]) -> impl Future<Output = Result<(), SinkError>> + Send;
+    fn apply(&self, batch: &[Versioned], marker: Option<&Marker>)
+    -> impl Future<Output = Result<(), SinkError>> + Send;
 }
 
 /// Removes ficus's metadata from a target document (for comparisons and display).

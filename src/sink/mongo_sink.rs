@@ -7,12 +7,12 @@ use std::time::Duration;
 
 use bson::{Bson, Document, doc};
 use futures::TryStreamExt;
-use mongodb::options::{Acknowledgment, IndexOptions, ReadConcern, WriteConcern};
-use mongodb::{Client, Database, IndexModel};
+use mongodb::options::{Acknowledgment, IndexOptions, WriteConcern};
+use mongodb::{Client, ClientSession, Database, IndexModel};
 
-use super::plan::{Built, Step, Upsert, plan, retained_away};
+use super::plan::{Built, Plan, Step, Upsert, plan, retained_away};
 use super::rollup::GroupTally;
-use super::{MEMBERS_PREFIX, META, SNAPSHOTS, Sink, SinkError, TOMBSTONES, Versioned, doc_key};
+use super::{MEMBERS_PREFIX, META, Marker, SNAPSHOTS, Sink, SinkError, TOMBSTONES, Versioned, doc_key};
 use crate::event::Version;
 use crate::mongo;
 use crate::transform::WriteOp;
@@ -119,13 +119,22 @@ impl MongoSink {
     /// The tombstones of some documents of a collection: [`doc_key`] → the deleting version.
     async fn tombstones<'a>(
         &self,
+        s: &mut ClientSession,
         collection: &str,
         ids: impl Iterator<Item = &'a Bson>,
     ) -> Result<HashMap<String, String>, SinkError> {
         let keys: Vec<String> = ids.map(|id| doc_key(collection, id)).collect();
         let mut tombs = HashMap::new();
-        let mut cursor = self.db.collection::<Document>(TOMBSTONES).find(doc! { "_id": { "$in": keys } }).await?;
-        while let Some(t) = cursor.try_next().await? {
+        let found: Vec<Document> = self
+            .db
+            .collection::<Document>(TOMBSTONES)
+            .find(doc! { "_id": { "$in": keys } })
+            .session(&mut *s)
+            .await?
+            .stream(&mut *s)
+            .try_collect()
+            .await?;
+        for t in found {
             if let (Ok(key), Ok(v)) = (t.get_str("_id"), t.get_str("v")) {
                 tombs.insert(key.to_string(), v.to_string());
             }
@@ -133,10 +142,39 @@ impl MongoSink {
         Ok(tombs)
     }
 
+    /// The stored versions of some documents of a collection, by `_id` (as text).
+    async fn versions<'a>(
+        &self,
+        s: &mut ClientSession,
+        collection: &str,
+        ids: impl Iterator<Item = &'a Bson>,
+    ) -> Result<HashMap<String, String>, SinkError> {
+        let ids: Vec<Bson> = ids.cloned().collect();
+        let found: Vec<Document> = self
+            .db
+            .collection::<Document>(collection)
+            .find(doc! { "_id": { "$in": ids } })
+            .projection(doc! { "_ficus.v": 1 })
+            .session(&mut *s)
+            .await?
+            .stream(&mut *s)
+            .try_collect()
+            .await?;
+        Ok(found
+            .into_iter()
+            .filter_map(|d| {
+                let v = d.get_document(META).ok()?.get_str("v").ok()?.to_string();
+                Some((d.get("_id")?.to_string(), v))
+            })
+            .collect())
+    }
+
     /// Version-guarded replace-or-insert of many documents of one collection, in as few round
     /// trips as the 16 MB command limit allows: one query for tombstones, one `update` command
     /// per chunk. A document that is newer, or a tombstone that is newer, wins; either way that
-    /// write is a no-op (the guard's failed upsert surfaces as a duplicate key, ignored).
+    /// write is a no-op (outside a transaction the guard's failed upsert surfaces as a duplicate
+    /// key, ignored; inside one, where a duplicate key would abort it, the stored versions are
+    /// read first and newer documents are left out).
     ///
     /// The tombstone check and the upsert are two steps, so a newer delete of the same document
     /// (from another consumer: a replay's catch-up, or a fan-in target) can land between them.
@@ -144,8 +182,15 @@ impl MongoSink {
     /// its tombstone before deleting, so either this second look sees the tombstone and removes
     /// what the upsert resurrected, or the tombstone came later and the delete itself removes
     /// the document this upsert wrote.
-    async fn upsert_many(&self, collection: &str, items: &[Upsert<'_>]) -> Result<(), SinkError> {
-        let tombs = self.tombstones(collection, items.iter().map(|u| u.id)).await?;
+    async fn upsert_many(
+        &self,
+        s: &mut ClientSession,
+        txn: bool,
+        collection: &str,
+        items: &[Upsert<'_>],
+    ) -> Result<(), SinkError> {
+        let tombs = self.tombstones(s, collection, items.iter().map(|u| u.id)).await?;
+        let held = if txn { self.versions(s, collection, items.iter().map(|u| u.id)).await? } else { HashMap::new() };
         let mut written: Vec<(Bson, &str)> = Vec::with_capacity(items.len());
         let mut statements: Vec<Document> = Vec::with_capacity(items.len());
         let mut size = 0usize;
@@ -153,6 +198,9 @@ impl MongoSink {
             let (id, mut doc) = ((*id).clone(), (*doc).clone());
             if tombs.get(&doc_key(collection, &id)).is_some_and(|t| t.as_str() >= v.version.as_str()) {
                 continue; // deleted by a newer event
+            }
+            if held.get(&id.to_string()).is_some_and(|h| h.as_str() >= v.version.as_str()) {
+                continue; // already as new or newer
             }
             doc.insert("_id", id.clone());
             doc.insert(META, Self::meta(v));
@@ -163,35 +211,38 @@ impl MongoSink {
             statements.push(doc! { "q": q, "u": doc, "upsert": true });
             written.push((id, v.version.as_str()));
             if size > MAX_COMMAND_BYTES {
-                self.run_updates(collection, std::mem::take(&mut statements)).await?;
+                self.run_updates(s, txn, collection, std::mem::take(&mut statements)).await?;
                 size = 0;
             }
         }
-        self.run_updates(collection, statements).await?;
+        self.run_updates(s, txn, collection, statements).await?;
 
-        let late = self.tombstones(collection, written.iter().map(|(id, _)| id)).await?;
+        let late = self.tombstones(s, collection, written.iter().map(|(id, _)| id)).await?;
         let coll = self.db.collection::<Document>(collection);
         for (id, version) in &written {
             if let Some(t) = late.get(&doc_key(collection, id)).filter(|t| t.as_str() >= *version) {
-                coll.delete_one(doc! { "_id": id.clone(), "_ficus.v": { "$lt": t.as_str() } }).await?;
+                coll.delete_one(doc! { "_id": id.clone(), "_ficus.v": { "$lt": t.as_str() } }).session(&mut *s).await?;
             }
         }
         Ok(())
     }
 
-    async fn run_updates(&self, collection: &str, statements: Vec<Document>) -> Result<(), SinkError> {
+    async fn run_updates(
+        &self,
+        s: &mut ClientSession,
+        txn: bool,
+        collection: &str,
+        statements: Vec<Document>,
+    ) -> Result<(), SinkError> {
         if statements.is_empty() {
             return Ok(());
         }
-        let reply = self
-            .db
-            .run_command(doc! {
-                "update": collection,
-                "updates": statements,
-                "ordered": false,
-                "writeConcern": { "w": "majority", "j": true },
-            })
-            .await?;
+        let mut command = doc! { "update": collection, "updates": statements, "ordered": false };
+        // Inside a transaction its commit carries the write concern.
+        if !txn {
+            command.insert("writeConcern", doc! { "w": "majority", "j": true });
+        }
+        let reply = self.db.run_command(command).session(&mut *s).await?;
         if let Ok(errors) = reply.get_array("writeErrors") {
             for e in errors.iter().filter_map(Bson::as_document) {
                 let code = e.get_i32("code").unwrap_or(0);
@@ -209,7 +260,13 @@ impl MongoSink {
         Ok(())
     }
 
-    async fn delete(&self, v: &Versioned, collection: &str, id: Option<&Bson>) -> Result<(), SinkError> {
+    async fn delete(
+        &self,
+        s: &mut ClientSession,
+        v: &Versioned,
+        collection: &str,
+        id: Option<&Bson>,
+    ) -> Result<(), SinkError> {
         let coll = self.db.collection::<Document>(collection);
         let ids: Vec<Bson> = match id {
             Some(id) => vec![id.clone()],
@@ -217,7 +274,9 @@ impl MongoSink {
                 let filter = doc! { "_ficus.src.c": &v.source_collection, "_ficus.src.id": v.source_id.clone() };
                 coll.find(filter)
                     .projection(doc! { "_id": 1 })
+                    .session(&mut *s)
                     .await?
+                    .stream(&mut *s)
                     .try_collect::<Vec<_>>()
                     .await?
                     .into_iter()
@@ -236,8 +295,9 @@ impl MongoSink {
                     },
                 )
                 .upsert(true)
+                .session(&mut *s)
                 .await?;
-            coll.delete_one(doc! { "_id": id, "_ficus.v": { "$lt": v.version.as_str() } }).await?;
+            coll.delete_one(doc! { "_id": id, "_ficus.v": { "$lt": v.version.as_str() } }).session(&mut *s).await?;
         }
         Ok(())
     }
@@ -246,17 +306,26 @@ impl MongoSink {
     /// match the elements they have now: for each source document, the newest [`WriteOp::Retain`]
     /// of the batch names the target documents that stay; the others, unless newer than it, are
     /// deleted (with tombstones) at its version. One query for the whole batch.
-    async fn retain(&self, collection: &str, retains: &[(&Versioned, &[Bson])]) -> Result<(), SinkError> {
+    async fn retain(
+        &self,
+        s: &mut ClientSession,
+        collection: &str,
+        retains: &[(&Versioned, &[Bson])],
+    ) -> Result<(), SinkError> {
         let source_collection = retains.first().map(|(v, _)| v.source_collection.clone()).unwrap_or_default();
         let ids: Vec<Bson> = retains.iter().map(|(v, _)| v.source_id.clone()).collect();
-        let mut cursor = self
+        let found: Vec<Document> = self
             .db
             .collection::<Document>(collection)
             .find(doc! { "_ficus.src.c": &source_collection, "_ficus.src.id": { "$in": ids } })
             .projection(doc! { "_id": 1, "_ficus.src.id": 1, "_ficus.v": 1 })
+            .session(&mut *s)
+            .await?
+            .stream(&mut *s)
+            .try_collect()
             .await?;
         let mut built: Vec<Built> = Vec::new();
-        while let Some(d) = cursor.try_next().await? {
+        for d in found {
             let meta = d.get_document(META).ok();
             let (Some(id), Some(src)) = (d.get("_id"), meta.and_then(|m| m.get_document("src").ok())) else {
                 continue;
@@ -268,7 +337,7 @@ impl MongoSink {
             });
         }
         for (v, id) in retained_away(retains, &built) {
-            self.delete(v, collection, Some(&id)).await?;
+            self.delete(s, v, collection, Some(&id)).await?;
         }
         Ok(())
     }
@@ -276,7 +345,7 @@ impl MongoSink {
     /// Records one partition's snapshot marker; when every partition has reported, removes what
     /// the snapshot did not refresh (see [`WriteOp::Sweep`]). Idempotent: markers delivered again,
     /// or a sweep cut short and run again, change nothing more.
-    async fn sweep(&self, v: &Versioned, op: &WriteOp) -> Result<(), SinkError> {
+    async fn sweep(&self, s: &mut ClientSession, txn: bool, v: &Versioned, op: &WriteOp) -> Result<(), SinkError> {
         let WriteOp::Sweep { collection, source_collection, before, partition, partitions, rollup } = op else {
             return Ok(());
         };
@@ -291,6 +360,7 @@ impl MongoSink {
             .find_one_and_update(doc! { "_id": id.clone() }, doc! { "$addToSet": { "partitions": partition } })
             .upsert(true)
             .return_document(mongodb::options::ReturnDocument::After)
+            .session(&mut *s)
             .await?
             .unwrap_or_default();
         let reported = seen.get_array("partitions").map_or(0, Vec::len);
@@ -300,35 +370,53 @@ impl MongoSink {
         // Deletes and leaves at the snapshot's own version: older than every copy it made.
         let at = Versioned { version: Version::stored(before), ..v.clone() };
         let mut removed = 0u64;
+        let ids =
+            |found: Vec<Document>| -> Vec<Bson> { found.into_iter().filter_map(|d| d.get("_id").cloned()).collect() };
         match rollup {
             None => {
                 let coll = self.db.collection::<Document>(collection);
-                let mut cursor = coll.find(stale).projection(doc! { "_id": 1 }).await?;
-                let mut ids = Vec::new();
-                while let Some(d) = cursor.try_next().await? {
-                    ids.extend(d.get("_id").cloned());
-                }
-                for id in ids {
-                    self.delete(&at, collection, Some(&id)).await?;
+                let found = coll
+                    .find(stale)
+                    .projection(doc! { "_id": 1 })
+                    .session(&mut *s)
+                    .await?
+                    .stream(&mut *s)
+                    .try_collect()
+                    .await?;
+                for id in ids(found) {
+                    self.delete(s, &at, collection, Some(&id)).await?;
                     removed += 1;
                 }
             }
             Some((count_field, distinct)) => {
                 let members = self.db.collection::<Document>(&format!("{MEMBERS_PREFIX}{collection}"));
                 let stale = doc! { "v": { "$lt": before }, "g": { "$ne": Bson::Null } };
-                let mut cursor = members.find(stale).projection(doc! { "_id": 1 }).await?;
-                let mut ids = Vec::new();
-                while let Some(d) = cursor.try_next().await? {
-                    ids.extend(d.get("_id").cloned());
-                }
+                let found = members
+                    .find(stale)
+                    .projection(doc! { "_id": 1 })
+                    .session(&mut *s)
+                    .await?
+                    .stream(&mut *s)
+                    .try_collect()
+                    .await?;
                 let leave: Vec<(String, Option<Bson>)> = distinct.iter().map(|d| (d.clone(), None)).collect();
-                for member in ids {
-                    self.rollup(&at, collection, None, &member, count_field, &leave, &Document::new()).await?;
+                for member in ids(found) {
+                    let leave = Membership {
+                        group: None,
+                        member: &member,
+                        count_field,
+                        distinct: &leave,
+                        group_fields: &Document::new(),
+                    };
+                    self.rollup(s, txn, &at, collection, &leave).await?;
                     removed += 1;
                 }
             }
         }
-        snapshots.update_one(doc! { "_id": id }, doc! { "$set": { "swept": true, "removed": removed as i64 } }).await?;
+        snapshots
+            .update_one(doc! { "_id": id }, doc! { "$set": { "swept": true, "removed": removed as i64 } })
+            .session(&mut *s)
+            .await?;
         tracing::info!(
             collection,
             source = source_collection,
@@ -338,123 +426,164 @@ impl MongoSink {
         Ok(())
     }
 
-    #[allow(clippy::too_many_arguments)] // the fields of one WriteOp::Rollup
+    /// Applies one rollup membership, recomputing the groups it touches; inside the batch's
+    /// transaction when there is one, in a transaction of its own otherwise, so concurrent
+    /// consumers never interleave a stale count.
     async fn rollup(
         &self,
+        s: &mut ClientSession,
+        txn: bool,
         v: &Versioned,
         collection: &str,
-        group: Option<&Bson>,
-        member: &Bson,
-        count_field: &str,
-        distinct: &[(String, Option<Bson>)],
-        group_fields: &Document,
+        m: &Membership<'_>,
     ) -> Result<(), SinkError> {
-        let members = self.db.collection::<Document>(&format!("{MEMBERS_PREFIX}{collection}"));
-        let groups = self.db.collection::<Document>(collection);
-        let mut session = self.client.start_session().await?;
+        if txn {
+            return Ok(self.membership(s, v, collection, m).await?);
+        }
+        let mut attempts = 0;
         loop {
-            session
-                .start_transaction()
-                .read_concern(ReadConcern::snapshot())
-                .write_concern(WriteConcern::builder().w(Acknowledgment::Majority).journal(true).build())
-                .await?;
-            let result: Result<(), mongodb::error::Error> = async {
-                let previous = members.find_one(doc! { "_id": member.clone() }).session(&mut session).await?;
-                if previous.as_ref().and_then(|p| p.get_str("v").ok()).is_some_and(|pv| pv >= v.version.as_str()) {
-                    return Ok(()); // an equal or newer membership is already applied
-                }
-                let old_group = previous.as_ref().and_then(|p| p.get("g")).filter(|g| !matches!(g, Bson::Null)).cloned();
-                let mut values = Document::new();
-                for (field, value) in distinct {
-                    values.insert(field, value.clone().unwrap_or(Bson::Null));
-                }
-                let record = doc! { "_id": member.clone(), "g": group.cloned().unwrap_or(Bson::Null), "d": values, "v": v.version.as_str(), "event": &v.event_id };
-                members.replace_one(doc! { "_id": member.clone() }, record).upsert(true).session(&mut session).await?;
-                let mut affected: Vec<Bson> = group.into_iter().cloned().collect();
-                if let Some(g) = old_group
-                    && !affected.contains(&g) {
-                        affected.push(g);
-                    }
-                for g in affected {
-                    let in_group: Vec<Document> = members.find(doc! { "g": g.clone() }).session(&mut session).await?.stream(&mut session).try_collect().await?;
-                    if in_group.is_empty() {
-                        groups.delete_one(doc! { "_id": g.clone() }).session(&mut session).await?;
-                        continue;
-                    }
-                    let mut tally = GroupTally::new(distinct.iter().map(|(f, _)| f.as_str()));
-                    for m in &in_group {
-                        let values = m.get_document("d").ok();
-                        tally.add(|field| values.and_then(|d| d.get(field)));
-                    }
-                    let mut set = tally.fields(count_field);
-                    // The newest member's version, so the group document is the same whatever
-                    // order its members' events arrived in.
-                    let newest = in_group
-                        .iter()
-                        .filter_map(|m| Some((m.get_str("v").ok()?, m.get_str("event").ok()?)))
-                        .max()
-                        .map(|(v, e)| (v.to_string(), e.to_string()))
-                        .unwrap_or_else(|| (v.version.to_string(), v.event_id.clone()));
-                    set.insert(META, doc! { "v": newest.0, "event": newest.1, "rollup": true });
-                    if Some(&g) == group {
-                        // The member's own group: its constant fields come with this event.
-                        let mut full = group_fields.clone();
-                        full.insert("_id", g.clone());
-                        full.extend(set);
-                        groups.replace_one(doc! { "_id": g }, full).upsert(true).session(&mut session).await?;
-                    } else {
-                        // A group the member left: only the aggregates change.
-                        groups.update_one(doc! { "_id": g }, doc! { "$set": set }).session(&mut session).await?;
-                    }
-
-                }
-                Ok(())
-            }
-            .await;
-            match result {
-                Ok(()) => match session.commit_transaction().await {
-                    Ok(()) => return Ok(()),
-                    Err(e)
-                        if e.contains_label("UnknownTransactionCommitResult")
-                            || e.contains_label("TransientTransactionError") =>
-                    {
-                        continue;
-                    }
-                    Err(e) => return Err(e.into()),
-                },
-                Err(e) => {
-                    let _ = session.abort_transaction().await;
-                    if e.contains_label("TransientTransactionError") || mongo::error_code(&e) == Some(112) {
-                        tokio::time::sleep(Duration::from_millis(5)).await;
-                        continue;
-                    }
-                    return Err(e.into());
-                }
+            mongo::begin(s).await?;
+            let outcome = self.membership(s, v, collection, m).await;
+            if let Some(done) = mongo::finish(s, outcome, &mut attempts, mongo::transaction_conflict).await {
+                return done.map_err(SinkError::from);
             }
         }
     }
-}
 
-impl Sink for MongoSink {
-    async fn apply(&self, batch: &[Versioned]) -> Result<(), SinkError> {
-        let plan = plan(batch);
-        // Collections are independent: their bulk writes go out together.
-        futures::future::try_join_all(plan.upserts.iter().map(|(c, items)| self.upsert_many(c, items))).await?;
+    async fn membership(
+        &self,
+        s: &mut ClientSession,
+        v: &Versioned,
+        collection: &str,
+        m: &Membership<'_>,
+    ) -> Result<(), mongodb::error::Error> {
+        let Membership { group, member, count_field, distinct, group_fields } = *m;
+        let members = self.db.collection::<Document>(&format!("{MEMBERS_PREFIX}{collection}"));
+        let groups = self.db.collection::<Document>(collection);
+        let previous = members.find_one(doc! { "_id": member.clone() }).session(&mut *s).await?;
+        if previous.as_ref().and_then(|p| p.get_str("v").ok()).is_some_and(|pv| pv >= v.version.as_str()) {
+            return Ok(()); // an equal or newer membership is already applied
+        }
+        let old_group = previous.as_ref().and_then(|p| p.get("g")).filter(|g| !matches!(g, Bson::Null)).cloned();
+        let mut values = Document::new();
+        for (field, value) in distinct {
+            values.insert(field, value.clone().unwrap_or(Bson::Null));
+        }
+        let record = doc! { "_id": member.clone(), "g": group.cloned().unwrap_or(Bson::Null), "d": values, "v": v.version.as_str(), "event": &v.event_id };
+        members.replace_one(doc! { "_id": member.clone() }, record).upsert(true).session(&mut *s).await?;
+        let mut affected: Vec<Bson> = group.into_iter().cloned().collect();
+        if let Some(g) = old_group
+            && !affected.contains(&g)
+        {
+            affected.push(g);
+        }
+        for g in affected {
+            let in_group: Vec<Document> =
+                members.find(doc! { "g": g.clone() }).session(&mut *s).await?.stream(&mut *s).try_collect().await?;
+            if in_group.is_empty() {
+                groups.delete_one(doc! { "_id": g.clone() }).session(&mut *s).await?;
+                continue;
+            }
+            let mut tally = GroupTally::new(distinct.iter().map(|(f, _)| f.as_str()));
+            for m in &in_group {
+                let values = m.get_document("d").ok();
+                tally.add(|field| values.and_then(|d| d.get(field)));
+            }
+            let mut set = tally.fields(count_field);
+            // The newest member's version, so the group document is the same whatever order its
+            // members' events arrived in.
+            let newest = in_group
+                .iter()
+                .filter_map(|m| Some((m.get_str("v").ok()?, m.get_str("event").ok()?)))
+                .max()
+                .map(|(v, e)| (v.to_string(), e.to_string()))
+                .unwrap_or_else(|| (v.version.to_string(), v.event_id.clone()));
+            set.insert(META, doc! { "v": newest.0, "event": newest.1, "rollup": true });
+            if Some(&g) == group {
+                // The member's own group: its constant fields come with this event.
+                let mut full = group_fields.clone();
+                full.insert("_id", g.clone());
+                full.extend(set);
+                groups.replace_one(doc! { "_id": g }, full).upsert(true).session(&mut *s).await?;
+            } else {
+                // A group the member left: only the aggregates change.
+                groups.update_one(doc! { "_id": g }, doc! { "$set": set }).session(&mut *s).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Everything after the upserts, in plan order, on one session.
+    async fn rest(&self, s: &mut ClientSession, txn: bool, plan: &Plan<'_>) -> Result<(), SinkError> {
         for Step { by, op } in &plan.steps {
             match op {
-                WriteOp::Delete { collection, id } => self.delete(by, collection, id.as_ref()).await?,
+                WriteOp::Delete { collection, id } => self.delete(s, by, collection, id.as_ref()).await?,
                 WriteOp::Rollup { collection, group, member, count_field, distinct, group_fields } => {
-                    self.rollup(by, collection, group.as_ref(), member, count_field, distinct, group_fields).await?
+                    let m = Membership { group: group.as_ref(), member, count_field, distinct, group_fields };
+                    self.rollup(s, txn, by, collection, &m).await?
                 }
                 _ => {}
             }
         }
         for (collection, retains) in &plan.retains {
-            self.retain(collection, retains).await?;
+            self.retain(s, collection, retains).await?;
         }
         for Step { by, op } in &plan.sweeps {
-            self.sweep(by, op).await?;
+            self.sweep(s, txn, by, op).await?;
         }
         Ok(())
+    }
+
+    /// The whole batch as one transaction that first writes its apply marker (see `tail::echo`).
+    async fn apply_marked(&self, batch: &[Versioned], marker: &Marker) -> Result<(), SinkError> {
+        let plan = plan(batch);
+        let mut s = self.client.start_session().await?;
+        let conflict = |e: &SinkError| match e {
+            SinkError::Mongo(e) => mongo::transaction_conflict(e),
+            SinkError::Write { code, .. } => matches!(code, 112 | 251),
+        };
+        let mut attempts = 0;
+        loop {
+            mongo::begin(&mut s).await?;
+            let outcome = self.marked(&mut s, &plan, marker).await;
+            if let Some(done) = mongo::finish(&mut s, outcome, &mut attempts, conflict).await {
+                return done;
+            }
+        }
+    }
+
+    async fn marked(&self, s: &mut ClientSession, plan: &Plan<'_>, marker: &Marker) -> Result<(), SinkError> {
+        marker.write(&self.db, s).await?;
+        for (collection, items) in &plan.upserts {
+            self.upsert_many(s, true, collection, items).await?;
+        }
+        self.rest(s, true, plan).await
+    }
+}
+
+/// One rollup membership change, as a [`WriteOp::Rollup`] carries it.
+#[derive(Clone, Copy)]
+struct Membership<'a> {
+    group: Option<&'a Bson>,
+    member: &'a Bson,
+    count_field: &'a str,
+    distinct: &'a [(String, Option<Bson>)],
+    group_fields: &'a Document,
+}
+
+impl Sink for MongoSink {
+    async fn apply(&self, batch: &[Versioned], marker: Option<&Marker>) -> Result<(), SinkError> {
+        if let Some(marker) = marker {
+            return self.apply_marked(batch, marker).await;
+        }
+        let plan = plan(batch);
+        // Collections are independent: their bulk writes go out together, each on its session.
+        futures::future::try_join_all(plan.upserts.iter().map(|(c, items)| async move {
+            let mut s = self.client.start_session().await?;
+            self.upsert_many(&mut s, false, c, items).await
+        }))
+        .await?;
+        let mut s = self.client.start_session().await?;
+        self.rest(&mut s, false, &plan).await
     }
 }

@@ -416,7 +416,7 @@ impl SinkState {
 }
 
 impl Sink for MemorySink {
-    async fn apply(&self, batch: &[Versioned]) -> Result<(), SinkError> {
+    async fn apply(&self, batch: &[Versioned], _marker: Option<&crate::sink::Marker>) -> Result<(), SinkError> {
         let plan = plan(batch);
         let mut s = lock(&self.0);
         for (collection, upserts) in &plan.upserts {
