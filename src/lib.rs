@@ -19,6 +19,8 @@
 //!   definitions (`topics/`), loaded once and validated together, every problem reported.
 //! - [`event`]: the canonical event (CloudEvents 1.0), ficus's control messages, versions, and
 //!   the pure mapping from a source change to events.
+//! - [`cutover`]: who writes each aggregate: the published routing function and each
+//!   service's share over time.
 //! - `source`: where changes come from: the `Source` contract and its MongoDB adapter.
 //! - [`tail`]: the tail role: snapshot then stream, checkpoint only after Kafka acknowledges;
 //!   its lease and checkpoints.
@@ -40,6 +42,7 @@ pub mod bus;
 pub mod cli;
 pub mod config;
 pub mod consume;
+pub mod cutover;
 pub mod event;
 mod lens;
 pub mod mongo;

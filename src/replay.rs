@@ -24,11 +24,11 @@ use tracing::info;
 
 use crate::bus::{BusError, Reader, StartAt};
 use crate::config::KafkaConfig;
-use crate::consume::{Applied, Applier, ConsumeError, Item, Path, Rejects};
+use crate::consume::{Applied, Applier, ConsumeError, Forward, Item, Path, Rejects};
+use crate::event::Origin;
 use crate::mongo;
 use crate::sink::{MongoSink, SinkError};
 use crate::store::{Archived, EventStore, StoreError};
-use crate::transform::ServiceTransforms;
 
 /// Errors of a replay.
 #[derive(Debug, thiserror::Error)]
@@ -76,9 +76,11 @@ pub fn shadow_name(database: &str) -> String {
     format!("{database}_replay")
 }
 
-/// Rebuilds one service database.
+/// Rebuilds one service database. Writes into documents the service owns merge as live
+/// traffic's do (`forward` carries the ownership); an in-place replay marks its writes as
+/// ficus's own, so the service's reverse tail does not take them for the service's.
 pub async fn replay(
-    transforms: &ServiceTransforms,
+    forward: &Forward,
     store: &EventStore,
     target: &Client,
     kafka: &KafkaConfig,
@@ -86,7 +88,9 @@ pub async fn replay(
     shutdown: &CancellationToken,
 ) -> Result<ReplayReport, ReplayError> {
     let started = Instant::now();
+    let transforms = &forward.transforms;
     let live_name = transforms.database().to_string();
+    let origin = opts.in_place.then(|| Origin { service: transforms.service().to_string(), collection: None });
     let build_name = if opts.in_place { live_name.clone() } else { shadow_name(&live_name) };
     if !opts.in_place {
         target.database(&build_name).drop().await?;
@@ -111,7 +115,13 @@ pub async fn replay(
     let cursor = store.scan(&topics, opts.from).await?;
     let (tx, mut rx) = tokio::sync::mpsc::channel::<Result<Vec<Archived>, ReplayError>>(2);
     let reader = tokio::spawn(read_batches(cursor, opts.batch, tx));
-    let applier = Applier { transforms, sink: &sink, rejects: Rejects::Count, path: Path::Replay };
+    let applier = Applier {
+        transformer: forward,
+        sink: &sink,
+        rejects: Rejects::Count,
+        path: Path::Replay,
+        origin: origin.clone(),
+    };
     let mut archived_to: HashMap<(String, i32), i64> = HashMap::new();
     while let Some(batch) = rx.recv().await {
         let batch = batch?;
@@ -141,7 +151,9 @@ pub async fn replay(
     if !opts.in_place {
         swap(target, &build_name, &live_name, &transforms.collections()).await?;
         let live_sink = MongoSink::open(target.clone(), &live_name, &transforms.collections(), ttl).await?;
-        let applier = Applier { transforms, sink: &live_sink, rejects: Rejects::Count, path: Path::Replay };
+        let origin = Some(Origin { service: transforms.service().to_string(), collection: None });
+        let applier =
+            Applier { transformer: forward, sink: &live_sink, rejects: Rejects::Count, path: Path::Replay, origin };
         let live = catch_up(&applier, kafka, &topics, &archived_to, opts.batch, shutdown).await?;
         report.from_live += live.applied;
         report.rejected += live.rejected;
@@ -183,14 +195,14 @@ async fn read_batches(
 /// Applies every partition of `topics` from just after the archived offset up to the end it
 /// has now, through the live path.
 async fn catch_up(
-    applier: &Applier<'_, MongoSink>,
+    applier: &Applier<'_, Forward, MongoSink>,
     kafka: &KafkaConfig,
     topics: &[String],
     archived_to: &HashMap<(String, i32), i64>,
     batch: usize,
     shutdown: &CancellationToken,
 ) -> Result<Applied, ReplayError> {
-    let reader = Reader::new(kafka, &format!("ficus-replay-{}", applier.transforms.service()), None)?;
+    let reader = Reader::new(kafka, &format!("ficus-replay-{}", applier.transformer.transforms.service()), None)?;
     let start = |topic: &str, p: i32| match archived_to.get(&(topic.to_string(), p)) {
         Some(o) => StartAt::Offset(o + 1),
         None => StartAt::Beginning,
@@ -218,8 +230,10 @@ async fn swap(
     service_collections: &BTreeSet<String>,
 ) -> Result<(), ReplayError> {
     let admin = client.database("admin");
+    // The conflicts outbox and the apply markers belong to the live database, not a build.
+    let kept = [crate::sink::conflicts::CONFLICTS, crate::source::MARKERS];
     let built: Vec<String> = client.database(shadow).list_collection_names().await?;
-    for c in &built {
+    for c in built.iter().filter(|c| !kept.contains(&c.as_str())) {
         admin
             .run_command(
                 doc! { "renameCollection": format!("{shadow}.{c}"), "to": format!("{live}.{c}"), "dropTarget": true },
@@ -228,7 +242,7 @@ async fn swap(
     }
     let live_db = client.database(live);
     for c in live_db.list_collection_names().await? {
-        let ours = service_collections.contains(&c) || c.starts_with("_ficus");
+        let ours = service_collections.contains(&c) || (c.starts_with("_ficus") && !kept.contains(&c.as_str()));
         if ours && !built.contains(&c) {
             live_db.collection::<Document>(&c).drop().await?;
         }

@@ -146,6 +146,11 @@ impl MongoSource {
         Ok(MongoSource { client, db, collections })
     }
 
+    /// The database followed.
+    pub fn database(&self) -> &Database {
+        &self.db
+    }
+
     /// The time of the oldest oplog entry, where ficus may read `local.oplog.rs` (not every
     /// deployment grants that; `None` then, and the server's own check is relied on).
     pub async fn oldest_oplog_time(&self) -> Option<Timestamp> {

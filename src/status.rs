@@ -102,6 +102,15 @@ pub async fn collect(
         crate::store::ARCHIVE_GROUP.into(),
         topics.defs.iter().map(|d| d.topic.clone()).collect(),
     ));
+    // Reverse sync: write-back groups of the services that have owned keys.
+    let ownership = crate::cutover::ownership::OwnershipStore::new(&store).all().await?;
+    for s in services.iter().filter(|s| ownership.get(s.service()).is_some_and(|o| !o.periods().is_empty())) {
+        groups.push((
+            format!("write-back {}", s.service()),
+            crate::consume::reverse_group_id(s.service()),
+            vec![crate::config::topics::changes_topic(s.service())],
+        ));
+    }
     for (stage, group, topics) in groups {
         let members = crate::ops::presence::live_members(&store, &group).await?;
         let row = match group_lag(&cfg.kafka, &group, &topics) {
@@ -117,7 +126,39 @@ pub async fn collect(
         };
         rows.push(row);
     }
+
+    // Cutover: each service's share, epoch, reverse tail and conflicts.
+    for (service, o) in &ownership {
+        let tail = MongoCheckpoints::new(&store).load(service).await?;
+        let tail = match tail.and_then(|t| t.token_time) {
+            Some(t) => format!("reverse tail token {}s old", DateTime::now().saturating_duration_since(t).as_secs()),
+            None => "reverse tail not started".into(),
+        };
+        let conflicts = match conflicts_reported(&cfg.kafka, service) {
+            Ok(n) => format!("{n} conflicts reported"),
+            Err(e) => format!("conflicts unknown: {e}"),
+        };
+        let pending = if o.pending() { ", a change pending" } else { "" };
+        rows.push(Row {
+            stage: format!("cutover {service}"),
+            position: format!("{}% owned by the service (epoch {}{pending})", o.percent, o.epoch),
+            lag: tail,
+            health: conflicts,
+        });
+    }
     Ok(rows)
+}
+
+/// How many conflicts `<service>.conflicts` holds (within its retention).
+fn conflicts_reported(kafka: &KafkaConfig, service: &str) -> Result<i64, BusError> {
+    let reader = Reader::new(kafka, "ficus-status", None)?;
+    let topic = crate::config::topics::conflicts_topic(service);
+    let mut n = 0;
+    for p in reader.partitions(&topic)? {
+        let (low, high) = reader.watermarks(&topic, p)?;
+        n += high - low;
+    }
+    Ok(n)
 }
 
 /// How a group is doing, from its lag and its live members as the registry has them (each

@@ -128,6 +128,19 @@ impl TopicAdmin {
             .await
     }
 
+    /// Creates a service's conflicts topic (`<service>.conflicts`) if missing: laid out and
+    /// kept like dead letters (one partition, a month), for an operator to read.
+    pub async fn apply_conflicts(&self, service: &str, replication: i32) -> Result<TopicReport, BusError> {
+        let (partitions, config) = dead_letter_layout();
+        self.apply_named(&crate::config::topics::conflicts_topic(service), partitions, replication, &config).await
+    }
+
+    /// [`TopicAdmin::inspect`] for a service's conflicts topic.
+    pub async fn inspect_conflicts(&self, service: &str, replication: i32) -> Result<TopicState, BusError> {
+        let (partitions, config) = dead_letter_layout();
+        self.inspect_named(&crate::config::topics::conflicts_topic(service), partitions, replication, &config).await
+    }
+
     /// [`TopicAdmin::apply`] for a topic that has no definition of its own (dead letters, a
     /// benchmark's scratch topic).
     pub async fn apply_named(
@@ -177,7 +190,7 @@ impl TopicAdmin {
     }
 }
 
-/// Dead-letter topics: one partition, deleted after 30 days.
+/// Dead-letter and conflicts topics: one partition, deleted after 30 days.
 fn dead_letter_layout() -> (i32, BTreeMap<String, String>) {
     let config =
         [("cleanup.policy".to_string(), "delete".to_string()), ("retention.ms".to_string(), "2592000000".to_string())];

@@ -6,6 +6,7 @@
 //! - [`GroupConsumer`]: a member of a consumer group, offsets stored after the write;
 //! - [`Reader`]: partitions read to their current end, group offsets read from outside;
 //! - [`DeadLetters`]: what could not be applied, on `<topic>.dlq`;
+//! - [`ConflictReports`]: what a service and the monolith both changed, on `<service>.conflicts`;
 //! - [`TopicAdmin`]: topics created and checked against their definitions.
 
 use std::collections::BTreeMap;
@@ -17,12 +18,14 @@ use rdkafka::types::RDKafkaErrorCode as Code;
 use crate::config::{KafkaConfig, Membership};
 
 mod admin;
+mod conflicts;
 mod consumer;
 mod dead_letter;
 mod publisher;
 mod reader;
 
 pub use admin::{TopicAdmin, TopicReport, TopicState};
+pub use conflicts::ConflictReports;
 pub use consumer::{Delivery, GroupConsumer};
 pub use dead_letter::{DeadLetter, DeadLetters, Stage};
 pub use publisher::{Ack, KafkaPublisher, Publisher};

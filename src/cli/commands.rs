@@ -7,9 +7,13 @@ use std::time::Duration;
 use anyhow::Context;
 use tokio_util::sync::CancellationToken;
 
-use super::{Loaded, TopicsAction, select_services, spawn_signal_handler};
+use super::{BadInput, Loaded, TopicsAction, select_services, spawn_signal_handler};
 use crate::bus::{TopicAdmin, TopicState};
-use crate::sink::MongoSink;
+use crate::config::topics::{TopicDef, Topics};
+use crate::consume::{Backward, Forward, Redrive, redrive_dead_letters};
+use crate::cutover::ownership::OwnershipStore;
+use crate::event::Origin;
+use crate::sink::{MongoSink, MonolithSink};
 use crate::source::MongoSource;
 use crate::store::EventStore;
 use crate::transform;
@@ -49,11 +53,26 @@ pub(super) async fn lens_check(
     Ok(if ok { ExitCode::SUCCESS } else { ExitCode::from(1) })
 }
 
-/// `ficus topics apply|check`.
+/// `ficus topics apply|check`: the monolith's topics and their dead letters, the pre-images
+/// the definitions ask for; and, for each service that can write back, its reverse topics
+/// (`<service>.changes`, its dead letters, `<service>.conflicts`) and pre-images on the service
+/// collections written back (a delete's routing key, what a replace changed).
 pub(super) async fn topics(loaded: &Loaded, action: TopicsAction) -> anyhow::Result<ExitCode> {
-    let admin = TopicAdmin::new(&loaded.config.kafka).context("creating the Kafka admin client")?;
+    let cfg = &loaded.config;
+    let admin = TopicAdmin::new(&cfg.kafka).context("creating the Kafka admin client")?;
     let mut bad = 0;
-    for def in &loaded.topics.defs {
+    let reverse: Vec<(String, Topics)> = loaded
+        .services
+        .iter()
+        .filter(|s| !s.written_back().is_empty())
+        .map(|s| (s.service().to_string(), Topics::reverse(s.service(), s.written_back(), &cfg.reverse)))
+        .collect();
+    // One definition per topic (a service's collections share its `.changes`).
+    let mut defs: Vec<&TopicDef> = loaded.topics.defs.iter().collect();
+    for (_, t) in &reverse {
+        defs.extend(t.defs.first());
+    }
+    for def in &defs {
         let report = match action {
             TopicsAction::Apply => admin.apply(def).await,
             TopicsAction::Check => admin.inspect(def).await.map(|state| crate::bus::TopicReport {
@@ -66,7 +85,7 @@ pub(super) async fn topics(loaded: &Loaded, action: TopicsAction) -> anyhow::Res
         bad += print_topic(&report);
     }
     // Dead-letter topics: one partition, kept a month so an operator can inspect and re-drive.
-    for def in &loaded.topics.defs {
+    for def in &defs {
         let dlq = def.dlq_topic();
         let report = match action {
             TopicsAction::Apply => admin.apply_dead_letters(def).await,
@@ -79,24 +98,27 @@ pub(super) async fn topics(loaded: &Loaded, action: TopicsAction) -> anyhow::Res
         .with_context(|| format!("topic {dlq}"))?;
         bad += print_topic(&report);
     }
-    let collections: Vec<String> = loaded.topics.collections().map(String::from).collect();
-    let source = MongoSource::connect(&loaded.config.source.uri, &loaded.config.source.db, collections).await?;
-    for def in loaded.topics.defs.iter().filter(|d| d.pre_images) {
-        let enabled = source.pre_images_enabled(&def.collection).await?;
-        match (action, enabled) {
-            (_, true) => {}
-            (TopicsAction::Apply, false) => {
-                source.enable_pre_images(&def.collection).await?;
-                println!("enabled  pre-images on {}.{}", loaded.config.source.db, def.collection);
-            }
-            (TopicsAction::Check, false) => {
-                bad += 1;
-                println!(
-                    "DRIFT    pre-images are off on {}.{} (topics apply turns them on)",
-                    loaded.config.source.db, def.collection
-                );
-            }
+    for (service, _) in &reverse {
+        let rf = cfg.reverse.replication_factor;
+        let topic = crate::config::topics::conflicts_topic(service);
+        let report = match action {
+            TopicsAction::Apply => admin.apply_conflicts(service, rf).await,
+            TopicsAction::Check => admin.inspect_conflicts(service, rf).await.map(|state| crate::bus::TopicReport {
+                topic: topic.clone(),
+                state,
+                created: false,
+            }),
         }
+        .with_context(|| format!("topic {topic}"))?;
+        bad += print_topic(&report);
+    }
+    let collections: Vec<String> = loaded.topics.collections().map(String::from).collect();
+    let source = MongoSource::connect(&cfg.source.uri, &cfg.source.db, collections).await?;
+    let wanted = loaded.topics.defs.iter().filter(|d| d.pre_images).map(|d| d.collection.clone());
+    bad += pre_images(&source, wanted, action).await?;
+    for (service, t) in &reverse {
+        let source = MongoSource::connect(&cfg.target_uri, service, Vec::new()).await?;
+        bad += pre_images(&source, t.collections().map(String::from), action).await?;
     }
     if bad > 0 {
         match action {
@@ -112,6 +134,31 @@ pub(super) async fn topics(loaded: &Loaded, action: TopicsAction) -> anyhow::Res
     Ok(ExitCode::SUCCESS)
 }
 
+/// Turns pre-images on (apply) or reports where they are off (check); returns the problems.
+async fn pre_images(
+    source: &MongoSource,
+    collections: impl Iterator<Item = String>,
+    action: TopicsAction,
+) -> anyhow::Result<usize> {
+    let db = source.database().name().to_string();
+    let mut bad = 0;
+    for coll in collections {
+        let enabled = source.pre_images_enabled(&coll).await?;
+        match (action, enabled) {
+            (_, true) => {}
+            (TopicsAction::Apply, false) => {
+                source.enable_pre_images(&coll).await?;
+                println!("enabled  pre-images on {db}.{coll}");
+            }
+            (TopicsAction::Check, false) => {
+                bad += 1;
+                println!("DRIFT    pre-images are off on {db}.{coll} (topics apply turns them on)");
+            }
+        }
+    }
+    Ok(bad)
+}
+
 /// `ficus replay`.
 pub(super) async fn replay(
     loaded: &Loaded,
@@ -122,6 +169,15 @@ pub(super) async fn replay(
     let chosen = select_services(&loaded.services, &[service.to_string()])?;
     let cfg = &loaded.config;
     let store_client = crate::mongo::connect(&cfg.store.uri, "replay").await?;
+    let ownership = OwnershipStore::new(&store_client.database(&cfg.store.db)).get(service).await?;
+    if ownership.as_ref().is_some_and(|o| o.ever_owned()) && !in_place {
+        return Err(anyhow::Error::new(BadInput(format!(
+            "{service} has owned keys (see `ficus cutover`): its database holds writes of its own that a rebuild \
+             from the monolith's events would not have, so rebuild it in place (`--in-place`), which merges into \
+             the documents it owns"
+        ))));
+    }
+    let forward = Forward { transforms: chosen[0].clone(), ownership };
     let store = EventStore::open(&store_client.database(&cfg.store.db)).await?;
     let target = crate::mongo::connect(&cfg.target_uri, "replay").await?;
     let shutdown = CancellationToken::new();
@@ -132,7 +188,7 @@ pub(super) async fn replay(
         batch: cfg.consume.batch_max,
         tombstone_ttl: cfg.consume.tombstone_ttl,
     };
-    let r = crate::replay::replay(&chosen[0], &store, &target, &cfg.kafka, &opts, &shutdown).await?;
+    let r = crate::replay::replay(&forward, &store, &target, &cfg.kafka, &opts, &shutdown).await?;
     let total = r.from_store + r.from_live;
     println!(
         "{}: rebuilt from {} archived and {} live events in {:.1}s ({:.0} events/s); {} rejected by transforms or writes (see the DLQ)",
@@ -176,17 +232,47 @@ pub(super) async fn verify(
     Ok(if ok { ExitCode::SUCCESS } else { ExitCode::from(1) })
 }
 
-/// `ficus dlq replay`.
-pub(super) async fn dlq_replay(loaded: &Loaded, service: &str) -> anyhow::Result<ExitCode> {
+/// `ficus dlq replay`: the forward direction's dead letters, or (`reverse`) the write-backs'.
+pub(super) async fn dlq_replay(loaded: &Loaded, service: &str, reverse: bool) -> anyhow::Result<ExitCode> {
     let chosen = select_services(&loaded.services, &[service.to_string()])?;
     let transforms = &chosen[0];
-    let target = crate::mongo::connect(&loaded.config.target_uri, "dlq").await?;
-    let consume = &loaded.config.consume;
-    let sink = MongoSink::open(target, transforms.database(), &transforms.collections(), consume.tombstone_ttl).await?;
+    let cfg = &loaded.config;
+    let consume = &cfg.consume;
     let shutdown = CancellationToken::new();
     spawn_signal_handler(shutdown.clone());
-    let kafka = &loaded.config.kafka;
-    let report = crate::consume::redrive_dead_letters(transforms, &sink, kafka, consume.batch_max, &shutdown).await?;
+    let store = crate::mongo::connect(&cfg.store.uri, "dlq").await?.database(&cfg.store.db);
+    let ownership = OwnershipStore::new(&store).get(service).await?;
+    let origin = Some(Origin { service: service.to_string(), collection: None });
+    let report = if reverse {
+        if transforms.written_back().is_empty() {
+            return Err(anyhow::Error::new(BadInput(format!("{service} writes nothing back to the monolith"))));
+        }
+        let monolith = crate::mongo::connect(&cfg.source.uri, "dlq").await?;
+        let sink = MonolithSink::new(monolith, &cfg.source.db, transforms.clone());
+        let backward = Backward { transforms: transforms.clone() };
+        let redrive = Redrive {
+            transformer: &backward,
+            sink: &sink,
+            topics: vec![crate::config::topics::changes_topic(service)],
+            group: crate::consume::reverse_group_id(service),
+            origin,
+        };
+        redrive_dead_letters(redrive, &cfg.kafka, consume.batch_max, &shutdown).await?
+    } else {
+        let target = crate::mongo::connect(&cfg.target_uri, "dlq").await?;
+        let sink =
+            MongoSink::open(target, transforms.database(), &transforms.collections(), consume.tombstone_ttl).await?;
+        let forward = Forward { transforms: transforms.clone(), ownership };
+        let origin = origin.filter(|_| !transforms.written_back().is_empty());
+        let redrive = Redrive {
+            transformer: &forward,
+            sink: &sink,
+            topics: transforms.topics().into_iter().collect(),
+            group: crate::consume::group_id(service),
+            origin,
+        };
+        redrive_dead_letters(redrive, &cfg.kafka, consume.batch_max, &shutdown).await?
+    };
     println!(
         "{service}: {} applied, {} failed again (dead-lettered anew), {} belong to other services",
         report.applied, report.failed, report.skipped

@@ -3,13 +3,15 @@
 //! here and nowhere else.
 //!
 //! - `run`: `ficus run`, the daemon's role supervisor;
-//! - `commands`: every other command (topics, replay, verify, dlq, status, lens).
+//! - `commands`: every other command (topics, replay, verify, dlq, status, lens);
+//! - `cutover`: `ficus cutover`, ownership moved between the monolith and a service.
 //!
 //! Exit codes: 0 success; 1 a runtime failure (or drift found by `topics check`, `verify`,
 //! `lens check`); 2 bad input: invalid configuration or definitions, an unknown service, two
 //! processes configured with one `kafka.instance_id`.
 
 mod commands;
+mod cutover;
 mod run;
 
 use std::path::PathBuf;
@@ -90,6 +92,18 @@ enum Command {
         #[command(subcommand)]
         action: DlqAction,
     },
+    /// Move a service's share of ownership (the percentage of routing-key buckets whose writes
+    /// it owns; see the README's routing function).
+    Cutover {
+        #[arg(long = "service", value_name = "NAME")]
+        service: String,
+        /// The share to move to, 0 to 100 (0: the monolith owns everything).
+        #[arg(long, value_name = "PERCENT", value_parser = clap::value_parser!(u8).range(0..=100))]
+        to: u8,
+        /// Set it at once, without fencing, draining or verification (the emergency switch).
+        #[arg(long)]
+        force: bool,
+    },
     /// Reverse sync: the derived reverses of the transforms.
     Lens {
         #[command(subcommand)]
@@ -117,6 +131,10 @@ enum DlqAction {
     Replay {
         #[arg(long = "service", value_name = "NAME")]
         service: String,
+        /// The write-backs' dead letters (`<service>.changes.dlq`, into the monolith) instead of
+        /// the service's own.
+        #[arg(long)]
+        reverse: bool,
         #[command(flatten)]
         consume: ConsumeArgs,
     },
@@ -232,11 +250,12 @@ async fn dispatch(cli: Cli) -> ExitCode {
             args.consume.apply(&mut loaded.config.consume);
             run::run(loaded, args).await
         }
-        Command::Dlq { action: DlqAction::Replay { service, consume } } => {
+        Command::Dlq { action: DlqAction::Replay { service, reverse, consume } } => {
             consume.apply(&mut loaded.config.consume);
-            commands::dlq_replay(&loaded, &service).await
+            commands::dlq_replay(&loaded, &service, reverse).await
         }
         Command::Status => commands::status(&loaded).await,
+        Command::Cutover { service, to, force } => cutover::cutover(&loaded, &service, to, force).await,
         Command::Replay { service, in_place, from, consume } => {
             consume.apply(&mut loaded.config.consume);
             commands::replay(&loaded, &service, in_place, from).await

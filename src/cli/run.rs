@@ -1,6 +1,8 @@
-//! `ficus run`: the daemon. Starts the roles asked for (tail, consume, archive) in one process,
-//! serves the probes and metrics, and supervises: the first role to fail stops the others, a
-//! signal stops them all, and every role drains and checkpoints within the shutdown timeout.
+//! `ficus run`: the daemon. Starts the roles asked for (tail, consume, archive, reverse) in one
+//! process, serves the probes and metrics, and supervises: the first role to fail stops the
+//! others, a signal stops them all, and every role drains and checkpoints within the shutdown
+//! timeout. Every role that judges ownership follows one [`OwnershipFeed`], so a `ficus cutover`
+//! takes effect without a restart.
 
 use std::process::ExitCode;
 use std::time::Duration;
@@ -10,12 +12,17 @@ use clap::ValueEnum;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
+use std::sync::Arc;
+
 use super::{ConsumeArgs, Loaded, select_services, spawn_signal_handler};
-use crate::config::parse_addr;
-use crate::consume::ServiceConsumer;
+use crate::config::{Config, parse_addr};
+use crate::consume::{Direction, ServiceConsumer};
+use crate::cutover::ownership::{OwnershipError, OwnershipFeed, OwnershipSource, OwnershipStore};
 use crate::ops::Health;
-use crate::sink::MongoSink;
+use crate::sink::conflicts::Outbox;
+use crate::sink::{MongoSink, MonolithSink};
 use crate::store::{Archiver, EventStore, StoreError};
+use crate::transform::ServiceTransforms;
 
 /// A role `ficus run` can play.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -26,14 +33,17 @@ enum Role {
     Consume,
     /// Kafka → the event store.
     Archive,
+    /// Reverse sync, for each service while it owns keys (see `ficus cutover`): its database's
+    /// changes → `<service>.changes` → the monolith.
+    Reverse,
 }
 
 #[derive(Debug, clap::Args)]
 pub(super) struct RunArgs {
     /// Roles to run in this process.
-    #[arg(long, value_enum, value_delimiter = ',', default_values_t = [Role::Tail, Role::Consume, Role::Archive])]
+    #[arg(long, value_enum, value_delimiter = ',', default_values_t = [Role::Tail, Role::Consume, Role::Archive, Role::Reverse])]
     roles: Vec<Role>,
-    /// With the consume role: only these services (transforms/<service>); default all.
+    /// With the consume and reverse roles: only these services (transforms/<service>); default all.
     #[arg(long = "service", value_name = "NAME")]
     services: Vec<String>,
     #[command(flatten)]
@@ -89,13 +99,23 @@ pub(super) async fn run(mut loaded: Loaded, args: RunArgs) -> anyhow::Result<Exi
         tasks.spawn(async move { role.run(token).await.map_err(anyhow::Error::from).context("tail") });
     }
 
+    let chosen = select_services(&loaded.services, &args.services)?;
+    // Ownership, read once servers answer, shared by every role that judges it.
+    let ownership = Arc::new(tokio::sync::OnceCell::<OwnershipFeed>::new());
+    let follow = {
+        let (cfg, ownership, token) = (cfg.clone(), ownership.clone(), shutdown.clone());
+        move || {
+            let (cfg, ownership, token) = (cfg.clone(), ownership.clone(), token.clone());
+            async move { follow_ownership(&cfg, &ownership, &token).await }
+        }
+    };
+
     if args.roles.contains(&Role::Consume) {
-        let chosen = select_services(&loaded.services, &args.services)?;
         let target = crate::mongo::connect(&cfg.target_uri, "consume").await?;
         let store = crate::mongo::connect(&cfg.store.uri, "consume").await?.database(&cfg.store.db);
-        for service in chosen {
+        for service in chosen.iter().cloned() {
             let (target, health, kafka, token) = (target.clone(), health.clone(), cfg.kafka.clone(), shutdown.clone());
-            let (store, settings) = (store.clone(), settings.clone());
+            let (store, settings, follow) = (store.clone(), settings.clone(), follow.clone());
             tasks.spawn(async move {
                 let name = service.service().to_string();
                 // The target may not be reachable yet: wait for it rather than exit.
@@ -106,8 +126,40 @@ pub(super) async fn run(mut loaded: Loaded, args: RunArgs) -> anyhow::Result<Exi
                 let sink = crate::retry::with_backoff(&format!("consume:{name}"), &token, open, transient)
                     .await
                     .with_context(|| format!("opening {}", service.database()))?;
-                let consumer = ServiceConsumer { health, store, transforms: service, sink, kafka, settings };
+                // A service that can write back judges ownership and records conflicts.
+                let writes_back = !service.written_back().is_empty();
+                let ownership = match writes_back {
+                    true => match follow().await? {
+                        Some(feed) => Some(feed),
+                        None => return Ok(()), // shutdown while waiting
+                    },
+                    false => None,
+                };
+                let outbox = writes_back.then(|| Outbox::new(sink.database()));
+                let consumer = ServiceConsumer {
+                    health,
+                    store,
+                    transforms: service,
+                    direction: Direction::Forward,
+                    sink,
+                    kafka,
+                    settings,
+                    ownership,
+                    outbox,
+                };
                 consumer.run(token).await.map_err(anyhow::Error::from).with_context(|| format!("consume {name}"))
+            });
+        }
+    }
+
+    if args.roles.contains(&Role::Reverse) {
+        let store = crate::mongo::connect(&cfg.store.uri, "reverse").await?.database(&cfg.store.db);
+        for service in chosen.iter().filter(|s| !s.written_back().is_empty()).cloned() {
+            let (cfg, health, token, follow) = (cfg.clone(), health.clone(), shutdown.clone(), follow.clone());
+            let store = store.clone();
+            tasks.spawn(async move {
+                let Some(feed) = follow().await? else { return Ok(()) };
+                reverse_sync(service, cfg, feed, health, store, token).await
             });
         }
     }
@@ -116,7 +168,12 @@ pub(super) async fn run(mut loaded: Loaded, args: RunArgs) -> anyhow::Result<Exi
         let store_client = crate::mongo::connect(&cfg.store.uri, "archive").await?;
         let store_db = store_client.database(&cfg.store.db);
         let (health, token) = (health.clone(), shutdown.clone());
-        let (kafka, topics) = (cfg.kafka.clone(), loaded.topics.defs.iter().map(|d| d.topic.clone()).collect());
+        // Every event: the monolith's, and the services' own changes (reverse sync).
+        let mut topics: Vec<String> = loaded.topics.defs.iter().map(|d| d.topic.clone()).collect();
+        for s in loaded.services.iter().filter(|s| !s.written_back().is_empty()) {
+            topics.push(crate::config::topics::changes_topic(s.service()));
+        }
+        let kafka = cfg.kafka.clone();
         let (batch_max, batch_wait) = (settings.batch_max, settings.batch_wait);
         tasks.spawn(async move {
             // The store may not be reachable yet: wait for it rather than exit.
@@ -164,6 +221,76 @@ pub(super) async fn run(mut loaded: Loaded, args: RunArgs) -> anyhow::Result<Exi
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// The process's ownership feed, started on first use once the servers answer; `None` when
+/// shutdown came first.
+async fn follow_ownership(
+    cfg: &Config,
+    cell: &tokio::sync::OnceCell<OwnershipFeed>,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<Option<OwnershipFeed>> {
+    let start = || async {
+        let store = crate::mongo::connect(&cfg.store.uri, "ownership").await?.database(&cfg.store.db);
+        let monolith = crate::mongo::connect(&cfg.source.uri, "ownership").await?.database(&cfg.source.db);
+        let services = crate::mongo::connect(&cfg.target_uri, "ownership").await?.database("admin");
+        let source = OwnershipSource { store: OwnershipStore::new(&store), monolith, services };
+        OwnershipFeed::start(source, cfg.reverse.ownership_poll, shutdown.clone()).await
+    };
+    let feed = cell
+        .get_or_try_init(|| async {
+            crate::retry::with_backoff("ownership", shutdown, start, OwnershipError::is_transient)
+                .await
+                .map_err(anyhow::Error::from)
+        })
+        .await;
+    match feed {
+        Ok(f) => Ok(Some(f.clone())),
+        Err(_) if shutdown.is_cancelled() => Ok(None),
+        Err(e) => Err(e.context("following ownership")),
+    }
+}
+
+/// Reverse sync for one service: from the first time it owns keys, its write-back consumer
+/// (`<service>.changes` → the monolith) runs for good, and its database's tail while it is
+/// needed (see `tail::reverse`).
+async fn reverse_sync(
+    service: Arc<ServiceTransforms>,
+    cfg: Config,
+    feed: OwnershipFeed,
+    health: Health,
+    store: mongodb::Database,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let name = service.service().to_string();
+    let mut changes = feed.subscribe();
+    while feed.current().get(&name).is_none_or(|o| o.periods().is_empty()) {
+        tokio::select! {
+            _ = shutdown.cancelled() => return Ok(()),
+            _ = changes.changed() => {}
+            _ = tokio::time::sleep(cfg.reverse.ownership_poll) => {}
+        }
+    }
+    info!(service = %name, "reverse sync: the service has owned keys; writing its changes back to the monolith");
+    let monolith = crate::mongo::connect(&cfg.source.uri, "reverse").await?;
+    let sink = MonolithSink::new(monolith, &cfg.source.db, service.clone());
+    let consumer = ServiceConsumer {
+        transforms: service.clone(),
+        direction: Direction::Reverse,
+        health: health.clone(),
+        store,
+        outbox: Some(Outbox::new(sink.database())),
+        sink,
+        kafka: cfg.kafka.clone(),
+        settings: cfg.consume.clone(),
+        ownership: Some(feed.clone()),
+    };
+    let tail = crate::tail::reverse::ReverseTailRole { cfg: cfg.clone(), transforms: service, health, ownership: feed };
+    let (consumed, tailed) = tokio::join!(
+        async { consumer.run(shutdown.clone()).await.with_context(|| format!("write-back {name}")) },
+        async { tail.run(shutdown.clone()).await.with_context(|| format!("reverse tail {name}")) },
+    );
+    consumed.and(tailed)
 }
 
 /// Whether a role stopped over how ficus is deployed (two processes with one

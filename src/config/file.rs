@@ -24,6 +24,7 @@ pub struct ConfigFile {
     pub tail: TailFile,
     pub snapshot: SnapshotFile,
     pub consume: ConsumeFile,
+    pub reverse: ReverseFile,
     pub paths: PathsFile,
 }
 
@@ -87,6 +88,13 @@ pub struct ConsumeFile {
 }
 
 #[derive(Debug, Default, Clone)]
+pub struct ReverseFile {
+    pub partitions: Option<u64>,
+    pub replication_factor: Option<u64>,
+    pub ownership_poll_ms: Option<u64>,
+}
+
+#[derive(Debug, Default, Clone)]
 pub struct PathsFile {
     pub topics: Option<PathBuf>,
     pub transforms: Option<PathBuf>,
@@ -106,7 +114,11 @@ impl ConfigFile {
                 return (ConfigFile::default(), r.report);
             }
         };
-        r.unknown(&root, "", &["source", "kafka", "target", "store", "tail", "snapshot", "consume", "paths"]);
+        r.unknown(
+            &root,
+            "",
+            &["source", "kafka", "target", "store", "tail", "snapshot", "consume", "reverse", "paths"],
+        );
         let empty = toml::Table::new();
         let section = |r: &mut Reader<'_>, name: &str, keys: &[&str]| {
             let t = r.table(&root, "", name).unwrap_or(&empty);
@@ -168,9 +180,15 @@ impl ConfigFile {
             stall_secs: r.get(t, "consume", "stall_secs"),
             shutdown_timeout_secs: r.get(t, "consume", "shutdown_timeout_secs"),
         };
+        let t = section(&mut r, "reverse", &["partitions", "replication_factor", "ownership_poll_ms"]);
+        let reverse = ReverseFile {
+            partitions: r.get(t, "reverse", "partitions"),
+            replication_factor: r.get(t, "reverse", "replication_factor"),
+            ownership_poll_ms: r.get(t, "reverse", "ownership_poll_ms"),
+        };
         let t = section(&mut r, "paths", &["topics", "transforms"]);
         let paths = PathsFile { topics: r.get(t, "paths", "topics"), transforms: r.get(t, "paths", "transforms") };
-        (ConfigFile { source, kafka, target, store, tail, snapshot, consume, paths }, r.report)
+        (ConfigFile { source, kafka, target, store, tail, snapshot, consume, reverse, paths }, r.report)
     }
 }
 

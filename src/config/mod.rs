@@ -66,6 +66,7 @@ pub struct Config {
     pub tail: TailConfig,
     pub snapshot: SnapshotConfig,
     pub consume: ConsumeConfig,
+    pub reverse: ReverseConfig,
     pub topics_dir: PathBuf,
     pub transforms_dir: PathBuf,
 }
@@ -130,6 +131,17 @@ pub struct ConsumeConfig {
     pub stall: Duration,
     /// How long SIGTERM/SIGINT may take to drain and checkpoint.
     pub shutdown_timeout: Duration,
+}
+
+/// Reverse sync (a service's own writes back into the monolith) and cutover.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReverseConfig {
+    /// Partitions of each service's `<service>.changes` topic.
+    pub partitions: i32,
+    /// Replication factor of the reverse topics (`<service>.changes`, `.conflicts`).
+    pub replication_factor: i32,
+    /// How often a running process re-reads the ownership records.
+    pub ownership_poll: Duration,
 }
 
 pub const DEFAULT_MONGO_URI: &str = "mongodb://127.0.0.1:27017/?directConnection=true";
@@ -278,6 +290,10 @@ impl Config {
         let tombstone_days = positive("consume.tombstone_ttl_days", f.consume.tombstone_ttl_days, 14, &mut err);
         let stall = positive("consume.stall_secs", f.consume.stall_secs, 60, &mut err);
         let shutdown = positive("consume.shutdown_timeout_secs", f.consume.shutdown_timeout_secs, 30, &mut err);
+        let reverse_partitions = positive("reverse.partitions", f.reverse.partitions, 6, &mut err).min(10_000) as i32;
+        let reverse_rf =
+            positive("reverse.replication_factor", f.reverse.replication_factor, 1, &mut err).min(100) as i32;
+        let ownership_poll = positive("reverse.ownership_poll_ms", f.reverse.ownership_poll_ms, 1000, &mut err);
 
         let cfg = Config {
             source: SourceConfig { uri: source_uri, db: source_db, name: source_name },
@@ -310,6 +326,11 @@ impl Config {
                 tombstone_ttl: Duration::from_secs(tombstone_days.saturating_mul(86_400)),
                 stall: Duration::from_secs(stall),
                 shutdown_timeout: Duration::from_secs(shutdown),
+            },
+            reverse: ReverseConfig {
+                partitions: reverse_partitions,
+                replication_factor: reverse_rf,
+                ownership_poll: Duration::from_millis(ownership_poll),
             },
             topics_dir,
             transforms_dir,

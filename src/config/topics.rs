@@ -130,6 +130,55 @@ impl Topics {
     }
 }
 
+impl Topics {
+    /// The reverse direction's definitions for one service: each collection it writes back,
+    /// on one topic, `<service>.changes`, keyed by the service document's `_id` (so each
+    /// document's changes stay in order), with pre-images (a delete's routing key, and what an
+    /// update changed), event types `<service>.<collection>.created|updated|deleted`.
+    pub fn reverse<'a>(
+        service: &str,
+        collections: impl IntoIterator<Item = &'a str>,
+        settings: &crate::config::ReverseConfig,
+    ) -> Topics {
+        let defs = collections
+            .into_iter()
+            .map(|collection| {
+                let aggregate = format!("{service}.{collection}");
+                TopicDef {
+                    file: PathBuf::from(format!("transforms/{service}")),
+                    collection: collection.to_string(),
+                    topic: changes_topic(service),
+                    event_types: [
+                        format!("{aggregate}.snapshot"),
+                        format!("{aggregate}.created"),
+                        format!("{aggregate}.updated"),
+                        format!("{aggregate}.replaced"),
+                        format!("{aggregate}.deleted"),
+                    ],
+                    aggregate,
+                    key: "_id".into(),
+                    partitions: settings.partitions,
+                    replication_factor: settings.replication_factor,
+                    pre_images: true,
+                    config: BTreeMap::new(),
+                    derived: Vec::new(),
+                }
+            })
+            .collect();
+        Topics::from_defs(defs)
+    }
+}
+
+/// The topic of a service's own changes, which reverse sync writes back into the monolith.
+pub fn changes_topic(service: &str) -> String {
+    format!("{service}.changes")
+}
+
+/// Where the conflicts between a service and the monolith are recorded (JSON, both sides).
+pub fn conflicts_topic(service: &str) -> String {
+    format!("{service}.conflicts")
+}
+
 /// The dead-letter topic of a topic: `<topic>.dlq` (names ending so are reserved for it).
 pub fn dlq_topic(topic: &str) -> String {
     format!("{topic}.dlq")

@@ -15,12 +15,12 @@ use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
 use super::ConsumeError;
+use super::direction::Transformer;
 use crate::bus::{DeadLetters, Delivery, Stage};
-use crate::event::Message;
+use crate::event::{Message, Origin};
 use crate::mongo::ErrorClass;
 use crate::retry::with_backoff;
-use crate::sink::{Sink, SinkError, Versioned};
-use crate::transform::ServiceTransforms;
+use crate::sink::{Marker, Sink, SinkError, Versioned};
 
 /// Where the messages being applied come from (a label on the metrics).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -93,12 +93,12 @@ pub enum Prepared {
 }
 
 /// Decodes and transforms one message (pure).
-pub fn prepare(transforms: &ServiceTransforms, item: &Item) -> Prepared {
+pub fn prepare(transformer: &impl Transformer, item: &Item) -> Prepared {
     let message = match &item.message {
         Ok(m) => m,
         Err(e) => return Prepared::Rejected { stage: Stage::Decode, error: e.clone() },
     };
-    match transforms.apply_message(message) {
+    match transformer.transform(message) {
         Ok(ops) => Prepared::Write(Versioned::of(message, ops)),
         Err(e) => Prepared::Rejected { stage: Stage::Transform, error: e.to_string() },
     }
@@ -119,22 +119,25 @@ impl std::ops::AddAssign for Applied {
 }
 
 /// Applies batches of one service's messages through its sink.
-pub struct Applier<'a, S> {
-    pub transforms: &'a ServiceTransforms,
+pub struct Applier<'a, T, S> {
+    pub transformer: &'a T,
     pub sink: &'a S,
     pub rejects: Rejects<'a>,
     pub path: Path,
+    /// Set: every batch is one transaction that writes an apply marker naming this origin
+    /// (see `tail::echo`), so the tail of the database written knows ficus's own writes.
+    pub origin: Option<Origin>,
 }
 
-impl<S: Sink> Applier<'_, S> {
+impl<T: Transformer, S: Sink> Applier<'_, T, S> {
     /// Applies a batch; returns once every message is durable in the target or rejected. Only
     /// a transient failure cut short by shutdown returns an error with nothing rejected.
     pub async fn apply(&self, batch: &[Item], shutdown: &CancellationToken) -> Result<Applied, ConsumeError> {
-        let service = self.transforms.service();
+        let service = self.transformer.service();
         let mut done = Applied::default();
         let mut writes: Vec<(usize, Versioned)> = Vec::with_capacity(batch.len());
         for (i, item) in batch.iter().enumerate() {
-            match prepare(self.transforms, item) {
+            match prepare(self.transformer, item) {
                 Prepared::Write(v) => writes.push((i, v)),
                 Prepared::Rejected { stage, error } => {
                     self.reject(item, stage, &error).await?;
@@ -144,14 +147,18 @@ impl<S: Sink> Applier<'_, S> {
         }
         let started = Instant::now();
         let versioned: Vec<Versioned> = writes.iter().map(|(_, v)| v.clone()).collect();
-        match self.write(&versioned, shutdown).await {
+        let marker = self.marker(batch.iter());
+        let written =
+            if versioned.is_empty() { Ok(()) } else { self.write(&versioned, marker.as_ref(), shutdown).await };
+        match written {
             Ok(()) => done.applied += writes.len() as u64,
             Err(e) if e.class() == ErrorClass::Transient => return Err(e.into()), // shutdown during retries
             Err(e) => {
                 // A permanent failure somewhere in the batch: one by one to find the culprits.
                 warn!(%service, path = self.path.as_str(), error = %e, "batch write failed permanently; isolating the failing events");
                 for (i, v) in &writes {
-                    match self.write(std::slice::from_ref(v), shutdown).await {
+                    let marker = self.marker(std::iter::once(&batch[*i]));
+                    match self.write(std::slice::from_ref(v), marker.as_ref(), shutdown).await {
                         Ok(()) => done.applied += 1,
                         Err(e) if e.class() == ErrorClass::Transient => return Err(e.into()),
                         Err(e) => {
@@ -176,17 +183,36 @@ impl<S: Sink> Applier<'_, S> {
         Ok(done)
     }
 
-    async fn write(&self, batch: &[Versioned], shutdown: &CancellationToken) -> Result<(), SinkError> {
-        let stage = format!("{}:{}", self.path.as_str(), self.transforms.service());
+    async fn write(
+        &self,
+        batch: &[Versioned],
+        marker: Option<&Marker>,
+        shutdown: &CancellationToken,
+    ) -> Result<(), SinkError> {
+        let stage = format!("{}:{}", self.path.as_str(), self.transformer.service());
         let transient = |e: &SinkError| e.class() == ErrorClass::Transient;
-        with_backoff(&stage, shutdown, || self.sink.apply(batch, None), transient).await
+        with_backoff(&stage, shutdown, || self.sink.apply(batch, marker), transient).await
+    }
+
+    /// The apply marker of some items: per topic and partition, the offset after the last.
+    fn marker<'i>(&self, items: impl Iterator<Item = &'i Item>) -> Option<Marker> {
+        let origin = self.origin.clone()?;
+        let mut positions: Vec<(String, i32, i64)> = Vec::new();
+        for item in items {
+            let (topic, partition, next) = (&item.at.topic, item.at.partition, item.at.offset + 1);
+            match positions.iter_mut().find(|(t, p, _)| t == topic && *p == partition) {
+                Some(at) => at.2 = at.2.max(next),
+                None => positions.push((topic.clone(), partition, next)),
+            }
+        }
+        Some(Marker { origin, positions })
     }
 
     async fn reject(&self, item: &Item, stage: Stage, error: &str) -> Result<(), ConsumeError> {
         match self.rejects {
             Rejects::DeadLetter(dlq) => dlq.send(&item.original(), stage, error).await?,
             Rejects::Count => {
-                let (d, service) = (&item.at, self.transforms.service());
+                let (d, service) = (&item.at, self.transformer.service());
                 warn!(%service, path = self.path.as_str(), topic = %d.topic, partition = d.partition, offset = d.offset, stage = stage.as_str(), error, "not applied");
             }
         }

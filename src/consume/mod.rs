@@ -11,26 +11,44 @@
 //! A message that cannot be decoded or transformed, or whose write fails permanently, goes to
 //! the topic's dead-letter topic (`<topic>.dlq`) with the error, and the consumer moves on.
 //! Transient failures (target down, network) retry with backoff and never skip.
+//!
+//! The same role runs the reverse direction (reverse sync): the group `ficus.<service>.reverse`
+//! reads `<service>.changes` and writes back into the monolith ([`direction`]). Every batch, in
+//! either direction, of a service that can write back is one transaction with an apply marker
+//! (see `tail::echo`); conflicts recorded by a batch are relayed to `<service>.conflicts` after
+//! it ([`relay`]).
+//!
+//! - [`apply`]: the one apply path;
+//! - [`direction`]: what a message becomes, forward and backward;
+//! - [`redrive`]: dead letters through the same path;
+//! - [`relay`]: the conflicts outbox onto Kafka.
 
 use std::sync::Arc;
 
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
-use crate::bus::{BusError, DeadLetters, GroupConsumer};
+use crate::bus::{BusError, ConflictReports, DeadLetters, GroupConsumer};
 use crate::config::{ConsumeConfig, KafkaConfig, Membership};
+use crate::cutover::ownership::{Clock, OwnershipError, OwnershipFeed};
+use crate::event::Origin;
 use crate::mongo::ErrorClass;
 use crate::ops::presence::{InstanceConflict, PresenceError, Slot};
 use crate::ops::{Health, RoleId};
 use crate::retry::with_backoff;
+use crate::sink::conflicts::Outbox;
 use crate::sink::{Sink, SinkError};
 use crate::transform::ServiceTransforms;
 
 mod apply;
+pub mod direction;
 mod redrive;
+mod relay;
 
 pub use apply::{Applied, Applier, Item, Path, Prepared, Rejects, prepare};
-pub use redrive::{RedriveReport, redrive_dead_letters};
+pub use direction::{Backward, Forward, Transformer};
+pub use redrive::{Redrive, RedriveReport, redrive_dead_letters};
+pub use relay::relay_conflicts;
 
 /// Errors of the consume role.
 #[derive(Debug, thiserror::Error)]
@@ -41,6 +59,10 @@ pub enum ConsumeError {
     Sink(#[from] SinkError),
     #[error(transparent)]
     Presence(#[from] PresenceError),
+    #[error("the conflicts outbox: {}", crate::mongo::describe(.0))]
+    Outbox(#[from] mongodb::error::Error),
+    #[error(transparent)]
+    Ownership(#[from] OwnershipError),
 }
 
 impl ConsumeError {
@@ -49,6 +71,8 @@ impl ConsumeError {
             ConsumeError::Bus(e) => e.is_transient(),
             ConsumeError::Sink(e) => e.class() == ErrorClass::Transient,
             ConsumeError::Presence(e) => e.is_transient(),
+            ConsumeError::Outbox(e) => crate::mongo::classify(e) == ErrorClass::Transient,
+            ConsumeError::Ownership(e) => e.is_transient(),
         }
     }
 
@@ -67,21 +91,70 @@ pub fn group_id(service: &str) -> String {
     format!("ficus.{service}")
 }
 
-/// The consume role for one service.
+/// The consumer group that writes a service's changes back into the monolith.
+pub fn reverse_group_id(service: &str) -> String {
+    format!("ficus.{service}.reverse")
+}
+
+/// Which way a consumer applies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Direction {
+    /// Monolith events into the service database.
+    Forward,
+    /// The service's own changes back into the monolith.
+    Reverse,
+}
+
+/// The consume role for one service, in one direction.
 pub struct ServiceConsumer<S> {
     pub transforms: Arc<ServiceTransforms>,
+    pub direction: Direction,
     pub health: Health,
     /// ficus's store (the registry of group members).
     pub store: mongodb::Database,
     pub sink: S,
     pub kafka: KafkaConfig,
     pub settings: ConsumeConfig,
+    /// Ownership as this process follows it (forward writes into owned documents merge; see
+    /// [`direction`]); `None` for a service that never writes back.
+    pub ownership: Option<OwnershipFeed>,
+    /// The outbox of the database the sink writes, relayed to `<service>.conflicts`.
+    pub outbox: Option<Outbox>,
 }
 
 impl<S: Sink> ServiceConsumer<S> {
+    fn role(&self) -> RoleId {
+        let service = self.transforms.service().to_string();
+        match self.direction {
+            Direction::Forward => RoleId::Consume(service),
+            Direction::Reverse => RoleId::WriteBack(service),
+        }
+    }
+
+    fn group(&self) -> String {
+        match self.direction {
+            Direction::Forward => group_id(self.transforms.service()),
+            Direction::Reverse => reverse_group_id(self.transforms.service()),
+        }
+    }
+
+    fn topics(&self) -> Vec<String> {
+        match self.direction {
+            Direction::Forward => self.transforms.topics().into_iter().collect(),
+            Direction::Reverse => vec![crate::config::topics::changes_topic(self.transforms.service())],
+        }
+    }
+
+    /// The origin the batches' apply markers name: the service, for a service that can write
+    /// back (its own writes must be told from the service's); none for one that cannot.
+    fn origin(&self) -> Option<Origin> {
+        let writes_back = self.direction == Direction::Reverse || !self.transforms.written_back().is_empty();
+        writes_back.then(|| Origin { service: self.transforms.service().to_string(), collection: None })
+    }
+
     /// Runs until shutdown (finishing the batch at hand and committing) or a fatal error.
     pub async fn run(&self, shutdown: CancellationToken) -> Result<(), ConsumeError> {
-        let role = RoleId::Consume(self.transforms.service().to_string());
+        let role = self.role();
         let attempt = || async {
             let r = self.attempt(&shutdown).await;
             if r.is_err() {
@@ -94,14 +167,18 @@ impl<S: Sink> ServiceConsumer<S> {
 
     async fn attempt(&self, shutdown: &CancellationToken) -> Result<(), ConsumeError> {
         let service = self.transforms.service();
-        let group = group_id(service);
-        let role = RoleId::Consume(service.to_string());
-        let topics: Vec<String> = self.transforms.topics().into_iter().collect();
+        let group = self.group();
+        let role = self.role();
+        let topics = self.topics();
         // Claim this process's slot in the group before joining it (see `presence`).
         let Some(slot) = claim_slot(&self.store, &self.kafka, &group, shutdown).await? else { return Ok(()) };
-        let consumer = GroupConsumer::join(&self.kafka, &group, &topics, &format!("ficus-consume-{service}"))?;
+        let consumer = GroupConsumer::join(&self.kafka, &group, &topics, &format!("ficus-{role}"))?;
         let dlq = DeadLetters::new(&self.kafka, service)?;
-        info!(service, %group, topics = ?topics, "consuming");
+        let reports = match self.outbox {
+            Some(_) => Some(ConflictReports::new(&self.kafka, service)?),
+            None => None,
+        };
+        info!(service, %group, topics = ?topics, direction = ?self.direction, "consuming");
 
         let watching = shutdown.child_token();
         let keeper = tokio::spawn(crate::ops::presence::keep(
@@ -112,7 +189,7 @@ impl<S: Sink> ServiceConsumer<S> {
             watching.clone(),
         ));
         let result = tokio::select! {
-            r = self.consume_loop(&consumer, &dlq, &role, shutdown) => r,
+            r = self.consume_loop(&consumer, &dlq, reports.as_ref(), &role, shutdown) => r,
             kept = keeper_ended(&watching, keeper) => kept,
         };
         watching.cancel();
@@ -128,25 +205,56 @@ impl<S: Sink> ServiceConsumer<S> {
         &self,
         consumer: &GroupConsumer,
         dlq: &DeadLetters,
+        reports: Option<&ConflictReports>,
         role: &RoleId,
         shutdown: &CancellationToken,
     ) -> Result<(), ConsumeError> {
         let idle = |up| if up { self.health.beat(role) } else { self.health.disconnected(role) };
-        let applier = Applier {
-            transforms: &self.transforms,
-            sink: &self.sink,
-            rejects: Rejects::DeadLetter(dlq),
-            path: Path::Live,
-        };
+        let backward = Backward { transforms: self.transforms.clone() };
+        let origin = self.origin();
         while let Some(batch) =
             consumer.next_batch(self.settings.batch_max, self.settings.batch_wait, shutdown, idle).await?
         {
             let items: Vec<Item> = batch.iter().cloned().map(Item::delivered).collect();
-            applier.apply(&items, shutdown).await?;
+            let (sink, rejects, path) = (&self.sink, Rejects::DeadLetter(dlq), Path::Live);
+            match self.direction {
+                Direction::Forward => {
+                    // Each event is judged by the ownership of its own commit time, from a view
+                    // that has seen every change of ownership up to the batch's newest event.
+                    let ownership = match (&self.ownership, newest_change(&items)) {
+                        (Some(feed), Some(ts)) => {
+                            let view = feed.fresh(self.transforms.service(), Clock::Monolith, ts).await?;
+                            view.get(self.transforms.service()).cloned()
+                        }
+                        _ => None,
+                    };
+                    let forward = Forward { transforms: self.transforms.clone(), ownership };
+                    let applier = Applier { transformer: &forward, sink, rejects, path, origin: origin.clone() };
+                    applier.apply(&items, shutdown).await?
+                }
+                Direction::Reverse => {
+                    let applier = Applier { transformer: &backward, sink, rejects, path, origin: origin.clone() };
+                    applier.apply(&items, shutdown).await?
+                }
+            };
             consumer.store_offsets(&batch)?;
+            if let (Some(outbox), Some(reports)) = (&self.outbox, reports) {
+                relay_conflicts(outbox, reports, self.transforms.service()).await?;
+            }
         }
         Ok(())
     }
+}
+
+/// The newest commit time of a batch's events.
+fn newest_change(items: &[Item]) -> Option<bson::Timestamp> {
+    items
+        .iter()
+        .filter_map(|i| match &i.message {
+            Ok(crate::event::Message::Event(ev)) => Some(ev.position.cluster_time),
+            _ => None,
+        })
+        .max()
 }
 
 /// Claims this process's slot in `group` in the store's registry (see `presence`): the slot

@@ -9,12 +9,13 @@
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
-use super::{Applier, ConsumeError, Item, Path, Rejects, group_id};
+use super::direction::Transformer;
+use super::{Applier, ConsumeError, Item, Path, Rejects};
 use crate::bus::{DeadLetter, DeadLetters, Reader, StartAt};
 use crate::config::KafkaConfig;
 use crate::config::topics::dlq_topic;
+use crate::event::Origin;
 use crate::sink::Sink;
-use crate::transform::ServiceTransforms;
 
 /// What a re-drive did.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -27,20 +28,36 @@ pub struct RedriveReport {
     pub skipped: u64,
 }
 
-/// Re-drives `transforms`' dead letters into `sink`.
-pub async fn redrive_dead_letters<S: Sink>(
-    transforms: &ServiceTransforms,
-    sink: &S,
+/// What to re-drive: the dead letters of `topics` (the topics a direction reads), read in the
+/// group `<group>.dlq`, applied through `transformer` into `sink`, marked with `origin`.
+pub struct Redrive<'a, T, S> {
+    pub transformer: &'a T,
+    pub sink: &'a S,
+    pub topics: Vec<String>,
+    /// The consumer group of the direction (`ficus.<service>`, `ficus.<service>.reverse`).
+    pub group: String,
+    pub origin: Option<Origin>,
+}
+
+/// Re-drives a direction's dead letters.
+pub async fn redrive_dead_letters<T: Transformer, S: Sink>(
+    r: Redrive<'_, T, S>,
     kafka: &KafkaConfig,
     batch: usize,
     shutdown: &CancellationToken,
 ) -> Result<RedriveReport, ConsumeError> {
-    let service = transforms.service();
-    let group = format!("{}.dlq", group_id(service));
+    let service = r.transformer.service();
+    let group = format!("{}.dlq", r.group);
     let reader = Reader::new(kafka, &format!("ficus-dlq-replay-{service}"), Some(&group))?;
     let dlq = DeadLetters::new(kafka, service)?;
-    let applier = Applier { transforms, sink, rejects: Rejects::DeadLetter(&dlq), path: Path::Redrive };
-    let topics: Vec<String> = transforms.topics().iter().map(|t| dlq_topic(t)).collect();
+    let applier = Applier {
+        transformer: r.transformer,
+        sink: r.sink,
+        rejects: Rejects::DeadLetter(&dlq),
+        path: Path::Redrive,
+        origin: r.origin.clone(),
+    };
+    let topics: Vec<String> = r.topics.iter().map(|t| dlq_topic(t)).collect();
     let mut report = RedriveReport::default();
     reader
         .read_to_end(

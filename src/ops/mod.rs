@@ -33,6 +33,10 @@ pub enum RoleId {
     Consume(String),
     /// The archive.
     Archive,
+    /// A service database's tailer (reverse sync), while the service owns any of its keys.
+    ReverseTail(String),
+    /// A service's write-back consumer (reverse sync into the monolith).
+    WriteBack(String),
 }
 
 impl fmt::Display for RoleId {
@@ -41,6 +45,8 @@ impl fmt::Display for RoleId {
             RoleId::Tail => f.write_str("tail"),
             RoleId::Consume(service) => write!(f, "consume:{service}"),
             RoleId::Archive => f.write_str("archive"),
+            RoleId::ReverseTail(service) => write!(f, "reverse-tail:{service}"),
+            RoleId::WriteBack(service) => write!(f, "write-back:{service}"),
         }
     }
 }
@@ -74,6 +80,12 @@ impl Health {
     /// A role lost its connection (it is retrying).
     pub fn disconnected(&self, role: &RoleId) {
         self.set(role, false);
+    }
+
+    /// A role stopped on purpose (reverse sync for a service back at 0%): no longer watched.
+    pub fn forget(&self, role: &RoleId) {
+        self.roles.lock().unwrap_or_else(|p| p.into_inner()).remove(&role.to_string());
+        metrics::gauge!("ficus_role_ready", "role" => role.to_string()).set(1.0);
     }
 
     /// A role's watcher judged it stalled (`Some(why)`) or not (`None`).

@@ -1,5 +1,5 @@
 //! The target side: version-guarded, idempotent writes of transform output into a service
-//! database.
+//! database, and of a service's write-backs into the monolith.
 //!
 //! Every document ficus writes carries `_ficus: { v, src, event }`: `v` is the [`Version`] of
 //! the last message applied, `src` the source document it came from. A write only lands where
@@ -11,8 +11,11 @@
 //! aggregate in `_ficus_members_<collection>` and recompute the group document ([`rollup`]).
 //!
 //! - [`plan`]: the order a batch's writes take (pure);
+//! - [`merge`]: a non-owner's change merged into an owned document (pure), and [`conflicts`],
+//!   where what could not be merged is recorded;
 //! - [`rollup`]: a rollup's group document from its members (pure; `verify` computes the same);
-//! - [`MongoSink`]: the MongoDB adapter.
+//! - [`MongoSink`]: the MongoDB adapter;
+//! - [`MonolithSink`]: the monolith as the sink of reverse sync (write-backs).
 
 use std::future::Future;
 
@@ -22,11 +25,15 @@ use crate::event::{Message, Origin, Version};
 use crate::mongo::{self, ErrorClass};
 use crate::transform::WriteOp;
 
+pub mod conflicts;
+pub mod merge;
 mod mongo_sink;
+mod monolith;
 pub mod plan;
 pub mod rollup;
 
 pub use mongo_sink::MongoSink;
+pub use monolith::MonolithSink;
 
 /// The metadata field on every document ficus writes.
 pub const META: &str = "_ficus";
@@ -87,6 +94,12 @@ pub enum SinkError {
     Mongo(#[from] mongodb::error::Error),
     #[error("writing to {collection}: error {code}: {message}")]
     Write { collection: String, code: i32, message: String },
+    /// A write this sink does not take (a bug in the wiring, not in the data).
+    #[error("{0}")]
+    Unsupported(String),
+    /// A service document the reverse transforms cannot write back (names the field).
+    #[error(transparent)]
+    Reverse(#[from] crate::transform::ReverseError),
 }
 
 impl SinkError {
@@ -94,6 +107,16 @@ impl SinkError {
         match self {
             SinkError::Mongo(e) => mongo::classify(e),
             SinkError::Write { code, .. } => mongo::classify_code(*code),
+            SinkError::Unsupported(_) | SinkError::Reverse(_) => ErrorClass::Fatal,
+        }
+    }
+
+    /// Whether it means "run the whole transaction again" (see [`mongo::transaction_conflict`]).
+    pub fn is_conflict(&self) -> bool {
+        match self {
+            SinkError::Mongo(e) => mongo::transaction_conflict(e),
+            SinkError::Write { code, .. } => matches!(code, 112 | 251),
+            _ => false,
         }
     }
 }

@@ -10,12 +10,13 @@ use futures::TryStreamExt;
 use mongodb::options::{Acknowledgment, IndexOptions, WriteConcern};
 use mongodb::{Client, ClientSession, Database, IndexModel};
 
+use super::conflicts::{ConflictRecord, Outbox, Side, SideState};
 use super::plan::{Built, Plan, Step, Upsert, plan, retained_away};
 use super::rollup::GroupTally;
 use super::{MEMBERS_PREFIX, META, Marker, SNAPSHOTS, Sink, SinkError, TOMBSTONES, Versioned, doc_key};
 use crate::event::Version;
 use crate::mongo;
-use crate::transform::WriteOp;
+use crate::transform::{Base, WriteOp};
 
 /// The MongoDB sink for one service database.
 #[derive(Clone)]
@@ -513,6 +514,70 @@ impl MongoSink {
         Ok(())
     }
 
+    /// Merges a monolith change into a document the service owns (see [`super::merge`]), in the
+    /// batch's transaction (or one of its own): reads the owner's document, writes the merge
+    /// and records any conflict in the outbox, all or nothing. Version-guarded like an upsert:
+    /// a change already merged (or older than the document, or than its tombstone) does
+    /// nothing, so redelivery neither merges twice nor reports twice.
+    async fn merge(&self, s: &mut ClientSession, txn: bool, v: &Versioned, m: &Merge<'_>) -> Result<(), SinkError> {
+        if txn {
+            return self.merging(s, v, m).await;
+        }
+        let mut attempts = 0;
+        loop {
+            mongo::begin(s).await?;
+            let outcome = self.merging(s, v, m).await;
+            if let Some(done) = mongo::finish(s, outcome, &mut attempts, SinkError::is_conflict).await {
+                return done;
+            }
+        }
+    }
+
+    async fn merging(&self, s: &mut ClientSession, v: &Versioned, m: &Merge<'_>) -> Result<(), SinkError> {
+        let coll = self.db.collection::<Document>(m.collection);
+        let current = coll.find_one(doc! { "_id": m.id.clone() }).session(&mut *s).await?;
+        let held = current.as_ref().and_then(|d| d.get_document(META).ok()?.get_str("v").ok().map(str::to_string));
+        if held.as_deref().is_some_and(|h| h >= v.version.as_str()) {
+            return Ok(()); // merged already, or older than what the document holds
+        }
+        if current.is_none() {
+            let tombs = self.tombstones(s, m.collection, std::iter::once(m.id)).await?;
+            if tombs.get(&doc_key(m.collection, m.id)).is_some_and(|t| t.as_str() >= v.version.as_str()) {
+                return Ok(());
+            }
+        }
+        let merged = super::merge::merge(current.as_ref(), m.base, m.doc);
+        match (merged.write, &current) {
+            (Some(mut w), _) => {
+                w.insert("_id", m.id.clone());
+                w.insert(META, Self::meta(v));
+                coll.replace_one(doc! { "_id": m.id.clone() }, w).upsert(true).session(&mut *s).await?;
+            }
+            // Nothing taken, but the change is merged: the version says so.
+            (None, Some(_)) => {
+                coll.update_one(doc! { "_id": m.id.clone() }, doc! { "$set": { META: Self::meta(v) } })
+                    .session(&mut *s)
+                    .await?;
+            }
+            (None, None) => {}
+        }
+        if !merged.conflicts.is_empty() {
+            let record = ConflictRecord {
+                service: self.db.name().to_string(),
+                side: Side::Monolith,
+                collection: m.collection.to_string(),
+                id: m.id.clone(),
+                event: v.event_id.clone(),
+                fields: merged.conflicts,
+                owner: SideState { version: held, document: current },
+                other: SideState { version: Some(v.version.to_string()), document: m.doc.cloned() },
+                reason: None,
+            };
+            Outbox::new(&self.db).record(s, &record).await?;
+        }
+        Ok(())
+    }
+
     /// Everything after the upserts, in plan order, on one session.
     async fn rest(&self, s: &mut ClientSession, txn: bool, plan: &Plan<'_>) -> Result<(), SinkError> {
         for Step { by, op } in &plan.steps {
@@ -521,6 +586,15 @@ impl MongoSink {
                 WriteOp::Rollup { collection, group, member, count_field, distinct, group_fields } => {
                     let m = Membership { group: group.as_ref(), member, count_field, distinct, group_fields };
                     self.rollup(s, txn, by, collection, &m).await?
+                }
+                WriteOp::Merge { collection, id, doc, base } => {
+                    let m = Merge { collection, id, doc: doc.as_ref(), base };
+                    self.merge(s, txn, by, &m).await?
+                }
+                WriteOp::WriteBack { collection, .. } => {
+                    return Err(SinkError::Unsupported(format!(
+                        "a write-back of {collection} reached a service database's sink"
+                    )));
                 }
                 _ => {}
             }
@@ -538,15 +612,11 @@ impl MongoSink {
     async fn apply_marked(&self, batch: &[Versioned], marker: &Marker) -> Result<(), SinkError> {
         let plan = plan(batch);
         let mut s = self.client.start_session().await?;
-        let conflict = |e: &SinkError| match e {
-            SinkError::Mongo(e) => mongo::transaction_conflict(e),
-            SinkError::Write { code, .. } => matches!(code, 112 | 251),
-        };
         let mut attempts = 0;
         loop {
             mongo::begin(&mut s).await?;
             let outcome = self.marked(&mut s, &plan, marker).await;
-            if let Some(done) = mongo::finish(&mut s, outcome, &mut attempts, conflict).await {
+            if let Some(done) = mongo::finish(&mut s, outcome, &mut attempts, SinkError::is_conflict).await {
                 return done;
             }
         }
@@ -559,6 +629,14 @@ impl MongoSink {
         }
         self.rest(s, true, plan).await
     }
+}
+
+/// A merge into an owned document, as a [`WriteOp::Merge`] carries it.
+struct Merge<'a> {
+    collection: &'a str,
+    id: &'a Bson,
+    doc: Option<&'a Document>,
+    base: &'a Base,
 }
 
 /// One rollup membership change, as a [`WriteOp::Rollup`] carries it.

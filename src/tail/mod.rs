@@ -14,6 +14,7 @@ pub mod ack;
 pub mod checkpoint;
 pub mod echo;
 pub mod lease;
+pub mod reverse;
 pub mod role;
 mod snapshot;
 mod stream;
@@ -47,6 +48,8 @@ pub enum TailError {
     Reader(String),
     #[error("ficus's store (lease): {}", crate::mongo::describe(.0))]
     Store(#[from] mongodb::error::Error),
+    #[error(transparent)]
+    Ownership(#[from] crate::cutover::ownership::OwnershipError),
 }
 
 impl TailError {
@@ -58,6 +61,7 @@ impl TailError {
             TailError::Checkpoint(CheckpointError::Corrupt { .. } | CheckpointError::Fenced { .. }) => false,
             TailError::Reader(_) => true,
             TailError::Store(e) => crate::mongo::classify(e) == ErrorClass::Transient,
+            TailError::Ownership(e) => e.is_transient(),
         }
     }
 }
@@ -88,8 +92,9 @@ pub struct Tailer<S, P, C> {
 pub enum TailStart {
     /// Copy every collection, then stream from the point captured before the copy (the monolith).
     Snapshot,
-    /// Stream from now on, copying nothing (a service database, already in step).
-    Now,
+    /// Stream from this cluster time on, copying nothing (a service database, already in step,
+    /// from where the service began to own keys).
+    At(bson::Timestamp),
 }
 
 /// What a tailer does with a change ficus's own write caused.
@@ -103,8 +108,14 @@ pub enum Echoes {
 }
 
 /// Decides, per change, whether a tailer publishes it (the reverse tailer publishes only
-/// changes of documents the service owned when they were made).
-pub type Admit = Arc<dyn Fn(&ChangeRecord) -> bool + Send + Sync>;
+/// changes of documents the service owned when they were made). May wait (for a view of
+/// ownership recent enough to judge the change).
+pub trait Admission: Send + Sync {
+    fn admit<'a>(&'a self, record: &'a ChangeRecord) -> futures::future::BoxFuture<'a, Result<bool, TailError>>;
+}
+
+/// A tailer's admission policy.
+pub type Admit = Arc<dyn Admission>;
 
 impl<S: Source, P: Publisher + 'static, C: CheckpointStore> Tailer<S, P, C> {
     /// Runs until `shutdown` is cancelled (then drains, checkpoints and returns `Ok`) or a fatal
@@ -173,9 +184,9 @@ impl<S: Source, P: Publisher + 'static, C: CheckpointStore> Tailer<S, P, C> {
                     copied: 0,
                 })
             }
-            TailStart::Now => {
-                info!(source = %self.source_name, start = ?start_time, "no checkpoint: streaming from now on");
-                TailPhase::Stream(checkpoint::StreamPosition { resume_token: None, cluster_time: start_time, index: 0 })
+            TailStart::At(at) => {
+                info!(source = %self.source_name, start = ?at, "no checkpoint: streaming from where ownership began");
+                TailPhase::Stream(checkpoint::StreamPosition { resume_token: None, cluster_time: at, index: 0 })
             }
         };
         let state = TailState {
@@ -358,8 +369,14 @@ mod tests {
         let topics = crate::config::topics::load(&repo("topics")).unwrap();
         let transforms = load_service(&repo("transforms/customers_db"), &topics).unwrap();
         let sink = MemorySink::default();
-        let applier =
-            Applier { transforms: &transforms, sink: &sink, rejects: Rejects::Count, path: ApplyPath::Replay };
+        let forward = crate::consume::Forward::new(Arc::new(transforms));
+        let applier = Applier {
+            transformer: &forward,
+            sink: &sink,
+            rejects: Rejects::Count,
+            path: ApplyPath::Replay,
+            origin: None,
+        };
         let items: Vec<Item> = published
             .into_iter()
             .enumerate()

@@ -32,55 +32,89 @@ impl TailRole {
         let cfg = &self.cfg;
         let store_client = crate::mongo::connect(&cfg.store.uri, "tail").await?;
         let store = store_client.database(&cfg.store.db);
-        let lease = Lease::new(&store, &cfg.source.name, &holder_id(), cfg.tail.lease_ttl);
         let collections: Vec<String> = self.topics.collections().map(String::from).collect();
         let source = MongoSource::connect(&cfg.source.uri, &cfg.source.db, collections).await?;
-        loop {
-            // The store may not be reachable yet: waiting for it is what a tailer should do.
-            let transient =
-                |e: &mongodb::error::Error| crate::mongo::classify(e) == crate::mongo::ErrorClass::Transient;
-            let acquired =
-                crate::retry::with_backoff("tail", &shutdown, || lease.acquire(&shutdown, &self.health), transient);
-            let Some(epoch) = acquired.await? else { return Ok(()) };
-            let active = shutdown.child_token();
-            let renewal = tokio::spawn(keep_lease(lease.clone(), epoch, active.clone()));
-            let publisher = Arc::new(KafkaPublisher::new(&cfg.kafka, &format!("ficus-tail-{}", cfg.source.name))?);
+        let mut resnapshot = std::mem::take(&mut self.resnapshot);
+        let (health, topics) = (self.health.clone(), self.topics.clone());
+        with_lease(&store, &cfg.source.name, cfg.tail.lease_ttl, &self.health, &shutdown, |epoch, active| {
             let tailer = Tailer {
                 source_name: cfg.source.name.clone(),
-                topics: self.topics.clone(),
+                topics: topics.clone(),
                 source: source.clone(),
-                publisher: publisher.clone(),
+                publisher: Arc::new(KafkaPublisher::new(&cfg.kafka, &format!("ficus-tail-{}", cfg.source.name))?),
                 checkpoints: MongoCheckpoints::new(&store),
                 tail: cfg.tail.clone(),
                 snapshot: cfg.snapshot.clone(),
                 epoch: Some(epoch),
-                health: self.health.clone(),
+                health: health.clone(),
                 role: RoleId::Tail,
                 start: TailStart::Snapshot,
                 echoes: Echoes::Publish,
                 admit: None,
             };
-            let result = tailer.run(active.clone(), std::mem::take(&mut self.resnapshot)).await;
-            renewal.abort();
-            // Everything handed to Kafka was awaited by the tailer; flush is a last guard.
-            let _ = tokio::task::spawn_blocking(move || publisher.flush(Duration::from_secs(10))).await;
-            match result {
-                Ok(()) if shutdown.is_cancelled() => {
-                    let _ = lease.release(epoch).await;
-                    return Ok(());
-                }
-                // Lost the lease (or the store while holding it): stand by and try again.
-                Ok(()) | Err(TailError::Checkpoint(CheckpointError::Fenced { .. })) => {
-                    warn!(source = %cfg.source.name, "lost the lease; standing by");
-                    metrics::gauge!("ficus_lease_held", "source" => cfg.source.name.clone()).set(0.0);
-                }
-                Err(e) if e.is_transient() && !shutdown.is_cancelled() => {
-                    warn!(source = %cfg.source.name, error = %e, "tailer stopped on a transient error after losing its lease; standing by");
-                }
-                Err(e) => {
-                    let _ = lease.release(epoch).await;
-                    return Err(e);
-                }
+            let fresh = std::mem::take(&mut resnapshot);
+            Ok(async move { tailer.run_then_flush(active, fresh).await })
+        })
+        .await
+    }
+}
+
+impl<S: crate::source::Source, P: Publisher + 'static, C: super::checkpoint::CheckpointStore> Tailer<S, P, C> {
+    /// Runs, then flushes the publisher (everything handed over was awaited; a last guard).
+    pub(super) async fn run_then_flush(self, active: CancellationToken, resnapshot: bool) -> Result<(), TailError> {
+        let result = self.run(active, resnapshot).await;
+        let publisher = self.publisher.clone();
+        let _ = tokio::task::spawn_blocking(move || publisher.flush(Duration::from_secs(10))).await;
+        result
+    }
+}
+
+/// Holds the lease on `name` and runs what `tail` makes with it: waits for the lease (the
+/// store may not be reachable yet: waiting is what a tailer should do), runs while holding it,
+/// stands by again if it is lost (a paused process whose lease expired), and releases it on a
+/// clean stop so a standby takes over at once. `tail` gets the lease epoch and a token that is
+/// cancelled on `shutdown` (then the lease is released and this returns) or when the lease is
+/// lost.
+pub(super) async fn with_lease<F, Fut>(
+    store: &mongodb::Database,
+    name: &str,
+    ttl: Duration,
+    health: &Health,
+    shutdown: &CancellationToken,
+    mut tail: F,
+) -> Result<(), TailError>
+where
+    F: FnMut(i64, CancellationToken) -> Result<Fut, TailError>,
+    Fut: std::future::Future<Output = Result<(), TailError>>,
+{
+    let lease = Lease::new(store, name, &holder_id(), ttl);
+    loop {
+        let transient = |e: &mongodb::error::Error| crate::mongo::classify(e) == crate::mongo::ErrorClass::Transient;
+        let acquired = crate::retry::with_backoff("tail", shutdown, || lease.acquire(shutdown, health), transient);
+        let Some(epoch) = acquired.await? else { return Ok(()) };
+        let active = shutdown.child_token();
+        let renewal = tokio::spawn(keep_lease(lease.clone(), epoch, active.clone()));
+        let result = match tail(epoch, active.clone()) {
+            Ok(run) => run.await,
+            Err(e) => Err(e),
+        };
+        renewal.abort();
+        match result {
+            Ok(()) if shutdown.is_cancelled() => {
+                let _ = lease.release(epoch).await;
+                return Ok(());
+            }
+            // Lost the lease (or the store while holding it): stand by and try again.
+            Ok(()) | Err(TailError::Checkpoint(CheckpointError::Fenced { .. })) => {
+                warn!(source = %name, "lost the lease; standing by");
+                metrics::gauge!("ficus_lease_held", "source" => name.to_string()).set(0.0);
+            }
+            Err(e) if e.is_transient() && !shutdown.is_cancelled() => {
+                warn!(source = %name, error = %e, "tailer stopped on a transient error after losing its lease; standing by");
+            }
+            Err(e) => {
+                let _ = lease.release(epoch).await;
+                return Err(e);
             }
         }
     }

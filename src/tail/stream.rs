@@ -73,7 +73,7 @@ impl<S: Source, P: Publisher + 'static, C: CheckpointStore> Tailer<S, P, C> {
             reader_stop.clone(),
             pos.cluster_time,
             pos.index,
-            (self.health.clone(), self.role.clone()),
+            (self.health.clone(), self.role.clone(), self.source_name.clone()),
         ));
 
         let topics_by_coll: HashMap<&str, &str> =
@@ -124,11 +124,17 @@ impl<S: Source, P: Publisher + 'static, C: CheckpointStore> Tailer<S, P, C> {
                                 window.push(c, 0);
                                 continue;
                             }
-                            if self.admit.as_ref().is_some_and(|admit| !admit(&record)) {
-                                window.push(c, 0);
-                                continue;
+                            if let Some(admit) = &self.admit {
+                                match admit.admit(&record).await {
+                                    Ok(true) => {}
+                                    Ok(false) => {
+                                        window.push(c, 0);
+                                        continue;
+                                    }
+                                    Err(e) => break Err(e),
+                                }
                             }
-                            metrics::counter!("ficus_tail_changes_read_total", "collection" => record.collection.clone()).increment(1);
+                            metrics::counter!("ficus_tail_changes_read_total", "source" => self.source_name.clone(), "collection" => record.collection.clone()).increment(1);
                             let Some(topic) = topics_by_coll.get(record.collection.as_str()).copied() else {
                                 window.push(c, 0);
                                 continue;
@@ -154,7 +160,7 @@ impl<S: Source, P: Publisher + 'static, C: CheckpointStore> Tailer<S, P, C> {
                     }
                     if let Some(t) = state.token_time {
                         let age = DateTime::now().saturating_duration_since(t).as_secs_f64();
-                        metrics::gauge!("ficus_tail_checkpoint_age_seconds").set(age);
+                        metrics::gauge!("ficus_tail_checkpoint_age_seconds", "source" => self.source_name.clone()).set(age);
                     }
                     if dirty {
                         if let Err(e) = self.save_stream(state, covered.as_ref()).await { break Err(e); }
@@ -214,7 +220,7 @@ impl<S: Source, P: Publisher + 'static, C: CheckpointStore> Tailer<S, P, C> {
         }
         state.token_time = Some(c.token_time);
         self.save(state).await?;
-        metrics::counter!("ficus_tail_checkpoints_total").increment(1);
+        metrics::counter!("ficus_tail_checkpoints_total", "source" => self.source_name.clone()).increment(1);
         Ok(())
     }
 }
@@ -227,8 +233,9 @@ async fn read_changes(
     stop: CancellationToken,
     mut last_time: Timestamp,
     mut last_index: u32,
-    (health, role): (Health, RoleId),
+    (health, role, source): (Health, RoleId, String),
 ) -> Result<(), SourceError> {
+    let lag = metrics::gauge!("ficus_tail_lag_seconds", "source" => source);
     while !stop.is_cancelled() {
         let next = feed.next_change().await;
         if next.is_ok() {
@@ -239,14 +246,14 @@ async fn read_changes(
                 record.index = if record.cluster_time == last_time { last_index + 1 } else { 1 };
                 last_time = record.cluster_time;
                 last_index = record.index;
-                metrics::gauge!("ficus_tail_lag_seconds").set(crate::ops::age_seconds(last_time.time));
+                lag.set(crate::ops::age_seconds(last_time.time));
                 if tx.send(Item::Change { record: Box::new(record), token }).await.is_err() {
                     return Ok(());
                 }
             }
             Ok(None) => {
                 // Nothing new: the stream is caught up with the source.
-                metrics::gauge!("ficus_tail_lag_seconds").set(0.0);
+                lag.set(0.0);
                 if let Some(token) = feed.resume_token()?
                     && tx.send(Item::Quiet { token, at: DateTime::now() }).await.is_err()
                 {

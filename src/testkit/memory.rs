@@ -19,7 +19,7 @@ use crate::sink::rollup::GroupTally;
 use crate::sink::{Sink, SinkError, Versioned};
 use crate::source::{ChangeFeed, Source, SourceError, StartAt};
 use crate::tail::checkpoint::{CheckpointError, CheckpointStore, TailState};
-use crate::transform::WriteOp;
+use crate::transform::{Base, WriteOp};
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
@@ -266,6 +266,7 @@ struct SinkState {
     tombstones: HashMap<(String, String), Version>,
     members: HashMap<String, BTreeMap<String, Member>>,
     snapshots: HashMap<(String, String, Version), (BTreeSet<i32>, bool)>,
+    conflicts: Vec<(String, Bson, Vec<crate::sink::merge::FieldConflict>)>,
 }
 
 /// A service database in memory, with the MongoDB sink's promises.
@@ -289,7 +290,41 @@ impl MemorySink {
     }
 }
 
+impl MemorySink {
+    /// The conflicts merges recorded: collection, document `_id`, fields.
+    pub fn conflicts(&self) -> Vec<(String, Bson, Vec<crate::sink::merge::FieldConflict>)> {
+        lock(&self.0).conflicts.clone()
+    }
+}
+
 impl SinkState {
+    fn merge(&mut self, v: &Versioned, collection: &str, id: &Bson, theirs: Option<&Document>, base: &Base) {
+        let key = id.to_string();
+        let current = self.docs.get(collection).and_then(|c| c.get(&key)).cloned();
+        if current.as_ref().is_some_and(|d| d.version >= v.version)
+            || (current.is_none()
+                && self.tombstones.get(&(collection.to_string(), key.clone())).is_some_and(|t| *t >= v.version))
+        {
+            return;
+        }
+        let merged = crate::sink::merge::merge(current.as_ref().map(|d| &d.doc), base, theirs);
+        let source = (v.source_collection.clone(), v.source_id.clone());
+        match (merged.write, current) {
+            (Some(doc), _) => {
+                let stored = Stored { id: id.clone(), doc, version: v.version.clone(), source };
+                self.docs.entry(collection.to_string()).or_default().insert(key, stored);
+            }
+            (None, Some(mut d)) => {
+                d.version = v.version.clone();
+                self.docs.entry(collection.to_string()).or_default().insert(key, d);
+            }
+            (None, None) => {}
+        }
+        if !merged.conflicts.is_empty() {
+            self.conflicts.push((collection.to_string(), id.clone(), merged.conflicts));
+        }
+    }
+
     fn upsert(&mut self, v: &Versioned, collection: &str, id: &Bson, doc: &Document) {
         let key = id.to_string();
         if self.tombstones.get(&(collection.to_string(), key.clone())).is_some_and(|t| *t >= v.version) {
@@ -433,6 +468,10 @@ impl Sink for MemorySink {
                     }
                 }
                 WriteOp::Rollup { collection, .. } => s.rollup(by, collection, op),
+                WriteOp::Merge { collection, id, doc, base } => s.merge(by, collection, id, doc.as_ref(), base),
+                WriteOp::WriteBack { collection, .. } => {
+                    return Err(SinkError::Unsupported(format!("a write-back of {collection} reached a service sink")));
+                }
                 _ => {}
             }
         }

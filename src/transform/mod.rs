@@ -103,9 +103,41 @@ pub enum WriteOp {
     /// documents `keep` names stay; the others (elements pulled, replaced away, filtered out)
     /// are removed as a delete would, unless they are newer than this event.
     Retain { collection: String, keep: Vec<Bson> },
+    /// A document the service owns (see `cutover`) changed on the monolith's side: the
+    /// forward write is merged field by field instead of overwriting what the owner holds.
+    /// `doc` is the target document the monolith's new state makes (`None`: the monolith
+    /// deleted it), `base` what its previous state made, the last point both sides agreed on.
+    Merge { collection: String, id: Bson, doc: Option<Document>, base: Base },
+    /// Reverse sync: a change of a service document, to be written back into the monolith
+    /// through the reverse of the transform that writes `collection` (the service collection).
+    WriteBack { collection: String, change: Box<crate::event::EventData> },
+}
+
+/// What the monolith's side last agreed with the owner on, for a [`WriteOp::Merge`].
+#[derive(Debug, Clone, PartialEq)]
+pub enum Base {
+    /// The document is new to the monolith's side (an insert): nothing to agree on.
+    New,
+    /// The target document the monolith's previous state made.
+    Was(Document),
+    /// Unknown (no pre-image): every field the two sides hold differently is a conflict.
+    Unknown,
 }
 
 impl WriteOp {
+    /// The collection the write is for.
+    pub fn collection(&self) -> &str {
+        match self {
+            WriteOp::Upsert { collection, .. }
+            | WriteOp::Delete { collection, .. }
+            | WriteOp::Rollup { collection, .. }
+            | WriteOp::Sweep { collection, .. }
+            | WriteOp::Retain { collection, .. }
+            | WriteOp::Merge { collection, .. }
+            | WriteOp::WriteBack { collection, .. } => collection,
+        }
+    }
+
     /// The write as one document, `{ op: "upsert" | "delete" | "rollup", collection, … }` with
     /// absent options as null: the shape of the golden fixtures, and readable in logs.
     pub fn to_document(&self) -> Document {
@@ -133,6 +165,17 @@ impl WriteOp {
             }
             WriteOp::Retain { collection, keep } => {
                 doc! { "op": "retain", "collection": collection, "keep": keep.clone() }
+            }
+            WriteOp::Merge { collection, id, doc, base } => {
+                let base = match base {
+                    Base::New => Bson::String("new".into()),
+                    Base::Unknown => Bson::String("unknown".into()),
+                    Base::Was(d) => Bson::Document(d.clone()),
+                };
+                doc! { "op": "merge", "collection": collection, "id": id.clone(), "doc": doc.clone(), "base": base }
+            }
+            WriteOp::WriteBack { collection, change } => {
+                doc! { "op": "writeBack", "collection": collection, "change": change.op.as_str(), "id": change.document_id.clone() }
             }
         }
     }
@@ -178,6 +221,20 @@ impl ServiceTransforms {
     /// aggregate key unless the transforms name another); `None` when no transform reads it.
     pub fn route(&self, source_collection: &str) -> Option<&str> {
         self.transforms.iter().find(|t| t.source_collection == source_collection).map(|t| t.route.as_str())
+    }
+
+    /// The routing key of the document an event is about (see `cutover::route`): its route
+    /// field in the document after (or, for a delete, before) the change, or the aggregate key
+    /// when that is the route. `None` when no transform of this service reads the collection or
+    /// the document has no routing key (the monolith owns it then).
+    pub fn route_of(&self, ev: &CanonicalEvent) -> Option<Bson> {
+        let t = self.transforms.iter().find(|t| t.source_collection == ev.data.collection)?;
+        let image = ev.data.after.as_ref().or(ev.data.before.as_ref());
+        match image.and_then(|d| crate::event::mapping::get_path(d, &t.route)) {
+            Some(v) => Some(v.clone()),
+            None if t.route == t.def.key => Some(ev.data.key.clone()),
+            None => None,
+        }
     }
 
     /// Why the service cannot take over writes (`ficus cutover` refuses): a collection written
@@ -233,6 +290,16 @@ impl ServiceTransforms {
             invert::Reversal::Document(plan) => Some(Reverse { t, plan }),
             invert::Reversal::Derived(_) => None,
         }
+    }
+
+    /// The service collections written back to the monolith (those with a reverse), in order.
+    pub fn written_back(&self) -> Vec<&str> {
+        self.collections_in_order().filter(|c| self.reverse_for(c).is_some()).collect()
+    }
+
+    fn collections_in_order(&self) -> impl Iterator<Item = &str> {
+        let mut seen = BTreeSet::new();
+        self.transforms.iter().map(|t| t.collection.as_str()).filter(move |c| seen.insert(*c))
     }
 
     /// What live traffic writes for a snapshot copy of `doc` (a document of `def`'s collection

@@ -151,6 +151,29 @@ impl Patch {
     }
 }
 
+/// What changed from `before` to `after`, as an update would say it: dotted paths set (into
+/// sub-documents present on both sides; arrays and other values whole) and paths removed.
+fn diff(before: &Document, after: &Document) -> (Document, Vec<String>) {
+    fn walk(b: &Document, a: &Document, at: &str, set: &mut Document, removed: &mut Vec<String>) {
+        for (k, av) in a {
+            let path = if at.is_empty() { k.clone() } else { format!("{at}.{k}") };
+            match (b.get(k), av) {
+                (Some(Bson::Document(bd)), Bson::Document(ad)) => walk(bd, ad, &path, set, removed),
+                (Some(bv), av) if bv == av => {}
+                _ => {
+                    set.insert(path, av.clone());
+                }
+            }
+        }
+        for k in b.keys().filter(|k| !a.contains_key(*k)) {
+            removed.push(if at.is_empty() { k.clone() } else { format!("{at}.{k}") });
+        }
+    }
+    let (mut set, mut removed) = (Document::new(), Vec::new());
+    walk(before, after, "", &mut set, &mut removed);
+    (set, removed)
+}
+
 /// Sets a dotted path the way `$set` does.
 pub(super) fn set_path(doc: &mut Document, path: &str, value: Bson) -> Result<(), String> {
     let segments: Vec<&str> = path.split('.').collect();
@@ -388,6 +411,45 @@ impl<'a> Reverse<'a> {
         patch.apply_to(&mut patched)?;
         self.check(&patched, service, &mut patch)?;
         Ok(patch)
+    }
+
+    /// The `_id` a monolith document created from a service document takes: the service's
+    /// `_id` where the transform keys by the monolith's `_id`; `None` (a fresh one) otherwise.
+    pub fn insert_id(&self, service: &Document) -> Option<Bson> {
+        match self.t.target {
+            Target::Document { key: Key::SourceId, .. } => service.get("_id").cloned(),
+            _ => None,
+        }
+    }
+
+    /// What a service change says about the monolith document as it is now: the service's own
+    /// changes (an update's fields, or what a replace changed against its pre-image) laid over
+    /// the service-shaped image of the monolith's current document, so that [`Reverse::put`]
+    /// writes back exactly what the service changed and leaves every other field as the
+    /// monolith has it, concurrent monolith changes included. The whole document after the
+    /// change where there is nothing to lay it over (an insert, no monolith document, no
+    /// pre-image, a monolith document outside the target).
+    pub fn rebase(&self, monolith: Option<&Document>, change: &crate::event::EventData) -> Option<Document> {
+        let after = change.after.as_ref()?;
+        let image = match monolith.map(|m| self.image(m)) {
+            Some(Ok(Some(image))) => image,
+            _ => return Some(after.clone()),
+        };
+        let (changed, removed) = match (change.op, &change.changed, &change.before) {
+            (crate::event::Op::Update, Some(changed), _) => (changed.clone(), change.removed.clone()),
+            (crate::event::Op::Replace | crate::event::Op::Update, _, Some(before)) => diff(before, after),
+            _ => return Some(after.clone()),
+        };
+        let mut out = image;
+        for (path, value) in changed {
+            if set_path(&mut out, &path, value).is_err() {
+                return Some(after.clone()); // the shapes differ too much to lay one over the other
+            }
+        }
+        for path in removed {
+            unset_path(&mut out, &path);
+        }
+        Some(out)
     }
 
     fn error(&self, field: &str, value: Option<&Bson>, reason: impl Into<String>) -> ReverseError {

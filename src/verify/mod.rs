@@ -120,7 +120,9 @@ impl Expected<'_> {
                 WriteOp::Rollup { group: None, .. }
                 | WriteOp::Delete { .. }
                 | WriteOp::Sweep { .. }
-                | WriteOp::Retain { .. } => {}
+                | WriteOp::Retain { .. }
+                | WriteOp::Merge { .. }
+                | WriteOp::WriteBack { .. } => {}
             }
         }
         if pending.len() >= BATCH {

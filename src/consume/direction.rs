@@ -1,0 +1,244 @@
+//! The two directions of the one apply path: what a message becomes before the sink writes it.
+//!
+//! - [`Forward`]: a monolith event → the service's writes, by its transforms; then, for a
+//!   service that has taken over some of its aggregates (`cutover`), a write into a document
+//!   the service owns becomes a field-by-field merge, and the echo of the service's own
+//!   write-back is skipped by the one target that caused it (every other target reads it).
+//! - [`Backward`]: a service event (`<service>.changes`) → a write-back into the monolith,
+//!   through the reverse of the transform that writes its collection.
+//!
+//! Both are pure: the same message and ownership always give the same writes.
+
+use std::sync::Arc;
+
+use crate::cutover::ownership::{Clock, Ownership};
+use crate::cutover::route;
+use crate::event::{CanonicalEvent, Message, Op};
+use crate::transform::{Base, Reverse, ServiceTransforms, TransformError, WriteOp};
+
+/// Turns one message into the writes its sink applies.
+pub trait Transformer: Send + Sync {
+    /// The service whose writes these are.
+    fn service(&self) -> &str;
+    /// The writes a message calls for; an error is permanent (the message is dead-lettered).
+    fn transform(&self, m: &Message) -> Result<Vec<WriteOp>, TransformError>;
+}
+
+/// Monolith events into a service database.
+#[derive(Clone)]
+pub struct Forward {
+    pub transforms: Arc<ServiceTransforms>,
+    /// The service's ownership record, if it ever had one (none: the monolith owns all).
+    pub ownership: Option<Ownership>,
+}
+
+impl Forward {
+    /// The transforms alone: the monolith owns everything.
+    pub fn new(transforms: Arc<ServiceTransforms>) -> Self {
+        Forward { transforms, ownership: None }
+    }
+
+    /// Whether the service owned the event's document when the monolith committed the change.
+    pub fn owned(&self, ev: &CanonicalEvent) -> bool {
+        let Some(o) = &self.ownership else { return false };
+        let percent = o.percent_at(Clock::Monolith, ev.position.cluster_time);
+        percent > 0 && self.transforms.route_of(ev).is_some_and(|key| route::owns(percent, route::bucket_of(&key)))
+    }
+
+    /// Settles an event's writes with ownership and echoes (see the module header).
+    fn settle(&self, ev: &CanonicalEvent, ops: Vec<WriteOp>) -> Vec<WriteOp> {
+        let service = self.transforms.service();
+        let echo_of = ev.origin.as_ref().filter(|o| o.service == service).and_then(|o| o.collection.as_deref());
+        let owned = self.owned(ev);
+        let mut out = Vec::with_capacity(ops.len());
+        for op in ops {
+            if echo_of == Some(op.collection()) {
+                metrics::counter!("ficus_echoes_skipped_total", "service" => service.to_string(), "side" => "consume")
+                    .increment(1);
+                continue;
+            }
+            let reverse = if owned { self.transforms.reverse_for(op.collection()) } else { None };
+            match (op, reverse) {
+                (op, None) => out.push(op),
+                (op, Some(r)) if r.source_collection() != ev.data.collection => out.push(op),
+                (WriteOp::Upsert { collection, id, doc }, Some(r)) => {
+                    out.push(WriteOp::Merge { collection, id, doc: Some(doc), base: base(&r, ev) })
+                }
+                (WriteOp::Delete { collection, id: Some(id) }, Some(r)) => {
+                    out.push(WriteOp::Merge { collection, id, doc: None, base: base(&r, ev) })
+                }
+                (WriteOp::Delete { collection, id: None }, Some(_)) => {
+                    // Without a pre-image the document is unknown; the owner's state stands.
+                    tracing::warn!(%service, %collection, event = %ev.id, "a monolith delete of an owned document without a pre-image: not applied (enable pre-images)");
+                    metrics::counter!("ficus_conflicts_total", "service" => service.to_string(), "side" => "monolith")
+                        .increment(1);
+                }
+                (op, Some(_)) => out.push(op),
+            }
+        }
+        out
+    }
+}
+
+/// What the monolith's side held before the change, as the service's document.
+fn base(r: &Reverse<'_>, ev: &CanonicalEvent) -> Base {
+    match (ev.data.op, &ev.data.before) {
+        (Op::Insert, _) => Base::New,
+        (Op::Snapshot, _) | (_, None) => Base::Unknown,
+        (_, Some(before)) => match r.image(before) {
+            Ok(Some(d)) => Base::Was(d),
+            Ok(None) => Base::New, // it was outside the target (`when`)
+            Err(_) => Base::Unknown,
+        },
+    }
+}
+
+impl Transformer for Forward {
+    fn service(&self) -> &str {
+        self.transforms.service()
+    }
+
+    fn transform(&self, m: &Message) -> Result<Vec<WriteOp>, TransformError> {
+        let ops = self.transforms.apply_message(m)?;
+        Ok(match m {
+            Message::Event(ev) if self.ownership.is_some() || ev.origin.is_some() => self.settle(ev, ops),
+            _ => ops,
+        })
+    }
+}
+
+/// Service events into the monolith (reverse sync).
+#[derive(Clone)]
+pub struct Backward {
+    pub transforms: Arc<ServiceTransforms>,
+}
+
+impl Transformer for Backward {
+    fn service(&self) -> &str {
+        self.transforms.service()
+    }
+
+    fn transform(&self, m: &Message) -> Result<Vec<WriteOp>, TransformError> {
+        let Message::Event(ev) = m else { return Ok(Vec::new()) };
+        let collection = &ev.data.collection;
+        if self.transforms.reverse_for(collection).is_none() {
+            return Err(TransformError {
+                file: format!("transforms/{}", self.transforms.service()).into(),
+                transform: collection.clone(),
+                field: "(collection)".into(),
+                reason: format!("{collection} is not written back to the monolith (no reverse)"),
+            });
+        }
+        Ok(vec![WriteOp::WriteBack { collection: collection.clone(), change: Box::new(ev.data.clone()) }])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use bson::{Bson, DateTime, Timestamp, doc};
+
+    use super::*;
+    use crate::cutover::ownership::Step;
+    use crate::event::Origin;
+    use crate::event::mapping::{ChangeRecord, map_change};
+
+    fn repo(p: &str) -> std::path::PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join(p)
+    }
+
+    fn customers() -> Arc<ServiceTransforms> {
+        let topics = crate::config::topics::load(&repo("topics")).unwrap();
+        Arc::new(crate::transform::load_service(&repo("transforms/customers_db"), &topics).unwrap())
+    }
+
+    fn customer(user: &str, name: &str) -> bson::Document {
+        doc! { "_id": format!("id-{user}"), "user_id": user, "name": name, "ltv": "1.00", "purchases": [] }
+    }
+
+    /// An update of a customer committed at `time`, with its pre-image.
+    fn update(user: &str, before: &str, after: &str, time: u32) -> CanonicalEvent {
+        let topics = crate::config::topics::load(&repo("topics")).unwrap();
+        let mut r = ChangeRecord::snapshot("customers", customer(user, after), Timestamp { time, increment: 1 });
+        r.op = Op::Update;
+        r.before = Some(customer(user, before));
+        r.index = 1;
+        map_change(topics.for_collection("customers").unwrap(), "linechatbot", r).events.remove(0)
+    }
+
+    fn at(percent: u8, time: u32) -> Ownership {
+        let ts = Timestamp { time, increment: 0 };
+        Ownership {
+            service: "customers_db".into(),
+            epoch: 1,
+            percent,
+            history: vec![Step {
+                epoch: 1,
+                percent,
+                at_monolith: ts,
+                at_service: ts,
+                set_at: DateTime::now(),
+                forced: true,
+                pending: false,
+            }],
+            updated: DateTime::now(),
+        }
+    }
+
+    /// Two users on either side of 50%: bucket("U-owned-3") < 50 <= bucket("U-free-0").
+    fn users() -> (String, String) {
+        let find = |prefix: &str, owned: bool| {
+            (0..).map(|i| format!("{prefix}-{i}")).find(|k| (route::bucket(k) < 50) == owned).unwrap()
+        };
+        (find("U-owned", true), find("U-free", false))
+    }
+
+    #[test]
+    fn owned_documents_merge_others_upsert_and_ownership_is_judged_at_the_change() {
+        let f = Forward { transforms: customers(), ownership: Some(at(50, 100)) };
+        let (owned, free) = users();
+        let kinds = |ev: &CanonicalEvent| {
+            f.transform(&Message::Event(ev.clone()))
+                .unwrap()
+                .iter()
+                .filter(|op| op.collection() == "customers")
+                .map(|op| op.to_document().get_str("op").unwrap().to_string())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(kinds(&update(&owned, "a", "b", 200)), ["merge"]);
+        assert_eq!(kinds(&update(&free, "a", "b", 200)), ["upsert"]);
+        // Committed before the cutover: the monolith still owned it then.
+        assert_eq!(kinds(&update(&owned, "a", "b", 50)), ["upsert"]);
+        // The merge's base is what the monolith's previous state made.
+        let ops = f.transform(&Message::Event(update(&owned, "a", "b", 200))).unwrap();
+        let merge = ops.iter().find(|op| op.collection() == "customers");
+        let Some(WriteOp::Merge { base: Base::Was(b), doc: Some(d), .. }) = merge else { panic!("{ops:?}") };
+        assert_ne!(b, d);
+        // No ownership record: plain upserts.
+        assert_eq!(
+            Forward::new(customers()).transform(&Message::Event(update(&owned, "a", "b", 200))).unwrap().len(),
+            ops.len()
+        );
+    }
+
+    #[test]
+    fn only_the_target_that_caused_an_echo_skips_it() {
+        let f = Forward::new(customers());
+        let mut echo = update("U1", "a", "b", 200);
+        echo.data.after.as_mut().unwrap().insert(
+            "purchases",
+            vec![Bson::Document(doc! { "id": "P1", "product_id": "SKU-1", "amount": "10.50", "currency": "THB" })],
+        );
+        let all = f.transform(&Message::Event(echo.clone())).unwrap();
+        echo.origin = Some(Origin { service: "customers_db".into(), collection: Some("customers".into()) });
+        let rest = f.transform(&Message::Event(echo.clone())).unwrap();
+        assert!(all.iter().any(|op| op.collection() == "customers"));
+        assert!(rest.iter().all(|op| op.collection() != "customers"), "{rest:?}");
+        assert_eq!(rest.len(), all.iter().filter(|op| op.collection() != "customers").count());
+        assert!(!rest.is_empty(), "customer_events still reads the write-back");
+        // Another service's echo is input like any other change.
+        echo.origin = Some(Origin { service: "conversations_db".into(), collection: Some("customers".into()) });
+        assert_eq!(f.transform(&Message::Event(echo)).unwrap(), all);
+    }
+}

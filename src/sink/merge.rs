@@ -1,0 +1,200 @@
+//! The three-way merge of a non-owner's change into an owned document (pure).
+//!
+//! Once a service owns an aggregate (see `cutover`), the monolith is no longer its writer, but
+//! the monolith's application may still change it (a cut-over customer's stats). Such a change
+//! is not applied over the owner's document: it is merged field by field against the last
+//! state both sides agreed on (`base`, what the monolith's previous state made):
+//!
+//! - a field the owner has not changed since then takes the new value;
+//! - a field only the owner changed keeps the owner's value;
+//! - a field both changed, to different values, is a **conflict**: the owner's value wins and
+//!   both are reported, never silently dropped.
+//!
+//! Sub-documents merge field by field too; arrays and other values are compared whole. A
+//! delete by the non-owner, or a change to a document the owner deleted, is a conflict on the
+//! whole document, and the owner's state stands. The same rules serve both directions.
+
+use bson::{Bson, Document};
+
+use crate::transform::Base;
+
+/// One field both sides changed (or, with an unknown base, hold differently).
+#[derive(Debug, Clone, PartialEq)]
+pub struct FieldConflict {
+    /// Dotted path of the field; `(document)` for the whole document.
+    pub path: String,
+    /// The owner's value, which stands (`None`: absent).
+    pub owner: Option<Bson>,
+    /// The other side's value, not applied (`None`: absent).
+    pub other: Option<Bson>,
+    /// The value both last agreed on (`None`: absent or unknown).
+    pub base: Option<Bson>,
+}
+
+/// What a merge comes to.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Merged {
+    /// The owner's document after the merge; `None` when it does not change.
+    pub write: Option<Document>,
+    pub conflicts: Vec<FieldConflict>,
+}
+
+/// Merges the other side's new state `theirs` (`None`: deleted there) into the owner's
+/// `owner` (`None`: absent), against `base`. Documents are compared without `_id` and ficus's
+/// metadata (`_ficus`), which the caller sets.
+pub fn merge(owner: Option<&Document>, base: &Base, theirs: Option<&Document>) -> Merged {
+    let whole = |owner: Option<&Document>, other: Option<&Document>| Merged {
+        write: None,
+        conflicts: vec![FieldConflict {
+            path: "(document)".into(),
+            owner: owner.map(|d| Bson::Document(plain(d))),
+            other: other.map(|d| Bson::Document(plain(d))),
+            base: match base {
+                Base::Was(d) => Some(Bson::Document(plain(d))),
+                _ => None,
+            },
+        }],
+    };
+    match (owner, theirs) {
+        (None, None) => Merged::default(),
+        // New on their side and absent here: nothing to disagree about.
+        (None, Some(t)) if *base == Base::New => Merged { write: Some(plain(t)), conflicts: Vec::new() },
+        // The owner deleted it, or the other side did: the owner's state stands.
+        (None, Some(_)) | (Some(_), None) => whole(owner, theirs),
+        (Some(o), Some(t)) => {
+            let (o, t) = (plain(o), plain(t));
+            let b = match base {
+                Base::Was(d) => Some(plain(d)),
+                Base::New => Some(Document::new()),
+                Base::Unknown => None,
+            };
+            let mut conflicts = Vec::new();
+            let merged = fields(&o, b.as_ref(), &t, "", &mut conflicts);
+            Merged { write: (merged != o).then_some(merged), conflicts }
+        }
+    }
+}
+
+/// A document without `_id` and `_ficus`.
+fn plain(d: &Document) -> Document {
+    let mut d = d.clone();
+    d.remove("_id");
+    d.remove(crate::sink::META);
+    d
+}
+
+/// Merges one level: every field of either side, in the owner's order then the others'.
+fn fields(o: &Document, b: Option<&Document>, t: &Document, at: &str, out: &mut Vec<FieldConflict>) -> Document {
+    let mut merged = Document::new();
+    let keys = o
+        .keys()
+        .chain(t.keys().filter(|k| !o.contains_key(*k)))
+        .chain(b.into_iter().flat_map(|b| b.keys()).filter(|k| !o.contains_key(*k) && !t.contains_key(*k)));
+    let keys: Vec<String> = keys.cloned().collect();
+    for k in keys {
+        let path = if at.is_empty() { k.clone() } else { format!("{at}.{k}") };
+        let (ov, tv) = (o.get(&k), t.get(&k));
+        let bv = b.map(|b| b.get(&k));
+        if let Some(v) = field(ov, bv, tv, &path, out) {
+            merged.insert(k, v);
+        }
+    }
+    merged
+}
+
+/// Merges one field; `bv` is `None` when the base is unknown, `Some(None)` when the field was
+/// absent in it.
+fn field(
+    ov: Option<&Bson>,
+    bv: Option<Option<&Bson>>,
+    tv: Option<&Bson>,
+    path: &str,
+    out: &mut Vec<FieldConflict>,
+) -> Option<Bson> {
+    if ov == tv {
+        return ov.cloned();
+    }
+    if let (Some(Bson::Document(o)), Some(Bson::Document(t))) = (ov, tv) {
+        let b = match bv {
+            Some(Some(Bson::Document(b))) => Some(b.clone()),
+            Some(_) => Some(Document::new()),
+            None => None,
+        };
+        return Some(Bson::Document(fields(o, b.as_ref(), t, path, out)));
+    }
+    match bv {
+        Some(b) if b == ov => tv.cloned(), // only their side changed it
+        Some(b) if b == tv => ov.cloned(), // only the owner changed it
+        b => {
+            out.push(FieldConflict {
+                path: path.to_string(),
+                owner: ov.cloned(),
+                other: tv.cloned(),
+                base: b.flatten().cloned(),
+            });
+            ov.cloned()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bson::doc;
+
+    fn conflict(path: &str, owner: Option<Bson>, other: Option<Bson>, base: Option<Bson>) -> FieldConflict {
+        FieldConflict { path: path.into(), owner, other, base }
+    }
+
+    #[test]
+    fn untouched_fields_take_the_change_the_owners_stand_and_both_changed_is_a_conflict() {
+        let base = doc! { "name": "Ann", "stats": { "msgs": 1, "visits": 2 }, "tier": "gold", "note": "x" };
+        // The owner renamed her and changed the tier; the monolith counted a message, changed
+        // the tier too, and dropped the note.
+        let owner = doc! { "_id": "U1", "name": "Anne", "stats": { "msgs": 1, "visits": 2 }, "tier": "platinum", "note": "x", "_ficus": { "v": "1" } };
+        let theirs = doc! { "name": "Ann", "stats": { "msgs": 2, "visits": 2 }, "tier": "silver" };
+        let m = merge(Some(&owner), &Base::Was(base), Some(&theirs));
+        assert_eq!(m.write, Some(doc! { "name": "Anne", "stats": { "msgs": 2, "visits": 2 }, "tier": "platinum" }));
+        assert_eq!(
+            m.conflicts,
+            [conflict("tier", Some("platinum".into()), Some("silver".into()), Some("gold".into()))]
+        );
+    }
+
+    #[test]
+    fn nothing_to_do_when_the_owner_already_holds_it() {
+        let base = doc! { "a": 1, "b": 1 };
+        let owner = doc! { "a": 2, "b": 1 };
+        // Delivered again after it was merged: the same state, no conflict, no write.
+        assert_eq!(merge(Some(&owner), &Base::Was(base.clone()), Some(&owner)), Merged::default());
+        // Their change equals what the owner did: agreement.
+        assert_eq!(merge(Some(&owner), &Base::Was(base), Some(&doc! { "a": 2, "b": 1 })), Merged::default());
+    }
+
+    #[test]
+    fn an_unknown_base_makes_every_difference_a_conflict_owner_winning() {
+        let owner = doc! { "a": 1, "b": 2 };
+        let m = merge(Some(&owner), &Base::Unknown, Some(&doc! { "a": 1, "b": 3, "c": 4 }));
+        assert_eq!(m.write, None);
+        assert_eq!(
+            m.conflicts,
+            [
+                conflict("b", Some(Bson::Int32(2)), Some(Bson::Int32(3)), None),
+                conflict("c", None, Some(Bson::Int32(4)), None)
+            ]
+        );
+    }
+
+    #[test]
+    fn deletes_on_either_side_are_conflicts_on_the_whole_document() {
+        let owner = doc! { "a": 1 };
+        let m = merge(Some(&owner), &Base::Was(owner.clone()), None);
+        assert_eq!((m.write, m.conflicts.len(), m.conflicts[0].path.as_str()), (None, 1, "(document)"));
+        let m = merge(None, &Base::Was(owner.clone()), Some(&doc! { "a": 2 }));
+        assert_eq!((m.write, m.conflicts[0].other.clone()), (None, Some(Bson::Document(doc! { "a": 2 }))));
+        // A document new on their side that the owner does not have is simply taken.
+        let m = merge(None, &Base::New, Some(&doc! { "_id": "x", "a": 2 }));
+        assert_eq!((m.write, m.conflicts), (Some(doc! { "a": 2 }), vec![]));
+        assert_eq!(merge(None, &Base::Unknown, None), Merged::default());
+    }
+}

@@ -1,0 +1,158 @@
+//! Reverse sync against real servers: a service's own writes reach the monolith through the
+//! reverse transforms, once each, without loops; the monolith's writes to what the service owns
+//! merge; `ficus cutover --force` moves ownership under a running `ficus run`.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use bson::{Bson, Document, doc};
+use common::{World, eventually, read_all};
+use ficus::event::Op;
+use ficus::testkit::workload::Workload;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+
+const MONOLITH_TOPIC: &str = "linechatbot.customers";
+const CHANGES: &str = "customers_db.changes";
+
+fn ok(out: &std::process::Output) -> String {
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "exit {:?}:\n{text}", out.status.code());
+    text
+}
+
+async fn find(coll: &mongodb::Collection<Document>, filter: Document) -> Option<Document> {
+    coll.find_one(filter).await.unwrap()
+}
+
+/// Every partition's high watermark of some topics.
+fn watermarks(brokers: &str, topics: &[&str]) -> BTreeMap<(String, i32), i64> {
+    let consumer: BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", "ficus-test-wm")
+        .create()
+        .unwrap();
+    let mut out = BTreeMap::new();
+    for t in topics {
+        let md = consumer.fetch_metadata(Some(t), Duration::from_secs(10)).unwrap();
+        for p in md.topics()[0].partitions() {
+            let (_, high) = consumer.fetch_watermarks(t, p.id(), Duration::from_secs(10)).unwrap();
+            out.insert((t.to_string(), p.id()), high);
+        }
+    }
+    out
+}
+
+/// Whether a monolith customer holds what the service wrote.
+fn named(d: &Option<Document>, name: &str) -> bool {
+    d.as_ref().and_then(|d| d.get_str("name").ok()) == Some(name)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn service_writes_reach_the_monolith_once_and_nothing_loops() {
+    let world = World::start();
+    world.apply_topics();
+    let client = world.mongo.client().await;
+    let monolith = client.database("linechatbot").collection::<Document>("customers");
+    let service = client.database("customers_db").collection::<Document>("customers");
+    let mut w = Workload::new(11);
+    for i in 0..30 {
+        monolith.insert_one(w.customer(i)).await.unwrap();
+    }
+    let mut f = world.spawn_ficus(&["run", "--service", "customers_db"], &[]);
+    eventually("customers_db populated", Duration::from_secs(120), || async {
+        service.count_documents(doc! {}).await.unwrap() == 30
+    })
+    .await;
+
+    let out = ok(&world.ficus(&["cutover", "--service", "customers_db", "--to", "100", "--force"], &[]));
+    assert!(out.contains("WARNING") && out.contains("100% (epoch 1)"), "{out}");
+
+    // The service writes as an application would: plain documents, no `_ficus`.
+    let user = |i| Workload::user_id(i);
+    // An update...
+    service.update_one(doc! { "_id": user(1) }, doc! { "$set": { "displayName": "Renamed One" } }).await.unwrap();
+    // ...a customer the monolith has never seen...
+    let newcomer = doc! {
+        "_id": "U-new-1", "lineUserId": "U-new-1", "displayName": "Newcomer",
+        "segmentation": { "tier": "basic", "lifetimeValue": Bson::Decimal128("12.50".parse().unwrap()) },
+        "purchaseHistory": [],
+    };
+    service.insert_one(newcomer).await.unwrap();
+    // ...a replace, without ficus's metadata...
+    let mut replaced = find(&service, doc! { "_id": user(2) }).await.unwrap();
+    replaced.remove("_ficus");
+    replaced.insert("displayName", "Replaced Two");
+    service.replace_one(doc! { "_id": user(2) }, replaced).await.unwrap();
+    // ...and a delete.
+    service.delete_one(doc! { "_id": user(3) }).await.unwrap();
+
+    eventually("the service's writes in the monolith", Duration::from_secs(60), || async {
+        named(&find(&monolith, doc! { "user_id": user(1) }).await, "Renamed One")
+            && named(&find(&monolith, doc! { "user_id": "U-new-1" }).await, "Newcomer")
+            && named(&find(&monolith, doc! { "user_id": user(2) }).await, "Replaced Two")
+            && find(&monolith, doc! { "user_id": user(3) }).await.is_none()
+    })
+    .await;
+    // Only what the service changed was written: the rest of the monolith document is intact.
+    let one = find(&monolith, doc! { "user_id": user(1) }).await.unwrap();
+    assert!(one.get_document("stats").is_ok() && one.get_str("lang").is_ok(), "{one}");
+    let newcomer = find(&monolith, doc! { "user_id": "U-new-1" }).await.unwrap();
+    assert_eq!(newcomer.get_str("ltv").unwrap(), "12.50", "{newcomer}");
+
+    // The monolith still writes a customer the service owns: merged, not overwritten.
+    monolith.update_one(doc! { "user_id": user(4) }, doc! { "$set": { "stats.msgs": 4242 } }).await.unwrap();
+    eventually("the monolith's change merged", Duration::from_secs(60), || async {
+        find(&service, doc! { "_id": user(4) })
+            .await
+            .and_then(|d| d.get_document("analytics").ok().and_then(|a| a.get_i32("totalMessages").ok()))
+            == Some(4242)
+    })
+    .await;
+
+    // Quiet: nothing more is produced anywhere (no loop).
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let before = watermarks(&world.kafka.brokers(), &[MONOLITH_TOPIC, CHANGES]);
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    assert_eq!(watermarks(&world.kafka.brokers(), &[MONOLITH_TOPIC, CHANGES]), before, "a loop: records keep coming");
+
+    // Exactly one event per application write on each side.
+    let records = read_all(&world.kafka.brokers(), &[MONOLITH_TOPIC, CHANGES]);
+    let mut changes: Vec<(&str, String)> = records
+        .iter()
+        .filter(|r| r.topic == CHANGES)
+        .map(|r| (r.event().data.op.as_str(), r.event().subject.clone()))
+        .collect();
+    changes.sort();
+    let mut expected = vec![
+        (Op::Update.as_str(), user(1)),
+        (Op::Insert.as_str(), "U-new-1".to_string()),
+        (Op::Replace.as_str(), user(2)),
+        (Op::Delete.as_str(), user(3)),
+    ];
+    expected.sort();
+    assert_eq!(changes, expected, "one event per service write");
+    for r in records.iter().filter(|r| r.topic == CHANGES) {
+        assert_eq!(r.event().source, "ficus://customers_db/customers");
+    }
+    let echoes: Vec<&str> = records
+        .iter()
+        .filter(|r| r.topic == MONOLITH_TOPIC && r.is_event())
+        .filter(|r| r.event().origin.as_ref().is_some_and(|o| o.render() == "customers_db/customers"))
+        .map(|r| r.event().subject.as_str())
+        .collect();
+    assert_eq!(echoes.len(), 4, "one echo per write-back, tagged with its origin: {echoes:?}");
+    let monolith_writes = records
+        .iter()
+        .filter(|r| r.topic == MONOLITH_TOPIC && r.is_event() && r.event().origin.is_none())
+        .filter(|r| r.event().data.op == Op::Update)
+        .count();
+    assert_eq!(monolith_writes, 1, "the monolith's own update, once");
+
+    // The service database is what the forward transforms make of the monolith.
+    ok(&world.ficus(&["verify", "--service", "customers_db", "--settle", "1"], &[]));
+    let status = ok(&world.ficus(&["status"], &[]));
+    assert!(status.contains("cutover customers_db") && status.contains("100% owned"), "{status}");
+    assert!(f.terminate().success(), "{}", f.logs());
+}
