@@ -156,3 +156,184 @@ async fn service_writes_reach_the_monolith_once_and_nothing_loops() {
     assert!(status.contains("cutover customers_db") && status.contains("100% owned"), "{status}");
     assert!(f.terminate().success(), "{}", f.logs());
 }
+
+/// Every record of a topic, as JSON (conflict reports and dead letters are not events).
+fn read_json(brokers: &str, topic: &str, want: usize) -> Vec<serde_json::Value> {
+    use rdkafka::Message;
+    let consumer: BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", "ficus-test-json")
+        .create()
+        .unwrap();
+    let md = consumer.fetch_metadata(Some(topic), Duration::from_secs(10)).unwrap();
+    let mut tpl = rdkafka::TopicPartitionList::new();
+    for p in md.topics()[0].partitions() {
+        tpl.add_partition_offset(topic, p.id(), rdkafka::Offset::Beginning).unwrap();
+    }
+    consumer.assign(&tpl).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let mut out = Vec::new();
+    while std::time::Instant::now() < deadline && out.len() < want {
+        if let Some(Ok(m)) = consumer.poll(Duration::from_millis(200)) {
+            out.push(serde_json::from_slice(m.payload().unwrap_or_default()).unwrap());
+        }
+    }
+    out
+}
+
+/// A world with `n` customers in the monolith and in customers_db, and `ficus run` for it.
+async fn started(n: u64) -> (World, common::Ficus, mongodb::Client) {
+    let world = World::start();
+    world.apply_topics();
+    let client = world.mongo.client().await;
+    let monolith = client.database("linechatbot").collection::<Document>("customers");
+    let mut w = Workload::new(n);
+    for i in 0..n {
+        monolith.insert_one(w.customer(i)).await.unwrap();
+    }
+    let f = world.spawn_ficus(&["run", "--service", "customers_db"], &[]);
+    let service = client.database("customers_db").collection::<Document>("customers");
+    eventually("customers_db populated", Duration::from_secs(120), || async {
+        service.count_documents(doc! {}).await.unwrap() == n
+    })
+    .await;
+    (world, f, client)
+}
+
+/// Writes a display name on the service's side and waits until the monolith has it.
+async fn written_back(client: &mongodb::Client, user: &str, name: &str) {
+    let service = client.database("customers_db").collection::<Document>("customers");
+    let monolith = client.database("linechatbot").collection::<Document>("customers");
+    service.update_one(doc! { "_id": user }, doc! { "$set": { "displayName": name } }).await.unwrap();
+    eventually(&format!("{user} written back"), Duration::from_secs(60), || async {
+        named(&find(&monolith, doc! { "user_id": user }).await, name)
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_field_both_sides_changed_is_a_conflict_the_owner_wins_and_both_are_reported() {
+    let (world, mut f, client) = started(10).await;
+    ok(&world.ficus(&["cutover", "--service", "customers_db", "--to", "100", "--force"], &[]));
+    let user = Workload::user_id(5);
+    written_back(&client, &Workload::user_id(1), "Reverse Works").await;
+    // Both sides change customer 5 while ficus is down: the same field, and one only the
+    // monolith changes.
+    assert!(f.terminate().success(), "{}", f.logs());
+    let service = client.database("customers_db").collection::<Document>("customers");
+    let monolith = client.database("linechatbot").collection::<Document>("customers");
+    service.update_one(doc! { "_id": &user }, doc! { "$set": { "displayName": "Service Name" } }).await.unwrap();
+    monolith
+        .update_one(doc! { "user_id": &user }, doc! { "$set": { "name": "Monolith Name", "stats.msgs": 7 } })
+        .await
+        .unwrap();
+    let mut f = world.spawn_ficus(&["run", "--service", "customers_db"], &[]);
+    eventually("both sides settled on the owner's name and the monolith's count", Duration::from_secs(60), || async {
+        let s = find(&service, doc! { "_id": &user }).await.unwrap();
+        let m = find(&monolith, doc! { "user_id": &user }).await.unwrap();
+        s.get_str("displayName").ok() == Some("Service Name")
+            && named(&Some(m), "Service Name")
+            && s.get_document("analytics").ok().and_then(|a| a.get_i32("totalMessages").ok()) == Some(7)
+    })
+    .await;
+    let reports = read_json(&world.kafka.brokers(), "customers_db.conflicts", 1);
+    assert_eq!(reports.len(), 1, "{reports:?}");
+    let r = &reports[0];
+    assert_eq!(
+        (r["side"].as_str(), r["collection"].as_str(), r["id"].as_str()),
+        (Some("monolith"), Some("customers"), Some(user.as_str())),
+        "{r}"
+    );
+    let fields = r["fields"].as_array().unwrap();
+    assert_eq!(fields.len(), 1, "only the field both changed: {r}");
+    assert_eq!(
+        (fields[0]["path"].as_str(), fields[0]["owner"].as_str(), fields[0]["other"].as_str()),
+        (Some("displayName"), Some("Service Name"), Some("Monolith Name")),
+        "{r}"
+    );
+    assert!(
+        r["owner"]["document"].is_object() && r["other"]["document"].is_object() && r["other"]["version"].is_string(),
+        "both versions and documents: {r}"
+    );
+    ok(&world.ficus(&["verify", "--service", "customers_db", "--settle", "1"], &[]));
+    let status = ok(&world.ficus(&["status"], &[]));
+    assert!(status.contains("1 conflicts reported"), "{status}");
+    assert!(f.terminate().success(), "{}", f.logs());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_emergency_rollback_keeps_what_the_service_wrote_and_the_service_follows_again() {
+    let (world, mut f, client) = started(20).await;
+    ok(&world.ficus(&["cutover", "--service", "customers_db", "--to", "100", "--force"], &[]));
+    written_back(&client, &Workload::user_id(0), "Warm Up").await;
+    // A burst of service writes, and at once back to the monolith.
+    let service = client.database("customers_db").collection::<Document>("customers");
+    for i in 1..20 {
+        let name = format!("Burst {i}");
+        service
+            .update_one(doc! { "_id": Workload::user_id(i) }, doc! { "$set": { "displayName": name } })
+            .await
+            .unwrap();
+    }
+    let out = ok(&world.ficus(&["cutover", "--service", "customers_db", "--to", "0", "--force"], &[]));
+    assert!(out.contains("0% (epoch 2)"), "{out}");
+    let monolith = client.database("linechatbot").collection::<Document>("customers");
+    eventually(
+        "every write the service made while it owned its keys is in the monolith",
+        Duration::from_secs(60),
+        || async {
+            let mut all = true;
+            for i in 1..20 {
+                all &= named(&find(&monolith, doc! { "user_id": Workload::user_id(i) }).await, &format!("Burst {i}"));
+            }
+            all
+        },
+    )
+    .await;
+    // The monolith owns everything again: its writes reach the service as before.
+    monolith
+        .update_one(doc! { "user_id": Workload::user_id(3) }, doc! { "$set": { "name": "Monolith Again" } })
+        .await
+        .unwrap();
+    eventually("the service follows the monolith", Duration::from_secs(60), || async {
+        find(&service, doc! { "_id": Workload::user_id(3) })
+            .await
+            .and_then(|d| d.get_str("displayName").ok().map(String::from))
+            == Some("Monolith Again".into())
+    })
+    .await;
+    // A service write now is the monolith's key: not written back.
+    service
+        .update_one(doc! { "_id": Workload::user_id(4) }, doc! { "$set": { "displayName": "Stray" } })
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(!named(&find(&monolith, doc! { "user_id": Workload::user_id(4) }).await, "Stray"));
+    service
+        .update_one(doc! { "_id": Workload::user_id(4) }, doc! { "$set": { "displayName": "Burst 4" } })
+        .await
+        .unwrap();
+    ok(&world.ficus(&["verify", "--service", "customers_db", "--settle", "1"], &[]));
+    assert!(f.terminate().success(), "{}", f.logs());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_service_document_the_reverse_cannot_map_is_dead_lettered_with_its_field() {
+    let (world, mut f, client) = started(5).await;
+    ok(&world.ficus(&["cutover", "--service", "customers_db", "--to", "100", "--force"], &[]));
+    written_back(&client, &Workload::user_id(0), "Warm Up").await;
+    let service = client.database("customers_db").collection::<Document>("customers");
+    service
+        .update_one(doc! { "_id": Workload::user_id(1) }, doc! { "$set": { "segmentation.lifetimeValue": "lots" } })
+        .await
+        .unwrap();
+    // The role goes on.
+    written_back(&client, &Workload::user_id(2), "After The Bad One").await;
+    let letters = read_json(&world.kafka.brokers(), "customers_db.changes.dlq", 1);
+    assert_eq!(letters.len(), 1, "{letters:?}");
+    let error = letters[0]["error"].as_str().unwrap_or_default();
+    assert!(error.contains("segmentation.lifetimeValue") && error.contains("customers.toml"), "{}", letters[0]);
+    assert_eq!(letters[0]["event"]["subject"].as_str(), Some(Workload::user_id(1).as_str()), "{}", letters[0]);
+    assert_eq!(letters[0]["stage"].as_str(), Some("write"), "{}", letters[0]);
+    assert!(f.terminate().success(), "{}", f.logs());
+}

@@ -505,15 +505,25 @@ pub async fn checkpoint(client: &mongodb::Client, source: &str) -> Option<Docume
     client.database("ficus").collection::<Document>("checkpoints").find_one(bson::doc! { "_id": source }).await.unwrap()
 }
 
-/// Reads every record of `topics` that is there now: until nothing new came for two seconds.
+/// Reads every record of `topics` that is there now: up to each partition's high watermark as
+/// of the call (not "until quiet", which a slow first fetch would cut short).
 pub fn read_all(brokers: &str, topics: &[&str]) -> Vec<Record> {
-    let last_len = std::cell::Cell::new(0usize);
-    let quiet_since = std::cell::Cell::new(Instant::now());
-    read_topics(brokers, topics, Duration::from_secs(120), |r| {
-        if r.len() != last_len.get() {
-            last_len.set(r.len());
-            quiet_since.set(Instant::now());
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", "ficus-test-watermarks")
+        .create()
+        .unwrap();
+    let mut ends: HashMap<(String, i32), i64> = HashMap::new();
+    for t in topics {
+        let md = consumer.fetch_metadata(Some(t), Duration::from_secs(10)).unwrap();
+        for p in md.topics()[0].partitions() {
+            let (_, high) = consumer.fetch_watermarks(t, p.id(), Duration::from_secs(10)).unwrap();
+            ends.insert((t.to_string(), p.id()), high);
         }
-        quiet_since.get().elapsed() > Duration::from_secs(2)
+    }
+    read_topics(brokers, topics, Duration::from_secs(120), |r| {
+        ends.iter().all(|((t, p), end)| {
+            *end == 0 || r.iter().any(|x| x.topic == *t && x.partition == *p && x.offset + 1 >= *end)
+        })
     })
 }
