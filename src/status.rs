@@ -139,11 +139,19 @@ pub async fn collect(
             Err(e) => format!("conflicts unknown: {e}"),
         };
         let pending = if o.pending() { ", a change pending" } else { "" };
+        let target = crate::mongo::connect(&cfg.target_uri, "status").await?;
+        let echoes = target
+            .database(service)
+            .collection::<Document>(crate::sink::ECHOES)
+            .find_one(doc! { "_id": service })
+            .await?
+            .and_then(|d| d.get_i64("skipped").ok())
+            .unwrap_or(0);
         rows.push(Row {
             stage: format!("cutover {service}"),
             position: format!("{}% owned by the service (epoch {}{pending})", o.percent, o.epoch),
             lag: tail,
-            health: conflicts,
+            health: format!("{echoes} echoes skipped, {conflicts}"),
         });
     }
     Ok(rows)

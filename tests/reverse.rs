@@ -154,6 +154,7 @@ async fn service_writes_reach_the_monolith_once_and_nothing_loops() {
     ok(&world.ficus(&["verify", "--service", "customers_db", "--settle", "1"], &[]));
     let status = ok(&world.ficus(&["status"], &[]));
     assert!(status.contains("cutover customers_db") && status.contains("100% owned"), "{status}");
+    assert!(status.contains("4 echoes skipped"), "one per write-back, skipped by customers: {status}");
     assert!(f.terminate().success(), "{}", f.logs());
 }
 
@@ -335,5 +336,157 @@ async fn a_service_document_the_reverse_cannot_map_is_dead_lettered_with_its_fie
     assert!(error.contains("segmentation.lifetimeValue") && error.contains("customers.toml"), "{}", letters[0]);
     assert_eq!(letters[0]["event"]["subject"].as_str(), Some(Workload::user_id(1).as_str()), "{}", letters[0]);
     assert_eq!(letters[0]["stage"].as_str(), Some("write"), "{}", letters[0]);
+    assert!(f.terminate().success(), "{}", f.logs());
+}
+
+/// Every topic ficus writes for the reference scenario (the monolith's and the reverse ones).
+fn all_topics() -> Vec<String> {
+    let topics = ficus::config::topics::load(&common::repo_root().join("topics")).unwrap();
+    let mut all: Vec<String> = topics.defs.iter().map(|d| d.topic.clone()).collect();
+    all.extend(["customers_db.changes".to_string(), "conversations_db.changes".to_string()]);
+    all
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn at_fifty_percent_both_sides_write_and_everything_converges() {
+    use rand::{Rng, SeedableRng};
+    let world = World::start();
+    world.apply_topics();
+    let client = world.mongo.client().await;
+    let mono = client.database("linechatbot");
+    let (m_customers, m_conversations) =
+        (mono.collection::<Document>("customers"), mono.collection::<Document>("conversations"));
+    let mut w = Workload::new(50);
+    let customers: Vec<Document> = (0..60).map(|i| w.customer(i)).collect();
+    m_customers.insert_many(customers).await.unwrap();
+    let conversations: Vec<Document> = (0..40).map(|i| w.conversation(i, 3)).collect();
+    m_conversations.insert_many(conversations.clone()).await.unwrap();
+    let mut f = world.spawn_ficus(&["run"], &[]);
+    let s_customers = client.database("customers_db").collection::<Document>("customers");
+    let s_conversations = client.database("conversations_db").collection::<Document>("conversations");
+    eventually("service databases populated", Duration::from_secs(180), || async {
+        s_customers.count_documents(doc! {}).await.unwrap() == 60
+            && s_conversations.count_documents(doc! {}).await.unwrap() == 40
+    })
+    .await;
+    for service in ["customers_db", "conversations_db"] {
+        ok(&world.ficus(&["cutover", "--service", service, "--to", "50", "--force"], &[]));
+    }
+    // Let the running process see the new ownership before writing by it.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+
+    let owned = |user: &str| ficus::cutover::route::bucket(user) < 50;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(50);
+    let mut noted: std::collections::BTreeSet<String> = std::collections::BTreeSet::new();
+    for n in 0..240u32 {
+        match rng.random_range(0..4) {
+            0 | 1 => {
+                // A customer: its owner writes it; the monolith also counts messages on owned ones.
+                let user = Workload::user_id(rng.random_range(0..60));
+                if owned(&user) {
+                    let tier = ["basic", "premium", "vip"][n as usize % 3];
+                    s_customers
+                        .update_one(
+                            doc! { "_id": &user },
+                            doc! { "$set": { "displayName": format!("S{n}"), "segmentation.tier": tier } },
+                        )
+                        .await
+                        .unwrap();
+                    if n % 5 == 0 {
+                        m_customers
+                            .update_one(
+                                doc! { "user_id": &user },
+                                doc! { "$set": { "stats.sessions": n as i32, "crm_note": format!("n{n}") } },
+                            )
+                            .await
+                            .unwrap();
+                        noted.insert(user.clone());
+                    }
+                } else {
+                    m_customers
+                        .update_one(doc! { "user_id": &user }, doc! { "$set": { "name": format!("M{n}") } })
+                        .await
+                        .unwrap();
+                }
+            }
+            _ => {
+                let c = &conversations[rng.random_range(0..conversations.len())];
+                let (id, user) = (c.get_object_id("_id").unwrap(), c.get_str("user_id").unwrap());
+                if owned(user) {
+                    let message = doc! {
+                        "messageId": format!("s{n}"), "role": "user", "content": format!("service says {n}"),
+                        "timestamp": bson::DateTime::now(),
+                    };
+                    s_conversations
+                        .update_one(
+                            doc! { "_id": id },
+                            doc! { "$push": { "messages": message }, "$set": { "status": "active" } },
+                        )
+                        .await
+                        .unwrap();
+                } else {
+                    let message = doc! { "id": format!("m{n}"), "from": "bot", "text": format!("monolith says {n}"), "ts": bson::DateTime::now() };
+                    m_conversations
+                        .update_one(doc! { "_id": id }, doc! { "$push": { "messages": message } })
+                        .await
+                        .unwrap();
+                }
+            }
+        }
+    }
+
+    // Once the workload stops, everything settles and stays still.
+    let brokers = world.kafka.brokers();
+    let topics = all_topics();
+    let topics: Vec<&str> = topics.iter().map(String::as_str).collect();
+    let settled = common::poll_until(Duration::from_secs(180), || async {
+        let before = watermarks(&brokers, &topics);
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        watermarks(&brokers, &topics) == before
+    })
+    .await;
+    assert!(settled, "Kafka never went quiet after the workload stopped");
+    let last = watermarks(&brokers, &topics);
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    assert_eq!(watermarks(&brokers, &topics), last, "records keep coming after the workload stopped: a loop");
+
+    for service in
+        ["customers_db", "conversations_db", "ai_sessions_db", "products_db", "research_db", "metrics_db", "auth_db"]
+    {
+        ok(&world.ficus(&["verify", "--service", service, "--settle", "2"], &[]));
+    }
+    // Every monolith document is what the reverse transforms make of the service's document
+    // (nothing left to write back), and the monolith's own fields survived the write-backs.
+    let root = common::repo_root();
+    let defs = ficus::config::topics::load(&root.join("topics")).unwrap();
+    for (service, collection, monolith) in
+        [("customers_db", "customers", &m_customers), ("conversations_db", "conversations", &m_conversations)]
+    {
+        let transforms = ficus::transform::load_service(&root.join("transforms").join(service), &defs).unwrap();
+        let reverse = transforms.reverse_for(collection).unwrap();
+        let docs: Vec<Document> = {
+            use futures::TryStreamExt;
+            client
+                .database(service)
+                .collection::<Document>(collection)
+                .find(doc! {})
+                .await
+                .unwrap()
+                .try_collect()
+                .await
+                .unwrap()
+        };
+        for s in docs {
+            let m = find(monolith, reverse.locate(&s).unwrap()).await.unwrap();
+            let patch = reverse.put(Some(&m), &s).unwrap();
+            assert!(
+                patch.set.is_empty() && patch.unset.is_empty(),
+                "{service}: {s}\nstill to write back: {patch:?}\nmonolith: {m}"
+            );
+        }
+    }
+    let still = m_customers.count_documents(doc! { "crm_note": { "$exists": true } }).await.unwrap();
+    assert!(!noted.is_empty());
+    assert_eq!(still, noted.len() as u64, "the monolith's own fields stay where it wrote them");
     assert!(f.terminate().success(), "{}", f.logs());
 }

@@ -172,7 +172,8 @@ fn duplicates_and_interleavings_converge_to_the_ordered_result() {
             let shuffled = open(format!("shuffled_{case}")).await;
             let origin = ficus::event::Origin { service: "products_db".into(), collection: None };
             for (i, chunk) in delivery.chunks(batch).enumerate() {
-                let marker = ficus::sink::Marker { origin: origin.clone(), positions: vec![("t".into(), 0, i as i64)] };
+                let marker =
+                    ficus::sink::Marker { origin: origin.clone(), positions: vec![("t".into(), 0, i as i64)], echoes: 0 };
                 shuffled.apply(chunk, (i % 2 == 1).then_some(&marker)).await.unwrap();
             }
             let (a, mut b) = (common::dump(ordered.database()).await, common::dump(shuffled.database()).await);

@@ -198,14 +198,18 @@ impl<T: Transformer, S: Sink> Applier<'_, T, S> {
     fn marker<'i>(&self, items: impl Iterator<Item = &'i Item>) -> Option<Marker> {
         let origin = self.origin.clone()?;
         let mut positions: Vec<(String, i32, i64)> = Vec::new();
+        let mut echoes = 0;
         for item in items {
+            if item.message.as_ref().is_ok_and(|m| self.transformer.is_echo(m)) {
+                echoes += 1;
+            }
             let (topic, partition, next) = (&item.at.topic, item.at.partition, item.at.offset + 1);
             match positions.iter_mut().find(|(t, p, _)| t == topic && *p == partition) {
                 Some(at) => at.2 = at.2.max(next),
                 None => positions.push((topic.clone(), partition, next)),
             }
         }
-        Some(Marker { origin, positions })
+        Some(Marker { origin, positions, echoes })
     }
 
     async fn reject(&self, item: &Item, stage: Stage, error: &str) -> Result<(), ConsumeError> {

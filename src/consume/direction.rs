@@ -22,6 +22,11 @@ pub trait Transformer: Send + Sync {
     fn service(&self) -> &str;
     /// The writes a message calls for; an error is permanent (the message is dead-lettered).
     fn transform(&self, m: &Message) -> Result<Vec<WriteOp>, TransformError>;
+    /// Whether the message is the echo of this service's own write-back (some of its writes
+    /// are skipped for that).
+    fn is_echo(&self, _m: &Message) -> bool {
+        false
+    }
 }
 
 /// Monolith events into a service database.
@@ -96,6 +101,12 @@ fn base(r: &Reverse<'_>, ev: &CanonicalEvent) -> Base {
 impl Transformer for Forward {
     fn service(&self) -> &str {
         self.transforms.service()
+    }
+
+    fn is_echo(&self, m: &Message) -> bool {
+        m.as_event()
+            .and_then(|ev| ev.origin.as_ref())
+            .is_some_and(|o| o.service == self.transforms.service() && o.collection.is_some())
     }
 
     fn transform(&self, m: &Message) -> Result<Vec<WriteOp>, TransformError> {

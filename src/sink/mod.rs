@@ -129,7 +129,13 @@ pub struct Marker {
     pub origin: Origin,
     /// Per topic and partition the batch read, the offset after its last message.
     pub positions: Vec<(String, i32, i64)>,
+    /// Echoes of the service's own write-backs in the batch (counted in `_ficus_echoes`, which
+    /// `ficus status` reads).
+    pub echoes: u64,
 }
+
+/// Per origin, how many echoes of its write-backs its consumer skipped (not watched by tails).
+pub const ECHOES: &str = "_ficus_echoes";
 
 impl Marker {
     /// Writes the marker (one document per partition) in the session's transaction.
@@ -146,6 +152,16 @@ impl Marker {
             };
             // A replace carries the whole marker in the change event, as written.
             markers.replace_one(bson::doc! { "_id": &id }, marker).upsert(true).session(&mut *s).await?;
+        }
+        if self.echoes > 0 {
+            db.collection::<Document>(ECHOES)
+                .update_one(
+                    bson::doc! { "_id": &self.origin.service },
+                    bson::doc! { "$inc": { "skipped": self.echoes as i64 } },
+                )
+                .upsert(true)
+                .session(&mut *s)
+                .await?;
         }
         Ok(())
     }

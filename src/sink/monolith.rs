@@ -72,6 +72,7 @@ impl MonolithSink {
         let marker = Marker {
             origin: Origin { service: self.service().to_string(), collection: Some(collection.to_string()) },
             positions: positions.to_vec(),
+            echoes: 0,
         };
         let mut s = self.client.start_session().await?;
         let mut attempts = 0;

@@ -505,8 +505,9 @@ pub async fn checkpoint(client: &mongodb::Client, source: &str) -> Option<Docume
     client.database("ficus").collection::<Document>("checkpoints").find_one(bson::doc! { "_id": source }).await.unwrap()
 }
 
-/// Reads every record of `topics` that is there now: up to each partition's high watermark as
-/// of the call (not "until quiet", which a slow first fetch would cut short).
+/// Reads every record of `topics` that is there now and whatever is still arriving: up to each
+/// partition's high watermark as of the call (a slow first fetch must not cut it short), and
+/// then until nothing new came for two seconds.
 pub fn read_all(brokers: &str, topics: &[&str]) -> Vec<Record> {
     let consumer: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", brokers)
@@ -521,9 +522,16 @@ pub fn read_all(brokers: &str, topics: &[&str]) -> Vec<Record> {
             ends.insert((t.to_string(), p.id()), high);
         }
     }
+    let last_len = std::cell::Cell::new(0usize);
+    let quiet_since = std::cell::Cell::new(Instant::now());
     read_topics(brokers, topics, Duration::from_secs(120), |r| {
-        ends.iter().all(|((t, p), end)| {
-            *end == 0 || r.iter().any(|x| x.topic == *t && x.partition == *p && x.offset + 1 >= *end)
-        })
+        if r.len() != last_len.get() {
+            last_len.set(r.len());
+            quiet_since.set(Instant::now());
+        }
+        quiet_since.get().elapsed() > Duration::from_secs(2)
+            && ends.iter().all(|((t, p), end)| {
+                *end == 0 || r.iter().any(|x| x.topic == *t && x.partition == *p && x.offset + 1 >= *end)
+            })
     })
 }
