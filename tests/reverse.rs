@@ -490,3 +490,197 @@ async fn at_fifty_percent_both_sides_write_and_everything_converges() {
     assert_eq!(still, noted.len() as u64, "the monolith's own fields stay where it wrote them");
     assert!(f.terminate().success(), "{}", f.logs());
 }
+
+/// One application write in the ping-pong below, and the event it must give.
+#[derive(Debug, Clone, Copy)]
+enum Wrote {
+    /// On the service's side: one event on `customers_db.changes`, one echo in the monolith.
+    Service,
+    /// On the monolith's side: one event on `linechatbot.customers`, no echo.
+    Monolith,
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn ping_pong_with_sigkills_gives_one_event_per_write_and_no_loop() {
+    use rand::{Rng, SeedableRng};
+    let long = std::env::var("FICUS_FAULTS_LONG").is_ok_and(|v| v == "1");
+    let (cycles, seed) = (if long { 20 } else { 3 }, 77u64);
+    let world = World::start();
+    world.apply_topics();
+    let client = world.mongo.client().await;
+    let monolith = client.database("linechatbot").collection::<Document>("customers");
+    let service = client.database("customers_db").collection::<Document>("customers");
+    let mut w = Workload::new(seed);
+    monolith.insert_many((0..40).map(|i| w.customer(i)).collect::<Vec<_>>()).await.unwrap();
+    let config = world.dir.path().join("ficus.toml");
+    std::fs::write(&config, "[tail]\nlease_ttl_ms = 3000\n").unwrap();
+    let args = ["run", "--service", "customers_db", "--config", config.to_str().unwrap()];
+    let mut f = world.spawn_ficus(&args, &[]);
+    eventually("customers_db populated", Duration::from_secs(120), || async {
+        service.count_documents(doc! {}).await.unwrap() == 40
+    })
+    .await;
+    ok(&world.ficus(&["cutover", "--service", "customers_db", "--to", "100", "--force"], &[]));
+    written_back(&client, &Workload::user_id(0), "Warm Up").await;
+
+    // Both sides write while ficus is killed and restarted.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = {
+        let (monolith, service, stop) = (monolith.clone(), service.clone(), stop.clone());
+        tokio::spawn(async move {
+            let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+            let mut log = Vec::new();
+            let mut live: Vec<u64> = (1..40).collect();
+            let mut next = 1000u64;
+            let mut n = 0u32;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                n += 1;
+                let user = Workload::user_id(live[rng.random_range(0..live.len())]);
+                match rng.random_range(0..10) {
+                    0 => {
+                        let id = format!("U-new-{next}");
+                        next += 1;
+                        let d = doc! { "_id": &id, "lineUserId": &id, "displayName": format!("New {n}"), "purchaseHistory": [] };
+                        service.insert_one(d).await.unwrap();
+                        log.push(Wrote::Service);
+                    }
+                    1 if live.len() > 20 => {
+                        let i = live.swap_remove(rng.random_range(0..live.len()));
+                        service.delete_one(doc! { "_id": Workload::user_id(i) }).await.unwrap();
+                        log.push(Wrote::Service);
+                    }
+                    2 => {
+                        let Some(mut d) = service.find_one(doc! { "_id": &user }).await.unwrap() else { continue };
+                        d.remove("_ficus");
+                        d.insert("displayName", format!("Replaced {n}"));
+                        service.replace_one(doc! { "_id": &user }, d).await.unwrap();
+                        log.push(Wrote::Service);
+                    }
+                    3 | 4 => {
+                        let note = doc! { "$set": { "crm_note": format!("note {n}"), "stats.sessions": n as i32 } };
+                        monolith.update_one(doc! { "user_id": &user }, note).await.unwrap();
+                        log.push(Wrote::Monolith);
+                    }
+                    _ => {
+                        let set = doc! { "$set": { "displayName": format!("Name {n}") } };
+                        service.update_one(doc! { "_id": &user }, set).await.unwrap();
+                        log.push(Wrote::Service);
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            log
+        })
+    };
+    for _ in 0..cycles {
+        tokio::time::sleep(Duration::from_millis(2500)).await;
+        f.sigkill();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        f = world.spawn_ficus(&args, &[]);
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let log = writer.await.unwrap();
+
+    let brokers = world.kafka.brokers();
+    let topics = [MONOLITH_TOPIC, CHANGES];
+    let settled = common::poll_until(Duration::from_secs(180), || async {
+        let before = watermarks(&brokers, &topics);
+        tokio::time::sleep(Duration::from_secs(4)).await;
+        watermarks(&brokers, &topics) == before
+    })
+    .await;
+    assert!(settled, "Kafka never went quiet: a loop?\n{}", f.logs());
+
+    // One canonical event per application write (redeliveries repeat an id, never add one).
+    let records = read_all(&brokers, &topics);
+    let distinct = |pred: &dyn Fn(&common::Record) -> bool| {
+        records
+            .iter()
+            .filter(|r| r.is_event() && pred(r))
+            .map(|r| r.event().id.clone())
+            .collect::<std::collections::HashSet<_>>()
+            .len()
+    };
+    let service_writes = log.iter().filter(|w| matches!(w, Wrote::Service)).count() + 1; // + the warm-up
+    let monolith_writes = log.iter().filter(|w| matches!(w, Wrote::Monolith)).count();
+    let described: Vec<String> = {
+        let mut seen = std::collections::HashSet::new();
+        let mut v: Vec<(String, String)> = records
+            .iter()
+            .filter(|r| r.topic == CHANGES && r.is_event() && seen.insert(r.event().id.clone()))
+            .map(|r| {
+                let e = r.event();
+                let changed: Vec<String> =
+                    e.data.changed.as_ref().map(|c| c.keys().cloned().collect()).unwrap_or_default();
+                (
+                    e.position.sequence(),
+                    format!("{} {} {} changed={changed:?}", e.position.sequence(), e.data.op, e.subject),
+                )
+            })
+            .collect();
+        v.sort();
+        v.into_iter().map(|(_, d)| d).collect()
+    };
+    assert_eq!(
+        distinct(&|r| r.topic == CHANGES),
+        service_writes,
+        "events of the service's writes:\n{}",
+        described.join("\n")
+    );
+    let echo = |r: &common::Record| r.event().origin.as_ref().is_some_and(|o| o.render() == "customers_db/customers");
+    let own = |r: &common::Record| r.topic == MONOLITH_TOPIC && !echo(r) && r.event().data.op != Op::Snapshot;
+    let counts = format!(
+        "echoes {} for {service_writes} service writes, own {} for {monolith_writes} monolith writes",
+        distinct(&|r| r.topic == MONOLITH_TOPIC && echo(r)),
+        distinct(&own)
+    );
+    let per_subject = |pred: &dyn Fn(&common::Record) -> bool| {
+        let mut m: BTreeMap<String, BTreeMap<String, String>> = BTreeMap::new();
+        for r in records.iter().filter(|r| r.is_event() && pred(r)) {
+            let e = r.event();
+            m.entry(e.subject.clone()).or_default().insert(e.position.sequence(), e.data.op.to_string());
+        }
+        m
+    };
+    let (wrote, echoed) =
+        (per_subject(&|r| r.topic == CHANGES), per_subject(&|r| r.topic == MONOLITH_TOPIC && echo(r)));
+    let differ: Vec<String> = wrote
+        .iter()
+        .filter(|(k, v)| echoed.get(*k).map_or(0, |e| e.len()) != v.len())
+        .map(|(k, v)| {
+            format!(
+                "{k}: wrote {:?}, echoed {:?}",
+                v.values().collect::<Vec<_>>(),
+                echoed.get(k).map(|e| e.values().collect::<Vec<_>>())
+            )
+        })
+        .collect();
+    assert_eq!(
+        distinct(&|r| r.topic == MONOLITH_TOPIC && echo(r)),
+        service_writes,
+        "one echo per write-back: {counts}\n{}",
+        differ.join("\n")
+    );
+    assert_eq!(distinct(&own), monolith_writes, "the monolith's own writes, once each: {counts}");
+
+    // Both sides agree.
+    ok(&world.ficus(&["verify", "--service", "customers_db", "--settle", "2"], &[]));
+    let root = common::repo_root();
+    let defs = ficus::config::topics::load(&root.join("topics")).unwrap();
+    let transforms = ficus::transform::load_service(&root.join("transforms/customers_db"), &defs).unwrap();
+    let reverse = transforms.reverse_for("customers").unwrap();
+    let docs: Vec<Document> = {
+        use futures::TryStreamExt;
+        service.find(doc! {}).await.unwrap().try_collect().await.unwrap()
+    };
+    let in_monolith = monolith.count_documents(doc! {}).await.unwrap();
+    assert_eq!(docs.len() as u64, in_monolith, "as many customers on both sides");
+    for s in docs {
+        let m =
+            find(&monolith, reverse.locate(&s).unwrap()).await.unwrap_or_else(|| panic!("not in the monolith: {s}"));
+        let patch = reverse.put(Some(&m), &s).unwrap();
+        assert!(patch.set.is_empty() && patch.unset.is_empty(), "{s}\nstill to write back: {patch:?}\nmonolith: {m}");
+    }
+    assert!(f.terminate().success(), "{}", f.logs());
+}

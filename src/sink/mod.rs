@@ -123,7 +123,8 @@ impl SinkError {
 
 /// The apply marker a batch writes first, inside its transaction, into the database it writes
 /// (`_ficus_applied`, see `tail::echo`): whose write the batch is, and where each partition it
-/// read was, so the tail of that database knows the changes the batch causes for ficus's own.
+/// read was, so the tail of that database knows the changes the batch causes for ficus's own;
+/// and the closing marker it writes last.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Marker {
     pub origin: Origin,
@@ -138,6 +139,21 @@ pub struct Marker {
 pub const ECHOES: &str = "_ficus_echoes";
 
 impl Marker {
+    /// Writes the closing marker, last in the session's transaction: the tail knows the
+    /// transaction is over there (other writers' changes may come between its changes).
+    pub async fn close(&self, db: &mongodb::Database, s: &mut mongodb::ClientSession) -> Result<(), SinkError> {
+        // Per partition, like the opening markers, so concurrent members never collide on it.
+        let at = self.positions.first().map(|(t, p, _)| format!("{t}/{p}")).unwrap_or_default();
+        let id = format!("{}/{at}/close", self.origin.render());
+        let closing = bson::doc! { "_id": &id, "closes": true, "at": bson::DateTime::now() };
+        db.collection::<Document>(crate::source::MARKERS)
+            .replace_one(bson::doc! { "_id": &id }, closing)
+            .upsert(true)
+            .session(&mut *s)
+            .await?;
+        Ok(())
+    }
+
     /// Writes the marker (one document per partition) in the session's transaction.
     pub async fn write(&self, db: &mongodb::Database, s: &mut mongodb::ClientSession) -> Result<(), SinkError> {
         let markers = db.collection::<Document>(crate::source::MARKERS);

@@ -627,7 +627,8 @@ impl MongoSink {
         for (collection, items) in &plan.upserts {
             self.upsert_many(s, true, collection, items).await?;
         }
-        self.rest(s, true, plan).await
+        self.rest(s, true, plan).await?;
+        marker.close(&self.db, s).await
     }
 }
 

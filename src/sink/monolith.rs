@@ -83,7 +83,7 @@ impl MonolithSink {
                 for (v, change) in writes {
                     self.write_back(&mut s, v, collection, change).await?;
                 }
-                Ok::<(), SinkError>(())
+                marker.close(&self.db, &mut s).await
             }
             .await;
             if let Some(done) = mongo::finish(&mut s, outcome, &mut attempts, SinkError::is_conflict).await {
@@ -129,9 +129,9 @@ impl MonolithSink {
             }
             record.insert("deleted", true);
         } else {
-            // An update whose document is gone by the time it was read: its delete follows.
-            let Some(after) = change.after.as_ref() else { return Ok(()) };
-            let service = reverse.rebase(current.as_ref(), change).unwrap_or_else(|| after.clone());
+            // Nothing to say: an update read after its document was deleted, of a document the
+            // monolith does not have either (its delete follows).
+            let Some(service) = reverse.rebase(current.as_ref(), change) else { return Ok(()) };
             let patch = reverse.put(current.as_ref(), &service)?;
             let id = match &current {
                 Some(d) => {
@@ -142,7 +142,7 @@ impl MonolithSink {
                     id
                 }
                 None => {
-                    let id = reverse.insert_id(after).unwrap_or_else(|| Bson::ObjectId(ObjectId::new()));
+                    let id = reverse.insert_id(&service).unwrap_or_else(|| Bson::ObjectId(ObjectId::new()));
                     let mut created = doc! { "_id": id.clone() };
                     patch.apply_to(&mut created)?;
                     monolith.insert_one(created).session(&mut *s).await?;
@@ -152,7 +152,7 @@ impl MonolithSink {
             record.insert("m", id);
             record.insert("deleted", false);
             if patch.has_issues() {
-                self.record_issues(s, v, reverse.source_collection(), &patch, after, current.as_ref()).await?;
+                self.record_issues(s, v, reverse.source_collection(), &patch, &service, current.as_ref()).await?;
             }
         }
         states.update_one(doc! { "_id": &key }, doc! { "$set": record }).upsert(true).session(&mut *s).await?;

@@ -57,10 +57,19 @@ impl<P> AckWindow<P> {
     /// The newest point whose every earlier change is acknowledged, if it moved; the changes up
     /// to it leave the window.
     pub fn covered(&mut self) -> Option<P> {
+        self.covered_where(|_| true)
+    }
+
+    /// [`Self::covered`], among the points `usable` accepts (a change inside a transaction whose
+    /// marker came before it is no point to resume from); the others leave the window too.
+    pub fn covered_where(&mut self, usable: impl Fn(&P) -> bool) -> Option<P> {
         let mut newest = None;
         while self.entries.front().is_some_and(|e| e.pending == 0) {
-            newest = self.entries.pop_front().map(|e| e.point);
+            let point = self.entries.pop_front().map(|e| e.point);
             self.first += 1;
+            if point.as_ref().is_some_and(&usable) {
+                newest = point;
+            }
         }
         newest
     }
@@ -106,6 +115,18 @@ mod tests {
         w.ack(e);
         assert_eq!(w.covered(), Some("e"));
         assert_eq!(w.in_flight(), 0);
+    }
+
+    #[test]
+    fn unusable_points_are_passed_over_but_never_lose_an_earlier_one() {
+        let mut w = AckWindow::default();
+        w.push(Some(1), 0);
+        w.push(None, 0); // inside a transaction
+        assert_eq!(w.covered_where(Option::is_some), Some(Some(1)));
+        w.push(None, 0);
+        assert_eq!(w.covered_where(Option::is_some), None, "nothing usable moved");
+        w.push(Some(4), 0);
+        assert_eq!(w.covered_where(Option::is_some), Some(Some(4)));
     }
 
     #[test]

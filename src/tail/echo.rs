@@ -4,10 +4,16 @@
 //! multi-document transaction carry its `lsid` and `txnNumber`. Every batch ficus applies to a
 //! database is one transaction that first writes a marker into `_ficus_applied` (see
 //! `source::MARKERS`) naming the origin: the service (and, for a write-back into the monolith,
-//! the service collection) whose write it is. So when the feed shows a marker, every change of
-//! that same transaction is an echo of that origin. Transactions are recognised by their
-//! `lsid` and `txnNumber`, never by cluster time (secantusd-rs gives each event of a transaction
-//! its own). Markers themselves are bookkeeping and are never published.
+//! the service collection) whose write it is; and last a closing marker. So when the feed shows
+//! a marker, every change of that same transaction, until its closing marker, is an echo of
+//! that origin. Transactions are recognised by their `lsid` and `txnNumber`, never by cluster
+//! time (secantusd-rs gives each event of a transaction its own), and never by adjacency: other
+//! writers' changes may come between a transaction's events in the feed. Markers themselves are
+//! bookkeeping and are never published. The tail never checkpoints while a marked transaction
+//! is open ([`EchoTagger::in_marked`]): a resume there would meet its changes without their
+//! marker.
+
+use std::collections::HashMap;
 
 use bson::Bson;
 
@@ -24,25 +30,37 @@ pub enum Seen {
     Change(Box<ChangeRecord>),
 }
 
-/// Remembers the marked transaction the feed is in.
+/// Remembers the marked transactions the feed is inside.
 #[derive(Debug, Default)]
 pub struct EchoTagger {
-    current: Option<(TxnId, Origin)>,
+    open: HashMap<TxnId, Origin>,
 }
 
 impl EchoTagger {
+    /// Whether a marked transaction is open: the feed position is no point to resume from.
+    pub fn in_marked(&self) -> bool {
+        !self.open.is_empty()
+    }
+
+    /// The feed is caught up: a transaction commits whole, so every one seen is over.
+    pub fn quiet(&mut self) {
+        self.open.clear();
+    }
+
     pub fn observe(&mut self, mut record: ChangeRecord) -> Seen {
         if record.collection == MARKERS {
-            if let (Some(txn), Some(origin)) = (record.txn.clone(), marker_origin(&record)) {
-                self.current = Some((txn, origin));
+            if let Some(txn) = record.txn.clone() {
+                let closes = record.after.as_ref().is_some_and(|d| d.get_bool("closes").unwrap_or(false));
+                if closes {
+                    self.open.remove(&txn);
+                } else if let Some(origin) = marker_origin(&record) {
+                    self.open.insert(txn, origin);
+                }
             }
             return Seen::Marker;
         }
-        match (&self.current, &record.txn) {
-            (Some((marked, origin)), Some(txn)) if marked == txn => record.origin = Some(origin.clone()),
-            // Another transaction, or none: the marked one is over.
-            (Some(_), _) => self.current = None,
-            (None, _) => {}
+        if let Some(origin) = record.txn.as_ref().and_then(|t| self.open.get(t)) {
+            record.origin = Some(origin.clone());
         }
         Seen::Change(Box::new(record))
     }
@@ -84,17 +102,25 @@ mod tests {
         let mut t = EchoTagger::default();
         let marker = doc! { "_id": "reverse/customers_db/0", "origin": { "service": "customers_db", "collection": "customers" } };
         assert_eq!(t.observe(change(MARKERS, Some(7), Some(marker))), Seen::Marker);
+        assert!(t.in_marked(), "no checkpoint inside it");
         let echo = Origin { service: "customers_db".into(), collection: Some("customers".into()) };
         assert_eq!(origin(&t.observe(change("customers", Some(7), None))), Some(echo.clone()));
-        assert_eq!(origin(&t.observe(change("customers", Some(7), None))), Some(echo), "every change of it");
-        // An application's own transaction, and a write outside any transaction, are not echoes.
+        // An application's own transaction, and a write outside any transaction, are not
+        // echoes, even between the marked transaction's changes.
         assert_eq!(origin(&t.observe(change("customers", Some(8), None))), None);
         assert_eq!(origin(&t.observe(change("customers", None, None))), None);
-        // A forward write's marker names the service only.
+        assert_eq!(origin(&t.observe(change("customers", Some(7), None))), Some(echo), "every change of it");
+        // Its closing marker ends it.
+        assert_eq!(t.observe(change(MARKERS, Some(7), Some(doc! { "closes": true }))), Seen::Marker);
+        assert!(!t.in_marked());
+        assert_eq!(origin(&t.observe(change("customers", Some(7), None))), None);
+        // A forward write's marker names the service only; a quiet feed closes what is open.
         let forward = doc! { "origin": { "service": "customers_db" } };
         t.observe(change(MARKERS, Some(9), Some(forward)));
         let echo = Origin { service: "customers_db".into(), collection: None };
         assert_eq!(origin(&t.observe(change("customers", Some(9), None))), Some(echo));
         assert_eq!(origin(&t.observe(change("customers", Some(10), None))), None);
+        t.quiet();
+        assert!(!t.in_marked());
     }
 }

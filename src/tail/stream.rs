@@ -78,7 +78,9 @@ impl<S: Source, P: Publisher + 'static, C: CheckpointStore> Tailer<S, P, C> {
 
         let topics_by_coll: HashMap<&str, &str> =
             self.topics.defs.iter().map(|d| (d.collection.as_str(), d.topic.as_str())).collect();
-        let mut window: AckWindow<Covered> = AckWindow::default();
+        // `None`: a change inside a marked transaction, no point to resume from (see `echo`).
+        let mut window: AckWindow<Option<Covered>> = AckWindow::default();
+        let usable = |c: &Option<Covered>| c.is_some();
         let mut echoes = EchoTagger::default();
         let mut acks: FuturesUnordered<BoxFuture<'static, (Ticket, Result<(), BusError>)>> = FuturesUnordered::new();
         let mut sent = (pos.cluster_time, pos.index);
@@ -96,8 +98,8 @@ impl<S: Source, P: Publisher + 'static, C: CheckpointStore> Tailer<S, P, C> {
                         break Err(e.into());
                     }
                     window.ack(ticket);
-                    if let Some(c) = window.covered() {
-                        covered = Some(c);
+                    if let Some(c) = window.covered_where(usable) {
+                        covered = c;
                         dirty = true;
                     }
                     if dirty && saved_at.elapsed() >= self.tail.checkpoint_interval {
@@ -112,7 +114,9 @@ impl<S: Source, P: Publisher + 'static, C: CheckpointStore> Tailer<S, P, C> {
                             let token_time = record.wall_time.unwrap_or_else(|| DateTime::from_millis(i64::from(record.cluster_time.time) * 1000));
                             let c = Covered { token, cluster_time: record.cluster_time, index: record.index, event_time: record.wall_time, token_time };
                             sent = (record.cluster_time, record.index);
-                            let record = match echoes.observe(*record) {
+                            let seen = echoes.observe(*record);
+                            let c = (!echoes.in_marked()).then_some(c);
+                            let record = match seen {
                                 Seen::Marker => {
                                     window.push(c, 0);
                                     continue;
@@ -147,15 +151,16 @@ impl<S: Source, P: Publisher + 'static, C: CheckpointStore> Tailer<S, P, C> {
                             acks.extend(published.into_iter().map(|ack| ack.map(move |r| (ticket, r)).boxed()));
                         }
                         Some(Item::Quiet { token, at }) => {
+                            echoes.quiet();
                             let c = Covered { token, cluster_time: sent.0, index: sent.1, event_time: None, token_time: at };
-                            window.push(c, 0);
+                            window.push(Some(c), 0);
                         }
                         None => break Ok(()), // the reader ended: shutdown or an error, seen below
                     }
                 }
                 _ = tick.tick() => {
-                    if let Some(c) = window.covered() {
-                        covered = Some(c);
+                    if let Some(c) = window.covered_where(usable) {
+                        covered = c;
                         dirty = true;
                     }
                     if let Some(t) = state.token_time {
@@ -187,8 +192,8 @@ impl<S: Source, P: Publisher + 'static, C: CheckpointStore> Tailer<S, P, C> {
                 window.ack(ticket);
             }
         }
-        if let Some(c) = window.covered() {
-            covered = Some(c);
+        if let Some(c) = window.covered_where(usable) {
+            covered = c;
         }
         self.save_stream(state, covered.as_ref()).await?;
         let read = reader.await.map_err(|e| TailError::Reader(e.to_string()))?;

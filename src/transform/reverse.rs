@@ -426,24 +426,23 @@ impl<'a> Reverse<'a> {
     /// changes (an update's fields, or what a replace changed against its pre-image) laid over
     /// the service-shaped image of the monolith's current document, so that [`Reverse::put`]
     /// writes back exactly what the service changed and leaves every other field as the
-    /// monolith has it, concurrent monolith changes included. The whole document after the
-    /// change where there is nothing to lay it over (an insert, no monolith document, no
-    /// pre-image, a monolith document outside the target).
+    /// monolith has it, concurrent monolith changes included. An update whose document is gone
+    /// by the time it was read (a delete follows) still says what it changed. The whole
+    /// document after the change where there is nothing to lay it over (an insert, no monolith
+    /// document, no pre-image, a monolith document outside the target); `None` when there is
+    /// nothing at all.
     pub fn rebase(&self, monolith: Option<&Document>, change: &crate::event::EventData) -> Option<Document> {
-        let after = change.after.as_ref()?;
-        let image = match monolith.map(|m| self.image(m)) {
-            Some(Ok(Some(image))) => image,
-            _ => return Some(after.clone()),
+        use crate::event::Op;
+        let whole = || change.after.clone();
+        let (changed, removed) = match (change.op, &change.changed, &change.before, &change.after) {
+            (Op::Update, Some(changed), _, _) => (changed.clone(), change.removed.clone()),
+            (Op::Replace | Op::Update, _, Some(before), Some(after)) => diff(before, after),
+            _ => return whole(),
         };
-        let (changed, removed) = match (change.op, &change.changed, &change.before) {
-            (crate::event::Op::Update, Some(changed), _) => (changed.clone(), change.removed.clone()),
-            (crate::event::Op::Replace | crate::event::Op::Update, _, Some(before)) => diff(before, after),
-            _ => return Some(after.clone()),
-        };
-        let mut out = image;
+        let Some(mut out) = monolith.and_then(|m| self.image(m).ok().flatten()) else { return whole() };
         for (path, value) in changed {
             if set_path(&mut out, &path, value).is_err() {
-                return Some(after.clone()); // the shapes differ too much to lay one over the other
+                return whole(); // the shapes differ too much to lay one over the other
             }
         }
         for path in removed {

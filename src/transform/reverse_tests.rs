@@ -817,3 +817,48 @@ fn the_law_check_lets_fields_from_one_source_follow_each_other() {
     assert!(report.ok(), "{}", report.render(10));
     assert!(report.tallies["items"].put_get > 15, "{:?}", report.tallies);
 }
+
+/// A service change is laid over the monolith's current document: only what the service changed
+/// is written back, whatever else the monolith changed meanwhile stays.
+#[test]
+fn a_service_change_is_rebased_on_the_monolith_as_it_is_now() {
+    use crate::event::{EventData, Op};
+    let services = shipped();
+    let customers = services.iter().find(|s| s.service() == "customers_db").unwrap();
+    let reverse = customers.reverse_for("customers").unwrap();
+    let monolith = bson::doc! { "_id": 1, "user_id": "U1", "name": "Ann", "tier": "gold", "ltv": "10.00" };
+    let image = reverse.image(&monolith).unwrap().unwrap();
+    // The service renamed her when the monolith still said tier basic; the monolith has since
+    // moved her to gold.
+    let mut stale = image.clone();
+    stale.insert("displayName", "Anne");
+    stale.get_document_mut("segmentation").unwrap().insert("tier", "basic");
+    let change = |op, changed: Option<Document>, before: Option<Document>, after: Option<Document>| EventData {
+        op,
+        collection: "customers".into(),
+        key: Bson::String("U1".into()),
+        document_id: Bson::String("U1".into()),
+        after,
+        before,
+        changed,
+        removed: Vec::new(),
+        derived: None,
+    };
+    let update = change(Op::Update, Some(bson::doc! { "displayName": "Anne" }), None, Some(stale.clone()));
+    let patch = reverse.put(Some(&monolith), &reverse.rebase(Some(&monolith), &update).unwrap()).unwrap();
+    assert_eq!(patch.to_update(), bson::doc! { "$set": { "name": "Anne" } }, "the tier stays gold");
+    // Read after a delete: no document after, the update still says what it changed.
+    let gone = change(Op::Update, Some(bson::doc! { "displayName": "Anne" }), None, None);
+    assert_eq!(reverse.rebase(Some(&monolith), &gone).unwrap().get_str("displayName").unwrap(), "Anne");
+    assert_eq!(reverse.rebase(None, &gone), None, "nothing to say about a document neither side has");
+    // A replace: what changed against its pre-image.
+    let mut before = stale.clone();
+    before.insert("displayName", "Ann");
+    let replace = change(Op::Replace, None, Some(before), Some(stale.clone()));
+    let patch = reverse.put(Some(&monolith), &reverse.rebase(Some(&monolith), &replace).unwrap()).unwrap();
+    assert_eq!(patch.to_update(), bson::doc! { "$set": { "name": "Anne" } });
+    // Without a pre-image, or with no monolith document, the whole document speaks.
+    let blind = change(Op::Replace, None, None, Some(stale.clone()));
+    assert_eq!(reverse.rebase(Some(&monolith), &blind), Some(stale.clone()));
+    assert_eq!(reverse.rebase(None, &update), Some(stale));
+}
