@@ -2171,8 +2171,14 @@ async fn malformed_messages_and_unmatched_events() {
     products.insert_one(hostile_product("MSG-template", doc! {}, Bson::Array(vec![]))).await.unwrap();
     let template = loop {
         let records = read_raw_async(&world.kafka.brokers(), &[PRODUCTS]).await;
-        if let Some(p) = records.iter().find_map(|r| r.payload.clone()) {
-            break serde_json::from_slice::<serde_json::Value>(&p).unwrap();
+        // The product's own event, not a snapshot marker on the same topic.
+        let event = records
+            .iter()
+            .filter_map(|r| r.payload.as_deref())
+            .filter_map(|p| serde_json::from_slice::<serde_json::Value>(p).ok())
+            .find(|v| v["subject"] == "MSG-template");
+        if let Some(event) = event {
+            break event;
         }
         tokio::time::sleep(Duration::from_millis(300)).await;
     };
