@@ -13,7 +13,9 @@
 //! - **written**: writes the workload made to the monolith (seeded documents included);
 //! - **delivered**: records on Kafka carrying document events (duplicates included);
 //! - **applied**: writes whose event the target holds, or a newer version of the same document
-//!   (the version guards' definition of "applied": nothing older can land over it);
+//!   (the version guards' definition of "applied": nothing older can land over it); and writes
+//!   of a document the monolith provably deleted before the snapshot's start, which no event
+//!   carries and the target rightly lacks (counted in the line's note; see `deleted_unseen`);
 //! - **lost**: writes not applied, plus documents that differ between source and target, plus
 //!   events missing from the archive where the archive runs. Must be 0;
 //! - **duplicated-absorbed**: records on Kafka repeating an event id (re-published after a
@@ -58,7 +60,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use bson::{Bson, Document, doc};
+use bson::{Bson, Document, Timestamp, doc};
 use common::proxy::Proxy;
 use common::{Ficus, World, checkpoint, free_port};
 use ficus::event::{CanonicalEvent, Message, Op};
@@ -288,6 +290,15 @@ struct Write {
     key: String,
     marker: i64,
     kind: Kind,
+    /// For a delete: no earlier than its cluster time (the monolith's `operationTime` read right
+    /// after the delete was acknowledged), where the monolith answered. See [`deleted_unseen`].
+    by: Option<Timestamp>,
+}
+
+impl Write {
+    fn new(topic: &'static str, key: String, marker: i64, kind: Kind) -> Write {
+        Write { topic, key, marker, kind, by: None }
+    }
 }
 
 fn marker_field(topic: &str) -> &'static str {
@@ -357,7 +368,7 @@ impl Driver {
             let mut docs = Vec::new();
             for _ in 0..n {
                 let (key, d, m) = if topic == PRODUCTS { self.product() } else { self.customer() };
-                self.log.push(Write { topic, key, marker: m, kind: Kind::Seed });
+                self.log.push(Write::new(topic, key, m, Kind::Seed));
                 docs.push(d);
             }
             let coll = self.db.collection::<Document>(if topic == PRODUCTS { "products" } else { "customers" });
@@ -365,6 +376,37 @@ impl Driver {
                 coll.insert_many(chunk.to_vec()).await.unwrap();
             }
         }
+    }
+
+    /// Updates, then deletes, `n` seeded products and `n` seeded customers, chosen by the RNG:
+    /// documents whose whole life after their insert happens at once.
+    async fn retire(&mut self, n: usize) {
+        for topic in [PRODUCTS, CUSTOMERS] {
+            for _ in 0..n {
+                let (coll, field, live) = if topic == PRODUCTS {
+                    ("products", "sku", &mut self.products)
+                } else {
+                    ("customers", "user_id", &mut self.customers)
+                };
+                let i = live.swap_remove(self.rng.random_range(0..live.len()));
+                let key = if topic == PRODUCTS { Workload::sku(i) } else { Workload::user_id(i) };
+                let m = self.next_marker();
+                let coll = self.db.collection::<Document>(coll);
+                let set = doc! { "$set": { marker_field(topic): m } };
+                retry(|| async { coll.update_one(doc! { field: &key }, set.clone()).await.map(|_| ()) }).await;
+                self.log.push(Write::new(topic, key.clone(), m, Kind::Update));
+                retry(|| async { coll.delete_one(doc! { field: &key }).await.map(|_| ()) }).await;
+                let by = self.cluster_time().await;
+                self.log.push(Write { by, ..Write::new(topic, key, 0, Kind::Delete) });
+            }
+        }
+    }
+
+    /// The monolith's latest cluster time, which is at or after that of every write it has
+    /// acknowledged (`operationTime`, on a replica set); `None` if it cannot be read now.
+    async fn cluster_time(&self) -> Option<Timestamp> {
+        let reply = self.db.run_command(doc! { "ping": 1 }).await.ok()?;
+        reply.get_timestamp("operationTime").ok()
     }
 
     /// One random write, retried until the monolith has it.
@@ -376,7 +418,7 @@ impl Driver {
             0..12 => {
                 let (key, d, m) = self.product();
                 retry(|| async { ok_or_duplicate(products.insert_one(d.clone()).await.map(|_| ())) }).await;
-                self.log.push(Write { topic: PRODUCTS, key, marker: m, kind: Kind::Insert });
+                self.log.push(Write::new(PRODUCTS, key, m, Kind::Insert));
             }
             12..50 if !self.products.is_empty() => {
                 let i = self.products[self.rng.random_range(0..self.products.len())];
@@ -390,18 +432,19 @@ impl Driver {
                     products.update_one(doc! { "sku": Workload::sku(i) }, update.clone()).await.map(|_| ())
                 })
                 .await;
-                self.log.push(Write { topic: PRODUCTS, key: Workload::sku(i), marker: m, kind: Kind::Update });
+                self.log.push(Write::new(PRODUCTS, Workload::sku(i), m, Kind::Update));
             }
             50..54 if self.products.len() > 10 => {
                 let at = self.rng.random_range(0..self.products.len());
                 let i = self.products.swap_remove(at);
                 retry(|| async { products.delete_one(doc! { "sku": Workload::sku(i) }).await.map(|_| ()) }).await;
-                self.log.push(Write { topic: PRODUCTS, key: Workload::sku(i), marker: 0, kind: Kind::Delete });
+                let by = self.cluster_time().await;
+                self.log.push(Write { by, ..Write::new(PRODUCTS, Workload::sku(i), 0, Kind::Delete) });
             }
             54..62 => {
                 let (key, d, m) = self.customer();
                 retry(|| async { ok_or_duplicate(customers.insert_one(d.clone()).await.map(|_| ())) }).await;
-                self.log.push(Write { topic: CUSTOMERS, key, marker: m, kind: Kind::Insert });
+                self.log.push(Write::new(CUSTOMERS, key, m, Kind::Insert));
             }
             62..96 if !self.customers.is_empty() => {
                 let i = self.customers[self.rng.random_range(0..self.customers.len())];
@@ -423,14 +466,15 @@ impl Driver {
                     (doc! { "user_id": &user }, doc! { "$set": { "stats.msgs": m } })
                 };
                 retry(|| async { customers.update_one(filter.clone(), update.clone()).await.map(|_| ()) }).await;
-                self.log.push(Write { topic: CUSTOMERS, key: user, marker: m, kind: Kind::Update });
+                self.log.push(Write::new(CUSTOMERS, user, m, Kind::Update));
             }
             96..100 if self.customers.len() > 10 => {
                 let at = self.rng.random_range(0..self.customers.len());
                 let i = self.customers.swap_remove(at);
                 retry(|| async { customers.delete_one(doc! { "user_id": Workload::user_id(i) }).await.map(|_| ()) })
                     .await;
-                self.log.push(Write { topic: CUSTOMERS, key: Workload::user_id(i), marker: 0, kind: Kind::Delete });
+                let by = self.cluster_time().await;
+                self.log.push(Write { by, ..Write::new(CUSTOMERS, Workload::user_id(i), 0, Kind::Delete) });
             }
             _ => {} // a delete or an update with nothing to act on: skip the roll
         }
@@ -596,6 +640,66 @@ fn carries(e: &CanonicalEvent, w: &Write) -> bool {
         (_, Op::Replace) => after == Some(w.marker),
         _ => false,
     }
+}
+
+/// Whether write `w`, which no event on Kafka carries, belongs to a document that the monolith
+/// deleted before the point a completed snapshot of its topic started from (`snapshot`, the
+/// sequence of its copies, from its end-of-copy markers), and that the target does not hold.
+///
+/// Such a write is superseded before ficus could see it: the snapshot copies what exists at its
+/// start and later, so it had nothing to copy, and the stream starts at that point, after the
+/// delete, so there was no change to carry; a document that never reached the target rightly
+/// never does. This is a delete's own rule (a delete event supersedes every earlier write of its
+/// aggregate, see [`carries`]) for the one delete that has no event. It is proven, never
+/// assumed: the delete's recorded time is read from the monolith after the delete was
+/// acknowledged, so it is no earlier than the delete's cluster time, and must be before the
+/// snapshot's start; a delete at or after that point must have an event, and one without a
+/// recorded time proves nothing.
+fn deleted_unseen(w: &Write, log: &[Write], snapshot: Option<&str>, present: bool) -> bool {
+    let Some(start) = snapshot else { return false };
+    w.kind != Kind::Delete
+        && !present
+        && log.iter().any(|d| {
+            d.kind == Kind::Delete
+                && d.topic == w.topic
+                && d.key == w.key
+                && d.by.is_some_and(|t| ficus::event::Version::at(t, 0).as_str() < start)
+        })
+}
+
+/// The audit's rule for writes without an event, both ways: a document deleted before the
+/// snapshot's start excuses its earlier writes; one deleted at or after it (whose delete event is
+/// then missing), without a recorded time, still in the target, or with no snapshot, does not.
+#[test]
+fn only_writes_deleted_before_the_snapshot_start_go_without_an_event() {
+    let ts = |increment| Timestamp { time: 1_800_000_000, increment };
+    let start = ficus::event::Version::at(ts(10), 0).as_str().to_string();
+    let life = |deleted: Option<Timestamp>| {
+        let key = "SKU-000072".to_string();
+        vec![
+            Write::new(PRODUCTS, key.clone(), 73, Kind::Seed),
+            Write::new(PRODUCTS, key.clone(), 161, Kind::Update),
+            Write { by: deleted, ..Write::new(PRODUCTS, key, 0, Kind::Delete) },
+        ]
+    };
+    let excused = |log: &[Write], snapshot: Option<&str>, present: bool| {
+        log.iter().filter(|w| deleted_unseen(w, log, snapshot, present)).map(|w| w.kind).collect::<Vec<_>>()
+    };
+    let before = life(Some(ts(9)));
+    assert_eq!(excused(&before, Some(&start), false), [Kind::Seed, Kind::Update]);
+    // The delete itself answers to the sweep rule, not to this one.
+    for at in [ts(10), ts(11)] {
+        assert!(excused(&life(Some(at)), Some(&start), false).is_empty(), "deleted at {at:?}: its event is missing");
+    }
+    assert!(excused(&life(None), Some(&start), false).is_empty(), "an unknown delete time proves nothing");
+    assert!(excused(&before, Some(&start), true).is_empty(), "the target still holds it");
+    assert!(excused(&before, None, false).is_empty(), "no snapshot completed");
+    let mut other = before.clone();
+    other[2].key = "SKU-000073".into();
+    assert!(excused(&other, Some(&start), false).is_empty(), "another document's delete");
+    let mut customers = before;
+    customers[2].topic = CUSTOMERS;
+    assert!(excused(&customers, Some(&start), false).is_empty(), "another topic's delete");
 }
 
 /// Prints a scenario's line where CI logs show it: straight to stderr, past the test harness's
@@ -785,18 +889,26 @@ async fn settle_and_audit(
     let mut ids: HashSet<String> = HashSet::new();
     let mut all_ids: HashSet<String> = HashSet::new();
     // Topics with a completed snapshot: a delete made while history was lost has no event, and
-    // the consumers' sweep after that snapshot carries it instead.
-    let mut swept: HashSet<String> = HashSet::new();
+    // the consumers' sweep after that snapshot carries it instead. With the newest snapshot's
+    // start (the sequence of its copies), for [`deleted_unseen`].
+    let mut swept: HashMap<String, String> = HashMap::new();
     for r in &raw {
         let Some(message) = r.payload.as_deref().and_then(|p| Message::decode(p).ok()) else {
             report.problems.push(format!("undecodable record at {}[{}]@{}", r.topic, r.partition, r.offset));
             continue;
         };
         all_ids.insert(message.id().to_string());
-        let Message::Event(ev) = message else {
-            // A snapshot's end-of-copy marker.
-            swept.insert(r.topic.clone());
-            continue;
+        let ev = match message {
+            Message::Event(ev) => ev,
+            Message::Control(c) => {
+                // A snapshot's end-of-copy marker: the newest start of the topic's snapshots.
+                let ficus::event::Control::SnapshotCompleted(marker) = c.control;
+                let start = swept.entry(r.topic.clone()).or_default();
+                if marker.start.as_str() > start.as_str() {
+                    *start = marker.start.as_str().to_string();
+                }
+                continue;
+            }
         };
         if ev.data.derived.is_some() {
             continue;
@@ -812,10 +924,11 @@ async fn settle_and_audit(
     versions.insert(PRODUCTS, target_versions(target, "products_db", "products").await);
     versions.insert(CUSTOMERS, target_versions(target, "customers_db", "customers").await);
     report.written = log.len();
+    let mut unseen = 0;
     for w in log {
         let events = by_key.get(&(w.topic.to_string(), w.key.clone())).map(Vec::as_slice).unwrap_or_default();
         let carriers: Vec<&CanonicalEvent> = events.iter().filter(|e| carries(e, w)).collect();
-        if carriers.is_empty() && w.kind == Kind::Delete && swept.contains(w.topic) {
+        if carriers.is_empty() && w.kind == Kind::Delete && swept.contains_key(w.topic) {
             match versions[w.topic].get(&w.key) {
                 Some((_, true)) => {
                     report.lost += 1;
@@ -826,9 +939,22 @@ async fn settle_and_audit(
             continue;
         }
         if carriers.is_empty() {
+            let present = versions[w.topic].get(&w.key).is_some_and(|v| v.1);
+            if deleted_unseen(w, log, swept.get(w.topic).map(String::as_str), present) {
+                report.applied += 1;
+                unseen += 1;
+                continue;
+            }
             report.lost += 1;
             let seen: Vec<String> = events.iter().map(|e| format!("{}@{}", e.data.op, e.position.sequence())).collect();
-            report.problems.push(format!("{w:?}: no event on Kafka carries it; its events: {seen:?}"));
+            let writes: Vec<String> = log
+                .iter()
+                .filter(|x| x.topic == w.topic && x.key == w.key)
+                .map(|x| format!("{:?}({}, {:?})", x.kind, x.marker, x.by))
+                .collect();
+            report.problems.push(format!(
+                "{w:?}: no event on Kafka carries it; its events: {seen:?}; every write of its document: {writes:?}"
+            ));
             continue;
         }
         let (v, present) = versions[w.topic].get(&w.key).cloned().unwrap_or((None, false));
@@ -845,6 +971,12 @@ async fn settle_and_audit(
         }
     }
     report.lost += diffs.len();
+    if unseen > 0 {
+        report.note.push_str(&format!(
+            "{}{unseen} writes of documents deleted before the snapshot's start",
+            if report.note.is_empty() { "" } else { "; " }
+        ));
+    }
 
     eprintln!("[{name}] audited Kafka after {:?}", t0.elapsed());
     if archive {
@@ -1439,6 +1571,11 @@ async fn ficus_started_while_mongodb_and_kafka_are_down_waits_for_them() {
     let env = Env::default().with("FICUS_CONFIG", fault_config(world.dir.path(), name, "", ""));
     let mut driver = Driver::new(&client, seed);
     driver.seed(100, 50).await;
+    // Documents whose whole life ends before ficus's snapshot starts: no event can carry them,
+    // and none should. The workload below does the same, now and then: the snapshot starts only
+    // when ficus's retry backoff next fires after the restart, maybe seconds into the workload.
+    // These make it happen in every run (issue #10 was the audit failing on it, one run in two).
+    driver.retire(2).await;
     world.mongo.kill();
     world.kafka.kill();
     let mut f = spawn(&world, ALL, &env);
