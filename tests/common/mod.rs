@@ -88,6 +88,11 @@ fn signal(child: &Child, sig: i32) {
 pub struct Owned(Option<Child>);
 
 impl Owned {
+    /// The process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.0.as_ref().map(Child::id)
+    }
+
     pub fn kill(&mut self) {
         if let Some(mut c) = self.0.take() {
             let _ = c.kill();
@@ -138,6 +143,11 @@ impl Mongo {
 
     pub fn uri(&self) -> String {
         format!("mongodb://127.0.0.1:{}/?directConnection=true", self.port)
+    }
+
+    /// The server's process id, while it runs (the benchmarks read its CPU time from `/proc`).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.pid()
     }
 
     pub async fn client(&self) -> mongodb::Client {
@@ -193,6 +203,11 @@ impl Kafka {
 
     pub fn brokers(&self) -> String {
         format!("127.0.0.1:{}", self.port)
+    }
+
+    /// The broker's process id, while it runs (the benchmarks read its CPU time from `/proc`).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.pid()
     }
 
     /// ficus's Kafka settings for this broker, as the defaults give them.
@@ -265,6 +280,23 @@ impl World {
     /// Starts `ficus run` in the background.
     pub fn spawn_ficus(&self, args: &[&str], extra_env: &[(&str, &str)]) -> Ficus {
         let log = self.dir.path().join(format!("ficus-{}.log", free_port()));
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_ficus"));
+        cmd.current_dir(repo_root())
+            .args(args)
+            .envs(self.env())
+            .env_remove("FICUS_CONFIG")
+            .env("FICUS_LOG", "info,ficus=debug");
+        for (k, v) in extra_env {
+            cmd.env(k, v);
+        }
+        let child = spawn(&mut cmd, &log);
+        Ficus { child: Some(child), log }
+    }
+
+    /// Starts ficus in the background like [`Self::spawn_ficus`], with its log in
+    /// `ficus-<name>.log` of the scratch directory (the benchmarks keep the logs by name).
+    pub fn spawn_ficus_named(&self, name: &str, args: &[&str], extra_env: &[(&str, &str)]) -> Ficus {
+        let log = self.dir.path().join(format!("ficus-{name}.log"));
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_ficus"));
         cmd.current_dir(repo_root())
             .args(args)
