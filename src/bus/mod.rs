@@ -141,9 +141,15 @@ pub fn client_config(cfg: &KafkaConfig, role: ClientRole<'_>, client_id: &str) -
     if let ClientRole::GroupMember { .. } = role {
         // Feeds ficus_consumer_lag (see consume::DrainContext).
         c.set("statistics.interval.ms", "5000");
-        // A consumer that dies holds its partitions this long before the group moves them
-        // (with static membership, unless the same process slot comes back first).
-        c.set("session.timeout.ms", "10000");
+        // A consumer that dies holds its partitions this long before the group moves them.
+        // A static member is meant to come back as itself (a restart takes its partitions
+        // straight back), so it gets Kafka's own default of 45 s (KIP-735): a restart or a
+        // broker hiccup shorter than that moves nothing. It also keeps Tansu 0.6.0 calm, whose
+        // coordinator keeps a stale entry of every static member that rejoins and rebalances
+        // the group when that entry's session runs out: one needless rebalance per session
+        // timeout, which under load at 6 s lost assignments for good (README, caveats).
+        let session = if cfg.membership == Membership::Static { "45000" } else { "10000" };
+        c.set("session.timeout.ms", session);
         c.set("heartbeat.interval.ms", "2000");
         c.set("partition.assignment.strategy", "cooperative-sticky");
     }
