@@ -543,39 +543,76 @@ struct Raw {
 }
 
 /// Every record of `topics`, from the low to the high watermark of each partition as of now.
+///
+/// A reader that gets nothing for 45 s is replaced by a fresh one that resumes where it
+/// stopped: Tansu 0.6.0 at times answers one client's fetches with nothing, for minutes, while
+/// a new client reads the same partitions at once (seen three runs in a row in the
+/// consume-members scenario). Three fresh readers that all stall fail the audit.
 fn read_raw(brokers: &str, topics: &[&str]) -> Vec<Raw> {
-    let consumer: BaseConsumer = rdkafka::ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .set("group.id", "ficus-faults-reader")
-        .set("enable.auto.commit", "false")
-        .set("fetch.wait.max.ms", "50")
-        .create()
-        .unwrap();
-    let mut tpl = rdkafka::TopicPartitionList::new();
+    // A group id of its own per reader: it only assigns, but librdkafka still talks to that
+    // group's coordinator, and a fresh reader should share nothing with a stalled one.
+    let readers = std::sync::atomic::AtomicU32::new(0);
+    let reader = || -> BaseConsumer {
+        let n = readers.fetch_add(1, Ordering::SeqCst);
+        rdkafka::ClientConfig::new()
+            .set("bootstrap.servers", brokers)
+            .set("group.id", format!("ficus-faults-reader-{}-{n}", std::process::id()))
+            .set("enable.auto.commit", "false")
+            .set("fetch.wait.max.ms", "50")
+            // Every record there is: ficus writes no Kafka transactions, so nothing is
+            // uncommitted, and the audit must not depend on the broker's last stable offset.
+            .set("isolation.level", "read_uncommitted")
+            .create()
+            .unwrap()
+    };
+    let mut consumer = reader();
+    // Per partition with records: the next offset to read, and the end.
+    let mut next: HashMap<(String, i32), i64> = HashMap::new();
     let mut ends: HashMap<(String, i32), i64> = HashMap::new();
     for t in topics {
         let md = consumer.fetch_metadata(Some(t), Duration::from_secs(30)).unwrap();
         for p in md.topics()[0].partitions() {
             let (low, high) = consumer.fetch_watermarks(t, p.id(), Duration::from_secs(30)).unwrap();
             if high > low {
-                tpl.add_partition_offset(t, p.id(), rdkafka::Offset::Offset(low)).unwrap();
+                next.insert((t.to_string(), p.id()), low);
                 ends.insert((t.to_string(), p.id()), high);
             }
         }
     }
     let mut out = Vec::new();
+    let assign = |consumer: &BaseConsumer, next: &HashMap<(String, i32), i64>, ends: &HashMap<(String, i32), i64>| {
+        let mut tpl = rdkafka::TopicPartitionList::new();
+        for (k, _) in ends.iter() {
+            tpl.add_partition_offset(&k.0, k.1, rdkafka::Offset::Offset(next[k])).unwrap();
+        }
+        consumer.assign(&tpl).unwrap();
+    };
     if ends.is_empty() {
         return out;
     }
-    consumer.assign(&tpl).unwrap();
-    let deadline = Instant::now() + Duration::from_secs(180);
+    assign(&consumer, &next, &ends);
+    let mut fresh_readers = 0;
+    let mut last_progress = Instant::now();
     while !ends.is_empty() {
-        assert!(Instant::now() < deadline, "reading Kafka back took over 3 minutes; left: {ends:?}");
+        if last_progress.elapsed() > Duration::from_secs(45) {
+            assert!(
+                fresh_readers < 3,
+                "reading Kafka back: {} readers in a row got nothing for 45 s; left: {ends:?}, next: {next:?}",
+                fresh_readers + 1
+            );
+            fresh_readers += 1;
+            announce(&format!("reading Kafka back: nothing for 45 s; a fresh reader resumes at {next:?}"));
+            consumer = reader();
+            assign(&consumer, &next, &ends);
+            last_progress = Instant::now();
+        }
         match consumer.poll(Duration::from_millis(200)) {
             Some(Ok(m)) => {
                 let k = (m.topic().to_string(), m.partition());
                 if let Some(end) = ends.get(&k).copied() {
-                    if m.offset() < end {
+                    if m.offset() >= next[&k] && m.offset() < end {
+                        last_progress = Instant::now();
+                        next.insert(k.clone(), m.offset() + 1);
                         out.push(Raw {
                             topic: m.topic().to_string(),
                             partition: m.partition(),
@@ -1376,8 +1413,11 @@ async fn consumers_restarted_beside_a_live_member_and_alone_get_their_partitions
             problems.push(format!("a, restart {cycle} alone: after 30 s no partitions in {missing:?}"));
         }
     }
+    // A new static member beside a live one: on Tansu 0.6.0 its first cooperative rebalance
+    // can hand it nothing until its first join's stale entry expires (one 45 s session), so
+    // allow two sessions. (Restarts, the point of this scenario, are held to 30 s below.)
     let mut b = spawn(&world, &consume, &env_b);
-    if let Err(missing) = until_every_group_consumes(&client, &groups, &b, Duration::from_secs(60)).await {
+    if let Err(missing) = until_every_group_consumes(&client, &groups, &b, Duration::from_secs(100)).await {
         problems.push(format!("b joining a: no partitions in {missing:?}"));
     }
     for cycle in 0..cycles {
@@ -1390,6 +1430,14 @@ async fn consumers_restarted_beside_a_live_member_and_alone_get_their_partitions
     }
     stop.store(true, Ordering::SeqCst);
     let driver = writer.await.unwrap();
+    // Both members stop (cleanly) once the services have caught up, before the audit reads
+    // Kafka back: with two live static members in each group, Tansu 0.6.0 answered that
+    // third client's fetches with nothing for three minutes, twice in a row (ficus had
+    // converged; the audit had not begun).
+    let caught_up = converge(&client, &client).await.is_empty();
+    let mut stopped = Report::default();
+    finish(&mut stopped, &mut b, "consumer b");
+    finish(&mut stopped, &mut a, "consumer a");
     let mut report = settle_and_audit(
         name,
         &world,
@@ -1402,13 +1450,15 @@ async fn consumers_restarted_beside_a_live_member_and_alone_get_their_partitions
         format!("seed {seed}, {cycles} restarts of a alone, {cycles} of b beside a"),
     )
     .await;
+    if !caught_up {
+        problems.push("the services had not caught up when the members stopped".into());
+    }
+    problems.extend(stopped.problems);
     if !problems.is_empty() {
         problems.push(ficus_problems(&world, name));
     }
     report.problems.extend(problems);
     finish(&mut report, &mut tail, "the tail");
-    finish(&mut report, &mut a, "consumer a");
-    finish(&mut report, &mut b, "consumer b");
     report.check();
 }
 
@@ -1567,10 +1617,23 @@ async fn target_mongodb_killed_and_restarted_mid_stream() {
 /// Servers restarted at the same time as ficus (a host reboot, a rolling deploy): ficus comes
 /// up while MongoDB and Kafka are still down and must wait for them (transient errors retry,
 /// says the README), not exit.
+/// Once in CI; the long variant (`FICUS_FAULTS_LONG=1`) runs it five times, each with a seed
+/// of its own (issue #10: this scenario must never lose a write, whatever the interleaving).
 #[tokio::test(flavor = "multi_thread")]
 async fn ficus_started_while_mongodb_and_kafka_are_down_waits_for_them() {
     let name = "servers-down-at-start";
     let seed = seed_for(name);
+    let runs = if long() { 5 } else { 1 };
+    for run in 0..runs {
+        let seed = seed.wrapping_add(run);
+        if run > 0 {
+            announce(&format!("fault {name}: run {run}, seed {seed}"));
+        }
+        servers_down_at_start(name, seed).await;
+    }
+}
+
+async fn servers_down_at_start(name: &str, seed: u64) {
     let mut world = World::start_with(DURABLE);
     world.apply_topics();
     let client = world.mongo.client().await;

@@ -200,6 +200,10 @@ pub enum Shape {
     GuardOr,
     /// `q: {_id, _ficus.v: {$not: {$gte: v}}}`: the sink's guard now.
     GuardNot,
+    /// [`Shape::GuardNot`], each batch one transaction that first upserts an apply marker (as
+    /// the sink does for a service that writes back, so the tail can tell ficus's own writes):
+    /// the echo-tagging transaction's cost on the server, beside `GuardNot`.
+    GuardNotMarked,
 }
 
 /// The bare bulk loop: the same documents, upserted by `_id` in `update` commands of
@@ -236,26 +240,55 @@ pub async fn bare_bulk(
                     Shape::GuardOr => {
                         doc! { "_id": id, "$or": [ { &version: { "$lt": &v } }, { &version: { "$exists": false } } ] }
                     }
-                    Shape::GuardNot => doc! { "_id": id, &version: { "$not": { "$gte": &v } } },
+                    Shape::GuardNot | Shape::GuardNotMarked => {
+                        doc! { "_id": id, &version: { "$not": { "$gte": &v } } }
+                    }
                 };
                 by_coll.entry(c.as_str()).or_default().push(doc! { "q": q, "u": d.clone(), "upsert": true });
             }
             let started = Instant::now();
-            for (c, updates) in by_coll {
-                let reply = db
-                    .run_command(doc! {
-                        "update": c, "updates": updates, "ordered": false,
-                        "writeConcern": { "w": "majority", "j": true },
-                    })
-                    .await
-                    .expect("bare bulk upsert");
-                assert!(reply.get("writeErrors").is_none(), "bare bulk upsert: {reply}");
+            if shape == Shape::GuardNotMarked {
+                marked_batch(db, by_coll, n).await;
+            } else {
+                for (c, updates) in by_coll {
+                    let reply = db
+                        .run_command(doc! {
+                            "update": c, "updates": updates, "ordered": false,
+                            "writeConcern": { "w": "majority", "j": true },
+                        })
+                        .await
+                        .expect("bare bulk upsert");
+                    assert!(reply.get("writeErrors").is_none(), "bare bulk upsert: {reply}");
+                }
             }
             timed += started.elapsed();
             n += batch.len() as u64;
         }
     }
     (timed, n)
+}
+
+/// One batch of [`Shape::GuardNotMarked`]: a transaction (majority, journaled at commit) that
+/// upserts the batch's apply marker, then the batch's updates; `at` numbers the marker.
+async fn marked_batch(db: &Database, by_coll: BTreeMap<&str, Vec<Document>>, at: u64) {
+    let mut session = db.client().start_session().await.expect("session");
+    let wc =
+        mongodb::options::WriteConcern::builder().w(mongodb::options::Acknowledgment::Majority).journal(true).build();
+    session.start_transaction().write_concern(wc).await.expect("start transaction");
+    let marker = doc! {
+        "update": "_ficus_applied",
+        "updates": [ { "q": { "_id": "bench/customers/0" }, "u": { "$set": { "at": at as i64 } }, "upsert": true } ],
+    };
+    db.run_command(marker).session(&mut session).await.expect("marker");
+    for (c, updates) in by_coll {
+        let reply = db
+            .run_command(doc! { "update": c, "updates": updates, "ordered": false })
+            .session(&mut session)
+            .await
+            .expect("marked bulk upsert");
+        assert!(reply.get("writeErrors").is_none(), "marked bulk upsert: {reply}");
+    }
+    session.commit_transaction().await.expect("commit");
 }
 
 /// The bare verify: read every source document and every target document. Returns the time and

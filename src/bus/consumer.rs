@@ -97,6 +97,10 @@ impl ConsumerContext for DrainContext {
     }
 }
 
+/// How long a member's final commit and leave may take on the way out (see
+/// [`GroupConsumer::close`]).
+const FINAL_COMMIT_WAIT: Duration = Duration::from_secs(10);
+
 /// A subscribed member of one consumer group. Clones share the member (for a task that watches
 /// its partitions and progress).
 #[derive(Clone)]
@@ -240,10 +244,26 @@ impl GroupConsumer {
     /// Commits what was stored and leaves the subscription (on a clean stop or an error
     /// alike). A static member's partitions stay reserved for its instance id until its session
     /// expires, so the same process slot coming back takes them at once.
-    pub fn close(&self) {
-        if let Err(e) = self.consumer.commit_consumer_state(CommitMode::Sync) {
-            debug!(group = %self.group, "final commit: {e}");
+    ///
+    /// Both calls block on the group coordinator, which may be busy or gone (a broker mid-
+    /// rebalance, or down): they run off the runtime's workers and are waited on for at most
+    /// [`FINAL_COMMIT_WAIT`]. Giving up loses nothing: offsets not committed are re-read by the next member
+    /// and re-applied, a no-op by version.
+    pub async fn close(&self) {
+        let within = FINAL_COMMIT_WAIT;
+        let (consumer, group) = (self.consumer.clone(), self.group.clone());
+        let closing = tokio::task::spawn_blocking(move || {
+            if let Err(e) = consumer.commit_consumer_state(CommitMode::Sync) {
+                debug!(%group, "final commit: {e}");
+            }
+            consumer.unsubscribe();
+        });
+        if tokio::time::timeout(within, closing).await.is_err() {
+            warn!(
+                group = %self.group,
+                "the final commit did not finish within {}s; the group's next member re-reads from the last commit",
+                within.as_secs()
+            );
         }
-        self.consumer.unsubscribe();
     }
 }

@@ -195,7 +195,11 @@ pub fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    rt.block_on(dispatch(cli))
+    let code = rt.block_on(dispatch(cli));
+    // Whatever a role left behind (a blocking call into a broker that does not answer) must not
+    // hold the exit: every role has drained and checkpointed by now, or said it could not.
+    rt.shutdown_timeout(std::time::Duration::from_secs(5));
+    code
 }
 
 fn init_tracing(format: LogFormat) {

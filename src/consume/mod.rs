@@ -194,7 +194,7 @@ impl<S: Sink> ServiceConsumer<S> {
         };
         watching.cancel();
         // Commit whatever was stored, whether stopping cleanly or on an error.
-        consumer.close();
+        consumer.close().await;
         if shutdown.is_cancelled() {
             slot.release().await;
         }

@@ -60,7 +60,7 @@ impl Archiver {
             kept = keeper_ended(&watching, keeper) => kept,
         };
         watching.cancel();
-        consumer.close();
+        consumer.close().await;
         if shutdown.is_cancelled() {
             slot.release().await;
         }
