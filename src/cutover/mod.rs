@@ -2,7 +2,9 @@
 //! them back, without losing a write.
 //!
 //! - [`route`]: the published routing function (a key's bucket);
-//! - [`ownership`]: each service's share and epoch, over time, in ficus's store.
+//! - [`ownership`]: each service's share and epoch, over time, in ficus's store;
+//! - [`plan`]: the safe cutover's state machine (steps, resume, abort), pure.
 
 pub mod ownership;
+pub mod plan;
 pub mod route;

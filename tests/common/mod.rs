@@ -279,18 +279,7 @@ impl World {
 
     /// Starts `ficus run` in the background.
     pub fn spawn_ficus(&self, args: &[&str], extra_env: &[(&str, &str)]) -> Ficus {
-        let log = self.dir.path().join(format!("ficus-{}.log", free_port()));
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_ficus"));
-        cmd.current_dir(repo_root())
-            .args(args)
-            .envs(self.env())
-            .env_remove("FICUS_CONFIG")
-            .env("FICUS_LOG", "info,ficus=debug");
-        for (k, v) in extra_env {
-            cmd.env(k, v);
-        }
-        let child = spawn(&mut cmd, &log);
-        Ficus { child: Some(child), log }
+        self.spawn_ficus_named(&free_port().to_string(), args, extra_env)
     }
 
     /// Starts ficus in the background like [`Self::spawn_ficus`], with its log in
