@@ -97,13 +97,22 @@ fn seed_for(name: &str) -> u64 {
 }
 
 /// A ficus.toml for fault runs: a short tail lease, so a SIGKILLed tailer's successor takes
-/// over in seconds rather than the production default's. Consumers keep ficus's defaults:
-/// static group membership (a restarted process is the same member of each group and takes
+/// over in seconds rather than the production default's. Consumers keep ficus's membership
+/// defaults: static group membership (a restarted process is the same member of each group and takes
 /// its partitions straight back) with its 45 s session; see the README's caveats for what
 /// Tansu 0.6.0 does with dynamic members that die and with static members on short sessions.
+///
+/// Consumers fetch at most 64 KB a partition: Tansu 0.6.0 (sqlite storage) serves a fetch at
+/// about a hundred records a second and answers little else meanwhile, so a member that
+/// rejoins far behind asked for librdkafka's default 1 MB a partition and held the broker for
+/// tens of seconds; every member's heartbeats timed out (45 s sessions expired "without a
+/// successful response from the group coordinator") and the groups rebalanced over and over.
+/// Smaller fetches leave the broker time for everyone. Real Kafka needs no such setting.
 fn fault_config(dir: &Path, name: &str, tail: &str, rest: &str) -> String {
     let path = dir.join(format!("{name}.toml"));
-    let text = format!("[tail]\nlease_ttl_ms = 2000\n{tail}\n\n{rest}\n");
+    let text = format!(
+        "[tail]\nlease_ttl_ms = 2000\n{tail}\n\n[kafka.consumer]\n\"max.partition.fetch.bytes\" = \"65536\"\n\n{rest}\n"
+    );
     std::fs::write(&path, text).unwrap();
     path.to_str().unwrap().to_string()
 }
@@ -545,14 +554,13 @@ struct Raw {
 /// Every record of `topics`, from the low to the high watermark of each partition as of now.
 ///
 /// A reader that gets nothing for 45 s is replaced by a fresh one that resumes where it
-/// stopped: Tansu 0.6.0 at times answers one client's fetches with nothing, for minutes, while
-/// a new client reads the same partitions at once (seen three runs in a row in the
-/// consume-members scenario). Three fresh readers that all stall fail the audit.
+/// stopped, and three fresh readers that all stall fail the audit, with librdkafka's debug log
+/// of the last one.
 fn read_raw(brokers: &str, topics: &[&str]) -> Vec<Raw> {
     // A group id of its own per reader: it only assigns, but librdkafka still talks to that
     // group's coordinator, and a fresh reader should share nothing with a stalled one.
     let readers = std::sync::atomic::AtomicU32::new(0);
-    let reader = || -> BaseConsumer {
+    let reader = || -> BaseConsumer<LogTail> {
         let n = readers.fetch_add(1, Ordering::SeqCst);
         rdkafka::ClientConfig::new()
             .set("bootstrap.servers", brokers)
@@ -562,7 +570,18 @@ fn read_raw(brokers: &str, topics: &[&str]) -> Vec<Raw> {
             // Every record there is: ficus writes no Kafka transactions, so nothing is
             // uncommitted, and the audit must not depend on the broker's last stable offset.
             .set("isolation.level", "read_uncommitted")
-            .create()
+            // Small fetches: Tansu 0.6.0 (sqlite storage) serves about a hundred records a
+            // second to a fetch from the start of a partition, and answers a fetch only once
+            // every partition in it is read to its byte limit. With librdkafka's defaults
+            // (1 MB a partition, nine partitions a request) one answer took minutes and every
+            // fresh reader started the same request again (the debug log below showed it).
+            .set("max.partition.fetch.bytes", "65536")
+            .set("fetch.max.bytes", "262144")
+            .set("message.max.bytes", "262144")
+            // Kept in memory and printed only when a reader stalls.
+            .set("debug", "broker,fetch,cgrp,topic,protocol")
+            .set_log_level(rdkafka::config::RDKafkaLogLevel::Debug)
+            .create_with_context(LogTail::default())
             .unwrap()
     };
     let mut consumer = reader();
@@ -580,13 +599,14 @@ fn read_raw(brokers: &str, topics: &[&str]) -> Vec<Raw> {
         }
     }
     let mut out = Vec::new();
-    let assign = |consumer: &BaseConsumer, next: &HashMap<(String, i32), i64>, ends: &HashMap<(String, i32), i64>| {
-        let mut tpl = rdkafka::TopicPartitionList::new();
-        for (k, _) in ends.iter() {
-            tpl.add_partition_offset(&k.0, k.1, rdkafka::Offset::Offset(next[k])).unwrap();
-        }
-        consumer.assign(&tpl).unwrap();
-    };
+    let assign =
+        |consumer: &BaseConsumer<LogTail>, next: &HashMap<(String, i32), i64>, ends: &HashMap<(String, i32), i64>| {
+            let mut tpl = rdkafka::TopicPartitionList::new();
+            for (k, _) in ends.iter() {
+                tpl.add_partition_offset(&k.0, k.1, rdkafka::Offset::Offset(next[k])).unwrap();
+            }
+            consumer.assign(&tpl).unwrap();
+        };
     if ends.is_empty() {
         return out;
     }
@@ -597,11 +617,15 @@ fn read_raw(brokers: &str, topics: &[&str]) -> Vec<Raw> {
         if last_progress.elapsed() > Duration::from_secs(45) {
             assert!(
                 fresh_readers < 3,
-                "reading Kafka back: {} readers in a row got nothing for 45 s; left: {ends:?}, next: {next:?}",
-                fresh_readers + 1
+                "reading Kafka back: {} readers in a row got nothing for 45 s; left: {ends:?}, next: {next:?}; the last reader's last log lines:\n{}",
+                fresh_readers + 1,
+                consumer.context().tail()
             );
             fresh_readers += 1;
-            announce(&format!("reading Kafka back: nothing for 45 s; a fresh reader resumes at {next:?}"));
+            announce(&format!(
+                "reading Kafka back: nothing for 45 s; a fresh reader resumes at {next:?}; the stalled reader's last log lines:\n{}",
+                consumer.context().tail()
+            ));
             consumer = reader();
             assign(&consumer, &next, &ends);
             last_progress = Instant::now();
@@ -631,6 +655,31 @@ fn read_raw(brokers: &str, topics: &[&str]) -> Vec<Raw> {
     }
     out
 }
+
+/// The last lines librdkafka logged for one client, to show why a reader got nothing.
+#[derive(Default)]
+struct LogTail(std::sync::Mutex<std::collections::VecDeque<String>>);
+
+impl LogTail {
+    const KEEP: usize = 120;
+
+    fn tail(&self) -> String {
+        self.0.lock().unwrap().iter().cloned().collect::<Vec<_>>().join("\n")
+    }
+}
+
+impl rdkafka::ClientContext for LogTail {
+    fn log(&self, _level: rdkafka::config::RDKafkaLogLevel, fac: &str, line: &str) {
+        let mut lines = self.0.lock().unwrap();
+        if lines.len() == Self::KEEP {
+            lines.pop_front();
+        }
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+        lines.push_back(format!("{:.3} {fac} {line}", now.as_secs_f64()));
+    }
+}
+
+impl rdkafka::consumer::ConsumerContext for LogTail {}
 
 async fn read_raw_async(brokers: &str, topics: &[&str]) -> Vec<Raw> {
     let brokers = brokers.to_string();
