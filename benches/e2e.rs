@@ -22,7 +22,8 @@
 //! `FICUS_BENCH_EVENTS` (default 10,000) for each while-inserting run, `FICUS_BENCH_RATE` (1,000
 //! events/s) and `FICUS_BENCH_LATENCY_SECS` (10) for the latency run, `FICUS_BENCH_GUARD_EVENTS`
 //! (5,000) for the diagnostic pass with the sink's old `$or` guard. `FICUS_BENCH_PHASES` picks
-//! phases (comma list of consume, replay, verify, snapshot, headers, live, latency; default all;
+//! phases (comma list of consume, replay, verify, snapshot, headers, live, latency, reverse,
+//! cutover; default all;
 //! the backlog catch-up always runs), e.g. `FICUS_BENCH_PHASES=none FICUS_BENCH_BACKLOG=1000000`
 //! for the tail's memory over a million-event backlog.
 //!
@@ -145,6 +146,9 @@ async fn run() -> Value {
     {
         reverse(&b, &mut fig, &plan, c.rate).await;
     }
+    if plan.want("cutover") && plan.want("consume") {
+        cutover(&b, &mut fig).await;
+    }
     let headers = goals(&b, &mut fig, &plan.backlog, &catch_up, consumed.as_ref(), other_headers_cpu);
     keep_logs(&b);
     b.say("done");
@@ -201,7 +205,7 @@ impl Plan {
     /// Whether a phase runs: listed, or consume when replay or verify (which need it) are.
     fn want(&self, phase: &str) -> bool {
         self.listed(phase)
-            || (phase == "consume" && (self.listed("replay") || self.listed("verify") || self.listed("reverse")))
+            || (phase == "consume" && ["replay", "verify", "reverse", "cutover"].iter().any(|p| self.listed(p)))
     }
 
     /// How long a tail run over the backlog may take.
@@ -817,6 +821,111 @@ async fn reverse(b: &Bench, fig: &mut Figures, plan: &Plan, forward_rate: f64) {
         fig.verdicts.push(format!("reverse missed ({:.2}× forward)", reverse_rate / forward_rate));
     }
     b.say(&format!("ficus reverse: {reverse_rate:.0} events/s over {changed} service changes"));
+}
+
+/// The safe cutover's fence window: customers_db from 0% to 50% (`ficus cutover`, every step)
+/// under `ficus run` while the monolith's customers change at 1,000 changes/s. How long writes
+/// to the moving keys are held (fence → flip) against the drain inside it, which is the floor
+/// (the consumers must commit past the marker: Kafka's auto-commit interval and the broker's
+/// fetch wait), and the whole step.
+async fn cutover(b: &Bench, fig: &mut Figures) {
+    const RATE: u64 = 1_000;
+    // From wherever earlier phases left ownership (the reverse phase forces 100%).
+    let reset = b.run_to_end("cutover-reset", &["cutover", "--service", SERVICE, "--to", "0", "--force"]);
+    if !reset.ok {
+        fig.verdicts.push(format!("cutover: FAILED: reset to 0%: {}", reset.log.lines().last().unwrap_or("")));
+        return;
+    }
+    probe::skip_to_end(&b.defaults.kafka, &ficus::consume::group_id(SERVICE), TOPIC);
+    b.checkpoint_at(b.cluster_time().await).await;
+    let mut f = b.spawn("cutover-run", &["run", "--service", SERVICE]);
+    f.wait_log("streaming changes", Duration::from_secs(60));
+    f.wait_log("partitions assigned", Duration::from_secs(60));
+    let ids: Vec<bson::Bson> = {
+        use futures::TryStreamExt;
+        let docs: Vec<Document> = b
+            .source
+            .collection::<Document>(COLLECTION)
+            .find(doc! {})
+            .projection(doc! { "user_id": 1 })
+            .limit(5_000)
+            .await
+            .expect("customers")
+            .try_collect()
+            .await
+            .expect("customers");
+        docs.into_iter().filter_map(|d| d.get("user_id").cloned()).collect()
+    };
+    // 1,000 changes/s: 50 customers every 50 ms, round the collection.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = {
+        let (coll, stop, ids) = (b.source.collection::<Document>(COLLECTION), stop.clone(), ids.clone());
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(50));
+            let (mut at, mut written) = (0usize, 0u64);
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) && !ids.is_empty() {
+                tick.tick().await;
+                let batch: Vec<bson::Bson> =
+                    (0..(RATE / 20) as usize).map(|i| ids[(at + i) % ids.len()].clone()).collect();
+                at += batch.len();
+                let r =
+                    coll.update_many(doc! { "user_id": { "$in": batch } }, doc! { "$inc": { "stats.msgs": 1 } }).await;
+                written += r.map_or(0, |r| r.modified_count);
+            }
+            written
+        })
+    };
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let moved = b.run_to_end("cutover-50", &["cutover", "--service", SERVICE, "--to", "50", "--timeout", "600"]);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let written = writer.await.unwrap_or(0);
+    f.stop();
+    if !moved.ok {
+        fig.verdicts
+            .push(format!("cutover: FAILED: {}", moved.log.lines().rev().take(5).collect::<Vec<_>>().join(" | ")));
+        return;
+    }
+    // "[4/8] drain done in 5.2s: …", "… were held 7.9s (fence → flip)".
+    let step = |name: &str| {
+        moved.log.lines().find_map(|l| {
+            let rest = l.split_once(&format!("] {name} done in "))?.1;
+            rest.split_once('s')?.0.parse::<f64>().ok()
+        })
+    };
+    let held = moved.log.lines().find_map(|l| {
+        let rest = l.split_once("were held ")?.1;
+        rest.split_once("s (fence")?.0.parse::<f64>().ok()
+    });
+    let (drain, verify) = (step("drain"), step("verify"));
+    let total = moved.elapsed.as_secs_f64();
+    let own = held.zip(drain).map(|(h, d)| h - d);
+    let met = held.zip(drain).is_some_and(|(h, d)| d >= 0.5 * h);
+    fig.add(
+        &format!("fence window, customers_db 0 → 50% at {RATE} changes/s (s)"),
+        held,
+        "s",
+        drain,
+        Some(("a few seconds, dominated by the drain", met)),
+        json!({ "drain_s": drain, "verify_s": verify, "ficus_own_s": own, "monolith_changes_meanwhile": written,
+                "steps": moved.log.lines().filter(|l| l.starts_with('[')).collect::<Vec<_>>() }),
+    );
+    fig.add(
+        "whole cutover step, customers_db 0 → 50% (s)",
+        Some(total),
+        "s",
+        None,
+        None,
+        json!({ "peak_rss_mb": mb(moved.peak_rss_mb), "cpu_s": moved.cpu }),
+    );
+    if !met {
+        fig.verdicts.push(format!(
+            "cutover: the fence window ({held:?} s) is not dominated by the drain ({drain:?} s; verify {verify:?} s)"
+        ));
+    }
+    b.say(&format!(
+        "cutover 0 → 50%: writes held {held:?} s (drain {drain:?} s, verify {verify:?} s), step {total:.1} s"
+    ));
 }
 
 /// One bare bulk pass.

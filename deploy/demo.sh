@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # ficus's main job, locally, from a fresh clone: starts a MongoDB (secantusd-rs) and a Kafka
 # broker (Tansu) on loopback, seeds a sample `linechatbot` monolith in the reference shapes,
-# provisions the topics, runs `ficus run`, makes live changes, and shows what arrived where.
+# provisions the topics, runs `ficus run`, makes live changes, shows what arrived where, and
+# moves customers_db to 50% ownership and back with the safe cutover.
 #
 #   bash deploy/demo.sh            (KEEP=1 leaves everything running afterwards)
 set -euo pipefail
@@ -74,6 +75,14 @@ for dir in transforms/*/; do
   service=$(basename "$dir")
   "$bin/ficus" verify --service "$service" || { echo "verify $service failed"; tail -20 "$work/ficus.log"; exit 1; }
 done
+echo "== safe cutover: customers_db takes over the writes of 50% of its customers..."
+"$bin/ficus" cutover --service customers_db --to 50 --dry-run
+"$bin/ficus" cutover --service customers_db --to 50 || { echo "cutover to 50% failed"; tail -20 "$work/ficus.log"; exit 1; }
+echo "== ...what applications read (GET /cutover serves the same)"
+"$bin/ficus" status --json | sed -n '/"cutover"/,$p'
+echo "== ...and gives them back (the gradual rollback: the same steps the other way)"
+"$bin/ficus" cutover --service customers_db --to 0 || { echo "cutover back to 0% failed"; tail -20 "$work/ficus.log"; exit 1; }
+"$bin/ficus" verify --service customers_db || { echo "verify after the rollback failed"; exit 1; }
 echo "== stopping ficus (SIGTERM: drain, checkpoint, exit 0)"
 kill -TERM "$ficus_pid"
 wait "$ficus_pid" && echo "ficus exited cleanly" || { echo "ficus exited with $?"; tail -20 "$work/ficus.log"; exit 1; }

@@ -12,7 +12,7 @@ use crate::tail::checkpoint::{CheckpointStore, MongoCheckpoints, TailPhase, Tail
 use crate::transform::ServiceTransforms;
 
 /// One row of the table.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct Row {
     pub stage: String,
     pub position: String,
@@ -155,6 +155,57 @@ pub async fn collect(
         });
     }
     Ok(rows)
+}
+
+/// Every service's cutover state (those with an ownership record or a move), read from outside
+/// as the table is: what `GET /cutover` serves and `ficus status --json` prints.
+pub async fn cutover_states(
+    cfg: &Config,
+    services: &[std::sync::Arc<ServiceTransforms>],
+) -> anyhow::Result<Vec<crate::cutover::report::CutoverState>> {
+    use crate::cutover::report::{ReverseFeed, state};
+    let store = crate::mongo::connect(&cfg.store.uri, "status").await?.database(&cfg.store.db);
+    let ownership = crate::cutover::ownership::OwnershipStore::new(&store).all().await?;
+    let moves = crate::cutover::moves::MoveStore::new(&store).all().await?;
+    let target = crate::mongo::connect(&cfg.target_uri, "status").await?;
+    let history = oplog_window(&target).await;
+    let checkpoints = MongoCheckpoints::new(&store);
+    let mut out = Vec::new();
+    for s in services {
+        let service = s.service();
+        let o = ownership.get(service);
+        let record = moves.iter().find(|r| r.id == service);
+        if o.is_none() && record.is_none() {
+            continue;
+        }
+        let cp = checkpoints.load(service).await?;
+        let position = cp.as_ref().and_then(|c| match &c.phase {
+            TailPhase::Stream(p) => Some(p.cluster_time),
+            TailPhase::Snapshot(_) => None,
+        });
+        let feed = ReverseFeed {
+            position,
+            token_age_secs: cp
+                .and_then(|c| c.token_time)
+                .map(|t| DateTime::now().saturating_duration_since(t).as_secs()),
+            history,
+            needed: o.is_some_and(|o| crate::tail::reverse::needed(o, position)),
+        };
+        let lag = |group: String, topics: Vec<String>| group_lag(&cfg.kafka, &group, &topics).ok().map(|g| g.lag);
+        let forward = lag(crate::consume::group_id(service), s.topics().into_iter().collect());
+        let reverse =
+            lag(crate::consume::reverse_group_id(service), vec![crate::config::topics::changes_topic(service)]);
+        out.push(state(service, o, record, &feed, (forward, reverse)));
+    }
+    Ok(out)
+}
+
+/// The oldest and newest entries of a cluster's change history (its oplog), when it can be read.
+async fn oplog_window(client: &mongodb::Client) -> Option<(bson::Timestamp, bson::Timestamp)> {
+    let oplog = client.database("local").collection::<Document>("oplog.rs");
+    let first = oplog.find_one(doc! {}).sort(doc! { "$natural": 1 }).await.ok()??;
+    let last = oplog.find_one(doc! {}).sort(doc! { "$natural": -1 }).await.ok()??;
+    Some((first.get_timestamp("ts").ok()?, last.get_timestamp("ts").ok()?))
 }
 
 /// How many conflicts `<service>.conflicts` holds (within its retention).

@@ -32,6 +32,10 @@ const METRICS: &[&str] = &[
     "ficus_tail_resnapshots_total",
     "ficus_role_ready",
     "ficus_lease_held",
+    "ficus_cutover_percent",
+    "ficus_cutover_epoch",
+    "ficus_cutover_fenced_buckets",
+    "ficus_cutover_can_rollback",
 ];
 
 /// `ficus run --shutdown-timeout` when not given.
@@ -791,7 +795,7 @@ fn grafana_dashboard_has_the_rows_and_a_datasource_input() {
     let dash = dashboard();
     let rows: Vec<&str> =
         panels(&dash).iter().filter(|p| p["type"] == "row").filter_map(|p| p["title"].as_str()).collect();
-    for row in ["Tail", "Consume", "Errors & DLQ", "Archive", "Roles"] {
+    for row in ["Tail", "Consume", "Errors & DLQ", "Archive", "Roles", "Cutover"] {
         assert!(rows.contains(&row), "{DASHBOARD}: no row `{row}` (rows: {rows:?})");
     }
     let inputs = dash["__inputs"].as_array().into_iter().flatten();
@@ -898,6 +902,7 @@ fn alert_rules_cover_the_failure_modes() {
         ("ficus_lease_held", "== 0", 120.0, "no active tailer for 2m"),
         ("ficus_role_ready", "", 300.0, "a role not ready for 5m"),
         ("ficus_errors_total", "fatal", 0.0, "fatal errors"),
+        ("ficus_cutover_can_rollback", "== 0", 120.0, "a rollback would lose writes"),
     ];
     for (metric, also, at_least, what) in wanted {
         assert!(

@@ -44,6 +44,25 @@ pub struct GroupLag {
     pub committed_sum: i64,
 }
 
+/// One partition as [`Reader::positions`] reads it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PartitionPosition {
+    pub topic: String,
+    pub partition: i32,
+    /// The group's committed offset: the next message it will read.
+    pub committed: Option<i64>,
+    pub low: i64,
+    pub high: i64,
+}
+
+impl PartitionPosition {
+    /// Whether the group has consumed everything before `offset` (an empty partition's
+    /// beginning counts as consumed).
+    pub fn consumed_to(&self, offset: i64) -> bool {
+        self.committed.unwrap_or(self.low).max(self.low) >= offset
+    }
+}
+
 /// Where a partition's read starts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum StartAt {
@@ -86,6 +105,42 @@ impl Reader {
     /// A partition's low and high watermarks.
     pub fn watermarks(&self, topic: &str, partition: i32) -> Result<(i64, i64), BusError> {
         Ok(tokio::task::block_in_place(|| self.consumer.fetch_watermarks(topic, partition, TIMEOUT))?)
+    }
+
+    /// Per partition of `topics`: the reader's group's committed offset (`None`: nothing
+    /// committed) and the partition's watermarks now. What a drain to a marker compares.
+    pub fn positions(&self, topics: &[String]) -> Result<Vec<PartitionPosition>, BusError> {
+        tokio::task::block_in_place(|| {
+            let mut tpl = TopicPartitionList::new();
+            for t in topics {
+                let md = self.consumer.fetch_metadata(Some(t), TIMEOUT)?;
+                for p in md.topics().iter().filter(|m| m.name() == t).flat_map(|t| t.partitions()) {
+                    tpl.add_partition(t, p.id());
+                }
+            }
+            let committed = match self.group {
+                Some(_) => self.consumer.committed_offsets(tpl, TIMEOUT)?,
+                None => tpl,
+            };
+            committed
+                .elements()
+                .iter()
+                .map(|e| {
+                    let (low, high) = self.consumer.fetch_watermarks(e.topic(), e.partition(), TIMEOUT)?;
+                    let committed = match e.offset() {
+                        Offset::Offset(o) => Some(o),
+                        _ => None,
+                    };
+                    Ok(PartitionPosition {
+                        topic: e.topic().to_string(),
+                        partition: e.partition(),
+                        committed,
+                        low,
+                        high,
+                    })
+                })
+                .collect()
+        })
     }
 
     /// The reader's group's progress over `topics`.

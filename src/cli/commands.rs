@@ -32,9 +32,15 @@ pub(super) fn validate(loaded: &Loaded) -> ExitCode {
 }
 
 /// `ficus status`.
-pub(super) async fn status(loaded: &Loaded) -> anyhow::Result<ExitCode> {
+pub(super) async fn status(loaded: &Loaded, json: bool) -> anyhow::Result<ExitCode> {
     let rows = crate::status::collect(&loaded.config, &loaded.topics, &loaded.services).await?;
-    print!("{}", crate::status::render(&rows));
+    if json {
+        let cutover = crate::status::cutover_states(&loaded.config, &loaded.services).await?;
+        let out = serde_json::json!({ "stages": rows, "cutover": cutover });
+        println!("{}", serde_json::to_string_pretty(&out)?);
+    } else {
+        print!("{}", crate::status::render(&rows));
+    }
     Ok(ExitCode::SUCCESS)
 }
 
@@ -215,7 +221,7 @@ pub(super) async fn verify(
     let source = crate::mongo::connect(&cfg.source.uri, "verify").await?;
     let target = crate::mongo::connect(&cfg.target_uri, "verify").await?;
     let store = crate::mongo::connect(&cfg.store.uri, "verify").await?;
-    let opts = crate::verify::VerifyOptions { sample, settle: Duration::from_secs(settle) };
+    let opts = crate::verify::VerifyOptions { sample, settle: Duration::from_secs(settle), buckets: None };
     let report = crate::verify::verify(
         &chosen[0],
         &loaded.topics,

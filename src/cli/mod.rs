@@ -58,7 +58,12 @@ enum Command {
     /// Run the daemon.
     Run(run::RunArgs),
     /// Each stage's position, lag and health, from checkpoints and consumer-group offsets.
-    Status,
+    Status {
+        /// One JSON document for scripts: the stages, and each service's cutover state (what
+        /// `GET /cutover` serves).
+        #[arg(long)]
+        json: bool,
+    },
     /// Rebuild a service database from the event store plus the live tail.
     Replay {
         #[arg(long = "service", value_name = "NAME")]
@@ -98,11 +103,26 @@ enum Command {
         #[arg(long = "service", value_name = "NAME")]
         service: String,
         /// The share to move to, 0 to 100 (0: the monolith owns everything).
-        #[arg(long, value_name = "PERCENT", value_parser = clap::value_parser!(u8).range(0..=100))]
-        to: u8,
+        #[arg(long, value_name = "PERCENT", value_parser = clap::value_parser!(u8).range(0..=100), required_unless_present = "abort")]
+        to: Option<u8>,
         /// Set it at once, without fencing, draining or verification (the emergency switch).
         #[arg(long)]
         force: bool,
+        /// Print the plan and the preflight's results; change nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Return a move under way to the share before it (unfenced; after its flip, by the
+        /// same steps the other way).
+        #[arg(long)]
+        abort: bool,
+        /// Seconds the drain (and the observation) may wait before the gate fails.
+        #[arg(long, value_name = "SECONDS", default_value_t = 300)]
+        timeout: u64,
+        /// Stop after this step (plan, preflight, fence, drain, verify, record-start, flip),
+        /// e.g. to have a move verified and ready (`canFlip`) and flip it at a chosen moment:
+        /// the same command without it goes on from there.
+        #[arg(long, value_name = "STEP", value_parser = parse_phase)]
+        until: Option<crate::cutover::plan::Phase>,
     },
     /// Reverse sync: the derived reverses of the transforms.
     Lens {
@@ -258,8 +278,11 @@ async fn dispatch(cli: Cli) -> ExitCode {
             consume.apply(&mut loaded.config.consume);
             commands::dlq_replay(&loaded, &service, reverse).await
         }
-        Command::Status => commands::status(&loaded).await,
-        Command::Cutover { service, to, force } => cutover::cutover(&loaded, &service, to, force).await,
+        Command::Status { json } => commands::status(&loaded, json).await,
+        Command::Cutover { service, to, force, dry_run, abort, timeout, until } => {
+            let timeout = std::time::Duration::from_secs(timeout);
+            cutover::cutover(&loaded, cutover::Request { service, to, force, dry_run, abort, timeout, until }).await
+        }
         Command::Replay { service, in_place, from, consume } => {
             consume.apply(&mut loaded.config.consume);
             commands::replay(&loaded, &service, in_place, from).await
@@ -314,6 +337,14 @@ fn spawn_signal_handler(shutdown: CancellationToken) {
         }
         shutdown.cancel();
     });
+}
+
+fn parse_phase(s: &str) -> Result<crate::cutover::plan::Phase, String> {
+    use crate::cutover::plan::Phase;
+    Phase::ALL.into_iter().find(|p| crate::cutover::report::phase_name(*p) == s).ok_or_else(|| {
+        let names: Vec<String> = Phase::ALL.into_iter().map(crate::cutover::report::phase_name).collect();
+        format!("`{s}` is not a step of a cutover (steps: {})", names.join(", "))
+    })
 }
 
 fn parse_time(s: &str) -> Result<bson::DateTime, String> {

@@ -81,10 +81,12 @@ pub(super) async fn run(mut loaded: Loaded, args: RunArgs) -> anyhow::Result<Exi
     let health = Health::new(settings.stall);
     if let Some(addr) = args.metrics_addr {
         let handle = crate::ops::install_metrics().context("installing the metrics recorder")?;
-        let bound = crate::ops::serve(addr, handle, health.clone(), shutdown.clone())
+        let (tx, cutover) = tokio::sync::watch::channel(None);
+        tokio::spawn(watch_cutover(cfg.clone(), loaded.services.clone(), tx, shutdown.clone()));
+        let bound = crate::ops::serve(addr, handle, health.clone(), cutover, shutdown.clone())
             .await
-            .with_context(|| format!("serving /metrics, /healthz, /readyz on {addr}"))?;
-        info!(addr = %bound, "serving /metrics, /healthz and /readyz");
+            .with_context(|| format!("serving /metrics, /healthz, /readyz, /cutover on {addr}"))?;
+        info!(addr = %bound, "serving /metrics, /healthz, /readyz and /cutover");
     }
 
     let mut tasks = tokio::task::JoinSet::new();
@@ -301,4 +303,37 @@ pub(super) fn misconfigured(e: &anyhow::Error) -> bool {
         c.downcast_ref::<crate::consume::ConsumeError>().is_some_and(|e| e.is_misconfiguration())
             || c.downcast_ref::<StoreError>().is_some_and(|e| e.is_misconfiguration())
     })
+}
+
+/// How often the cutover state behind `GET /cutover` (and its gauges) is read again.
+const CUTOVER_EVERY: Duration = Duration::from_secs(5);
+
+/// Reads every service's cutover state every [`CUTOVER_EVERY`] for `GET /cutover`, and sets
+/// the gauges the `FicusCannotRollBack` alert watches.
+async fn watch_cutover(
+    cfg: crate::config::Config,
+    services: Vec<std::sync::Arc<crate::transform::ServiceTransforms>>,
+    tx: tokio::sync::watch::Sender<Option<String>>,
+    shutdown: CancellationToken,
+) {
+    loop {
+        match crate::status::cutover_states(&cfg, &services).await {
+            Ok(states) => {
+                for s in &states {
+                    let service = s.service.clone();
+                    metrics::gauge!("ficus_cutover_can_rollback", "service" => service.clone())
+                        .set(if s.can_rollback { 1.0 } else { 0.0 });
+                    let fenced = s.fenced.map_or(0, |f| f.to.saturating_sub(f.from));
+                    metrics::gauge!("ficus_cutover_fenced_buckets", "service" => service).set(f64::from(fenced));
+                }
+                let json = serde_json::json!({ "services": states });
+                tx.send_replace(Some(json.to_string()));
+            }
+            Err(e) => tracing::warn!("reading the cutover state: {e:#}"),
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(CUTOVER_EVERY) => {}
+        }
+    }
 }

@@ -194,6 +194,7 @@ mod tests {
                 pending: false,
             }],
             updated: DateTime::now(),
+            fenced: None,
         }
     }
 

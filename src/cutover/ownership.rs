@@ -71,6 +71,25 @@ pub struct Ownership {
     /// Past changes, oldest first.
     pub history: Vec<Step>,
     pub updated: DateTime,
+    /// Buckets a safe cutover is moving, from its fence to its flip: applications hold writes
+    /// for their keys (see `ficus cutover` and the README's application contract).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fenced: Option<Fence>,
+}
+
+/// A range of buckets being moved: `[from, to)`, fenced at `epoch`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Fence {
+    pub from: u8,
+    pub to: u8,
+    pub epoch: i64,
+}
+
+impl Fence {
+    /// Whether a key's bucket is fenced.
+    pub fn holds(&self, bucket: u8) -> bool {
+        (self.from..self.to).contains(&bucket)
+    }
 }
 
 impl Ownership {
@@ -234,7 +253,15 @@ impl OwnershipStore {
             });
             let skip = history.len().saturating_sub(HISTORY);
             history.drain(..skip);
-            let next = Ownership { service: service.to_string(), epoch: epoch + 1, percent, history, updated: now };
+            // A change of share ends any fence: the flip of a safe cutover, or a forced switch.
+            let next = Ownership {
+                service: service.to_string(),
+                epoch: epoch + 1,
+                percent,
+                history,
+                updated: now,
+                fenced: None,
+            };
             let d = bson::serialize_to_document(&next)
                 .map_err(|e| OwnershipError::Corrupt { service: service.to_string(), reason: e.to_string() })?;
             let filter = if epoch == 0 {
@@ -245,6 +272,51 @@ impl OwnershipStore {
             match self.coll.replace_one(filter, d).upsert(epoch == 0).await {
                 Ok(r) if r.matched_count == 1 || r.upserted_id.is_some() => return Ok(next),
                 Ok(_) => continue, // someone else moved the epoch meanwhile
+                Err(e) if mongo::error_code(&e) == Some(11000) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
+    /// Fences `buckets` (or, with `None`, lifts the fence) at the next epoch; the share is
+    /// unchanged. Returns the record as stored. Idempotent: a record already so is returned as
+    /// it is.
+    pub async fn set_fence(
+        &self,
+        service: &str,
+        buckets: Option<std::ops::Range<u8>>,
+    ) -> Result<Ownership, OwnershipError> {
+        loop {
+            let current = self.get(service).await?;
+            let epoch = current.as_ref().map_or(0, |o| o.epoch);
+            let was = current.as_ref().and_then(|o| o.fenced);
+            if was.map(|f| f.from..f.to) == buckets
+                && let Some(o) = current.clone()
+            {
+                return Ok(o);
+            }
+            let now = DateTime::now();
+            let mut next = current.unwrap_or(Ownership {
+                service: service.to_string(),
+                epoch: 0,
+                percent: 0,
+                history: Vec::new(),
+                updated: now,
+                fenced: None,
+            });
+            next.epoch = epoch + 1;
+            next.updated = now;
+            next.fenced = buckets.clone().map(|b| Fence { from: b.start, to: b.end, epoch: epoch + 1 });
+            let d = bson::serialize_to_document(&next)
+                .map_err(|e| OwnershipError::Corrupt { service: service.to_string(), reason: e.to_string() })?;
+            let filter = if epoch == 0 {
+                doc! { "_id": service }
+            } else {
+                doc! { "_id": service, "epoch": epoch }
+            };
+            match self.coll.replace_one(filter, d).upsert(epoch == 0).await {
+                Ok(r) if r.matched_count == 1 || r.upserted_id.is_some() => return Ok(next),
+                Ok(_) => continue,
                 Err(e) if mongo::error_code(&e) == Some(11000) => continue,
                 Err(e) => return Err(e.into()),
             }
@@ -430,6 +502,7 @@ mod tests {
             percent: 0,
             history: vec![step(1, 50, 10, 500), step(2, 0, 20, 600)],
             updated: DateTime::from_millis(0),
+            fenced: None,
         };
         // Before any cutover the monolith owns everything.
         assert_eq!(o.percent_at(Clock::Monolith, ts(5)), 0);
@@ -466,6 +539,7 @@ mod tests {
             percent: 50,
             history: steps,
             updated: DateTime::from_millis(0),
+            fenced: None,
         };
         let view = |records: Vec<Ownership>| View {
             records: records.into_iter().map(|o| (o.service.clone(), o)).collect(),

@@ -138,12 +138,16 @@ pub fn install_metrics() -> Result<PrometheusHandle, metrics_exporter_prometheus
         .install_recorder()
 }
 
-/// Serves `/metrics`, `/healthz` and `/readyz` until shutdown. Returns the bound address
-/// (useful with port 0).
+/// The latest cutover report as JSON (`None` until first read), for `GET /cutover`.
+pub type CutoverJson = tokio::sync::watch::Receiver<Option<String>>;
+
+/// Serves `/metrics`, `/healthz`, `/readyz` and `/cutover` until shutdown. Returns the bound
+/// address (useful with port 0).
 pub async fn serve(
     addr: SocketAddr,
     metrics: PrometheusHandle,
     health: Health,
+    cutover: CutoverJson,
     shutdown: CancellationToken,
 ) -> std::io::Result<SocketAddr> {
     let listener = tokio::net::TcpListener::bind(addr).await?;
@@ -162,7 +166,23 @@ pub async fn serve(
                 }
             }),
         )
-        .with_state((metrics.clone(), health));
+        .with_state((metrics.clone(), health))
+        .route(
+            "/cutover",
+            get(move || {
+                let json = cutover.borrow().clone();
+                async move {
+                    match json {
+                        Some(j) => (StatusCode::OK, [(axum::http::header::CONTENT_TYPE, "application/json")], j),
+                        None => (
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            [(axum::http::header::CONTENT_TYPE, "text/plain")],
+                            "the cutover state has not been read yet\n".to_string(),
+                        ),
+                    }
+                }
+            }),
+        );
     // The handle's upkeep (histogram buckets) and the HTTP server both stop with the process.
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_secs(5));

@@ -287,6 +287,7 @@ mod tests {
             percent: history.last().map_or(0, |s| s.percent),
             history,
             updated: bson::DateTime::now(),
+            fenced: None,
         }
     }
 

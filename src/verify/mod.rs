@@ -14,6 +14,7 @@
 
 use std::collections::{BTreeSet, HashMap};
 use std::io::IsTerminal;
+use std::ops::Range;
 use std::time::Duration;
 
 use bson::{Bson, Document, doc};
@@ -55,6 +56,20 @@ pub struct VerifyOptions {
     pub sample: usize,
     /// Pause before re-checking differences.
     pub settle: Duration,
+    /// Only the documents whose routing key falls in these buckets (see `cutover::route`), in
+    /// the collections written back: what a safe cutover moves. Rollups and targets without a
+    /// reverse are left out then. `None`: everything.
+    pub buckets: Option<Range<u8>>,
+}
+
+/// Whether a service document is in scope: every one without `buckets`, else one of a
+/// collection written back whose routing key's bucket is in range.
+fn in_scope(transforms: &ServiceTransforms, buckets: Option<&Range<u8>>, collection: &str, doc: &Document) -> bool {
+    let Some(range) = buckets else { return true };
+    transforms
+        .reverse_for(collection)
+        .and_then(|r| r.route_value(doc))
+        .is_some_and(|key| range.contains(&crate::cutover::route::bucket_of(&key)))
 }
 
 /// One rollup group being recomputed from the source: its constant fields and its members'
@@ -80,6 +95,7 @@ struct Expected<'a> {
     source_name: &'a str,
     scratch: Collection<Document>,
     groups: HashMap<(String, String), (Bson, Group)>,
+    buckets: Option<Range<u8>>,
 }
 
 const BATCH: usize = 1000;
@@ -101,6 +117,9 @@ impl Expected<'_> {
         for op in ops {
             match op {
                 WriteOp::Upsert { collection, id, doc } => {
+                    if !in_scope(self.transforms, self.buckets.as_ref(), &collection, &doc) {
+                        continue;
+                    }
                     pending.push(doc! {
                         "_id": doc_key(&collection, &id),
                         "c": &collection,
@@ -109,7 +128,9 @@ impl Expected<'_> {
                         "src": { "c": src_collection, "id": src_id.clone() },
                     });
                 }
-                WriteOp::Rollup { collection, group: Some(g), count_field, distinct, group_fields, .. } => {
+                WriteOp::Rollup { collection, group: Some(g), count_field, distinct, group_fields, .. }
+                    if self.buckets.is_none() =>
+                {
                     let (_, grp) = self.groups.entry((collection, g.to_string())).or_insert_with(|| {
                         let tally = GroupTally::new(distinct.iter().map(|(f, _)| f.as_str()));
                         (g.clone(), Group { fields: Document::new(), count_field: count_field.clone(), tally })
@@ -117,7 +138,7 @@ impl Expected<'_> {
                     grp.fields = group_fields;
                     grp.tally.add(|field| distinct.iter().find(|(f, _)| f == field).and_then(|(_, v)| v.as_ref()));
                 }
-                WriteOp::Rollup { group: None, .. }
+                WriteOp::Rollup { .. }
                 | WriteOp::Delete { .. }
                 | WriteOp::Sweep { .. }
                 | WriteOp::Retain { .. }
@@ -174,7 +195,14 @@ pub async fn verify(
 ) -> Result<VerifyReport, VerifyError> {
     let scratch = scratch_db.collection::<Document>(&format!("verify_{}", transforms.service()));
     scratch.drop().await?;
-    let mut expected = Expected { transforms, topics, source_name, scratch: scratch.clone(), groups: HashMap::new() };
+    let mut expected = Expected {
+        transforms,
+        topics,
+        source_name,
+        scratch: scratch.clone(),
+        groups: HashMap::new(),
+        buckets: opts.buckets.clone(),
+    };
     let source_collections: BTreeSet<String> =
         transforms.topics().iter().filter_map(|t| topics.by_topic(t)).map(|d| d.collection.clone()).collect();
     let bar = bar();
@@ -208,7 +236,9 @@ pub async fn verify(
     // 2. Actual: the target, looked up against the expectation in batches.
     let mut report = VerifyReport { service: transforms.service().to_string(), ..Default::default() };
     let mut suspects: Vec<(String, Bson, Suspect)> = Vec::new();
-    for coll in transforms.collections() {
+    let in_scope_collections =
+        transforms.collections().into_iter().filter(|c| opts.buckets.is_none() || transforms.reverse_for(c).is_some());
+    for coll in in_scope_collections {
         let tally = report.collections.entry(coll.clone()).or_default();
         tally.expected = scratch.count_documents(doc! { "c": &coll }).await?;
         let mut cursor =
@@ -217,7 +247,9 @@ pub async fn verify(
         loop {
             let next = cursor.try_next().await?.map(|d| document(&coll, d)).transpose()?;
             let done = next.is_none();
-            if let Some(d) = next {
+            if let Some(d) = next
+                && in_scope(transforms, opts.buckets.as_ref(), &coll, &d)
+            {
                 chunk.push(d);
             }
             if chunk.len() >= BATCH || (done && !chunk.is_empty()) {
