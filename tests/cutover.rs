@@ -303,3 +303,62 @@ async fn a_tampered_document_in_a_moving_bucket_stops_the_cutover_at_verify() {
     assert_eq!(ownership(&client).await.1, None);
     assert!(f.terminate().success(), "{}", f.logs());
 }
+
+/// conversations_db routes a conversation by its user (`route = "user_id"`), and ai_sessions_db
+/// reads the same monolith collection. Through 0 → 10 → 50 → 100 → 0, after each move a
+/// conversation of an owned user is renamed on the service side and one of a user the monolith
+/// keeps on the monolith side: both land on both sides, and both services verify.
+#[tokio::test(flavor = "multi_thread")]
+async fn conversations_move_with_their_user_and_every_reader_of_them_stays_consistent() {
+    let world = World::start();
+    world.apply_topics();
+    let client = world.mongo.client().await;
+    let monolith = client.database("linechatbot").collection::<Document>("conversations");
+    let service = client.database("conversations_db").collection::<Document>("conversations");
+    let mut w = Workload::new(9);
+    let convs: Vec<Document> = (0..30).map(|i| w.conversation(i, 2)).collect();
+    monolith.insert_many(convs.clone()).await.unwrap();
+    let mut f = world.spawn_ficus(&["run", "--service", "conversations_db", "--service", "ai_sessions_db"], &[]);
+    eventually("conversations_db populated", Duration::from_secs(120), || async {
+        service.count_documents(doc! {}).await.unwrap() == 30
+    })
+    .await;
+    let conv = |owned: bool, percent: u8| {
+        convs.iter().find(|c| route::owns(percent, route::bucket(c.get_str("user_id").unwrap())) == owned).cloned()
+    };
+    for (n, to) in [10u8, 50, 100, 0].into_iter().enumerate() {
+        let out = world
+            .ficus(&["cutover", "--service", "conversations_db", "--to", &to.to_string(), "--timeout", "120"], &[]);
+        assert!(out.status.success(), "--to {to}:\n{}", text(&out));
+        let name = format!("renamed at step {n}");
+        let mut expect = Vec::new();
+        if let Some(c) = conv(true, to) {
+            service
+                .update_one(doc! { "_id": c.get("_id").unwrap() }, doc! { "$set": { "displayName": &name } })
+                .await
+                .unwrap();
+            expect.push(c.get("_id").unwrap().clone());
+        }
+        if let Some(c) = conv(false, to) {
+            monolith
+                .update_one(doc! { "_id": c.get("_id").unwrap() }, doc! { "$set": { "user_name": &name } })
+                .await
+                .unwrap();
+            expect.push(c.get("_id").unwrap().clone());
+        }
+        for id in expect {
+            eventually(&format!("{id} renamed on both sides at {to}%"), Duration::from_secs(60), || async {
+                let m = monolith.find_one(doc! { "_id": &id }).await.unwrap();
+                let s = service.find_one(doc! { "_id": &id }).await.unwrap();
+                m.is_some_and(|m| m.get_str("user_name").ok() == Some(name.as_str()))
+                    && s.is_some_and(|s| s.get_str("displayName").ok() == Some(name.as_str()))
+            })
+            .await;
+        }
+        for svc in ["conversations_db", "ai_sessions_db"] {
+            let v = world.ficus(&["verify", "--service", svc, "--settle", "2"], &[]);
+            assert!(v.status.success(), "verify {svc} after --to {to}:\n{}", text(&v));
+        }
+    }
+    assert!(f.terminate().success(), "{}", f.logs());
+}
