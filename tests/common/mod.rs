@@ -406,12 +406,6 @@ pub fn read_topics(
         .set("group.id", "ficus-test-reader")
         .set("enable.auto.commit", "false")
         .set("fetch.wait.max.ms", "50")
-        // Small fetches: Tansu 0.6.0 serves about a hundred records a second to a fetch and
-        // answers a multi-partition fetch only once every partition is read to its limit (the
-        // fault audit in tests/faults.rs says more).
-        .set("max.partition.fetch.bytes", "65536")
-        .set("fetch.max.bytes", "262144")
-        .set("message.max.bytes", "262144")
         .create()
         .unwrap();
     let mut tpl = TopicPartitionList::new();
