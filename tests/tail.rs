@@ -350,9 +350,20 @@ async fn snapshot_with_writes_during_the_copy_and_a_crash_mid_copy() {
         checkpoint(&client, "linechatbot").await.is_some_and(|c| c.get_document("stream").is_ok())
     })
     .await;
-    let records = read_topics(&world.kafka.brokers(), &[CUSTOMERS], Duration::from_secs(120), |r| {
+    // Every partition to its end (stopping at the first sight of the last writes could leave
+    // other partitions half read), until the last writes are there.
+    let last_writes_in = |r: &[common::Record]| {
         r.iter().any(|r| r.key == "U-late") && r.iter().any(|r| r.key == "U00001" && r.event().data.op == Op::Delete)
-    });
+    };
+    let mut records = common::read_all(&world.kafka.brokers(), &[CUSTOMERS]);
+    for _ in 0..10 {
+        if last_writes_in(&records) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        records = common::read_all(&world.kafka.brokers(), &[CUSTOMERS]);
+    }
+    assert!(last_writes_in(&records), "the last writes never reached Kafka");
     assert!(f.terminate().success(), "{}", f.logs());
 
     // The topic's latest state per key equals the collection.
