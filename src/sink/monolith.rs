@@ -17,6 +17,7 @@
 //! The monolith's documents carry nothing of ficus's: only the fields the transform reads are
 //! ever written, and only those the service changed ([`crate::transform::Reverse::rebase`]).
 
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use bson::{Bson, Document, doc, oid::ObjectId};
@@ -80,9 +81,7 @@ impl MonolithSink {
             mongo::begin(&mut s).await?;
             let outcome = async {
                 marker.write(&self.db, &mut s).await?;
-                for (v, change) in writes {
-                    self.write_back(&mut s, v, collection, change).await?;
-                }
+                self.write_back(&mut s, collection, writes).await?;
                 marker.close(&self.db, &mut s).await
             }
             .await;
@@ -92,70 +91,169 @@ impl MonolithSink {
         }
     }
 
-    /// Writes one service change back (see the module header).
+    /// Writes a batch of one collection's changes back, in order (see the module header), in
+    /// a handful of round trips: the batch's states and the monolith documents they lead to
+    /// are read with one `$in` query each, every change is worked out in memory over the
+    /// documents as the batch leaves them (a document changed twice sees its first patch),
+    /// and the writes go out as ordered bulk commands. A document the reads did not bring (a
+    /// new one, or one found by a key the batch changed) is looked up alone.
     async fn write_back(
         &self,
         s: &mut ClientSession,
-        v: &Versioned,
         collection: &str,
-        change: &EventData,
+        writes: &[(&Versioned, &EventData)],
     ) -> Result<(), SinkError> {
         let Some(reverse) = self.transforms.reverse_for(collection) else {
             return Err(SinkError::Unsupported(format!("{collection} of {} is not written back", self.service())));
         };
-        let states = self.db.collection::<Document>(REVERSE_STATE);
-        let key = self.state_key(collection, &change.document_id);
-        let state = states.find_one(doc! { "_id": &key }).session(&mut *s).await?;
-        if state.as_ref().and_then(|d| d.get_str("v").ok()).is_some_and(|held| held >= v.version.as_str()) {
-            return Ok(()); // written back already, or older than what was
-        }
-        let monolith = self.db.collection::<Document>(reverse.source_collection());
-        // The monolith document: the one linked to, else where the service document says.
-        let linked = state.as_ref().and_then(|d| d.get("m")).filter(|m| !matches!(m, Bson::Null)).cloned();
-        let filter = match (linked, change.after.as_ref().or(change.before.as_ref())) {
-            (Some(id), _) => Some(doc! { "_id": id }),
-            (None, Some(image)) => Some(reverse.locate(image)?),
-            (None, None) => None,
-        };
-        let current = match &filter {
-            Some(f) => monolith.find_one(f.clone()).session(&mut *s).await?,
-            None => None,
-        };
-        let mut record = doc! { "v": v.version.as_str(), "c": collection, "id": change.document_id.clone() };
-        if change.op == Op::Delete {
-            if let Some(id) = current.as_ref().and_then(|d| d.get("_id")) {
-                monolith.delete_one(doc! { "_id": id.clone() }).session(&mut *s).await?;
-                record.insert("m", id.clone());
+        let source = reverse.source_collection().to_string();
+        let states_coll = self.db.collection::<Document>(REVERSE_STATE);
+        let monolith = self.db.collection::<Document>(&source);
+
+        // The states of the batch's documents.
+        let keys: Vec<String> = writes.iter().map(|(_, c)| self.state_key(collection, &c.document_id)).collect();
+        let mut states: HashMap<String, Document> = HashMap::new();
+        for d in find_all(&states_coll, s, doc! { "_id": { "$in": &keys } }).await? {
+            if let Ok(k) = d.get_str("_id") {
+                states.insert(k.to_string(), d.clone());
             }
-            record.insert("deleted", true);
-        } else {
-            // Nothing to say: an update read after its document was deleted, of a document the
-            // monolith does not have either (its delete follows).
-            let Some(service) = reverse.rebase(current.as_ref(), change) else { return Ok(()) };
-            let patch = reverse.put(current.as_ref(), &service)?;
-            let id = match &current {
-                Some(d) => {
-                    let id = d.get("_id").cloned().unwrap_or(Bson::Null);
-                    if !patch.set.is_empty() || !patch.unset.is_empty() {
-                        monolith.update_one(doc! { "_id": id.clone() }, patch.to_update()).session(&mut *s).await?;
-                    }
-                    id
+        }
+        // The monolith documents, by the filter each change finds its document with.
+        let filter_of = |state: Option<&Document>, change: &EventData| -> Result<Option<Document>, SinkError> {
+            let linked = state.and_then(|d| d.get("m")).filter(|m| !matches!(m, Bson::Null)).cloned();
+            Ok(match (linked, change.after.as_ref().or(change.before.as_ref())) {
+                (Some(id), _) => Some(doc! { "_id": id }),
+                (None, Some(image)) => Some(reverse.locate(image)?),
+                (None, None) => None,
+            })
+        };
+        let mut wanted: BTreeMap<String, Vec<Bson>> = BTreeMap::new();
+        for ((_, change), key) in writes.iter().zip(&keys) {
+            if let Some(f) = filter_of(states.get(key), change)? {
+                for (field, value) in f {
+                    wanted.entry(field).or_default().push(value);
                 }
-                None => {
-                    let id = reverse.insert_id(&service).unwrap_or_else(|| Bson::ObjectId(ObjectId::new()));
-                    let mut created = doc! { "_id": id.clone() };
-                    patch.apply_to(&mut created)?;
-                    monolith.insert_one(created).session(&mut *s).await?;
-                    id
+            }
+        }
+        let mut touched = Touched::default();
+        for (field, values) in wanted {
+            touched.docs.extend(find_all(&monolith, s, doc! { field: { "$in": values } }).await?);
+        }
+
+        let mut ops: Vec<MonolithOp> = Vec::new();
+        let mut records: Vec<(String, Document)> = Vec::new();
+        for ((v, change), key) in writes.iter().zip(keys) {
+            if states.get(&key).and_then(|d| d.get_str("v").ok()).is_some_and(|held| held >= v.version.as_str()) {
+                continue; // written back already, or older than what was
+            }
+            let current = match filter_of(states.get(&key), change)? {
+                Some(f) => touched.lookup(&monolith, s, &f).await?,
+                None => None,
+            };
+            let mut record = doc! { "v": v.version.as_str(), "c": collection, "id": change.document_id.clone() };
+            if change.op == Op::Delete {
+                if let Some(id) = current.as_ref().and_then(|d| d.get("_id")).cloned() {
+                    touched.delete(&id);
+                    ops.push(MonolithOp::Delete(id.clone()));
+                    record.insert("m", id);
+                }
+                record.insert("deleted", true);
+            } else {
+                // Nothing to say: an update read after its document was deleted, of a document
+                // the monolith does not have either (its delete follows).
+                let Some(service) = reverse.rebase(current.as_ref(), change) else { continue };
+                let patch = reverse.put(current.as_ref(), &service)?;
+                let id = match &current {
+                    Some(d) => {
+                        let id = d.get("_id").cloned().unwrap_or(Bson::Null);
+                        if !patch.set.is_empty() || !patch.unset.is_empty() {
+                            let mut now = d.clone();
+                            patch.apply_to(&mut now)?;
+                            touched.put(now);
+                            ops.push(MonolithOp::Update(id.clone(), patch.to_update()));
+                        }
+                        id
+                    }
+                    None => {
+                        let id = reverse.insert_id(&service).unwrap_or_else(|| Bson::ObjectId(ObjectId::new()));
+                        let mut created = doc! { "_id": id.clone() };
+                        patch.apply_to(&mut created)?;
+                        touched.put(created.clone());
+                        ops.push(MonolithOp::Insert(created));
+                        id
+                    }
+                };
+                record.insert("m", id);
+                record.insert("deleted", false);
+                if patch.has_issues() {
+                    self.record_issues(s, v, &source, &patch, &service, current.as_ref()).await?;
+                }
+            }
+            let mut state = record.clone();
+            state.insert("_id", key.clone());
+            states.insert(key.clone(), state);
+            records.push((key, record));
+        }
+
+        // The monolith's writes in batch order, consecutive ones of a kind in one command.
+        let mut i = 0;
+        while i < ops.len() {
+            let kind = std::mem::discriminant(&ops[i]);
+            let run: Vec<&MonolithOp> = ops[i..].iter().take_while(|o| std::mem::discriminant(*o) == kind).collect();
+            i += run.len();
+            let command = match run[0] {
+                MonolithOp::Update(..) => {
+                    let updates: Vec<Document> = run
+                        .iter()
+                        .filter_map(|o| match o {
+                            MonolithOp::Update(id, u) => Some(doc! { "q": { "_id": id.clone() }, "u": u.clone() }),
+                            _ => None,
+                        })
+                        .collect();
+                    doc! { "update": &source, "updates": updates, "ordered": true }
+                }
+                MonolithOp::Insert(_) => {
+                    let documents: Vec<Document> = run
+                        .iter()
+                        .filter_map(|o| match o {
+                            MonolithOp::Insert(d) => Some(d.clone()),
+                            _ => None,
+                        })
+                        .collect();
+                    doc! { "insert": &source, "documents": documents, "ordered": true }
+                }
+                MonolithOp::Delete(_) => {
+                    let deletes: Vec<Document> = run
+                        .iter()
+                        .filter_map(|o| match o {
+                            MonolithOp::Delete(id) => Some(doc! { "q": { "_id": id.clone() }, "limit": 1 }),
+                            _ => None,
+                        })
+                        .collect();
+                    doc! { "delete": &source, "deletes": deletes, "ordered": true }
                 }
             };
-            record.insert("m", id);
-            record.insert("deleted", false);
-            if patch.has_issues() {
-                self.record_issues(s, v, reverse.source_collection(), &patch, &service, current.as_ref()).await?;
-            }
+            self.run(s, &source, command).await?;
         }
-        states.update_one(doc! { "_id": &key }, doc! { "$set": record }).upsert(true).session(&mut *s).await?;
+        if !records.is_empty() {
+            let updates: Vec<Document> = records
+                .into_iter()
+                .map(|(key, record)| doc! { "q": { "_id": key }, "u": { "$set": record }, "upsert": true })
+                .collect();
+            self.run(s, REVERSE_STATE, doc! { "update": REVERSE_STATE, "updates": updates, "ordered": true }).await?;
+        }
+        Ok(())
+    }
+
+    /// Runs a write command inside the batch's transaction (its commit carries the write
+    /// concern); a write error fails the batch.
+    async fn run(&self, s: &mut ClientSession, collection: &str, command: Document) -> Result<(), SinkError> {
+        let reply = self.db.run_command(command).session(&mut *s).await?;
+        if let Some(e) = reply.get_array("writeErrors").ok().and_then(|e| e.iter().find_map(Bson::as_document)) {
+            let code = e.get_i32("code").unwrap_or(0);
+            let message = e.get_str("errmsg").unwrap_or("").to_string();
+            return Err(SinkError::Write { collection: collection.to_string(), code, message });
+        }
         Ok(())
     }
 
@@ -238,4 +336,81 @@ impl Sink for MonolithSink {
         }
         Ok(())
     }
+}
+
+/// One write to the monolith, in batch order.
+enum MonolithOp {
+    /// `_id` and the update (`$set`/`$unset`).
+    Update(Bson, Document),
+    Insert(Document),
+    /// `_id`.
+    Delete(Bson),
+}
+
+/// The monolith documents a batch has read or written, as the batch leaves them so far.
+#[derive(Default)]
+struct Touched {
+    docs: Vec<Document>,
+    /// `_id`s the batch wrote (their documents here differ from the database's).
+    written: Vec<Bson>,
+    /// `_id`s the batch deleted.
+    gone: Vec<Bson>,
+}
+
+impl Touched {
+    /// The document a single-field filter finds: among those read or written, else looked up
+    /// alone (and remembered), never one the batch deleted.
+    async fn lookup(
+        &mut self,
+        coll: &mongodb::Collection<Document>,
+        s: &mut ClientSession,
+        filter: &Document,
+    ) -> Result<Option<Document>, SinkError> {
+        if let Some(d) = self.docs.iter().find(|d| matches(d, filter)) {
+            return Ok(Some(d.clone()));
+        }
+        let Some(found) = coll.find_one(filter.clone()).session(&mut *s).await? else { return Ok(None) };
+        let id = found.get("_id").cloned().unwrap_or(Bson::Null);
+        if self.gone.contains(&id) {
+            return Ok(None);
+        }
+        if let Some(known) = self.docs.iter().find(|d| d.get("_id") == Some(&id)) {
+            // Read already and unchanged: the server matched what a plain comparison did not
+            // (an int against a long, say). Changed by the batch: as it is now, it does not.
+            return Ok((!self.written.contains(&id)).then(|| known.clone()));
+        }
+        self.docs.push(found.clone());
+        Ok(Some(found))
+    }
+
+    /// Remembers a document's new state.
+    fn put(&mut self, doc: Document) {
+        let id = doc.get("_id").cloned();
+        self.gone.retain(|g| Some(g) != id.as_ref());
+        self.written.extend(id.clone());
+        match self.docs.iter_mut().find(|d| d.get("_id") == id.as_ref()) {
+            Some(d) => *d = doc,
+            None => self.docs.push(doc),
+        }
+    }
+
+    fn delete(&mut self, id: &Bson) {
+        self.docs.retain(|d| d.get("_id") != Some(id));
+        self.gone.push(id.clone());
+    }
+}
+
+/// Whether a document has every field of a filter of plain values (dotted paths).
+fn matches(doc: &Document, filter: &Document) -> bool {
+    filter.iter().all(|(path, value)| crate::event::mapping::get_path(doc, path) == Some(value))
+}
+
+/// Every document a filter finds, inside the session.
+async fn find_all(
+    coll: &mongodb::Collection<Document>,
+    s: &mut ClientSession,
+    filter: Document,
+) -> Result<Vec<Document>, SinkError> {
+    use futures::TryStreamExt;
+    Ok(coll.find(filter).session(&mut *s).await?.stream(&mut *s).try_collect().await?)
 }
