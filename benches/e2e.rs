@@ -829,7 +829,8 @@ async fn reverse(b: &Bench, fig: &mut Figures, plan: &Plan, forward_rate: f64) {
 /// (the consumers must commit past the marker: Kafka's auto-commit interval and the broker's
 /// fetch wait), and the whole step.
 async fn cutover(b: &Bench, fig: &mut Figures) {
-    const RATE: u64 = 1_000;
+    // `FICUS_BENCH_CUTOVER_RATE`: monolith changes per second while the move runs.
+    let rate: u64 = support::env_u64("FICUS_BENCH_CUTOVER_RATE", 1_000);
     // From wherever earlier phases left ownership (the reverse phase forces 100%).
     let reset = b.run_to_end("cutover-reset", &["cutover", "--service", SERVICE, "--to", "0", "--force"]);
     if !reset.ok {
@@ -858,7 +859,7 @@ async fn cutover(b: &Bench, fig: &mut Figures) {
             .expect("customers");
         docs.into_iter().filter_map(|d| d.get("user_id").cloned()).collect()
     };
-    // 1,000 changes/s: 50 customers every 50 ms, round the collection.
+    // `rate` changes/s: a twentieth of it every 50 ms, round the collection.
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let writer = {
         let (coll, stop, ids) = (b.source.collection::<Document>(COLLECTION), stop.clone(), ids.clone());
@@ -868,7 +869,7 @@ async fn cutover(b: &Bench, fig: &mut Figures) {
             while !stop.load(std::sync::atomic::Ordering::SeqCst) && !ids.is_empty() {
                 tick.tick().await;
                 let batch: Vec<bson::Bson> =
-                    (0..(RATE / 20) as usize).map(|i| ids[(at + i) % ids.len()].clone()).collect();
+                    (0..(rate / 20).max(1) as usize).map(|i| ids[(at + i) % ids.len()].clone()).collect();
                 at += batch.len();
                 let r =
                     coll.update_many(doc! { "user_id": { "$in": batch } }, doc! { "$inc": { "stats.msgs": 1 } }).await;
@@ -904,7 +905,7 @@ async fn cutover(b: &Bench, fig: &mut Figures) {
     let own = held.zip(drain).map(|(h, d)| h - d);
     let met = held.zip(drain).is_some_and(|(h, d)| d >= 0.5 * h);
     fig.add(
-        &format!("fence window, customers_db 0 → 50% at {RATE} changes/s (s)"),
+        &format!("fence window, customers_db 0 → 50% at {rate} changes/s (s)"),
         held,
         "s",
         drain,
