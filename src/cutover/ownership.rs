@@ -262,19 +262,27 @@ impl OwnershipStore {
                 updated: now,
                 fenced: None,
             };
-            let d = bson::serialize_to_document(&next)
-                .map_err(|e| OwnershipError::Corrupt { service: service.to_string(), reason: e.to_string() })?;
-            let filter = if epoch == 0 {
-                doc! { "_id": service }
-            } else {
-                doc! { "_id": service, "epoch": epoch }
-            };
-            match self.coll.replace_one(filter, d).upsert(epoch == 0).await {
-                Ok(r) if r.matched_count == 1 || r.upserted_id.is_some() => return Ok(next),
-                Ok(_) => continue, // someone else moved the epoch meanwhile
-                Err(e) if mongo::error_code(&e) == Some(11000) => continue,
-                Err(e) => return Err(e.into()),
+            if self.replace_at(epoch, &next).await? {
+                return Ok(next);
             }
+        }
+    }
+
+    /// Stores `next` if the record is still at `epoch` (0: there is none yet); `false` when
+    /// someone else moved the epoch meanwhile (read again and retry).
+    async fn replace_at(&self, epoch: i64, next: &Ownership) -> Result<bool, OwnershipError> {
+        let service = next.service.as_str();
+        let d = bson::serialize_to_document(next)
+            .map_err(|e| OwnershipError::Corrupt { service: service.to_string(), reason: e.to_string() })?;
+        let filter = if epoch == 0 {
+            doc! { "_id": service }
+        } else {
+            doc! { "_id": service, "epoch": epoch }
+        };
+        match self.coll.replace_one(filter, d).upsert(epoch == 0).await {
+            Ok(r) => Ok(r.matched_count == 1 || r.upserted_id.is_some()),
+            Err(e) if mongo::error_code(&e) == Some(11000) => Ok(false),
+            Err(e) => Err(e.into()),
         }
     }
 
@@ -307,18 +315,8 @@ impl OwnershipStore {
             next.epoch = epoch + 1;
             next.updated = now;
             next.fenced = buckets.clone().map(|b| Fence { from: b.start, to: b.end, epoch: epoch + 1 });
-            let d = bson::serialize_to_document(&next)
-                .map_err(|e| OwnershipError::Corrupt { service: service.to_string(), reason: e.to_string() })?;
-            let filter = if epoch == 0 {
-                doc! { "_id": service }
-            } else {
-                doc! { "_id": service, "epoch": epoch }
-            };
-            match self.coll.replace_one(filter, d).upsert(epoch == 0).await {
-                Ok(r) if r.matched_count == 1 || r.upserted_id.is_some() => return Ok(next),
-                Ok(_) => continue,
-                Err(e) if mongo::error_code(&e) == Some(11000) => continue,
-                Err(e) => return Err(e.into()),
+            if self.replace_at(epoch, &next).await? {
+                return Ok(next);
             }
         }
     }
