@@ -15,6 +15,7 @@ use bson::{Document, doc};
 use common::{Ficus, World, eventually};
 use ficus::cutover::route;
 use ficus::testkit::workload::Workload;
+use serde_json::json;
 
 const SERVICE: &str = "customers_db";
 const CUSTOMERS: u64 = 40;
@@ -29,8 +30,9 @@ fn ok(out: &std::process::Output) -> String {
     t
 }
 
-/// A world with customers in the monolith and `ficus run` for customers_db caught up.
-async fn setup() -> (World, mongodb::Client, Ficus) {
+/// A world with customers in the monolith and `ficus run` for customers_db caught up, serving
+/// `/cutover` on the returned port.
+async fn setup() -> (World, mongodb::Client, Ficus, u16) {
     let world = World::start();
     world.apply_topics();
     let client = world.mongo.client().await;
@@ -39,13 +41,31 @@ async fn setup() -> (World, mongodb::Client, Ficus) {
     for i in 0..CUSTOMERS {
         monolith.insert_one(w.customer(i)).await.unwrap();
     }
-    let f = world.spawn_ficus(&["run", "--service", SERVICE], &[]);
+    let port = common::free_port();
+    let addr = format!("127.0.0.1:{port}");
+    let f = world.spawn_ficus(&["run", "--service", SERVICE, "--metrics-addr", &addr], &[]);
     let service = client.database(SERVICE).collection::<Document>("customers");
     eventually("customers_db populated", Duration::from_secs(120), || async {
         service.count_documents(doc! {}).await.unwrap() == CUSTOMERS
     })
     .await;
-    (world, client, f)
+    (world, client, f, port)
+}
+
+/// customers_db's cutover state as `ficus status --json` prints it.
+fn status_json(world: &World) -> serde_json::Value {
+    let out = world.ficus(&["status", "--json"], &[]);
+    let text = ok(&out);
+    let all: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}:\n{text}"));
+    all["cutover"].as_array().and_then(|a| a.iter().find(|c| c["service"] == SERVICE)).cloned().unwrap_or_default()
+}
+
+/// customers_db's cutover state as `GET /cutover` serves it (re-read every 5 s).
+fn served(port: u16) -> serde_json::Value {
+    let (code, body) = common::http_get(port, "/cutover");
+    assert_eq!(code, 200, "{body}");
+    let all: serde_json::Value = serde_json::from_str(&body).unwrap_or_else(|e| panic!("{e}:\n{body}"));
+    all["services"].as_array().and_then(|a| a.iter().find(|c| c["service"] == SERVICE)).cloned().unwrap_or_default()
 }
 
 /// The ownership record as an application reads it: (share, fenced buckets, epoch).
@@ -161,7 +181,7 @@ async fn converged(client: &mongodb::Client, written: &HashMap<String, String>, 
 
 #[tokio::test(flavor = "multi_thread")]
 async fn the_whole_cycle_0_10_50_100_0_loses_no_write_on_either_side() {
-    let (world, client, mut f) = setup().await;
+    let (world, client, mut f, _) = setup().await;
     let app = App::start(&client);
     let mut epoch = 0;
     for to in [10u8, 50, 100, 0] {
@@ -225,7 +245,7 @@ fn until(world: &World, to: u8, step: &str) -> String {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_cutover_killed_at_every_step_resumes_and_abort_returns_to_the_stable_share() {
-    let (world, client, mut f) = setup().await;
+    let (world, client, mut f, port) = setup().await;
     // 0 → 50, SIGKILLed in each step in turn: each run resumes where the last one stopped.
     let steps = ["plan", "preflight", "fence", "drain", "verify", "record-start", "flip"];
     for (i, step) in steps.iter().enumerate() {
@@ -247,9 +267,24 @@ async fn a_cutover_killed_at_every_step_resumes_and_abort_returns_to_the_stable_
     let out = world.ficus(&["cutover", "--service", "no_such_db", "--to", "10"], &[]);
     assert_eq!(out.status.code(), Some(2), "{}", text(&out));
 
-    // --abort before the flip: unfenced, back at 50%.
+    // What applications read mid-move: the next step, the fenced buckets, not yet flippable.
     let (_, fenced, _) = ownership(&client).await;
     assert_eq!(fenced, Some((50, 100)), "fenced mid-move");
+    let state = status_json(&world);
+    assert_eq!(
+        (&state["phase"], &state["fenced"]["from"], &state["fenced"]["to"], &state["canFlip"], &state["percent"]),
+        (&json!("drain"), &json!(50), &json!(100), &json!(false), &json!(50)),
+        "{state}"
+    );
+    let key = |c: &serde_json::Value| {
+        ["percent", "epoch", "phase", "moving", "fenced", "canFlip", "canRollback"].map(|k| c[k].clone())
+    };
+    eventually("GET /cutover shows what status does", Duration::from_secs(30), || async {
+        key(&served(port)) == key(&state)
+    })
+    .await;
+
+    // --abort before the flip: unfenced, back at 50%.
     ok(&cutover(&world, &["--abort"]));
     let (percent, fenced, _) = ownership(&client).await;
     assert_eq!((percent, fenced), (50, None));
@@ -272,8 +307,10 @@ async fn a_cutover_killed_at_every_step_resumes_and_abort_returns_to_the_stable_
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_write_on_the_losing_side_just_before_the_flip_is_on_both_sides_after_it() {
-    let (world, client, mut f) = setup().await;
+    let (world, client, mut f, _) = setup().await;
     until(&world, 100, "record-start");
+    let state = status_json(&world);
+    assert_eq!((&state["phase"], &state["canFlip"]), (&json!("flip"), &json!(true)), "{state}");
     // The monolith is losing every bucket; an application ignoring the fence writes anyway.
     let key = Workload::user_id(7);
     let monolith = client.database("linechatbot").collection::<Document>("customers");
@@ -287,7 +324,7 @@ async fn a_write_on_the_losing_side_just_before_the_flip_is_on_both_sides_after_
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_tampered_document_in_a_moving_bucket_stops_the_cutover_at_verify() {
-    let (world, client, mut f) = setup().await;
+    let (world, client, mut f, _) = setup().await;
     // A customer in the buckets 0..50 would move; change it behind ficus's back.
     let key = (0..CUSTOMERS).map(Workload::user_id).find(|k| route::bucket(k) < 50).unwrap();
     let service = client.database(SERVICE).collection::<Document>("customers");

@@ -3,26 +3,13 @@
 mod common;
 
 use std::collections::HashMap;
-use std::io::{Read, Write};
 use std::time::Duration;
 
 use bson::{Document, doc};
-use common::{World, checkpoint, eventually, free_port, read_all};
+use common::{World, checkpoint, eventually, free_port, http_get as get, read_all};
 use ficus::event::Op;
 use ficus::testkit::workload::Workload;
 use rdkafka::consumer::Consumer;
-
-/// A plain HTTP GET: (status code, body).
-fn get(port: u16, path: &str) -> (u16, String) {
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    write!(s, "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n").unwrap();
-    let mut text = String::new();
-    s.read_to_string(&mut text).unwrap();
-    let code = text.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
-    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
-    (code, body)
-}
 
 /// Sum of a metric's samples whose labels contain `filter` (Prometheus text format).
 fn metric(body: &str, name: &str, filter: &str) -> f64 {

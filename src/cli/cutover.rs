@@ -155,7 +155,7 @@ pub(super) async fn cutover(loaded: &Loaded, req: Request) -> anyhow::Result<Exi
                 "{service}: resuming the move from {}% to {}% at step {}",
                 r.mv.from,
                 r.mv.to,
-                r.mv.next().map_or("-".into(), name)
+                r.mv.next().map_or("-", name)
             );
             r
         }
@@ -182,8 +182,8 @@ fn bad(msg: String) -> anyhow::Error {
 }
 
 /// A step's name as printed.
-fn name(p: Phase) -> String {
-    crate::cutover::report::phase_name(p)
+fn name(p: Phase) -> &'static str {
+    p.name()
 }
 
 async fn forced(sides: &Sides<'_>, service: &str, to: u8) -> anyhow::Result<ExitCode> {

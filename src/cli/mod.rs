@@ -121,7 +121,7 @@ enum Command {
         /// Stop after this step (plan, preflight, fence, drain, verify, record-start, flip),
         /// e.g. to have a move verified and ready (`canFlip`) and flip it at a chosen moment:
         /// the same command without it goes on from there.
-        #[arg(long, value_name = "STEP", value_parser = parse_phase)]
+        #[arg(long, value_name = "STEP", value_parser = crate::cutover::plan::Phase::named)]
         until: Option<crate::cutover::plan::Phase>,
     },
     /// Reverse sync: the derived reverses of the transforms.
@@ -337,14 +337,6 @@ fn spawn_signal_handler(shutdown: CancellationToken) {
         }
         shutdown.cancel();
     });
-}
-
-fn parse_phase(s: &str) -> Result<crate::cutover::plan::Phase, String> {
-    use crate::cutover::plan::Phase;
-    Phase::ALL.into_iter().find(|p| crate::cutover::report::phase_name(*p) == s).ok_or_else(|| {
-        let names: Vec<String> = Phase::ALL.into_iter().map(crate::cutover::report::phase_name).collect();
-        format!("`{s}` is not a step of a cutover (steps: {})", names.join(", "))
-    })
 }
 
 fn parse_time(s: &str) -> Result<bson::DateTime, String> {

@@ -73,6 +73,28 @@ impl Phase {
         Phase::ALL.iter().position(|p| *p == self).and_then(|i| Phase::ALL.get(i + 1)).copied()
     }
 
+    /// The step's name as printed, published (`GET /cutover`) and given to `--until`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Phase::Plan => "plan",
+            Phase::Preflight => "preflight",
+            Phase::Fence => "fence",
+            Phase::Drain => "drain",
+            Phase::Verify => "verify",
+            Phase::RecordStart => "record-start",
+            Phase::Flip => "flip",
+            Phase::Observe => "observe",
+        }
+    }
+
+    /// The step of a name (see [`Self::name`]).
+    pub fn named(name: &str) -> Result<Phase, String> {
+        Phase::ALL.into_iter().find(|p| p.name() == name).ok_or_else(|| {
+            let names: Vec<&str> = Phase::ALL.iter().map(|p| p.name()).collect();
+            format!("`{name}` is not a step of a cutover (steps: {})", names.join(", "))
+        })
+    }
+
     /// Whether a step changes what applications see (the ownership records): a dry run stops
     /// before the first of them.
     pub fn changes_ownership(self) -> bool {

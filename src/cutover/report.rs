@@ -97,7 +97,7 @@ pub fn state(
         service: service.to_string(),
         percent: ownership.map_or(0, |o| o.percent),
         epoch: ownership.map_or(0, |o| o.epoch),
-        phase: next.map_or("stable".into(), phase_name),
+        phase: next.map_or("stable", Phase::name).to_string(),
         moving: under_way.map(|r| (r.mv.from, r.mv.to)),
         fenced: ownership.and_then(|o| o.fenced),
         can_flip: next == Some(Phase::Flip),
@@ -106,21 +106,6 @@ pub fn state(
         forward_lag: lags.0,
         reverse_lag: lags.1,
     }
-}
-
-/// A step's name as printed and published.
-pub fn phase_name(p: Phase) -> String {
-    match p {
-        Phase::Plan => "plan",
-        Phase::Preflight => "preflight",
-        Phase::Fence => "fence",
-        Phase::Drain => "drain",
-        Phase::Verify => "verify",
-        Phase::RecordStart => "record-start",
-        Phase::Flip => "flip",
-        Phase::Observe => "observe",
-    }
-    .to_string()
 }
 
 #[cfg(test)]

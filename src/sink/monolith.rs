@@ -196,44 +196,19 @@ impl MonolithSink {
         }
 
         // The monolith's writes in batch order, consecutive ones of a kind in one command.
-        let mut i = 0;
-        while i < ops.len() {
-            let kind = std::mem::discriminant(&ops[i]);
-            let run: Vec<&MonolithOp> = ops[i..].iter().take_while(|o| std::mem::discriminant(*o) == kind).collect();
-            i += run.len();
-            let command = match run[0] {
-                MonolithOp::Update(..) => {
-                    let updates: Vec<Document> = run
-                        .iter()
-                        .filter_map(|o| match o {
-                            MonolithOp::Update(id, u) => Some(doc! { "q": { "_id": id.clone() }, "u": u.clone() }),
-                            _ => None,
-                        })
-                        .collect();
-                    doc! { "update": &source, "updates": updates, "ordered": true }
+        let mut run: Option<(&str, &str, Vec<Document>)> = None;
+        for (command, field, entry) in ops.iter().map(MonolithOp::statement) {
+            match &mut run {
+                Some((c, _, entries)) if *c == command => entries.push(entry),
+                _ => {
+                    if let Some((c, f, entries)) = run.replace((command, field, vec![entry])) {
+                        self.run(s, &source, doc! { c: &source, f: entries, "ordered": true }).await?;
+                    }
                 }
-                MonolithOp::Insert(_) => {
-                    let documents: Vec<Document> = run
-                        .iter()
-                        .filter_map(|o| match o {
-                            MonolithOp::Insert(d) => Some(d.clone()),
-                            _ => None,
-                        })
-                        .collect();
-                    doc! { "insert": &source, "documents": documents, "ordered": true }
-                }
-                MonolithOp::Delete(_) => {
-                    let deletes: Vec<Document> = run
-                        .iter()
-                        .filter_map(|o| match o {
-                            MonolithOp::Delete(id) => Some(doc! { "q": { "_id": id.clone() }, "limit": 1 }),
-                            _ => None,
-                        })
-                        .collect();
-                    doc! { "delete": &source, "deletes": deletes, "ordered": true }
-                }
-            };
-            self.run(s, &source, command).await?;
+            }
+        }
+        if let Some((c, f, entries)) = run {
+            self.run(s, &source, doc! { c: &source, f: entries, "ordered": true }).await?;
         }
         if !records.is_empty() {
             let updates: Vec<Document> = records
@@ -345,6 +320,17 @@ enum MonolithOp {
     Insert(Document),
     /// `_id`.
     Delete(Bson),
+}
+
+impl MonolithOp {
+    /// The write command it goes in, that command's list field, and its entry there.
+    fn statement(&self) -> (&'static str, &'static str, Document) {
+        match self {
+            MonolithOp::Update(id, u) => ("update", "updates", doc! { "q": { "_id": id.clone() }, "u": u.clone() }),
+            MonolithOp::Insert(d) => ("insert", "documents", d.clone()),
+            MonolithOp::Delete(id) => ("delete", "deletes", doc! { "q": { "_id": id.clone() }, "limit": 1 }),
+        }
+    }
 }
 
 /// The monolith documents a batch has read or written, as the batch leaves them so far.
