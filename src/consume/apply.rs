@@ -146,23 +146,23 @@ impl<T: Transformer, S: Sink> Applier<'_, T, S> {
             }
         }
         let started = Instant::now();
-        let versioned: Vec<Versioned> = writes.iter().map(|(_, v)| v.clone()).collect();
+        let (at, versioned): (Vec<usize>, Vec<Versioned>) = writes.into_iter().unzip();
         let marker = self.marker(batch.iter());
         let written =
             if versioned.is_empty() { Ok(()) } else { self.write(&versioned, marker.as_ref(), shutdown).await };
         match written {
-            Ok(()) => done.applied += writes.len() as u64,
+            Ok(()) => done.applied += versioned.len() as u64,
             Err(e) if e.class() == ErrorClass::Transient => return Err(e.into()), // shutdown during retries
             Err(e) => {
                 // A permanent failure somewhere in the batch: one by one to find the culprits.
                 warn!(%service, path = self.path.as_str(), error = %e, "batch write failed permanently; isolating the failing events");
-                for (i, v) in &writes {
-                    let marker = self.marker(std::iter::once(&batch[*i]));
+                for (&i, v) in at.iter().zip(&versioned) {
+                    let marker = self.marker(std::iter::once(&batch[i]));
                     match self.write(std::slice::from_ref(v), marker.as_ref(), shutdown).await {
                         Ok(()) => done.applied += 1,
                         Err(e) if e.class() == ErrorClass::Transient => return Err(e.into()),
                         Err(e) => {
-                            self.reject(&batch[*i], Stage::Write, &e.to_string()).await?;
+                            self.reject(&batch[i], Stage::Write, &e.to_string()).await?;
                             done.rejected += 1;
                         }
                     }
@@ -176,7 +176,7 @@ impl<T: Transformer, S: Sink> Applier<'_, T, S> {
         if self.path == Path::Live {
             let now = DateTime::now();
             let e2e = metrics::histogram!("ficus_end_to_end_latency_seconds", "service" => service.to_string());
-            for (_, v) in &writes {
+            for v in &versioned {
                 e2e.record(now.saturating_duration_since(v.event_time).as_secs_f64());
             }
         }
