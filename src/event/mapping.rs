@@ -87,42 +87,12 @@ pub fn get_path<'a>(doc: &'a Document, path: &str) -> Option<&'a Bson> {
 
 /// Maps one change through its topic definition.
 pub fn map_change(def: &TopicDef, source_name: &str, rec: ChangeRecord) -> Mapped {
-    let (key, key_fallback) = aggregate_key(def, &rec);
-    let position =
-        Position { cluster_time: rec.cluster_time, index: rec.index, resume_token: rec.resume_token.clone() };
-    let source = format!("ficus://{source_name}/{}", rec.collection);
-    let time = rec.wall_time.unwrap_or_else(|| DateTime::from_millis(i64::from(rec.cluster_time.time) * 1000));
-    let subject = render_key(&key);
-    // Snapshot events of one snapshot share a position; the document id tells them apart.
-    let discriminator = match rec.op {
-        Op::Snapshot => format!("snapshot:{}", render_key(&rec.document_id)),
-        _ => String::new(),
-    };
     let derived: Vec<(&DerivedRule, Vec<Grown>)> =
         def.derived.iter().map(|rule| (rule, grown_elements(rule, &rec))).collect();
+    let (base, key_fallback) = change_event(def, source_name, rec);
+    let discriminator = discriminator(&base.data);
 
     let mut events = Vec::with_capacity(1 + derived.iter().map(|d| d.1.len()).sum::<usize>());
-    let base = CanonicalEvent {
-        id: event_id(source_name, &position, &discriminator),
-        source,
-        event_type: def.event_type(rec.op).to_string(),
-        subject,
-        time,
-        position,
-        schema_version: SCHEMA_VERSION,
-        data: EventData {
-            op: rec.op,
-            collection: rec.collection,
-            key,
-            document_id: rec.document_id,
-            after: rec.after,
-            before: rec.before,
-            changed: rec.changed,
-            removed: rec.removed,
-            derived: None,
-        },
-        origin: rec.origin,
-    };
     // A derived event carries its element, not the document again: `data.key` names the
     // aggregate, and consumers that want the document read the change event beside it. (With
     // the document, a customer with three purchases cost Kafka four copies of the customer,
@@ -142,6 +112,48 @@ pub fn map_change(def: &TopicDef, source_name: &str, rec: ChangeRecord) -> Mappe
     }
     events.insert(0, base);
     Mapped { events, key_fallback }
+}
+
+/// The change event of one change alone (no derived events), and the aggregate key's
+/// fallback as [`Mapped::key_fallback`] says.
+pub fn change_event(def: &TopicDef, source_name: &str, rec: ChangeRecord) -> (CanonicalEvent, Option<String>) {
+    let (key, key_fallback) = aggregate_key(def, &rec);
+    let position =
+        Position { cluster_time: rec.cluster_time, index: rec.index, resume_token: rec.resume_token.clone() };
+    let source = format!("ficus://{source_name}/{}", rec.collection);
+    let time = rec.wall_time.unwrap_or_else(|| DateTime::from_millis(i64::from(rec.cluster_time.time) * 1000));
+    let subject = render_key(&key);
+    let data = EventData {
+        op: rec.op,
+        collection: rec.collection,
+        key,
+        document_id: rec.document_id,
+        after: rec.after,
+        before: rec.before,
+        changed: rec.changed,
+        removed: rec.removed,
+        derived: None,
+    };
+    let event = CanonicalEvent {
+        id: event_id(source_name, &position, &discriminator(&data)),
+        source,
+        event_type: def.event_type(rec.op).to_string(),
+        subject,
+        time,
+        position,
+        schema_version: SCHEMA_VERSION,
+        data,
+        origin: rec.origin,
+    };
+    (event, key_fallback)
+}
+
+/// Snapshot events of one snapshot share a position; the document id tells them apart.
+fn discriminator(data: &EventData) -> String {
+    match data.op {
+        Op::Snapshot => format!("snapshot:{}", render_key(&data.document_id)),
+        _ => String::new(),
+    }
 }
 
 fn aggregate_key(def: &TopicDef, rec: &ChangeRecord) -> (Bson, Option<String>) {

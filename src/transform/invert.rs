@@ -74,6 +74,18 @@ pub(super) struct ScopePlan {
     pub fields: Vec<FieldPlan>,
 }
 
+impl ScopePlan {
+    /// Whether a field of the scope, or of an array's elements inside it, is read-only: only
+    /// then can a patched document imply other values than the service holds.
+    pub fn has_read_only(&self) -> bool {
+        self.fields.iter().any(|f| match &f.how {
+            How::ReadOnly(_) => true,
+            How::Array { element, .. } => element.has_read_only(),
+            How::Lens(_) | How::Rule { .. } => false,
+        })
+    }
+}
+
 #[derive(Debug, Clone)]
 pub(super) struct FieldPlan {
     /// Dotted target path relative to the scope.
