@@ -247,6 +247,17 @@ pub struct World {
     pub kafka: Kafka,
 }
 
+/// With `FICUS_TEST_KEEP=1`, a failed test's scratch directory (servers' data, every ficus log)
+/// stays for a post-mortem; its path is printed.
+impl Drop for World {
+    fn drop(&mut self) {
+        if std::thread::panicking() && std::env::var("FICUS_TEST_KEEP").is_ok_and(|v| v == "1") {
+            self.dir.disable_cleanup(true);
+            eprintln!("FICUS_TEST_KEEP: kept {}", self.dir.path().display());
+        }
+    }
+}
+
 impl World {
     pub fn start() -> World {
         Self::start_with(&[])
