@@ -81,7 +81,7 @@ enum Command {
     Verify {
         #[arg(long = "service", value_name = "NAME")]
         service: String,
-        /// Differing documents to show side by side.
+        /// Differing documents to show side by side, per collection.
         #[arg(long, default_value_t = 10)]
         sample: usize,
         /// Exit 0 when the scores pass the seed's migration gate (99% consistency, 95%

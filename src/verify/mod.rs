@@ -52,7 +52,7 @@ fn document(collection: &str, raw: bson::RawDocumentBuf) -> Result<Document, Ver
 /// Options.
 #[derive(Debug, Clone)]
 pub struct VerifyOptions {
-    /// How many differing documents to show side by side.
+    /// How many differing documents to show side by side, per collection.
     pub sample: usize,
     /// Pause before re-checking differences.
     pub settle: Duration,
@@ -315,7 +315,7 @@ async fn compare_chunk(
 }
 
 /// Re-reads each suspect on both sides; what now matches is moved to `matched`, the rest is
-/// kept, and a sample of it is recorded side by side.
+/// kept, and a sample of it (up to `sample` per collection) is recorded side by side.
 async fn recheck(
     report: &mut VerifyReport,
     expected: &Expected<'_>,
@@ -350,7 +350,7 @@ async fn recheck(
             if actual.is_some() {
                 tally.matched += 1;
             }
-        } else if report.differences.len() < sample {
+        } else if report.differences.iter().filter(|d| d.collection == coll).count() < sample {
             report.differences.push(Difference { collection: coll, id, expected: exp, actual });
         }
     }
