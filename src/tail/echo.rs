@@ -12,10 +12,16 @@
 //! bookkeeping and are never published. The tail never checkpoints while a marked transaction
 //! is open ([`EchoTagger::in_marked`]): a resume there would meet its changes without their
 //! marker.
+//!
+//! Only the closing marker ends a marked transaction: not a quiet feed, since secantusd-rs can
+//! answer a `getMore` with an empty batch between two changes of one committed transaction.
+//! A transaction whose closing marker never shows (an apply by a ficus from before closing
+//! markers) is given up once the feed is [`MAX_TRANSACTION_SECS`] past its marker: no
+//! transaction lives that long, so nothing of it can still come.
 
 use std::collections::HashMap;
 
-use bson::Bson;
+use bson::{Bson, Timestamp};
 
 use crate::event::Origin;
 use crate::event::mapping::{ChangeRecord, TxnId};
@@ -30,10 +36,17 @@ pub enum Seen {
     Change(Box<ChangeRecord>),
 }
 
-/// Remembers the marked transactions the feed is inside.
+/// How far (in seconds of cluster time) the feed may go past a marker before its transaction,
+/// its closing marker never seen, is given up. Twice MongoDB's default
+/// `transactionLifetimeLimitSeconds` (60): the server aborts a transaction older than that, and
+/// a committed one's changes are all at or before its commit.
+pub const MAX_TRANSACTION_SECS: u32 = 120;
+
+/// Remembers the marked transactions the feed is inside: each one's origin and where its
+/// marker was.
 #[derive(Debug, Default)]
 pub struct EchoTagger {
-    open: HashMap<TxnId, Origin>,
+    open: HashMap<TxnId, (Origin, Timestamp)>,
 }
 
 impl EchoTagger {
@@ -42,27 +55,39 @@ impl EchoTagger {
         !self.open.is_empty()
     }
 
-    /// The feed is caught up: a transaction commits whole, so every one seen is over.
-    pub fn quiet(&mut self) {
-        self.open.clear();
-    }
-
     pub fn observe(&mut self, mut record: ChangeRecord) -> Seen {
+        if !self.open.is_empty() {
+            self.give_up_before(record.cluster_time);
+        }
         if record.collection == MARKERS {
             if let Some(txn) = record.txn.clone() {
                 let closes = record.after.as_ref().is_some_and(|d| d.get_bool("closes").unwrap_or(false));
                 if closes {
                     self.open.remove(&txn);
                 } else if let Some(origin) = marker_origin(&record) {
-                    self.open.insert(txn, origin);
+                    self.open.insert(txn, (origin, record.cluster_time));
                 }
             }
             return Seen::Marker;
         }
-        if let Some(origin) = record.txn.as_ref().and_then(|t| self.open.get(t)) {
+        if let Some((origin, _)) = record.txn.as_ref().and_then(|t| self.open.get(t)) {
             record.origin = Some(origin.clone());
         }
         Seen::Change(Box::new(record))
+    }
+
+    /// Gives up the marked transactions the feed, now at `now`, is too far past to still be in.
+    fn give_up_before(&mut self, now: Timestamp) {
+        self.open.retain(|txn, (origin, at)| {
+            let open = now.time.saturating_sub(at.time) <= MAX_TRANSACTION_SECS;
+            if !open {
+                tracing::warn!(
+                    lsid = %txn.lsid, txn = txn.number, origin = %origin.render(), marker_at = at.time, now = now.time,
+                    "a marked transaction never showed its closing marker; no longer treating its changes as echoes"
+                );
+            }
+            open
+        });
     }
 }
 
@@ -114,13 +139,34 @@ mod tests {
         assert_eq!(t.observe(change(MARKERS, Some(7), Some(doc! { "closes": true }))), Seen::Marker);
         assert!(!t.in_marked());
         assert_eq!(origin(&t.observe(change("customers", Some(7), None))), None);
-        // A forward write's marker names the service only; a quiet feed closes what is open.
+        // A forward write's marker names the service only.
         let forward = doc! { "origin": { "service": "customers_db" } };
         t.observe(change(MARKERS, Some(9), Some(forward)));
         let echo = Origin { service: "customers_db".into(), collection: None };
         assert_eq!(origin(&t.observe(change("customers", Some(9), None))), Some(echo));
         assert_eq!(origin(&t.observe(change("customers", Some(10), None))), None);
-        t.quiet();
+    }
+
+    fn at(mut r: ChangeRecord, time: u32) -> ChangeRecord {
+        r.cluster_time = Timestamp { time, increment: 1 };
+        r
+    }
+
+    #[test]
+    fn only_the_closing_marker_ends_a_transaction_or_a_feed_long_past_it() {
+        // secantusd-rs gives each change of a transaction its own cluster time, and may answer
+        // an empty batch between two of them: changes seconds after the marker are still its.
+        let mut t = EchoTagger::default();
+        let marker = doc! { "origin": { "service": "customers_db", "collection": "customers" } };
+        t.observe(at(change(MARKERS, Some(7), Some(marker)), 1000));
+        let echo = Origin { service: "customers_db".into(), collection: Some("customers".into()) };
+        assert_eq!(origin(&t.observe(at(change("customers", Some(7), None), 1001))), Some(echo.clone()));
+        assert_eq!(origin(&t.observe(at(change("customers", None, None), 1030))), None);
+        assert_eq!(origin(&t.observe(at(change("customers", Some(7), None), 1000 + MAX_TRANSACTION_SECS))), Some(echo));
+        assert!(t.in_marked(), "still inside it: no checkpoint");
+        // Its closing marker never came (a ficus without them applied it): given up, the feed
+        // checkpoints again, and the transaction's number means nothing any more.
+        assert_eq!(origin(&t.observe(at(change("customers", Some(7), None), 1001 + MAX_TRANSACTION_SECS))), None);
         assert!(!t.in_marked());
     }
 }

@@ -151,9 +151,10 @@ impl<S: Source, P: Publisher + 'static, C: CheckpointStore> Tailer<S, P, C> {
                             acks.extend(published.into_iter().map(|ack| ack.map(move |r| (ticket, r)).boxed()));
                         }
                         Some(Item::Quiet { token, at }) => {
-                            echoes.quiet();
+                            // Quiet inside a marked transaction is no point to resume from: the
+                            // rest of it may still come (see `echo`).
                             let c = Covered { token, cluster_time: sent.0, index: sent.1, event_time: None, token_time: at };
-                            window.push(Some(c), 0);
+                            window.push((!echoes.in_marked()).then_some(c), 0);
                         }
                         None => break Ok(()), // the reader ended: shutdown or an error, seen below
                     }
