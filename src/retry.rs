@@ -10,12 +10,14 @@ use std::time::Duration;
 use backon::{ExponentialBuilder, Retryable};
 use tokio_util::sync::CancellationToken;
 
-/// The backoff policy: 200 ms doubling to 30 s, with jitter, forever (only shutdown or a fatal
-/// error stops it).
+/// The backoff policy: 200 ms doubling to 10 s, with jitter, forever (only shutdown or a fatal
+/// error stops it). The cap bounds how long a role idles after its cause is gone: a broker back
+/// up, or the server aborting a killed predecessor's open transaction (a write conflict until
+/// `transactionLifetimeLimitSeconds`), which a 30 s cap with jitter turned into a minute more.
 pub fn policy() -> ExponentialBuilder {
     ExponentialBuilder::new()
         .with_min_delay(Duration::from_millis(200))
-        .with_max_delay(Duration::from_secs(30))
+        .with_max_delay(Duration::from_secs(10))
         .with_jitter()
         .without_max_times()
 }
