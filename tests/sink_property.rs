@@ -1,6 +1,7 @@
 //! Property: duplicates, replays and different interleavings of partitions leave a service
 //! database identical to one ordered delivery. Real pipeline (mapping → shipped transforms →
-//! MongoSink) against a real secantusd-rs; many generated histories.
+//! MongoSink) against a real secantusd-rs; many generated histories. Also: a redelivered merge
+//! into a document the service owns (and writes plain) is a no-op.
 
 mod common;
 
@@ -226,5 +227,54 @@ fn the_ordered_result_is_what_the_transforms_say() {
         let live: Vec<Document> =
             db.collection::<Document>("products").find(doc! {}).await.unwrap().try_collect().await.unwrap();
         assert_eq!(live.len(), 2, "the deleted product is gone from the service collection");
+    });
+}
+
+#[test]
+fn a_redelivered_merge_never_takes_back_what_the_owner_set_since() {
+    // A service owns U1; the monolith changed `n` from 1 to 72 and that change was merged. The
+    // service's application then replaced the document from a read made before the merge
+    // (`n` back to 1, written plain: no `_ficus`). The monolith's change is redelivered (a
+    // crash before its offset was committed): it must not set `n` to 72 again, although the
+    // owner's value equals the merge base, because it was merged already.
+    let dir = tempfile::tempdir().unwrap();
+    let mongo = common::Mongo::start(dir.path(), &[]);
+    let root = common::repo_root();
+    let topics = ficus::config::topics::load(&root.join("topics")).unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let client = mongo.client().await;
+        let collections = std::collections::BTreeSet::from(["customers".to_string()]);
+        let sink = MongoSink::open(client, "merge_check", &collections, Duration::from_secs(86_400)).await.unwrap();
+        let customers = sink.database().collection::<Document>("customers");
+        customers.insert_one(doc! { "_id": "U1", "n": 1, "name": "a" }).await.unwrap();
+
+        let mut r = ChangeRecord::snapshot(
+            "customers",
+            doc! { "_id": "m1", "user_id": "U1" },
+            Timestamp { time: 100, increment: 1 },
+        );
+        r.op = Op::Update;
+        r.index = 1;
+        let ev = map_change(topics.for_collection("customers").unwrap(), "linechatbot", r).events.remove(0);
+        let merge = ficus::transform::WriteOp::Merge {
+            collection: "customers".into(),
+            id: Bson::String("U1".into()),
+            doc: Some(doc! { "n": 72, "name": "a" }),
+            base: ficus::transform::Base::Was(doc! { "n": 1, "name": "a" }),
+        };
+        let change = Versioned::of(&ficus::event::Message::Event(ev), vec![merge]);
+        sink.apply(std::slice::from_ref(&change), None).await.unwrap();
+        let merged = customers.find_one(doc! { "_id": "U1" }).await.unwrap().unwrap();
+        assert_eq!(merged.get_i32("n").unwrap(), 72, "the monolith's change merged: {merged}");
+
+        customers.replace_one(doc! { "_id": "U1" }, doc! { "n": 1, "name": "b" }).await.unwrap();
+        sink.apply(std::slice::from_ref(&change), None).await.unwrap();
+        let now = customers.find_one(doc! { "_id": "U1" }).await.unwrap().unwrap();
+        assert_eq!(
+            (now.get_i32("n").unwrap(), now.get_str("name").unwrap()),
+            (1, "b"),
+            "the owner's write stands: {now}"
+        );
     });
 }

@@ -9,6 +9,9 @@
 //! too; tombstones expire after the consume settings' TTL, which must exceed the longest
 //! redelivery window (Kafka retention). Rollups keep one membership record per source
 //! aggregate in `_ficus_members_<collection>` and recompute the group document ([`rollup`]).
+//! A document the service owns (see `cutover`) is its application's to write, plain, so its
+//! `_ficus` may be gone or stale: the newest monolith change merged into it is kept beside it
+//! (`_ficus_merged`), and guards redelivered merges the way `_ficus.v` guards upserts.
 //!
 //! - [`plan`]: the order a batch's writes take (pure);
 //! - [`merge`]: a non-owner's change merged into an owned document (pure), and [`conflicts`],
@@ -39,6 +42,8 @@ pub use monolith::MonolithSink;
 pub const META: &str = "_ficus";
 pub const TOMBSTONES: &str = "_ficus_tombstones";
 pub const MEMBERS_PREFIX: &str = "_ficus_members_";
+/// Per owned document, the version of the newest monolith change merged into it.
+pub const MERGED: &str = "_ficus_merged";
 /// Which partitions have reported a completed snapshot, per target and snapshot.
 pub const SNAPSHOTS: &str = "_ficus_snapshots";
 

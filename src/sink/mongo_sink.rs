@@ -13,7 +13,7 @@ use mongodb::{Client, ClientSession, Database, IndexModel};
 use super::conflicts::{ConflictRecord, Outbox, Side, SideState};
 use super::plan::{Built, Plan, Step, Upsert, plan, retained_away};
 use super::rollup::GroupTally;
-use super::{MEMBERS_PREFIX, META, Marker, SNAPSHOTS, Sink, SinkError, TOMBSTONES, Versioned, doc_key};
+use super::{MEMBERS_PREFIX, MERGED, META, Marker, SNAPSHOTS, Sink, SinkError, TOMBSTONES, Versioned, doc_key};
 use crate::event::Version;
 use crate::mongo;
 use crate::transform::{Base, WriteOp};
@@ -518,7 +518,10 @@ impl MongoSink {
     /// batch's transaction (or one of its own): reads the owner's document, writes the merge
     /// and records any conflict in the outbox, all or nothing. Version-guarded like an upsert:
     /// a change already merged (or older than the document, or than its tombstone) does
-    /// nothing, so redelivery neither merges twice nor reports twice.
+    /// nothing, so redelivery neither merges twice nor reports twice. The owner's application
+    /// writes the document plain (its `_ficus` dropped or stale), so the guard is the newer of
+    /// the document's `_ficus.v` and its record in `_ficus_merged`: a redelivered merge must
+    /// not take back a field the owner has since set to the value it had before.
     async fn merge(&self, s: &mut ClientSession, txn: bool, v: &Versioned, m: &Merge<'_>) -> Result<(), SinkError> {
         if txn {
             return self.merging(s, v, m).await;
@@ -535,17 +538,30 @@ impl MongoSink {
 
     async fn merging(&self, s: &mut ClientSession, v: &Versioned, m: &Merge<'_>) -> Result<(), SinkError> {
         let coll = self.db.collection::<Document>(m.collection);
+        let ledger = self.db.collection::<Document>(MERGED);
+        let key = doc_key(m.collection, m.id);
         let current = coll.find_one(doc! { "_id": m.id.clone() }).session(&mut *s).await?;
-        let held = current.as_ref().and_then(|d| d.get_document(META).ok()?.get_str("v").ok().map(str::to_string));
+        let in_doc = current.as_ref().and_then(|d| d.get_document(META).ok()?.get_str("v").ok().map(str::to_string));
+        let merged_at = ledger.find_one(doc! { "_id": &key }).session(&mut *s).await?;
+        let in_ledger = merged_at.and_then(|d| d.get_str("v").ok().map(str::to_string));
+        let held = in_doc.max(in_ledger);
         if held.as_deref().is_some_and(|h| h >= v.version.as_str()) {
             return Ok(()); // merged already, or older than what the document holds
         }
         if current.is_none() {
             let tombs = self.tombstones(s, m.collection, std::iter::once(m.id)).await?;
-            if tombs.get(&doc_key(m.collection, m.id)).is_some_and(|t| t.as_str() >= v.version.as_str()) {
+            if tombs.get(&key).is_some_and(|t| t.as_str() >= v.version.as_str()) {
                 return Ok(());
             }
         }
+        ledger
+            .update_one(
+                doc! { "_id": &key },
+                doc! { "$max": { "v": v.version.as_str() }, "$set": { "c": m.collection, "id": m.id.clone() } },
+            )
+            .upsert(true)
+            .session(&mut *s)
+            .await?;
         let merged = super::merge::merge(current.as_ref(), m.base, m.doc);
         match (merged.write, &current) {
             (Some(mut w), _) => {
