@@ -78,9 +78,15 @@ pub fn classify(e: &Error) -> ErrorClass {
             return class;
         }
     }
-    if ["ResumableChangeStreamError", "RetryableWriteError", "TransientTransactionError", "NetworkError"]
-        .iter()
-        .any(|l| e.contains_label(l))
+    if [
+        "ResumableChangeStreamError",
+        "RetryableWriteError",
+        "TransientTransactionError",
+        "UnknownTransactionCommitResult",
+        "NetworkError",
+    ]
+    .iter()
+    .any(|l| e.contains_label(l))
     {
         return ErrorClass::Transient;
     }
@@ -150,15 +156,24 @@ pub async fn finish<T, E: From<Error>>(
     *attempts += 1;
     let retry = *attempts < 20;
     match outcome {
-        Ok(value) => loop {
-            match session.commit_transaction().await {
-                Ok(()) => return Some(Ok(value)),
-                // The commit may or may not have happened: committing again is safe.
-                Err(e) if e.contains_label("UnknownTransactionCommitResult") => continue,
-                Err(e) if transaction_conflict(&e) && retry => break,
-                Err(e) => return Some(Err(e.into())),
+        Ok(value) => {
+            let mut unknown = 0u64;
+            loop {
+                match session.commit_transaction().await {
+                    Ok(()) => return Some(Ok(value)),
+                    // The commit may or may not have happened: committing again is safe, a few
+                    // times. Past that the error goes up (transient) and the caller's retry applies
+                    // the batch again, which its version-guarded writes make harmless.
+                    Err(e) if e.contains_label("UnknownTransactionCommitResult") && unknown < 3 => {
+                        unknown += 1;
+                        tracing::warn!(error = %describe(&e), "transaction commit result unknown; committing again");
+                        tokio::time::sleep(Duration::from_millis(200 * unknown)).await;
+                    }
+                    Err(e) if transaction_conflict(&e) && retry => break,
+                    Err(e) => return Some(Err(e.into())),
+                }
             }
-        },
+        }
         Err(e) => {
             let _ = session.abort_transaction().await;
             if !(conflict(&e) && retry) {

@@ -7,8 +7,13 @@
 //! target for good) goes where the caller's [`Rejects`] says: to the dead letters, or counted
 //! and reported. The call returns only when every message is durable in the target or handled
 //! by that policy, so the caller may then move its position past the batch.
+//!
+//! A write that has not finished within [`WRITE_TIMEOUT`] is abandoned and tried again (its
+//! writes are version-guarded, so a second try is harmless): the MongoDB Rust driver has no
+//! socket timeout, and a bulk write in flight when the network reset its connections was seen
+//! to wait for good, holding the consumer and its drain on SIGTERM.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bson::DateTime;
 use tokio_util::sync::CancellationToken;
@@ -21,6 +26,9 @@ use crate::event::{Message, Origin};
 use crate::mongo::ErrorClass;
 use crate::retry::with_backoff;
 use crate::sink::{Marker, Sink, SinkError, Versioned};
+
+/// How long one attempt at writing a batch may take before it is abandoned and tried again.
+pub const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Where the messages being applied come from (a label on the metrics).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -191,7 +199,12 @@ impl<T: Transformer, S: Sink> Applier<'_, T, S> {
     ) -> Result<(), SinkError> {
         let stage = format!("{}:{}", self.path.as_str(), self.transformer.service());
         let transient = |e: &SinkError| e.class() == ErrorClass::Transient;
-        with_backoff(&stage, shutdown, || self.sink.apply(batch, marker), transient).await
+        let attempt = || async {
+            tokio::time::timeout(WRITE_TIMEOUT, self.sink.apply(batch, marker))
+                .await
+                .unwrap_or(Err(SinkError::TimedOut(WRITE_TIMEOUT)))
+        };
+        with_backoff(&stage, shutdown, attempt, transient).await
     }
 
     /// The apply marker of some items: per topic and partition, the offset after the last.

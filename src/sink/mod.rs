@@ -105,6 +105,9 @@ pub enum SinkError {
     /// A service document the reverse transforms cannot write back (names the field).
     #[error(transparent)]
     Reverse(#[from] crate::transform::ReverseError),
+    /// The write did not finish in time (a connection that hangs); it is tried again.
+    #[error("the write did not finish within {}s; trying again", .0.as_secs())]
+    TimedOut(std::time::Duration),
 }
 
 impl SinkError {
@@ -112,6 +115,7 @@ impl SinkError {
         match self {
             SinkError::Mongo(e) => mongo::classify(e),
             SinkError::Write { code, .. } => mongo::classify_code(*code),
+            SinkError::TimedOut(_) => ErrorClass::Transient,
             SinkError::Unsupported(_) | SinkError::Reverse(_) => ErrorClass::Fatal,
         }
     }
