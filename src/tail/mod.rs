@@ -276,17 +276,13 @@ mod tests {
         }
     }
 
-    /// The tail and a consumer driven through in-memory implementations of the source, the
-    /// bus, the checkpoint store and the sink: the snapshot, its markers, the changes after it,
-    /// the checkpoint, and the service database they build.
-    #[tokio::test(flavor = "multi_thread")]
-    async fn the_tail_and_a_consumer_in_memory() {
-        let topics = Arc::new(crate::config::topics::load(&repo("topics")).unwrap());
-        let source = MemorySource::new();
-        source.seed("customers", customer(1, &["P1"]));
-        source.seed("customers", customer(2, &["P2", "P3"]));
-        let publisher = Arc::new(MemoryPublisher::with_partitions(&[("linechatbot.customers", 2)]));
-        let tailer = Tailer {
+    /// A tailer of `source` onto `publisher`, in memory, that publishes echoes tagged.
+    fn in_memory(
+        topics: Arc<Topics>,
+        source: &MemorySource,
+        publisher: &Arc<MemoryPublisher>,
+    ) -> Tailer<MemorySource, MemoryPublisher, MemoryCheckpoints> {
+        Tailer {
             source_name: "linechatbot".into(),
             topics,
             source: source.clone(),
@@ -307,7 +303,20 @@ mod tests {
             start: TailStart::Snapshot,
             echoes: Echoes::Publish,
             admit: None,
-        };
+        }
+    }
+
+    /// The tail and a consumer driven through in-memory implementations of the source, the
+    /// bus, the checkpoint store and the sink: the snapshot, its markers, the changes after it,
+    /// the checkpoint, and the service database they build.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn the_tail_and_a_consumer_in_memory() {
+        let topics = Arc::new(crate::config::topics::load(&repo("topics")).unwrap());
+        let source = MemorySource::new();
+        source.seed("customers", customer(1, &["P1"]));
+        source.seed("customers", customer(2, &["P2", "P3"]));
+        let publisher = Arc::new(MemoryPublisher::with_partitions(&[("linechatbot.customers", 2)]));
+        let tailer = in_memory(topics, &source, &publisher);
         let stop = CancellationToken::new();
         let tailer = Arc::new(tailer);
         let running = {
@@ -387,5 +396,70 @@ mod tests {
         let ids = |c: &str| sink.documents(c).iter().map(|d| d.get_str("_id").unwrap().to_string()).collect::<Vec<_>>();
         assert_eq!(ids("customers"), ["U2", "U3"]);
         assert_eq!(ids("customer_events"), ["purchase_made:P3"], "P1 went with its customer, P2 with the $pull");
+    }
+
+    /// A feed that goes quiet in the middle of a marked transaction (secantusd-rs answers an
+    /// empty batch there): the transaction's later changes are still its echoes, and the
+    /// checkpoint stays before its marker until its closing marker.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_quiet_feed_inside_a_marked_transaction_neither_ends_it_nor_checkpoints_in_it() {
+        let topics = Arc::new(crate::config::topics::load(&repo("topics")).unwrap());
+        let source = MemorySource::new();
+        let publisher = Arc::new(MemoryPublisher::with_partitions(&[("linechatbot.customers", 2)]));
+        let tailer = Arc::new(in_memory(topics, &source, &publisher));
+        let stop = CancellationToken::new();
+        let running = {
+            let (t, stop) = (tailer.clone(), stop.clone());
+            tokio::spawn(async move { t.run(stop, false).await })
+        };
+        let position = |t: &Tailer<MemorySource, MemoryPublisher, MemoryCheckpoints>| match t
+            .checkpoints
+            .get("linechatbot")
+            .map(|s| s.phase)
+        {
+            Some(TailPhase::Stream(p)) => Some(p.cluster_time),
+            _ => None,
+        };
+        while position(&tailer).is_none() {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let txn = Some(crate::event::mapping::TxnId { lsid: "{\"id\":1}".into(), number: 7 });
+        let marked = |mut r: ChangeRecord| {
+            r.txn = txn.clone();
+            r
+        };
+        let marker = |after: bson::Document| {
+            let mut r = change(Op::Insert, None, Some(after));
+            r.collection = crate::source::MARKERS.into();
+            marked(r)
+        };
+        let opened = source.change(marker(doc! { "_id": "customers_db/customers/0", "origin": { "service": "customers_db", "collection": "customers" } }));
+        source.change(marked(change(Op::Insert, None, Some(customer(1, &[])))));
+        while publisher.published().iter().filter(|p| matches!(p.message, Message::Event(_))).count() < 1 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        // Quiet for a while: many empty reads, and checkpoint ticks.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(position(&tailer).is_some_and(|t| t < opened), "no checkpoint inside the marked transaction");
+        source.change(marked(change(Op::Update, Some(customer(1, &[])), Some(customer(1, &["P1"])))));
+        let closed = source.change(marker(doc! { "_id": "customers_db/customers/0/close", "closes": true }));
+        while position(&tailer).is_none_or(|t| t < closed) {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        stop.cancel();
+        running.await.unwrap().unwrap();
+        let origins: Vec<Option<String>> = publisher
+            .published()
+            .iter()
+            .filter_map(|p| match &p.message {
+                Message::Event(e) => Some(e.origin.as_ref().map(|o| o.render())),
+                Message::Control(_) => None,
+            })
+            .collect();
+        assert!(origins.len() >= 2, "{origins:?}");
+        assert!(
+            origins.iter().all(|o| o.as_deref() == Some("customers_db/customers")),
+            "every change of it is an echo: {origins:?}"
+        );
     }
 }
