@@ -34,7 +34,8 @@
 //! - `replay`, `verify`, `lens`, [`status`]: the commands that rebuild, prove, check and
 //!   report.
 //! - `ops`: probes, metrics, role health, and the registry of consumer-group members.
-//! - [`mongo`], `retry`: shared MongoDB plumbing (connections, error classes) and backoff.
+//! - [`mongo`], `retry`, `failpoint`: shared MongoDB plumbing (connections, error classes),
+//!   backoff, and the fail points tests arm to kill a step at an exact place.
 //! - [`cli`]: the binary's edge: arguments, wiring, exit codes.
 //! - `testkit` (feature `testkit`): test data and in-memory implementations of the traits.
 
@@ -44,6 +45,7 @@ pub mod config;
 pub mod consume;
 pub mod cutover;
 pub mod event;
+mod failpoint;
 mod lens;
 pub mod mongo;
 mod ops;

@@ -121,6 +121,7 @@ pub async fn replay(
         rejects: Rejects::Count,
         path: Path::Replay,
         origin: origin.clone(),
+        judgement_max_age: None,
     };
     let mut archived_to: HashMap<(String, i32), i64> = HashMap::new();
     while let Some(batch) = rx.recv().await {
@@ -152,8 +153,14 @@ pub async fn replay(
         swap(target, &build_name, &live_name, &transforms.collections()).await?;
         let live_sink = MongoSink::open(target.clone(), &live_name, &transforms.collections(), ttl).await?;
         let origin = Some(Origin { service: transforms.service().to_string(), collection: None });
-        let applier =
-            Applier { transformer: forward, sink: &live_sink, rejects: Rejects::Count, path: Path::Replay, origin };
+        let applier = Applier {
+            transformer: forward,
+            sink: &live_sink,
+            rejects: Rejects::Count,
+            path: Path::Replay,
+            origin,
+            judgement_max_age: None,
+        };
         let live = catch_up(&applier, kafka, &topics, &archived_to, opts.batch, shutdown).await?;
         report.from_live += live.applied;
         report.rejected += live.rejected;

@@ -163,19 +163,74 @@ pub async fn cutover_states(
     cfg: &Config,
     services: &[std::sync::Arc<ServiceTransforms>],
 ) -> anyhow::Result<Vec<crate::cutover::report::CutoverState>> {
-    use crate::cutover::report::{ReverseFeed, state};
     let store = crate::mongo::connect(&cfg.store.uri, "status").await?.database(&cfg.store.db);
-    let ownership = crate::cutover::ownership::OwnershipStore::new(&store).all().await?;
-    let moves = crate::cutover::moves::MoveStore::new(&store).all().await?;
+    let records = CutoverRecords::read(&store).await?;
+    let feeds = cutover_feeds(cfg, services, &store, &records).await?;
+    Ok(records.states(services, &feeds))
+}
+
+/// The ownership records and moves: what a cutover state says of shares, fences and steps
+/// (cheap to read: `GET /cutover` reads them on every request).
+#[derive(Debug, Clone, Default)]
+pub struct CutoverRecords {
+    pub ownership: std::collections::BTreeMap<String, crate::cutover::ownership::Ownership>,
+    pub moves: Vec<crate::cutover::moves::MoveRecord>,
+}
+
+/// Per service, what its feeds say (costlier to read, re-read every few seconds): the reverse
+/// feed, and the forward and write-back lags.
+pub type CutoverFeeds = Vec<(String, crate::cutover::report::ReverseFeed, (Option<i64>, Option<i64>))>;
+
+impl CutoverRecords {
+    pub async fn read(store: &mongodb::Database) -> anyhow::Result<CutoverRecords> {
+        let ownership = crate::cutover::ownership::OwnershipStore::new(store).all().await?;
+        let moves = crate::cutover::moves::MoveStore::new(store).all().await?;
+        Ok(CutoverRecords { ownership, moves })
+    }
+
+    /// The states of the services with a record or a move, from these records and the feeds
+    /// (pure).
+    pub fn states(
+        &self,
+        services: &[std::sync::Arc<ServiceTransforms>],
+        feeds: &CutoverFeeds,
+    ) -> Vec<crate::cutover::report::CutoverState> {
+        let mut out = Vec::new();
+        for s in services {
+            let service = s.service();
+            let o = self.ownership.get(service);
+            let record = self.moves.iter().find(|r| r.id == service);
+            if o.is_none() && record.is_none() {
+                continue;
+            }
+            let (feed, lags) = feeds
+                .iter()
+                .find(|(f, _, _)| f == service)
+                .map(|(_, feed, lags)| (feed.clone(), *lags))
+                .unwrap_or_default();
+            out.push(crate::cutover::report::state(service, o, record, &feed, lags));
+        }
+        out
+    }
+}
+
+/// Every cutover service's feeds (see [`CutoverFeeds`]).
+pub async fn cutover_feeds(
+    cfg: &Config,
+    services: &[std::sync::Arc<ServiceTransforms>],
+    store: &mongodb::Database,
+    records: &CutoverRecords,
+) -> anyhow::Result<CutoverFeeds> {
+    use crate::cutover::report::ReverseFeed;
     let target = crate::mongo::connect(&cfg.target_uri, "status").await?;
     let history = oplog_window(&target).await;
-    let checkpoints = MongoCheckpoints::new(&store);
+    let checkpoints = MongoCheckpoints::new(store);
+    let margin = cfg.cutover.view_max_age.as_secs().min(u64::from(u32::MAX)) as u32;
     let mut out = Vec::new();
     for s in services {
         let service = s.service();
-        let o = ownership.get(service);
-        let record = moves.iter().find(|r| r.id == service);
-        if o.is_none() && record.is_none() {
+        let o = records.ownership.get(service);
+        if o.is_none() && !records.moves.iter().any(|r| r.id == service) {
             continue;
         }
         let cp = checkpoints.load(service).await?;
@@ -189,13 +244,13 @@ pub async fn cutover_states(
                 .and_then(|c| c.token_time)
                 .map(|t| DateTime::now().saturating_duration_since(t).as_secs()),
             history,
-            needed: o.is_some_and(|o| crate::tail::reverse::needed(o, position)),
+            needed: o.is_some_and(|o| crate::tail::reverse::needed(o, position, margin)),
         };
         let lag = |group: String, topics: Vec<String>| group_lag(&cfg.kafka, &group, &topics).ok().map(|g| g.lag);
         let forward = lag(crate::consume::group_id(service), s.topics().into_iter().collect());
         let reverse =
             lag(crate::consume::reverse_group_id(service), vec![crate::config::topics::changes_topic(service)]);
-        out.push(state(service, o, record, &feed, (forward, reverse)));
+        out.push((service.to_string(), feed, (forward, reverse)));
     }
     Ok(out)
 }

@@ -1782,6 +1782,7 @@ async fn an_older_upsert_racing_a_newer_delete_never_resurrects_the_document() {
         source_id: Bson::String(format!("K{key}")),
         event_time: bson::DateTime::now(),
         ops: vec![op],
+        redriven: false,
     };
     const KEYS: usize = if cfg!(debug_assertions) { 400 } else { 2000 };
     for key in 0..KEYS {

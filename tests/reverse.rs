@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use bson::{Bson, Document, doc};
-use common::{World, eventually, read_all};
+use common::{World, eventually, read_all, watermarks};
 use ficus::event::Op;
 use ficus::testkit::workload::Workload;
 use rdkafka::consumer::{BaseConsumer, Consumer};
@@ -24,24 +24,6 @@ fn ok(out: &std::process::Output) -> String {
 
 async fn find(coll: &mongodb::Collection<Document>, filter: Document) -> Option<Document> {
     coll.find_one(filter).await.unwrap()
-}
-
-/// Every partition's high watermark of some topics.
-fn watermarks(brokers: &str, topics: &[&str]) -> BTreeMap<(String, i32), i64> {
-    let consumer: BaseConsumer = rdkafka::ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .set("group.id", "ficus-test-wm")
-        .create()
-        .unwrap();
-    let mut out = BTreeMap::new();
-    for t in topics {
-        let md = consumer.fetch_metadata(Some(t), Duration::from_secs(10)).unwrap();
-        for p in md.topics()[0].partitions() {
-            let (_, high) = consumer.fetch_watermarks(t, p.id(), Duration::from_secs(10)).unwrap();
-            out.insert((t.to_string(), p.id()), high);
-        }
-    }
-    out
 }
 
 /// Whether a monolith customer holds what the service wrote.

@@ -174,7 +174,12 @@ fn duplicates_and_interleavings_converge_to_the_ordered_result() {
             let origin = ficus::event::Origin { service: "products_db".into(), collection: None };
             for (i, chunk) in delivery.chunks(batch).enumerate() {
                 let marker =
-                    ficus::sink::Marker { origin: origin.clone(), positions: vec![("t".into(), 0, i as i64)], echoes: 0 };
+                    ficus::sink::Marker {
+                        origin: origin.clone(),
+                        positions: vec![("t".into(), 0, i as i64)],
+                        echoes: 0,
+                        judged: None,
+                    };
                 shuffled.apply(chunk, (i % 2 == 1).then_some(&marker)).await.unwrap();
             }
             let (a, mut b) = (common::dump(ordered.database()).await, common::dump(shuffled.database()).await);
@@ -262,6 +267,7 @@ fn a_redelivered_merge_never_takes_back_what_the_owner_set_since() {
             id: Bson::String("U1".into()),
             doc: Some(doc! { "n": 72, "name": "a" }),
             base: ficus::transform::Base::Was(doc! { "n": 1, "name": "a" }),
+            why: ficus::transform::Why::NonOwner,
         };
         let change = Versioned::of(&ficus::event::Message::Event(ev), vec![merge]);
         sink.apply(std::slice::from_ref(&change), None).await.unwrap();

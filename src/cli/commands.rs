@@ -32,10 +32,18 @@ pub(super) fn validate(loaded: &Loaded) -> ExitCode {
 }
 
 /// `ficus status`.
-pub(super) async fn status(loaded: &Loaded, json: bool) -> anyhow::Result<ExitCode> {
+pub(super) async fn status(loaded: &Loaded, json: bool, instance: Option<&str>) -> anyhow::Result<ExitCode> {
     let rows = crate::status::collect(&loaded.config, &loaded.topics, &loaded.services).await?;
     if json {
         let cutover = crate::status::cutover_states(&loaded.config, &loaded.services).await?;
+        if let Some(instance) = instance.filter(|i| !i.is_empty()) {
+            let cfg = &loaded.config;
+            let store = crate::mongo::connect(&cfg.store.uri, "status").await?.database(&cfg.store.db);
+            let epochs: Vec<(String, i64)> = cutover.iter().map(|s| (s.service.clone(), s.epoch)).collect();
+            crate::cutover::views::Views::new(&store)
+                .saw(crate::cutover::views::Viewer::App, instance, &epochs)
+                .await?;
+        }
         let out = serde_json::json!({ "stages": rows, "cutover": cutover });
         println!("{}", serde_json::to_string_pretty(&out)?);
     } else {
@@ -255,7 +263,7 @@ pub(super) async fn dlq_replay(loaded: &Loaded, service: &str, reverse: bool) ->
         }
         let monolith = crate::mongo::connect(&cfg.source.uri, "dlq").await?;
         let sink = MonolithSink::new(monolith, &cfg.source.db, transforms.clone());
-        let backward = Backward { transforms: transforms.clone() };
+        let backward = Backward { transforms: transforms.clone(), ownership: ownership.clone() };
         let redrive = Redrive {
             transformer: &backward,
             sink: &sink,

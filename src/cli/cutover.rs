@@ -37,10 +37,13 @@ use mongodb::Database;
 
 use super::{BadInput, Loaded, select_services};
 use crate::bus::Reader;
+use crate::cutover::feed::OwnershipSource;
 use crate::cutover::moves::{DrainTo, MoveRecord, MoveStore};
-use crate::cutover::ownership::{OwnershipSource, OwnershipStore};
+use crate::cutover::ownership::{Drain, Ownership, OwnershipStore};
 use crate::cutover::plan::{Decision, Move, Phase, Side, decide};
+use crate::cutover::views::{self, Held, Seen, Viewer, Views};
 use crate::tail::checkpoint::{CheckpointStore, MongoCheckpoints, TailPhase};
+use crate::tail::lease::Lease;
 use crate::transform::ServiceTransforms;
 
 /// What `ficus cutover` was asked.
@@ -99,6 +102,7 @@ pub(super) async fn cutover(loaded: &Loaded, req: Request) -> anyhow::Result<Exi
         transforms,
         ownership: OwnershipSource {
             store: OwnershipStore::new(&store),
+            store_db: store.clone(),
             monolith: monolith.clone(),
             services: services.database("admin"),
         },
@@ -107,12 +111,41 @@ pub(super) async fn cutover(loaded: &Loaded, req: Request) -> anyhow::Result<Exi
         store,
         monolith,
     };
-    if req.force {
-        return forced(&sides, service, req.to.unwrap_or_default()).await;
+    if req.dry_run {
+        return moved(&sides, service, &req, None).await;
     }
+    // One command drives a service's move at a time.
+    let lock = match MoveLock::take(&sides.store, service).await? {
+        Ok(lock) => lock,
+        Err(holder) => {
+            return Err(bad(format!(
+                "another `ficus cutover` ({holder}) is moving {service} now: wait for it to finish, or stop it (the \
+                 lock of a killed one is taken over at once on its host, elsewhere within {}s)",
+                MOVE_LOCK_TTL.as_secs()
+            )));
+        }
+    };
+    let outcome = moved(&sides, service, &req, Some(&lock)).await;
+    lock.release().await;
+    outcome
+}
 
-    let stored = sides.moves.get(service).await?;
-    let current = sides.ownership.store.get(service).await?.map_or(0, |o| o.percent);
+/// The move itself, under the service's move lock.
+async fn moved(sides: &Sides<'_>, service: &str, req: &Request, lock: Option<&MoveLock>) -> anyhow::Result<ExitCode> {
+    if req.force {
+        return forced(sides, service, req.to.unwrap_or_default()).await;
+    }
+    let ownership = sides.ownership.store.get(service).await?;
+    let (current, fenced, pending) =
+        ownership.as_ref().map_or((0, false, false), |o| (o.percent, o.fenced.is_some(), o.pending()));
+    let stored = sides.moves.get(service).await?.map(|mut r| {
+        r.mv = r.mv.clone().reconciled(current, fenced, pending);
+        r
+    });
+    if req.abort && stored.as_ref().is_none_or(|r| r.mv.next().is_none()) && pending {
+        // A forced switch cut short: nothing but its pending step to take back.
+        return abort(sides, service, current, req.dry_run).await;
+    }
     let asked = match (req.to, &stored) {
         (Some(to), _) => u16::from(to),
         (None, Some(r)) => u16::from(r.mv.to),
@@ -121,22 +154,7 @@ pub(super) async fn cutover(loaded: &Loaded, req: Request) -> anyhow::Result<Exi
     let decision =
         decide(service, current, stored.as_ref().map(|r| &r.mv), asked, req.abort).map_err(|e| bad(e.to_string()))?;
     let record = match decision {
-        Decision::Abort { service, back_to, unfence } => {
-            if req.dry_run {
-                println!(
-                    "{service}: --abort would return to {back_to}%{}",
-                    if unfence { " and lift the fence" } else { "" }
-                );
-                return Ok(ExitCode::SUCCESS);
-            }
-            if unfence {
-                let o = sides.ownership.store.set_fence(&service, None).await?;
-                println!("{service}: fence lifted (epoch {})", o.epoch);
-            }
-            sides.moves.forget(&service).await?;
-            println!("{service}: move aborted; {back_to}% owned by the service, as before it");
-            return Ok(ExitCode::SUCCESS);
-        }
+        Decision::Abort { service, back_to, .. } => return abort(sides, &service, back_to, req.dry_run).await,
         Decision::Start(mv) => {
             println!("{service}: moving from {}% to {}%", mv.from, mv.to);
             MoveRecord::new(mv)
@@ -161,9 +179,9 @@ pub(super) async fn cutover(loaded: &Loaded, req: Request) -> anyhow::Result<Exi
         }
     };
     if req.dry_run {
-        return dry_run(&sides, &record).await;
+        return dry_run(sides, &record).await;
     }
-    match drive(&sides, record, req.timeout, req.until).await? {
+    match drive(sides, record, req.timeout, req.until, lock).await? {
         Ok(()) => Ok(ExitCode::SUCCESS),
         Err(gate) => {
             eprintln!(
@@ -177,6 +195,135 @@ pub(super) async fn cutover(loaded: &Loaded, req: Request) -> anyhow::Result<Exi
     }
 }
 
+/// `--abort` of a move that has not flipped (or of a forced switch cut short): takes back a
+/// pending flip, lifts the fence and forgets the move. Exit 0 only once the record is back at
+/// `back_to`, unfenced, nothing pending, and the service's pipelines are flowing (live members,
+/// none stalled); 1 otherwise, saying what is not.
+async fn abort(sides: &Sides<'_>, service: &str, back_to: u8, dry_run: bool) -> anyhow::Result<ExitCode> {
+    if dry_run {
+        println!("{service}: --abort would return to {back_to}%, unfenced, with nothing pending");
+        return Ok(ExitCode::SUCCESS);
+    }
+    if let Some(o) = sides.ownership.store.undo_pending(service).await?
+        && !o.pending()
+    {
+        println!("{service}: the flip under way taken back (epoch {})", o.epoch);
+    }
+    let o = sides.ownership.store.set_fence(service, None).await?;
+    println!("{service}: fence lifted (epoch {})", o.epoch);
+    sides.moves.forget(service).await?;
+    let mut problems = Vec::new();
+    if o.percent != back_to || o.fenced.is_some() || o.pending() {
+        problems.push(format!(
+            "the ownership record is at {}%{}{}, not {back_to}% unfenced",
+            o.percent,
+            if o.fenced.is_some() { ", fenced" } else { "" },
+            if o.pending() { ", a change pending" } else { "" }
+        ));
+    }
+    // The write-back consumers run once the service has owned keys.
+    let sides_flowing: &[Side] = if o.ever_owned() { &[Side::Monolith, Side::Service] } else { &[Side::Monolith] };
+    problems.extend(pipelines_stopped(sides, sides_flowing).await?);
+    if problems.is_empty() {
+        println!("{service}: move aborted; {back_to}% owned by the service, as before it, and its pipelines flowing");
+        Ok(ExitCode::SUCCESS)
+    } else {
+        eprintln!("{service}: move aborted, but: {}", problems.join("; "));
+        Ok(ExitCode::from(1))
+    }
+}
+
+/// What stops the consumers carrying a service's changes from each side (no live member, a
+/// stalled group); empty when they flow.
+async fn pipelines_stopped(sides: &Sides<'_>, from: &[Side]) -> anyhow::Result<Vec<String>> {
+    let mut problems = Vec::new();
+    for side in from {
+        let (group, _) = carriers(sides.transforms, *side);
+        let members = crate::ops::presence::live_members(&sides.store, &group).await?;
+        if members.is_empty() {
+            problems.push(format!("group {group} has no live member: is `ficus run` running?"));
+        } else if let Some((who, m)) = members.iter().find(|(_, m)| m.stalled.is_some()) {
+            problems.push(format!("group {group} is stalled ({who}: {})", m.stalled.as_deref().unwrap_or_default()));
+        }
+    }
+    Ok(problems)
+}
+
+/// Added to the wait of a forced switch for a process that does not acknowledge it.
+const SWITCH_MARGIN: Duration = Duration::from_secs(5);
+
+/// How long a `ficus cutover`'s move lock lives unrenewed (it is renewed every third of it).
+const MOVE_LOCK_TTL: Duration = Duration::from_secs(15);
+
+/// The lock of one service's moves: the command driving a move holds it (a lease in
+/// `<store.db>.leases`, `cutover/<service>`), so two commands never run one move's steps
+/// together. A holder killed on this host is taken over at once; elsewhere once it expires.
+struct MoveLock {
+    lease: Lease,
+    epoch: i64,
+    renewal: tokio::task::JoinHandle<()>,
+    lost: tokio_util::sync::CancellationToken,
+}
+
+impl MoveLock {
+    /// Takes the lock, or names its live holder.
+    async fn take(store: &Database, service: &str) -> anyhow::Result<Result<MoveLock, String>> {
+        let host = crate::config::host_name();
+        let holder = format!("{host}:{}", std::process::id());
+        let name = format!("cutover/{service}");
+        let lease = Lease::new(store, &name, &holder, MOVE_LOCK_TTL);
+        let epoch = match lease.try_acquire().await? {
+            Some(epoch) => epoch,
+            None => {
+                let held = store.collection::<Document>("leases").find_one(doc! { "_id": &name }).await?;
+                let by = held.as_ref().and_then(|d| d.get_str("holder").ok()).unwrap_or("?").to_string();
+                let gone = by
+                    .rsplit_once(':')
+                    .filter(|(h, _)| *h == host)
+                    .and_then(|(_, pid)| pid.parse::<u32>().ok())
+                    .is_some_and(|pid| !crate::ops::presence::process_alive(pid));
+                match lease.take_over(&by).await? {
+                    Some(epoch) if gone => {
+                        println!("{service}: took over the move lock of {by}, which is gone");
+                        epoch
+                    }
+                    _ => return Ok(Err(by)),
+                }
+            }
+        };
+        let lost = tokio_util::sync::CancellationToken::new();
+        let renewal = tokio::spawn({
+            let (lease, lost) = (lease.clone(), lost.clone());
+            async move {
+                loop {
+                    tokio::time::sleep(MOVE_LOCK_TTL / 3).await;
+                    if !matches!(lease.renew(epoch).await, Ok(true)) {
+                        lost.cancel();
+                        return;
+                    }
+                }
+            }
+        });
+        Ok(Ok(MoveLock { lease, epoch, renewal, lost }))
+    }
+
+    /// Fails once the lock was lost (this command paused past its life, and another took it).
+    fn check(&self) -> anyhow::Result<()> {
+        if self.lost.is_cancelled() {
+            anyhow::bail!(
+                "lost the move lock (this command was paused or cut off for over {}s); another command may be driving the move now",
+                MOVE_LOCK_TTL.as_secs()
+            );
+        }
+        Ok(())
+    }
+
+    async fn release(self) {
+        self.renewal.abort();
+        let _ = self.lease.release(self.epoch).await;
+    }
+}
+
 fn bad(msg: String) -> anyhow::Error {
     anyhow::Error::new(BadInput(msg))
 }
@@ -186,15 +333,51 @@ fn name(p: Phase) -> &'static str {
     p.name()
 }
 
+/// `--force`: the share set at once, in the record's two steps (pending, then in force with its
+/// times; see `cutover::ownership`). A pending step left by a switch or a flip cut short is
+/// finished when it asks for the same share, and taken back first otherwise.
 async fn forced(sides: &Sides<'_>, service: &str, to: u8) -> anyhow::Result<ExitCode> {
     let was = sides.ownership.store.get(service).await?;
     let from = was.as_ref().map_or(0, |o| o.percent);
     eprintln!(
         "WARNING: --force moves ownership of {service} from {from}% to {to}% at once: no fencing, no draining, no \
-         verification. Writes in flight now may land on the side that no longer owns their keys; they are merged, \
-         and where both sides changed a field the owner's value stands and both go to {service}.conflicts."
+         verification. Writes made on the side that no longer owns their keys (applications acting on an older \
+         view) are merged, and where both sides changed a field the owner's value stands on both sides and both \
+         go to {service}.conflicts."
     );
-    let o = sides.ownership.set(service, to, true).await?;
+    let pending = was.as_ref().and_then(|o| o.history.iter().find(|s| s.pending)).map(|s| s.percent);
+    if pending.is_some_and(|p| p != to) {
+        sides.ownership.store.undo_pending(service).await?;
+    }
+    if pending != Some(to) {
+        sides.ownership.store.begin(service, to, true).await?;
+    }
+    // Every batch a ficus process judged before the pending step lands before the switch, or
+    // never (see `cutover::views::switch_held`).
+    let stored = sides.ownership.store.get(service).await?;
+    let step = stored.as_ref().and_then(|o| o.history.iter().find(|s| s.pending).cloned());
+    if let (Some(o), Some(step)) = (&stored, step) {
+        let cfg = &sides.loaded.config;
+        let bound = cfg.cutover.transaction_lifetime + cfg.consume.judgement_max_age + SWITCH_MARGIN;
+        let decide = |seen: &[Seen], now| views::switch_held(seen, o.revision, step.set_at, now, bound);
+        let t0 = Instant::now();
+        let (acknowledged, by_age) =
+            wait_held(sides, Viewer::Ficus, service, earlier(step.set_at, bound), decide).await?;
+        println!(
+            "{service}: {} ficus process(es) acknowledged the switch in {:.1}s{}",
+            acknowledged.len(),
+            t0.elapsed().as_secs_f64(),
+            if by_age { " (some did not: waited until no batch judged before it can commit)" } else { "" }
+        );
+    }
+    crate::failpoint::hit("cutover.force.pending");
+    let at = sides.ownership.clocks().await?;
+    let o = sides
+        .ownership
+        .store
+        .resolve(service, at)
+        .await?
+        .ok_or_else(|| anyhow::anyhow!("{service}: no ownership record"))?;
     // A safe move under way is over: the forced share stands.
     if let Some(r) = sides.moves.get(service).await?
         && r.mv.next().is_some()
@@ -243,71 +426,18 @@ async fn drive(
     mut record: MoveRecord,
     timeout: Duration,
     until: Option<Phase>,
+    lock: Option<&MoveLock>,
 ) -> anyhow::Result<Result<(), Gate>> {
     let service = record.mv.service.clone();
     while let Some(phase) = record.mv.next() {
+        if let Some(lock) = lock {
+            lock.check()?;
+        }
         let t0 = Instant::now();
         println!("[{}] {}: …", phase_no(phase), name(phase));
-        let detail = match phase {
-            Phase::Plan => {
-                print_plan(&record.mv);
-                String::new()
-            }
-            Phase::Preflight => {
-                let problems = preflight(sides, &record.mv).await?;
-                if !problems.is_empty() {
-                    return Ok(Err(Gate { step: phase, why: problems.join("; ") }));
-                }
-                "lens laws hold, consumers live, the reverse side can start".into()
-            }
-            Phase::Fence => {
-                let o = sides.ownership.store.set_fence(&service, Some(record.mv.buckets())).await?;
-                format!(
-                    "buckets {:?} fenced (epoch {}): applications hold writes for their keys",
-                    record.mv.buckets(),
-                    o.epoch
-                )
-            }
-            Phase::Drain => match drain(sides, &mut record, timeout).await? {
-                Ok(d) => d,
-                Err(why) => return Ok(Err(Gate { step: phase, why })),
-            },
-            Phase::Verify => match verify_moving(sides, &record.mv).await? {
-                Ok(d) => d,
-                Err(why) => return Ok(Err(Gate { step: phase, why })),
-            },
-            Phase::RecordStart => {
-                let db = match record.mv.gaining() {
-                    Side::Service => &sides.service_db,
-                    Side::Monolith => &sides.monolith,
-                };
-                let at = crate::mongo::cluster_time(db)
-                    .await?
-                    .ok_or_else(|| anyhow::anyhow!("{} reports no cluster time", record.mv.gaining()))?;
-                record.reverse_start = Some(at);
-                format!("{} at {}.{}", record.mv.gaining(), at.time, at.increment)
-            }
-            Phase::Flip => {
-                let o = match sides.ownership.store.get(&service).await? {
-                    // Flipped before a kill -9 that came before the step was saved: its
-                    // times are given if they were not yet, never a second flip.
-                    Some(o) if o.percent == record.mv.to && o.fenced.is_none() => {
-                        let at = sides.ownership.clocks().await?;
-                        sides.ownership.store.resolve(&service, at).await?.unwrap_or(o)
-                    }
-                    _ => sides.ownership.set(&service, record.mv.to, false).await?,
-                };
-                let held = record.finished_at(Phase::Fence).map(|t| bson::DateTime::now().saturating_duration_since(t));
-                format!(
-                    "{} owns buckets {:?}: {}% (epoch {}); writes to them were held {}",
-                    record.mv.gaining(),
-                    record.mv.buckets(),
-                    o.percent,
-                    o.epoch,
-                    held.map_or("-".into(), |h| format!("{:.1}s (fence → flip)", h.as_secs_f64()))
-                )
-            }
-            Phase::Observe => observe(sides, &record.mv, timeout).await?,
+        let detail = match step(sides, &mut record, phase, timeout).await? {
+            Ok(detail) => detail,
+            Err(why) => return Ok(Err(Gate { step: phase, why })),
         };
         record.done(phase);
         sides.moves.save(&record).await?;
@@ -328,6 +458,142 @@ async fn drive(
     let total = bson::DateTime::now().saturating_duration_since(record.started);
     println!("{service}: {}% owned by the service; the move took {:.1}s", record.mv.to, total.as_secs_f64());
     Ok(Ok(()))
+}
+
+/// Runs one step: `Ok(detail)` to print, or `Err(why)` a gate failed.
+async fn step(
+    sides: &Sides<'_>,
+    record: &mut MoveRecord,
+    phase: Phase,
+    timeout: Duration,
+) -> anyhow::Result<Result<String, String>> {
+    let service = record.mv.service.clone();
+    Ok(Ok(match phase {
+        Phase::Plan => {
+            print_plan(&record.mv);
+            String::new()
+        }
+        Phase::Preflight => {
+            let problems = preflight(sides, &record.mv).await?;
+            if !problems.is_empty() {
+                return Ok(Err(problems.join("; ")));
+            }
+            "lens laws hold, consumers live, the reverse side can start".into()
+        }
+        Phase::Fence => {
+            let o = sides.ownership.store.set_fence(&service, Some((record.mv.buckets(), record.mv.losing()))).await?;
+            let fence = o.fenced.ok_or_else(|| anyhow::anyhow!("{service}: the fence vanished as it was set"))?;
+            let max_age = sides.loaded.config.cutover.view_max_age;
+            let decide = |seen: &[Seen], now| views::fence_held(seen, fence.epoch, fence.set_at, now, max_age);
+            let since = earlier(fence.set_at, max_age);
+            let (acknowledged, by_age) = wait_held(sides, Viewer::App, &service, since, decide).await?;
+            let waited = bson::DateTime::now().saturating_duration_since(fence.set_at).as_secs_f64();
+            let who = if acknowledged.is_empty() { "no application".to_string() } else { acknowledged.join(", ") };
+            format!(
+                "buckets {:?} fenced (epoch {}): applications hold writes for their keys; acknowledged by {who}{} \
+                 after {waited:.1}s",
+                record.mv.buckets(),
+                o.epoch,
+                if by_age { format!(" (waited the longest view age, {}s)", max_age.as_secs()) } else { String::new() }
+            )
+        }
+        Phase::Drain => return drain(sides, record, timeout).await,
+        Phase::Verify => return verify_moving(sides, &record.mv).await,
+        Phase::RecordStart => {
+            let db = match record.mv.gaining() {
+                Side::Service => &sides.service_db,
+                Side::Monolith => &sides.monolith,
+            };
+            let at = crate::mongo::cluster_time(db)
+                .await?
+                .ok_or_else(|| anyhow::anyhow!("{} reports no cluster time", record.mv.gaining()))?;
+            record.reverse_start = Some(at);
+            format!("{} at {}.{}", record.mv.gaining(), at.time, at.increment)
+        }
+        Phase::Flip => {
+            let o = flip(sides, &record.mv).await?;
+            let held = record.finished_at(Phase::Fence).map(|t| bson::DateTime::now().saturating_duration_since(t));
+            format!(
+                "{} owns buckets {:?}: {}% (epoch {}); writes to them were held {}",
+                record.mv.gaining(),
+                record.mv.buckets(),
+                o.percent,
+                o.epoch,
+                held.map_or("-".into(), |h| format!("{:.1}s (fence → flip)", h.as_secs_f64()))
+            )
+        }
+        Phase::Observe => observe(sides, &record.mv, timeout).await?,
+    }))
+}
+
+/// Waits until the readers of the service's ownership of a kind (applications, or ficus's
+/// processes) have acknowledged what `decide` asks, printing who is awaited now and then;
+/// returns who acknowledged and whether it ended by the age bound.
+async fn wait_held(
+    sides: &Sides<'_>,
+    reader: Viewer,
+    service: &str,
+    since: bson::DateTime,
+    decide: impl Fn(&[Seen], bson::DateTime) -> Held,
+) -> anyhow::Result<(Vec<String>, bool)> {
+    let registry = Views::new(&sides.store);
+    let mut told = Instant::now() - Duration::from_secs(60);
+    let host = crate::config::host_name();
+    loop {
+        let mut seen = registry.of(reader, service, since).await?;
+        // A ficus process of this host that is gone (SIGKILL) acknowledges nothing, and has no
+        // batch left to commit: not waited on (one elsewhere is, up to the bound).
+        if reader == Viewer::Ficus {
+            seen.retain(|s| {
+                let pid = s.instance.rsplit_once(':').filter(|(h, _)| *h == host).and_then(|(_, p)| p.parse().ok());
+                pid.is_none_or(crate::ops::presence::process_alive)
+            });
+        }
+        match decide(&seen, bson::DateTime::now()) {
+            Held::Yes { acknowledged, by_age } => return Ok((acknowledged, by_age)),
+            Held::Waiting { missing } if told.elapsed() > Duration::from_secs(5) => {
+                println!("  waiting for {} to acknowledge: {}", reader_name(reader), missing.join(", "));
+                told = Instant::now();
+            }
+            Held::Waiting { .. } => {}
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// `d` before `t`.
+fn earlier(t: bson::DateTime, d: Duration) -> bson::DateTime {
+    bson::DateTime::from_millis(t.timestamp_millis().saturating_sub(d.as_millis().min(i64::MAX as u128) as i64))
+}
+
+fn reader_name(r: Viewer) -> &'static str {
+    match r {
+        Viewer::App => "applications",
+        Viewer::Ficus => "ficus processes",
+    }
+}
+
+/// The flip: the new share stored pending, then in force with its times and the fence lifted,
+/// each one write (see `cutover::ownership`). A flip cut short is finished, never done twice.
+async fn flip(sides: &Sides<'_>, mv: &Move) -> anyhow::Result<Ownership> {
+    let service = mv.service.as_str();
+    let current = sides.ownership.store.get(service).await?;
+    let pending = current.as_ref().and_then(|o| o.history.iter().find(|s| s.pending)).map(|s| s.percent);
+    match (&current, pending) {
+        (Some(o), None) if o.percent == mv.to && o.fenced.is_none() => return Ok(o.clone()),
+        (_, Some(p)) if p == mv.to => {}
+        (_, Some(_)) => {
+            sides.ownership.store.undo_pending(service).await?;
+            sides.ownership.store.begin(service, mv.to, false).await?;
+        }
+        (_, None) => {
+            sides.ownership.store.begin(service, mv.to, false).await?;
+        }
+    }
+    crate::failpoint::hit("cutover.flip.pending");
+    let at = sides.ownership.clocks().await?;
+    let o = sides.ownership.store.resolve(service, at).await?;
+    o.ok_or_else(|| anyhow::anyhow!("{service}: the ownership record vanished during the flip"))
 }
 
 fn phase_no(p: Phase) -> String {
@@ -403,15 +669,24 @@ async fn drain(
     };
     let deadline = Instant::now() + timeout;
     if record.drain_to.is_empty() {
+        // The marker is the drain point: writes on the losing side to fenced keys after it are
+        // fence violations. While it is being written, judges of the service's changes wait.
         let marker = match record.marker {
             Some(m) => m,
             None => {
+                if sides.ownership.store.set_drain(&service, Drain::Pending).await?.is_none() {
+                    anyhow::bail!("{service}: the fence was lifted (an --abort?) before the drain");
+                }
+                crate::failpoint::hit("cutover.drain.pending");
                 let m = write_marker(db, &service, &record.mv).await?;
                 record.marker = Some(m);
                 sides.moves.save(record).await?;
                 m
             }
         };
+        if sides.ownership.store.set_drain(&service, Drain::At(marker)).await?.is_none() {
+            anyhow::bail!("{service}: the fence was lifted (an --abort?) during the drain");
+        }
         let checkpoints = MongoCheckpoints::new(&sides.store);
         loop {
             let at = checkpoints.load(&tail).await?.and_then(|s| match s.phase {

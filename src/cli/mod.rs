@@ -63,6 +63,11 @@ enum Command {
         /// `GET /cutover` serves).
         #[arg(long)]
         json: bool,
+        /// With --json: the application instance reading it, recorded as having seen each
+        /// service's epoch (as `GET /cutover?instance=ID` records it; see the application
+        /// contract).
+        #[arg(long, value_name = "ID", requires = "json")]
+        instance: Option<String>,
     },
     /// Rebuild a service database from the event store plus the live tail.
     Replay {
@@ -278,7 +283,7 @@ async fn dispatch(cli: Cli) -> ExitCode {
             consume.apply(&mut loaded.config.consume);
             commands::dlq_replay(&loaded, &service, reverse).await
         }
-        Command::Status { json } => commands::status(&loaded, json).await,
+        Command::Status { json, instance } => commands::status(&loaded, json, instance.as_deref()).await,
         Command::Cutover { service, to, force, dry_run, abort, timeout, until } => {
             let timeout = std::time::Duration::from_secs(timeout);
             cutover::cutover(&loaded, cutover::Request { service, to, force, dry_run, abort, timeout, until }).await

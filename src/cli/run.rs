@@ -16,8 +16,9 @@ use std::sync::Arc;
 
 use super::{ConsumeArgs, Loaded, select_services, spawn_signal_handler};
 use crate::config::{Config, parse_addr};
-use crate::consume::{Direction, ServiceConsumer};
-use crate::cutover::ownership::{OwnershipError, OwnershipFeed, OwnershipSource, OwnershipStore};
+use crate::consume::{Direction, Repairs, ServiceConsumer};
+use crate::cutover::feed::{OwnershipFeed, OwnershipSource};
+use crate::cutover::ownership::{OwnershipError, OwnershipStore};
 use crate::ops::Health;
 use crate::sink::conflicts::Outbox;
 use crate::sink::{MongoSink, MonolithSink};
@@ -81,8 +82,10 @@ pub(super) async fn run(mut loaded: Loaded, args: RunArgs) -> anyhow::Result<Exi
     let health = Health::new(settings.stall);
     if let Some(addr) = args.metrics_addr {
         let handle = crate::ops::install_metrics().context("installing the metrics recorder")?;
-        let (tx, cutover) = tokio::sync::watch::channel(None);
-        tokio::spawn(watch_cutover(cfg.clone(), loaded.services.clone(), tx, shutdown.clone()));
+        let (tx, feeds) = tokio::sync::watch::channel(None);
+        let store = crate::mongo::connect(&cfg.store.uri, "cutover").await?.database(&cfg.store.db);
+        tokio::spawn(watch_cutover(cfg.clone(), loaded.services.clone(), store.clone(), tx, shutdown.clone()));
+        let cutover = cutover_handler(loaded.services.clone(), store, feeds);
         let bound = crate::ops::serve(addr, handle, health.clone(), cutover, shutdown.clone())
             .await
             .with_context(|| format!("serving /metrics, /healthz, /readyz, /cutover on {addr}"))?;
@@ -118,6 +121,7 @@ pub(super) async fn run(mut loaded: Loaded, args: RunArgs) -> anyhow::Result<Exi
         for service in chosen.iter().cloned() {
             let (target, health, kafka, token) = (target.clone(), health.clone(), cfg.kafka.clone(), shutdown.clone());
             let (store, settings, follow) = (store.clone(), settings.clone(), follow.clone());
+            let (repair_cfg, topics) = (cfg.clone(), loaded.topics.clone());
             tasks.spawn(async move {
                 let name = service.service().to_string();
                 // The target may not be reachable yet: wait for it rather than exit.
@@ -138,6 +142,19 @@ pub(super) async fn run(mut loaded: Loaded, args: RunArgs) -> anyhow::Result<Exi
                     false => None,
                 };
                 let outbox = writes_back.then(|| Outbox::new(sink.database()));
+                let repairs = match writes_back {
+                    true => {
+                        let monolith = crate::mongo::connect(&repair_cfg.source.uri, "consume").await?;
+                        Some(Repairs {
+                            transforms: service.clone(),
+                            topics: topics.clone(),
+                            source_name: repair_cfg.source.name.clone(),
+                            monolith: MonolithSink::new(monolith, &repair_cfg.source.db, service.clone()),
+                            service: sink.clone(),
+                        })
+                    }
+                    false => None,
+                };
                 let consumer = ServiceConsumer {
                     health,
                     store,
@@ -148,6 +165,7 @@ pub(super) async fn run(mut loaded: Loaded, args: RunArgs) -> anyhow::Result<Exi
                     settings,
                     ownership,
                     outbox,
+                    repairs,
                 };
                 consumer.run(token).await.map_err(anyhow::Error::from).with_context(|| format!("consume {name}"))
             });
@@ -158,10 +176,10 @@ pub(super) async fn run(mut loaded: Loaded, args: RunArgs) -> anyhow::Result<Exi
         let store = crate::mongo::connect(&cfg.store.uri, "reverse").await?.database(&cfg.store.db);
         for service in chosen.iter().filter(|s| !s.written_back().is_empty()).cloned() {
             let (cfg, health, token, follow) = (cfg.clone(), health.clone(), shutdown.clone(), follow.clone());
-            let store = store.clone();
+            let (store, topics) = (store.clone(), loaded.topics.clone());
             tasks.spawn(async move {
                 let Some(feed) = follow().await? else { return Ok(()) };
-                reverse_sync(service, cfg, feed, health, store, token).await
+                reverse_sync(service, topics, cfg, feed, health, store, token).await
             });
         }
     }
@@ -236,8 +254,9 @@ async fn follow_ownership(
         let store = crate::mongo::connect(&cfg.store.uri, "ownership").await?.database(&cfg.store.db);
         let monolith = crate::mongo::connect(&cfg.source.uri, "ownership").await?.database(&cfg.source.db);
         let services = crate::mongo::connect(&cfg.target_uri, "ownership").await?.database("admin");
-        let source = OwnershipSource { store: OwnershipStore::new(&store), monolith, services };
-        OwnershipFeed::start(source, cfg.reverse.ownership_poll, shutdown.clone()).await
+        let source = OwnershipSource { store: OwnershipStore::new(&store), store_db: store, monolith, services };
+        let instance = format!("{}:{}", crate::config::host_name(), std::process::id());
+        OwnershipFeed::start(source, cfg.reverse.ownership_poll, instance, shutdown.clone()).await
     };
     let feed = cell
         .get_or_try_init(|| async {
@@ -258,6 +277,7 @@ async fn follow_ownership(
 /// needed (see `tail::reverse`).
 async fn reverse_sync(
     service: Arc<ServiceTransforms>,
+    topics: Arc<crate::config::topics::Topics>,
     cfg: Config,
     feed: OwnershipFeed,
     health: Health,
@@ -276,6 +296,16 @@ async fn reverse_sync(
     info!(service = %name, "reverse sync: the service has owned keys; writing its changes back to the monolith");
     let monolith = crate::mongo::connect(&cfg.source.uri, "reverse").await?;
     let sink = MonolithSink::new(monolith, &cfg.source.db, service.clone());
+    let target = crate::mongo::connect(&cfg.target_uri, "reverse").await?;
+    let service_sink =
+        MongoSink::open(target, service.database(), &service.collections(), cfg.consume.tombstone_ttl).await?;
+    let repairs = Repairs {
+        transforms: service.clone(),
+        topics,
+        source_name: cfg.source.name.clone(),
+        monolith: sink.clone(),
+        service: service_sink,
+    };
     let consumer = ServiceConsumer {
         transforms: service.clone(),
         direction: Direction::Reverse,
@@ -286,6 +316,7 @@ async fn reverse_sync(
         kafka: cfg.kafka.clone(),
         settings: cfg.consume.clone(),
         ownership: Some(feed.clone()),
+        repairs: Some(repairs),
     };
     let tail = crate::tail::reverse::ReverseTailRole { cfg: cfg.clone(), transforms: service, health, ownership: feed };
     let (consumed, tailed) = tokio::join!(
@@ -305,29 +336,35 @@ pub(super) fn misconfigured(e: &anyhow::Error) -> bool {
     })
 }
 
-/// How often the cutover state behind `GET /cutover` (and its gauges) is read again.
+/// How often the feeds behind `GET /cutover` (lags, the reverse feeds) and the cutover gauges
+/// are read again; the ownership records themselves are read on every request.
 const CUTOVER_EVERY: Duration = Duration::from_secs(5);
 
-/// Reads every service's cutover state every [`CUTOVER_EVERY`] for `GET /cutover`, and sets
-/// the gauges the `FicusCannotRollBack` alert watches.
+/// Reads every cutover service's feeds every [`CUTOVER_EVERY`] for `GET /cutover`, and sets the
+/// gauges the `FicusCannotRollBack` alert watches.
 async fn watch_cutover(
     cfg: crate::config::Config,
-    services: Vec<std::sync::Arc<crate::transform::ServiceTransforms>>,
-    tx: tokio::sync::watch::Sender<Option<String>>,
+    services: Vec<Arc<ServiceTransforms>>,
+    store: mongodb::Database,
+    tx: tokio::sync::watch::Sender<Option<crate::status::CutoverFeeds>>,
     shutdown: CancellationToken,
 ) {
     loop {
-        match crate::status::cutover_states(&cfg, &services).await {
-            Ok(states) => {
-                for s in &states {
+        let read = async {
+            let records = crate::status::CutoverRecords::read(&store).await?;
+            let feeds = crate::status::cutover_feeds(&cfg, &services, &store, &records).await?;
+            anyhow::Ok((records, feeds))
+        };
+        match read.await {
+            Ok((records, feeds)) => {
+                for s in records.states(&services, &feeds) {
                     let service = s.service.clone();
                     metrics::gauge!("ficus_cutover_can_rollback", "service" => service.clone())
                         .set(if s.can_rollback { 1.0 } else { 0.0 });
                     let fenced = s.fenced.map_or(0, |f| f.to.saturating_sub(f.from));
                     metrics::gauge!("ficus_cutover_fenced_buckets", "service" => service).set(f64::from(fenced));
                 }
-                let json = serde_json::json!({ "services": states });
-                tx.send_replace(Some(json.to_string()));
+                tx.send_replace(Some(feeds));
             }
             Err(e) => tracing::warn!("reading the cutover state: {e:#}"),
         }
@@ -336,4 +373,36 @@ async fn watch_cutover(
             _ = tokio::time::sleep(CUTOVER_EVERY) => {}
         }
     }
+}
+
+/// `GET /cutover`: the ownership records read now, with the feeds as last read; an application
+/// that names itself (`?instance=ID`) is recorded as having seen the epochs served (see
+/// `cutover::views`: a fence holds once the applications seen have acknowledged it).
+fn cutover_handler(
+    services: Vec<Arc<ServiceTransforms>>,
+    store: mongodb::Database,
+    feeds: tokio::sync::watch::Receiver<Option<crate::status::CutoverFeeds>>,
+) -> crate::ops::CutoverHandler {
+    Arc::new(move |instance| {
+        let (services, store, feeds) = (services.clone(), store.clone(), feeds.borrow().clone());
+        Box::pin(async move {
+            let feeds = feeds?;
+            let records = match crate::status::CutoverRecords::read(&store).await {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::warn!("reading the ownership records for GET /cutover: {e:#}");
+                    return None;
+                }
+            };
+            let states = records.states(&services, &feeds);
+            if let Some(instance) = instance {
+                let epochs: Vec<(String, i64)> = states.iter().map(|s| (s.service.clone(), s.epoch)).collect();
+                let views = crate::cutover::views::Views::new(&store);
+                if let Err(e) = views.saw(crate::cutover::views::Viewer::App, &instance, &epochs).await {
+                    tracing::warn!(%instance, "recording what an application saw: {e}");
+                }
+            }
+            Some(serde_json::json!({ "services": states }).to_string())
+        })
+    })
 }

@@ -25,6 +25,7 @@ pub struct ConfigFile {
     pub snapshot: SnapshotFile,
     pub consume: ConsumeFile,
     pub reverse: ReverseFile,
+    pub cutover: CutoverFile,
     pub paths: PathsFile,
 }
 
@@ -95,6 +96,12 @@ pub struct ReverseFile {
 }
 
 #[derive(Debug, Default, Clone)]
+pub struct CutoverFile {
+    pub view_max_age_secs: Option<u64>,
+    pub transaction_lifetime_secs: Option<u64>,
+}
+
+#[derive(Debug, Default, Clone)]
 pub struct PathsFile {
     pub topics: Option<PathBuf>,
     pub transforms: Option<PathBuf>,
@@ -117,7 +124,7 @@ impl ConfigFile {
         r.unknown(
             &root,
             "",
-            &["source", "kafka", "target", "store", "tail", "snapshot", "consume", "reverse", "paths"],
+            &["source", "kafka", "target", "store", "tail", "snapshot", "consume", "reverse", "cutover", "paths"],
         );
         let empty = toml::Table::new();
         let section = |r: &mut Reader<'_>, name: &str, keys: &[&str]| {
@@ -186,9 +193,14 @@ impl ConfigFile {
             replication_factor: r.get(t, "reverse", "replication_factor"),
             ownership_poll_ms: r.get(t, "reverse", "ownership_poll_ms"),
         };
+        let t = section(&mut r, "cutover", &["view_max_age_secs", "transaction_lifetime_secs"]);
+        let cutover = CutoverFile {
+            view_max_age_secs: r.get(t, "cutover", "view_max_age_secs"),
+            transaction_lifetime_secs: r.get(t, "cutover", "transaction_lifetime_secs"),
+        };
         let t = section(&mut r, "paths", &["topics", "transforms"]);
         let paths = PathsFile { topics: r.get(t, "paths", "topics"), transforms: r.get(t, "paths", "transforms") };
-        (ConfigFile { source, kafka, target, store, tail, snapshot, consume, reverse, paths }, r.report)
+        (ConfigFile { source, kafka, target, store, tail, snapshot, consume, reverse, cutover, paths }, r.report)
     }
 }
 

@@ -67,6 +67,7 @@ pub struct Config {
     pub snapshot: SnapshotConfig,
     pub consume: ConsumeConfig,
     pub reverse: ReverseConfig,
+    pub cutover: CutoverConfig,
     pub topics_dir: PathBuf,
     pub transforms_dir: PathBuf,
 }
@@ -131,6 +132,9 @@ pub struct ConsumeConfig {
     pub stall: Duration,
     /// How long SIGTERM/SIGINT may take to drain and checkpoint.
     pub shutdown_timeout: Duration,
+    /// How old a batch's judgement of ownership may be when it commits: half the servers'
+    /// transaction lifetime (`cutover.transaction_lifetime_secs`; see `cutover::views`).
+    pub judgement_max_age: Duration,
 }
 
 /// Reverse sync (a service's own writes back into the monolith) and cutover.
@@ -142,6 +146,20 @@ pub struct ReverseConfig {
     pub replication_factor: i32,
     /// How often a running process re-reads the ownership records.
     pub ownership_poll: Duration,
+}
+
+/// What ficus assumes of applications and servers around an ownership change.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CutoverConfig {
+    /// The longest an application may act on a view of `GET /cutover` (the application
+    /// contract): a fence holds once every application seen within it has acknowledged the
+    /// fence, or once it has passed since the fence; the reverse tail reads this long past a
+    /// return to 0%.
+    pub view_max_age: Duration,
+    /// The servers' `transactionLifetimeLimitSeconds`: a forced switch waits at most this long
+    /// (plus a margin) for a ficus process that does not acknowledge it, since any batch it had
+    /// open by then has been aborted by the server.
+    pub transaction_lifetime: Duration,
 }
 
 pub const DEFAULT_MONGO_URI: &str = "mongodb://127.0.0.1:27017/?directConnection=true";
@@ -294,6 +312,9 @@ impl Config {
         let reverse_rf =
             positive("reverse.replication_factor", f.reverse.replication_factor, 1, &mut err).min(100) as i32;
         let ownership_poll = positive("reverse.ownership_poll_ms", f.reverse.ownership_poll_ms, 1000, &mut err);
+        let view_max_age = positive("cutover.view_max_age_secs", f.cutover.view_max_age_secs, 10, &mut err);
+        let txn_lifetime =
+            positive("cutover.transaction_lifetime_secs", f.cutover.transaction_lifetime_secs, 60, &mut err);
 
         let cfg = Config {
             source: SourceConfig { uri: source_uri, db: source_db, name: source_name },
@@ -326,11 +347,16 @@ impl Config {
                 tombstone_ttl: Duration::from_secs(tombstone_days.saturating_mul(86_400)),
                 stall: Duration::from_secs(stall),
                 shutdown_timeout: Duration::from_secs(shutdown),
+                judgement_max_age: Duration::from_secs(txn_lifetime.div_ceil(2)),
             },
             reverse: ReverseConfig {
                 partitions: reverse_partitions,
                 replication_factor: reverse_rf,
                 ownership_poll: Duration::from_millis(ownership_poll),
+            },
+            cutover: CutoverConfig {
+                view_max_age: Duration::from_secs(view_max_age),
+                transaction_lifetime: Duration::from_secs(txn_lifetime),
             },
             topics_dir,
             transforms_dir,

@@ -135,6 +135,10 @@ pub struct Applier<'a, T, S> {
     /// Set: every batch is one transaction that writes an apply marker naming this origin
     /// (see `tail::echo`), so the tail of the database written knows ficus's own writes.
     pub origin: Option<Origin>,
+    /// How old the transformer's judgement of ownership may be when a batch commits (`None`:
+    /// it judged nothing that can go stale); past it the batch fails with
+    /// [`ConsumeError::StaleJudgement`], for the caller to judge again.
+    pub judgement_max_age: Option<Duration>,
 }
 
 impl<T: Transformer, S: Sink> Applier<'_, T, S> {
@@ -146,7 +150,10 @@ impl<T: Transformer, S: Sink> Applier<'_, T, S> {
         let mut writes: Vec<(usize, Versioned)> = Vec::with_capacity(batch.len());
         for (i, item) in batch.iter().enumerate() {
             match prepare(self.transformer, item) {
-                Prepared::Write(v) => writes.push((i, v)),
+                Prepared::Write(mut v) => {
+                    v.redriven = self.path == Path::Redrive;
+                    writes.push((i, v))
+                }
                 Prepared::Rejected { stage, error } => {
                     self.reject(item, stage, &error).await?;
                     done.rejected += 1;
@@ -155,19 +162,21 @@ impl<T: Transformer, S: Sink> Applier<'_, T, S> {
         }
         let started = Instant::now();
         let (at, versioned): (Vec<usize>, Vec<Versioned>) = writes.into_iter().unzip();
-        let marker = self.marker(batch.iter());
+        let marker = self.marker(batch.iter(), started);
         let written =
             if versioned.is_empty() { Ok(()) } else { self.write(&versioned, marker.as_ref(), shutdown).await };
         match written {
             Ok(()) => done.applied += versioned.len() as u64,
+            Err(SinkError::StaleJudgement(_)) => return Err(ConsumeError::StaleJudgement),
             Err(e) if e.class() == ErrorClass::Transient => return Err(e.into()), // shutdown during retries
             Err(e) => {
                 // A permanent failure somewhere in the batch: one by one to find the culprits.
                 warn!(%service, path = self.path.as_str(), error = %e, "batch write failed permanently; isolating the failing events");
                 for (&i, v) in at.iter().zip(&versioned) {
-                    let marker = self.marker(std::iter::once(&batch[i]));
+                    let marker = self.marker(std::iter::once(&batch[i]), started);
                     match self.write(std::slice::from_ref(v), marker.as_ref(), shutdown).await {
                         Ok(()) => done.applied += 1,
+                        Err(SinkError::StaleJudgement(_)) => return Err(ConsumeError::StaleJudgement),
                         Err(e) if e.class() == ErrorClass::Transient => return Err(e.into()),
                         Err(e) => {
                             self.reject(&batch[i], Stage::Write, &e.to_string()).await?;
@@ -198,7 +207,9 @@ impl<T: Transformer, S: Sink> Applier<'_, T, S> {
         shutdown: &CancellationToken,
     ) -> Result<(), SinkError> {
         let stage = format!("{}:{}", self.path.as_str(), self.transformer.service());
-        let transient = |e: &SinkError| e.class() == ErrorClass::Transient;
+        // A stale judgement is not retried here: the caller judges the batch again.
+        let transient =
+            |e: &SinkError| e.class() == ErrorClass::Transient && !matches!(e, SinkError::StaleJudgement(_));
         let attempt = || async {
             tokio::time::timeout(WRITE_TIMEOUT, self.sink.apply(batch, marker))
                 .await
@@ -207,8 +218,9 @@ impl<T: Transformer, S: Sink> Applier<'_, T, S> {
         with_backoff(&stage, shutdown, attempt, transient).await
     }
 
-    /// The apply marker of some items: per topic and partition, the offset after the last.
-    fn marker<'i>(&self, items: impl Iterator<Item = &'i Item>) -> Option<Marker> {
+    /// The apply marker of some items: per topic and partition, the offset after the last;
+    /// judged (transformed) at `judged`.
+    fn marker<'i>(&self, items: impl Iterator<Item = &'i Item>, judged: Instant) -> Option<Marker> {
         let origin = self.origin.clone()?;
         let mut positions: Vec<(String, i32, i64)> = Vec::new();
         let mut echoes = 0;
@@ -222,7 +234,7 @@ impl<T: Transformer, S: Sink> Applier<'_, T, S> {
                 None => positions.push((topic.clone(), partition, next)),
             }
         }
-        Some(Marker { origin, positions, echoes })
+        Some(Marker { origin, positions, echoes, judged: self.judgement_max_age.map(|max| (judged, max)) })
     }
 
     async fn reject(&self, item: &Item, stage: Stage, error: &str) -> Result<(), ConsumeError> {

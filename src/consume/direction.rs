@@ -1,18 +1,23 @@
 //! The two directions of the one apply path: what a message becomes before the sink writes it.
 //!
 //! - [`Forward`]: a monolith event → the service's writes, by its transforms; then, for a
-//!   service that has taken over some of its aggregates (`cutover`), a write into a document
-//!   the service owns becomes a field-by-field merge, and the echo of the service's own
-//!   write-back is skipped by the one target that caused it (every other target reads it).
+//!   service that has taken over some of its aggregates (`cutover`), each change is judged by
+//!   `cutover::rules`: the owner's write (an upsert), or merged field by field into the
+//!   service's document (a non-owner's, a late one, a fence violation). The echo of the
+//!   service's own write-back is not applied again by the one target that caused it (every
+//!   other target reads it), but its version is witnessed there, so nothing older (a replay, a
+//!   redelivery) is ever applied over what the service wrote.
 //! - [`Backward`]: a service event (`<service>.changes`) → a write-back into the monolith,
-//!   through the reverse of the transform that writes its collection.
+//!   through the reverse of the transform that writes its collection: the owner's patch, or
+//!   merged as a non-owner's, judged the same way.
 //!
 //! Both are pure: the same message and ownership always give the same writes.
 
 use std::sync::Arc;
 
-use crate::cutover::ownership::{Clock, Ownership};
+use crate::cutover::ownership::{Ownership, Side};
 use crate::cutover::route;
+use crate::cutover::rules::{self, Apply};
 use crate::event::{CanonicalEvent, Message, Op};
 use crate::transform::{Base, Reverse, ServiceTransforms, TransformError, WriteOp};
 
@@ -33,7 +38,8 @@ pub trait Transformer: Send + Sync {
 #[derive(Clone)]
 pub struct Forward {
     pub transforms: Arc<ServiceTransforms>,
-    /// The service's ownership record, if it ever had one (none: the monolith owns all).
+    /// The service's ownership record, if it ever had one (none: the monolith owns all), as a
+    /// view fresh enough to judge the batch has it.
     pub ownership: Option<Ownership>,
 }
 
@@ -43,34 +49,55 @@ impl Forward {
         Forward { transforms, ownership: None }
     }
 
-    /// Whether the service owned the event's document when the monolith committed the change.
-    pub fn owned(&self, ev: &CanonicalEvent) -> bool {
-        let Some(o) = &self.ownership else { return false };
-        let percent = o.percent_at(Clock::Monolith, ev.position.cluster_time);
-        percent > 0 && self.transforms.route_of(ev).is_some_and(|key| route::owns(percent, route::bucket_of(&key)))
+    /// How the event's change is applied (see `cutover::rules`); a document without a routing
+    /// key is the monolith's.
+    pub fn judge(&self, ev: &CanonicalEvent) -> Apply {
+        if self.ownership.is_none() {
+            return Apply::Owner;
+        }
+        match self.transforms.route_of(ev) {
+            Some(key) => {
+                rules::judge(self.ownership.as_ref(), Side::Monolith, route::bucket_of(&key), ev.position.cluster_time)
+            }
+            None => Apply::Owner,
+        }
     }
 
     /// Settles an event's writes with ownership and echoes (see the module header).
     fn settle(&self, ev: &CanonicalEvent, ops: Vec<WriteOp>) -> Vec<WriteOp> {
         let service = self.transforms.service();
         let echo_of = ev.origin.as_ref().filter(|o| o.service == service).and_then(|o| o.collection.as_deref());
-        let owned = self.owned(ev);
+        let apply = self.judge(ev);
         let mut out = Vec::with_capacity(ops.len());
         for op in ops {
             if echo_of == Some(op.collection()) {
                 metrics::counter!("ficus_echoes_skipped_total", "service" => service.to_string(), "side" => "consume")
                     .increment(1);
+                // Not applied again; its version witnessed, so nothing older lands over it.
+                match op {
+                    WriteOp::Upsert { collection, id, .. } => {
+                        out.push(WriteOp::Witness { collection, id, deleted: false })
+                    }
+                    WriteOp::Delete { collection, id: Some(id) } => {
+                        out.push(WriteOp::Witness { collection, id, deleted: true })
+                    }
+                    _ => {}
+                }
                 continue;
             }
-            let reverse = if owned { self.transforms.reverse_for(op.collection()) } else { None };
+            let Apply::Merge(why) = apply else {
+                out.push(op);
+                continue;
+            };
+            let reverse = self.transforms.reverse_for(op.collection());
             match (op, reverse) {
                 (op, None) => out.push(op),
                 (op, Some(r)) if r.source_collection() != ev.data.collection => out.push(op),
                 (WriteOp::Upsert { collection, id, doc }, Some(r)) => {
-                    out.push(WriteOp::Merge { collection, id, doc: Some(doc), base: base(&r, ev) })
+                    out.push(WriteOp::Merge { collection, id, doc: Some(doc), base: base(&r, ev), why })
                 }
                 (WriteOp::Delete { collection, id: Some(id) }, Some(r)) => {
-                    out.push(WriteOp::Merge { collection, id, doc: None, base: base(&r, ev) })
+                    out.push(WriteOp::Merge { collection, id, doc: None, base: base(&r, ev), why })
                 }
                 (WriteOp::Delete { collection, id: None }, Some(_)) => {
                     // Without a pre-image the document is unknown; the owner's state stands.
@@ -122,6 +149,24 @@ impl Transformer for Forward {
 #[derive(Clone)]
 pub struct Backward {
     pub transforms: Arc<ServiceTransforms>,
+    /// The service's ownership record, as a view fresh enough to judge the batch has it.
+    pub ownership: Option<Ownership>,
+}
+
+impl Backward {
+    /// How a service change is written back (see `cutover::rules`): the owner's patch, or merged
+    /// as a non-owner's. A change without a routing key (a delete without its pre-image) is
+    /// taken as the owner's: the reverse tail only publishes it when it knew.
+    fn judge(&self, reverse: &Reverse<'_>, ev: &CanonicalEvent) -> Apply {
+        let id_only = bson::doc! { "_id": ev.data.document_id.clone() };
+        let image = ev.data.after.as_ref().or(ev.data.before.as_ref()).unwrap_or(&id_only);
+        match reverse.route_value(image) {
+            Some(key) => {
+                rules::judge(self.ownership.as_ref(), Side::Service, route::bucket_of(&key), ev.position.cluster_time)
+            }
+            None => Apply::Owner,
+        }
+    }
 }
 
 impl Transformer for Backward {
@@ -132,15 +177,16 @@ impl Transformer for Backward {
     fn transform(&self, m: &Message) -> Result<Vec<WriteOp>, TransformError> {
         let Message::Event(ev) = m else { return Ok(Vec::new()) };
         let collection = &ev.data.collection;
-        if self.transforms.reverse_for(collection).is_none() {
+        let Some(reverse) = self.transforms.reverse_for(collection) else {
             return Err(TransformError {
                 file: format!("transforms/{}", self.transforms.service()).into(),
                 transform: collection.clone(),
                 field: "(collection)".into(),
                 reason: format!("{collection} is not written back to the monolith (no reverse)"),
             });
-        }
-        Ok(vec![WriteOp::WriteBack { collection: collection.clone(), change: Box::new(ev.data.clone()) }])
+        };
+        let apply = self.judge(&reverse, ev);
+        Ok(vec![WriteOp::WriteBack { collection: collection.clone(), change: Box::new(ev.data.clone()), apply }])
     }
 }
 
@@ -183,6 +229,7 @@ mod tests {
         Ownership {
             service: "customers_db".into(),
             epoch: 1,
+            revision: 0,
             percent,
             history: vec![Step {
                 epoch: 1,
@@ -192,6 +239,7 @@ mod tests {
                 set_at: DateTime::now(),
                 forced: true,
                 pending: false,
+                lifted: None,
             }],
             updated: DateTime::now(),
             fenced: None,
@@ -220,8 +268,17 @@ mod tests {
         };
         assert_eq!(kinds(&update(&owned, "a", "b", 200)), ["merge"]);
         assert_eq!(kinds(&update(&free, "a", "b", 200)), ["upsert"]);
-        // Committed before the cutover: the monolith still owned it then.
-        assert_eq!(kinds(&update(&owned, "a", "b", 50)), ["upsert"]);
+        // Committed before the cutover (the monolith owned it then) and applied after it: a
+        // late change, merged, so it cannot erase what the service has written since.
+        assert_eq!(kinds(&update(&owned, "a", "b", 50)), ["merge"]);
+        let why = |ev: &CanonicalEvent| {
+            f.transform(&Message::Event(ev.clone())).unwrap().into_iter().find_map(|op| match op {
+                WriteOp::Merge { why, .. } => Some(why),
+                _ => None,
+            })
+        };
+        assert_eq!(why(&update(&owned, "a", "b", 50)), Some(crate::cutover::rules::Why::Late));
+        assert_eq!(why(&update(&owned, "a", "b", 200)), Some(crate::cutover::rules::Why::NonOwner));
         // The merge's base is what the monolith's previous state made.
         let ops = f.transform(&Message::Event(update(&owned, "a", "b", 200))).unwrap();
         let merge = ops.iter().find(|op| op.collection() == "customers");
@@ -246,8 +303,13 @@ mod tests {
         echo.origin = Some(Origin { service: "customers_db".into(), collection: Some("customers".into()) });
         let rest = f.transform(&Message::Event(echo.clone())).unwrap();
         assert!(all.iter().any(|op| op.collection() == "customers"));
-        assert!(rest.iter().all(|op| op.collection() != "customers"), "{rest:?}");
-        assert_eq!(rest.len(), all.iter().filter(|op| op.collection() != "customers").count());
+        // The target that caused it writes nothing, but witnesses its version.
+        let own: Vec<&WriteOp> = rest.iter().filter(|op| op.collection() == "customers").collect();
+        assert!(
+            matches!(own.as_slice(), [WriteOp::Witness { deleted: false, .. }]),
+            "only a witness of the echo: {rest:?}"
+        );
+        assert_eq!(rest.len() - 1, all.iter().filter(|op| op.collection() != "customers").count());
         assert!(!rest.is_empty(), "customer_events still reads the write-back");
         // Another service's echo is input like any other change.
         echo.origin = Some(Origin { service: "conversations_db".into(), collection: Some("customers".into()) });

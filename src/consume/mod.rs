@@ -21,16 +21,18 @@
 //! - [`apply`]: the one apply path;
 //! - [`direction`]: what a message becomes, forward and backward;
 //! - [`redrive`]: dead letters through the same path;
-//! - [`relay`]: the conflicts outbox onto Kafka.
+//! - [`relay`]: the conflicts outbox onto Kafka, and [`repair`]: the losing side of each
+//!   conflict repaired with the owner's value.
 
 use std::sync::Arc;
 
 use tokio_util::sync::CancellationToken;
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::bus::{BusError, ConflictReports, DeadLetters, GroupConsumer};
 use crate::config::{ConsumeConfig, KafkaConfig, Membership};
-use crate::cutover::ownership::{Clock, OwnershipError, OwnershipFeed};
+use crate::cutover::feed::{Judging, OwnershipFeed};
+use crate::cutover::ownership::{Ownership, OwnershipError, Side};
 use crate::event::Origin;
 use crate::mongo::ErrorClass;
 use crate::ops::presence::{InstanceConflict, PresenceError, Slot};
@@ -44,11 +46,13 @@ mod apply;
 pub mod direction;
 mod redrive;
 mod relay;
+mod repair;
 
 pub use apply::{Applied, Applier, Item, Path, Prepared, Rejects, prepare};
 pub use direction::{Backward, Forward, Transformer};
 pub use redrive::{Redrive, RedriveReport, redrive_dead_letters};
 pub use relay::relay_conflicts;
+pub use repair::Repairs;
 
 /// Errors of the consume role.
 #[derive(Debug, thiserror::Error)]
@@ -63,6 +67,10 @@ pub enum ConsumeError {
     Outbox(#[from] mongodb::error::Error),
     #[error(transparent)]
     Ownership(#[from] OwnershipError),
+    /// A batch judged by ownership too long before its commit (see `sink::Marker::still_judged`);
+    /// the consume loop judges it again.
+    #[error("a batch's judgement of ownership went stale before it committed")]
+    StaleJudgement,
 }
 
 impl ConsumeError {
@@ -73,6 +81,7 @@ impl ConsumeError {
             ConsumeError::Presence(e) => e.is_transient(),
             ConsumeError::Outbox(e) => crate::mongo::classify(e) == ErrorClass::Transient,
             ConsumeError::Ownership(e) => e.is_transient(),
+            ConsumeError::StaleJudgement => true,
         }
     }
 
@@ -120,6 +129,8 @@ pub struct ServiceConsumer<S> {
     pub ownership: Option<OwnershipFeed>,
     /// The outbox of the database the sink writes, relayed to `<service>.conflicts`.
     pub outbox: Option<Outbox>,
+    /// What repairs the other side of the conflicts relayed.
+    pub repairs: Option<Repairs>,
 }
 
 impl<S: Sink> ServiceConsumer<S> {
@@ -210,39 +221,73 @@ impl<S: Sink> ServiceConsumer<S> {
         shutdown: &CancellationToken,
     ) -> Result<(), ConsumeError> {
         let idle = |up| if up { self.health.beat(role) } else { self.health.disconnected(role) };
-        let backward = Backward { transforms: self.transforms.clone() };
-        let origin = self.origin();
         while let Some(batch) =
             consumer.next_batch(self.settings.batch_max, self.settings.batch_wait, shutdown, idle).await?
         {
             let items: Vec<Item> = batch.iter().cloned().map(Item::delivered).collect();
-            let (sink, rejects, path) = (&self.sink, Rejects::DeadLetter(dlq), Path::Live);
-            match self.direction {
-                Direction::Forward => {
-                    // Each event is judged by the ownership of its own commit time, from a view
-                    // that has seen every change of ownership up to the batch's newest event.
-                    let ownership = match (&self.ownership, newest_change(&items)) {
-                        (Some(feed), Some(ts)) => {
-                            let view = feed.fresh(self.transforms.service(), Clock::Monolith, ts).await?;
-                            view.get(self.transforms.service()).cloned()
-                        }
-                        _ => None,
-                    };
-                    let forward = Forward { transforms: self.transforms.clone(), ownership };
-                    let applier = Applier { transformer: &forward, sink, rejects, path, origin: origin.clone() };
-                    applier.apply(&items, shutdown).await?
-                }
-                Direction::Reverse => {
-                    let applier = Applier { transformer: &backward, sink, rejects, path, origin: origin.clone() };
-                    applier.apply(&items, shutdown).await?
-                }
-            };
+            // A batch whose judgement of ownership went stale before it committed (this process
+            // was paused mid-batch) is judged again; nothing of it committed.
+            loop {
+                match self.apply_batch(&items, dlq, shutdown).await {
+                    Err(ConsumeError::StaleJudgement) => {
+                        warn!(role = %role, "judging a batch again: its view of ownership went stale while it was being written")
+                    }
+                    done => {
+                        done?;
+                        break;
+                    }
+                };
+            }
             consumer.store_offsets(&batch)?;
             if let (Some(outbox), Some(reports)) = (&self.outbox, reports) {
-                relay_conflicts(outbox, reports, self.transforms.service()).await?;
+                relay_conflicts(outbox, reports, self.transforms.service(), self.repairs.as_ref()).await?;
             }
         }
         Ok(())
+    }
+
+    /// Judges and applies one batch. Each change is judged by the ownership of its own commit
+    /// time and of now, from a view that has seen every change of ownership up to the batch's
+    /// newest change; the process acknowledges no newer epoch until the batch is written.
+    async fn apply_batch(
+        &self,
+        items: &[Item],
+        dlq: &DeadLetters,
+        shutdown: &CancellationToken,
+    ) -> Result<Applied, ConsumeError> {
+        let (ownership, _judging) = self.ownership_for(items).await?;
+        let transforms = self.transforms.clone();
+        let (sink, rejects, path, origin) = (&self.sink, Rejects::DeadLetter(dlq), Path::Live, self.origin());
+        let judgement_max_age = self.ownership.as_ref().map(|_| self.settings.judgement_max_age);
+        match self.direction {
+            Direction::Forward => {
+                let forward = Forward { transforms, ownership };
+                let applier = Applier { transformer: &forward, sink, rejects, path, origin, judgement_max_age };
+                applier.apply(items, shutdown).await
+            }
+            Direction::Reverse => {
+                let backward = Backward { transforms, ownership };
+                let applier = Applier { transformer: &backward, sink, rejects, path, origin, judgement_max_age };
+                applier.apply(items, shutdown).await
+            }
+        }
+    }
+
+    /// The service's ownership record from a view that can judge every change of the batch
+    /// (on the clock of the side this direction reads) and is fresh enough to say who owns a key
+    /// now, with the mark that the batch is being written under it; `None` for a service that
+    /// never writes back.
+    async fn ownership_for(&self, items: &[Item]) -> Result<(Option<Ownership>, Option<Judging>), ConsumeError> {
+        let (Some(feed), Some(ts)) = (&self.ownership, newest_change(items)) else { return Ok((None, None)) };
+        let side = match self.direction {
+            Direction::Forward => Side::Monolith,
+            Direction::Reverse => Side::Service,
+        };
+        let service = self.transforms.service();
+        let view = feed.fresh(service, side, ts).await?;
+        let record = view.get(service).cloned();
+        let judging = feed.judging(service, record.as_ref().map_or(0, |o| o.revision));
+        Ok((record, Some(judging)))
     }
 }
 

@@ -2,14 +2,24 @@
 //! them back, without losing a write.
 //!
 //! - [`route`]: the published routing function (a key's bucket);
-//! - [`ownership`]: each service's share and epoch, over time, in ficus's store;
+//! - [`ownership`]: each service's share and epoch, over time, in ficus's store, and
+//!   [`feed`]: following them in a running process;
+//! - [`views`]: who has seen which epoch (applications and ficus's processes), and when a
+//!   fence or a forced switch holds;
+//! - [`rules`]: how a change is applied given ownership: as the owner's write, or merged
+//!   (a non-owner's, a late one, a fence violation), pure;
 //! - [`plan`]: the safe cutover's state machine (steps, resume, abort), pure;
 //! - [`moves`]: each service's latest move and what its steps recorded, in ficus's store;
 //! - [`report`]: what applications read (`GET /cutover`): share, fence, `canFlip`,
 //!   `canRollback`, pure.
 
+pub mod feed;
 pub mod moves;
 pub mod ownership;
 pub mod plan;
 pub mod report;
 pub mod route;
+pub mod rules;
+pub mod views;
+
+pub use ownership::Side;

@@ -19,14 +19,11 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::Duration;
 
-use bson::{DateTime, Document, Timestamp, doc};
+use bson::{Bson, DateTime, Document, Timestamp, doc};
 use futures::TryStreamExt;
 use mongodb::{Collection, Database};
 use serde::{Deserialize, Serialize};
-use tokio::sync::watch;
-use tokio_util::sync::CancellationToken;
 
 use crate::mongo;
 
@@ -35,11 +32,41 @@ pub const OWNERSHIP: &str = "ownership";
 /// How many past changes each service's record keeps (enough to judge anything still in flight).
 const HISTORY: usize = 50;
 
-/// Whose clock a time is on.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Clock {
+/// One of the two sides of a service's migration: the side a change was made on, the side that
+/// owns a key, gains or loses buckets; and whose clock a time is on (each side's cluster has
+/// its own, never compared with the other's).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Side {
     Monolith,
     Service,
+}
+
+impl Side {
+    /// The other side.
+    pub fn other(self) -> Side {
+        match self {
+            Side::Monolith => Side::Service,
+            Side::Service => Side::Monolith,
+        }
+    }
+
+    /// Its name in records, metrics and JSON: `monolith`, `service`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Side::Monolith => "monolith",
+            Side::Service => "service",
+        }
+    }
+}
+
+impl std::fmt::Display for Side {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Side::Monolith => "the monolith",
+            Side::Service => "the service",
+        })
+    }
 }
 
 /// One change of ownership.
@@ -58,6 +85,27 @@ pub struct Step {
     /// Stored, but its times not yet read: nothing after it can be judged until they are.
     #[serde(default)]
     pub pending: bool,
+    /// The fence this step lifted, with its drain point: writes on the losing side to its
+    /// buckets between the drain point and this step were fence violations.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lifted: Option<Drained>,
+}
+
+/// A fence that was drained and then lifted by a flip.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Drained {
+    pub from: u8,
+    pub to: u8,
+    /// The side that lost the buckets.
+    pub losing: Side,
+    /// The drain point, on the losing side's clock.
+    pub at: Timestamp,
+}
+
+impl Drained {
+    pub fn holds(&self, bucket: u8) -> bool {
+        (self.from..self.to).contains(&bucket)
+    }
 }
 
 /// A service's ownership and its history.
@@ -65,7 +113,13 @@ pub struct Step {
 pub struct Ownership {
     #[serde(rename = "_id")]
     pub service: String,
+    /// Grows when what applications must do changes: a fence goes up or down, a share takes
+    /// effect.
     pub epoch: i64,
+    /// Grows with every write of the record (the epoch, and a pending step, a drain point):
+    /// writes are compared on it, and ficus's processes acknowledge it (see `views`).
+    #[serde(default)]
+    pub revision: i64,
     /// The share of buckets the service owns now (0: the monolith owns everything).
     pub percent: u8,
     /// Past changes, oldest first.
@@ -83,6 +137,40 @@ pub struct Fence {
     pub from: u8,
     pub to: u8,
     pub epoch: i64,
+    /// The side losing the buckets (its writes to them after the drain point are fence
+    /// violations). Records from before it was kept: the monolith.
+    #[serde(default = "monolith")]
+    pub losing: Side,
+    /// Where the losing side's drain stands.
+    #[serde(default)]
+    pub drain: Drain,
+    /// When the fence went up (the longest allowed view age is counted from it).
+    #[serde(default = "long_ago")]
+    pub set_at: DateTime,
+}
+
+fn long_ago() -> DateTime {
+    DateTime::from_millis(0)
+}
+
+fn monolith() -> Side {
+    Side::Monolith
+}
+
+/// The drain point of a fence: the losing side's cluster time after which its writes to the
+/// fenced buckets are fence violations (applications were told to hold them, and every one
+/// seen had acknowledged the fence, or the longest allowed view age had passed).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "state", content = "at")]
+pub enum Drain {
+    /// Not drained yet: every write so far is drained before the flip.
+    #[default]
+    NotYet,
+    /// Being set: the point is being read; nothing in the fenced buckets can be judged until
+    /// it is stored.
+    Pending,
+    /// Writes on the losing side after this time are violations.
+    At(Timestamp),
 }
 
 impl Fence {
@@ -94,14 +182,14 @@ impl Fence {
 
 impl Ownership {
     /// The service's share for a change committed at `ts` on `clock` (pending steps aside).
-    pub fn percent_at(&self, clock: Clock, ts: Timestamp) -> u8 {
+    pub fn percent_at(&self, clock: Side, ts: Timestamp) -> u8 {
         self.history
             .iter()
             .rev()
             .filter(|s| !s.pending)
             .find(|s| match clock {
-                Clock::Monolith => s.at_monolith < ts,
-                Clock::Service => s.at_service < ts,
+                Side::Monolith => s.at_monolith < ts,
+                Side::Service => s.at_service < ts,
             })
             .map_or(0, |s| s.percent)
     }
@@ -151,13 +239,15 @@ pub struct View {
     /// Changes committed at or before these times (monolith, service databases) are judged
     /// exactly by this view.
     pub valid_to: (Timestamp, Timestamp),
+    /// When it was read (its age tells whether it can still say who owns a key *now*).
+    pub read_at: std::time::Instant,
 }
 
 impl Default for View {
     /// No records, judging nothing (every time is after it).
     fn default() -> Self {
         let zero = Timestamp { time: 0, increment: 0 };
-        View { records: BTreeMap::new(), valid_to: (zero, zero) }
+        View { records: BTreeMap::new(), valid_to: (zero, zero), read_at: std::time::Instant::now() }
     }
 }
 
@@ -167,13 +257,13 @@ impl View {
     }
 
     /// The service's share for a change committed at `ts` on `clock`, if this view can tell.
-    pub fn judge(&self, service: &str, clock: Clock, ts: Timestamp) -> Judgement {
+    pub fn judge(&self, service: &str, clock: Side, ts: Timestamp) -> Judgement {
         let valid_to = match clock {
-            Clock::Monolith => self.valid_to.0,
-            Clock::Service => self.valid_to.1,
+            Side::Monolith => self.valid_to.0,
+            Side::Service => self.valid_to.1,
         };
         match self.records.get(service) {
-            Some(o) if o.pending() => Judgement::Stale,
+            Some(o) if o.pending() || o.fenced.is_some_and(|f| f.drain == Drain::Pending) => Judgement::Stale,
             _ if ts > valid_to => Judgement::Stale,
             Some(o) => Judgement::Percent(o.percent_at(clock, ts)),
             None => Judgement::Percent(0),
@@ -233,246 +323,212 @@ impl OwnershipStore {
             .map_err(|e| OwnershipError::Corrupt { service: service.to_string(), reason: e.to_string() })
     }
 
-    /// Stores a change of a service's share as pending (the next epoch); [`Self::resolve`] gives
-    /// it its times. Concurrent changes are serialised on the epoch.
-    pub async fn begin(&self, service: &str, percent: u8, forced: bool) -> Result<Ownership, OwnershipError> {
+    /// Changes a service's record with `change` (a pure function of the record as it is, `None`
+    /// when there is none; it returns the next record, or `None` to leave it as it is), stored
+    /// only if nobody changed the record meanwhile (compared on the revision, which every
+    /// change moves on); else read again and retried. Returns the record as stored.
+    async fn update(
+        &self,
+        service: &str,
+        mut change: impl FnMut(Option<&Ownership>) -> Option<Ownership>,
+    ) -> Result<Option<Ownership>, OwnershipError> {
         loop {
             let current = self.get(service).await?;
-            let epoch = current.as_ref().map_or(0, |o| o.epoch);
-            let mut history = current.map(|o| o.history).unwrap_or_default();
-            let now = DateTime::now();
-            let zero = Timestamp { time: 0, increment: 0 };
-            history.push(Step {
-                epoch: epoch + 1,
-                percent,
-                at_monolith: zero,
-                at_service: zero,
-                set_at: now,
-                forced,
-                pending: true,
-            });
-            let skip = history.len().saturating_sub(HISTORY);
-            history.drain(..skip);
-            // A change of share ends any fence: the flip of a safe cutover, or a forced switch.
-            let next = Ownership {
-                service: service.to_string(),
-                epoch: epoch + 1,
-                percent,
-                history,
-                updated: now,
-                fenced: None,
-            };
-            if self.replace_at(epoch, &next).await? {
-                return Ok(next);
+            let Some(next) = change(current.as_ref()) else { return Ok(current) };
+            if self.replace_at(current.as_ref().map(|o| o.revision), &next).await? {
+                return Ok(Some(next));
             }
         }
     }
 
-    /// Stores `next` if the record is still at `epoch` (0: there is none yet); `false` when
-    /// someone else moved the epoch meanwhile (read again and retry).
-    async fn replace_at(&self, epoch: i64, next: &Ownership) -> Result<bool, OwnershipError> {
+    /// Stores a change of a service's share as pending (see [`begin`]); [`Self::resolve`] gives
+    /// it its times and makes it the share.
+    pub async fn begin(&self, service: &str, percent: u8, forced: bool) -> Result<Ownership, OwnershipError> {
+        let now = DateTime::now();
+        let stored = self.update(service, |o| Some(begin(service, o, percent, forced, now))).await?;
+        stored.ok_or_else(|| vanished(service))
+    }
+
+    /// Stores `next` if the record is still at `revision` (`None`: there is none yet); `false`
+    /// when someone else changed it meanwhile (read again and retry).
+    async fn replace_at(&self, revision: Option<i64>, next: &Ownership) -> Result<bool, OwnershipError> {
         let service = next.service.as_str();
         let d = bson::serialize_to_document(next)
             .map_err(|e| OwnershipError::Corrupt { service: service.to_string(), reason: e.to_string() })?;
-        let filter = if epoch == 0 {
-            doc! { "_id": service }
-        } else {
-            doc! { "_id": service, "epoch": epoch }
+        let filter = match revision {
+            None => doc! { "_id": service },
+            // Records from before revisions were kept have none: 0.
+            Some(0) => doc! { "_id": service, "revision": { "$in": [0_i64, Bson::Null] } },
+            Some(r) => doc! { "_id": service, "revision": r },
         };
-        match self.coll.replace_one(filter, d).upsert(epoch == 0).await {
+        match self.coll.replace_one(filter, d).upsert(revision.is_none()).await {
             Ok(r) => Ok(r.matched_count == 1 || r.upserted_id.is_some()),
             Err(e) if mongo::error_code(&e) == Some(11000) => Ok(false),
             Err(e) => Err(e.into()),
         }
     }
 
-    /// Fences `buckets` (or, with `None`, lifts the fence) at the next epoch; the share is
-    /// unchanged. Returns the record as stored. Idempotent: a record already so is returned as
-    /// it is.
+    /// Fences `buckets`, lost by `losing` (or, with `None`, lifts the fence) at the next epoch;
+    /// the share is unchanged. Idempotent: a record already so is returned as it is.
     pub async fn set_fence(
         &self,
         service: &str,
-        buckets: Option<std::ops::Range<u8>>,
+        buckets: Option<(std::ops::Range<u8>, Side)>,
     ) -> Result<Ownership, OwnershipError> {
-        loop {
-            let current = self.get(service).await?;
-            let epoch = current.as_ref().map_or(0, |o| o.epoch);
-            let was = current.as_ref().and_then(|o| o.fenced);
-            if was.map(|f| f.from..f.to) == buckets
-                && let Some(o) = current.clone()
-            {
-                return Ok(o);
-            }
-            let now = DateTime::now();
-            let mut next = current.unwrap_or(Ownership {
-                service: service.to_string(),
-                epoch: 0,
-                percent: 0,
-                history: Vec::new(),
-                updated: now,
-                fenced: None,
-            });
-            next.epoch = epoch + 1;
-            next.updated = now;
-            next.fenced = buckets.clone().map(|b| Fence { from: b.start, to: b.end, epoch: epoch + 1 });
-            if self.replace_at(epoch, &next).await? {
-                return Ok(next);
-            }
-        }
+        let now = DateTime::now();
+        let stored = self.update(service, |o| set_fence(service, o, buckets.clone(), now)).await?;
+        stored.ok_or_else(|| vanished(service))
+    }
+
+    /// Sets the fence's drain point (see [`Drain`]), at the next revision; `None` when no fence is
+    /// up (an abort got there first).
+    pub async fn set_drain(&self, service: &str, drain: Drain) -> Result<Option<Ownership>, OwnershipError> {
+        let now = DateTime::now();
+        let stored = self.update(service, |o| set_drain(o?, drain, now)).await?;
+        Ok(stored.filter(|o| o.fenced.is_some_and(|f| f.drain == drain)))
     }
 
     /// Gives every pending step of a service the times `at` (monolith, service), read after it
-    /// was stored.
+    /// was stored, and makes the newest the share: the fence (if any) is lifted in the same
+    /// write, so nobody ever sees the new share fenced or the old one unfenced.
     pub async fn resolve(
         &self,
         service: &str,
         at: (Timestamp, Timestamp),
     ) -> Result<Option<Ownership>, OwnershipError> {
-        loop {
-            let Some(mut o) = self.get(service).await? else { return Ok(None) };
-            if !o.pending() {
-                return Ok(Some(o));
-            }
-            for s in o.history.iter_mut().filter(|s| s.pending) {
-                s.at_monolith = at.0;
-                s.at_service = at.1;
-                s.pending = false;
-            }
-            o.updated = DateTime::now();
-            let d = bson::serialize_to_document(&o)
-                .map_err(|e| OwnershipError::Corrupt { service: service.to_string(), reason: e.to_string() })?;
-            let r = self.coll.replace_one(doc! { "_id": service, "epoch": o.epoch }, d).await?;
-            if r.matched_count == 1 {
-                return Ok(Some(o));
-            }
-        }
+        let now = DateTime::now();
+        self.update(service, |o| resolve(o?, at, now)).await
+    }
+
+    /// Takes back a step that is pending (a flip cut short and then aborted): the record is as
+    /// before it (at the next revision).
+    pub async fn undo_pending(&self, service: &str) -> Result<Option<Ownership>, OwnershipError> {
+        let now = DateTime::now();
+        self.update(service, |o| undo_pending(o?, now)).await
     }
 }
 
-/// Reads views: the clusters' times first, then the records.
-#[derive(Clone)]
-pub struct OwnershipSource {
-    pub store: OwnershipStore,
-    /// The monolith's database and one on the service databases' cluster (for their clocks).
-    pub monolith: Database,
-    pub services: Database,
+fn vanished(service: &str) -> OwnershipError {
+    OwnershipError::Corrupt { service: service.into(), reason: "vanished while being changed".into() }
 }
 
-impl OwnershipSource {
-    /// The clusters' times now: (monolith, service databases).
-    pub async fn clocks(&self) -> Result<(Timestamp, Timestamp), OwnershipError> {
-        let m = mongo::cluster_time(&self.monolith).await?.ok_or(OwnershipError::NoClusterTime("the monolith"))?;
-        let s =
-            mongo::cluster_time(&self.services).await?.ok_or(OwnershipError::NoClusterTime("the service databases"))?;
-        Ok((m, s))
-    }
-
-    /// A view of the records now.
-    pub async fn read(&self) -> Result<View, OwnershipError> {
-        let valid_to = self.clocks().await?;
-        Ok(View { records: self.store.all().await?, valid_to })
-    }
-
-    /// Sets a service's share at once, the two steps together (see the module header).
-    pub async fn set(&self, service: &str, percent: u8, forced: bool) -> Result<Ownership, OwnershipError> {
-        self.store.begin(service, percent, forced).await?;
-        let at = self.clocks().await?;
-        let o = self.store.resolve(service, at).await?;
-        o.ok_or_else(|| OwnershipError::Corrupt { service: service.into(), reason: "vanished while being set".into() })
-    }
+/// A record's next state with a change of share stored as **pending**: in the history, without
+/// times, while the share, any fence and the epoch stay as they are, so applications keep acting
+/// on the old state (fenced keys held) and every judge of a change waits for the times
+/// ([`View::judge`]).
+pub fn begin(service: &str, current: Option<&Ownership>, percent: u8, forced: bool, now: DateTime) -> Ownership {
+    let zero = Timestamp { time: 0, increment: 0 };
+    let mut next = current.cloned().unwrap_or_else(|| Ownership {
+        service: service.to_string(),
+        epoch: 0,
+        revision: 0,
+        percent: 0,
+        history: Vec::new(),
+        updated: now,
+        fenced: None,
+    });
+    next.history.retain(|s| !s.pending);
+    next.history.push(Step {
+        epoch: next.epoch + 1,
+        percent,
+        at_monolith: zero,
+        at_service: zero,
+        set_at: now,
+        forced,
+        pending: true,
+        lifted: None,
+    });
+    let skip = next.history.len().saturating_sub(HISTORY);
+    next.history.drain(..skip);
+    next.revision += 1;
+    next.updated = now;
+    next
 }
 
-/// Follows the store's records for a process: re-read every `every`, and on demand when a
-/// change is newer than the view ([`Self::fresh`]).
-#[derive(Clone)]
-pub struct OwnershipFeed {
-    source: OwnershipSource,
-    tx: Arc<watch::Sender<Ownerships>>,
+/// A record's next state with its pending step timed and in force, the fence lifted; `None`
+/// when nothing is pending.
+pub fn resolve(current: &Ownership, at: (Timestamp, Timestamp), now: DateTime) -> Option<Ownership> {
+    if !current.pending() {
+        return None;
+    }
+    let mut next = current.clone();
+    let lifted = current.fenced.and_then(|f| match f.drain {
+        Drain::At(t) => Some(Drained { from: f.from, to: f.to, losing: f.losing, at: t }),
+        _ => None,
+    });
+    for s in next.history.iter_mut().filter(|s| s.pending) {
+        s.at_monolith = at.0;
+        s.at_service = at.1;
+        s.pending = false;
+        s.lifted = lifted;
+    }
+    next.percent = next.history.last().map_or(next.percent, |s| s.percent);
+    next.fenced = None;
+    next.epoch += 1;
+    next.revision += 1;
+    next.updated = now;
+    Some(next)
 }
 
-impl OwnershipFeed {
-    /// Starts following; the first read is awaited (so nothing is judged by an empty view).
-    pub async fn start(
-        source: OwnershipSource,
-        every: Duration,
-        shutdown: CancellationToken,
-    ) -> Result<OwnershipFeed, OwnershipError> {
-        let first = source.read().await?;
-        let (tx, _) = watch::channel(Arc::new(first));
-        let feed = OwnershipFeed { source, tx: Arc::new(tx) };
-        log_changes(&View::default(), &feed.current());
-        let polling = feed.clone();
-        tokio::spawn(async move {
-            loop {
-                tokio::select! {
-                    _ = shutdown.cancelled() => return,
-                    _ = tokio::time::sleep(every) => {}
-                }
-                if let Err(e) = polling.refresh().await {
-                    tracing::warn!("reading ownership: {e}");
-                }
-            }
-        });
-        Ok(feed)
+/// A record's next state without its pending step; `None` when nothing is pending.
+pub fn undo_pending(current: &Ownership, now: DateTime) -> Option<Ownership> {
+    if !current.pending() {
+        return None;
     }
-
-    /// A feed that never changes (tests, and commands run once).
-    pub fn fixed(source: OwnershipSource, view: View) -> OwnershipFeed {
-        let (tx, _) = watch::channel(Arc::new(view));
-        OwnershipFeed { source, tx: Arc::new(tx) }
-    }
-
-    /// The latest view.
-    pub fn current(&self) -> Ownerships {
-        self.tx.borrow().clone()
-    }
-
-    /// Notified on every change of a view's records.
-    pub fn subscribe(&self) -> watch::Receiver<Ownerships> {
-        self.tx.subscribe()
-    }
-
-    /// Reads a new view and hands it on.
-    pub async fn refresh(&self) -> Result<Ownerships, OwnershipError> {
-        let view = Arc::new(self.source.read().await?);
-        let was = self.current();
-        if view.records != was.records {
-            log_changes(&was, &view);
-        }
-        self.tx.send_replace(view.clone());
-        Ok(view)
-    }
-
-    /// A view that can judge a change of `service` committed at `ts` on `clock`: the latest if
-    /// it can, else fresh ones until one can (a pending step is waited out).
-    pub async fn fresh(&self, service: &str, clock: Clock, ts: Timestamp) -> Result<Ownerships, OwnershipError> {
-        let mut view = self.current();
-        let mut waited = 0u32;
-        while view.judge(service, clock, ts) == Judgement::Stale {
-            if waited > 0 {
-                tokio::time::sleep(Duration::from_millis(20 * u64::from(waited.min(25)))).await;
-            }
-            view = self.refresh().await?;
-            waited += 1;
-            if waited.is_multiple_of(100) {
-                tracing::warn!(
-                    service,
-                    "a change of ownership has been pending for a while (an interrupted `ficus cutover`? run it again)"
-                );
-            }
-        }
-        Ok(view)
-    }
+    let mut next = current.clone();
+    next.history.retain(|s| !s.pending);
+    next.revision += 1;
+    next.updated = now;
+    Some(next)
 }
 
-fn log_changes(was: &View, now: &View) {
-    for (service, o) in &now.records {
-        if was.get(service).is_none_or(|w| w.epoch != o.epoch || w.pending() != o.pending()) {
-            tracing::info!(%service, percent = o.percent, epoch = o.epoch, pending = o.pending(), "ownership");
-            metrics::gauge!("ficus_cutover_percent", "service" => service.clone()).set(f64::from(o.percent));
-            metrics::gauge!("ficus_cutover_epoch", "service" => service.clone()).set(o.epoch as f64);
-        }
+/// A record's next state with `buckets` fenced, lost by the given side (`None`: the fence
+/// lifted); `None` when it is so already.
+pub fn set_fence(
+    service: &str,
+    current: Option<&Ownership>,
+    buckets: Option<(std::ops::Range<u8>, Side)>,
+    now: DateTime,
+) -> Option<Ownership> {
+    let was = current.and_then(|o| o.fenced).map(|f| (f.from..f.to, f.losing));
+    if current.is_some() && was == buckets {
+        return None;
     }
+    let mut next = current.cloned().unwrap_or(Ownership {
+        service: service.to_string(),
+        epoch: 0,
+        revision: 0,
+        percent: 0,
+        history: Vec::new(),
+        updated: now,
+        fenced: None,
+    });
+    next.epoch += 1;
+    next.revision += 1;
+    next.updated = now;
+    next.fenced = buckets.map(|(b, losing)| Fence {
+        from: b.start,
+        to: b.end,
+        epoch: next.epoch,
+        losing,
+        drain: Drain::NotYet,
+        set_at: now,
+    });
+    Some(next)
+}
+
+/// A record's next state with the fence's drain point set; `None` without a fence, or when it
+/// is so already.
+pub fn set_drain(current: &Ownership, drain: Drain, now: DateTime) -> Option<Ownership> {
+    let fence = current.fenced?;
+    if fence.drain == drain {
+        return None;
+    }
+    let mut next = current.clone();
+    next.revision += 1;
+    next.updated = now;
+    next.fenced = Some(Fence { drain, ..fence });
+    Some(next)
 }
 
 #[cfg(test)]
@@ -493,24 +549,26 @@ mod tests {
             set_at: DateTime::from_millis(0),
             forced: true,
             pending: false,
+            lifted: None,
         };
         let o = Ownership {
             service: "customers_db".into(),
             epoch: 2,
+            revision: 0,
             percent: 0,
             history: vec![step(1, 50, 10, 500), step(2, 0, 20, 600)],
             updated: DateTime::from_millis(0),
             fenced: None,
         };
         // Before any cutover the monolith owns everything.
-        assert_eq!(o.percent_at(Clock::Monolith, ts(5)), 0);
-        assert_eq!(o.percent_at(Clock::Monolith, ts(10)), 0, "committed at the moment of the change: before it");
-        assert_eq!(o.percent_at(Clock::Monolith, ts(15)), 50);
-        assert_eq!(o.percent_at(Clock::Monolith, ts(25)), 0);
+        assert_eq!(o.percent_at(Side::Monolith, ts(5)), 0);
+        assert_eq!(o.percent_at(Side::Monolith, ts(10)), 0, "committed at the moment of the change: before it");
+        assert_eq!(o.percent_at(Side::Monolith, ts(15)), 50);
+        assert_eq!(o.percent_at(Side::Monolith, ts(25)), 0);
         // The service's clock is another clock: its own boundaries.
-        assert_eq!(o.percent_at(Clock::Service, ts(25)), 0);
-        assert_eq!(o.percent_at(Clock::Service, ts(550)), 50, "a service write made while it owned");
-        assert_eq!(o.percent_at(Clock::Service, ts(601)), 0);
+        assert_eq!(o.percent_at(Side::Service, ts(25)), 0);
+        assert_eq!(o.percent_at(Side::Service, ts(550)), 50, "a service write made while it owned");
+        assert_eq!(o.percent_at(Side::Service, ts(601)), 0);
         assert!(o.ever_owned());
         assert_eq!(o.periods(), [(ts(500), Some(ts(600)))]);
         let mut back = o.clone();
@@ -530,10 +588,12 @@ mod tests {
             set_at: DateTime::from_millis(0),
             forced: true,
             pending,
+            lifted: None,
         };
         let o = |steps: Vec<Step>| Ownership {
             service: "s".into(),
             epoch: 1,
+            revision: 0,
             percent: 50,
             history: steps,
             updated: DateTime::from_millis(0),
@@ -542,17 +602,58 @@ mod tests {
         let view = |records: Vec<Ownership>| View {
             records: records.into_iter().map(|o| (o.service.clone(), o)).collect(),
             valid_to: (ts(100), ts(100)),
+            read_at: std::time::Instant::now(),
         };
         let v = view(vec![o(vec![step(50, 10, false)])]);
-        assert_eq!(v.judge("s", Clock::Monolith, ts(50)), Judgement::Percent(50));
-        assert_eq!(v.judge("s", Clock::Service, ts(5)), Judgement::Percent(0));
+        assert_eq!(v.judge("s", Side::Monolith, ts(50)), Judgement::Percent(50));
+        assert_eq!(v.judge("s", Side::Service, ts(5)), Judgement::Percent(0));
         // Newer than the view: a step stored since could apply.
-        assert_eq!(v.judge("s", Clock::Monolith, ts(101)), Judgement::Stale);
-        assert_eq!(v.judge("other", Clock::Monolith, ts(50)), Judgement::Percent(0));
-        assert_eq!(v.judge("other", Clock::Monolith, ts(101)), Judgement::Stale);
+        assert_eq!(v.judge("s", Side::Monolith, ts(101)), Judgement::Stale);
+        assert_eq!(v.judge("other", Side::Monolith, ts(50)), Judgement::Percent(0));
+        assert_eq!(v.judge("other", Side::Monolith, ts(101)), Judgement::Stale);
         // A pending step: nothing can be judged until it has its times.
         let v = view(vec![o(vec![step(50, 10, false), step(100, 0, true)])]);
-        assert_eq!(v.judge("s", Clock::Monolith, ts(50)), Judgement::Stale);
-        assert_eq!(v.get("s").unwrap().percent_at(Clock::Monolith, ts(50)), 50, "pending steps aside");
+        assert_eq!(v.judge("s", Side::Monolith, ts(50)), Judgement::Stale);
+        assert_eq!(v.get("s").unwrap().percent_at(Side::Monolith, ts(50)), 50, "pending steps aside");
+    }
+
+    #[test]
+    fn a_flip_is_one_write_applications_see_old_and_fenced_or_new_and_unfenced() {
+        let now = DateTime::from_millis(0);
+        let t = |time| Timestamp { time, increment: 0 };
+        // 0 → 50: fence (the monolith loses 0..50), drain point, pending flip, flip.
+        let fenced = set_fence("s", None, Some((0..50, Side::Monolith)), now).unwrap();
+        assert_eq!((fenced.epoch, fenced.revision), (1, 1));
+        assert_eq!((fenced.percent, fenced.fenced.map(|f| (f.from, f.to))), (0, Some((0, 50))));
+        assert_eq!(set_fence("s", Some(&fenced), Some((0..50, Side::Monolith)), now), None, "idempotent");
+        let pending_drain = set_drain(&fenced, Drain::Pending, now).unwrap();
+        let v = View {
+            records: [("s".to_string(), pending_drain.clone())].into(),
+            valid_to: (t(100), t(100)),
+            read_at: std::time::Instant::now(),
+        };
+        assert_eq!(v.judge("s", Side::Monolith, t(50)), Judgement::Stale, "the drain point is being set");
+        let drained = set_drain(&pending_drain, Drain::At(t(300)), now).unwrap();
+        let pending = begin("s", Some(&drained), 50, false, now);
+        // Pending: what applications read is as before (share, fence and epoch), at a new
+        // revision; the flip is the next epoch.
+        assert_eq!((pending.epoch, pending.revision), (1, 4));
+        assert_eq!((pending.percent, pending.fenced.is_some(), pending.pending()), (0, true, true));
+        let flipped = resolve(&pending, (t(400), t(4000)), now).unwrap();
+        assert_eq!((flipped.epoch, flipped.revision), (2, 5), "a move is a fence and a flip: two epochs");
+        assert_eq!((flipped.percent, flipped.fenced, flipped.pending()), (50, None, false));
+        let step = flipped.history.last().unwrap();
+        assert_eq!((step.at_monolith, step.at_service), (t(400), t(4000)));
+        assert_eq!(step.lifted, Some(Drained { from: 0, to: 50, losing: Side::Monolith, at: t(300) }));
+        assert_eq!(resolve(&flipped, (t(500), t(5000)), now), None, "nothing pending: a resume changes nothing");
+        // A pending flip undone: as before it.
+        let undone = undo_pending(&pending, now).unwrap();
+        assert_eq!((undone.epoch, undone.revision, undone.percent, undone.pending()), (1, 5, 0, false));
+        assert_eq!(undone.history, drained.history);
+        assert_eq!(undone.fenced, drained.fenced, "the fence is the abort's to lift");
+        // A second begin replaces a pending step rather than stacking one.
+        let again = begin("s", Some(&pending), 30, true, now);
+        assert_eq!(again.history.iter().filter(|s| s.pending).count(), 1);
+        assert_eq!(resolve(&again, (t(1), t(1)), now).unwrap().percent, 30);
     }
 }

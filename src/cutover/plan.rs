@@ -8,27 +8,11 @@
 //! A move's record is persisted after every step, so a `kill -9` at any point followed by the
 //! same command resumes at the first step not recorded as done.
 
-use std::fmt;
 use std::ops::Range;
 
 use serde::{Deserialize, Serialize};
 
-/// The side that writes an aggregate.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Side {
-    Monolith,
-    Service,
-}
-
-impl fmt::Display for Side {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Side::Monolith => "the monolith",
-            Side::Service => "the service",
-        })
-    }
-}
+pub use super::ownership::Side;
 
 /// The steps of a move, in the order they run. Going down (a rollback) is the same machine
 /// with the sides swapped.
@@ -171,6 +155,15 @@ impl Move {
         self.done = Some(phase);
     }
 
+    /// The move as the ownership record shows it: a flip stored (the record at `to`, nothing
+    /// fenced or pending) but not yet recorded in the move when the command was killed is done.
+    pub fn reconciled(mut self, percent: u8, fenced: bool, pending: bool) -> Move {
+        if self.next() == Some(Phase::Flip) && percent == self.to && !fenced && !pending {
+            self.done = Some(Phase::Flip);
+        }
+        self
+    }
+
     /// Whether the flip has happened (from then on the gaining side writes the buckets).
     pub fn flipped(&self) -> bool {
         self.done.is_some_and(|p| p >= Phase::Flip)
@@ -291,6 +284,16 @@ mod tests {
         );
         assert!(matches!(decide("s", 50, Some(&finished), 50, false), Err(PlanError::NothingToMove { .. })));
         assert_eq!(decide("s", 0, None, 101, false), Err(PlanError::OutOfRange(101)));
+    }
+
+    #[test]
+    fn a_flip_stored_before_a_kill_is_done_and_only_then() {
+        let m = at(&Move::plan("s", 10, 50).unwrap(), Phase::RecordStart);
+        assert_eq!(m.clone().reconciled(50, false, false).done, Some(Phase::Flip));
+        assert_eq!(m.clone().reconciled(10, true, true).done, Some(Phase::RecordStart), "pending: not flipped");
+        assert_eq!(m.clone().reconciled(10, true, false).done, Some(Phase::RecordStart));
+        let earlier = at(&Move::plan("s", 10, 50).unwrap(), Phase::Drain);
+        assert_eq!(earlier.clone().reconciled(50, false, false), earlier, "only a move at its flip");
     }
 
     #[test]

@@ -138,8 +138,19 @@ pub fn install_metrics() -> Result<PrometheusHandle, metrics_exporter_prometheus
         .install_recorder()
 }
 
-/// The latest cutover report as JSON (`None` until first read), for `GET /cutover`.
-pub type CutoverJson = tokio::sync::watch::Receiver<Option<String>>;
+/// Answers `GET /cutover`: given the `instance` an application named (`?instance=ID`), the
+/// cutover report as JSON, or `None` while it has not been read yet.
+pub type CutoverHandler =
+    std::sync::Arc<dyn Fn(Option<String>) -> futures::future::BoxFuture<'static, Option<String>> + Send + Sync>;
+
+/// The `instance` of a query string (`instance=ID`), if it names one.
+fn instance_of(query: Option<&str>) -> Option<String> {
+    let query = query?;
+    url::form_urlencoded::parse(query.as_bytes())
+        .find(|(k, _)| k == "instance")
+        .map(|(_, v)| v.into_owned())
+        .filter(|v| !v.is_empty())
+}
 
 /// Serves `/metrics`, `/healthz`, `/readyz` and `/cutover` until shutdown. Returns the bound
 /// address (useful with port 0).
@@ -147,7 +158,7 @@ pub async fn serve(
     addr: SocketAddr,
     metrics: PrometheusHandle,
     health: Health,
-    cutover: CutoverJson,
+    cutover: CutoverHandler,
     shutdown: CancellationToken,
 ) -> std::io::Result<SocketAddr> {
     let listener = tokio::net::TcpListener::bind(addr).await?;
@@ -169,10 +180,10 @@ pub async fn serve(
         .with_state((metrics.clone(), health))
         .route(
             "/cutover",
-            get(move || {
-                let json = cutover.borrow().clone();
+            get(move |axum::extract::RawQuery(q): axum::extract::RawQuery| {
+                let answer = cutover(instance_of(q.as_deref()));
                 async move {
-                    match json {
+                    match answer.await {
                         Some(j) => (StatusCode::OK, [(axum::http::header::CONTENT_TYPE, "application/json")], j),
                         None => (
                             StatusCode::SERVICE_UNAVAILABLE,
@@ -206,6 +217,15 @@ pub fn age_seconds(cluster_time_secs: u32) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_application_names_itself_in_the_query() {
+        assert_eq!(instance_of(Some("instance=checkout-7")), Some("checkout-7".into()));
+        assert_eq!(instance_of(Some("x=1&instance=a%2Fb")), Some("a/b".into()));
+        assert_eq!(instance_of(Some("instance=")), None);
+        assert_eq!(instance_of(Some("other=1")), None);
+        assert_eq!(instance_of(None), None);
+    }
 
     #[test]
     fn a_role_that_stops_beating_is_not_ready() {

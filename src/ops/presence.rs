@@ -233,7 +233,7 @@ fn describe_holder(d: &Document) -> String {
 }
 
 /// Whether a process with this id runs on this host (Linux `/proc`).
-fn process_alive(pid: u32) -> bool {
+pub(crate) fn process_alive(pid: u32) -> bool {
     std::path::Path::new(&format!("/proc/{pid}")).exists()
 }
 

@@ -12,28 +12,15 @@ use futures::TryStreamExt;
 use mongodb::{ClientSession, Collection, Database};
 
 use super::merge::FieldConflict;
+use crate::cutover::rules::Why;
 
 /// The outbox collection, in every database ficus writes.
 pub const CONFLICTS: &str = "_ficus_conflicts";
 
-/// Which side's change met the owner's.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Side {
-    /// A monolith change to a document the service owns.
-    Monolith,
-    /// A service change the monolith could not take as it is (a read-only field, fields that
-    /// disagree), or a service change to a document the monolith owns.
-    Service,
-}
-
-impl Side {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Side::Monolith => "monolith",
-            Side::Service => "service",
-        }
-    }
-}
+/// Which side's change met the owner's: the monolith's (a change to a document the service
+/// owns), or the service's (a change the monolith could not take as it is, or a change to a
+/// document the monolith owns).
+pub use crate::cutover::Side;
 
 /// One side of a conflict: its version (on its own cluster's clock) and its document.
 #[derive(Debug, Clone, PartialEq)]
@@ -58,8 +45,11 @@ pub struct ConflictRecord {
     pub owner: SideState,
     /// The other side's change.
     pub other: SideState,
-    /// Why, when it is not a field both sides changed (a read-only field, a disagreement).
+    /// Why, when it is not a field both sides changed (a read-only field, a disagreement, a
+    /// fence violation).
     pub reason: Option<String>,
+    /// Why the change was merged rather than applied as the owner's (`cutover::rules`).
+    pub why: Option<Why>,
 }
 
 impl ConflictRecord {
@@ -97,6 +87,8 @@ impl ConflictRecord {
             "owner": side(&self.owner),
             "other": side(&self.other),
             "reason": self.reason.clone().map_or(Bson::Null, Bson::String),
+            "why": self.why.map_or(Bson::Null, |w| Bson::String(w.as_str().to_string())),
+            "fenceViolation": self.why == Some(Why::FenceViolation),
             "at": DateTime::now(),
         }
     }

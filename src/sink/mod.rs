@@ -66,6 +66,11 @@ pub struct Versioned {
     /// When the change happened at the source (for end-to-end latency).
     pub event_time: bson::DateTime,
     pub ops: Vec<WriteOp>,
+    /// A dead letter re-driven (`ficus dlq replay`): later changes of its documents may have
+    /// been applied meanwhile, so where a newer version is held its merges are applied as
+    /// three-way merges against its own pre-image (the newer values stand, its own fields
+    /// land) instead of being skipped as old.
+    pub redriven: bool,
 }
 
 impl Versioned {
@@ -79,6 +84,7 @@ impl Versioned {
                 source_id: ev.data.document_id.clone(),
                 event_time: ev.time,
                 ops,
+                redriven: false,
             },
             Message::Control(c) => Versioned {
                 version: c.position.version(),
@@ -87,6 +93,7 @@ impl Versioned {
                 source_id: Bson::Null,
                 event_time: c.time,
                 ops,
+                redriven: false,
             },
         }
     }
@@ -108,6 +115,10 @@ pub enum SinkError {
     /// The write did not finish in time (a connection that hangs); it is tried again.
     #[error("the write did not finish within {}s; trying again", .0.as_secs())]
     TimedOut(std::time::Duration),
+    /// The batch's writes were worked out under a view of ownership older than it may be when
+    /// they commit (a process paused mid-batch): worked out again, never committed as they are.
+    #[error("the batch was judged by ownership {}s ago; judging it again", .0.as_secs())]
+    StaleJudgement(std::time::Duration),
 }
 
 impl SinkError {
@@ -115,7 +126,7 @@ impl SinkError {
         match self {
             SinkError::Mongo(e) => mongo::classify(e),
             SinkError::Write { code, .. } => mongo::classify_code(*code),
-            SinkError::TimedOut(_) => ErrorClass::Transient,
+            SinkError::TimedOut(_) | SinkError::StaleJudgement(_) => ErrorClass::Transient,
             SinkError::Unsupported(_) | SinkError::Reverse(_) => ErrorClass::Fatal,
         }
     }
@@ -142,12 +153,25 @@ pub struct Marker {
     /// Echoes of the service's own write-backs in the batch (counted in `_ficus_echoes`, which
     /// `ficus status` reads).
     pub echoes: u64,
+    /// When the batch's writes were judged by ownership, and how old that judgement may be
+    /// when they commit (`None`: nothing judged).
+    pub judged: Option<(std::time::Instant, std::time::Duration)>,
 }
 
 /// Per origin, how many echoes of its write-backs its consumer skipped (not watched by tails).
 pub const ECHOES: &str = "_ficus_echoes";
 
 impl Marker {
+    /// Fails once the batch's judgement of ownership is older than it may be at its commit: a
+    /// forced switch waits that long for a process that does not acknowledge it, so a batch
+    /// judged before it never lands after it (see `cutover::views`).
+    pub fn still_judged(&self) -> Result<(), SinkError> {
+        match self.judged {
+            Some((at, max)) if at.elapsed() > max => Err(SinkError::StaleJudgement(at.elapsed())),
+            _ => Ok(()),
+        }
+    }
+
     /// Writes the closing marker, last in the session's transaction: the tail knows the
     /// transaction is over there (other writers' changes may come between its changes).
     pub async fn close(&self, db: &mongodb::Database, s: &mut mongodb::ClientSession) -> Result<(), SinkError> {

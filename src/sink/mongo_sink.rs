@@ -16,7 +16,7 @@ use super::rollup::GroupTally;
 use super::{MEMBERS_PREFIX, MERGED, META, Marker, SNAPSHOTS, Sink, SinkError, TOMBSTONES, Versioned, doc_key};
 use crate::event::Version;
 use crate::mongo;
-use crate::transform::{Base, WriteOp};
+use crate::transform::{Base, Why, WriteOp};
 
 /// The MongoDB sink for one service database.
 #[derive(Clone)]
@@ -545,8 +545,11 @@ impl MongoSink {
         let merged_at = ledger.find_one(doc! { "_id": &key }).session(&mut *s).await?;
         let in_ledger = merged_at.and_then(|d| d.get_str("v").ok().map(str::to_string));
         let held = in_doc.max(in_ledger);
-        if held.as_deref().is_some_and(|h| h >= v.version.as_str()) {
-            return Ok(()); // merged already, or older than what the document holds
+        let newer_held = held.as_deref().is_some_and(|h| h >= v.version.as_str());
+        // Merged already, or older than what the document holds; a dead letter re-driven is
+        // merged all the same (its own fields land, the newer values stand).
+        if newer_held && !v.redriven {
+            return Ok(());
         }
         if current.is_none() {
             let tombs = self.tombstones(s, m.collection, std::iter::once(m.id)).await?;
@@ -563,21 +566,29 @@ impl MongoSink {
             .session(&mut *s)
             .await?;
         let merged = super::merge::merge(current.as_ref(), m.base, m.doc);
+        let meta = match (&current, newer_held) {
+            // Never moves the document's version back.
+            (Some(c), true) => c.get_document(META).ok().cloned().unwrap_or_else(|| Self::meta(v)),
+            _ => Self::meta(v),
+        };
         match (merged.write, &current) {
             (Some(mut w), _) => {
                 w.insert("_id", m.id.clone());
-                w.insert(META, Self::meta(v));
+                w.insert(META, meta);
                 coll.replace_one(doc! { "_id": m.id.clone() }, w).upsert(true).session(&mut *s).await?;
             }
             // Nothing taken, but the change is merged: the version says so.
-            (None, Some(_)) => {
-                coll.update_one(doc! { "_id": m.id.clone() }, doc! { "$set": { META: Self::meta(v) } })
-                    .session(&mut *s)
-                    .await?;
+            (None, Some(_)) if !newer_held => {
+                coll.update_one(doc! { "_id": m.id.clone() }, doc! { "$set": { META: meta } }).session(&mut *s).await?;
             }
-            (None, None) => {}
+            (None, _) => {}
         }
-        if !merged.conflicts.is_empty() {
+        // A fence violation is reported whether or not a field met the owner's.
+        let why = if newer_held { Why::Redriven } else { m.why };
+        if !merged.conflicts.is_empty() || why == Why::FenceViolation {
+            let reason = (why == Why::FenceViolation).then(|| {
+                "fence violation: the monolith wrote a fenced key after the drain point; merged, not lost".to_string()
+            });
             let record = ConflictRecord {
                 service: self.db.name().to_string(),
                 side: Side::Monolith,
@@ -587,10 +598,37 @@ impl MongoSink {
                 fields: merged.conflicts,
                 owner: SideState { version: held, document: current },
                 other: SideState { version: Some(v.version.to_string()), document: m.doc.cloned() },
-                reason: None,
+                reason,
+                why: Some(why),
             };
             Outbox::new(&self.db).record(s, &record).await?;
         }
+        Ok(())
+    }
+
+    /// Records the version of the echo of the service's own write-back beside its document (a
+    /// tombstone for a delete, `_ficus_merged` otherwise), never moving either back.
+    async fn witness(
+        &self,
+        s: &mut ClientSession,
+        v: &Versioned,
+        collection: &str,
+        id: &Bson,
+        deleted: bool,
+    ) -> Result<(), SinkError> {
+        let key = doc_key(collection, id);
+        let (coll, mut set) = if deleted {
+            (TOMBSTONES, doc! { "c": collection, "id": id.clone(), "at": bson::DateTime::now() })
+        } else {
+            (MERGED, doc! { "c": collection, "id": id.clone() })
+        };
+        set.insert("witnessed", true);
+        self.db
+            .collection::<Document>(coll)
+            .update_one(doc! { "_id": &key }, doc! { "$max": { "v": v.version.as_str() }, "$set": set })
+            .upsert(true)
+            .session(&mut *s)
+            .await?;
         Ok(())
     }
 
@@ -603,10 +641,11 @@ impl MongoSink {
                     let m = Membership { group: group.as_ref(), member, count_field, distinct, group_fields };
                     self.rollup(s, txn, by, collection, &m).await?
                 }
-                WriteOp::Merge { collection, id, doc, base } => {
-                    let m = Merge { collection, id, doc: doc.as_ref(), base };
+                WriteOp::Merge { collection, id, doc, base, why } => {
+                    let m = Merge { collection, id, doc: doc.as_ref(), base, why: *why };
                     self.merge(s, txn, by, &m).await?
                 }
+                WriteOp::Witness { collection, id, deleted } => self.witness(s, by, collection, id, *deleted).await?,
                 WriteOp::WriteBack { collection, .. } => {
                     return Err(SinkError::Unsupported(format!(
                         "a write-back of {collection} reached a service database's sink"
@@ -639,11 +678,13 @@ impl MongoSink {
     }
 
     async fn marked(&self, s: &mut ClientSession, plan: &Plan<'_>, marker: &Marker) -> Result<(), SinkError> {
+        marker.still_judged()?;
         marker.write(&self.db, s).await?;
         for (collection, items) in &plan.upserts {
             self.upsert_many(s, true, collection, items).await?;
         }
         self.rest(s, true, plan).await?;
+        marker.still_judged()?;
         marker.close(&self.db, s).await
     }
 }
@@ -654,6 +695,7 @@ struct Merge<'a> {
     id: &'a Bson,
     doc: Option<&'a Document>,
     base: &'a Base,
+    why: Why,
 }
 
 /// One rollup membership change, as a [`WriteOp::Rollup`] carries it.

@@ -35,7 +35,7 @@ pub struct Step<'a> {
 pub struct Plan<'a> {
     /// Per collection, the newest upsert of each target document.
     pub upserts: BTreeMap<&'a str, Vec<Upsert<'a>>>,
-    /// Deletes, rollups and merges, in batch order.
+    /// Deletes, rollups, merges and witnesses, in batch order.
     pub steps: Vec<Step<'a>>,
     /// Per element target, each source document's newest retain (what it still has).
     pub retains: BTreeMap<&'a str, Vec<(&'a Versioned, &'a [Bson])>>,
@@ -62,9 +62,11 @@ pub fn plan(batch: &[Versioned]) -> Plan<'_> {
                         }
                     }
                 }
-                WriteOp::Delete { .. } | WriteOp::Rollup { .. } | WriteOp::Merge { .. } | WriteOp::WriteBack { .. } => {
-                    plan.steps.push(Step { by: v, op })
-                }
+                WriteOp::Delete { .. }
+                | WriteOp::Rollup { .. }
+                | WriteOp::Merge { .. }
+                | WriteOp::Witness { .. }
+                | WriteOp::WriteBack { .. } => plan.steps.push(Step { by: v, op }),
                 WriteOp::Retain { collection, keep } => {
                     let list = plan.retains.entry(collection.as_str()).or_default();
                     match newest_retain.get(&(collection.as_str(), v.source_id.to_string())) {
@@ -119,6 +121,7 @@ mod tests {
             source_id: Bson::String(source.into()),
             event_time: bson::DateTime::from_millis(0),
             ops,
+            redriven: false,
         }
     }
 

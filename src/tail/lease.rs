@@ -85,6 +85,15 @@ impl Lease {
         }
     }
 
+    /// Takes the lease from `holder` (seen holding it, and known to be gone), expired or not;
+    /// `None` if someone else has it by now.
+    pub async fn take_over(&self, holder: &str) -> Result<Option<i64>, mongodb::error::Error> {
+        let filter = doc! { "_id": &self.source, "holder": holder };
+        let update = doc! { "$set": { "holder": &self.holder, "expires": self.expiry() }, "$inc": { "epoch": 1_i64 } };
+        let taken = self.coll.find_one_and_update(filter, update).return_document(ReturnDocument::After).await?;
+        Ok(taken.and_then(|d| d.get_i64("epoch").ok()))
+    }
+
     /// Extends the lease; `false` if it was lost (taken over after expiring).
     pub async fn renew(&self, epoch: i64) -> Result<bool, mongodb::error::Error> {
         let r = self

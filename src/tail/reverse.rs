@@ -3,9 +3,9 @@
 //! The same [`Tailer`] as the monolith's, with the sides swapped: its source is the service
 //! database (the collections written back, never ficus's bookkeeping), it copies nothing and
 //! starts where the service began to own keys, it drops ficus's own forward writes (their
-//! echoes: the monolith sent them), and it publishes only changes of documents the service
-//! owned when they were committed, judged on the service database's clock by a view of
-//! ownership that has seen every step up to that moment ([`Owned`]).
+//! echoes: the monolith sent them), and it publishes every change that names its routing key
+//! ([`Routed`]): the write-back consumer judges each by ownership, so a write to a key the
+//! service did not own is merged rather than lost.
 //!
 //! [`ReverseTailRole`] runs it while it is needed: from the moment the service owns anything,
 //! and, once the service is back at 0%, until the tail has read past that moment (a marker
@@ -27,54 +27,42 @@ use super::{Admission, Echoes, TailError, TailStart, Tailer};
 use crate::bus::KafkaPublisher;
 use crate::config::Config;
 use crate::config::topics::Topics;
-use crate::cutover::ownership::{Clock, Ownership, OwnershipFeed};
-use crate::cutover::route;
+use crate::cutover::feed::OwnershipFeed;
+use crate::cutover::ownership::Ownership;
 use crate::event::mapping::ChangeRecord;
 use crate::ops::{Health, RoleId};
 use crate::source::{MARKERS, MongoSource};
 use crate::transform::ServiceTransforms;
 
-/// Admits the changes of documents the service owned when they were committed.
-pub struct Owned {
+/// Admits the service's changes that can be routed (every change of a collection written back
+/// whose document names its routing key): the write-back consumer judges each by ownership
+/// (`cutover::rules`), so a write the service made to a key it did not own (an application on an
+/// old view, a fence violation) is merged into the monolith rather than lost.
+pub struct Routed {
     pub transforms: Arc<ServiceTransforms>,
-    pub ownership: OwnershipFeed,
 }
 
-impl Owned {
-    fn judge(&self, record: &ChangeRecord, percent: u8) -> bool {
+impl Routed {
+    fn admits(&self, record: &ChangeRecord) -> bool {
         let service = self.transforms.service();
         let Some(reverse) = self.transforms.reverse_for(&record.collection) else { return false };
         let id_only = doc! { "_id": record.document_id.clone() };
         let image = record.after.as_ref().or(record.before.as_ref()).unwrap_or(&id_only);
-        match reverse.route_value(image) {
-            Some(key) if route::owns(percent, route::bucket_of(&key)) => true,
-            Some(_) => {
-                // The monolith owns it: the service should not have written it. Not written back.
-                warn!(service, collection = %record.collection, id = %record.document_id, "a service write to a document the monolith owns: not written back");
-                metrics::counter!("ficus_conflicts_total", "service" => service.to_string(), "side" => "service")
-                    .increment(1);
-                false
-            }
-            None => {
-                warn!(service, collection = %record.collection, id = %record.document_id, op = %record.op,
-                    "a service change without its routing key (a delete without a pre-image?): not written back; \
-                     `ficus topics apply` turns pre-images on for the service's collections");
-                metrics::counter!("ficus_reverse_unrouted_total", "service" => service.to_string()).increment(1);
-                false
-            }
+        if reverse.route_value(image).is_some() {
+            return true;
         }
+        warn!(service, collection = %record.collection, id = %record.document_id, op = %record.op,
+            "a service change without its routing key (a delete without a pre-image?): not written back; \
+             `ficus topics apply` turns pre-images on for the service's collections");
+        metrics::counter!("ficus_reverse_unrouted_total", "service" => service.to_string()).increment(1);
+        false
     }
 }
 
-impl Admission for Owned {
+impl Admission for Routed {
     fn admit<'a>(&'a self, record: &'a ChangeRecord) -> BoxFuture<'a, Result<bool, TailError>> {
-        async move {
-            let service = self.transforms.service();
-            let view = self.ownership.fresh(service, Clock::Service, record.cluster_time).await?;
-            let percent = view.get(service).map_or(0, |o| o.percent_at(Clock::Service, record.cluster_time));
-            Ok(percent > 0 && self.judge(record, percent))
-        }
-        .boxed()
+        let admitted = self.admits(record);
+        async move { Ok(admitted) }.boxed()
     }
 }
 
@@ -95,12 +83,17 @@ pub fn start_at(o: &Ownership, checkpoint: Option<Timestamp>) -> Option<Timestam
 }
 
 /// Whether the reverse tail is needed: the service owns keys, or it gave them all back and the
-/// tail has not read past that moment (`drained_to`: the checkpoint's time).
-pub fn needed(o: &Ownership, drained_to: Option<Timestamp>) -> bool {
+/// tail has not read `margin_secs` past that moment (`drained_to`: the checkpoint's time). The
+/// margin is the longest an application may act on an old view (`cutover.view_max_age_secs`):
+/// one still writing to the service on a view from before the release is written back too.
+pub fn needed(o: &Ownership, drained_to: Option<Timestamp>, margin_secs: u32) -> bool {
     match o.periods().last() {
         None => false,
         Some((_, None)) => true,
-        Some((_, Some(end))) => drained_to.is_none_or(|c| c < *end),
+        Some((_, Some(end))) => {
+            let past = Timestamp { time: end.time.saturating_add(margin_secs), increment: end.increment };
+            drained_to.is_none_or(|c| c < past)
+        }
     }
 }
 
@@ -122,12 +115,13 @@ impl ReverseTailRole {
         let topics = Arc::new(Topics::reverse(&service, collections.iter().map(String::as_str), &self.cfg.reverse));
         let source = MongoSource::connect(&self.cfg.target_uri, self.transforms.database(), collections).await?;
         let mut changes = self.ownership.subscribe();
+        let margin = self.cfg.cutover.view_max_age.as_secs().min(u64::from(u32::MAX)) as u32;
         loop {
             // Wait until the tail is needed.
             let ownership = loop {
                 let drained_to = checkpoint_time(&checkpoints, &service).await?;
                 match self.ownership.current().get(&service) {
-                    Some(o) if needed(o, drained_to) => break o.clone(),
+                    Some(o) if needed(o, drained_to, margin) => break o.clone(),
                     _ => {}
                 }
                 tokio::select! {
@@ -148,7 +142,7 @@ impl ReverseTailRole {
                 checkpoints.clone(),
                 source.clone(),
                 service.clone(),
-                self.cfg.reverse.ownership_poll,
+                (self.cfg.reverse.ownership_poll, margin),
                 active.clone(),
             ));
             let (cfg, health, transforms) = (&self.cfg, self.health.clone(), self.transforms.clone());
@@ -170,7 +164,7 @@ impl ReverseTailRole {
                         ownership.periods().last().map_or(Timestamp { time: 0, increment: 0 }, |p| p.0),
                     ),
                     echoes: Echoes::Drop,
-                    admit: Some(Arc::new(Owned { transforms: transforms.clone(), ownership: self.ownership.clone() })),
+                    admit: Some(Arc::new(Routed { transforms: transforms.clone() })),
                 };
                 Ok(async move { tailer.run_then_flush(token, false).await })
             })
@@ -212,17 +206,17 @@ async fn checkpoint_time(checkpoints: &MongoCheckpoints, service: &str) -> Resul
     }))
 }
 
-/// Cancels `active` once the service is back at 0% and the tail has read past that moment: a
-/// marker written into the service database after it gives the stream something to read there.
+/// Cancels `active` once the service is back at 0% and the tail has read the margin past that
+/// moment: markers written into the service database meanwhile give the stream something to
+/// read there.
 async fn stop_when_drained(
     ownership: OwnershipFeed,
     checkpoints: MongoCheckpoints,
     source: MongoSource,
     service: String,
-    every: Duration,
+    (every, margin): (Duration, u32),
     active: CancellationToken,
 ) {
-    let mut marked: Option<i64> = None;
     loop {
         tokio::select! {
             _ = active.cancelled() => return,
@@ -230,25 +224,16 @@ async fn stop_when_drained(
         }
         let Some(o) = ownership.current().get(&service).cloned() else { continue };
         if o.percent > 0 {
-            marked = None;
             continue;
         }
-        if marked != Some(o.epoch) {
-            let marker = doc! { "$set": { "origin": { "service": &service, "collection": "(released)" }, "epoch": o.epoch, "at": bson::DateTime::now() } };
-            let id = format!("{service}/released");
-            match source
-                .database()
-                .collection::<bson::Document>(MARKERS)
-                .update_one(doc! { "_id": &id }, marker)
-                .upsert(true)
-                .await
-            {
-                Ok(_) => marked = Some(o.epoch),
-                Err(e) => warn!(%service, "writing the release marker: {e}"),
-            }
+        let marker = doc! { "$set": { "origin": { "service": &service, "collection": "(released)" }, "epoch": o.epoch, "at": bson::DateTime::now() } };
+        let id = format!("{service}/released");
+        let markers = source.database().collection::<bson::Document>(MARKERS);
+        if let Err(e) = markers.update_one(doc! { "_id": &id }, marker).upsert(true).await {
+            warn!(%service, "writing the release marker: {e}");
         }
         match checkpoint_time(&checkpoints, &service).await {
-            Ok(to) if !needed(&o, to) => {
+            Ok(to) if !needed(&o, to, margin) => {
                 active.cancel();
                 return;
             }
@@ -279,11 +264,13 @@ mod tests {
                 set_at: bson::DateTime::now(),
                 forced: true,
                 pending: false,
+                lifted: None,
             })
             .collect();
         Ownership {
             service: "s".into(),
             epoch: history.len() as i64,
+            revision: 0,
             percent: history.last().map_or(0, |s| s.percent),
             history,
             updated: bson::DateTime::now(),
@@ -309,11 +296,13 @@ mod tests {
     #[test]
     fn the_reverse_tail_runs_while_the_service_owns_and_until_it_read_past_the_release() {
         let owning = ownership(&[(10, 100)]);
-        assert!(needed(&owning, None) && needed(&owning, Some(ts(1000))));
+        assert!(needed(&owning, None, 10) && needed(&owning, Some(ts(1000)), 10));
         let released = ownership(&[(10, 100), (0, 300)]);
-        assert!(needed(&released, Some(ts(299))));
-        assert!(needed(&released, None), "never read: the period's writes are still to hand on");
-        assert!(!needed(&released, Some(ts(300))), "read to the release: drained");
-        assert!(!needed(&ownership(&[(0, 300)]), None), "never owned: nothing to hand on");
+        assert!(needed(&released, Some(ts(299)), 0));
+        assert!(needed(&released, None, 0), "never read: the period's writes are still to hand on");
+        assert!(!needed(&released, Some(ts(300)), 0), "read to the release: drained");
+        assert!(needed(&released, Some(ts(305)), 10), "an application on a view up to 10 s old may still write");
+        assert!(!needed(&released, Some(ts(310)), 10), "read the longest view age past the release");
+        assert!(!needed(&ownership(&[(0, 300)]), None, 10), "never owned: nothing to hand on");
     }
 }

@@ -338,6 +338,21 @@ impl SinkState {
         docs.insert(key, Stored { id: id.clone(), doc: doc.clone(), version: v.version.clone(), source });
     }
 
+    /// The echo of the service's own write-back: its version recorded, nothing written.
+    fn witness(&mut self, version: &Version, collection: &str, id: &Bson, deleted: bool) {
+        let key = id.to_string();
+        if deleted {
+            let tomb = self.tombstones.entry((collection.to_string(), key)).or_default();
+            if *tomb < *version {
+                *tomb = version.clone();
+            }
+        } else if let Some(d) = self.docs.get_mut(collection).and_then(|c| c.get_mut(&key))
+            && d.version < *version
+        {
+            d.version = version.clone();
+        }
+    }
+
     fn delete(&mut self, version: &Version, collection: &str, id: &Bson) {
         let key = id.to_string();
         let tomb = self.tombstones.entry((collection.to_string(), key.clone())).or_default();
@@ -468,7 +483,8 @@ impl Sink for MemorySink {
                     }
                 }
                 WriteOp::Rollup { collection, .. } => s.rollup(by, collection, op),
-                WriteOp::Merge { collection, id, doc, base } => s.merge(by, collection, id, doc.as_ref(), base),
+                WriteOp::Merge { collection, id, doc, base, .. } => s.merge(by, collection, id, doc.as_ref(), base),
+                WriteOp::Witness { collection, id, deleted } => s.witness(&by.version, collection, id, *deleted),
                 WriteOp::WriteBack { collection, .. } => {
                     return Err(SinkError::Unsupported(format!("a write-back of {collection} reached a service sink")));
                 }

@@ -46,7 +46,7 @@ mod tests;
 
 pub use classify::{CollectionClass, FieldClass, Reversibility, render_classification};
 pub use laws::{Law, LawFailure, LensCheck, LensReport, Tally, check_laws};
-pub use reverse::{Conflict, Disagreement, Patch, Reverse, ReverseError};
+pub use reverse::{Conflict, Disagreement, Patch, Reverse, ReverseError, set_path, unset_path};
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -55,6 +55,7 @@ use bson::{Bson, Document, doc};
 
 use crate::config::report::{DefinitionError, Report, toml_files};
 use crate::config::topics::Topics;
+pub use crate::cutover::rules::{Apply, Why};
 use crate::event::mapping::{ChangeRecord, map_change};
 use crate::event::{CanonicalEvent, Control, Message, Version};
 use compile::Transform;
@@ -107,10 +108,17 @@ pub enum WriteOp {
     /// forward write is merged field by field instead of overwriting what the owner holds.
     /// `doc` is the target document the monolith's new state makes (`None`: the monolith
     /// deleted it), `base` what its previous state made, the last point both sides agreed on.
-    Merge { collection: String, id: Bson, doc: Option<Document>, base: Base },
+    /// `why` says why it is merged rather than applied as the owner's (`cutover::rules`).
+    Merge { collection: String, id: Bson, doc: Option<Document>, base: Base, why: Why },
+    /// The echo of the service's own write-back to this document: nothing to write (the
+    /// document already says it), but its version is recorded beside the document (deleted:
+    /// as a tombstone), so that nothing older (a replay, a redelivery) lands over what the
+    /// service wrote, even where the service's application wrote the document plain.
+    Witness { collection: String, id: Bson, deleted: bool },
     /// Reverse sync: a change of a service document, to be written back into the monolith
-    /// through the reverse of the transform that writes `collection` (the service collection).
-    WriteBack { collection: String, change: Box<crate::event::EventData> },
+    /// through the reverse of the transform that writes `collection` (the service collection),
+    /// as the owner's patch or merged as a non-owner's (`apply`).
+    WriteBack { collection: String, change: Box<crate::event::EventData>, apply: Apply },
 }
 
 /// What the monolith's side last agreed with the owner on, for a [`WriteOp::Merge`].
@@ -134,6 +142,7 @@ impl WriteOp {
             | WriteOp::Sweep { collection, .. }
             | WriteOp::Retain { collection, .. }
             | WriteOp::Merge { collection, .. }
+            | WriteOp::Witness { collection, .. }
             | WriteOp::WriteBack { collection, .. } => collection,
         }
     }
@@ -166,16 +175,29 @@ impl WriteOp {
             WriteOp::Retain { collection, keep } => {
                 doc! { "op": "retain", "collection": collection, "keep": keep.clone() }
             }
-            WriteOp::Merge { collection, id, doc, base } => {
+            WriteOp::Merge { collection, id, doc, base, why } => {
                 let base = match base {
                     Base::New => Bson::String("new".into()),
                     Base::Unknown => Bson::String("unknown".into()),
                     Base::Was(d) => Bson::Document(d.clone()),
                 };
-                doc! { "op": "merge", "collection": collection, "id": id.clone(), "doc": doc.clone(), "base": base }
+                doc! {
+                    "op": "merge", "collection": collection, "id": id.clone(), "doc": doc.clone(), "base": base,
+                    "why": why.as_str(),
+                }
             }
-            WriteOp::WriteBack { collection, change } => {
-                doc! { "op": "writeBack", "collection": collection, "change": change.op.as_str(), "id": change.document_id.clone() }
+            WriteOp::Witness { collection, id, deleted } => {
+                doc! { "op": "witness", "collection": collection, "id": id.clone(), "deleted": deleted }
+            }
+            WriteOp::WriteBack { collection, change, apply } => {
+                let apply = match apply {
+                    Apply::Owner => "owner",
+                    Apply::Merge(why) => why.as_str(),
+                };
+                doc! {
+                    "op": "writeBack", "collection": collection, "change": change.op.as_str(),
+                    "id": change.document_id.clone(), "apply": apply,
+                }
             }
         }
     }

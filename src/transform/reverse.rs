@@ -175,7 +175,7 @@ fn diff(before: &Document, after: &Document) -> (Document, Vec<String>) {
 }
 
 /// Sets a dotted path the way `$set` does.
-pub(super) fn set_path(doc: &mut Document, path: &str, value: Bson) -> Result<(), String> {
+pub fn set_path(doc: &mut Document, path: &str, value: Bson) -> Result<(), String> {
     let segments: Vec<&str> = path.split('.').collect();
     let Some((last, parents)) = segments.split_last() else { return Err("empty path".into()) };
     let Some((first, rest)) = parents.split_first() else {
@@ -225,7 +225,7 @@ fn step_into<'d>(cur: &'d mut Bson, seg: &str, at: &[&str]) -> Result<&'d mut Bs
 }
 
 /// Removes a dotted path the way `$unset` does (an array element becomes null).
-pub(super) fn unset_path(doc: &mut Document, path: &str) {
+pub fn unset_path(doc: &mut Document, path: &str) {
     let mut segments: Vec<&str> = path.split('.').collect();
     let Some(last) = segments.pop() else { return };
     let Some((first, rest)) = segments.split_first() else {

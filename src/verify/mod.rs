@@ -143,6 +143,7 @@ impl Expected<'_> {
                 | WriteOp::Sweep { .. }
                 | WriteOp::Retain { .. }
                 | WriteOp::Merge { .. }
+                | WriteOp::Witness { .. }
                 | WriteOp::WriteBack { .. } => {}
             }
         }

@@ -559,6 +559,58 @@ pub async fn oldest_oplog_time(client: &mongodb::Client) -> Option<bson::Timesta
     oldest.and_then(|d| d.get_timestamp("ts").ok())
 }
 
+/// Every partition's high watermark of some topics.
+pub fn watermarks(brokers: &str, topics: &[&str]) -> std::collections::BTreeMap<(String, i32), i64> {
+    let consumer: BaseConsumer =
+        ClientConfig::new().set("bootstrap.servers", brokers).set("group.id", "ficus-test-wm").create().unwrap();
+    let mut out = std::collections::BTreeMap::new();
+    for t in topics {
+        let md = consumer.fetch_metadata(Some(t), Duration::from_secs(10)).unwrap();
+        for p in md.topics()[0].partitions() {
+            let (_, high) = consumer.fetch_watermarks(t, p.id(), Duration::from_secs(10)).unwrap();
+            out.insert((t.to_string(), p.id()), high);
+        }
+    }
+    out
+}
+
+/// Every JSON record of some topics up to their ends now (dead letters, conflict reports), read
+/// in small fetches (see [`read_all`] on Tansu's fetches).
+pub fn read_json_all(brokers: &str, topics: &[&str]) -> Vec<serde_json::Value> {
+    use rdkafka::message::Message as _;
+    let ends = watermarks(brokers, topics);
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", "ficus-test-json")
+        .set("enable.auto.commit", "false")
+        .set("max.partition.fetch.bytes", "65536")
+        .create()
+        .unwrap();
+    let mut tpl = TopicPartitionList::new();
+    for ((t, p), end) in &ends {
+        if *end > 0 {
+            tpl.add_partition_offset(t, *p, Offset::Beginning).unwrap();
+        }
+    }
+    if tpl.count() == 0 {
+        return Vec::new();
+    }
+    consumer.assign(&tpl).unwrap();
+    let mut next: HashMap<(String, i32), i64> = HashMap::new();
+    let mut out = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while ends.iter().any(|(k, end)| next.get(k).copied().unwrap_or(0) < *end) {
+        assert!(Instant::now() < deadline, "reading {topics:?} to its end took over 120 s");
+        if let Some(Ok(m)) = consumer.poll(Duration::from_millis(200)) {
+            next.insert((m.topic().to_string(), m.partition()), m.offset() + 1);
+            if let Ok(v) = serde_json::from_slice(m.payload().unwrap_or_default()) {
+                out.push(v);
+            }
+        }
+    }
+    out
+}
+
 /// The tail checkpoint document, if any.
 pub async fn checkpoint(client: &mongodb::Client, source: &str) -> Option<Document> {
     client.database("ficus").collection::<Document>("checkpoints").find_one(bson::doc! { "_id": source }).await.unwrap()
