@@ -157,8 +157,9 @@ pub async fn collect(
     Ok(rows)
 }
 
-/// Every service's cutover state (those with an ownership record or a move), read from outside
-/// as the table is: what `GET /cutover` serves and `ficus status --json` prints.
+/// The cutover state of every service that can take over writes (or has an ownership record or
+/// a move; before any, at 0%), read from outside as the table is: what `GET /cutover` serves and
+/// `ficus status --json` prints.
 pub async fn cutover_states(
     cfg: &Config,
     services: &[std::sync::Arc<ServiceTransforms>],
@@ -188,8 +189,8 @@ impl CutoverRecords {
         Ok(CutoverRecords { ownership, moves })
     }
 
-    /// The states of the services with a record or a move, from these records and the feeds
-    /// (pure).
+    /// The states of the services that can write back or have a record or a move, from these
+    /// records and the feeds (pure).
     pub fn states(
         &self,
         services: &[std::sync::Arc<ServiceTransforms>],
@@ -200,7 +201,7 @@ impl CutoverRecords {
             let service = s.service();
             let o = self.ownership.get(service);
             let record = self.moves.iter().find(|r| r.id == service);
-            if o.is_none() && record.is_none() {
+            if o.is_none() && record.is_none() && s.written_back().is_empty() {
                 continue;
             }
             let (feed, lags) = feeds
@@ -230,7 +231,7 @@ pub async fn cutover_feeds(
     for s in services {
         let service = s.service();
         let o = records.ownership.get(service);
-        if o.is_none() && !records.moves.iter().any(|r| r.id == service) {
+        if o.is_none() && !records.moves.iter().any(|r| r.id == service) && s.written_back().is_empty() {
             continue;
         }
         let cp = checkpoints.load(service).await?;

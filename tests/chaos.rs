@@ -132,7 +132,7 @@ struct View {
 }
 
 fn read_view(port: u16) -> Option<View> {
-    let (code, body) = std::panic::catch_unwind(|| common::http_get(port, "/cutover?instance=chaos-app")).ok()?;
+    let (code, body) = common::try_http_get(port, "/cutover?instance=chaos-app").ok()?;
     if code != 200 {
         return None;
     }
@@ -340,15 +340,17 @@ async fn ownership_chaos_loses_no_acknowledged_write() {
         }
         // A cutover is a command an operator re-runs until it completes (it resumes).
         let started = Instant::now();
+        let mut tries = Vec::new();
         loop {
             let out = daemon.ficus(&args);
             if out.status.success() {
                 break;
             }
+            tries.push(format!("exit {:?}: {}", out.status, text(&out)));
             assert!(
                 started.elapsed() < Duration::from_secs(600),
                 "seed {seed}: --to {to} never completed:\n{}\n{}",
-                text(&out),
+                tries.join("\n---\n"),
                 daemon.logs()
             );
             tokio::time::sleep(Duration::from_secs(2)).await;

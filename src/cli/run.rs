@@ -107,11 +107,15 @@ pub(super) async fn run(mut loaded: Loaded, args: RunArgs) -> anyhow::Result<Exi
     let chosen = select_services(&loaded.services, &args.services)?;
     // Ownership, read once servers answer, shared by every role that judges it.
     let ownership = Arc::new(tokio::sync::OnceCell::<OwnershipFeed>::new());
+    // The services this process judges changes of: those that can write back.
+    let judged: Arc<Vec<String>> = Arc::new(
+        chosen.iter().filter(|s| !s.written_back().is_empty()).map(|s| s.service().to_string()).collect(),
+    );
     let follow = {
         let (cfg, ownership, token) = (cfg.clone(), ownership.clone(), shutdown.clone());
         move || {
-            let (cfg, ownership, token) = (cfg.clone(), ownership.clone(), token.clone());
-            async move { follow_ownership(&cfg, &ownership, &token).await }
+            let (cfg, ownership, token, judged) = (cfg.clone(), ownership.clone(), token.clone(), judged.clone());
+            async move { follow_ownership(&cfg, &judged, &ownership, &token).await }
         }
     };
 
@@ -247,6 +251,7 @@ pub(super) async fn run(mut loaded: Loaded, args: RunArgs) -> anyhow::Result<Exi
 /// shutdown came first.
 async fn follow_ownership(
     cfg: &Config,
+    judged: &[String],
     cell: &tokio::sync::OnceCell<OwnershipFeed>,
     shutdown: &CancellationToken,
 ) -> anyhow::Result<Option<OwnershipFeed>> {
@@ -256,7 +261,8 @@ async fn follow_ownership(
         let services = crate::mongo::connect(&cfg.target_uri, "ownership").await?.database("admin");
         let source = OwnershipSource { store: OwnershipStore::new(&store), store_db: store, monolith, services };
         let instance = format!("{}:{}", crate::config::host_name(), std::process::id());
-        OwnershipFeed::start(source, cfg.reverse.ownership_poll, instance, shutdown.clone()).await
+        let judged = (instance, judged.to_vec());
+        OwnershipFeed::start(source, cfg.reverse.ownership_poll, judged, shutdown.clone()).await
     };
     let feed = cell
         .get_or_try_init(|| async {

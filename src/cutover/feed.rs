@@ -69,14 +69,16 @@ impl Drop for Judging {
     }
 }
 
-/// Per service, the revision of its record a process can acknowledge: its view's, or the
-/// oldest a batch still being written was judged by (pure).
-pub fn acknowledged(view: &View, judging: &[(u64, String, i64)]) -> Vec<(String, i64)> {
-    view.records
+/// Per service the process judges, the revision of its record the process can acknowledge: its
+/// view's (0 while the service has no record), or the oldest a batch still being written was
+/// judged by (pure).
+pub fn acknowledged(view: &View, services: &[String], judging: &[(u64, String, i64)]) -> Vec<(String, i64)> {
+    services
         .iter()
-        .map(|(service, o)| {
+        .map(|service| {
+            let now = view.get(service).map_or(0, |o| o.revision);
             let oldest = judging.iter().filter(|(_, s, _)| s == service).map(|(_, _, r)| *r).min();
-            (service.clone(), oldest.map_or(o.revision, |r| r.min(o.revision)))
+            (service.clone(), oldest.map_or(now, |r| r.min(now)))
         })
         .collect()
 }
@@ -85,11 +87,12 @@ impl OwnershipFeed {
     /// Starts following; the first read is awaited (so nothing is judged by an empty view).
     /// Starts following; the first read is awaited (so nothing is judged by an empty view).
     /// After every read the process acknowledges, as `instance` in the store's registry of
-    /// views, the revisions it has adopted ([`acknowledged`]).
+    /// views, the revisions of the records of `services` (those it judges) it has adopted
+    /// ([`acknowledged`]).
     pub async fn start(
         source: OwnershipSource,
         every: Duration,
-        instance: String,
+        (instance, services): (String, Vec<String>),
         shutdown: CancellationToken,
     ) -> Result<OwnershipFeed, OwnershipError> {
         let first = source.read().await?;
@@ -103,7 +106,7 @@ impl OwnershipFeed {
                 let view = polling.current();
                 let epochs = {
                     let judging = polling.judging.lock().unwrap_or_else(|e| e.into_inner());
-                    acknowledged(&view, &judging)
+                    acknowledged(&view, &services, &judging)
                 };
                 if let Err(e) = views.saw(Viewer::Ficus, &instance, &epochs).await {
                     tracing::warn!("acknowledging ownership: {e}");
@@ -191,5 +194,29 @@ fn log_changes(was: &View, now: &View) {
             metrics::gauge!("ficus_cutover_percent", "service" => service.clone()).set(f64::from(o.percent));
             metrics::gauge!("ficus_cutover_epoch", "service" => service.clone()).set(o.epoch as f64);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cutover::ownership::Ownership;
+
+    #[test]
+    fn a_process_acknowledges_no_revision_newer_than_a_batch_in_flight_judged_by() {
+        let record = |revision| Ownership {
+            service: "s".into(),
+            epoch: 1,
+            revision,
+            percent: 0,
+            history: Vec::new(),
+            updated: bson::DateTime::from_millis(0),
+            fenced: None,
+        };
+        let view = View { records: [("s".to_string(), record(7))].into(), ..View::default() };
+        let services = vec!["s".to_string(), "new".to_string()];
+        assert_eq!(acknowledged(&view, &services, &[]), [("s".to_string(), 7), ("new".to_string(), 0)]);
+        let judging = [(1, "s".to_string(), 6), (2, "s".to_string(), 7), (3, "other".to_string(), 1)];
+        assert_eq!(acknowledged(&view, &services, &judging)[0], ("s".to_string(), 6), "a batch judged at 6 still runs");
     }
 }

@@ -300,7 +300,8 @@ impl MonolithSink {
     /// Repairs the monolith's side of a conflict the service (the owner) won: makes the
     /// monolith document of a service document say what the owner's says now in the fields in
     /// conflict (`paths`, in the service's shape; `None`: the whole document, restored if the
-    /// monolith deleted it, deleted if the owner did), in a marked transaction like a
+    /// monolith deleted it; one the owner deleted is left to that delete's write-back), in a
+    /// marked transaction like a
     /// write-back's, so its echo is not applied to the service again. `read_owner` reads the
     /// owner's document (`None`: gone) with the service database's cluster time read before it;
     /// `hint` (a service-shaped image, or the owner's last document) locates the monolith's
@@ -422,10 +423,9 @@ impl MonolithSink {
                 ops.push(MonolithOp::Insert(created));
                 format!("the owner's document restored in the monolith's {source}")
             }
-            (None, Some(m)) => {
-                ops.push(MonolithOp::Delete(m.get("_id").cloned().unwrap_or(Bson::Null)));
-                format!("deleted from the monolith's {source}, as the owner did")
-            }
+            // The owner deleted it while it owned it: that delete is on its way back (the
+            // reverse tail publishes it), and removes the monolith's document in its turn.
+            (None, Some(_)) => return Ok("the owner's delete is on its way back to the monolith".into()),
             (None, None) => return Ok("both sides hold nothing".into()),
         };
         self.send(s, source, Outgoing { ops, records: Vec::new() }).await?;
