@@ -842,6 +842,7 @@ fn a_service_change_is_rebased_on_the_monolith_as_it_is_now() {
         before,
         changed,
         removed: Vec::new(),
+        truncated: Vec::new(),
         derived: None,
     };
     let update = change(Op::Update, Some(bson::doc! { "displayName": "Anne" }), None, Some(stale.clone()));
