@@ -30,11 +30,14 @@
 //! the [`Reverse`] of a service collection, whose [`Reverse::put`] turns a service document into
 //! a field-scoped [`Patch`] of the monolith document; [`ServiceTransforms::classification`] says
 //! field by field what goes back and how, and [`check_laws`] proves the round trip on documents.
+//! Where both sides change one array at once, [`elements::merge`] merges it three ways by
+//! element id, so a change made by index lands on its own element in an array of another shape.
 
 mod apply;
 mod builtins;
 mod classify;
 mod compile;
+pub mod elements;
 mod expr;
 mod invert;
 mod laws;
