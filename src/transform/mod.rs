@@ -49,7 +49,7 @@ mod tests;
 
 pub use classify::{CollectionClass, FieldClass, Reversibility, render_classification};
 pub use laws::{Law, LawFailure, LensCheck, LensReport, Tally, check_laws};
-pub use reverse::{Conflict, Disagreement, Patch, Reverse, ReverseError, set_path, unset_path};
+pub use reverse::{Conflict, Disagreement, Patch, Rebased, Reverse, ReverseError, set_path, unset_path};
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
