@@ -491,7 +491,7 @@ impl<'a> Reverse<'a> {
     /// change's pre-image, in its exact result (the pre-image with the update's description
     /// applied, [`crate::event::update`]), and in the image of the monolith document; the
     /// change's side wins where both changed an element (a write-back is the owner's), and
-    /// those elements are reported. Without a pre-image (or with one the description does not
+    /// those elements come back in [`Rebased::conflicts`] for the caller to record. Without a pre-image (or with one the description does not
     /// fit) the array after the change is taken whole from the document looked up after it,
     /// which may hold later service changes too but never an index laid on another shape; with
     /// no document after it either, the paths are laid as they are.
