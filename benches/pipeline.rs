@@ -61,6 +61,7 @@ fn record(
         before,
         changed,
         removed: Vec::new(),
+        truncated: Vec::new(),
         cluster_time: Timestamp { time: 1_767_225_600, increment: 7 },
         index: 1,
         wall_time: Some(DateTime::from_millis(1_767_225_600_123)),

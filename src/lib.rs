@@ -17,8 +17,9 @@
 //!
 //! - [`config`]: the configuration file, defaults and `FICUS_*` environment, and the topic
 //!   definitions (`topics/`), loaded once and validated together, every problem reported.
-//! - [`event`]: the canonical event (CloudEvents 1.0), ficus's control messages, versions, and
-//!   the pure mapping from a source change to events.
+//! - [`event`]: the canonical event (CloudEvents 1.0), ficus's control messages, versions, the
+//!   pure mapping from a source change to events, and an update's description applied to the
+//!   document before it.
 //! - [`cutover`]: who writes each aggregate: the published routing function and each
 //!   service's share over time.
 //! - `source`: where changes come from: the `Source` contract and its MongoDB adapter.

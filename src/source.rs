@@ -20,8 +20,8 @@ use mongodb::{Client, Database};
 use std::future::Future;
 use std::time::Duration;
 
-use crate::event::Op;
 use crate::event::mapping::{ChangeRecord, TxnId};
+use crate::event::{Op, Truncation};
 use crate::mongo::{self, ErrorClass};
 
 /// The collection, in every database ficus writes (the service databases, and the monolith
@@ -301,6 +301,25 @@ pub fn token_doc(token: &ResumeToken) -> Result<Document, SourceError> {
     bson::serialize_to_document(token).map_err(|e| SourceError::Malformed(format!("resume token: {e}")))
 }
 
+/// The arrays an update shortened (`truncatedArrays`, MongoDB 5.0 on: `[{field, newSize}]`).
+fn truncated_arrays(u: &Document) -> Result<Vec<Truncation>, String> {
+    let Ok(entries) = u.get_array("truncatedArrays") else { return Ok(Vec::new()) };
+    entries
+        .iter()
+        .map(|e| {
+            let e = e.as_document().ok_or_else(|| format!("expected documents, found {e}"))?;
+            let field = e.get_str("field").map_err(|_| format!("an entry without a `field`: {e}"))?;
+            let new_size = match e.get("newSize") {
+                Some(Bson::Int32(n)) => u32::try_from(*n).ok(),
+                Some(Bson::Int64(n)) => u32::try_from(*n).ok(),
+                _ => None,
+            };
+            let new_size = new_size.ok_or_else(|| format!("`{field}` without a valid `newSize`: {e}"))?;
+            Ok(Truncation { field: field.to_string(), new_size })
+        })
+        .collect()
+}
+
 /// Converts one raw change-stream event into a [`ChangeRecord`] (index left at 0 for the caller
 /// to assign) and its resume token. Operations that are not document changes are errors the
 /// caller must surface.
@@ -334,14 +353,17 @@ pub fn to_record(raw: &bson::RawDocument) -> Result<(ChangeRecord, Document), So
         .get_timestamp("clusterTime")
         .map_err(|_| SourceError::Malformed(format!("{op} event on {collection} without clusterTime")))?;
     let image = |field: &str| ev.get_document(field).ok().cloned();
-    let (changed, removed) = match ev.get_document("updateDescription") {
+    let (changed, removed, truncated) = match ev.get_document("updateDescription") {
         Ok(u) => (
             Some(u.get_document("updatedFields").cloned().unwrap_or_default()),
             u.get_array("removedFields")
                 .map(|a| a.iter().filter_map(|f| f.as_str().map(str::to_string)).collect())
                 .unwrap_or_default(),
+            truncated_arrays(u).map_err(|why| {
+                SourceError::Malformed(format!("{op} event on {collection}: updateDescription.truncatedArrays: {why}"))
+            })?,
         ),
-        Err(_) => (None, Vec::new()),
+        Err(_) => (None, Vec::new(), Vec::new()),
     };
     let record = ChangeRecord {
         op,
@@ -351,6 +373,7 @@ pub fn to_record(raw: &bson::RawDocument) -> Result<(ChangeRecord, Document), So
         before: image("fullDocumentBeforeChange"),
         changed,
         removed,
+        truncated,
         cluster_time,
         index: 0,
         wall_time: ev.get_datetime("wallTime").ok().copied(),

@@ -90,6 +90,7 @@ fn history(steps: &[Step]) -> Vec<ChangeRecord> {
             after,
             before: if op == Op::Insert { None } else { before },
             removed: vec![],
+            truncated: Vec::new(),
             cluster_time: ts,
             index: 1,
             wall_time: None,

@@ -162,6 +162,7 @@ pub fn target_docs(topics: &Topics, svc: &ServiceTransforms, docs: Vec<Document>
             before: None,
             changed: None,
             removed: Vec::new(),
+            truncated: Vec::new(),
             cluster_time: Timestamp { time: 1_767_225_600, increment: 1 + i as u32 },
             index: 1,
             wall_time: None,

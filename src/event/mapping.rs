@@ -7,7 +7,10 @@
 
 use bson::{Bson, DateTime, Document, Timestamp};
 
-use super::{CanonicalEvent, Derived, EventData, Op, Origin, Position, SCHEMA_VERSION, event_id, render_key};
+use super::update;
+use super::{
+    CanonicalEvent, Derived, EventData, Op, Origin, Position, SCHEMA_VERSION, Truncation, event_id, render_key,
+};
 use crate::config::topics::{DerivedRule, TopicDef};
 
 /// One change in the source, owned and driver-independent.
@@ -20,6 +23,8 @@ pub struct ChangeRecord {
     pub before: Option<Document>,
     pub changed: Option<Document>,
     pub removed: Vec<String>,
+    /// The arrays an update shortened (`truncatedArrays`), see [`super::update`].
+    pub truncated: Vec<Truncation>,
     pub cluster_time: Timestamp,
     /// The index among events sharing `cluster_time` (see [`Position`]).
     pub index: u32,
@@ -51,6 +56,7 @@ impl ChangeRecord {
             before: None,
             changed: None,
             removed: Vec::new(),
+            truncated: Vec::new(),
             cluster_time,
             index: 0,
             wall_time: None,
@@ -132,6 +138,7 @@ pub fn change_event(def: &TopicDef, source_name: &str, rec: ChangeRecord) -> (Ca
         before: rec.before,
         changed: rec.changed,
         removed: rec.removed,
+        truncated: rec.truncated,
         derived: None,
     };
     let event = CanonicalEvent {
@@ -191,11 +198,14 @@ type Grown = (Option<u32>, Bson);
 ///
 /// Inserts and snapshot copies report every element. An update is judged by its update
 /// description alone, which is exact for that change (the after-state of an update is looked up
-/// later and may already hold newer changes): `purchases.3` set means element 3 appeared; the
-/// whole array set is diffed against the before-state (a multiset difference), or, with no
-/// before-state, reported whole. A replace diffs its new document against the before-state, or
-/// reports every element. Reporting an element twice is harmless: consumers key derived targets
-/// by the element's own id.
+/// later and may already hold newer changes): `purchases.3` set means element 3 appeared, unless
+/// the before-state's array already held that element (an update that shrinks an array, which
+/// MongoDB reports as `truncatedArrays`, sets the elements that move down again: they are not
+/// new); the whole array set is diffed against the before-state (a multiset difference), or,
+/// with no before-state, reported whole. Changes inside an element (`purchases.3.status`) and a
+/// cut alone grow nothing. A replace diffs its new document against the before-state, or reports
+/// every element. Reporting an element twice is harmless: consumers key derived targets by the
+/// element's own id.
 fn grown_elements(rule: &DerivedRule, rec: &ChangeRecord) -> Vec<Grown> {
     let array = |d: Option<&Document>| match d.and_then(|d| get_path(d, &rule.array_field)) {
         Some(Bson::Array(a)) => Some(a.clone()),
@@ -213,7 +223,7 @@ fn grown_elements(rule: &DerivedRule, rec: &ChangeRecord) -> Vec<Grown> {
         Op::Update => {
             let Some(changed) = rec.changed.as_ref() else { return Vec::new() };
             let prefix = format!("{}.", rule.array_field);
-            let mut out = Vec::new();
+            let mut set = Vec::new();
             for (path, value) in changed {
                 if path == &rule.array_field {
                     let Bson::Array(after) = value else { return Vec::new() };
@@ -222,11 +232,21 @@ fn grown_elements(rule: &DerivedRule, rec: &ChangeRecord) -> Vec<Grown> {
                         None => indexed(after.clone()),
                     };
                 }
-                if let Some(i) = path.strip_prefix(&prefix).and_then(|rest| rest.parse::<u32>().ok()) {
-                    out.push((Some(i), value.clone()));
+                if let Some(i) = path.strip_prefix(&prefix).and_then(update::index).and_then(|i| u32::try_from(i).ok())
+                {
+                    set.push((Some(i), value.clone()));
                 }
             }
-            out
+            let Some(mut before) = array(rec.before.as_ref()) else { return set };
+            // Each element of the before-state accounts for one equal element set (a multiset).
+            set.retain(|(_, e)| match before.iter().position(|o| o == e) {
+                Some(pos) => {
+                    before.swap_remove(pos);
+                    false
+                }
+                None => true,
+            });
+            set
         }
     }
 }
@@ -264,6 +284,7 @@ mod tests {
             before: None,
             changed: None,
             removed: vec![],
+            truncated: vec![],
             cluster_time: Timestamp { time: 100, increment: 1 },
             index: 1,
             wall_time: None,
@@ -340,6 +361,38 @@ mod tests {
         let mut r = rec(Op::Update, "customers", Some(doc! { "user_id": "U1", "purchases": [purchase("P1")] }));
         r.changed = Some(doc! { "purchases.0.status": "refunded" });
         assert_eq!(map_change(def, "s", r).events.len(), 1);
+    }
+
+    #[test]
+    fn an_array_that_shrank_grew_nothing_though_its_elements_moved_down() {
+        // A pipeline update dropped P1 of three purchases: MongoDB reports the two left, set again
+        // at their new indexes, and the cut. With the before-state, nothing appeared.
+        let t = topics();
+        let def = t.for_collection("customers").unwrap();
+        let three = doc! { "user_id": "U1", "purchases": [purchase("P1"), purchase("P2"), purchase("P3")] };
+        let mut r =
+            rec(Op::Update, "customers", Some(doc! { "user_id": "U1", "purchases": [purchase("P2"), purchase("P3")] }));
+        r.before = Some(three.clone());
+        r.changed = Some(doc! { "purchases.0": purchase("P2"), "purchases.1": purchase("P3") });
+        r.truncated = vec![Truncation { field: "purchases".into(), new_size: 2 }];
+        let out = map_change(def, "s", r.clone());
+        assert_eq!(out.events.len(), 1, "no purchase_recorded for elements that only moved");
+        assert_eq!(out.events[0].data.truncated, r.truncated, "the cut travels with the change event");
+        // The same update also putting a new purchase in the freed slot: that one appeared.
+        r.changed = Some(doc! { "purchases.0": purchase("P2"), "purchases.1": purchase("P9") });
+        let out = map_change(def, "s", r.clone());
+        let grown: Vec<_> = out.events[1..].iter().map(|e| e.data.derived.clone().unwrap()).collect();
+        assert_eq!(
+            grown,
+            [Derived { field: "purchases".into(), index: Some(1), element: Bson::Document(purchase("P9")) }]
+        );
+        // A cut alone grows nothing.
+        r.changed = Some(doc! {});
+        assert_eq!(map_change(def, "s", r.clone()).events.len(), 1);
+        // Without the before-state the elements set are reported (consumers key them by id).
+        r.before = None;
+        r.changed = Some(doc! { "purchases.0": purchase("P2"), "purchases.1": purchase("P3") });
+        assert_eq!(map_change(def, "s", r).events.len(), 3);
     }
 
     #[test]

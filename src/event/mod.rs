@@ -12,10 +12,12 @@
 mod control;
 mod ejson;
 pub mod mapping;
+pub mod update;
 mod version;
 
 pub use control::{Control, ControlMessage, Message, SNAPSHOT_COMPLETED, SnapshotMarker};
 pub use ejson::{from_ejson, to_ejson};
+pub use update::Truncation;
 pub use version::Version;
 
 use std::fmt;
@@ -119,6 +121,9 @@ pub struct EventData {
     pub changed: Option<Document>,
     /// For updates: the fields removed, by dotted path.
     pub removed: Vec<String>,
+    /// For updates: the arrays it shortened (`truncatedArrays`, reported for pipeline updates
+    /// since MongoDB 5.0), cut before `changed` applies (see [`update::apply`]).
+    pub truncated: Vec<Truncation>,
     /// For semantic events: what appeared.
     pub derived: Option<Derived>,
 }
@@ -242,6 +247,7 @@ impl CanonicalEvent {
                 before: None,
                 changed: None,
                 removed: Vec::new(),
+                truncated: Vec::new(),
                 derived: self.data.derived.as_ref().map(|d| Derived {
                     field: d.field.clone(),
                     index: d.index,
@@ -269,6 +275,15 @@ impl CanonicalEvent {
         if self.data.changed.is_some() || self.data.op == Op::Update {
             data.insert("changed".into(), opt(&self.data.changed));
             data.insert("removed".into(), Value::Array(self.data.removed.iter().cloned().map(Value::String).collect()));
+        }
+        if !self.data.truncated.is_empty() {
+            let cut = |t: &Truncation| {
+                let mut m = Map::new();
+                m.insert("field".into(), Value::String(t.field.clone()));
+                m.insert("newSize".into(), Value::from(t.new_size));
+                Value::Object(m)
+            };
+            data.insert("truncatedArrays".into(), Value::Array(self.data.truncated.iter().map(cut).collect()));
         }
         if let Some(d) = &self.data.derived {
             let mut m = Map::new();
@@ -399,6 +414,11 @@ impl CanonicalEvent {
                 .collect::<Result<_, _>>()?,
             Some(_) => return Err(bad("data.removed", "expected an array")),
         };
+        let truncated = match data.remove("truncatedArrays") {
+            None | Some(Value::Null) => Vec::new(),
+            Some(Value::Array(a)) => a.into_iter().map(truncation).collect::<Result<_, _>>()?,
+            Some(_) => return Err(bad("data.truncatedArrays", "expected an array")),
+        };
         let derived = match data.remove("derived") {
             None | Some(Value::Null) => None,
             Some(Value::Object(mut m)) => {
@@ -410,11 +430,7 @@ impl CanonicalEvent {
                     None | Some(Value::Null) => None,
                     // A plain number, or Extended JSON (`{"$numberInt": "3"}`) from a round trip
                     // through BSON, as the event store does.
-                    Some(v) => match Bson::try_from(v) {
-                        Ok(Bson::Int32(i)) => u32::try_from(i).ok(),
-                        Ok(Bson::Int64(i)) => u32::try_from(i).ok(),
-                        _ => return Err(bad("data.derived.index", "expected an integer")),
-                    },
+                    Some(v) => Some(small_int(v).ok_or_else(|| bad("data.derived.index", "expected an integer"))?),
                 };
                 let element = bson_of("data.derived.element", m.remove("element"))?;
                 Some(Derived { field, index, element })
@@ -429,7 +445,7 @@ impl CanonicalEvent {
             time,
             position: Position { cluster_time, index, resume_token },
             schema_version,
-            data: EventData { op, collection, key, document_id, after, before, changed, removed, derived },
+            data: EventData { op, collection, key, document_id, after, before, changed, removed, truncated, derived },
             origin,
         })
     }
@@ -446,6 +462,30 @@ impl CanonicalEvent {
             ("ce_sequence", self.position.sequence()),
         ]
     }
+}
+
+/// A small unsigned integer on the wire: a plain number, or Extended JSON (`{"$numberInt": "3"}`)
+/// from a round trip through BSON, as the event store does.
+fn small_int(v: Value) -> Option<u32> {
+    match Bson::try_from(v) {
+        Ok(Bson::Int32(i)) => u32::try_from(i).ok(),
+        Ok(Bson::Int64(i)) => u32::try_from(i).ok(),
+        _ => None,
+    }
+}
+
+/// One entry of `data.truncatedArrays`: `{"field": "purchases", "newSize": 2}`.
+fn truncation(v: Value) -> Result<Truncation, DecodeError> {
+    let Value::Object(mut m) = v else { return Err(bad("data.truncatedArrays", "expected objects")) };
+    let field = match m.remove("field") {
+        Some(Value::String(s)) => s,
+        _ => return Err(bad("data.truncatedArrays", "an entry's `field` is missing or not a string")),
+    };
+    let new_size = m
+        .remove("newSize")
+        .and_then(small_int)
+        .ok_or_else(|| bad("data.truncatedArrays", format!("`{field}`: `newSize` is missing or not a count")))?;
+    Ok(Truncation { field, new_size })
 }
 
 #[cfg(test)]
@@ -484,6 +524,7 @@ mod tests {
                 before: None,
                 changed: Some(doc! { "stats.msgs": 5_i32 }),
                 removed: vec!["tz".into()],
+                truncated: vec![],
                 derived: Some(Derived {
                     field: "purchases".into(),
                     index: Some(3),
@@ -534,6 +575,37 @@ mod tests {
         let back = CanonicalEvent::decode(&ev.encode()).unwrap();
         assert_eq!(back.data.after, Some(lookalikes));
         assert_eq!(back, ev);
+    }
+
+    #[test]
+    fn truncated_arrays_travel_with_the_update_and_survive_the_event_store() {
+        let mut ev = sample();
+        ev.data.derived = None;
+        ev.data.changed = Some(doc! { "purchases.0": { "id": "P2" }, "$odd.name": 1_i32 });
+        ev.data.truncated = vec![
+            Truncation { field: "purchases".into(), new_size: 1 },
+            Truncation { field: "tags.a.b".into(), new_size: 0 },
+        ];
+        let wire = ev.to_json();
+        assert_eq!(
+            wire["data"]["truncatedArrays"],
+            serde_json::json!([{ "field": "purchases", "newSize": 1 }, { "field": "tags.a.b", "newSize": 0 }])
+        );
+        assert_eq!(CanonicalEvent::decode(&ev.encode()).unwrap(), ev);
+        // The event store keeps `data` as BSON and gives it back as canonical Extended JSON,
+        // where the sizes are `{"$numberInt": …}`.
+        let mut stored = wire.clone();
+        let data = Bson::try_from(stored["data"].take()).unwrap();
+        stored["data"] = data.into_canonical_extjson();
+        assert_eq!(stored["data"]["truncatedArrays"][0]["newSize"]["$numberInt"], "1");
+        assert_eq!(CanonicalEvent::from_json(stored).unwrap(), ev);
+        // Updates that shrink nothing say nothing: the field is left out.
+        assert!(sample().to_json()["data"].get("truncatedArrays").is_none());
+        // Malformed entries are named.
+        let mut bad = wire;
+        bad["data"]["truncatedArrays"][1]["newSize"] = Value::from(-1);
+        let err = CanonicalEvent::from_json(bad).unwrap_err().to_string();
+        assert!(err.contains("data.truncatedArrays") && err.contains("tags.a.b"), "{err}");
     }
 
     #[test]

@@ -191,7 +191,7 @@ impl EventStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::event::{CanonicalEvent, Derived, EventData, Op, Position};
+    use crate::event::{CanonicalEvent, Derived, EventData, Op, Position, Truncation};
     use bson::Timestamp;
 
     #[test]
@@ -216,6 +216,7 @@ mod tests {
                 before: None,
                 changed: Some(doc! { "n": 1_i32 }),
                 removed: vec!["x".into()],
+                truncated: vec![Truncation { field: "purchases".into(), new_size: 2 }],
                 derived: Some(Derived {
                     field: "purchases".into(),
                     index: Some(3),

@@ -267,6 +267,7 @@ mod tests {
             before,
             changed: None,
             removed: Vec::new(),
+            truncated: Vec::new(),
             cluster_time: bson::Timestamp { time: 0, increment: 0 },
             index: 0,
             wall_time: None,

@@ -780,6 +780,7 @@ mod tests {
                 before: None,
                 changed: None,
                 removed: vec![],
+                truncated: Vec::new(),
                 derived: None,
             },
         }

@@ -30,11 +30,14 @@
 //! the [`Reverse`] of a service collection, whose [`Reverse::put`] turns a service document into
 //! a field-scoped [`Patch`] of the monolith document; [`ServiceTransforms::classification`] says
 //! field by field what goes back and how, and [`check_laws`] proves the round trip on documents.
+//! Where both sides change one array at once, [`elements::merge`] merges it three ways by
+//! element id, so a change made by index lands on its own element in an array of another shape.
 
 mod apply;
 mod builtins;
 mod classify;
 mod compile;
+pub mod elements;
 mod expr;
 mod invert;
 mod laws;
@@ -46,7 +49,7 @@ mod tests;
 
 pub use classify::{CollectionClass, FieldClass, Reversibility, render_classification};
 pub use laws::{Law, LawFailure, LensCheck, LensReport, Tally, check_laws};
-pub use reverse::{Conflict, Disagreement, Patch, Reverse, ReverseError, set_path, unset_path};
+pub use reverse::{Conflict, Disagreement, Patch, Rebased, Reverse, ReverseError, set_path, unset_path};
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};

@@ -21,6 +21,7 @@ use bson::{Bson, Document, Timestamp, doc};
 
 use super::builtins::{self, found, same, same_doc, same_opt};
 use super::compile::{Key, Target, Transform};
+use super::elements::{ElementConflict, MergedArray, Wins};
 use super::expr::{Expr, Scope};
 use super::invert::{Align, DocumentPlan, Forward, How, Lens, ScopePlan};
 use super::{TransformError, WriteOp};
@@ -255,6 +256,25 @@ pub fn unset_path(doc: &mut Document, path: &str) {
     }
 }
 
+/// What a service change says about the monolith document ([`Reverse::rebase_merged`]).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Rebased {
+    /// The service-shaped document for [`Reverse::put`]; `None` when there is nothing at all.
+    pub document: Option<Document>,
+    /// Array elements the change and the monolith both changed, differently, by the array's
+    /// target path: the change's version is in `document` (a write-back is the owner's).
+    pub conflicts: Vec<(String, ElementConflict)>,
+}
+
+/// The outermost array on a dotted path (the path itself, or a prefix of it) in any of the
+/// documents.
+fn outermost_array(path: &str, docs: &[Option<&Document>]) -> Option<String> {
+    let segments: Vec<&str> = path.split('.').collect();
+    (1..=segments.len())
+        .map(|n| segments[..n].join("."))
+        .find(|prefix| docs.iter().flatten().any(|d| matches!(get_path(d, prefix), Some(Bson::Array(_)))))
+}
+
 /// The reverse of one transform: how documents of one service collection go back into one
 /// monolith collection. Obtained from [`super::ServiceTransforms::reverse_for`].
 #[derive(Debug, Clone, Copy)]
@@ -426,6 +446,33 @@ impl<'a> Reverse<'a> {
         }
     }
 
+    /// The element id of each array a service document holds (built with `each`), by its target
+    /// path: `("purchaseHistory", Some("purchaseId"))`, or `None` where elements are matched by
+    /// position (`align = "position"`). Arrays inside array elements are not listed: they go with
+    /// their element. The three-way merge of arrays ([`super::elements::merge`]) takes these ids,
+    /// in this direction and the other.
+    pub fn array_keys(&self) -> Vec<(String, Option<String>)> {
+        let id = |align: &Align| match align {
+            Align::Field(name) => Some(name.clone()),
+            Align::Position => None,
+        };
+        self.plan
+            .scope
+            .fields
+            .iter()
+            .filter_map(|f| match &f.how {
+                How::Array { align, .. } => Some((f.target.clone(), id(align))),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// What a service change says about the monolith document as it is now:
+    /// [`Reverse::rebase_merged`]'s document.
+    pub fn rebase(&self, monolith: Option<&Document>, change: &crate::event::EventData) -> Option<Document> {
+        self.rebase_merged(monolith, change).document
+    }
+
     /// What a service change says about the monolith document as it is now: the service's own
     /// changes (an update's fields, or what a replace changed against its pre-image) laid over
     /// the service-shaped image of the monolith's current document, so that [`Reverse::put`]
@@ -435,24 +482,76 @@ impl<'a> Reverse<'a> {
     /// document after the change where there is nothing to lay it over (an insert, no monolith
     /// document, no pre-image, a monolith document outside the target); `None` when there is
     /// nothing at all.
-    pub fn rebase(&self, monolith: Option<&Document>, change: &crate::event::EventData) -> Option<Document> {
+    ///
+    /// A change at or inside an array (`purchaseHistory.3`, `purchaseHistory.1.status`, the
+    /// whole array, an array the update cut: `truncatedArrays`) is never laid by index, since
+    /// the monolith's array may have another shape by now (its own code pushed or removed
+    /// elements). The whole outermost array is merged three ways by element id
+    /// ([`super::elements::merge`], ids from [`Reverse::array_keys`]): the array in the
+    /// change's pre-image, in its exact result (the pre-image with the update's description
+    /// applied, [`crate::event::update`]), and in the image of the monolith document; the
+    /// change's side wins where both changed an element (a write-back is the owner's), and
+    /// those elements come back in [`Rebased::conflicts`] for the caller to record. Without a pre-image (or with one the description does not
+    /// fit) the array after the change is taken whole from the document looked up after it,
+    /// which may hold later service changes too but never an index laid on another shape; with
+    /// no document after it either, the paths are laid as they are.
+    pub fn rebase_merged(&self, monolith: Option<&Document>, change: &crate::event::EventData) -> Rebased {
         use crate::event::Op;
-        let whole = || change.after.clone();
-        let (changed, removed) = match (change.op, &change.changed, &change.before, &change.after) {
-            (Op::Update, Some(changed), _, _) => (changed.clone(), change.removed.clone()),
-            (Op::Replace | Op::Update, _, Some(before), Some(after)) => diff(before, after),
+        let whole = || Rebased { document: change.after.clone(), conflicts: Vec::new() };
+        // What the change did, and the document before and after it where known exactly.
+        let (changed, removed, exact) = match (change.op, &change.changed, &change.before, &change.after) {
+            (Op::Update, Some(changed), before, _) => {
+                let exact = before.as_ref().and_then(|b| Some((b, change.update_applied_to(b)?.ok()?)));
+                (changed.clone(), change.removed.clone(), exact)
+            }
+            (Op::Replace | Op::Update, _, Some(before), Some(after)) => {
+                let (changed, removed) = diff(before, after);
+                (changed, removed, Some((before, after.clone())))
+            }
             _ => return whole(),
         };
         let Some(mut out) = monolith.and_then(|m| self.image(m).ok().flatten()) else { return whole() };
-        for (path, value) in changed {
-            if set_path(&mut out, &path, value).is_err() {
+        // The outermost arrays the change reaches, judged on the service's own documents.
+        let seen = [exact.as_ref().map(|e| e.0), exact.as_ref().map(|e| &e.1), change.after.as_ref()];
+        let paths = changed.keys().chain(&removed).chain(change.truncated.iter().map(|t| &t.field));
+        let mut arrays: Vec<String> = Vec::new();
+        for a in paths.filter_map(|p| outermost_array(p, &seen)) {
+            if !arrays.contains(&a) {
+                arrays.push(a);
+            }
+        }
+        let after_array = |a: &str| change.after.as_ref().map(|d| get_path(d, a).cloned());
+        let laid_whole = |a: &String| exact.is_some() || after_array(a).is_some();
+        let inside = |p: &str| arrays.iter().any(|a| laid_whole(a) && (p == a || p.starts_with(&format!("{a}."))));
+        for (path, value) in changed.iter().filter(|(p, _)| !inside(p)) {
+            if set_path(&mut out, path, value.clone()).is_err() {
                 return whole(); // the shapes differ too much to lay one over the other
             }
         }
-        for path in removed {
-            unset_path(&mut out, &path);
+        for path in removed.iter().filter(|p| !inside(p)) {
+            unset_path(&mut out, path);
         }
-        Some(out)
+        let keys = self.array_keys();
+        let mut conflicts = Vec::new();
+        for a in arrays.iter().filter(|a| laid_whole(a)) {
+            let merged = match &exact {
+                Some((pre, post)) => {
+                    let id = keys.iter().find(|(k, _)| k == a).and_then(|(_, id)| id.as_deref());
+                    super::elements::merge(get_path(pre, a), get_path(post, a), get_path(&out, a), id, Wins::Change)
+                }
+                None => MergedArray { value: after_array(a).flatten(), conflicts: Vec::new() },
+            };
+            match merged.value {
+                Some(v) => {
+                    if set_path(&mut out, a, v).is_err() {
+                        return whole();
+                    }
+                }
+                None => unset_path(&mut out, a),
+            }
+            conflicts.extend(merged.conflicts.into_iter().map(|c| (a.clone(), c)));
+        }
+        Rebased { document: Some(out), conflicts }
     }
 
     fn error(&self, field: &str, value: Option<&Bson>, reason: impl Into<String>) -> ReverseError {

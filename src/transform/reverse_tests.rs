@@ -842,6 +842,7 @@ fn a_service_change_is_rebased_on_the_monolith_as_it_is_now() {
         before,
         changed,
         removed: Vec::new(),
+        truncated: Vec::new(),
         derived: None,
     };
     let update = change(Op::Update, Some(bson::doc! { "displayName": "Anne" }), None, Some(stale.clone()));
@@ -861,4 +862,124 @@ fn a_service_change_is_rebased_on_the_monolith_as_it_is_now() {
     let blind = change(Op::Replace, None, None, Some(stale.clone()));
     assert_eq!(reverse.rebase(Some(&monolith), &blind), Some(stale.clone()));
     assert_eq!(reverse.rebase(None, &update), Some(stale));
+}
+
+/// A service change inside an array is merged into the monolith's array by element id, never
+/// laid by index: the monolith's own code may have pushed or removed elements meanwhile.
+#[test]
+fn a_service_change_inside_an_array_is_rebased_by_element_id() {
+    use crate::event::{EventData, Op, Truncation};
+    let services = shipped();
+    let customers = services.iter().find(|s| s.service() == "customers_db").unwrap();
+    let reverse = customers.reverse_for("customers").unwrap();
+    assert_eq!(reverse.array_keys(), [("purchaseHistory".to_string(), Some("purchaseId".to_string()))]);
+    // A monolith purchase, with a field no transform reads (it must stay with its element).
+    let buy = |id: &str, status: &str| bson::bson!({ "id": id, "product_id": "SKU", "amount": "10.00", "status": status, "gateway": format!("gw-{id}") });
+    let customer =
+        |purchases: Vec<Bson>| bson::doc! { "_id": 1, "user_id": "U1", "name": "Ann", "purchases": purchases };
+    let statuses = |patch: &Patch| -> Vec<(String, String)> {
+        patch
+            .set
+            .get_array("purchases")
+            .unwrap()
+            .iter()
+            .map(|p| {
+                let p = p.as_document().unwrap();
+                (p.get_str("id").unwrap().to_string(), p.get_str("status").unwrap().to_string())
+            })
+            .collect()
+    };
+    let pairs = |v: &[(&str, &str)]| v.iter().map(|(a, b)| (a.to_string(), b.to_string())).collect::<Vec<_>>();
+    // What the service held: the image of the monolith when it had P0, P1, P2.
+    let before =
+        reverse.image(&customer(vec![buy("P0", "paid"), buy("P1", "paid"), buy("P2", "paid")])).unwrap().unwrap();
+    let element = |i: usize| before.get_array("purchaseHistory").unwrap()[i].clone();
+    let update = |changed: Document, truncated: Vec<Truncation>, before: Option<&Document>| {
+        let mut data = EventData {
+            op: Op::Update,
+            collection: "customers".into(),
+            key: Bson::String("U1".into()),
+            document_id: Bson::String("U1".into()),
+            after: None,
+            before: before.cloned(),
+            changed: Some(changed),
+            removed: Vec::new(),
+            truncated,
+            derived: None,
+        };
+        data.after = data.before.as_ref().map(|b| data.update_applied_to(b).unwrap().unwrap());
+        data
+    };
+    // Meanwhile the monolith's own code dropped P0 and pushed P3.
+    let now = customer(vec![buy("P1", "paid"), buy("P2", "paid"), buy("P3", "paid")]);
+
+    // The service refunds its element 1, P1: by index that is P2 in the monolith now.
+    let refund = update(bson::doc! { "purchaseHistory.1.status": "refunded" }, vec![], Some(&before));
+    let rebased = reverse.rebase_merged(Some(&now), &refund);
+    assert!(rebased.conflicts.is_empty(), "{:?}", rebased.conflicts);
+    let patch = reverse.put(Some(&now), &rebased.document.unwrap()).unwrap();
+    assert_eq!(statuses(&patch), pairs(&[("P1", "refunded"), ("P2", "paid"), ("P3", "paid")]));
+    let kept: Vec<&str> = patch
+        .set
+        .get_array("purchases")
+        .unwrap()
+        .iter()
+        .map(|p| p.as_document().unwrap().get_str("gateway").unwrap())
+        .collect();
+    assert_eq!(kept, ["gw-P1", "gw-P2", "gw-P3"], "each element keeps the fields no transform reads");
+
+    // The service pushes P9 (its element 3) onto the array the monolith shortened: no hole, no
+    // dead letter, P9 after P2.
+    let mut p9 = element(2);
+    p9.as_document_mut().unwrap().insert("purchaseId", "P9");
+    let push = update(bson::doc! { "purchaseHistory.3": p9 }, vec![], Some(&before));
+    let patch = reverse.put(Some(&now), &reverse.rebase(Some(&now), &push).unwrap()).unwrap();
+    assert_eq!(statuses(&patch), pairs(&[("P1", "paid"), ("P2", "paid"), ("P9", "paid"), ("P3", "paid")]));
+
+    // A pipeline update on the service drops P0: the elements left move down, the array is cut.
+    // On the monolith as the service saw it, exactly P1 and P2 remain.
+    let was = customer(vec![buy("P0", "paid"), buy("P1", "paid"), buy("P2", "paid")]);
+    let cut = update(
+        bson::doc! { "purchaseHistory.0": element(1), "purchaseHistory.1": element(2) },
+        vec![Truncation { field: "purchaseHistory".into(), new_size: 2 }],
+        Some(&before),
+    );
+    let patch = reverse.put(Some(&was), &reverse.rebase(Some(&was), &cut).unwrap()).unwrap();
+    assert_eq!(statuses(&patch), pairs(&[("P1", "paid"), ("P2", "paid")]));
+    // Cut on the monolith as it is now: P0 is gone already, P3 (the monolith's) stays.
+    let patch = reverse.put(Some(&now), &reverse.rebase(Some(&now), &cut).unwrap()).unwrap();
+    assert!(patch.is_empty(), "nothing left to write: {patch:?}");
+
+    // Both sides changed P1: the service's value stands (it owns the document) and the pair is
+    // reported.
+    let disputed = customer(vec![buy("P1", "disputed"), buy("P2", "paid")]);
+    let rebased = reverse.rebase_merged(Some(&disputed), &refund);
+    assert_eq!(rebased.conflicts.len(), 1);
+    let (path, c) = &rebased.conflicts[0];
+    assert_eq!((path.as_str(), c.id.clone()), ("purchaseHistory", Some(Bson::String("P1".into()))));
+    let status = |v: &Option<Bson>| {
+        v.as_ref().and_then(|v| v.as_document()).and_then(|d| d.get_str("status").ok()).map(str::to_string)
+    };
+    assert_eq!(
+        (status(&c.base), status(&c.theirs), status(&c.current)),
+        (Some("paid".into()), Some("refunded".into()), Some("disputed".into()))
+    );
+    let patch = reverse.put(Some(&disputed), &rebased.document.unwrap()).unwrap();
+    assert_eq!(statuses(&patch), pairs(&[("P1", "refunded"), ("P2", "paid")]));
+
+    // Without a pre-image the array is taken whole from the document after the change.
+    let mut blind = refund.clone();
+    blind.before = None;
+    let after = blind.after.clone().unwrap();
+    assert_eq!(
+        reverse.rebase(Some(&now), &blind).unwrap().get_array("purchaseHistory").unwrap(),
+        after.get_array("purchaseHistory").unwrap()
+    );
+    // With neither, the paths are laid as they are.
+    blind.after = None;
+    let laid = reverse.rebase(Some(&now), &blind).unwrap();
+    assert_eq!(
+        laid.get_array("purchaseHistory").unwrap()[1].as_document().unwrap().get_str("status").unwrap(),
+        "refunded"
+    );
 }

@@ -368,6 +368,7 @@ fn event(
             before,
             changed: None,
             removed: vec![],
+            truncated: Vec::new(),
             derived: None,
         },
     }
