@@ -241,15 +241,12 @@ async fn an_element_changed_by_index_is_written_back_to_its_own_element_whatever
 
 /// The same scenario once the forward consumer goes on: the monolith's own push and pull must
 /// reach the document the service owns beside the service's element change, and stay in the
-/// monolith (both sides hold every element change, `ficus verify` passes).
-///
-/// Depends on the forward merge into owned documents (`src/sink/merge.rs`) merging arrays by
-/// element id with `transform::elements::merge` (issue 18, forward direction). Today it compares
-/// the array whole, finds both sides changed it, keeps the service's array without the
-/// monolith's push and pull, and the conflict repair then writes that array over the monolith's
-/// (seen: U0 back to P0, P1 refunded, P2; P3 gone).
+/// monolith (both sides hold every element change, `ficus verify` passes). The forward merge
+/// into owned documents merges arrays by element id (`sink::merge`); compared whole, both sides
+/// changed the array, the service's stood without the monolith's push and pull, and the
+/// conflict repair then wrote it over the monolith's (seen: U0 back to P0, P1 refunded, P2; P3
+/// gone).
 #[tokio::test(flavor = "multi_thread")]
-#[ignore = "needs the forward merge of owned documents by element id (src/sink/merge.rs, issue 18)"]
 async fn both_sides_hold_every_element_change_after_the_monolith_reshaped_an_owned_array() {
     let (world, mut a, mut b, client) = reshaped_while_the_service_changes_by_index().await;
     signal(&b, libc::SIGCONT);

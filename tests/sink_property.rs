@@ -269,6 +269,7 @@ fn a_redelivered_merge_never_takes_back_what_the_owner_set_since() {
             doc: Some(doc! { "n": 72, "name": "a" }),
             base: ficus::transform::Base::Was(doc! { "n": 1, "name": "a" }),
             why: ficus::transform::Why::NonOwner,
+            arrays: Vec::new(),
         };
         let change = Versioned::of(&ficus::event::Message::Event(ev), vec![merge]);
         sink.apply(std::slice::from_ref(&change), None).await.unwrap();

@@ -108,9 +108,8 @@ pub(super) async fn run(mut loaded: Loaded, args: RunArgs) -> anyhow::Result<Exi
     // Ownership, read once servers answer, shared by every role that judges it.
     let ownership = Arc::new(tokio::sync::OnceCell::<OwnershipFeed>::new());
     // The services this process judges changes of: those that can write back.
-    let judged: Arc<Vec<String>> = Arc::new(
-        chosen.iter().filter(|s| !s.written_back().is_empty()).map(|s| s.service().to_string()).collect(),
-    );
+    let judged: Arc<Vec<String>> =
+        Arc::new(chosen.iter().filter(|s| !s.written_back().is_empty()).map(|s| s.service().to_string()).collect());
     let follow = {
         let (cfg, ownership, token) = (cfg.clone(), ownership.clone(), shutdown.clone());
         move || {

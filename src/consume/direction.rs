@@ -94,10 +94,12 @@ impl Forward {
                 (op, None) => out.push(op),
                 (op, Some(r)) if r.source_collection() != ev.data.collection => out.push(op),
                 (WriteOp::Upsert { collection, id, doc }, Some(r)) => {
-                    out.push(WriteOp::Merge { collection, id, doc: Some(doc), base: base(&r, ev), why })
+                    let (base, arrays) = (base(&r, ev), r.array_keys());
+                    out.push(WriteOp::Merge { collection, id, doc: Some(doc), base, why, arrays })
                 }
                 (WriteOp::Delete { collection, id: Some(id) }, Some(r)) => {
-                    out.push(WriteOp::Merge { collection, id, doc: None, base: base(&r, ev), why })
+                    let (base, arrays) = (base(&r, ev), r.array_keys());
+                    out.push(WriteOp::Merge { collection, id, doc: None, base, why, arrays })
                 }
                 (WriteOp::Delete { collection, id: None }, Some(_)) => {
                     // Without a pre-image the document is unknown; the owner's state stands.

@@ -28,6 +28,7 @@ use mongodb::Database;
 use super::ConsumeError;
 use crate::config::topics::Topics;
 use crate::event::Version;
+use crate::sink::merge::{Spot, take_spots};
 use crate::sink::{META, Marker, MongoSink, MonolithSink, Sink, SinkError, Versioned};
 use crate::transform::{ServiceTransforms, WriteOp};
 
@@ -84,10 +85,10 @@ impl Repairs {
                 Ok((owner, at))
             }
         };
-        let paths = conflict_paths(record);
-        let whole = paths.iter().any(|p| p == "(document)");
-        let paths = (!whole).then_some(paths.as_slice());
-        Ok(self.monolith.restore(&collection, &id, &hint, paths, read_owner).await?)
+        let spots = conflict_spots(record);
+        let whole = spots.iter().any(|s| s.path == "(document)");
+        let spots = (!whole).then_some(spots.as_slice());
+        Ok(self.monolith.restore(&collection, &id, &hint, spots, read_owner).await?)
     }
 
     /// The monolith won: the service's document is made to hold what the monolith's makes of
@@ -120,12 +121,12 @@ impl Repairs {
             Some(m) => self.copy_of(source, &collection, m)?,
             None => None,
         };
-        let paths = conflict_paths(record);
-        let whole = paths.iter().any(|p| p == "(document)");
+        let spots = conflict_spots(record);
+        let whole = spots.iter().any(|s| s.path == "(document)");
         let version = Version::at(at, 0);
         let source_id = current.as_ref().and_then(|m| m.get("_id")).cloned().unwrap_or(Bson::Null);
         match copy {
-            Some((id, image)) if !whole => self.set_fields(&collection, &id, &image, &paths, &version).await,
+            Some((id, image)) if !whole => self.set_fields(&collection, &id, &image, &spots, &version).await,
             Some((id, image)) => {
                 let op = WriteOp::Upsert { collection: collection.clone(), id, doc: image };
                 let what = format!("the service's {collection} document restored from the monolith's");
@@ -159,30 +160,18 @@ impl Repairs {
         }))
     }
 
-    /// Sets the fields `paths` of a service document to the image's values (unset where the
-    /// image has none), unless a newer monolith change has been applied to it, as ficus's own
-    /// write (marked).
+    /// Sets the conflicts' spots of a service document (fields, or single elements of arrays)
+    /// to what the monolith's image holds there, unless a newer monolith change has been
+    /// applied to it, as ficus's own write (marked): read and written in one transaction, so a
+    /// concurrent write of the document makes it start again.
     async fn set_fields(
         &self,
         collection: &str,
         id: &Bson,
         image: &Document,
-        paths: &[String],
+        spots: &[Spot],
         version: &Version,
     ) -> Result<String, ConsumeError> {
-        let mut set = Document::new();
-        let mut unset = Document::new();
-        for p in paths {
-            match crate::event::mapping::get_path(image, p) {
-                Some(v) => set.insert(p.clone(), v.clone()),
-                None => unset.insert(p.clone(), ""),
-            };
-        }
-        set.insert(format!("{META}.v"), version.as_str());
-        let mut update = doc! { "$set": set };
-        if !unset.is_empty() {
-            update.insert("$unset", unset);
-        }
         let service = self.transforms.service().to_string();
         let marker = Marker {
             origin: crate::event::Origin { service, collection: None },
@@ -191,28 +180,46 @@ impl Repairs {
             judged: None,
         };
         let db = self.service_db();
-        let filter = doc! { "_id": id.clone(), format!("{META}.v"): { "$not": { "$gte": version.as_str() } } };
+        let coll = db.collection::<Document>(collection);
         let mut s = db.client().start_session().await.map_err(SinkError::from)?;
         let mut attempts = 0;
         loop {
             crate::mongo::begin(&mut s).await.map_err(SinkError::from)?;
             let outcome = async {
                 marker.write(db, &mut s).await?;
-                let r = db
-                    .collection::<Document>(collection)
-                    .update_one(filter.clone(), update.clone())
-                    .session(&mut s)
-                    .await?;
+                let current = coll.find_one(doc! { "_id": id.clone() }).session(&mut s).await?;
+                let newer = current
+                    .as_ref()
+                    .and_then(|d| d.get_document(META).ok()?.get_str("v").ok().map(String::from))
+                    .is_some_and(|v| v.as_str() >= version.as_str());
+                let Some(mut d) = current.filter(|_| !newer) else {
+                    marker.close(db, &mut s).await?;
+                    return Ok::<bool, SinkError>(false);
+                };
+                let touched = take_spots(&mut d, image, spots).map_err(SinkError::Unsupported)?;
+                let mut set = Document::new();
+                let mut unset = Document::new();
+                for top in touched {
+                    match d.get(&top) {
+                        Some(v) => set.insert(top, v.clone()),
+                        None => unset.insert(top, ""),
+                    };
+                }
+                set.insert(format!("{META}.v"), version.as_str());
+                let mut update = doc! { "$set": set };
+                if !unset.is_empty() {
+                    update.insert("$unset", unset);
+                }
+                coll.update_one(doc! { "_id": id.clone() }, update).session(&mut s).await?;
                 marker.close(db, &mut s).await?;
-                Ok::<u64, SinkError>(r.modified_count)
+                Ok(true)
             }
             .await;
             if let Some(done) = crate::mongo::finish(&mut s, outcome, &mut attempts, SinkError::is_conflict).await {
-                let n = done?;
-                return Ok(if n == 0 {
-                    format!("the service's {collection} already newer than the monolith's values")
+                return Ok(if done? {
+                    format!("the service's {collection} set to the monolith's values ({} conflicts)", spots.len())
                 } else {
-                    format!("the service's {collection} set to the monolith's values ({} fields)", paths.len())
+                    format!("the service's {collection} already newer than the monolith's values")
                 });
             }
         }
@@ -241,10 +248,14 @@ impl Repairs {
     }
 }
 
-/// The paths a conflict record names (`(document)` for the whole document).
-fn conflict_paths(record: &Document) -> Vec<String> {
-    record
-        .get_array("fields")
-        .map(|f| f.iter().filter_map(|f| f.as_document()?.get_str("path").ok().map(String::from)).collect())
-        .unwrap_or_default()
+/// Where a conflict record's conflicts are (`(document)` for the whole document).
+fn conflict_spots(record: &Document) -> Vec<Spot> {
+    let spot = |f: &Document| {
+        let element = f
+            .get_document("element")
+            .ok()
+            .and_then(|e| Some((e.get_str("field").ok()?.to_string(), e.get("id")?.clone())));
+        Some(Spot { path: f.get_str("path").ok()?.to_string(), element })
+    };
+    record.get_array("fields").map(|f| f.iter().filter_map(|f| spot(f.as_document()?)).collect()).unwrap_or_default()
 }

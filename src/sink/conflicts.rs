@@ -65,9 +65,12 @@ impl ConflictRecord {
             .fields
             .iter()
             .map(|f| {
-                Bson::Document(
-                    doc! { "path": &f.path, "owner": opt(&f.owner), "other": opt(&f.other), "base": opt(&f.base) },
-                )
+                let mut d =
+                    doc! { "path": &f.path, "owner": opt(&f.owner), "other": opt(&f.other), "base": opt(&f.base) };
+                if let Some((field, id)) = &f.element {
+                    d.insert("element", doc! { "field": field, "id": id.clone() });
+                }
+                Bson::Document(d)
             })
             .collect();
         let side = |v: &SideState| {

@@ -565,7 +565,7 @@ impl MongoSink {
             .upsert(true)
             .session(&mut *s)
             .await?;
-        let merged = super::merge::merge(current.as_ref(), m.base, m.doc);
+        let merged = super::merge::merge(current.as_ref(), m.base, m.doc, m.arrays);
         let meta = match (&current, newer_held) {
             // Never moves the document's version back.
             (Some(c), true) => c.get_document(META).ok().cloned().unwrap_or_else(|| Self::meta(v)),
@@ -641,8 +641,8 @@ impl MongoSink {
                     let m = Membership { group: group.as_ref(), member, count_field, distinct, group_fields };
                     self.rollup(s, txn, by, collection, &m).await?
                 }
-                WriteOp::Merge { collection, id, doc, base, why } => {
-                    let m = Merge { collection, id, doc: doc.as_ref(), base, why: *why };
+                WriteOp::Merge { collection, id, doc, base, why, arrays } => {
+                    let m = Merge { collection, id, doc: doc.as_ref(), base, why: *why, arrays };
                     self.merge(s, txn, by, &m).await?
                 }
                 WriteOp::Witness { collection, id, deleted } => self.witness(s, by, collection, id, *deleted).await?,
@@ -696,6 +696,7 @@ struct Merge<'a> {
     doc: Option<&'a Document>,
     base: &'a Base,
     why: Why,
+    arrays: &'a [(String, Option<String>)],
 }
 
 /// One rollup membership change, as a [`WriteOp::Rollup`] carries it.

@@ -240,7 +240,7 @@ impl MonolithSink {
             Op::Delete => None,
             _ => w.change.after.clone(),
         };
-        let merged = super::merge::merge(owner.as_ref(), &base, theirs.as_ref());
+        let merged = super::merge::merge(owner.as_ref(), &base, theirs.as_ref(), &reverse.array_keys());
         let id = match merged.write {
             Some(doc) => {
                 let patch = reverse.put(current.as_ref(), &doc)?;
@@ -313,7 +313,7 @@ impl MonolithSink {
         collection: &str,
         service_id: &Bson,
         hint: &Document,
-        paths: Option<&[String]>,
+        paths: Option<&[super::merge::Spot]>,
         read_owner: F,
     ) -> Result<String, SinkError>
     where
@@ -376,7 +376,7 @@ impl MonolithSink {
         reverse: &Reverse<'_>,
         owner: Option<&Document>,
         hint: &Document,
-        paths: Option<&[String]>,
+        paths: Option<&[super::merge::Spot]>,
     ) -> Result<String, SinkError> {
         let source = reverse.source_collection();
         let monolith = self.db.collection::<Document>(source);
@@ -388,16 +388,10 @@ impl MonolithSink {
                 // Only the fields in conflict: what the monolith changed meanwhile, still on its
                 // way to the service, is not taken back.
                 let wanted = match paths {
-                    Some(paths) => {
+                    Some(spots) => {
                         let mut image =
                             reverse.image(m).map_err(|e| SinkError::Unsupported(e.to_string()))?.unwrap_or_default();
-                        for p in paths {
-                            match crate::event::mapping::get_path(o, p) {
-                                Some(v) => crate::transform::set_path(&mut image, p, v.clone())
-                                    .map_err(|why| SinkError::Unsupported(format!("{p}: {why}")))?,
-                                None => crate::transform::unset_path(&mut image, p),
-                            }
-                        }
+                        super::merge::take_spots(&mut image, o, spots).map_err(SinkError::Unsupported)?;
                         image
                     }
                     None => o.clone(),
@@ -463,6 +457,7 @@ impl MonolithSink {
                 owner: c.service.clone(),
                 other: c.monolith.clone(),
                 base: None,
+                element: None,
             })
             .collect();
         let mut reasons: Vec<String> = patch.conflicts.iter().map(|c| format!("{}: {}", c.field, c.reason)).collect();
@@ -479,6 +474,7 @@ impl MonolithSink {
                 owner: d.fields.first().and_then(|(_, v)| v.clone()),
                 other: monolith.and_then(|m| get_path(m, &d.path)).cloned(),
                 base: None,
+                element: None,
             });
         }
         let record = ConflictRecord {

@@ -298,7 +298,14 @@ impl MemorySink {
 }
 
 impl SinkState {
-    fn merge(&mut self, v: &Versioned, collection: &str, id: &Bson, theirs: Option<&Document>, base: &Base) {
+    fn merge(
+        &mut self,
+        v: &Versioned,
+        collection: &str,
+        id: &Bson,
+        (theirs, base): (Option<&Document>, &Base),
+        arrays: &[(String, Option<String>)],
+    ) {
         let key = id.to_string();
         let current = self.docs.get(collection).and_then(|c| c.get(&key)).cloned();
         if current.as_ref().is_some_and(|d| d.version >= v.version)
@@ -307,7 +314,7 @@ impl SinkState {
         {
             return;
         }
-        let merged = crate::sink::merge::merge(current.as_ref().map(|d| &d.doc), base, theirs);
+        let merged = crate::sink::merge::merge(current.as_ref().map(|d| &d.doc), base, theirs, arrays);
         let source = (v.source_collection.clone(), v.source_id.clone());
         match (merged.write, current) {
             (Some(doc), _) => {
@@ -483,7 +490,9 @@ impl Sink for MemorySink {
                     }
                 }
                 WriteOp::Rollup { collection, .. } => s.rollup(by, collection, op),
-                WriteOp::Merge { collection, id, doc, base, .. } => s.merge(by, collection, id, doc.as_ref(), base),
+                WriteOp::Merge { collection, id, doc, base, arrays, .. } => {
+                    s.merge(by, collection, id, (doc.as_ref(), base), arrays)
+                }
                 WriteOp::Witness { collection, id, deleted } => s.witness(&by.version, collection, id, *deleted),
                 WriteOp::WriteBack { collection, .. } => {
                     return Err(SinkError::Unsupported(format!("a write-back of {collection} reached a service sink")));

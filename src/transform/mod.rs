@@ -111,8 +111,16 @@ pub enum WriteOp {
     /// forward write is merged field by field instead of overwriting what the owner holds.
     /// `doc` is the target document the monolith's new state makes (`None`: the monolith
     /// deleted it), `base` what its previous state made, the last point both sides agreed on.
-    /// `why` says why it is merged rather than applied as the owner's (`cutover::rules`).
-    Merge { collection: String, id: Bson, doc: Option<Document>, base: Base, why: Why },
+    /// `why` says why it is merged rather than applied as the owner's (`cutover::rules`);
+    /// `arrays`, which arrays of the document merge element by element, by which id field.
+    Merge {
+        collection: String,
+        id: Bson,
+        doc: Option<Document>,
+        base: Base,
+        why: Why,
+        arrays: Vec<(String, Option<String>)>,
+    },
     /// The echo of the service's own write-back to this document: nothing to write (the
     /// document already says it), but its version is recorded beside the document (deleted:
     /// as a tombstone), so that nothing older (a replay, a redelivery) lands over what the
@@ -178,7 +186,7 @@ impl WriteOp {
             WriteOp::Retain { collection, keep } => {
                 doc! { "op": "retain", "collection": collection, "keep": keep.clone() }
             }
-            WriteOp::Merge { collection, id, doc, base, why } => {
+            WriteOp::Merge { collection, id, doc, base, why, .. } => {
                 let base = match base {
                     Base::New => Bson::String("new".into()),
                     Base::Unknown => Bson::String("unknown".into()),
