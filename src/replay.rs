@@ -121,7 +121,7 @@ pub async fn replay(
         rejects: Rejects::Count,
         path: Path::Replay,
         origin: origin.clone(),
-        judgement_max_age: None,
+        judged: None,
     };
     let mut archived_to: HashMap<(String, i32), i64> = HashMap::new();
     while let Some(batch) = rx.recv().await {
@@ -159,7 +159,7 @@ pub async fn replay(
             rejects: Rejects::Count,
             path: Path::Replay,
             origin,
-            judgement_max_age: None,
+            judged: None,
         };
         let live = catch_up(&applier, kafka, &topics, &archived_to, opts.batch, shutdown).await?;
         report.from_live += live.applied;

@@ -25,7 +25,7 @@ use crate::bus::{DeadLetters, Delivery, Stage};
 use crate::event::{Message, Origin};
 use crate::mongo::ErrorClass;
 use crate::retry::with_backoff;
-use crate::sink::{Marker, Sink, SinkError, Versioned};
+use crate::sink::{JudgedBy, Marker, Sink, SinkError, Versioned};
 
 /// How long one attempt at writing a batch may take before it is abandoned and tried again.
 pub const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
@@ -135,10 +135,10 @@ pub struct Applier<'a, T, S> {
     /// Set: every batch is one transaction that writes an apply marker naming this origin
     /// (see `tail::echo`), so the tail of the database written knows ficus's own writes.
     pub origin: Option<Origin>,
-    /// How old the transformer's judgement of ownership may be when a batch commits (`None`:
-    /// it judged nothing that can go stale); past it the batch fails with
-    /// [`ConsumeError::StaleJudgement`], for the caller to judge again.
-    pub judgement_max_age: Option<Duration>,
+    /// The view of ownership the transformer judged by, asked again before each batch commits
+    /// (`None`: it judged nothing that can go stale); once it no longer holds the batch fails
+    /// with [`ConsumeError::StaleJudgement`], for the caller to judge again.
+    pub judged: Option<JudgedBy>,
 }
 
 impl<T: Transformer, S: Sink> Applier<'_, T, S> {
@@ -162,7 +162,7 @@ impl<T: Transformer, S: Sink> Applier<'_, T, S> {
         }
         let started = Instant::now();
         let (at, versioned): (Vec<usize>, Vec<Versioned>) = writes.into_iter().unzip();
-        let marker = self.marker(batch.iter(), started);
+        let marker = self.marker(batch.iter());
         let written =
             if versioned.is_empty() { Ok(()) } else { self.write(&versioned, marker.as_ref(), shutdown).await };
         match written {
@@ -173,7 +173,7 @@ impl<T: Transformer, S: Sink> Applier<'_, T, S> {
                 // A permanent failure somewhere in the batch: one by one to find the culprits.
                 warn!(%service, path = self.path.as_str(), error = %e, "batch write failed permanently; isolating the failing events");
                 for (&i, v) in at.iter().zip(&versioned) {
-                    let marker = self.marker(std::iter::once(&batch[i]), started);
+                    let marker = self.marker(std::iter::once(&batch[i]));
                     match self.write(std::slice::from_ref(v), marker.as_ref(), shutdown).await {
                         Ok(()) => done.applied += 1,
                         Err(SinkError::StaleJudgement(_)) => return Err(ConsumeError::StaleJudgement),
@@ -218,9 +218,8 @@ impl<T: Transformer, S: Sink> Applier<'_, T, S> {
         with_backoff(&stage, shutdown, attempt, transient).await
     }
 
-    /// The apply marker of some items: per topic and partition, the offset after the last;
-    /// judged (transformed) at `judged`.
-    fn marker<'i>(&self, items: impl Iterator<Item = &'i Item>, judged: Instant) -> Option<Marker> {
+    /// The apply marker of some items: per topic and partition, the offset after the last.
+    fn marker<'i>(&self, items: impl Iterator<Item = &'i Item>) -> Option<Marker> {
         let origin = self.origin.clone()?;
         let mut positions: Vec<(String, i32, i64)> = Vec::new();
         let mut echoes = 0;
@@ -234,7 +233,7 @@ impl<T: Transformer, S: Sink> Applier<'_, T, S> {
                 None => positions.push((topic.clone(), partition, next)),
             }
         }
-        Some(Marker { origin, positions, echoes, judged: self.judgement_max_age.map(|max| (judged, max)) })
+        Some(Marker { origin, positions, echoes, judged: self.judged.clone() })
     }
 
     async fn reject(&self, item: &Item, stage: Stage, error: &str) -> Result<(), ConsumeError> {

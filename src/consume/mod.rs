@@ -39,7 +39,7 @@ use crate::ops::presence::{InstanceConflict, PresenceError, Slot};
 use crate::ops::{Health, RoleId};
 use crate::retry::with_backoff;
 use crate::sink::conflicts::Outbox;
-use crate::sink::{Sink, SinkError};
+use crate::sink::{JudgedBy, Judgement, Sink, SinkError};
 use crate::transform::ServiceTransforms;
 
 mod apply;
@@ -255,19 +255,19 @@ impl<S: Sink> ServiceConsumer<S> {
         dlq: &DeadLetters,
         shutdown: &CancellationToken,
     ) -> Result<Applied, ConsumeError> {
-        let (ownership, _judging) = self.ownership_for(items).await?;
+        let (ownership, judging) = self.ownership_for(items).await?;
+        let judged = judging.map(|j| JudgedBy(Arc::new(j) as Arc<dyn Judgement>));
         let transforms = self.transforms.clone();
         let (sink, rejects, path, origin) = (&self.sink, Rejects::DeadLetter(dlq), Path::Live, self.origin());
-        let judgement_max_age = self.ownership.as_ref().map(|_| self.settings.judgement_max_age);
         match self.direction {
             Direction::Forward => {
                 let forward = Forward { transforms, ownership };
-                let applier = Applier { transformer: &forward, sink, rejects, path, origin, judgement_max_age };
+                let applier = Applier { transformer: &forward, sink, rejects, path, origin, judged };
                 applier.apply(items, shutdown).await
             }
             Direction::Reverse => {
                 let backward = Backward { transforms, ownership };
-                let applier = Applier { transformer: &backward, sink, rejects, path, origin, judgement_max_age };
+                let applier = Applier { transformer: &backward, sink, rejects, path, origin, judged };
                 applier.apply(items, shutdown).await
             }
         }
@@ -286,7 +286,8 @@ impl<S: Sink> ServiceConsumer<S> {
         let service = self.transforms.service();
         let view = feed.fresh(service, side, ts).await?;
         let record = view.get(service).cloned();
-        let judging = feed.judging(service, record.as_ref().map_or(0, |o| o.revision));
+        let revision = record.as_ref().map_or(0, |o| o.revision);
+        let judging = feed.judging(service, revision, self.settings.judgement_max_age);
         Ok((record, Some(judging)))
     }
 }
@@ -328,5 +329,13 @@ pub(crate) async fn keeper_ended<E: From<PresenceError>>(
         Ok(Err(conflict)) => Err(PresenceError::from(conflict).into()),
         // Stopped by the token, or the task panicked: either way the loop decides.
         _ => std::future::pending().await,
+    }
+}
+
+/// A batch's view of ownership holds while the process's feed still shows the revision it was
+/// judged by in a view young enough (see `cutover::feed::Judging`).
+impl Judgement for Judging {
+    fn still_holds(&self) -> Result<(), String> {
+        self.still_current()
     }
 }

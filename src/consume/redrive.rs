@@ -56,7 +56,7 @@ pub async fn redrive_dead_letters<T: Transformer, S: Sink>(
         rejects: Rejects::DeadLetter(&dlq),
         path: Path::Redrive,
         origin: r.origin.clone(),
-        judgement_max_age: None,
+        judged: None,
     };
     let topics: Vec<String> = r.topics.iter().map(|t| dlq_topic(t)).collect();
     let mut report = RedriveReport::default();

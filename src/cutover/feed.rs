@@ -56,10 +56,39 @@ pub struct OwnershipFeed {
 
 /// A batch being written under a view of a service's ownership: until it is dropped, the
 /// process acknowledges no revision of that service's record newer than the view's (see
-/// `views`).
+/// `views`), and the batch may commit only while [`Judging::still_current`].
 pub struct Judging {
     id: u64,
     judging: Arc<Mutex<Vec<(u64, String, i64)>>>,
+    tx: Arc<watch::Sender<Ownerships>>,
+    service: String,
+    revision: i64,
+    max_age: Duration,
+}
+
+impl Judging {
+    /// Whether the view the batch was judged by still holds: the process's latest view shows the
+    /// same revision of the record and is younger than `max_age` (the consume settings'
+    /// `judgement_max_age`, half the servers' transaction lifetime). A healthy process reads a
+    /// view every polling interval, so only a change of ownership, or a process paused for a
+    /// while (its views stopped), ends it; a batch of any length otherwise commits. Why this is
+    /// enough: a forced switch waits for this process's acknowledgement (never given while the
+    /// batch runs) or for the transaction lifetime plus `max_age` plus a margin; a batch that
+    /// passes this check has a view read before the switch's pending step and at most `max_age`
+    /// old, and its transaction, begun before the check, commits within the lifetime or is
+    /// aborted by the server: either way before the switch takes effect.
+    pub fn still_current(&self) -> Result<(), String> {
+        let view = self.tx.borrow().clone();
+        let revision = view.get(&self.service).map_or(0, |o| o.revision);
+        if revision != self.revision {
+            return Err(format!("{}'s ownership changed (revision {} → {revision})", self.service, self.revision));
+        }
+        let age = view.read_at.elapsed();
+        if age > self.max_age {
+            return Err(format!("the latest view of ownership is {}s old", age.as_secs()));
+        }
+        Ok(())
+    }
 }
 
 impl Drop for Judging {
@@ -130,13 +159,15 @@ impl OwnershipFeed {
         OwnershipFeed { source, tx: Arc::new(tx), every: Duration::MAX, judging: Arc::default() }
     }
 
-    /// Marks a batch of `service` as being written under a view of its record at `revision`
-    /// (see [`Judging`]).
-    pub fn judging(&self, service: &str, revision: i64) -> Judging {
+    /// Marks a batch of `service` as being written under a view of its record at `revision`,
+    /// which holds while the process's views show it and are younger than `max_age` (see
+    /// [`Judging`]).
+    pub fn judging(&self, service: &str, revision: i64, max_age: Duration) -> Judging {
         static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         let id = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         self.judging.lock().unwrap_or_else(|e| e.into_inner()).push((id, service.to_string(), revision));
-        Judging { id, judging: self.judging.clone() }
+        let (judging, tx) = (self.judging.clone(), self.tx.clone());
+        Judging { id, judging, tx, service: service.to_string(), revision, max_age }
     }
 
     /// The latest view.

@@ -115,10 +115,11 @@ pub enum SinkError {
     /// The write did not finish in time (a connection that hangs); it is tried again.
     #[error("the write did not finish within {}s; trying again", .0.as_secs())]
     TimedOut(std::time::Duration),
-    /// The batch's writes were worked out under a view of ownership older than it may be when
-    /// they commit (a process paused mid-batch): worked out again, never committed as they are.
-    #[error("the batch was judged by ownership {}s ago; judging it again", .0.as_secs())]
-    StaleJudgement(std::time::Duration),
+    /// The batch's writes were worked out under a view of ownership that no longer holds (the
+    /// record changed, or the process, paused, has no young view to confirm it): worked out
+    /// again, never committed as they are.
+    #[error("the batch's view of ownership no longer holds ({0}); judging it again")]
+    StaleJudgement(String),
 }
 
 impl SinkError {
@@ -153,22 +154,44 @@ pub struct Marker {
     /// Echoes of the service's own write-backs in the batch (counted in `_ficus_echoes`, which
     /// `ficus status` reads).
     pub echoes: u64,
-    /// When the batch's writes were judged by ownership, and how old that judgement may be
-    /// when they commit (`None`: nothing judged).
-    pub judged: Option<(std::time::Instant, std::time::Duration)>,
+    /// The view of ownership the batch's writes were judged by, asked again before the batch
+    /// commits (`None`: nothing judged).
+    pub judged: Option<JudgedBy>,
+}
+
+/// A judgement of ownership a batch was worked out under: whether it still holds.
+pub trait Judgement: Send + Sync {
+    /// `Err(why)` once it no longer holds.
+    fn still_holds(&self) -> Result<(), String>;
+}
+
+/// The judgement a [`Marker`] carries.
+#[derive(Clone)]
+pub struct JudgedBy(pub std::sync::Arc<dyn Judgement>);
+
+impl std::fmt::Debug for JudgedBy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("JudgedBy(..)")
+    }
+}
+
+impl PartialEq for JudgedBy {
+    fn eq(&self, other: &Self) -> bool {
+        std::sync::Arc::ptr_eq(&self.0, &other.0)
+    }
 }
 
 /// Per origin, how many echoes of its write-backs its consumer skipped (not watched by tails).
 pub const ECHOES: &str = "_ficus_echoes";
 
 impl Marker {
-    /// Fails once the batch's judgement of ownership is older than it may be at its commit: a
-    /// forced switch waits that long for a process that does not acknowledge it, so a batch
-    /// judged before it never lands after it (see `cutover::views`).
+    /// Fails once the view of ownership the batch was judged by no longer holds (see
+    /// `cutover::feed::Judging`): asked as a batch's transaction begins and again before it
+    /// commits, so a batch judged before a forced switch never lands after it.
     pub fn still_judged(&self) -> Result<(), SinkError> {
-        match self.judged {
-            Some((at, max)) if at.elapsed() > max => Err(SinkError::StaleJudgement(at.elapsed())),
-            _ => Ok(()),
+        match &self.judged {
+            Some(j) => j.0.still_holds().map_err(SinkError::StaleJudgement),
+            None => Ok(()),
         }
     }
 

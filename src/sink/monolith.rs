@@ -75,7 +75,7 @@ impl MonolithSink {
             origin: Origin { service: self.service().to_string(), collection: Some(collection.to_string()) },
             positions: judged.positions.clone(),
             echoes: 0,
-            judged: judged.judged,
+            judged: judged.judged.clone(),
         };
         let mut s = self.client.start_session().await?;
         let mut attempts = 0;

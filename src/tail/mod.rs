@@ -386,7 +386,7 @@ mod tests {
             rejects: Rejects::Count,
             path: ApplyPath::Replay,
             origin: None,
-            judgement_max_age: None,
+            judged: None,
         };
         let items: Vec<Item> = published
             .into_iter()
