@@ -229,7 +229,7 @@ pub(super) async fn verify(
     let source = crate::mongo::connect(&cfg.source.uri, "verify").await?;
     let target = crate::mongo::connect(&cfg.target_uri, "verify").await?;
     let store = crate::mongo::connect(&cfg.store.uri, "verify").await?;
-    let opts = crate::verify::VerifyOptions { sample, settle: Duration::from_secs(settle), buckets: None };
+    let opts = crate::verify::VerifyOptions { sample, settle: Duration::from_secs(settle), rechecks: 1, buckets: None };
     let report = crate::verify::verify(
         &chosen[0],
         &loaded.topics,

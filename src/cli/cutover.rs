@@ -768,7 +768,14 @@ async fn write_marker(db: &Database, service: &str, mv: &Move) -> anyhow::Result
 /// Every service document in the moving buckets against the forward transforms.
 async fn verify_moving(sides: &Sides<'_>, mv: &Move) -> anyhow::Result<Result<String, String>> {
     let cfg = &sides.loaded.config;
-    let opts = crate::verify::VerifyOptions { sample: 10, settle: Duration::from_secs(2), buckets: Some(mv.buckets()) };
+    // Up to 30 s of re-checks: the gaining side's own writes to the moving documents (the
+    // monolith's code touching customers the service owns) are in flight while it runs.
+    let opts = crate::verify::VerifyOptions {
+        sample: 10,
+        settle: Duration::from_secs(2),
+        rechecks: 15,
+        buckets: Some(mv.buckets()),
+    };
     let report = crate::verify::verify(
         sides.transforms,
         &sides.loaded.topics,

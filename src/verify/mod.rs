@@ -56,6 +56,12 @@ pub struct VerifyOptions {
     pub sample: usize,
     /// Pause before re-checking differences.
     pub settle: Duration,
+    /// How many times differences are re-checked (each after `settle`), a document counting as
+    /// matching once it matched in any round: its change was in flight. A safe cutover's verify
+    /// asks for several, since the gaining side may go on writing the moving documents (the
+    /// monolith's own code, merged into the service's) while it runs; a lost write differs in
+    /// every round.
+    pub rechecks: u32,
     /// Only the documents whose routing key falls in these buckets (see `cutover::route`), in
     /// the collections written back: what a safe cutover moves. Rollups and targets without a
     /// reverse are left out then. `None`: everything.
@@ -273,10 +279,16 @@ pub async fn verify(
     }
     bar.finish_and_clear();
 
-    // 3. Re-check what differs once, after a pause, against fresh reads on both sides.
-    if !suspects.is_empty() {
+    // 3. Re-check what differs after a pause, against fresh reads on both sides, as many
+    //    rounds as asked, until nothing differs.
+    let rounds = opts.rechecks.max(1);
+    for round in 1..=rounds {
+        if suspects.is_empty() {
+            break;
+        }
         tokio::time::sleep(opts.settle).await;
-        recheck(&mut report, &expected, source, target, suspects, opts.sample).await?;
+        let sample = if round == rounds { opts.sample } else { 0 };
+        suspects = recheck(&mut report, &expected, source, target, suspects, sample).await?;
     }
     scratch.drop().await?;
     Ok(report)
@@ -316,7 +328,7 @@ async fn compare_chunk(
 }
 
 /// Re-reads each suspect on both sides; what now matches is moved to `matched`, the rest is
-/// kept, and a sample of it (up to `sample` per collection) is recorded side by side.
+/// returned, and a sample of it (up to `sample` per collection) is recorded side by side.
 async fn recheck(
     report: &mut VerifyReport,
     expected: &Expected<'_>,
@@ -324,8 +336,9 @@ async fn recheck(
     target: &Database,
     suspects: Vec<(String, Bson, Suspect)>,
     sample: usize,
-) -> Result<(), VerifyError> {
+) -> Result<Vec<(String, Bson, Suspect)>, VerifyError> {
     const MAX_RECHECK: usize = 10_000;
+    let mut still = Vec::new();
     for (coll, id, why) in suspects.into_iter().take(MAX_RECHECK) {
         let actual = target
             .collection::<bson::RawDocumentBuf>(&coll)
@@ -351,11 +364,14 @@ async fn recheck(
             if actual.is_some() {
                 tally.matched += 1;
             }
-        } else if report.differences.iter().filter(|d| d.collection == coll).count() < sample {
-            report.differences.push(Difference { collection: coll, id, expected: exp, actual });
+        } else {
+            if report.differences.iter().filter(|d| d.collection == coll).count() < sample {
+                report.differences.push(Difference { collection: coll.clone(), id: id.clone(), expected: exp, actual });
+            }
+            still.push((coll, id, why));
         }
     }
-    Ok(())
+    Ok(still)
 }
 
 /// The expected state of one target document now, recomputed from its source document.
