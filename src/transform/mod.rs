@@ -32,6 +32,8 @@
 //! field by field what goes back and how, and [`check_laws`] proves the round trip on documents.
 //! Where both sides change one array at once, [`elements::merge`] merges it three ways by
 //! element id, so a change made by index lands on its own element in an array of another shape.
+//! [`ServiceTransforms::written_fields`] says which fields of a service document ficus writes;
+//! the rest are the service's own.
 
 mod apply;
 mod builtins;
@@ -39,6 +41,7 @@ mod classify;
 mod compile;
 pub mod elements;
 mod expr;
+mod fields;
 mod invert;
 mod laws;
 mod reverse;
@@ -48,6 +51,7 @@ mod reverse_tests;
 mod tests;
 
 pub use classify::{CollectionClass, FieldClass, Reversibility, render_classification};
+pub use fields::{FieldTree, Projection};
 pub use laws::{Law, LawFailure, LensCheck, LensReport, Tally, check_laws};
 pub use reverse::{Conflict, Disagreement, Patch, Rebased, Reverse, ReverseError, set_path, unset_path};
 
@@ -323,6 +327,12 @@ impl ServiceTransforms {
             invert::Reversal::Document(plan) => Some(Reverse { t, plan }),
             invert::Reversal::Derived(_) => None,
         }
+    }
+
+    /// The fields the transforms write in a service collection (several transforms: all they
+    /// write together); `None` when no transform writes it. See [`FieldTree`].
+    pub fn written_fields(&self, collection: &str) -> Option<FieldTree> {
+        self.transforms.iter().filter(|t| t.collection == collection).map(FieldTree::of).reduce(FieldTree::union)
     }
 
     /// The service collections written back to the monolith (those with a reverse), in order.

@@ -8,6 +8,11 @@
 //! looked up in batches. Documents that differ are re-checked once after a short settling
 //! pause (live traffic may have been in flight), and a sample is shown side by side.
 //!
+//! Only the fields the transforms write are compared (see [`crate::transform::FieldTree`]): a
+//! service document is cut down to them before it is hashed, and what is left out, the fields
+//! the service keeps on its own, is listed per collection as *service-only fields*, never
+//! counted as drift.
+//!
 //! Scores follow the seed's migration gate: consistency (matching documents over all documents
 //! on either side) against 99%, and a validation score (per collection: counts equal, nothing
 //! missing, nothing unexpected, contents matching) against 95%.
@@ -26,7 +31,7 @@ use crate::config::topics::Topics;
 use crate::mongo;
 use crate::sink::rollup::GroupTally;
 use crate::sink::{doc_key, strip_meta};
-use crate::transform::{ServiceTransforms, WriteOp};
+use crate::transform::{Projection, ServiceTransforms, WriteOp};
 
 mod score;
 
@@ -76,6 +81,14 @@ fn in_scope(transforms: &ServiceTransforms, buckets: Option<&Range<u8>>, collect
         .reverse_for(collection)
         .and_then(|r| r.route_value(doc))
         .is_some_and(|key| range.contains(&crate::cutover::route::bucket_of(&key)))
+}
+
+/// A service document cut down to the fields the transforms write into its collection.
+fn written_part(transforms: &ServiceTransforms, collection: &str, doc: Document) -> Projection {
+    match transforms.written_fields(collection) {
+        Some(tree) => tree.project(&doc),
+        None => Projection { document: doc, service_only: BTreeSet::new() },
+    }
 }
 
 /// One rollup group being recomputed from the source: its constant fields and its members'
@@ -257,7 +270,9 @@ pub async fn verify(
             if let Some(d) = next
                 && in_scope(transforms, opts.buckets.as_ref(), &coll, &d)
             {
-                chunk.push(d);
+                let written = written_part(transforms, &coll, d);
+                tally.note_service_only(&written.service_only);
+                chunk.push(written.document);
             }
             if chunk.len() >= BATCH || (done && !chunk.is_empty()) {
                 compare_chunk(&scratch, &coll, &mut chunk, tally, &mut suspects).await?;
@@ -346,7 +361,7 @@ async fn recheck(
             .await?
             .map(|d| document(&coll, d))
             .transpose()?
-            .map(strip_meta);
+            .map(|d| strip_meta(written_part(expected.transforms, &coll, d).document));
         let exp = expected_now(expected, source, &coll, &id).await?;
         let tally = report.collections.entry(coll.clone()).or_default();
         let agree = match (&exp, &actual) {

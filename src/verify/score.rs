@@ -5,8 +5,11 @@
 //! - **validation**: per collection, the mean of four shares (counts agreeing, expected
 //!   documents present, present documents expected, contents matching), collections weighted by
 //!   size; see [`VerifyReport::validation`].
+//!
+//! Fields no transform writes are the service's own: they are not compared, and each
+//! collection's tally lists them (their paths, and how many documents carry each).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use bson::{Bson, Document};
 
@@ -35,6 +38,37 @@ pub struct Tally {
     pub differing: u64,
     pub missing: u64,
     pub unexpected: u64,
+    /// Service-only fields: the path of each field no transform writes (`nickname`,
+    /// `profile.nickname`, `purchaseHistory[].giftNote`) and how many documents compared carry
+    /// it. At most [`MAX_SERVICE_ONLY_PATHS`] paths; documents with others count under
+    /// [`OTHER_PATHS`].
+    pub service_only: BTreeMap<String, u64>,
+}
+
+/// The most service-only paths listed per collection (a service keying a sub-document by its
+/// own ids would otherwise list one per id).
+pub const MAX_SERVICE_ONLY_PATHS: usize = 50;
+/// Where documents with service-only paths beyond the listed ones are counted.
+pub const OTHER_PATHS: &str = "(other paths)";
+
+impl Tally {
+    /// Counts one compared document's service-only fields.
+    pub fn note_service_only(&mut self, paths: &BTreeSet<String>) {
+        let mut other = false;
+        for path in paths {
+            let listed = self.service_only.len() - usize::from(self.service_only.contains_key(OTHER_PATHS));
+            if let Some(n) = self.service_only.get_mut(path) {
+                *n += 1;
+            } else if listed < MAX_SERVICE_ONLY_PATHS {
+                self.service_only.insert(path.clone(), 1);
+            } else {
+                other = true;
+            }
+        }
+        if other {
+            *self.service_only.entry(OTHER_PATHS.to_string()).or_default() += 1;
+        }
+    }
 }
 
 /// The verdict.
@@ -114,6 +148,18 @@ impl VerifyReport {
                 t.unexpected
             );
         }
+        let own: Vec<(&String, &Tally)> = self.collections.iter().filter(|(_, t)| !t.service_only.is_empty()).collect();
+        if !own.is_empty() {
+            let _ = writeln!(s, "\nservice-only fields (no transform writes them: the service's own, not compared):");
+            for (c, t) in own {
+                let paths: Vec<String> = t
+                    .service_only
+                    .iter()
+                    .map(|(path, n)| format!("{path} in {n} document{}", if *n == 1 { "" } else { "s" }))
+                    .collect();
+                let _ = writeln!(s, "  {}.{c}: {}", self.service, paths.join(", "));
+            }
+        }
         for d in &self.differences {
             let show = |x: &Option<Document>| match x {
                 Some(d) => Bson::Document(d.clone()).into_relaxed_extjson().to_string(),
@@ -176,7 +222,42 @@ mod tests {
     }
 
     fn tally(expected: u64, actual: u64, matched: u64, differing: u64, missing: u64, unexpected: u64) -> Tally {
-        Tally { expected, actual, matched, differing, missing, unexpected }
+        Tally { expected, actual, matched, differing, missing, unexpected, service_only: BTreeMap::new() }
+    }
+
+    fn set(paths: &[&str]) -> BTreeSet<String> {
+        paths.iter().map(|p| p.to_string()).collect()
+    }
+
+    #[test]
+    fn service_only_fields_are_counted_per_document_listed_and_never_drift() {
+        let mut t = tally(3, 3, 3, 0, 0, 0);
+        t.note_service_only(&set(&["nickname", "profile.nickname"]));
+        t.note_service_only(&set(&["nickname"]));
+        t.note_service_only(&set(&[]));
+        assert_eq!(t.service_only, BTreeMap::from([("nickname".into(), 2), ("profile.nickname".into(), 1)]));
+        let r = report(&[("customers", t), ("customer_events", tally(2, 2, 2, 0, 0, 0))]);
+        assert!(r.exact() && r.consistent());
+        let text = r.render();
+        assert!(
+            text.contains("service-only fields")
+                && text.contains("s.customers: nickname in 2 documents, profile.nickname in 1 document\n"),
+            "{text}"
+        );
+        assert!(!text.contains("s.customer_events:"), "a collection without any is not listed:\n{text}");
+        assert!(!report(&[("c", tally(1, 1, 1, 0, 0, 0))]).render().contains("service-only"));
+    }
+
+    #[test]
+    fn service_only_paths_beyond_the_limit_are_counted_together() {
+        let mut t = Tally::default();
+        let many: Vec<String> = (0..MAX_SERVICE_ONLY_PATHS + 5).map(|i| format!("tags.t{i:03}")).collect();
+        t.note_service_only(&many.iter().cloned().collect());
+        t.note_service_only(&set(&["tags.t000", "tags.zzz"]));
+        t.note_service_only(&set(&["tags.t001"]));
+        assert_eq!(t.service_only.len(), MAX_SERVICE_ONLY_PATHS + 1);
+        assert_eq!(t.service_only[OTHER_PATHS], 2, "two documents carried paths beyond the limit");
+        assert_eq!((t.service_only["tags.t000"], t.service_only["tags.t001"]), (2, 2));
     }
 
     #[test]
