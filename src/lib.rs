@@ -29,6 +29,8 @@
 //!   consumer, reader, dead letters, topic admin.
 //! - [`transform`]: declarative transforms, compiled at start-up, applied purely; their
 //!   derived reverses and the lens laws.
+//! - `pre_images`: the change-stream pre-images reverse sync needs on both sides: where,
+//!   turning them on, and finding where they are off.
 //! - [`sink`]: version-guarded, idempotent writes into a service database.
 //! - [`consume`]: the consume role and the one apply path (live, replay, dead-letter re-drive).
 //! - `store`: the event store and the archive role.
@@ -50,6 +52,7 @@ mod failpoint;
 mod lens;
 pub mod mongo;
 mod ops;
+mod pre_images;
 mod replay;
 mod retry;
 pub mod sink;

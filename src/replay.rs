@@ -11,6 +11,14 @@
 //! the old collections meanwhile, so the live tail is applied once more after the swap; it
 //! carries on from its own committed offsets, and version guards absorb the overlap.
 //! `--in-place` applies to the live database directly; `--from` starts the archive at a time.
+//!
+//! The collections the service writes back record pre-images (see [`crate::pre_images`]), and a
+//! swap must not lose them: the shadow's are created with them on before its first write, and
+//! a rename carries a collection's options with it, so the collection under the live name has
+//! them from the moment it is renamed in. Each is checked right after its rename all the same,
+//! and turned on at once if a server dropped them (a warning says so); a shadow replay is
+//! refused once a service has owned keys, so none of its writes is written back in that
+//! instant anyway.
 
 use std::collections::{BTreeSet, HashMap};
 use std::io::IsTerminal;
@@ -98,7 +106,8 @@ pub async fn replay(
     // The shadow keeps tombstones at least as long as the live database does, since it replaces it.
     let live_ttl = MongoSink::tombstone_ttl(&target.database(&live_name)).await?.unwrap_or_default();
     let ttl = opts.tombstone_ttl.max(live_ttl);
-    let sink = MongoSink::open(target.clone(), &build_name, &transforms.collections(), ttl).await?;
+    let (collections, written_back) = (transforms.collections(), transforms.written_back());
+    let sink = MongoSink::open(target.clone(), &build_name, &collections, &written_back, ttl).await?;
     let mut report = ReplayReport { database: live_name.clone(), ..Default::default() };
     let topics: Vec<String> = transforms.topics().into_iter().collect();
 
@@ -150,8 +159,8 @@ pub async fn replay(
     // 3. Swap the shadow in, then apply the live tail once more over what the live consumer
     //    may have written to the old collections meanwhile.
     if !opts.in_place {
-        swap(target, &build_name, &live_name, &transforms.collections()).await?;
-        let live_sink = MongoSink::open(target.clone(), &live_name, &transforms.collections(), ttl).await?;
+        swap(target, &build_name, &live_name, &collections, &written_back).await?;
+        let live_sink = MongoSink::open(target.clone(), &live_name, &collections, &written_back, ttl).await?;
         let origin = Some(Origin { service: transforms.service().to_string(), collection: None });
         let applier = Applier {
             transformer: forward,
@@ -229,12 +238,14 @@ async fn catch_up(
 }
 
 /// Renames every collection of the shadow over the live one, then drops live collections the
-/// rebuild did not produce (their documents no longer exist in the source).
+/// rebuild did not produce (their documents no longer exist in the source). The collections
+/// `written_back` keep their pre-images (see the module header).
 async fn swap(
     client: &Client,
     shadow: &str,
     live: &str,
     service_collections: &BTreeSet<String>,
+    written_back: &[&str],
 ) -> Result<(), ReplayError> {
     let admin = client.database("admin");
     // The conflicts outbox and the apply markers belong to the live database, not a build.
@@ -246,6 +257,12 @@ async fn swap(
                 doc! { "renameCollection": format!("{shadow}.{c}"), "to": format!("{live}.{c}"), "dropTarget": true },
             )
             .await?;
+        if written_back.contains(&c.as_str()) {
+            let done = crate::pre_images::ensure(&client.database(live), c).await?;
+            if done != crate::pre_images::Ensured::Already {
+                tracing::warn!(%live, collection = %c, ?done, "the rename dropped the collection's pre-images; turned them on again");
+            }
+        }
     }
     let live_db = client.database(live);
     for c in live_db.list_collection_names().await? {

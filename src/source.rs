@@ -158,30 +158,6 @@ impl MongoSource {
         let first = oplog.find_one(doc! {}).sort(doc! { "$natural": 1 }).projection(doc! { "ts": 1 }).await.ok()??;
         first.get_timestamp("ts").ok()
     }
-
-    /// Turns on pre- and post-images for a collection (`collMod`), creating it if needed.
-    pub async fn enable_pre_images(&self, coll: &str) -> Result<(), SourceError> {
-        let names = self.db.list_collection_names().await?;
-        if !names.iter().any(|n| n == coll) {
-            self.db.create_collection(coll).await?;
-        }
-        self.db.run_command(doc! { "collMod": coll, "changeStreamPreAndPostImages": { "enabled": true } }).await?;
-        Ok(())
-    }
-
-    /// Whether a collection records pre-images.
-    pub async fn pre_images_enabled(&self, coll: &str) -> Result<bool, SourceError> {
-        let mut cursor = self.db.list_collections().filter(doc! { "name": coll }).await?;
-        let Some(spec) = cursor.try_next().await? else {
-            return Ok(false);
-        };
-        let enabled = bson::serialize_to_document(&spec.options)
-            .ok()
-            .and_then(|o| o.get_document("changeStreamPreAndPostImages").ok().cloned())
-            .and_then(|d| d.get_bool("enabled").ok())
-            .unwrap_or(false);
-        Ok(enabled)
-    }
 }
 
 impl Source for MongoSource {

@@ -263,10 +263,15 @@ async fn consumers_killed_mid_batch_converge_to_a_clean_run() {
     let mut clean = BTreeMap::new();
     for service in services.iter().filter(|s| ["customers_db", "products_db"].contains(&s.service())) {
         let name = format!("clean_{}", service.service());
-        let sink =
-            ficus::sink::MongoSink::open(client.clone(), &name, &service.collections(), Duration::from_secs(86_400))
-                .await
-                .unwrap();
+        let sink = ficus::sink::MongoSink::open(
+            client.clone(),
+            &name,
+            &service.collections(),
+            &[],
+            Duration::from_secs(86_400),
+        )
+        .await
+        .unwrap();
         for r in &records {
             let ops = service.apply_message(&r.message).unwrap();
             let v = ficus::sink::Versioned::of(&r.message, ops);

@@ -1773,8 +1773,8 @@ async fn an_older_upsert_racing_a_newer_delete_never_resurrects_the_document() {
     let client = mongo.client().await;
     let collections = std::collections::BTreeSet::from(["things".to_string()]);
     let ttl = Duration::from_secs(86_400);
-    let live = MongoSink::open(client.clone(), "race_db", &collections, ttl).await.unwrap();
-    let replay = MongoSink::open(client.clone(), "race_db", &collections, ttl).await.unwrap();
+    let live = MongoSink::open(client.clone(), "race_db", &collections, &[], ttl).await.unwrap();
+    let replay = MongoSink::open(client.clone(), "race_db", &collections, &[], ttl).await.unwrap();
     let event = |key: usize, n: u32, op: WriteOp| Versioned {
         version: ficus::event::Version::at(bson::Timestamp { time: 1_800_000_000, increment: key as u32 }, n),
         event_id: format!("e-{key}-{n}"),

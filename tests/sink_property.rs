@@ -137,7 +137,7 @@ fn duplicates_and_interleavings_converge_to_the_ordered_result() {
             let open = |name: String| {
                 let client = client.clone();
                 let colls = products.collections();
-                async move { MongoSink::open(client, &name, &colls, Duration::from_secs(86_400)).await.unwrap() }
+                async move { MongoSink::open(client, &name, &colls, &[], Duration::from_secs(86_400)).await.unwrap() }
             };
             let ordered = open(format!("ordered_{case}")).await;
             for (_, v) in &events {
@@ -203,7 +203,7 @@ fn the_ordered_result_is_what_the_transforms_say() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
         let client = mongo.client().await;
-        let sink = MongoSink::open(client, "products_check", &products.collections(), Duration::from_secs(86_400))
+        let sink = MongoSink::open(client, "products_check", &products.collections(), &[], Duration::from_secs(86_400))
             .await
             .unwrap();
         let steps = [
@@ -251,7 +251,8 @@ fn a_redelivered_merge_never_takes_back_what_the_owner_set_since() {
     rt.block_on(async {
         let client = mongo.client().await;
         let collections = std::collections::BTreeSet::from(["customers".to_string()]);
-        let sink = MongoSink::open(client, "merge_check", &collections, Duration::from_secs(86_400)).await.unwrap();
+        let sink =
+            MongoSink::open(client, "merge_check", &collections, &[], Duration::from_secs(86_400)).await.unwrap();
         let customers = sink.database().collection::<Document>("customers");
         customers.insert_one(doc! { "_id": "U1", "n": 1, "name": "a" }).await.unwrap();
 

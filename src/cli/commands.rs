@@ -1,6 +1,7 @@
 //! The commands other than `run`: each loads what it needs, does one job and says how it went
 //! in its exit code.
 
+use std::collections::BTreeSet;
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -14,7 +15,6 @@ use crate::consume::{Backward, Forward, Redrive, redrive_dead_letters};
 use crate::cutover::ownership::OwnershipStore;
 use crate::event::Origin;
 use crate::sink::{MongoSink, MonolithSink};
-use crate::source::MongoSource;
 use crate::store::EventStore;
 use crate::transform;
 
@@ -126,13 +126,16 @@ pub(super) async fn topics(loaded: &Loaded, action: TopicsAction) -> anyhow::Res
         .with_context(|| format!("topic {topic}"))?;
         bad += print_topic(&report);
     }
-    let collections: Vec<String> = loaded.topics.collections().map(String::from).collect();
-    let source = MongoSource::connect(&cfg.source.uri, &cfg.source.db, collections).await?;
-    let wanted = loaded.topics.defs.iter().filter(|d| d.pre_images).map(|d| d.collection.clone());
-    bad += pre_images(&source, wanted, action).await?;
-    for (service, t) in &reverse {
-        let source = MongoSource::connect(&cfg.target_uri, service, Vec::new()).await?;
-        bad += pre_images(&source, t.collections().map(String::from), action).await?;
+    // Pre-images where the definitions ask for them, and on both sides of every write-back.
+    let monolith = crate::mongo::connect(&cfg.source.uri, "topics").await?.database(&cfg.source.db);
+    let mut wanted: BTreeSet<&str> =
+        loaded.topics.defs.iter().filter(|d| d.pre_images).map(|d| d.collection.as_str()).collect();
+    let needs: Vec<_> = loaded.services.iter().map(|s| (s.database(), crate::pre_images::needs(s))).collect();
+    wanted.extend(needs.iter().flat_map(|(_, n)| n.monolith.iter().copied()));
+    bad += pre_images(&monolith, wanted, action).await?;
+    let services = crate::mongo::connect(&cfg.target_uri, "topics").await?;
+    for (db, n) in &needs {
+        bad += pre_images(&services.database(db), n.service.iter().copied(), action).await?;
     }
     if bad > 0 {
         match action {
@@ -149,24 +152,30 @@ pub(super) async fn topics(loaded: &Loaded, action: TopicsAction) -> anyhow::Res
 }
 
 /// Turns pre-images on (apply) or reports where they are off (check); returns the problems.
-async fn pre_images(
-    source: &MongoSource,
-    collections: impl Iterator<Item = String>,
+async fn pre_images<'a>(
+    db: &mongodb::Database,
+    collections: impl IntoIterator<Item = &'a str>,
     action: TopicsAction,
 ) -> anyhow::Result<usize> {
-    let db = source.database().name().to_string();
+    use crate::pre_images::{State, ensure, state};
+    let name = db.name();
     let mut bad = 0;
     for coll in collections {
-        let enabled = source.pre_images_enabled(&coll).await?;
-        match (action, enabled) {
-            (_, true) => {}
-            (TopicsAction::Apply, false) => {
-                source.enable_pre_images(&coll).await?;
-                println!("enabled  pre-images on {db}.{coll}");
+        match (action, state(db, coll).await?) {
+            (_, State::On) => {}
+            (TopicsAction::Apply, _) => {
+                ensure(db, coll).await?;
+                println!("enabled  pre-images on {name}.{coll}");
             }
-            (TopicsAction::Check, false) => {
+            (TopicsAction::Check, State::Off) => {
                 bad += 1;
-                println!("DRIFT    pre-images are off on {db}.{coll} (topics apply turns them on)");
+                println!("DRIFT    pre-images are off on {name}.{coll} (topics apply turns them on)");
+            }
+            (TopicsAction::Check, State::Missing) => {
+                bad += 1;
+                println!(
+                    "DRIFT    {name}.{coll} does not exist, so it has no pre-images (topics apply creates it with them)"
+                );
             }
         }
     }
@@ -274,8 +283,9 @@ pub(super) async fn dlq_replay(loaded: &Loaded, service: &str, reverse: bool) ->
         redrive_dead_letters(redrive, &cfg.kafka, consume.batch_max, &shutdown).await?
     } else {
         let target = crate::mongo::connect(&cfg.target_uri, "dlq").await?;
+        let (collections, written_back) = (transforms.collections(), transforms.written_back());
         let sink =
-            MongoSink::open(target, transforms.database(), &transforms.collections(), consume.tombstone_ttl).await?;
+            MongoSink::open(target, transforms.database(), &collections, &written_back, consume.tombstone_ttl).await?;
         let forward = Forward { transforms: transforms.clone(), ownership };
         let origin = origin.filter(|_| !transforms.written_back().is_empty());
         let redrive = Redrive {

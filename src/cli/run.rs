@@ -128,9 +128,9 @@ pub(super) async fn run(mut loaded: Loaded, args: RunArgs) -> anyhow::Result<Exi
             tasks.spawn(async move {
                 let name = service.service().to_string();
                 // The target may not be reachable yet: wait for it rather than exit.
-                let collections = service.collections();
+                let (collections, written_back) = (service.collections(), service.written_back());
                 let ttl = settings.tombstone_ttl;
-                let open = || MongoSink::open(target.clone(), service.database(), &collections, ttl);
+                let open = || MongoSink::open(target.clone(), service.database(), &collections, &written_back, ttl);
                 let transient = |e: &crate::sink::SinkError| e.class() == crate::mongo::ErrorClass::Transient;
                 let sink = crate::retry::with_backoff(&format!("consume:{name}"), &token, open, transient)
                     .await
@@ -302,8 +302,9 @@ async fn reverse_sync(
     let monolith = crate::mongo::connect(&cfg.source.uri, "reverse").await?;
     let sink = MonolithSink::new(monolith, &cfg.source.db, service.clone());
     let target = crate::mongo::connect(&cfg.target_uri, "reverse").await?;
+    let (collections, written_back) = (service.collections(), service.written_back());
     let service_sink =
-        MongoSink::open(target, service.database(), &service.collections(), cfg.consume.tombstone_ttl).await?;
+        MongoSink::open(target, service.database(), &collections, &written_back, cfg.consume.tombstone_ttl).await?;
     let repairs = Repairs {
         transforms: service.clone(),
         topics,

@@ -31,11 +31,14 @@ const NAMESPACE_NOT_FOUND: i32 = 26;
 const MAX_COMMAND_BYTES: usize = 8 * 1024 * 1024;
 
 impl MongoSink {
-    /// Opens the service database and makes sure ficus's indexes exist.
+    /// Opens the service database and makes sure ficus's indexes exist, and that the
+    /// collections `written_back` (those the service writes back to the monolith) record
+    /// pre-images, creating them so if need be (see [`crate::pre_images`]).
     pub async fn open(
         client: Client,
         database: &str,
         collections: &BTreeSet<String>,
+        written_back: &[&str],
         tombstone_ttl: Duration,
     ) -> Result<Self, SinkError> {
         let wc = WriteConcern::builder().w(Acknowledgment::Majority).journal(true).build();
@@ -43,6 +46,13 @@ impl MongoSink {
             .database_with_options(database, mongodb::options::DatabaseOptions::builder().write_concern(wc).build());
         let sink = MongoSink { client, db };
         sink.keep_tombstones_for(tombstone_ttl).await?;
+        // Before the indexes below, which would create a collection without them.
+        for c in written_back {
+            let done = crate::pre_images::ensure(&sink.db, c).await?;
+            if done != crate::pre_images::Ensured::Already {
+                tracing::info!(database, collection = c, ?done, "pre-images on for a collection written back");
+            }
+        }
         for c in collections {
             sink.db
                 .collection::<Document>(c)

@@ -340,6 +340,18 @@ impl ServiceTransforms {
         self.collections_in_order().filter(|c| self.reverse_for(c).is_some()).collect()
     }
 
+    /// The monolith collections write-backs land in (those the transforms of the collections
+    /// written back read), in order.
+    pub fn written_back_into(&self) -> Vec<&str> {
+        let mut seen = BTreeSet::new();
+        self.transforms
+            .iter()
+            .filter(|t| self.reverse_for(&t.collection).is_some())
+            .map(|t| t.source_collection.as_str())
+            .filter(|c| seen.insert(*c))
+            .collect()
+    }
+
     fn collections_in_order(&self) -> impl Iterator<Item = &str> {
         let mut seen = BTreeSet::new();
         self.transforms.iter().map(|t| t.collection.as_str()).filter(move |c| seen.insert(*c))
