@@ -1,5 +1,5 @@
 //! Change-stream pre-images, which reverse sync needs on both sides of a service that writes
-//! back: where they must be on, and turning them on.
+//! back: where they must be on, turning them on, and finding where they are off.
 //!
 //! A change stream reports a document's state before an update, replace or delete only where
 //! its collection records pre-images (`changeStreamPreAndPostImages`). Without them:
@@ -12,8 +12,9 @@
 //!   conflict), and a delete of one is not applied.
 //!
 //! So every path that creates or swaps a service collection written back leaves pre-images on
-//! ([`crate::sink::MongoSink::open`], the shadow build of `ficus replay`), and `ficus topics
-//! apply` turns them on on both sides. The option is a property of the collection, so a collection created without
+//! ([`crate::sink::MongoSink::open`], the shadow build of `ficus replay`), `ficus topics apply`
+//! turns them on on both sides, and the safe cutover's preflight refuses a move while one is off
+//! ([`problems`]). The option is a property of the collection, so a collection created without
 //! it (an application's first insert creates one implicitly) or renamed in from elsewhere has
 //! none until it is turned on.
 
@@ -57,6 +58,58 @@ pub struct Needs<'a> {
 /// Where a service that writes back needs pre-images (pure). Nothing for one that never does.
 pub fn needs(transforms: &ServiceTransforms) -> Needs<'_> {
     Needs { monolith: transforms.written_back_into(), service: transforms.written_back() }
+}
+
+/// The collections of one side whose pre-images are not on, as messages naming each (pure).
+/// `side` says what the collections are to the service, `without` what goes wrong without them.
+pub fn problems_of(database: &str, states: &[(&str, State)], side: &str, without: &str) -> Vec<String> {
+    states
+        .iter()
+        .filter_map(|(coll, state)| {
+            let what = match state {
+                State::On => return None,
+                State::Off => "pre-images are off on",
+                State::Missing => "pre-images cannot be on yet: there is no collection",
+            };
+            Some(format!(
+                "{what} {database}.{coll} ({side}): {without}; `ficus topics apply` creates it or turns them on"
+            ))
+        })
+        .collect()
+}
+
+/// Everything in the way of reverse sync's pre-images for one service, on both sides: one
+/// message per collection, naming it. Empty when all are on.
+pub async fn problems(
+    transforms: &ServiceTransforms,
+    monolith: &Database,
+    service: &Database,
+) -> Result<Vec<String>, mongodb::error::Error> {
+    let needs = needs(transforms);
+    let name = transforms.service();
+    let mut out = Vec::new();
+    for (db, collections, side, without) in [
+        (
+            monolith,
+            &needs.monolith,
+            format!("the monolith collection {name}'s write-backs land in"),
+            "a monolith change to a document the service owns could not be merged against its previous state, \
+             and a delete of one would not be applied",
+        ),
+        (
+            service,
+            &needs.service,
+            format!("a collection {name} writes back"),
+            "a service delete there could not be routed and would never reach the monolith",
+        ),
+    ] {
+        let mut states = Vec::with_capacity(collections.len());
+        for coll in collections {
+            states.push((*coll, state(db, coll).await?));
+        }
+        out.extend(problems_of(db.name(), &states, &side, without));
+    }
+    Ok(out)
 }
 
 /// Whether a collection records pre-images.
@@ -118,5 +171,19 @@ mod tests {
         // A rollup is never written back: products_db writes back its products only.
         let products = shipped("products_db");
         assert_eq!(needs(&products), Needs { monolith: vec!["products"], service: vec!["products"] });
+    }
+
+    #[test]
+    fn every_collection_without_them_is_named_with_its_side_and_remedy() {
+        let states = [("customers", State::Off), ("orders", State::On), ("notes", State::Missing)];
+        let p = problems_of("customers_db", &states, "a collection customers_db writes back", "deletes are lost");
+        assert_eq!(p.len(), 2, "{p:?}");
+        assert!(
+            p[0].starts_with("pre-images are off on customers_db.customers (a collection customers_db writes back)")
+        );
+        assert!(p[0].contains("deletes are lost") && p[0].contains("ficus topics apply"), "{}", p[0]);
+        assert!(p[1].contains("there is no collection customers_db.notes"), "{}", p[1]);
+        assert!(problems_of("x", &[("a", State::On)], "s", "w").is_empty());
+        assert!(problems_of("x", &[], "s", "w").is_empty());
     }
 }

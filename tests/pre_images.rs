@@ -1,6 +1,7 @@
 //! Pre-images on both sides of a write-back, against real servers: the consumer creates a
 //! service database with them, a shadow replay keeps them on the collections it swaps in, so a
-//! service delete after a later cutover still reaches the monolith.
+//! service delete after a later cutover still reaches the monolith; the cutover's preflight refuses a move while they are off on either side, naming
+//! the collection.
 
 mod common;
 
@@ -59,6 +60,15 @@ async fn pre_images(client: &mongodb::Client, db: &str, coll: &str) -> Option<bo
     Some(spec.options.change_stream_pre_and_post_images.is_some_and(|p| p.enabled))
 }
 
+async fn set_pre_images(client: &mongodb::Client, db: &str, coll: &str, enabled: bool) {
+    client
+        .database(db)
+        .run_command(doc! { "collMod": coll, "changeStreamPreAndPostImages": { "enabled": enabled } })
+        .await
+        .unwrap();
+    assert_eq!(pre_images(client, db, coll).await, Some(enabled), "{db}.{coll}");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn pre_images_kept_from_creation_through_a_shadow_replay_let_a_service_delete_reach_the_monolith() {
     let (world, client, mut f) = setup(true).await;
@@ -89,5 +99,42 @@ async fn pre_images_kept_from_creation_through_a_shadow_replay_let_a_service_del
     assert_eq!(state, Some(true));
     // And the rest of the service still verifies against the monolith.
     ok(&world.ficus(&["verify", "--service", SERVICE, "--settle", "2"], &[]));
+    assert!(f.terminate().success(), "{}", f.logs());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_preflight_refuses_a_move_while_pre_images_are_off_on_either_side() {
+    let (world, client, mut f) = setup(false).await;
+    let ownership = client.database("ficus").collection::<Document>("ownership");
+    let share = || async {
+        let o = ownership.find_one(doc! { "_id": SERVICE }).await.unwrap();
+        o.map(|o| (o.get_i32("percent").unwrap_or(0), o.get_document("fenced").is_ok()))
+    };
+
+    // Off on the service collection written back: refused at preflight, naming it.
+    set_pre_images(&client, SERVICE, "customers", false).await;
+    let out = cutover(&world, 50);
+    let t = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{t}");
+    assert!(t.contains("preflight gate failed") && t.contains("pre-images are off on customers_db.customers"), "{t}");
+    assert!(matches!(share().await, None | Some((0, false))), "nothing fenced or moved: {:?}", share().await);
+
+    // Back on (by the remedy the message names), then off on the monolith collection the
+    // write-backs land in: refused again, naming that one.
+    ok(&world.ficus(&["topics", "apply"], &[]));
+    assert_eq!(pre_images(&client, SERVICE, "customers").await, Some(true));
+    set_pre_images(&client, "linechatbot", "customers", false).await;
+    let out = cutover(&world, 50);
+    let t = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{t}");
+    assert!(t.contains("preflight gate failed") && t.contains("pre-images are off on linechatbot.customers"), "{t}");
+    assert!(!t.contains("pre-images are off on customers_db"), "only what is off is named: {t}");
+    assert!(matches!(share().await, None | Some((0, false))), "nothing fenced or moved: {:?}", share().await);
+
+    // With both on, the same command goes through.
+    ok(&world.ficus(&["topics", "apply"], &[]));
+    let out = ok(&cutover(&world, 50));
+    assert!(out.contains("] observe done"), "{out}");
+    assert_eq!(share().await, Some((50, false)));
     assert!(f.terminate().success(), "{}", f.logs());
 }

@@ -650,6 +650,7 @@ async fn preflight(sides: &Sides<'_>, mv: &Move) -> anyhow::Result<Vec<String>> 
     if let Err(e) = sides.service_db.watch().await {
         problems.push(format!("the change stream of {service} does not open: {}", crate::mongo::describe(&e)));
     }
+    problems.extend(crate::pre_images::problems(sides.transforms, &sides.monolith, &sides.service_db).await?);
     Ok(problems)
 }
 
