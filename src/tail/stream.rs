@@ -232,7 +232,7 @@ impl<S: Source, P: Publisher + 'static, C: CheckpointStore> Tailer<S, P, C> {
 }
 
 /// The reader task: drains the change stream into the channel until stopped. Each event gets
-/// its index among events sharing a cluster time, continuing from the checkpoint's.
+/// its place ([`place`]), continuing from the checkpoint's.
 async fn read_changes(
     mut feed: impl ChangeFeed,
     tx: mpsc::Sender<Item>,
@@ -249,13 +249,25 @@ async fn read_changes(
         }
         match next {
             Ok(Some((mut record, token))) => {
-                record.index = if record.cluster_time == last_time { last_index + 1 } else { 1 };
+                (record.cluster_time, record.index) = place((last_time, last_index), record.cluster_time);
                 last_time = record.cluster_time;
                 last_index = record.index;
                 lag.set(crate::ops::age_seconds(last_time.time));
                 if tx.send(Item::Change { record: Box::new(record), token }).await.is_err() {
                     return Ok(());
                 }
+/// Where a change read after `last` goes in the stream's order: its cluster time and its index
+/// among changes of that time (stream changes count from 1; see `event::Position`). A change
+/// whose time is before `last`'s takes `last`'s time: that happens only right after a
+/// snapshot, for a write that was not yet visible when the snapshot began although the
+/// source's clock already counted it (see `Source::snapshot_start`), and the copies, versioned
+/// at that clock, must not be newer than it. Everywhere else the stream's times only grow, and
+/// this is the change's own.
+pub(super) fn place(last: (Timestamp, u32), time: Timestamp) -> (Timestamp, u32) {
+    let (last_time, last_index) = last;
+    if time > last_time { (time, 1) } else { (last_time, last_index + 1) }
+}
+
             }
             Ok(None) => {
                 // Nothing new: the stream is caught up with the source.
@@ -270,4 +282,33 @@ async fn read_changes(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn changes_take_their_own_time_and_count_within_it() {
+        let t = |time, increment| Timestamp { time, increment };
+        assert_eq!(place((t(10, 1), 0), t(10, 2)), (t(10, 2), 1));
+        // A transaction's changes sharing one time (as MongoDB gives them) count on.
+        assert_eq!(place((t(10, 2), 1), t(10, 2)), (t(10, 2), 2));
+        assert_eq!(place((t(10, 2), 2), t(11, 1)), (t(11, 1), 1));
+    }
+
+    /// The handoff after a snapshot: the copies are versioned at the source's clock (index 0)
+    /// and the stream continues from there. A delete whose transaction was still open when the
+    /// clock was read has an earlier time; placed at its own time it was older than the copy
+    /// it deletes, and the service kept the document (issue 19). It goes after the copies.
+    #[test]
+    fn a_change_timed_before_the_copies_goes_after_them() {
+        let t = |time, increment| Timestamp { time, increment };
+        let copies = (t(100, 5), 0);
+        let pending_delete = place(copies, t(100, 3));
+        assert_eq!(pending_delete, (t(100, 5), 1));
+        assert!(crate::event::Version::at(pending_delete.0, pending_delete.1) > crate::event::Version::at(copies.0, 0));
+        assert_eq!(place(pending_delete, t(99, 9)), (t(100, 5), 2), "another, earlier still");
+        assert_eq!(place((t(100, 5), 2), t(100, 6)), (t(100, 6), 1), "then the stream's own times");
+    }
 }
