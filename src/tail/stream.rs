@@ -178,19 +178,44 @@ impl<S: Source, P: Publisher + 'static, C: CheckpointStore> Tailer<S, P, C> {
         };
 
         // Stop reading, then drain: everything already handed to Kafka is awaited so the final
-        // checkpoint covers as much as possible. A delivery failure stops the drain there.
+        // checkpoint covers as much as possible. A delivery failure stops the drain there. The
+        // drain checkpoints as acknowledgements come (at most every checkpoint interval), so a
+        // drain cut short (a broker that does not answer, and the shutdown timeout) leaves the
+        // checkpoint at what was acknowledged; what was not is published again on restart.
         reader_stop.cancel();
         drop(rx);
         let mut outcome = outcome;
-        if outcome.is_ok() || matches!(outcome, Err(TailError::Source(_))) {
-            while let Some((ticket, done)) = acks.next().await {
-                if let Err(e) = done {
-                    if outcome.is_ok() {
-                        outcome = Err(e.into());
+        if (outcome.is_ok() || matches!(outcome, Err(TailError::Source(_)))) && !acks.is_empty() {
+            info!(source = %self.source_name, unacknowledged = acks.len(), "draining: waiting for Kafka to acknowledge what was handed over");
+            let mut waiting = tokio::time::interval_at(
+                tokio::time::Instant::now() + std::time::Duration::from_secs(5),
+                std::time::Duration::from_secs(5),
+            );
+            loop {
+                tokio::select! {
+                    next = acks.next() => {
+                        let Some((ticket, done)) = next else { break };
+                        if let Err(e) = done {
+                            if outcome.is_ok() {
+                                outcome = Err(e.into());
+                            }
+                            break;
+                        }
+                        window.ack(ticket);
+                        if let Some(c) = window.covered_where(usable) {
+                            covered = c;
+                            dirty = true;
+                        }
+                        if dirty && saved_at.elapsed() >= self.tail.checkpoint_interval {
+                            self.save_stream(state, covered.as_ref()).await?;
+                            saved_at = Instant::now();
+                            dirty = false;
+                        }
                     }
-                    break;
+                    _ = waiting.tick() => {
+                        info!(source = %self.source_name, unacknowledged = acks.len(), "draining: still waiting for Kafka; the checkpoint stands at what was acknowledged");
+                    }
                 }
-                window.ack(ticket);
             }
         }
         if let Some(c) = window.covered_where(usable) {
@@ -231,6 +256,18 @@ impl<S: Source, P: Publisher + 'static, C: CheckpointStore> Tailer<S, P, C> {
     }
 }
 
+/// Where a change read after `last` goes in the stream's order: its cluster time and its index
+/// among changes of that time (stream changes count from 1; see `event::Position`). A change
+/// whose time is before `last`'s takes `last`'s time: that happens only right after a
+/// snapshot, for a write that was not yet visible when the snapshot began although the
+/// source's clock already counted it (see `Source::snapshot_start`), and the copies, versioned
+/// at that clock, must not be newer than it. Everywhere else the stream's times only grow, and
+/// this is the change's own.
+pub(super) fn place(last: (Timestamp, u32), time: Timestamp) -> (Timestamp, u32) {
+    let (last_time, last_index) = last;
+    if time > last_time { (time, 1) } else { (last_time, last_index + 1) }
+}
+
 /// The reader task: drains the change stream into the channel until stopped. Each event gets
 /// its place ([`place`]), continuing from the checkpoint's.
 async fn read_changes(
@@ -256,18 +293,6 @@ async fn read_changes(
                 if tx.send(Item::Change { record: Box::new(record), token }).await.is_err() {
                     return Ok(());
                 }
-/// Where a change read after `last` goes in the stream's order: its cluster time and its index
-/// among changes of that time (stream changes count from 1; see `event::Position`). A change
-/// whose time is before `last`'s takes `last`'s time: that happens only right after a
-/// snapshot, for a write that was not yet visible when the snapshot began although the
-/// source's clock already counted it (see `Source::snapshot_start`), and the copies, versioned
-/// at that clock, must not be newer than it. Everywhere else the stream's times only grow, and
-/// this is the change's own.
-pub(super) fn place(last: (Timestamp, u32), time: Timestamp) -> (Timestamp, u32) {
-    let (last_time, last_index) = last;
-    if time > last_time { (time, 1) } else { (last_time, last_index + 1) }
-}
-
             }
             Ok(None) => {
                 // Nothing new: the stream is caught up with the source.
