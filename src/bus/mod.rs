@@ -26,7 +26,7 @@ mod reader;
 
 pub use admin::{TopicAdmin, TopicReport, TopicState};
 pub use conflicts::ConflictReports;
-pub use consumer::{Delivery, GroupConsumer};
+pub use consumer::{Delivery, GroupConsumer, Standing};
 pub use dead_letter::{DeadLetter, DeadLetters, Stage};
 pub use publisher::{Ack, KafkaPublisher, Publisher};
 pub use reader::{GroupLag, PartitionPosition, ReadOutcome, Reader, StartAt};
@@ -48,6 +48,8 @@ pub enum BusError {
          (FICUS_KAFKA_INSTANCE_ID; the default is the host name)"
     )]
     Fenced { group: String, instance: String, reason: String },
+    #[error("stopping consumer group {group}: {what}")]
+    Abandoned { group: String, what: String },
 }
 
 impl BusError {
@@ -58,7 +60,7 @@ impl BusError {
             BusError::Kafka(e) => e.rdkafka_error_code(),
             BusError::Delivery { error, .. } => error.rdkafka_error_code(),
             BusError::Cancelled { .. } => return true,
-            BusError::Topic { .. } | BusError::Fenced { .. } => return false,
+            BusError::Topic { .. } | BusError::Fenced { .. } | BusError::Abandoned { .. } => return false,
         };
         !matches!(
             code,
