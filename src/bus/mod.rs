@@ -48,8 +48,6 @@ pub enum BusError {
          (FICUS_KAFKA_INSTANCE_ID; the default is the host name)"
     )]
     Fenced { group: String, instance: String, reason: String },
-    #[error("stopping consumer group {group}: {what}")]
-    Abandoned { group: String, what: String },
 }
 
 impl BusError {
@@ -60,7 +58,7 @@ impl BusError {
             BusError::Kafka(e) => e.rdkafka_error_code(),
             BusError::Delivery { error, .. } => error.rdkafka_error_code(),
             BusError::Cancelled { .. } => return true,
-            BusError::Topic { .. } | BusError::Fenced { .. } | BusError::Abandoned { .. } => return false,
+            BusError::Topic { .. } | BusError::Fenced { .. } => return false,
         };
         !matches!(
             code,

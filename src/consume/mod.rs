@@ -335,13 +335,12 @@ pub(crate) struct Life<'a> {
 
 impl Life<'_> {
     /// Runs `work` with a token that ends it (at its next batch) on shutdown or when the keeper
-    /// calls for a fresh member; then commits what was stored and leaves. Another process taking
-    /// the slot ends the work at once. On shutdown, offsets that could not be committed are
-    /// reported as abandoned work (an error), since the next member applies those messages
-    /// again: nothing is lost, but the stop was not clean.
+    /// calls for a fresh member; then commits what was stored and leaves, saying so when the
+    /// commit could not be made (nothing is lost: the next member applies those messages again).
+    /// Another process taking the slot ends the work at once.
     pub(crate) async fn run<E, F, Fut>(self, shutdown: &CancellationToken, work: F) -> Result<Ended, E>
     where
-        E: From<PresenceError> + From<BusError>,
+        E: From<PresenceError>,
         F: FnOnce(CancellationToken) -> Fut,
         Fut: std::future::Future<Output = Result<(), E>>,
     {
@@ -374,17 +373,15 @@ impl Life<'_> {
         member.cancel();
         // Commit whatever was stored, whether stopping cleanly, for a fresh member, or on an error.
         let committed = self.consumer.close().await;
+        if !committed {
+            tracing::warn!(
+                group = %self.consumer.group(),
+                "the offsets of its last batches could not be committed; the group's next member applies those \
+                 messages again (a no-op by version)"
+            );
+        }
         if shutdown.is_cancelled() {
             self.slot.release().await;
-            if !committed && result.is_ok() {
-                return Err(BusError::Abandoned {
-                    group: self.consumer.group().to_string(),
-                    what: "offsets of the last batches could not be committed; the group's next member applies \
-                           those messages again (a no-op by version)"
-                        .into(),
-                }
-                .into());
-            }
         }
         result?;
         match end.and_then(|e| e.rejoin.map(|_| e.held)) {

@@ -365,6 +365,16 @@ impl MemberWatch {
     pub fn observe(&mut self, now: Instant, seen: Sighting) -> Verdict {
         let grace = self.limits.grace;
         let lasted = |since: Option<Instant>, limit: Duration| since.is_some_and(|t| now.duration_since(t) >= limit);
+        // Holding partitions: healthy, whatever its group is doing (a rebalance under way, a
+        // coordinator that is slow to answer: its partitions are read all the same).
+        if seen.partitions > 0 {
+            self.held = true;
+            self.empty_since = None;
+            self.committed = None;
+            self.stalled_since = None;
+            self.outside_since = None;
+            return Verdict::default();
+        }
         // Admission: only judged while a broker answers.
         match (seen.connected, seen.admitted) {
             (true, Some(false)) => {
@@ -377,14 +387,6 @@ impl MemberWatch {
             let secs = self.outside_since.map_or(0, |t| now.duration_since(t).as_secs());
             let rejoin = lasted(self.outside_since, self.limits.join_rejoin).then_some(Rejoin::JoinTimedOut);
             return Verdict { stalled: Some(format!("not admitted to its group for {secs}s")), rejoin };
-        }
-        // Holding partitions: healthy.
-        if seen.partitions > 0 {
-            self.held = true;
-            self.empty_since = None;
-            self.committed = None;
-            self.stalled_since = None;
-            return Verdict::default();
         }
         let empty_since = *self.empty_since.get_or_insert(now);
         if now.duration_since(empty_since) < grace {
@@ -598,6 +600,10 @@ mod tests {
         let mut w = MemberWatch::new(L);
         w.observe(at(0), outside(true));
         assert_eq!(w.observe(at(30), seen(1, None)), Verdict::default());
+        // Outside a rebalance that takes its time, but holding partitions: it reads them.
+        let rebalancing = Sighting { partitions: 2, ..outside(true) };
+        assert_eq!(w.observe(at(40), rebalancing.clone()), Verdict::default());
+        assert_eq!(w.observe(at(400), rebalancing), Verdict::default());
         let unknown = Sighting { admitted: None, ..seen(0, None) };
         assert_eq!(w.observe(at(31), unknown.clone()), Verdict::default());
         assert_eq!(w.observe(at(200), unknown), Verdict::default(), "no partitions, but no lag known either");
