@@ -108,6 +108,9 @@ impl<S: Source, P: Publisher + 'static, C: CheckpointStore> Tailer<S, P, C> {
                         dirty = false;
                     }
                 }
+                // Stop taking changes at once, even with the window full (Kafka not answering):
+                // what was handed over is drained below.
+                _ = shutdown.cancelled() => break Ok(()),
                 item = rx.recv(), if window.in_flight() < self.tail.max_in_flight => {
                     match item {
                         Some(Item::Change { record, token }) => {
