@@ -498,7 +498,9 @@ async fn consuming(store: &mongodb::Client, pid: u32) -> bool {
         .unwrap()
         .await
         .unwrap_or_default();
-    ["ficus.products_db", "ficus.customers_db"].iter().all(|g| held.iter().any(|m| m.get_str("group").is_ok_and(|x| x == *g)))
+    ["ficus.products_db", "ficus.customers_db"]
+        .iter()
+        .all(|g| held.iter().any(|m| m.get_str("group").is_ok_and(|x| x == *g)))
 }
 
 /// `ficus run` streaming and consuming, then the servers of each case killed (SIGKILL) and left

@@ -61,6 +61,9 @@ pub struct DrainContext {
     /// Whether the member is admitted to its group (librdkafka's group state `up` and join state
     /// `steady`), as of the last statistics; unknown (`UNKNOWN`) before the first.
     admitted: std::sync::atomic::AtomicU8,
+    /// When the group last handed the member an assignment (an empty one too): a join that
+    /// completed.
+    assigned: std::sync::Mutex<Option<std::time::Instant>>,
     /// Set once the member is on its way out: a revoke then commits nothing more (the close
     /// committed what was stored, and a commit against a coordinator that is gone would hold
     /// the closing thread).
@@ -107,6 +110,7 @@ impl ConsumerContext for DrainContext {
 
     fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if let Rebalance::Assign(tpl) = rebalance {
+            *self.assigned.lock().unwrap_or_else(|p| p.into_inner()) = Some(std::time::Instant::now());
             info!(group = %self.group, partitions = tpl.count(), "partitions assigned");
         }
     }
@@ -165,6 +169,7 @@ impl GroupConsumer {
             rebalanced: AtomicBool::new(false),
             connected: AtomicBool::new(true),
             admitted: std::sync::atomic::AtomicU8::new(UNKNOWN),
+            assigned: std::sync::Mutex::new(None),
             closing: AtomicBool::new(false),
         };
         let consumer: StreamConsumer<DrainContext> = cfg.create_with_context(ctx)?;
@@ -290,7 +295,8 @@ impl GroupConsumer {
             UNKNOWN => None,
             a => Some(a == 1),
         };
-        Standing { connected: ctx.connected.load(Ordering::SeqCst), admitted }
+        let assigned = *ctx.assigned.lock().unwrap_or_else(|p| p.into_inner());
+        Standing { connected: ctx.connected.load(Ordering::SeqCst), admitted, assigned }
     }
 
     /// The group's lag and committed offsets over its topics, as the broker has them. Blocking
@@ -347,7 +353,9 @@ impl GroupConsumer {
 pub struct Standing {
     /// Whether any broker connection is up.
     pub connected: bool,
-    /// Whether the group has admitted the member (joined and synced); `None` before
-    /// librdkafka's first statistics.
+    /// Whether the group has admitted the member (joined and synced, not rejoining); `None`
+    /// before librdkafka's first statistics.
     pub admitted: Option<bool>,
+    /// When the group last handed it an assignment, an empty one too (a join that completed).
+    pub assigned: Option<std::time::Instant>,
 }

@@ -226,8 +226,13 @@ pub fn main() -> ExitCode {
     };
     let code = rt.block_on(dispatch(cli));
     // Whatever a role left behind (a blocking call into a broker that does not answer) must not
-    // hold the exit: every role has drained and checkpointed by now, or said it could not.
-    rt.shutdown_timeout(RUNTIME_GRACE);
+    // hold the exit: every role has drained and checkpointed by now, or said it could not. After
+    // a failure (or a drain given up) nothing left is worth waiting for.
+    if code == ExitCode::SUCCESS {
+        rt.shutdown_timeout(RUNTIME_GRACE);
+    } else {
+        rt.shutdown_background();
+    }
     code
 }
 

@@ -272,6 +272,8 @@ pub struct Sighting {
     pub connected: bool,
     /// Whether the group has admitted it; `None` while unknown.
     pub admitted: Option<bool>,
+    /// When the group last handed it an assignment (an empty one too): a join that completed.
+    pub assigned: Option<Instant>,
     pub progress: Option<crate::bus::GroupLag>,
 }
 
@@ -375,24 +377,42 @@ impl MemberWatch {
             self.outside_since = None;
             return Verdict::default();
         }
-        // Admission: only judged while a broker answers.
+        // Admission: only judged while a broker answers, and counted from the last join that
+        // completed (a group that keeps rebalancing still admits its members each time).
         match (seen.connected, seen.admitted) {
             (true, Some(false)) => {
-                self.outside_since.get_or_insert(now);
+                let since = self.outside_since.get_or_insert(now);
+                if let Some(a) = seen.assigned.filter(|a| *a > *since) {
+                    *since = a;
+                }
             }
             (true, None) => {}
             _ => self.outside_since = None,
         }
-        if lasted(self.outside_since, grace) {
+        let outside = lasted(self.outside_since, grace).then(|| {
             let secs = self.outside_since.map_or(0, |t| now.duration_since(t).as_secs());
             let rejoin = lasted(self.outside_since, self.limits.join_rejoin).then_some(Rejoin::JoinTimedOut);
-            return Verdict { stalled: Some(format!("not admitted to its group for {secs}s")), rejoin };
+            (format!("not admitted to its group for {secs}s"), rejoin)
+        });
+        // Idle beside lag says more than "not admitted" (it names the lag): it comes first.
+        let idle = self.idle(now, seen.progress);
+        match (idle, outside) {
+            (Verdict { stalled: Some(why), rejoin }, outside) => {
+                Verdict { stalled: Some(why), rejoin: rejoin.or(outside.and_then(|o| o.1)) }
+            }
+            (_, Some((why, rejoin))) => Verdict { stalled: Some(why), rejoin },
+            (idle, None) => idle,
         }
+    }
+
+    /// The judgement of a member that holds no partitions, by its group's lag and progress.
+    fn idle(&mut self, now: Instant, progress: Option<crate::bus::GroupLag>) -> Verdict {
+        let grace = self.limits.grace;
         let empty_since = *self.empty_since.get_or_insert(now);
         if now.duration_since(empty_since) < grace {
             return Verdict::default();
         }
-        let Some(p) = seen.progress else {
+        let Some(p) = progress else {
             // Nothing new to judge by: the last judgement stands.
             return self.stalled_verdict(now, None);
         };
@@ -463,7 +483,13 @@ pub async fn keep(
         } else {
             None
         };
-        let seen = Sighting { partitions, connected: standing.connected, admitted: standing.admitted, progress };
+        let seen = Sighting {
+            partitions,
+            connected: standing.connected,
+            admitted: standing.admitted,
+            assigned: standing.assigned,
+            progress,
+        };
         let Verdict { stalled, rejoin } = watch.observe(now, seen);
         if let Some(why) = &stalled {
             tracing::warn!(%role, group = %slot.group, "stalled: {why}");
@@ -515,6 +541,7 @@ mod tests {
             partitions,
             connected: true,
             admitted: Some(true),
+            assigned: None,
             progress: progress.map(|(lag, committed_sum)| GroupLag { lag, committed_sum, ..Default::default() }),
         }
     }
@@ -581,7 +608,7 @@ mod tests {
     fn a_member_whose_joins_keep_timing_out_is_replaced_but_not_without_a_broker() {
         let t0 = Instant::now();
         let at = |s: u64| t0 + Duration::from_secs(s);
-        let outside = |connected| Sighting { partitions: 0, connected, admitted: Some(false), progress: None };
+        let outside = |connected| Sighting { partitions: 0, connected, admitted: Some(false), ..Default::default() };
         let mut w = MemberWatch::new(L);
         assert_eq!(w.observe(at(0), outside(true)), Verdict::default());
         assert_eq!(w.observe(at(19), outside(true)), Verdict::default(), "a join takes a while");
@@ -604,6 +631,25 @@ mod tests {
         let rebalancing = Sighting { partitions: 2, ..outside(true) };
         assert_eq!(w.observe(at(40), rebalancing.clone()), Verdict::default());
         assert_eq!(w.observe(at(400), rebalancing), Verdict::default());
+        // A group that keeps rebalancing, handing it an empty assignment each time: admitted
+        // each time, so never "not admitted" for long (its idleness is judged by the lag).
+        let mut r = MemberWatch::new(L);
+        for s in (0..300).step_by(5) {
+            let seen = Sighting { assigned: Some(at(s.max(1) - 1)), ..outside(true) };
+            assert_eq!(r.observe(at(s), seen).rejoin, None, "at {s}s");
+        }
+        assert_eq!(r.observe(at(300), Sighting { assigned: Some(at(295)), ..outside(true) }).stalled, None);
+        // Not admitted and idle beside lag: the lag is named, and either clock calls for a fresh one.
+        let mut b = MemberWatch::new(L);
+        let both = |lag| Sighting {
+            progress: Some(GroupLag { lag, committed_sum: 3, ..Default::default() }),
+            ..outside(true)
+        };
+        b.observe(at(0), outside(true));
+        b.observe(at(20), both(6));
+        let v = b.observe(at(40), both(6));
+        assert_eq!((stalled(&v), v.rejoin), (Some("no partitions assigned, lag 6"), None));
+        assert_eq!(b.observe(at(100), both(6)).rejoin, Some(Rejoin::IdleBesideLag));
         let unknown = Sighting { admitted: None, ..seen(0, None) };
         assert_eq!(w.observe(at(31), unknown.clone()), Verdict::default());
         assert_eq!(w.observe(at(200), unknown), Verdict::default(), "no partitions, but no lag known either");

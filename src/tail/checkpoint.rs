@@ -1,8 +1,8 @@
 //! Where the tailer records how far it has durably got: snapshot progress and the resume token.
 //!
 //! A checkpoint only ever names a point whose every earlier event Kafka has acknowledged, so a
-//! restart resumes exactly there and loses nothing (it may re-publish what followed, with the
-//! same event ids). The store is a small document per source in ficus's own MongoDB database
+//! restart resumes exactly there and loses nothing (it may re-publish what followed: with the
+//! same event ids where a change reads the same again, new ones where it does not). The store is a small document per source in ficus's own MongoDB database
 //! (`store.uri`/`store.db`, collection `checkpoints`), written with majority write concern and
 //! journaling: durable, atomic, readable by `ficus status`, and independent of Kafka retention
 //! and of the machine ficus happens to run on.
