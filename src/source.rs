@@ -70,14 +70,17 @@ impl SourceError {
 
 /// A database whose changes the tail follows.
 ///
-/// Contract: [`Source::cluster_time`] is a point at or after every change committed before the
-/// call, so a feed opened at it after a copy misses nothing the copy could not see; a snapshot
-/// batch reads documents in `_id` order after `after`; a [`ChangeFeed`] yields every change
-/// after its start in commit order, each with a token to resume after it.
+/// Contract: [`Source::snapshot_start`] gives the copies' version and a point after which every
+/// change comes that a copy made after the call might not see (one not yet visible when the copy
+/// reads), so a feed opened there after the copy misses nothing the copy could not see; a
+/// snapshot batch reads documents in `_id` order after `after`; a
+/// [`ChangeFeed`] yields every change after its start in commit order, each with a token to
+/// resume after it.
 pub trait Source: Clone + Send + Sync + 'static {
     type Feed: ChangeFeed;
-    /// The source's current cluster time.
-    fn cluster_time(&self) -> impl Future<Output = Result<Timestamp, SourceError>> + Send;
+    /// Where a snapshot about to start begins: its copies' version and where the stream after it
+    /// resumes (see the contract above).
+    fn snapshot_start(&self) -> impl Future<Output = Result<Handoff, SourceError>> + Send;
     /// Roughly how many documents a collection holds (for progress).
     fn estimated_count(&self, coll: &str) -> impl Future<Output = Result<u64, SourceError>> + Send;
     /// The next documents of a collection in `_id` order, after `after`.
@@ -103,6 +106,15 @@ pub trait ChangeFeed: Send + 'static {
     fn next_change(&mut self) -> impl Future<Output = Result<Option<(ChangeRecord, Document)>, SourceError>> + Send;
     /// The token that resumes after everything read so far, quiet periods included.
     fn resume_token(&self) -> Result<Option<Document>, SourceError>;
+}
+
+/// Where a snapshot begins (see [`Source::snapshot_start`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Handoff {
+    /// The version every copy carries: the source's clock when the snapshot began.
+    pub version: Timestamp,
+    /// Where the stream resumes after the copy; `None`: at `version`'s time.
+    pub resume: Option<Document>,
 }
 
 /// Where a change stream starts.
@@ -160,12 +172,8 @@ impl MongoSource {
     }
 }
 
-impl Source for MongoSource {
-    type Feed = MongoFeed;
-
-    /// The server's current cluster time (its latest operation time), used as the point the
-    /// stream resumes from after a snapshot. It is read before the copy starts, so every change
-    /// the copy might miss is at or after it.
+impl MongoSource {
+    /// The server's current cluster time (its latest operation time).
     async fn cluster_time(&self) -> Result<Timestamp, SourceError> {
         if let Some(ts) = mongo::cluster_time(&self.db).await? {
             return Ok(ts);
@@ -177,6 +185,29 @@ impl Source for MongoSource {
             return Ok(ts);
         }
         Err(SourceError::Malformed("the server reports no operationTime or $clusterTime: is it a replica set?".into()))
+    }
+}
+
+impl Source for MongoSource {
+    type Feed = MongoFeed;
+
+    /// The copies' version is the server's clock, read first; the stream resumes where a fresh
+    /// change stream opens, taken from its first, empty batch: after everything visible, before
+    /// anything not yet (MongoDB's oplog visibility, secantusd-rs's visible tail).
+    ///
+    /// The clock (a command's `operationTime`) may already count writes that are not yet
+    /// visible: a write's time is taken before it commits, and secantusd-rs gives each statement
+    /// of a transaction its time when the statement runs. ficus used to start the stream at the
+    /// clock, which skipped such a write: a delete in a transaction that committed after the
+    /// copy had read its document never reached the services (issue 19). Opened where a fresh
+    /// stream opens, the stream shows it, and the tail places it after the copies (see
+    /// `tail::stream`). A server that gives no such token (before MongoDB 4.0.7) has the stream
+    /// start at the clock.
+    async fn snapshot_start(&self) -> Result<Handoff, SourceError> {
+        let version = self.cluster_time().await?;
+        let fresh = self.db.watch().batch_size(0).await.map_err(SourceError::from_mongo)?;
+        let resume = fresh.resume_token().map(|t| token_doc(&t)).transpose()?;
+        Ok(Handoff { version, resume })
     }
 
     /// Opens the change stream.

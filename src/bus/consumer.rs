@@ -58,13 +58,29 @@ pub struct DrainContext {
     /// Whether any broker connection is up, as of librdkafka's last statistics (or a consumer
     /// error saying all are down since).
     connected: AtomicBool,
+    /// Whether the member is admitted to its group (librdkafka's group state `up` and join state
+    /// `steady`), as of the last statistics; unknown (`UNKNOWN`) before the first.
+    admitted: std::sync::atomic::AtomicU8,
+    /// When the group last handed the member an assignment (an empty one too): a join that
+    /// completed.
+    assigned: std::sync::Mutex<Option<std::time::Instant>>,
+    /// Set once the member is on its way out: a revoke then commits nothing more (the close
+    /// committed what was stored, and a commit against a coordinator that is gone would hold
+    /// the closing thread).
+    closing: AtomicBool,
 }
+
+const UNKNOWN: u8 = 2;
 
 impl ClientContext for DrainContext {
     fn stats(&self, stats: rdkafka::Statistics) {
         // Bootstrap and learned brokers both count: a consumer is connected while any link is up.
         let up = stats.brokers.values().any(|b| b.state == "UP");
         self.connected.store(up, Ordering::SeqCst);
+        if let Some(g) = &stats.cgrp {
+            let admitted = g.state == "up" && g.join_state == "steady";
+            self.admitted.store(u8::from(admitted), Ordering::SeqCst);
+        }
         for (topic, t) in &stats.topics {
             for (partition, p) in &t.partitions {
                 // librdkafka's internal "unassigned" partition is -1; unknown lag is -1 too.
@@ -82,7 +98,9 @@ impl ConsumerContext for DrainContext {
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if let Rebalance::Revoke(tpl) = rebalance {
             // Everything processed has its offset stored; commit it before letting go.
-            if let Err(e) = consumer.commit_consumer_state(CommitMode::Sync) {
+            if !self.closing.load(Ordering::SeqCst)
+                && let Err(e) = consumer.commit_consumer_state(CommitMode::Sync)
+            {
                 debug!("commit on revoke: {e}");
             }
             info!(group = %self.group, partitions = tpl.count(), "partitions revoked");
@@ -92,6 +110,7 @@ impl ConsumerContext for DrainContext {
 
     fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if let Rebalance::Assign(tpl) = rebalance {
+            *self.assigned.lock().unwrap_or_else(|p| p.into_inner()) = Some(std::time::Instant::now());
             info!(group = %self.group, partitions = tpl.count(), "partitions assigned");
         }
     }
@@ -105,10 +124,40 @@ const FINAL_COMMIT_WAIT: Duration = Duration::from_secs(10);
 /// its partitions and progress).
 #[derive(Clone)]
 pub struct GroupConsumer {
-    consumer: Arc<StreamConsumer<DrainContext>>,
+    consumer: Arc<Member>,
     group: String,
     topics: Vec<String>,
     instance: Option<String>,
+}
+
+/// The librdkafka consumer, destroyed off the runtime: destroying a group member closes it
+/// (revoke, commit, leave), which waits on the group coordinator, for good when it is gone (a
+/// broker down or wedged). Done on a runtime worker, that held the worker; with every worker so
+/// held, nothing else ran, not even the signal handler (`ficus run` ignored SIGTERM for 25
+/// minutes with its servers gone, issue 19). So the last owner hands it to a thread of its own,
+/// which the process does not wait for.
+struct Member(Option<StreamConsumer<DrainContext>>);
+
+impl std::ops::Deref for Member {
+    type Target = StreamConsumer<DrainContext>;
+    fn deref(&self) -> &Self::Target {
+        self.0.as_ref().expect("present until dropped")
+    }
+}
+
+impl Drop for Member {
+    fn drop(&mut self) {
+        let Some(consumer) = self.0.take() else { return };
+        consumer.context().closing.store(true, Ordering::SeqCst);
+        let group = consumer.context().group.clone();
+        let spawned = std::thread::Builder::new().name("ficus-consumer-close".into()).spawn(move || {
+            drop(consumer);
+            debug!(%group, "consumer closed");
+        });
+        if let Err(e) = spawned {
+            warn!("cannot start a thread to close a consumer ({e}); it is leaked instead");
+        }
+    }
 }
 
 impl GroupConsumer {
@@ -119,12 +168,16 @@ impl GroupConsumer {
             group: group.to_string(),
             rebalanced: AtomicBool::new(false),
             connected: AtomicBool::new(true),
+            admitted: std::sync::atomic::AtomicU8::new(UNKNOWN),
+            assigned: std::sync::Mutex::new(None),
+            closing: AtomicBool::new(false),
         };
         let consumer: StreamConsumer<DrainContext> = cfg.create_with_context(ctx)?;
         let refs: Vec<&str> = topics.iter().map(String::as_str).collect();
         consumer.subscribe(&refs)?;
         let instance = (kafka.membership == Membership::Static).then(|| super::group_instance_id(kafka, group));
-        Ok(GroupConsumer { consumer: Arc::new(consumer), group: group.to_string(), topics: topics.to_vec(), instance })
+        let consumer = Arc::new(Member(Some(consumer)));
+        Ok(GroupConsumer { consumer, group: group.to_string(), topics: topics.to_vec(), instance })
     }
 
     pub fn group(&self) -> &str {
@@ -235,10 +288,21 @@ impl GroupConsumer {
         self.consumer.assignment().map(|a| a.count()).unwrap_or(0)
     }
 
+    /// How the member stands with its group as of librdkafka's last statistics (every 5 s).
+    pub fn standing(&self) -> Standing {
+        let ctx = self.consumer.context();
+        let admitted = match ctx.admitted.load(Ordering::SeqCst) {
+            UNKNOWN => None,
+            a => Some(a == 1),
+        };
+        let assigned = *ctx.assigned.lock().unwrap_or_else(|p| p.into_inner());
+        Standing { connected: ctx.connected.load(Ordering::SeqCst), admitted, assigned }
+    }
+
     /// The group's lag and committed offsets over its topics, as the broker has them. Blocking
     /// (a few requests): call it off the runtime's worker threads.
     pub fn progress(&self) -> Result<GroupLag, BusError> {
-        super::reader::group_lag(self.consumer.as_ref(), &self.topics)
+        super::reader::group_lag(&**self.consumer, &self.topics)
     }
 
     /// Commits what was stored and leaves the subscription (on a clean stop or an error
@@ -249,21 +313,49 @@ impl GroupConsumer {
     /// rebalance, or down): they run off the runtime's workers and are waited on for at most
     /// [`FINAL_COMMIT_WAIT`]. Giving up loses nothing: offsets not committed are re-read by the next member
     /// and re-applied, a no-op by version.
-    pub async fn close(&self) {
+    ///
+    /// Returns whether the final commit was made; when it was not, what the member applied since
+    /// its last commit is applied again by the next member (the caller says so).
+    pub async fn close(&self) -> bool {
         let within = FINAL_COMMIT_WAIT;
         let (consumer, group) = (self.consumer.clone(), self.group.clone());
         let closing = tokio::task::spawn_blocking(move || {
-            if let Err(e) = consumer.commit_consumer_state(CommitMode::Sync) {
-                debug!(%group, "final commit: {e}");
-            }
+            let committed = match consumer.commit_consumer_state(CommitMode::Sync) {
+                Ok(()) => true,
+                // Nothing stored since the last commit: nothing to lose.
+                Err(KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset)) => true,
+                Err(e) => {
+                    debug!(%group, "final commit: {e}");
+                    false
+                }
+            };
+            consumer.context().closing.store(true, Ordering::SeqCst);
             consumer.unsubscribe();
+            committed
         });
-        if tokio::time::timeout(within, closing).await.is_err() {
-            warn!(
-                group = %self.group,
-                "the final commit did not finish within {}s; the group's next member re-reads from the last commit",
-                within.as_secs()
-            );
+        match tokio::time::timeout(within, closing).await {
+            Ok(Ok(committed)) => committed,
+            Ok(Err(_)) => false,
+            Err(_) => {
+                warn!(
+                    group = %self.group,
+                    "the final commit did not finish within {}s; the group's next member re-reads from the last commit",
+                    within.as_secs()
+                );
+                false
+            }
         }
     }
+}
+
+/// How a member stands with its group (see [`GroupConsumer::standing`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Standing {
+    /// Whether any broker connection is up.
+    pub connected: bool,
+    /// Whether the group has admitted the member (joined and synced, not rejoining); `None`
+    /// before librdkafka's first statistics.
+    pub admitted: Option<bool>,
+    /// When the group last handed it an assignment, an empty one too (a join that completed).
+    pub assigned: Option<std::time::Instant>,
 }

@@ -26,7 +26,7 @@ mod reader;
 
 pub use admin::{TopicAdmin, TopicReport, TopicState};
 pub use conflicts::ConflictReports;
-pub use consumer::{Delivery, GroupConsumer};
+pub use consumer::{Delivery, GroupConsumer, Standing};
 pub use dead_letter::{DeadLetter, DeadLetters, Stage};
 pub use publisher::{Ack, KafkaPublisher, Publisher};
 pub use reader::{GroupLag, PartitionPosition, ReadOutcome, Reader, StartAt};

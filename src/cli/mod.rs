@@ -13,6 +13,7 @@
 mod commands;
 mod cutover;
 mod run;
+mod signals;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -20,7 +21,7 @@ use std::sync::Arc;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use tokio_util::sync::CancellationToken;
-use tracing::{error, info};
+use tracing::error;
 
 use crate::config::report::Report;
 use crate::config::topics::{self, Topics};
@@ -209,6 +210,9 @@ impl ConsumeArgs {
 #[error("{0}")]
 struct BadInput(String);
 
+/// How long the runtime may take to wind down after the command returned.
+const RUNTIME_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Entry point used by `main`.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -222,8 +226,13 @@ pub fn main() -> ExitCode {
     };
     let code = rt.block_on(dispatch(cli));
     // Whatever a role left behind (a blocking call into a broker that does not answer) must not
-    // hold the exit: every role has drained and checkpointed by now, or said it could not.
-    rt.shutdown_timeout(std::time::Duration::from_secs(5));
+    // hold the exit: every role has drained and checkpointed by now, or said it could not. After
+    // a failure (or a drain given up) nothing left is worth waiting for.
+    if code == ExitCode::SUCCESS {
+        rt.shutdown_timeout(RUNTIME_GRACE);
+    } else {
+        rt.shutdown_background();
+    }
     code
 }
 
@@ -326,22 +335,9 @@ fn select_services(all: &[Arc<ServiceTransforms>], wanted: &[String]) -> anyhow:
         .collect()
 }
 
-/// Cancels `shutdown` on SIGTERM or SIGINT.
+/// Cancels `shutdown` on SIGTERM or SIGINT; a second signal exits at once (see `signals`).
 fn spawn_signal_handler(shutdown: CancellationToken) {
-    tokio::spawn(async move {
-        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(s) => s,
-            Err(e) => {
-                error!("cannot listen for SIGTERM: {e}");
-                return;
-            }
-        };
-        tokio::select! {
-            _ = term.recv() => info!("SIGTERM: draining"),
-            _ = tokio::signal::ctrl_c() => info!("SIGINT: draining"),
-        }
-        shutdown.cancel();
-    });
+    signals::watch(shutdown, None, signals::Running::default());
 }
 
 fn parse_time(s: &str) -> Result<bson::DateTime, String> {

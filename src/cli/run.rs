@@ -14,7 +14,8 @@ use tracing::{error, info, warn};
 
 use std::sync::Arc;
 
-use super::{ConsumeArgs, Loaded, select_services, spawn_signal_handler};
+use super::signals::{self, Running};
+use super::{ConsumeArgs, Loaded, RUNTIME_GRACE, select_services};
 use crate::config::{Config, parse_addr};
 use crate::consume::{Direction, Repairs, ServiceConsumer};
 use crate::cutover::feed::{OwnershipFeed, OwnershipSource};
@@ -78,7 +79,11 @@ pub(super) async fn run(mut loaded: Loaded, args: RunArgs) -> anyhow::Result<Exi
     let settings = cfg.consume.clone();
     info!("ficus {} starting: {}", env!("CARGO_PKG_VERSION"), cfg.describe());
     let shutdown = CancellationToken::new();
-    spawn_signal_handler(shutdown.clone());
+    let running = Running::default();
+    // The supervisor stops waiting at the shutdown timeout and the runtime winds down within
+    // its grace; past both (a runtime that could not even do that), the listener exits.
+    let bound = settings.shutdown_timeout + RUNTIME_GRACE + Duration::from_secs(3);
+    signals::watch(shutdown.clone(), Some(bound), running.clone());
     let health = Health::new(settings.stall);
     if let Some(addr) = args.metrics_addr {
         let handle = crate::ops::install_metrics().context("installing the metrics recorder")?;
@@ -100,8 +105,11 @@ pub(super) async fn run(mut loaded: Loaded, args: RunArgs) -> anyhow::Result<Exi
             resnapshot: args.resnapshot,
             health: health.clone(),
         };
-        let token = shutdown.clone();
-        tasks.spawn(async move { role.run(token).await.map_err(anyhow::Error::from).context("tail") });
+        let (token, entered) = (shutdown.clone(), running.enter("tail"));
+        tasks.spawn(async move {
+            let _running = entered;
+            role.run(token).await.map_err(anyhow::Error::from).context("tail")
+        });
     }
 
     let chosen = select_services(&loaded.services, &args.services)?;
@@ -125,7 +133,9 @@ pub(super) async fn run(mut loaded: Loaded, args: RunArgs) -> anyhow::Result<Exi
             let (target, health, kafka, token) = (target.clone(), health.clone(), cfg.kafka.clone(), shutdown.clone());
             let (store, settings, follow) = (store.clone(), settings.clone(), follow.clone());
             let (repair_cfg, topics) = (cfg.clone(), loaded.topics.clone());
+            let entered = running.enter(&format!("consume:{}", service.service()));
             tasks.spawn(async move {
+                let _running = entered;
                 let name = service.service().to_string();
                 // The target may not be reachable yet: wait for it rather than exit.
                 let (collections, written_back) = (service.collections(), service.written_back());
@@ -180,7 +190,9 @@ pub(super) async fn run(mut loaded: Loaded, args: RunArgs) -> anyhow::Result<Exi
         for service in chosen.iter().filter(|s| !s.written_back().is_empty()).cloned() {
             let (cfg, health, token, follow) = (cfg.clone(), health.clone(), shutdown.clone(), follow.clone());
             let (store, topics) = (store.clone(), loaded.topics.clone());
+            let entered = running.enter(&format!("reverse:{}", service.service()));
             tasks.spawn(async move {
+                let _running = entered;
                 let Some(feed) = follow().await? else { return Ok(()) };
                 reverse_sync(service, topics, cfg, feed, health, store, token).await
             });
@@ -198,7 +210,9 @@ pub(super) async fn run(mut loaded: Loaded, args: RunArgs) -> anyhow::Result<Exi
         }
         let kafka = cfg.kafka.clone();
         let (batch_max, batch_wait) = (settings.batch_max, settings.batch_wait);
+        let entered = running.enter("archive");
         tasks.spawn(async move {
+            let _running = entered;
             // The store may not be reachable yet: wait for it rather than exit.
             let store =
                 crate::retry::with_backoff("archive", &token, || EventStore::open(&store_db), StoreError::is_transient)
@@ -209,20 +223,33 @@ pub(super) async fn run(mut loaded: Loaded, args: RunArgs) -> anyhow::Result<Exi
         });
     }
 
-    // The first role to fail stops the others; a signal stops them all.
+    // The first role to fail stops the others; a signal stops them all, and from then on the
+    // roles have the shutdown timeout, all together, to drain.
     let mut failure: Option<anyhow::Error> = None;
+    let mut deadline: Option<tokio::time::Instant> = None;
     loop {
         let next = if shutdown.is_cancelled() {
-            match tokio::time::timeout(settings.shutdown_timeout, tasks.join_next()).await {
+            let by = *deadline.get_or_insert_with(|| tokio::time::Instant::now() + settings.shutdown_timeout);
+            match tokio::time::timeout_at(by, tasks.join_next()).await {
                 Ok(n) => n,
                 Err(_) => {
                     let secs = settings.shutdown_timeout.as_secs();
-                    error!("roles did not drain within {secs}s; exiting without a clean stop");
+                    error!(
+                        "did not drain within {secs}s: {}; exiting without a clean stop (what they had \
+                         checkpointed stands; the rest is read again on restart)",
+                        running.describe()
+                    );
+                    if let Some(e) = failure {
+                        error!("{e:#}");
+                    }
                     return Ok(ExitCode::from(1));
                 }
             }
         } else {
-            tasks.join_next().await
+            tokio::select! {
+                n = tasks.join_next() => n,
+                _ = shutdown.cancelled() => continue,
+            }
         };
         let Some(joined) = next else { break };
         let outcome = joined.map_err(anyhow::Error::from).and_then(|r| r);

@@ -35,7 +35,7 @@ use crate::cutover::feed::{Judging, OwnershipFeed};
 use crate::cutover::ownership::{Ownership, OwnershipError, Side};
 use crate::event::Origin;
 use crate::mongo::ErrorClass;
-use crate::ops::presence::{InstanceConflict, PresenceError, Slot};
+use crate::ops::presence::{PresenceError, Slot};
 use crate::ops::{Health, RoleId};
 use crate::retry::with_backoff;
 use crate::sink::conflicts::Outbox;
@@ -163,26 +163,36 @@ impl<S: Sink> ServiceConsumer<S> {
         writes_back.then(|| Origin { service: self.transforms.service().to_string(), collection: None })
     }
 
-    /// Runs until shutdown (finishing the batch at hand and committing) or a fatal error.
+    /// Runs until shutdown (finishing the batch at hand and committing) or a fatal error. A
+    /// member the keeper finds stuck outside its group's work is replaced by a fresh one
+    /// ([`crate::ops::presence::Rejoin`]).
     pub async fn run(&self, shutdown: CancellationToken) -> Result<(), ConsumeError> {
         let role = self.role();
-        let attempt = || async {
-            let r = self.attempt(&shutdown).await;
-            if r.is_err() {
-                self.health.disconnected(&role);
+        let mut rejoins = 0;
+        loop {
+            let attempt = || async {
+                let r = self.attempt(&shutdown, rejoins).await;
+                if r.is_err() {
+                    self.health.disconnected(&role);
+                }
+                r
+            };
+            match with_backoff(&role.to_string(), &shutdown, attempt, ConsumeError::is_transient).await? {
+                Ended::Stopped => return Ok(()),
+                Ended::Rejoin { held } => rejoins = if held { 0 } else { rejoins + 1 },
             }
-            r
-        };
-        with_backoff(&role.to_string(), &shutdown, attempt, ConsumeError::is_transient).await
+        }
     }
 
-    async fn attempt(&self, shutdown: &CancellationToken) -> Result<(), ConsumeError> {
+    async fn attempt(&self, shutdown: &CancellationToken, rejoins: u32) -> Result<Ended, ConsumeError> {
         let service = self.transforms.service();
         let group = self.group();
         let role = self.role();
         let topics = self.topics();
         // Claim this process's slot in the group before joining it (see `presence`).
-        let Some(slot) = claim_slot(&self.store, &self.kafka, &group, shutdown).await? else { return Ok(()) };
+        let Some(slot) = claim_slot(&self.store, &self.kafka, &group, shutdown).await? else {
+            return Ok(Ended::Stopped);
+        };
         let consumer = GroupConsumer::join(&self.kafka, &group, &topics, &format!("ficus-{role}"))?;
         let dlq = DeadLetters::new(&self.kafka, service)?;
         let reports = match self.outbox {
@@ -190,26 +200,12 @@ impl<S: Sink> ServiceConsumer<S> {
             None => None,
         };
         info!(service, %group, topics = ?topics, direction = ?self.direction, "consuming");
-
-        let watching = shutdown.child_token();
-        let keeper = tokio::spawn(crate::ops::presence::keep(
-            slot.clone(),
-            consumer.clone(),
-            role.clone(),
-            self.health.clone(),
-            watching.clone(),
-        ));
-        let result = tokio::select! {
-            r = self.consume_loop(&consumer, &dlq, reports.as_ref(), &role, shutdown) => r,
-            kept = keeper_ended(&watching, keeper) => kept,
+        let life = Life { slot: &slot, consumer: &consumer, role: &role, health: &self.health, rejoins };
+        let (consumer, dlq, reports, role) = (&consumer, &dlq, reports.as_ref(), &role);
+        let body = move |member: CancellationToken| async move {
+            self.consume_loop(consumer, dlq, reports, role, &member).await
         };
-        watching.cancel();
-        // Commit whatever was stored, whether stopping cleanly or on an error.
-        consumer.close().await;
-        if shutdown.is_cancelled() {
-            slot.release().await;
-        }
-        result
+        life.run(shutdown, body).await
     }
 
     async fn consume_loop(
@@ -319,16 +315,80 @@ pub(crate) async fn claim_slot(
     Slot::claim(store, group, &instance, shutdown).await
 }
 
-/// Waits for the member's keeper: it only ends early when another process took the slot.
-pub(crate) async fn keeper_ended<E: From<PresenceError>>(
-    watching: &CancellationToken,
-    keeper: tokio::task::JoinHandle<Result<(), InstanceConflict>>,
-) -> Result<(), E> {
-    let _ = watching;
-    match keeper.await {
-        Ok(Err(conflict)) => Err(PresenceError::from(conflict).into()),
-        // Stopped by the token, or the task panicked: either way the loop decides.
-        _ => std::future::pending().await,
+/// How one member's life in its group ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Ended {
+    /// Shutdown: the role is done.
+    Stopped,
+    /// Its keeper called for a fresh member; `held`: whether this one ever held partitions.
+    Rejoin { held: bool },
+}
+
+/// One member of a group at work: its keeper beside the work, and the close after it.
+pub(crate) struct Life<'a> {
+    pub slot: &'a Slot,
+    pub consumer: &'a GroupConsumer,
+    pub role: &'a RoleId,
+    pub health: &'a Health,
+    /// Fresh members in a row before this one (each waits longer before giving way).
+    pub rejoins: u32,
+}
+
+impl Life<'_> {
+    /// Runs `work` with a token that ends it (at its next batch) on shutdown or when the keeper
+    /// calls for a fresh member; then commits what was stored and leaves, saying so when the
+    /// commit could not be made (nothing is lost: the next member applies those messages again).
+    /// Another process taking the slot ends the work at once.
+    pub(crate) async fn run<E, F, Fut>(self, shutdown: &CancellationToken, work: F) -> Result<Ended, E>
+    where
+        E: From<PresenceError>,
+        F: FnOnce(CancellationToken) -> Fut,
+        Fut: std::future::Future<Output = Result<(), E>>,
+    {
+        let member = shutdown.child_token();
+        let limits = crate::ops::presence::LIMITS.after(self.rejoins);
+        let (slot, consumer, role, health) =
+            (self.slot.clone(), self.consumer.clone(), self.role.clone(), self.health.clone());
+        let mut keeper = tokio::spawn(crate::ops::presence::keep(slot, consumer, role, health, limits, member.clone()));
+        let work = work(member.clone());
+        tokio::pin!(work);
+        let (mut end, mut kept) = (None, false);
+        let result = loop {
+            tokio::select! {
+                r = &mut work => break r,
+                k = &mut keeper, if !kept => {
+                    kept = true;
+                    match k {
+                        Ok(Err(conflict)) => break Err(PresenceError::from(conflict).into()),
+                        // A fresh member called for (the work ends at its next batch), or shutdown.
+                        Ok(Ok(e)) => end = Some(e),
+                        // The keeper panicked: the work decides.
+                        Err(_) => {}
+                    }
+                }
+            }
+        };
+        if !kept {
+            keeper.abort();
+        }
+        member.cancel();
+        // Commit whatever was stored, whether stopping cleanly, for a fresh member, or on an error.
+        let committed = self.consumer.close().await;
+        if !committed {
+            tracing::warn!(
+                group = %self.consumer.group(),
+                "the offsets of its last batches could not be committed; the group's next member applies those \
+                 messages again (a no-op by version)"
+            );
+        }
+        if shutdown.is_cancelled() {
+            self.slot.release().await;
+        }
+        result?;
+        match end.and_then(|e| e.rejoin.map(|_| e.held)) {
+            Some(held) if !shutdown.is_cancelled() => Ok(Ended::Rejoin { held }),
+            _ => Ok(Ended::Stopped),
+        }
     }
 }
 

@@ -9,7 +9,7 @@ use bson::{Bson, DateTime, Document, Timestamp};
 
 use super::update;
 use super::{
-    CanonicalEvent, Derived, EventData, Op, Origin, Position, SCHEMA_VERSION, Truncation, event_id, render_key,
+    CanonicalEvent, Derived, EventData, Op, Origin, Position, SCHEMA_VERSION, Truncation, content_id, render_key,
 };
 use crate::config::topics::{DerivedRule, TopicDef};
 
@@ -109,10 +109,9 @@ pub fn map_change(def: &TopicDef, source_name: &str, rec: ChangeRecord) -> Mappe
             let Some(bare) = &bare else { break };
             let mut ev = bare.clone();
             let which = index.map_or_else(|| format!("n{n}"), |i| i.to_string());
-            ev.id =
-                event_id(source_name, &base.position, &format!("{discriminator}derived:{}:{which}", rule.event_type));
             ev.event_type = rule.event_type.clone();
             ev.data.derived = Some(Derived { field: rule.array_field.clone(), index, element });
+            ev.id = content_id(source_name, &ev, &format!("{discriminator}derived:{}:{which}", rule.event_type));
             events.push(ev);
         }
     }
@@ -141,8 +140,9 @@ pub fn change_event(def: &TopicDef, source_name: &str, rec: ChangeRecord) -> (Ca
         truncated: rec.truncated,
         derived: None,
     };
-    let event = CanonicalEvent {
-        id: event_id(source_name, &position, &discriminator(&data)),
+    let discriminator = discriminator(&data);
+    let mut event = CanonicalEvent {
+        id: String::new(),
         source,
         event_type: def.event_type(rec.op).to_string(),
         subject,
@@ -152,6 +152,7 @@ pub fn change_event(def: &TopicDef, source_name: &str, rec: ChangeRecord) -> (Ca
         data,
         origin: rec.origin,
     };
+    event.id = content_id(source_name, &event, &discriminator);
     (event, key_fallback)
 }
 
@@ -454,6 +455,52 @@ mod tests {
         let def = t.for_collection("products").unwrap();
         let r = rec(Op::Insert, "products", Some(doc! { "sku": "S1" }));
         assert_eq!(map_change(def, "s", r.clone()), map_change(def, "s", r));
+    }
+
+    /// The cause of one id carrying two contents (issue 19): an update's `after` is looked up
+    /// when the change is read (`fullDocument: updateLookup`), so the same change read again
+    /// after a restart carries the document as it is then; a snapshot copy read again after a
+    /// restart mid-copy carries the document as it is then; and the key of an update whose
+    /// document has gone since comes from elsewhere, moving its derived events too. Each must
+    /// get a new id, and an identical read the same one.
+    #[test]
+    fn a_change_read_again_with_other_content_gets_another_id() {
+        let t = topics();
+        let customers = t.for_collection("customers").unwrap();
+        let mut first = rec(
+            Op::Update,
+            "customers",
+            Some(doc! { "user_id": "U1", "tier": "gold", "purchases": [purchase("P1"), purchase("P2")] }),
+        );
+        first.changed = Some(doc! { "purchases.1": purchase("P2") });
+        // The same change, its document looked up later, after a further `$set`.
+        let mut later = first.clone();
+        later.after = Some(doc! { "user_id": "U1", "tier": "vip", "purchases": [purchase("P1"), purchase("P2")] });
+        let (a, b) = (map_change(customers, "s", first.clone()), map_change(customers, "s", later));
+        assert_eq!(a.events.len(), 2);
+        assert_ne!(a.events[0].id, b.events[0].id, "the change event's content differs");
+        assert_eq!(a.events[1].id, map_change(customers, "s", first.clone()).events[1].id);
+        // Looked up once the document was gone: no `after`, so the key falls back to `_id`
+        // (no pre-image), which moves the derived event's subject and key.
+        let mut gone = first.clone();
+        gone.after = None;
+        let c = map_change(customers, "s", gone);
+        assert_ne!(c.events[1].subject, a.events[1].subject);
+        assert_ne!(c.events[1].id, a.events[1].id, "the derived event's content differs");
+        // Identical reads, identical ids, for every event.
+        let ids = |m: &Mapped| m.events.iter().map(|e| e.id.clone()).collect::<Vec<_>>();
+        assert_eq!(ids(&a), ids(&map_change(customers, "s", first)));
+
+        // A snapshot copy made again after a restart mid-copy reads the document as it is then.
+        let products = t.for_collection("products").unwrap();
+        let copy = |views: i32| {
+            let mut r = rec(Op::Snapshot, "products", Some(doc! { "sku": "S1", "views": views }));
+            r.index = 0;
+            r.resume_token = None;
+            map_change(products, "s", r).events.remove(0)
+        };
+        assert_eq!(copy(1).id, copy(1).id);
+        assert_ne!(copy(1).id, copy(2).id);
     }
 
     #[test]

@@ -5,9 +5,10 @@
 //! can read; document values inside `data` are canonical Extended JSON (`ejson`). Beside events,
 //! topics carry ficus's own `control` messages (snapshot markers), and [`Message`] is either.
 //!
-//! Ordering and identity come from the [`Position`]: `id` is a hash of it (the same change always
-//! yields the same id, so duplicates are recognisable) and `sequence` is its [`Version`], whose
-//! order is the source's commit order.
+//! Ordering and identity come from the [`Position`]: `id` is a hash of it and of the event's
+//! content (the same change read the same way always yields the same id, so duplicates are
+//! recognisable; read another way, say its document looked up later, another id: see
+//! [`content_id`]) and `sequence` is its [`Version`], whose order is the source's commit order.
 
 mod control;
 mod ejson;
@@ -160,7 +161,7 @@ impl Origin {
 /// One canonical domain event.
 #[derive(Debug, Clone, PartialEq)]
 pub struct CanonicalEvent {
-    /// Deterministic from the position (see [`event_id`]).
+    /// Deterministic from the position and the content (see [`content_id`]).
     pub id: String,
     /// `ficus://<source name>/<collection>`.
     pub source: String,
@@ -177,9 +178,31 @@ pub struct CanonicalEvent {
     pub origin: Option<Origin>,
 }
 
-/// Deterministic event id: BLAKE3 over the source name, the position and (for snapshot and
-/// derived events, which share a position with others) a discriminator, as 32 hex digits.
+/// Deterministic id of a control message: BLAKE3 over the source name, the position and a
+/// discriminator (what the message is about), as 32 hex digits. Events take [`content_id`].
 pub fn event_id(source: &str, position: &Position, discriminator: &str) -> String {
+    hex_id(&position_hasher(source, position, discriminator))
+}
+
+/// The id of a canonical event: BLAKE3 over the source name, the position, a discriminator
+/// (snapshot and derived events share a position with others) and everything the event
+/// carries but its id, as 32 hex digits.
+///
+/// The content is part of the id because reading a change again does not always give the same
+/// event: an update's `after` is looked up when the change is read (`updateLookup`), so after a
+/// restart it is the document as it is then; a snapshot copy made again after a restart
+/// mid-copy is too; and the key of an update whose document has gone since may come from
+/// elsewhere. So the same change read the same way has the same id (a duplicate is
+/// recognisable), and read another way it has another (a consumer that deduplicates by id never
+/// drops the newer content as a repeat).
+pub fn content_id(source: &str, event: &CanonicalEvent, discriminator: &str) -> String {
+    let mut h = position_hasher(source, &event.position, discriminator);
+    h.update(&[0]);
+    event.digest_content(&mut h);
+    hex_id(&h)
+}
+
+fn position_hasher(source: &str, position: &Position, discriminator: &str) -> blake3::Hasher {
     let mut h = blake3::Hasher::new();
     h.update(source.as_bytes());
     h.update(&[0]);
@@ -190,6 +213,10 @@ pub fn event_id(source: &str, position: &Position, discriminator: &str) -> Strin
     }
     h.update(&[0]);
     h.update(discriminator.as_bytes());
+    h
+}
+
+fn hex_id(h: &blake3::Hasher) -> String {
     let hash = h.finalize();
     let mut out = String::with_capacity(32);
     for b in &hash.as_bytes()[..16] {
@@ -225,6 +252,54 @@ pub(crate) fn bad(field: &'static str, reason: impl Into<String>) -> DecodeError
 }
 
 impl CanonicalEvent {
+    /// Feeds everything the event carries but its id and position into `h`, each part framed
+    /// by its length, documents and values as their BSON bytes (exact, and cheaper than JSON).
+    fn digest_content(&self, h: &mut blake3::Hasher) {
+        fn part(h: &mut blake3::Hasher, bytes: &[u8]) {
+            h.update(&(bytes.len() as u64).to_le_bytes());
+            h.update(bytes);
+        }
+        fn document(h: &mut blake3::Hasher, d: Option<&Document>) {
+            match d.map(bson::serialize_to_vec) {
+                Some(Ok(bytes)) => part(h, &bytes),
+                // A document that does not serialise has no bytes to tell it by: its JSON does.
+                Some(Err(_)) => part(h, Bson::Document(d.cloned().unwrap_or_default()).to_string().as_bytes()),
+                None => part(h, b"\xff"),
+            }
+        }
+        fn value(h: &mut blake3::Hasher, v: &Bson) {
+            document(h, Some(&bson::doc! { "v": v.clone() }));
+        }
+        let d = &self.data;
+        part(h, self.source.as_bytes());
+        part(h, self.event_type.as_bytes());
+        part(h, self.subject.as_bytes());
+        part(h, &self.time.timestamp_millis().to_le_bytes());
+        part(h, &self.schema_version.to_le_bytes());
+        part(h, self.origin.as_ref().map(Origin::render).unwrap_or_default().as_bytes());
+        part(h, d.op.as_str().as_bytes());
+        part(h, d.collection.as_bytes());
+        value(h, &d.key);
+        value(h, &d.document_id);
+        document(h, d.after.as_ref());
+        document(h, d.before.as_ref());
+        document(h, d.changed.as_ref());
+        for r in &d.removed {
+            part(h, r.as_bytes());
+        }
+        part(h, b"\xfe");
+        for t in &d.truncated {
+            part(h, t.field.as_bytes());
+            part(h, &t.new_size.to_le_bytes());
+        }
+        part(h, b"\xfd");
+        if let Some(x) = &d.derived {
+            part(h, x.field.as_bytes());
+            part(h, &x.index.map_or(-1, i64::from).to_le_bytes());
+            value(h, &x.element);
+        }
+    }
+
     /// The event without its document images (`after`, `before`, `changed`, the derived
     /// element): what a dead letter keeps of an event too large to send.
     /// Built field by field, so the images are never copied.

@@ -13,7 +13,7 @@
 //! The records also tell `ficus status` what each member holds (partitions, whether its group
 //! is stalled), which a broker without group description (Tansu) cannot.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bson::{DateTime, Document, doc};
 use mongodb::{Collection, Database};
@@ -243,48 +243,179 @@ fn incarnation() -> String {
     format!("{}-{}", std::process::id(), started.as_nanos())
 }
 
-/// Tells a stalled group from an idle member: a member that holds no partitions is normal
-/// (more members than partitions, a rebalance in progress), but when it has held none for a
-/// while, the group has unconsumed messages and nobody's committed offsets move, the group is
-/// stalled (say, a dead member the coordinator never evicts) and this member is not ready.
-#[derive(Debug, Clone)]
-pub struct StallWatch {
-    grace: Duration,
-    empty_since: Option<std::time::Instant>,
-    /// The group's committed offsets when last looked at, and since when they have not moved.
-    committed: Option<(i64, std::time::Instant)>,
+/// Why a member is replaced by a fresh one (the `reason` of `ficus_consumer_rejoins_total`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rejoin {
+    /// It has held no partitions while its group has messages waiting and nobody's committed
+    /// offsets move: the group's assignment left it out, or handed its share to nobody.
+    IdleBesideLag,
+    /// Its group has not admitted it (joined and synced) for long, although a broker answers:
+    /// its joins keep timing out.
+    JoinTimedOut,
 }
 
-impl StallWatch {
-    /// `grace`: how long holding nothing is unremarkable (longer than a session timeout, so a
-    /// rebalance can finish).
-    pub fn new(grace: Duration) -> Self {
-        StallWatch { grace, empty_since: None, committed: None }
+impl Rejoin {
+    pub fn label(self) -> &'static str {
+        match self {
+            Rejoin::IdleBesideLag => "idle_beside_lag",
+            Rejoin::JoinTimedOut => "join_timed_out",
+        }
+    }
+}
+
+/// What a member looks like at one moment: the partitions it holds, how it stands with its
+/// group, and, when [`MemberWatch::wants_progress`] asked for it, the group's progress.
+#[derive(Debug, Clone, Default)]
+pub struct Sighting {
+    pub partitions: usize,
+    /// Whether any broker answers.
+    pub connected: bool,
+    /// Whether the group has admitted it; `None` while unknown.
+    pub admitted: Option<bool>,
+    /// When the group last handed it an assignment (an empty one too): a join that completed.
+    pub assigned: Option<Instant>,
+    pub progress: Option<crate::bus::GroupLag>,
+}
+
+/// What the watch makes of a member: whether it is stalled (not ready, and why) and whether it
+/// should be replaced by a fresh member now.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Verdict {
+    pub stalled: Option<String>,
+    pub rejoin: Option<Rejoin>,
+}
+
+/// How long each condition may last before the watch acts on it.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Holding nothing, or waiting to be admitted, is unremarkable this long (a rebalance
+    /// finishing); past it the member is stalled (not ready) if the condition holds.
+    pub grace: Duration,
+    /// A member stalled beside lag this long is replaced.
+    pub idle_rejoin: Duration,
+    /// A member not admitted this long, with a broker answering, is replaced.
+    pub join_rejoin: Duration,
+}
+
+impl Limits {
+    /// The limits for a member that is the `rejoins`-th fresh one in a row: each wait doubles,
+    /// up to eight times the first, so a group that no fresh member helps is not churned.
+    pub fn after(self, rejoins: u32) -> Limits {
+        let k = 1u32 << rejoins.min(3);
+        Limits { grace: self.grace, idle_rejoin: self.idle_rejoin * k, join_rejoin: self.join_rejoin * k }
+    }
+}
+
+/// The limits `ficus run` uses. The grace is a session timeout and the rebalance after it. A
+/// member is replaced after a minute stalled beside lag (it was stalled only once the group's
+/// offsets had not moved for the grace, so about 100 s after it last held anything), or after
+/// two minutes not admitted: longer than the Tansu stall a new static member's first join can
+/// meet (seen for 100 s) and than an orderly rebalance takes on Kafka, shorter than a supervisor
+/// would wait.
+pub const LIMITS: Limits = Limits {
+    grace: Duration::from_secs(20),
+    idle_rejoin: Duration::from_secs(60),
+    join_rejoin: Duration::from_secs(120),
+};
+
+/// Tells a stalled group from an idle member, and decides when a member should give way to a
+/// fresh one. A member that holds no partitions is normal (more members than partitions, a
+/// rebalance in progress), but when it has held none for a while, the group has unconsumed
+/// messages and nobody's committed offsets move, the group is stalled (a dead member the
+/// coordinator never evicts, an assignment that left partitions to nobody) and this member is
+/// not ready; so is one whose group has not admitted it for a while although a broker answers.
+/// Either, lasting, calls for a fresh member ([`Rejoin`]). A member with no broker at all is
+/// neither: librdkafka reconnects and rejoins by itself, and a fresh member then would leave
+/// the old one behind in the group (its leave cannot be sent).
+#[derive(Debug, Clone)]
+pub struct MemberWatch {
+    limits: Limits,
+    empty_since: Option<Instant>,
+    /// The group's committed offsets when last looked at, and since when they have not moved.
+    committed: Option<(i64, Instant)>,
+    /// Since when it has been stalled beside lag.
+    stalled_since: Option<Instant>,
+    /// Since when it has been connected but not admitted.
+    outside_since: Option<Instant>,
+    /// Whether it ever held partitions.
+    held: bool,
+}
+
+impl MemberWatch {
+    pub fn new(limits: Limits) -> Self {
+        MemberWatch {
+            limits,
+            empty_since: None,
+            committed: None,
+            stalled_since: None,
+            outside_since: None,
+            held: false,
+        }
+    }
+
+    /// Whether the member ever held partitions (a fresh member that did helped).
+    pub fn held(&self) -> bool {
+        self.held
     }
 
     /// Whether [`Self::observe`] needs the group's progress now (it costs a few requests).
-    pub fn wants_progress(&self, now: std::time::Instant, partitions: usize) -> bool {
-        partitions == 0 && self.empty_since.is_some_and(|t| now.duration_since(t) >= self.grace)
+    pub fn wants_progress(&self, now: Instant, partitions: usize) -> bool {
+        partitions == 0 && self.empty_since.is_some_and(|t| now.duration_since(t) >= self.limits.grace)
     }
 
-    /// Records what the member holds and, when asked for, the group's progress; returns why the
-    /// member is stalled, or `None`.
-    pub fn observe(
-        &mut self,
-        now: std::time::Instant,
-        partitions: usize,
-        progress: Option<crate::bus::GroupLag>,
-    ) -> Option<String> {
-        if partitions > 0 {
+    /// Records a sighting; returns whether the member is stalled and whether to replace it.
+    pub fn observe(&mut self, now: Instant, seen: Sighting) -> Verdict {
+        let grace = self.limits.grace;
+        let lasted = |since: Option<Instant>, limit: Duration| since.is_some_and(|t| now.duration_since(t) >= limit);
+        // Holding partitions: healthy, whatever its group is doing (a rebalance under way, a
+        // coordinator that is slow to answer: its partitions are read all the same).
+        if seen.partitions > 0 {
+            self.held = true;
             self.empty_since = None;
             self.committed = None;
-            return None;
+            self.stalled_since = None;
+            self.outside_since = None;
+            return Verdict::default();
         }
+        // Admission: only judged while a broker answers, and counted from the last join that
+        // completed (a group that keeps rebalancing still admits its members each time).
+        match (seen.connected, seen.admitted) {
+            (true, Some(false)) => {
+                let since = self.outside_since.get_or_insert(now);
+                if let Some(a) = seen.assigned.filter(|a| *a > *since) {
+                    *since = a;
+                }
+            }
+            (true, None) => {}
+            _ => self.outside_since = None,
+        }
+        let outside = lasted(self.outside_since, grace).then(|| {
+            let secs = self.outside_since.map_or(0, |t| now.duration_since(t).as_secs());
+            let rejoin = lasted(self.outside_since, self.limits.join_rejoin).then_some(Rejoin::JoinTimedOut);
+            (format!("not admitted to its group for {secs}s"), rejoin)
+        });
+        // Idle beside lag says more than "not admitted" (it names the lag): it comes first.
+        let idle = self.idle(now, seen.progress);
+        match (idle, outside) {
+            (Verdict { stalled: Some(why), rejoin }, outside) => {
+                Verdict { stalled: Some(why), rejoin: rejoin.or(outside.and_then(|o| o.1)) }
+            }
+            (_, Some((why, rejoin))) => Verdict { stalled: Some(why), rejoin },
+            (idle, None) => idle,
+        }
+    }
+
+    /// The judgement of a member that holds no partitions, by its group's lag and progress.
+    fn idle(&mut self, now: Instant, progress: Option<crate::bus::GroupLag>) -> Verdict {
+        let grace = self.limits.grace;
         let empty_since = *self.empty_since.get_or_insert(now);
-        if now.duration_since(empty_since) < self.grace {
-            return None;
+        if now.duration_since(empty_since) < grace {
+            return Verdict::default();
         }
-        let p = progress?;
+        let Some(p) = progress else {
+            // Nothing new to judge by: the last judgement stands.
+            return self.stalled_verdict(now, None);
+        };
         let since = match self.committed {
             Some((c, since)) if c == p.committed_sum => since,
             _ => {
@@ -292,26 +423,53 @@ impl StallWatch {
                 now
             }
         };
-        (p.lag > 0 && now.duration_since(since) >= self.grace).then(|| format!("no partitions assigned, lag {}", p.lag))
+        if p.lag > 0 && now.duration_since(since) >= grace {
+            self.stalled_since.get_or_insert(now);
+            self.stalled_verdict(now, Some(p.lag))
+        } else {
+            self.stalled_since = None;
+            Verdict::default()
+        }
+    }
+
+    fn stalled_verdict(&self, now: Instant, lag: Option<i64>) -> Verdict {
+        let Some(since) = self.stalled_since else { return Verdict::default() };
+        let why = match lag {
+            Some(lag) => format!("no partitions assigned, lag {lag}"),
+            None => "no partitions assigned, lag unknown".to_string(),
+        };
+        let rejoin = (now.duration_since(since) >= self.limits.idle_rejoin).then_some(Rejoin::IdleBesideLag);
+        Verdict { stalled: Some(why), rejoin }
     }
 }
 
+/// How a member's keeper ended: with a call for a fresh member, and whether it ever held
+/// partitions (so whether the run of fresh members is over).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct KeeperEnd {
+    pub rejoin: Option<Rejoin>,
+    pub held: bool,
+}
+
 /// Keeps a group member's slot and readiness up to date until `stop`: every third of the
-/// [`TTL`] it renews the slot with the partitions held and, while the member holds none,
-/// watches for a stalled group ([`StallWatch`]), which makes the role not ready. Returns
+/// [`TTL`] it renews the slot with the partitions held and watches the member ([`MemberWatch`]),
+/// which makes the role not ready while it is stalled. When the watch calls for a fresh member,
+/// it says so (log, `ficus_consumer_rejoins_total{group,reason}`), cancels `member` (the role
+/// ends this member at its next batch and joins again) and returns the reason. Returns
 /// [`InstanceConflict`] if another process took the slot (this one was paused past the TTL).
 pub async fn keep(
     slot: Slot,
     member: crate::bus::GroupConsumer,
     role: crate::ops::RoleId,
     health: crate::ops::Health,
+    limits: Limits,
     stop: CancellationToken,
-) -> Result<(), InstanceConflict> {
-    // A session timeout, plus time for the rebalance that follows.
-    let mut watch = StallWatch::new(Duration::from_secs(20));
+) -> Result<KeeperEnd, InstanceConflict> {
+    let mut watch = MemberWatch::new(limits);
     loop {
-        let now = std::time::Instant::now();
+        let now = Instant::now();
         let partitions = member.partitions();
+        let standing = member.standing();
         let progress = if watch.wants_progress(now, partitions) {
             let m = member.clone();
             match tokio::task::spawn_blocking(move || m.progress()).await {
@@ -325,11 +483,30 @@ pub async fn keep(
         } else {
             None
         };
-        let stalled = watch.observe(now, partitions, progress);
+        let seen = Sighting {
+            partitions,
+            connected: standing.connected,
+            admitted: standing.admitted,
+            assigned: standing.assigned,
+            progress,
+        };
+        let Verdict { stalled, rejoin } = watch.observe(now, seen);
         if let Some(why) = &stalled {
             tracing::warn!(%role, group = %slot.group, "stalled: {why}");
         }
         health.set_stalled(&role, stalled.clone());
+        if let Some(reason) = rejoin {
+            tracing::warn!(
+                %role, group = %slot.group, reason = reason.label(),
+                "replacing this group member with a fresh one ({}): {}",
+                reason.label(),
+                stalled.as_deref().unwrap_or_default()
+            );
+            metrics::counter!("ficus_consumer_rejoins_total", "group" => slot.group.clone(), "reason" => reason.label())
+                .increment(1);
+            stop.cancel();
+            return Ok(KeeperEnd { rejoin: Some(reason), held: watch.held() });
+        }
         match slot.renew(&MemberState { partitions, stalled }).await {
             Ok(true) => {}
             Ok(false) => {
@@ -342,7 +519,7 @@ pub async fn keep(
             Err(e) => tracing::debug!(%role, "renewing the group slot: {e}"),
         }
         tokio::select! {
-            _ = stop.cancelled() => return Ok(()),
+            _ = stop.cancelled() => return Ok(KeeperEnd { rejoin: None, held: watch.held() }),
             _ = tokio::time::sleep(TTL / 3) => {}
         }
     }
@@ -352,35 +529,138 @@ pub async fn keep(
 mod tests {
     use super::*;
     use crate::bus::GroupLag;
-    use std::time::Instant;
+
+    const L: Limits = Limits {
+        grace: Duration::from_secs(20),
+        idle_rejoin: Duration::from_secs(60),
+        join_rejoin: Duration::from_secs(120),
+    };
+
+    fn seen(partitions: usize, progress: Option<(i64, i64)>) -> Sighting {
+        Sighting {
+            partitions,
+            connected: true,
+            admitted: Some(true),
+            assigned: None,
+            progress: progress.map(|(lag, committed_sum)| GroupLag { lag, committed_sum, ..Default::default() }),
+        }
+    }
+
+    fn stalled(v: &Verdict) -> Option<&str> {
+        v.stalled.as_deref()
+    }
 
     #[test]
     fn an_idle_member_is_not_stalled_but_a_stuck_group_is() {
-        let grace = Duration::from_secs(20);
         let t0 = Instant::now();
         let at = |s: u64| t0 + Duration::from_secs(s);
-        let mut w = StallWatch::new(grace);
+        let mut w = MemberWatch::new(L);
         // Holding partitions: never stalled, and no progress asked for.
         assert!(!w.wants_progress(at(0), 3));
-        assert_eq!(w.observe(at(0), 3, None), None);
+        assert_eq!(w.observe(at(0), seen(3, None)), Verdict::default());
         // Holding none: fine during the grace period.
-        assert_eq!(w.observe(at(1), 0, None), None);
+        assert_eq!(w.observe(at(1), seen(0, None)), Verdict::default());
         assert!(!w.wants_progress(at(10), 0));
         assert!(w.wants_progress(at(21), 0));
         // Lag, but the group's offsets move: another member is consuming.
-        assert_eq!(w.observe(at(21), 0, Some(GroupLag { lag: 50, committed_sum: 100, ..Default::default() })), None);
-        assert_eq!(w.observe(at(35), 0, Some(GroupLag { lag: 40, committed_sum: 110, ..Default::default() })), None);
-        assert_eq!(w.observe(at(50), 0, Some(GroupLag { lag: 40, committed_sum: 120, ..Default::default() })), None);
+        assert_eq!(w.observe(at(21), seen(0, Some((50, 100)))), Verdict::default());
+        assert_eq!(w.observe(at(35), seen(0, Some((40, 110)))), Verdict::default());
+        assert_eq!(w.observe(at(50), seen(0, Some((40, 120)))), Verdict::default());
         // The offsets stop moving while messages wait: stalled once that lasts the grace.
-        assert_eq!(w.observe(at(60), 0, Some(GroupLag { lag: 45, committed_sum: 120, ..Default::default() })), None);
-        assert_eq!(
-            w.observe(at(71), 0, Some(GroupLag { lag: 45, committed_sum: 120, ..Default::default() })).as_deref(),
-            Some("no partitions assigned, lag 45")
-        );
+        assert_eq!(w.observe(at(60), seen(0, Some((45, 120)))), Verdict::default());
+        assert_eq!(stalled(&w.observe(at(71), seen(0, Some((45, 120))))), Some("no partitions assigned, lag 45"));
         // Nothing waiting: an idle member, not a stall.
-        assert_eq!(w.observe(at(72), 0, Some(GroupLag { lag: 0, committed_sum: 120, ..Default::default() })), None);
+        assert_eq!(w.observe(at(72), seen(0, Some((0, 120)))), Verdict::default());
         // Partitions come back: healthy at once.
-        assert_eq!(w.observe(at(73), 2, None), None);
+        assert_eq!(w.observe(at(73), seen(2, None)), Verdict::default());
         assert!(!w.wants_progress(at(80), 0), "the grace starts again");
+        assert!(w.held());
+    }
+
+    #[test]
+    fn a_member_idle_beside_lag_for_long_is_replaced() {
+        let t0 = Instant::now();
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        let mut w = MemberWatch::new(L);
+        assert_eq!(w.observe(at(0), seen(0, None)), Verdict::default());
+        assert_eq!(w.observe(at(20), seen(0, Some((30, 7)))), Verdict::default());
+        let v = w.observe(at(40), seen(0, Some((30, 7))));
+        assert_eq!((stalled(&v), v.rejoin), (Some("no partitions assigned, lag 30"), None));
+        // Between looks at the group, the judgement stands.
+        assert_eq!(w.observe(at(45), seen(0, None)).rejoin, None);
+        assert_eq!(stalled(&w.observe(at(45), seen(0, None))), Some("no partitions assigned, lag unknown"));
+        // A minute stalled: a fresh member.
+        assert_eq!(w.observe(at(99), seen(0, Some((30, 7)))).rejoin, None);
+        assert_eq!(w.observe(at(100), seen(0, Some((31, 7)))).rejoin, Some(Rejoin::IdleBesideLag));
+        assert!(!w.held(), "it never held anything");
+        // The stall ends the moment the offsets move, and its clock with it.
+        let mut w = MemberWatch::new(L);
+        w.observe(at(0), seen(0, None));
+        w.observe(at(20), seen(0, Some((30, 7))));
+        w.observe(at(40), seen(0, Some((30, 7))));
+        assert_eq!(w.observe(at(60), seen(0, Some((30, 9)))), Verdict::default(), "someone consumes");
+        assert_eq!(w.observe(at(80), seen(0, Some((30, 9)))).rejoin, None);
+        assert_eq!(w.observe(at(139), seen(0, Some((30, 9)))).rejoin, None);
+        assert_eq!(w.observe(at(140), seen(0, Some((30, 9)))).rejoin, Some(Rejoin::IdleBesideLag));
+    }
+
+    #[test]
+    fn a_member_whose_joins_keep_timing_out_is_replaced_but_not_without_a_broker() {
+        let t0 = Instant::now();
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        let outside = |connected| Sighting { partitions: 0, connected, admitted: Some(false), ..Default::default() };
+        let mut w = MemberWatch::new(L);
+        assert_eq!(w.observe(at(0), outside(true)), Verdict::default());
+        assert_eq!(w.observe(at(19), outside(true)), Verdict::default(), "a join takes a while");
+        let v = w.observe(at(20), outside(true));
+        assert_eq!((stalled(&v), v.rejoin), (Some("not admitted to its group for 20s"), None));
+        assert_eq!(w.observe(at(119), outside(true)).rejoin, None);
+        assert_eq!(w.observe(at(120), outside(true)).rejoin, Some(Rejoin::JoinTimedOut));
+        // No broker at all: librdkafka's to recover, not a fresh member's; the clock restarts.
+        let mut w = MemberWatch::new(L);
+        w.observe(at(0), outside(true));
+        assert_eq!(w.observe(at(100), outside(false)), Verdict::default());
+        assert_eq!(w.observe(at(130), outside(true)), Verdict::default());
+        assert_eq!(w.observe(at(249), outside(true)).rejoin, None);
+        assert_eq!(w.observe(at(250), outside(true)).rejoin, Some(Rejoin::JoinTimedOut));
+        // Admitted again: fine at once. Unknown standing (no statistics yet) changes nothing.
+        let mut w = MemberWatch::new(L);
+        w.observe(at(0), outside(true));
+        assert_eq!(w.observe(at(30), seen(1, None)), Verdict::default());
+        // Outside a rebalance that takes its time, but holding partitions: it reads them.
+        let rebalancing = Sighting { partitions: 2, ..outside(true) };
+        assert_eq!(w.observe(at(40), rebalancing.clone()), Verdict::default());
+        assert_eq!(w.observe(at(400), rebalancing), Verdict::default());
+        // A group that keeps rebalancing, handing it an empty assignment each time: admitted
+        // each time, so never "not admitted" for long (its idleness is judged by the lag).
+        let mut r = MemberWatch::new(L);
+        for s in (0..300).step_by(5) {
+            let seen = Sighting { assigned: Some(at(s.max(1) - 1)), ..outside(true) };
+            assert_eq!(r.observe(at(s), seen).rejoin, None, "at {s}s");
+        }
+        assert_eq!(r.observe(at(300), Sighting { assigned: Some(at(295)), ..outside(true) }).stalled, None);
+        // Not admitted and idle beside lag: the lag is named, and either clock calls for a fresh one.
+        let mut b = MemberWatch::new(L);
+        let both = |lag| Sighting {
+            progress: Some(GroupLag { lag, committed_sum: 3, ..Default::default() }),
+            ..outside(true)
+        };
+        b.observe(at(0), outside(true));
+        b.observe(at(20), both(6));
+        let v = b.observe(at(40), both(6));
+        assert_eq!((stalled(&v), v.rejoin), (Some("no partitions assigned, lag 6"), None));
+        assert_eq!(b.observe(at(100), both(6)).rejoin, Some(Rejoin::IdleBesideLag));
+        let unknown = Sighting { admitted: None, ..seen(0, None) };
+        assert_eq!(w.observe(at(31), unknown.clone()), Verdict::default());
+        assert_eq!(w.observe(at(200), unknown), Verdict::default(), "no partitions, but no lag known either");
+    }
+
+    #[test]
+    fn fresh_members_in_a_row_wait_longer_each_time() {
+        assert_eq!(L.after(0).idle_rejoin, Duration::from_secs(60));
+        assert_eq!(L.after(1).join_rejoin, Duration::from_secs(240));
+        assert_eq!(L.after(3).idle_rejoin, Duration::from_secs(480));
+        assert_eq!(L.after(9).idle_rejoin, Duration::from_secs(480), "capped");
+        assert_eq!(L.after(9).grace, L.grace);
     }
 }

@@ -14,7 +14,7 @@ use tracing::{info, warn};
 use super::{ARCHIVE_GROUP, Archived, EventStore, StoreError};
 use crate::bus::GroupConsumer;
 use crate::config::KafkaConfig;
-use crate::consume::{claim_slot, keeper_ended};
+use crate::consume::{Ended, Life, claim_slot};
 use crate::event::Message;
 use crate::ops::{Health, RoleId};
 use crate::retry::with_backoff;
@@ -33,38 +33,31 @@ pub struct Archiver {
 
 impl Archiver {
     pub async fn run(&self, shutdown: CancellationToken) -> Result<(), StoreError> {
-        let attempt = || async {
-            let r = self.attempt(&shutdown).await;
-            if r.is_err() {
-                self.health.disconnected(&RoleId::Archive);
+        let mut rejoins = 0;
+        loop {
+            let attempt = || async {
+                let r = self.attempt(&shutdown, rejoins).await;
+                if r.is_err() {
+                    self.health.disconnected(&RoleId::Archive);
+                }
+                r
+            };
+            match with_backoff("archive", &shutdown, attempt, StoreError::is_transient).await? {
+                Ended::Stopped => return Ok(()),
+                Ended::Rejoin { held } => rejoins = if held { 0 } else { rejoins + 1 },
             }
-            r
-        };
-        with_backoff("archive", &shutdown, attempt, StoreError::is_transient).await
+        }
     }
 
-    async fn attempt(&self, shutdown: &CancellationToken) -> Result<(), StoreError> {
-        let Some(slot) = claim_slot(&self.db, &self.kafka, ARCHIVE_GROUP, shutdown).await? else { return Ok(()) };
+    async fn attempt(&self, shutdown: &CancellationToken, rejoins: u32) -> Result<Ended, StoreError> {
+        let Some(slot) = claim_slot(&self.db, &self.kafka, ARCHIVE_GROUP, shutdown).await? else {
+            return Ok(Ended::Stopped);
+        };
         let consumer = GroupConsumer::join(&self.kafka, ARCHIVE_GROUP, &self.topics, "ficus-archive")?;
         info!(group = ARCHIVE_GROUP, topics = ?self.topics, "archiving");
-        let watching = shutdown.child_token();
-        let keeper = tokio::spawn(crate::ops::presence::keep(
-            slot.clone(),
-            consumer.clone(),
-            RoleId::Archive,
-            self.health.clone(),
-            watching.clone(),
-        ));
-        let result = tokio::select! {
-            r = self.archive_loop(&consumer, shutdown) => r,
-            kept = keeper_ended(&watching, keeper) => kept,
-        };
-        watching.cancel();
-        consumer.close().await;
-        if shutdown.is_cancelled() {
-            slot.release().await;
-        }
-        result
+        let life = Life { slot: &slot, consumer: &consumer, role: &RoleId::Archive, health: &self.health, rejoins };
+        let consumer = &consumer;
+        life.run(shutdown, move |member| async move { self.archive_loop(consumer, &member).await }).await
     }
 
     async fn archive_loop(&self, consumer: &GroupConsumer, shutdown: &CancellationToken) -> Result<(), StoreError> {

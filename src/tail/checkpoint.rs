@@ -1,8 +1,8 @@
 //! Where the tailer records how far it has durably got: snapshot progress and the resume token.
 //!
 //! A checkpoint only ever names a point whose every earlier event Kafka has acknowledged, so a
-//! restart resumes exactly there and loses nothing (it may re-publish what followed, with the
-//! same event ids). The store is a small document per source in ficus's own MongoDB database
+//! restart resumes exactly there and loses nothing (it may re-publish what followed: with the
+//! same event ids where a change reads the same again, new ones where it does not). The store is a small document per source in ficus's own MongoDB database
 //! (`store.uri`/`store.db`, collection `checkpoints`), written with majority write concern and
 //! journaling: durable, atomic, readable by `ficus status`, and independent of Kafka retention
 //! and of the machine ficus happens to run on.
@@ -17,8 +17,14 @@ use serde::{Deserialize, Serialize};
 /// How far the initial snapshot has got.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SnapshotProgress {
-    /// The point the stream resumes from once the copy is done, captured before it began.
+    /// The version every copy carries, at or before every change the copy might not see
+    /// (see `Source::snapshot_start`); the stream starts here when there is no `start_token`.
     pub start_time: Timestamp,
+    /// Where the stream resumes once the copy is done: a position taken before the copy began,
+    /// after which every change the copy might not see comes. Absent in checkpoints of ficus
+    /// versions that started the stream at `start_time`.
+    #[serde(default)]
+    pub start_token: Option<Document>,
     /// Collections completely copied.
     pub done: Vec<String>,
     /// The collection being copied and the last `_id` whose events Kafka acknowledged.

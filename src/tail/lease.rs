@@ -6,7 +6,7 @@
 //! so a holder killed with SIGKILL is replaced within one TTL. Every acquisition increments the
 //! epoch, and checkpoints are fenced by it (see `checkpoint`): a paused former holder that wakes
 //! up after losing the lease cannot overwrite the new holder's checkpoint. It may re-publish a
-//! few events, which carry the same ids and are absorbed downstream.
+//! few events, absorbed downstream (each with the same id where it reads the same again).
 
 use std::time::Duration;
 

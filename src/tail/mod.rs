@@ -32,7 +32,7 @@ use crate::event::mapping::{ChangeRecord, map_change};
 use crate::mongo::ErrorClass;
 use crate::ops::{Health, RoleId};
 use crate::retry::with_backoff;
-use crate::source::{Source, SourceError};
+use crate::source::{Handoff, Source, SourceError};
 use checkpoint::{CheckpointError, CheckpointStore, SnapshotProgress, TailPhase, TailState};
 
 /// Errors of the tail role.
@@ -172,12 +172,13 @@ impl<S: Source, P: Publisher + 'static, C: CheckpointStore> Tailer<S, P, C> {
     }
 
     async fn begin(&self) -> Result<TailState, TailError> {
-        let start_time = self.source.cluster_time().await?;
         let phase = match self.start {
             TailStart::Snapshot => {
+                let Handoff { version: start_time, resume: start_token } = self.source.snapshot_start().await?;
                 info!(source = %self.source_name, start = ?start_time, "no checkpoint: starting the initial snapshot");
                 TailPhase::Snapshot(SnapshotProgress {
                     start_time,
+                    start_token,
                     done: Vec::new(),
                     current: None,
                     last_id: None,

@@ -104,9 +104,12 @@ impl<S: Source, P: Publisher + 'static, C: CheckpointStore> Tailer<S, P, C> {
         if let Some(b) = bar {
             b.finish_and_clear();
         }
-        info!(source = %self.source_name, documents = progress.copied, "snapshot complete; streaming from the point captured before it");
-        state.phase =
-            TailPhase::Stream(StreamPosition { resume_token: None, cluster_time: progress.start_time, index: 0 });
+        info!(source = %self.source_name, documents = progress.copied, "snapshot complete; streaming from the point taken before it");
+        state.phase = TailPhase::Stream(StreamPosition {
+            resume_token: progress.start_token.clone(),
+            cluster_time: progress.start_time,
+            index: 0,
+        });
         self.save(state).await?;
         Ok(true)
     }

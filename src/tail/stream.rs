@@ -108,6 +108,9 @@ impl<S: Source, P: Publisher + 'static, C: CheckpointStore> Tailer<S, P, C> {
                         dirty = false;
                     }
                 }
+                // Stop taking changes at once, even with the window full (Kafka not answering):
+                // what was handed over is drained below.
+                _ = shutdown.cancelled() => break Ok(()),
                 item = rx.recv(), if window.in_flight() < self.tail.max_in_flight => {
                     match item {
                         Some(Item::Change { record, token }) => {
@@ -178,19 +181,44 @@ impl<S: Source, P: Publisher + 'static, C: CheckpointStore> Tailer<S, P, C> {
         };
 
         // Stop reading, then drain: everything already handed to Kafka is awaited so the final
-        // checkpoint covers as much as possible. A delivery failure stops the drain there.
+        // checkpoint covers as much as possible. A delivery failure stops the drain there. The
+        // drain checkpoints as acknowledgements come (at most every checkpoint interval), so a
+        // drain cut short (a broker that does not answer, and the shutdown timeout) leaves the
+        // checkpoint at what was acknowledged; what was not is published again on restart.
         reader_stop.cancel();
         drop(rx);
         let mut outcome = outcome;
-        if outcome.is_ok() || matches!(outcome, Err(TailError::Source(_))) {
-            while let Some((ticket, done)) = acks.next().await {
-                if let Err(e) = done {
-                    if outcome.is_ok() {
-                        outcome = Err(e.into());
+        if (outcome.is_ok() || matches!(outcome, Err(TailError::Source(_)))) && !acks.is_empty() {
+            info!(source = %self.source_name, unacknowledged = acks.len(), "draining: waiting for Kafka to acknowledge what was handed over");
+            let mut waiting = tokio::time::interval_at(
+                tokio::time::Instant::now() + std::time::Duration::from_secs(5),
+                std::time::Duration::from_secs(5),
+            );
+            loop {
+                tokio::select! {
+                    next = acks.next() => {
+                        let Some((ticket, done)) = next else { break };
+                        if let Err(e) = done {
+                            if outcome.is_ok() {
+                                outcome = Err(e.into());
+                            }
+                            break;
+                        }
+                        window.ack(ticket);
+                        if let Some(c) = window.covered_where(usable) {
+                            covered = c;
+                            dirty = true;
+                        }
+                        if dirty && saved_at.elapsed() >= self.tail.checkpoint_interval {
+                            self.save_stream(state, covered.as_ref()).await?;
+                            saved_at = Instant::now();
+                            dirty = false;
+                        }
                     }
-                    break;
+                    _ = waiting.tick() => {
+                        info!(source = %self.source_name, unacknowledged = acks.len(), "draining: still waiting for Kafka; the checkpoint stands at what was acknowledged");
+                    }
                 }
-                window.ack(ticket);
             }
         }
         if let Some(c) = window.covered_where(usable) {
@@ -231,8 +259,20 @@ impl<S: Source, P: Publisher + 'static, C: CheckpointStore> Tailer<S, P, C> {
     }
 }
 
+/// Where a change read after `last` goes in the stream's order: its cluster time and its index
+/// among changes of that time (stream changes count from 1; see `event::Position`). A change
+/// whose time is before `last`'s takes `last`'s time: that happens only right after a
+/// snapshot, for a write that was not yet visible when the snapshot began although the
+/// source's clock already counted it (see `Source::snapshot_start`), and the copies, versioned
+/// at that clock, must not be newer than it. Everywhere else the stream's times only grow, and
+/// this is the change's own.
+pub(super) fn place(last: (Timestamp, u32), time: Timestamp) -> (Timestamp, u32) {
+    let (last_time, last_index) = last;
+    if time > last_time { (time, 1) } else { (last_time, last_index + 1) }
+}
+
 /// The reader task: drains the change stream into the channel until stopped. Each event gets
-/// its index among events sharing a cluster time, continuing from the checkpoint's.
+/// its place ([`place`]), continuing from the checkpoint's.
 async fn read_changes(
     mut feed: impl ChangeFeed,
     tx: mpsc::Sender<Item>,
@@ -249,7 +289,7 @@ async fn read_changes(
         }
         match next {
             Ok(Some((mut record, token))) => {
-                record.index = if record.cluster_time == last_time { last_index + 1 } else { 1 };
+                (record.cluster_time, record.index) = place((last_time, last_index), record.cluster_time);
                 last_time = record.cluster_time;
                 last_index = record.index;
                 lag.set(crate::ops::age_seconds(last_time.time));
@@ -270,4 +310,33 @@ async fn read_changes(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn changes_take_their_own_time_and_count_within_it() {
+        let t = |time, increment| Timestamp { time, increment };
+        assert_eq!(place((t(10, 1), 0), t(10, 2)), (t(10, 2), 1));
+        // A transaction's changes sharing one time (as MongoDB gives them) count on.
+        assert_eq!(place((t(10, 2), 1), t(10, 2)), (t(10, 2), 2));
+        assert_eq!(place((t(10, 2), 2), t(11, 1)), (t(11, 1), 1));
+    }
+
+    /// The handoff after a snapshot: the copies are versioned at the source's clock (index 0)
+    /// and the stream continues from there. A delete whose transaction was still open when the
+    /// clock was read has an earlier time; placed at its own time it was older than the copy
+    /// it deletes, and the service kept the document (issue 19). It goes after the copies.
+    #[test]
+    fn a_change_timed_before_the_copies_goes_after_them() {
+        let t = |time, increment| Timestamp { time, increment };
+        let copies = (t(100, 5), 0);
+        let pending_delete = place(copies, t(100, 3));
+        assert_eq!(pending_delete, (t(100, 5), 1));
+        assert!(crate::event::Version::at(pending_delete.0, pending_delete.1) > crate::event::Version::at(copies.0, 0));
+        assert_eq!(place(pending_delete, t(99, 9)), (t(100, 5), 2), "another, earlier still");
+        assert_eq!(place((t(100, 5), 2), t(100, 6)), (t(100, 6), 1), "then the stream's own times");
+    }
 }

@@ -81,8 +81,10 @@ impl MemorySource {
 impl Source for MemorySource {
     type Feed = MemoryFeed;
 
-    async fn cluster_time(&self) -> Result<Timestamp, SourceError> {
-        Ok(Timestamp { time: 1_000, increment: lock(&self.0).now })
+    async fn snapshot_start(&self) -> Result<crate::source::Handoff, SourceError> {
+        // Nothing is ever pending in memory: the copies' version is the clock, the stream starts there.
+        let version = Timestamp { time: 1_000, increment: lock(&self.0).now };
+        Ok(crate::source::Handoff { version, resume: None })
     }
 
     async fn estimated_count(&self, coll: &str) -> Result<u64, SourceError> {

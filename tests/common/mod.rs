@@ -352,6 +352,13 @@ impl Ficus {
         }
     }
 
+    /// Sends a signal, without waiting.
+    pub fn send(&self, sig: i32) {
+        if let Some(c) = &self.child {
+            signal(c, sig);
+        }
+    }
+
     /// SIGTERM, then waits for the exit status.
     pub fn terminate(&mut self) -> std::process::ExitStatus {
         let mut c = self.child.take().expect("running");

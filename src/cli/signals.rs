@@ -1,0 +1,96 @@
+//! SIGTERM and SIGINT, heard on a thread of their own.
+//!
+//! The first signal cancels the shutdown token: every role drains and checkpoints. A second
+//! signal exits at once (status 1), naming what was still running; so does the hard bound, when
+//! the process is still running that long after the first (a drain the supervisor's own deadline
+//! could not end). The listener runs on its own thread with a runtime of its own, so it hears a
+//! signal however busy, or held, the main runtime's workers are: with every worker held by a
+//! call into a broker that was gone, `ficus run` once ignored SIGTERM for 25 minutes (issue 19).
+
+use std::collections::BTreeSet;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::signal::unix::{SignalKind, signal};
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info};
+
+/// What is still running, by name, for the messages of a stop that does not finish.
+#[derive(Clone, Default)]
+pub(super) struct Running(Arc<Mutex<BTreeSet<String>>>);
+
+/// Removes its name from [`Running`] when dropped (the task ended, or was aborted).
+pub(super) struct Entered(Running, String);
+
+impl Running {
+    pub(super) fn enter(&self, name: &str) -> Entered {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).insert(name.to_string());
+        Entered(self.clone(), name.to_string())
+    }
+
+    /// The names still running, comma-separated (`nothing` when none is).
+    pub(super) fn describe(&self) -> String {
+        let names = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if names.is_empty() { "nothing".into() } else { names.iter().cloned().collect::<Vec<_>>().join(", ") }
+    }
+}
+
+impl Drop for Entered {
+    fn drop(&mut self) {
+        self.0.0.lock().unwrap_or_else(|p| p.into_inner()).remove(&self.1);
+    }
+}
+
+/// Listens for SIGTERM and SIGINT (see the module header). `bound`: how long after the first
+/// signal the process may still run before it exits by itself; `None` for no bound.
+pub(super) fn watch(shutdown: CancellationToken, bound: Option<Duration>, running: Running) {
+    let spawned = std::thread::Builder::new().name("ficus-signals".into()).spawn(move || {
+        let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+            Ok(rt) => rt,
+            Err(e) => {
+                error!("cannot listen for signals: {e}");
+                return;
+            }
+        };
+        rt.block_on(listen(shutdown, bound, running));
+    });
+    if let Err(e) = spawned {
+        error!("cannot start the signal listener: {e}");
+    }
+}
+
+async fn listen(shutdown: CancellationToken, bound: Option<Duration>, running: Running) {
+    let (mut term, mut int) = match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+        (Ok(t), Ok(i)) => (t, i),
+        (Err(e), _) | (_, Err(e)) => {
+            error!("cannot listen for SIGTERM and SIGINT: {e}");
+            return;
+        }
+    };
+    let first = tokio::select! {
+        _ = term.recv() => "SIGTERM",
+        _ = int.recv() => "SIGINT",
+    };
+    match bound {
+        Some(b) => info!("{first}: draining (at most {}s); a second signal exits at once", b.as_secs()),
+        None => info!("{first}: draining; a second signal exits at once"),
+    }
+    shutdown.cancel();
+    let deadline = async {
+        match bound {
+            Some(b) => tokio::time::sleep(b).await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => exit_now("a second signal", &running),
+        _ = int.recv() => exit_now("a second signal", &running),
+        _ = deadline => exit_now("the shutdown bound", &running),
+    }
+}
+
+fn exit_now(why: &str, running: &Running) -> ! {
+    error!("{why}: exiting at once; abandoned what was still running: {}", running.describe());
+    eprintln!("ficus: {why}: exiting at once; abandoned what was still running: {}", running.describe());
+    std::process::exit(1)
+}
