@@ -319,7 +319,27 @@ async fn ownership_chaos_loses_no_acknowledged_write() {
                     daemon.kill();
                     tokio::time::sleep(Duration::from_millis(rng.random_range(200..2_000))).await;
                     daemon.start();
-                    done.push("SIGKILL".to_string());
+                    // The next fault comes once the new process is ready and its forward
+                    // consumer holds partitions: on Tansu a static
+                    // member's join after a kill takes 20 to 30 s (real Kafka hands the slot
+                    // back at once), and a process killed every few seconds there never consumes
+                    // at all, which proves nothing about ownership.
+                    let port = daemon.port;
+                    let ready = tokio::task::spawn_blocking(move || {
+                        let until = Instant::now() + Duration::from_secs(120);
+                        while Instant::now() < until {
+                            let ready = common::try_http_get(port, "/readyz").is_ok_and(|(code, _)| code == 200);
+                            let consuming = common::try_http_get(port, "/metrics")
+                                .is_ok_and(|(_, m)| m.contains("ficus_consumer_lag{group=\"ficus.customers_db\""));
+                            if ready && consuming {
+                                return true;
+                            }
+                            std::thread::sleep(Duration::from_millis(250));
+                        }
+                        false
+                    });
+                    let ready = ready.await.unwrap();
+                    done.push(if ready { "SIGKILL".to_string() } else { "SIGKILL (not ready in 120 s)".to_string() });
                 } else {
                     let pause = rng.random_range(500..6_000);
                     daemon.signal(libc::SIGSTOP);
