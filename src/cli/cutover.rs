@@ -37,6 +37,7 @@ use mongodb::Database;
 
 use super::{BadInput, Loaded, select_services};
 use crate::bus::Reader;
+use crate::clients::Clients;
 use crate::cutover::feed::OwnershipSource;
 use crate::cutover::moves::{DrainTo, MoveRecord, MoveStore};
 use crate::cutover::ownership::{Drain, Ownership, OwnershipStore};
@@ -79,7 +80,7 @@ struct Sides<'a> {
 }
 
 /// `ficus cutover --service NAME (--to PERCENT [--force] [--dry-run] | --abort)`.
-pub(super) async fn cutover(loaded: &Loaded, req: Request) -> anyhow::Result<ExitCode> {
+pub(super) async fn cutover(loaded: &Loaded, clients: &Clients, req: Request) -> anyhow::Result<ExitCode> {
     let chosen = select_services(&loaded.services, std::slice::from_ref(&req.service))?;
     let transforms = chosen[0].as_ref();
     let service = req.service.as_str();
@@ -93,10 +94,7 @@ pub(super) async fn cutover(loaded: &Loaded, req: Request) -> anyhow::Result<Exi
     if req.force && (req.abort || req.dry_run) {
         return Err(bad("--force sets a share at once: it goes with neither --abort nor --dry-run".into()));
     }
-    let cfg = &loaded.config;
-    let store = crate::mongo::connect(&cfg.store.uri, "cutover").await?.database(&cfg.store.db);
-    let monolith = crate::mongo::connect(&cfg.source.uri, "cutover").await?.database(&cfg.source.db);
-    let services = crate::mongo::connect(&cfg.target_uri, "cutover").await?;
+    let (store, monolith) = (clients.store(), clients.monolith());
     let sides = Sides {
         loaded,
         transforms,
@@ -104,10 +102,10 @@ pub(super) async fn cutover(loaded: &Loaded, req: Request) -> anyhow::Result<Exi
             store: OwnershipStore::new(&store),
             store_db: store.clone(),
             monolith: monolith.clone(),
-            services: services.database("admin"),
+            services: clients.service("admin"),
         },
         moves: MoveStore::new(&store),
-        service_db: services.database(transforms.database()),
+        service_db: clients.service(transforms.database()),
         store,
         monolith,
     };
@@ -620,8 +618,7 @@ async fn preflight(sides: &Sides<'_>, mv: &Move) -> anyhow::Result<Vec<String>> 
     let laws = crate::lens::check(
         &sides.loaded.services,
         &sides.loaded.topics,
-        &cfg.source.uri,
-        &cfg.source.db,
+        &sides.monolith,
         &cfg.source.name,
         Some(service),
         None,
