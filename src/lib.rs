@@ -42,12 +42,15 @@
 //! - [`clients`]: the MongoDB clients of a process, connected once and passed down.
 //! - [`daemon`]: `ficus run` as a library call: the roles built and supervised until a shutdown
 //!   future completes, and what `GET /cutover` serves.
+//! - [`commands`]: the commands as library calls (the cutover executor), typed outcomes and
+//!   progress reported through a callback.
 //! - [`cli`]: the binary's edge: arguments, signals, printing, exit codes.
 //! - `testkit` (feature `testkit`): test data and in-memory implementations of the traits.
 
 pub mod bus;
 pub mod cli;
 pub mod clients;
+pub mod commands;
 pub mod config;
 pub mod consume;
 pub mod cutover;

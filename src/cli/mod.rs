@@ -319,7 +319,7 @@ async fn command_with(command: Command, loaded: &mut Loaded, clients: &Clients) 
         Command::Status { json, instance } => commands::status(loaded, clients, json, instance.as_deref()).await,
         Command::Cutover { service, to, force, dry_run, abort, timeout, until } => {
             let timeout = std::time::Duration::from_secs(timeout);
-            let req = cutover::Request { service, to, force, dry_run, abort, timeout, until };
+            let req = crate::commands::cutover::Request { service, to, force, dry_run, abort, timeout, until };
             cutover::cutover(loaded, clients, req).await
         }
         Command::Replay { service, in_place, from, consume } => {
