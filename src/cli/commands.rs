@@ -11,12 +11,8 @@ use tokio_util::sync::CancellationToken;
 use super::{BadInput, Loaded, TopicsAction, select_services, spawn_signal_handler};
 use crate::bus::{TopicAdmin, TopicState};
 use crate::clients::Clients;
+use crate::commands::CommandError;
 use crate::config::topics::{TopicDef, Topics};
-use crate::consume::{Backward, Forward, Redrive, redrive_dead_letters};
-use crate::cutover::ownership::OwnershipStore;
-use crate::event::Origin;
-use crate::sink::{MongoSink, MonolithSink};
-use crate::store::EventStore;
 use crate::transform;
 
 /// `ficus validate`: everything loaded (or the command would not have got here); prints the
@@ -195,27 +191,11 @@ pub(super) async fn replay(
     from: Option<bson::DateTime>,
 ) -> anyhow::Result<ExitCode> {
     let chosen = select_services(&loaded.services, &[service.to_string()])?;
-    let cfg = &loaded.config;
-    let ownership = OwnershipStore::new(&clients.store()).get(service).await?;
-    if ownership.as_ref().is_some_and(|o| o.ever_owned()) && !in_place {
-        return Err(anyhow::Error::new(BadInput(format!(
-            "{service} has owned keys (see `ficus cutover`): its database holds writes of its own that a rebuild \
-             from the monolith's events would not have, so rebuild it in place (`--in-place`), which merges into \
-             the documents it owns"
-        ))));
-    }
-    let forward = Forward { transforms: chosen[0].clone(), ownership };
-    let store = EventStore::open(&clients.store()).await?;
-    let target = clients.target.clone();
     let shutdown = CancellationToken::new();
     spawn_signal_handler(shutdown.clone());
-    let opts = crate::replay::ReplayOptions {
-        in_place,
-        from,
-        batch: cfg.consume.batch_max,
-        tombstone_ttl: cfg.consume.tombstone_ttl,
-    };
-    let r = crate::replay::replay(&forward, &store, &target, &cfg.kafka, &opts, &shutdown).await?;
+    let r = crate::commands::rebuild::replay(&loaded.config, clients, &chosen[0], in_place, from, &shutdown)
+        .await
+        .map_err(bad_input)?;
     let total = r.from_store + r.from_live;
     println!(
         "{}: rebuilt from {} archived and {} live events in {:.1}s ({:.0} events/s); {} rejected by transforms or writes (see the DLQ)",
@@ -227,6 +207,14 @@ pub(super) async fn replay(
         r.rejected
     );
     Ok(ExitCode::SUCCESS)
+}
+
+/// A command's bad input as such (exit 2); any other error as it is.
+fn bad_input(e: CommandError) -> anyhow::Error {
+    match e {
+        CommandError::BadInput(msg) => anyhow::Error::new(BadInput(msg)),
+        e => e.into(),
+    }
 }
 
 /// `ficus verify`.
@@ -265,44 +253,11 @@ pub(super) async fn dlq_replay(
     reverse: bool,
 ) -> anyhow::Result<ExitCode> {
     let chosen = select_services(&loaded.services, &[service.to_string()])?;
-    let transforms = &chosen[0];
-    let cfg = &loaded.config;
-    let consume = &cfg.consume;
     let shutdown = CancellationToken::new();
     spawn_signal_handler(shutdown.clone());
-    let store = clients.store();
-    let ownership = OwnershipStore::new(&store).get(service).await?;
-    let origin = Some(Origin { service: service.to_string(), collection: None });
-    let report = if reverse {
-        if transforms.written_back().is_empty() {
-            return Err(anyhow::Error::new(BadInput(format!("{service} writes nothing back to the monolith"))));
-        }
-        let sink = MonolithSink::new(clients.source.clone(), &cfg.source.db, transforms.clone());
-        let backward = Backward { transforms: transforms.clone(), ownership: ownership.clone() };
-        let redrive = Redrive {
-            transformer: &backward,
-            sink: &sink,
-            topics: vec![crate::config::topics::changes_topic(service)],
-            group: crate::consume::reverse_group_id(service),
-            origin,
-        };
-        redrive_dead_letters(redrive, &cfg.kafka, consume.batch_max, &shutdown).await?
-    } else {
-        let target = clients.target.clone();
-        let (collections, written_back) = (transforms.collections(), transforms.written_back());
-        let sink =
-            MongoSink::open(target, transforms.database(), &collections, &written_back, consume.tombstone_ttl).await?;
-        let forward = Forward { transforms: transforms.clone(), ownership };
-        let origin = origin.filter(|_| !transforms.written_back().is_empty());
-        let redrive = Redrive {
-            transformer: &forward,
-            sink: &sink,
-            topics: transforms.topics().into_iter().collect(),
-            group: crate::consume::group_id(service),
-            origin,
-        };
-        redrive_dead_letters(redrive, &cfg.kafka, consume.batch_max, &shutdown).await?
-    };
+    let report = crate::commands::rebuild::redrive(&loaded.config, clients, &chosen[0], reverse, &shutdown)
+        .await
+        .map_err(bad_input)?;
     println!(
         "{service}: {} applied, {} failed again (dead-lettered anew), {} belong to other services",
         report.applied, report.failed, report.skipped

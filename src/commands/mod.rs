@@ -3,11 +3,13 @@
 //! the binary (`cli`) prints and maps outcomes to exit codes.
 //!
 //! - `cutover`: the cutover executor (preflight, fence, drain, verify of the moving buckets,
-//!   flip, observe), the forced switch and the abort.
+//!   flip, observe), the forced switch and the abort;
+//! - `rebuild`: `replay` and `dlq replay`, through the one apply path.
 //!
 //! [`Clients`]: crate::clients::Clients
 
 pub mod cutover;
+pub mod rebuild;
 
 use std::time::Duration;
 
@@ -24,4 +26,24 @@ pub enum Event<'a> {
     Step(Phase),
     /// A step of a move is done, in `took`, with what it found.
     StepDone { phase: Phase, took: Duration, detail: &'a str },
+}
+
+/// Why a command other than the cutover stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum CommandError {
+    /// What was asked cannot be done.
+    #[error("{0}")]
+    BadInput(String),
+    #[error("MongoDB: {}", crate::mongo::describe(.0))]
+    Mongo(#[from] mongodb::error::Error),
+    #[error(transparent)]
+    Ownership(#[from] crate::cutover::ownership::OwnershipError),
+    #[error(transparent)]
+    Consume(#[from] crate::consume::ConsumeError),
+    #[error(transparent)]
+    Sink(#[from] crate::sink::SinkError),
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
+    #[error(transparent)]
+    Replay(#[from] crate::replay::ReplayError),
 }
