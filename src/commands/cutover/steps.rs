@@ -198,17 +198,26 @@ pub(super) async fn drain(
         // Everything before the marker is on Kafka now: below these ends.
         let (_, topics) = carriers(sides.transforms, losing);
         let reader = Reader::new(&cfg.kafka, "ficus-cutover", None)?;
-        record.drain_to = reader
-            .positions(&topics)?
-            .into_iter()
-            .map(|p| DrainTo { topic: p.topic, partition: p.partition, offset: p.high })
-            .collect();
+        let Some(ends) = positions(sides, &reader, &topics, deadline).await? else {
+            return Ok(Err(format!(
+                "Kafka did not answer within {}s (reading the ends of {})",
+                timeout.as_secs(),
+                topics.join(", ")
+            )));
+        };
+        record.drain_to =
+            ends.into_iter().map(|p| DrainTo { topic: p.topic, partition: p.partition, offset: p.high }).collect();
         sides.moves.save(record).await?;
     }
     let (group, topics) = carriers(sides.transforms, losing);
     let reader = Reader::new(&cfg.kafka, "ficus-cutover", Some(&group))?;
     loop {
-        let positions = reader.positions(&topics)?;
+        let Some(positions) = positions(sides, &reader, &topics, deadline).await? else {
+            return Ok(Err(format!(
+                "Kafka did not answer within {}s (reading the offsets of {group})",
+                timeout.as_secs()
+            )));
+        };
         let behind: Vec<String> = record
             .drain_to
             .iter()
@@ -231,6 +240,27 @@ pub(super) async fn drain(
             )));
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// The positions of `topics`; a broker that does not answer (a metadata request timing out
+/// under load, a broker restarting) is waited for, and retried, until `deadline` (`None` then).
+async fn positions(
+    sides: &Sides<'_>,
+    reader: &Reader,
+    topics: &[String],
+    deadline: Instant,
+) -> Result<Option<Vec<crate::bus::PartitionPosition>>, CutoverError> {
+    loop {
+        match reader.positions(topics) {
+            Ok(p) => return Ok(Some(p)),
+            Err(e) if e.is_transient() && Instant::now() < deadline => {
+                sides.warn(format!("  Kafka: {e}; trying again"));
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            Err(e) if e.is_transient() => return Ok(None),
+            Err(e) => return Err(e.into()),
+        }
     }
 }
 
