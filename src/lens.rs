@@ -38,8 +38,7 @@ pub enum LensError {
 pub async fn check(
     services: &[Arc<ServiceTransforms>],
     topics: &Topics,
-    source_uri: &str,
-    db: &str,
+    source: &mongodb::Database,
     source_name: &str,
     service: Option<&str>,
     sample: Option<u64>,
@@ -57,8 +56,6 @@ pub async fn check(
             }
         },
     };
-    let client = mongo::connect(source_uri, "lens").await?;
-    let source = client.database(db);
     let mut ok = true;
     for svc in chosen {
         let mut check = LensCheck::new(svc, topics, source_name);

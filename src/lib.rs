@@ -39,14 +39,22 @@
 //! - `ops`: probes, metrics, role health, and the registry of consumer-group members.
 //! - [`mongo`], `retry`, `failpoint`: shared MongoDB plumbing (connections, error classes),
 //!   backoff, and the fail points tests arm to kill a step at an exact place.
-//! - [`cli`]: the binary's edge: arguments, wiring, exit codes.
+//! - [`clients`]: the MongoDB clients of a process, connected once and passed down.
+//! - [`daemon`]: `ficus run` as a library call: the roles built and supervised until a shutdown
+//!   future completes, and what `GET /cutover` serves.
+//! - [`commands`]: the commands as library calls (the cutover executor), typed outcomes and
+//!   progress reported through a callback.
+//! - [`cli`]: the binary's edge: arguments, signals, printing, exit codes.
 //! - `testkit` (feature `testkit`): test data and in-memory implementations of the traits.
 
 pub mod bus;
 pub mod cli;
+pub mod clients;
+pub mod commands;
 pub mod config;
 pub mod consume;
 pub mod cutover;
+pub mod daemon;
 pub mod event;
 mod failpoint;
 mod lens;

@@ -152,10 +152,10 @@ impl ChangeFeed for MongoFeed {
 }
 
 impl MongoSource {
-    pub async fn connect(uri: &str, db: &str, collections: Vec<String>) -> Result<Self, SourceError> {
-        let client = mongo::connect(uri, "tail").await?;
+    /// The source over `db` of the process's `client` (see `clients`), following `collections`.
+    pub fn new(client: mongodb::Client, db: &str, collections: Vec<String>) -> Self {
         let db = client.database(db);
-        Ok(MongoSource { client, db, collections })
+        MongoSource { client, db, collections }
     }
 
     /// The database followed.

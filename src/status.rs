@@ -2,6 +2,7 @@
 //! (checkpoints and leases in the store, consumer-group offsets and watermarks on Kafka), so it
 //! works while the daemon runs, from any machine, and without joining any group.
 
+use crate::clients::Clients;
 use bson::{DateTime, Document, doc};
 
 use crate::bus::{BusError, GroupLag, Reader};
@@ -40,12 +41,12 @@ fn ago(t: DateTime) -> String {
 /// Builds the whole table.
 pub async fn collect(
     cfg: &Config,
+    clients: &Clients,
     topics: &Topics,
     services: &[std::sync::Arc<ServiceTransforms>],
 ) -> anyhow::Result<Vec<Row>> {
     let mut rows = Vec::new();
-    let store_client = crate::mongo::connect(&cfg.store.uri, "status").await?;
-    let store = store_client.database(&cfg.store.db);
+    let store = clients.store();
 
     // Tail: checkpoint and lease.
     let cp = MongoCheckpoints::new(&store).load(&cfg.source.name).await?;
@@ -139,9 +140,8 @@ pub async fn collect(
             Err(e) => format!("conflicts unknown: {e}"),
         };
         let pending = if o.pending() { ", a change pending" } else { "" };
-        let target = crate::mongo::connect(&cfg.target_uri, "status").await?;
-        let echoes = target
-            .database(service)
+        let echoes = clients
+            .service(service)
             .collection::<Document>(crate::sink::ECHOES)
             .find_one(doc! { "_id": service })
             .await?
@@ -162,11 +162,11 @@ pub async fn collect(
 /// `ficus status --json` prints.
 pub async fn cutover_states(
     cfg: &Config,
+    clients: &Clients,
     services: &[std::sync::Arc<ServiceTransforms>],
 ) -> anyhow::Result<Vec<crate::cutover::report::CutoverState>> {
-    let store = crate::mongo::connect(&cfg.store.uri, "status").await?.database(&cfg.store.db);
-    let records = CutoverRecords::read(&store).await?;
-    let feeds = cutover_feeds(cfg, services, &store, &records).await?;
+    let records = CutoverRecords::read(&clients.store()).await?;
+    let feeds = cutover_feeds(cfg, clients, services, &records).await?;
     Ok(records.states(services, &feeds))
 }
 
@@ -218,14 +218,13 @@ impl CutoverRecords {
 /// Every cutover service's feeds (see [`CutoverFeeds`]).
 pub async fn cutover_feeds(
     cfg: &Config,
+    clients: &Clients,
     services: &[std::sync::Arc<ServiceTransforms>],
-    store: &mongodb::Database,
     records: &CutoverRecords,
 ) -> anyhow::Result<CutoverFeeds> {
     use crate::cutover::report::ReverseFeed;
-    let target = crate::mongo::connect(&cfg.target_uri, "status").await?;
-    let history = oplog_window(&target).await;
-    let checkpoints = MongoCheckpoints::new(store);
+    let history = oplog_window(&clients.target).await;
+    let checkpoints = MongoCheckpoints::new(&clients.store());
     let margin = cfg.cutover.view_max_age.as_secs().min(u64::from(u32::MAX)) as u32;
     let mut out = Vec::new();
     for s in services {

@@ -341,3 +341,65 @@ async fn readyz_is_503_while_a_group_is_stalled_with_lag_and_200_once_it_consume
     .await;
     assert!(f.terminate().success(), "{}", f.logs());
 }
+
+/// The daemon is a library call: started in-process with a future as its shutdown, it consumes,
+/// and returns cleanly once the future completes (what `ficus run` does on SIGTERM).
+#[tokio::test(flavor = "multi_thread")]
+async fn the_daemon_runs_in_process_until_its_shutdown_future_completes() {
+    let world = World::start();
+    world.apply_topics();
+    let client = world.mongo.client().await;
+    let products = client.database("linechatbot").collection::<Document>("products");
+    let mut w = Workload::new(11);
+    for i in 0..20 {
+        products.insert_one(w.product(i)).await.unwrap();
+    }
+    let root = common::repo_root();
+    let mut env = world.env();
+    env.insert("FICUS_TOPICS_DIR".into(), root.join("topics").to_string_lossy().into_owned());
+    env.insert("FICUS_TRANSFORMS_DIR".into(), root.join("transforms").to_string_lossy().into_owned());
+    let lookup = |k: &str| env.get(k).cloned();
+    let (config, report) = ficus::config::Config::load(None, &lookup);
+    assert!(report.is_empty(), "{report}");
+    let kafka = config.kafka.clone();
+    let topics = ficus::config::topics::load(&config.topics_dir).unwrap();
+    let services = ficus::transform::load_all(&config.transforms_dir, &topics).unwrap();
+    let definitions = ficus::daemon::Definitions {
+        topics: std::sync::Arc::new(topics),
+        services: services.into_iter().map(std::sync::Arc::new).collect(),
+    };
+    let options = ficus::daemon::Options {
+        roles: vec![ficus::daemon::Role::Tail, ficus::daemon::Role::Consume],
+        services: vec!["products_db".into()],
+        ..Default::default()
+    };
+    let running = options.running.clone();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let daemon = tokio::spawn(ficus::daemon::run(definitions, config, options, async {
+        let _ = stopped.await;
+    }));
+    eventually("applied in-process", Duration::from_secs(120), || async {
+        count(&client, "products_db", "products", doc! {}).await == 20
+    })
+    .await;
+    assert_eq!(running.describe(), "consume:products_db, tail");
+    stop.send(()).unwrap();
+    let ended = tokio::time::timeout(Duration::from_secs(60), daemon).await.expect("the daemon stopped");
+    ended.unwrap().expect("a clean stop");
+    assert_eq!(running.describe(), "nothing", "every role ended");
+    // Its offsets were committed on the way out: the group has no lag.
+    let lag = ficus::status::group_lag(&kafka, "ficus.products_db", &["linechatbot.products".to_string()]).unwrap();
+    assert_eq!(lag.lag, 0, "{lag:?}");
+}
+
+/// An unknown service is bad input, before anything starts.
+#[tokio::test]
+async fn the_daemon_refuses_an_unknown_service() {
+    let lookup = |_: &str| None;
+    let (config, _) = ficus::config::Config::load(None, &lookup);
+    let definitions = ficus::daemon::Definitions { topics: Default::default(), services: vec![] };
+    let options = ficus::daemon::Options { services: vec!["nope_db".into()], ..Default::default() };
+    let err = ficus::daemon::run(definitions, config, options, std::future::pending()).await.unwrap_err();
+    assert!(err.is_misconfiguration(), "{err}");
+    assert!(err.to_string().contains("no service `nope_db`"), "{err}");
+}

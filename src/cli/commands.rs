@@ -10,12 +10,9 @@ use tokio_util::sync::CancellationToken;
 
 use super::{BadInput, Loaded, TopicsAction, select_services, spawn_signal_handler};
 use crate::bus::{TopicAdmin, TopicState};
+use crate::clients::Clients;
+use crate::commands::CommandError;
 use crate::config::topics::{TopicDef, Topics};
-use crate::consume::{Backward, Forward, Redrive, redrive_dead_letters};
-use crate::cutover::ownership::OwnershipStore;
-use crate::event::Origin;
-use crate::sink::{MongoSink, MonolithSink};
-use crate::store::EventStore;
 use crate::transform;
 
 /// `ficus validate`: everything loaded (or the command would not have got here); prints the
@@ -32,13 +29,17 @@ pub(super) fn validate(loaded: &Loaded) -> ExitCode {
 }
 
 /// `ficus status`.
-pub(super) async fn status(loaded: &Loaded, json: bool, instance: Option<&str>) -> anyhow::Result<ExitCode> {
-    let rows = crate::status::collect(&loaded.config, &loaded.topics, &loaded.services).await?;
+pub(super) async fn status(
+    loaded: &Loaded,
+    clients: &Clients,
+    json: bool,
+    instance: Option<&str>,
+) -> anyhow::Result<ExitCode> {
+    let rows = crate::status::collect(&loaded.config, clients, &loaded.topics, &loaded.services).await?;
     if json {
-        let cutover = crate::status::cutover_states(&loaded.config, &loaded.services).await?;
+        let cutover = crate::status::cutover_states(&loaded.config, clients, &loaded.services).await?;
         if let Some(instance) = instance.filter(|i| !i.is_empty()) {
-            let cfg = &loaded.config;
-            let store = crate::mongo::connect(&cfg.store.uri, "status").await?.database(&cfg.store.db);
+            let store = clients.store();
             let epochs: Vec<(String, i64)> = cutover.iter().map(|s| (s.service.clone(), s.epoch)).collect();
             crate::cutover::views::Views::new(&store)
                 .saw(crate::cutover::views::Viewer::App, instance, &epochs)
@@ -55,15 +56,15 @@ pub(super) async fn status(loaded: &Loaded, json: bool, instance: Option<&str>) 
 /// `ficus lens check`.
 pub(super) async fn lens_check(
     loaded: &Loaded,
+    clients: &Clients,
     service: Option<&str>,
     sample: Option<u64>,
 ) -> anyhow::Result<ExitCode> {
     if let Some(name) = service {
         select_services(&loaded.services, &[name.to_string()])?;
     }
-    let cfg = &loaded.config;
-    let (uri, db, name) = (&cfg.source.uri, &cfg.source.db, &cfg.source.name);
-    let ok = crate::lens::check(&loaded.services, &loaded.topics, uri, db, name, service, sample).await?;
+    let (monolith, name) = (clients.monolith(), &loaded.config.source.name);
+    let ok = crate::lens::check(&loaded.services, &loaded.topics, &monolith, name, service, sample).await?;
     Ok(if ok { ExitCode::SUCCESS } else { ExitCode::from(1) })
 }
 
@@ -71,7 +72,7 @@ pub(super) async fn lens_check(
 /// the definitions ask for; and, for each service that can write back, its reverse topics
 /// (`<service>.changes`, its dead letters, `<service>.conflicts`) and pre-images on the service
 /// collections written back (a delete's routing key, what a replace changed).
-pub(super) async fn topics(loaded: &Loaded, action: TopicsAction) -> anyhow::Result<ExitCode> {
+pub(super) async fn topics(loaded: &Loaded, clients: &Clients, action: TopicsAction) -> anyhow::Result<ExitCode> {
     let cfg = &loaded.config;
     let admin = TopicAdmin::new(&cfg.kafka).context("creating the Kafka admin client")?;
     let mut bad = 0;
@@ -127,15 +128,14 @@ pub(super) async fn topics(loaded: &Loaded, action: TopicsAction) -> anyhow::Res
         bad += print_topic(&report);
     }
     // Pre-images where the definitions ask for them, and on both sides of every write-back.
-    let monolith = crate::mongo::connect(&cfg.source.uri, "topics").await?.database(&cfg.source.db);
+    let monolith = clients.monolith();
     let mut wanted: BTreeSet<&str> =
         loaded.topics.defs.iter().filter(|d| d.pre_images).map(|d| d.collection.as_str()).collect();
     let needs: Vec<_> = loaded.services.iter().map(|s| (s.database(), crate::pre_images::needs(s))).collect();
     wanted.extend(needs.iter().flat_map(|(_, n)| n.monolith.iter().copied()));
     bad += pre_images(&monolith, wanted, action).await?;
-    let services = crate::mongo::connect(&cfg.target_uri, "topics").await?;
     for (db, n) in &needs {
-        bad += pre_images(&services.database(db), n.service.iter().copied(), action).await?;
+        bad += pre_images(&clients.service(db), n.service.iter().copied(), action).await?;
     }
     if bad > 0 {
         match action {
@@ -185,33 +185,17 @@ async fn pre_images<'a>(
 /// `ficus replay`.
 pub(super) async fn replay(
     loaded: &Loaded,
+    clients: &Clients,
     service: &str,
     in_place: bool,
     from: Option<bson::DateTime>,
 ) -> anyhow::Result<ExitCode> {
     let chosen = select_services(&loaded.services, &[service.to_string()])?;
-    let cfg = &loaded.config;
-    let store_client = crate::mongo::connect(&cfg.store.uri, "replay").await?;
-    let ownership = OwnershipStore::new(&store_client.database(&cfg.store.db)).get(service).await?;
-    if ownership.as_ref().is_some_and(|o| o.ever_owned()) && !in_place {
-        return Err(anyhow::Error::new(BadInput(format!(
-            "{service} has owned keys (see `ficus cutover`): its database holds writes of its own that a rebuild \
-             from the monolith's events would not have, so rebuild it in place (`--in-place`), which merges into \
-             the documents it owns"
-        ))));
-    }
-    let forward = Forward { transforms: chosen[0].clone(), ownership };
-    let store = EventStore::open(&store_client.database(&cfg.store.db)).await?;
-    let target = crate::mongo::connect(&cfg.target_uri, "replay").await?;
     let shutdown = CancellationToken::new();
     spawn_signal_handler(shutdown.clone());
-    let opts = crate::replay::ReplayOptions {
-        in_place,
-        from,
-        batch: cfg.consume.batch_max,
-        tombstone_ttl: cfg.consume.tombstone_ttl,
-    };
-    let r = crate::replay::replay(&forward, &store, &target, &cfg.kafka, &opts, &shutdown).await?;
+    let r = crate::commands::rebuild::replay(&loaded.config, clients, &chosen[0], in_place, from, &shutdown)
+        .await
+        .map_err(bad_input)?;
     let total = r.from_store + r.from_live;
     println!(
         "{}: rebuilt from {} archived and {} live events in {:.1}s ({:.0} events/s); {} rejected by transforms or writes (see the DLQ)",
@@ -225,9 +209,18 @@ pub(super) async fn replay(
     Ok(ExitCode::SUCCESS)
 }
 
+/// A command's bad input as such (exit 2); any other error as it is.
+fn bad_input(e: CommandError) -> anyhow::Error {
+    match e {
+        CommandError::BadInput(msg) => anyhow::Error::new(BadInput(msg)),
+        e => e.into(),
+    }
+}
+
 /// `ficus verify`.
 pub(super) async fn verify(
     loaded: &Loaded,
+    clients: &Clients,
     service: &str,
     sample: usize,
     gate: bool,
@@ -235,17 +228,14 @@ pub(super) async fn verify(
 ) -> anyhow::Result<ExitCode> {
     let chosen = select_services(&loaded.services, &[service.to_string()])?;
     let cfg = &loaded.config;
-    let source = crate::mongo::connect(&cfg.source.uri, "verify").await?;
-    let target = crate::mongo::connect(&cfg.target_uri, "verify").await?;
-    let store = crate::mongo::connect(&cfg.store.uri, "verify").await?;
     let opts = crate::verify::VerifyOptions { sample, settle: Duration::from_secs(settle), rechecks: 1, buckets: None };
     let report = crate::verify::verify(
         &chosen[0],
         &loaded.topics,
-        &source.database(&cfg.source.db),
+        &clients.monolith(),
         &cfg.source.name,
-        &target.database(chosen[0].database()),
-        &store.database(&cfg.store.db),
+        &clients.service(chosen[0].database()),
+        &clients.store(),
         &opts,
     )
     .await?;
@@ -256,47 +246,18 @@ pub(super) async fn verify(
 }
 
 /// `ficus dlq replay`: the forward direction's dead letters, or (`reverse`) the write-backs'.
-pub(super) async fn dlq_replay(loaded: &Loaded, service: &str, reverse: bool) -> anyhow::Result<ExitCode> {
+pub(super) async fn dlq_replay(
+    loaded: &Loaded,
+    clients: &Clients,
+    service: &str,
+    reverse: bool,
+) -> anyhow::Result<ExitCode> {
     let chosen = select_services(&loaded.services, &[service.to_string()])?;
-    let transforms = &chosen[0];
-    let cfg = &loaded.config;
-    let consume = &cfg.consume;
     let shutdown = CancellationToken::new();
     spawn_signal_handler(shutdown.clone());
-    let store = crate::mongo::connect(&cfg.store.uri, "dlq").await?.database(&cfg.store.db);
-    let ownership = OwnershipStore::new(&store).get(service).await?;
-    let origin = Some(Origin { service: service.to_string(), collection: None });
-    let report = if reverse {
-        if transforms.written_back().is_empty() {
-            return Err(anyhow::Error::new(BadInput(format!("{service} writes nothing back to the monolith"))));
-        }
-        let monolith = crate::mongo::connect(&cfg.source.uri, "dlq").await?;
-        let sink = MonolithSink::new(monolith, &cfg.source.db, transforms.clone());
-        let backward = Backward { transforms: transforms.clone(), ownership: ownership.clone() };
-        let redrive = Redrive {
-            transformer: &backward,
-            sink: &sink,
-            topics: vec![crate::config::topics::changes_topic(service)],
-            group: crate::consume::reverse_group_id(service),
-            origin,
-        };
-        redrive_dead_letters(redrive, &cfg.kafka, consume.batch_max, &shutdown).await?
-    } else {
-        let target = crate::mongo::connect(&cfg.target_uri, "dlq").await?;
-        let (collections, written_back) = (transforms.collections(), transforms.written_back());
-        let sink =
-            MongoSink::open(target, transforms.database(), &collections, &written_back, consume.tombstone_ttl).await?;
-        let forward = Forward { transforms: transforms.clone(), ownership };
-        let origin = origin.filter(|_| !transforms.written_back().is_empty());
-        let redrive = Redrive {
-            transformer: &forward,
-            sink: &sink,
-            topics: transforms.topics().into_iter().collect(),
-            group: crate::consume::group_id(service),
-            origin,
-        };
-        redrive_dead_letters(redrive, &cfg.kafka, consume.batch_max, &shutdown).await?
-    };
+    let report = crate::commands::rebuild::redrive(&loaded.config, clients, &chosen[0], reverse, &shutdown)
+        .await
+        .map_err(bad_input)?;
     println!(
         "{service}: {} applied, {} failed again (dead-lettered anew), {} belong to other services",
         report.applied, report.failed, report.skipped

@@ -23,6 +23,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use tokio_util::sync::CancellationToken;
 use tracing::error;
 
+use crate::clients::Clients;
 use crate::config::report::Report;
 use crate::config::topics::{self, Topics};
 use crate::config::{Config, ConsumeConfig};
@@ -280,30 +281,14 @@ async fn dispatch(cli: Cli) -> ExitCode {
     };
     let result = match cli.command {
         Command::Validate => Ok(commands::validate(&loaded)),
-        Command::Lens { action: LensAction::Check { service, sample } } => {
-            commands::lens_check(&loaded, service.as_deref(), sample).await
-        }
-        Command::Topics { action } => commands::topics(&loaded, action).await,
         Command::Run(args) => {
             args.consume.apply(&mut loaded.config.consume);
             run::run(loaded, args).await
         }
-        Command::Dlq { action: DlqAction::Replay { service, reverse, consume } } => {
-            consume.apply(&mut loaded.config.consume);
-            commands::dlq_replay(&loaded, &service, reverse).await
-        }
-        Command::Status { json, instance } => commands::status(&loaded, json, instance.as_deref()).await,
-        Command::Cutover { service, to, force, dry_run, abort, timeout, until } => {
-            let timeout = std::time::Duration::from_secs(timeout);
-            cutover::cutover(&loaded, cutover::Request { service, to, force, dry_run, abort, timeout, until }).await
-        }
-        Command::Replay { service, in_place, from, consume } => {
-            consume.apply(&mut loaded.config.consume);
-            commands::replay(&loaded, &service, in_place, from).await
-        }
-        Command::Verify { service, sample, gate, settle } => {
-            commands::verify(&loaded, &service, sample, gate, settle).await
-        }
+        command => match Clients::connect(&loaded.config, "cli").await {
+            Ok(clients) => command_with(command, &mut loaded, &clients).await,
+            Err(e) => Err(anyhow::anyhow!("connecting to MongoDB: {}", crate::mongo::describe(&e))),
+        },
     };
     match result {
         Ok(code) => code,
@@ -319,25 +304,42 @@ async fn dispatch(cli: Cli) -> ExitCode {
     }
 }
 
+/// Every command but `validate` and `run`, with the process's clients.
+async fn command_with(command: Command, loaded: &mut Loaded, clients: &Clients) -> anyhow::Result<ExitCode> {
+    match command {
+        Command::Validate | Command::Run(_) => unreachable!("dispatched before clients are connected"),
+        Command::Lens { action: LensAction::Check { service, sample } } => {
+            commands::lens_check(loaded, clients, service.as_deref(), sample).await
+        }
+        Command::Topics { action } => commands::topics(loaded, clients, action).await,
+        Command::Dlq { action: DlqAction::Replay { service, reverse, consume } } => {
+            consume.apply(&mut loaded.config.consume);
+            commands::dlq_replay(loaded, clients, &service, reverse).await
+        }
+        Command::Status { json, instance } => commands::status(loaded, clients, json, instance.as_deref()).await,
+        Command::Cutover { service, to, force, dry_run, abort, timeout, until } => {
+            let timeout = std::time::Duration::from_secs(timeout);
+            let req = crate::commands::cutover::Request { service, to, force, dry_run, abort, timeout, until };
+            cutover::cutover(loaded, clients, req).await
+        }
+        Command::Replay { service, in_place, from, consume } => {
+            consume.apply(&mut loaded.config.consume);
+            commands::replay(loaded, clients, &service, in_place, from).await
+        }
+        Command::Verify { service, sample, gate, settle } => {
+            commands::verify(loaded, clients, &service, sample, gate, settle).await
+        }
+    }
+}
+
 /// The services a command names (all when it names none); an unknown name is bad input.
 fn select_services(all: &[Arc<ServiceTransforms>], wanted: &[String]) -> anyhow::Result<Vec<Arc<ServiceTransforms>>> {
-    if wanted.is_empty() {
-        return Ok(all.to_vec());
-    }
-    wanted
-        .iter()
-        .map(|w| {
-            all.iter().find(|s| s.service() == w).cloned().ok_or_else(|| {
-                let known: Vec<&str> = all.iter().map(|s| s.service()).collect();
-                anyhow::Error::new(BadInput(format!("no service `{w}` in transforms/ (known: {})", known.join(", "))))
-            })
-        })
-        .collect()
+    crate::daemon::select(all, wanted).map_err(|e| anyhow::Error::new(BadInput(e.to_string())))
 }
 
 /// Cancels `shutdown` on SIGTERM or SIGINT; a second signal exits at once (see `signals`).
 fn spawn_signal_handler(shutdown: CancellationToken) {
-    signals::watch(shutdown, None, signals::Running::default());
+    signals::watch(shutdown, None, crate::daemon::Running::default());
 }
 
 fn parse_time(s: &str) -> Result<bson::DateTime, String> {

@@ -7,39 +7,13 @@
 //! signal however busy, or held, the main runtime's workers are: with every worker held by a
 //! call into a broker that was gone, `ficus run` once ignored SIGTERM for 25 minutes (issue 19).
 
-use std::collections::BTreeSet;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::signal::unix::{SignalKind, signal};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info};
 
-/// What is still running, by name, for the messages of a stop that does not finish.
-#[derive(Clone, Default)]
-pub(super) struct Running(Arc<Mutex<BTreeSet<String>>>);
-
-/// Removes its name from [`Running`] when dropped (the task ended, or was aborted).
-pub(super) struct Entered(Running, String);
-
-impl Running {
-    pub(super) fn enter(&self, name: &str) -> Entered {
-        self.0.lock().unwrap_or_else(|p| p.into_inner()).insert(name.to_string());
-        Entered(self.clone(), name.to_string())
-    }
-
-    /// The names still running, comma-separated (`nothing` when none is).
-    pub(super) fn describe(&self) -> String {
-        let names = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        if names.is_empty() { "nothing".into() } else { names.iter().cloned().collect::<Vec<_>>().join(", ") }
-    }
-}
-
-impl Drop for Entered {
-    fn drop(&mut self) {
-        self.0.0.lock().unwrap_or_else(|p| p.into_inner()).remove(&self.1);
-    }
-}
+use crate::daemon::Running;
 
 /// Listens for SIGTERM and SIGINT (see the module header). `bound`: how long after the first
 /// signal the process may still run before it exits by itself; `None` for no bound.

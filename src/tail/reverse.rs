@@ -100,6 +100,7 @@ pub fn needed(o: &Ownership, drained_to: Option<Timestamp>, margin_secs: u32) ->
 /// The reverse tail of one service, as `ficus run` runs it.
 pub struct ReverseTailRole {
     pub cfg: Config,
+    pub clients: crate::clients::Clients,
     pub transforms: Arc<ServiceTransforms>,
     pub health: Health,
     pub ownership: OwnershipFeed,
@@ -109,11 +110,11 @@ impl ReverseTailRole {
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), TailError> {
         let service = self.transforms.service().to_string();
         let role = RoleId::ReverseTail(service.clone());
-        let store = crate::mongo::connect(&self.cfg.store.uri, "reverse-tail").await?.database(&self.cfg.store.db);
+        let store = self.clients.store();
         let checkpoints = MongoCheckpoints::new(&store);
         let collections: Vec<String> = self.transforms.written_back().into_iter().map(String::from).collect();
         let topics = Arc::new(Topics::reverse(&service, collections.iter().map(String::as_str), &self.cfg.reverse));
-        let source = MongoSource::connect(&self.cfg.target_uri, self.transforms.database(), collections).await?;
+        let source = MongoSource::new(self.clients.target.clone(), self.transforms.database(), collections);
         let mut changes = self.ownership.subscribe();
         let margin = self.cfg.cutover.view_max_age.as_secs().min(u64::from(u32::MAX)) as u32;
         loop {

@@ -22,6 +22,7 @@ use crate::source::MongoSource;
 /// takes over at once.
 pub struct TailRole {
     pub cfg: Config,
+    pub clients: crate::clients::Clients,
     pub topics: Arc<Topics>,
     pub resnapshot: bool,
     pub health: Health,
@@ -30,10 +31,9 @@ pub struct TailRole {
 impl TailRole {
     pub async fn run(mut self, shutdown: CancellationToken) -> Result<(), TailError> {
         let cfg = &self.cfg;
-        let store_client = crate::mongo::connect(&cfg.store.uri, "tail").await?;
-        let store = store_client.database(&cfg.store.db);
+        let store = self.clients.store();
         let collections: Vec<String> = self.topics.collections().map(String::from).collect();
-        let source = MongoSource::connect(&cfg.source.uri, &cfg.source.db, collections).await?;
+        let source = MongoSource::new(self.clients.source.clone(), &cfg.source.db, collections);
         let mut resnapshot = std::mem::take(&mut self.resnapshot);
         let (health, topics) = (self.health.clone(), self.topics.clone());
         with_lease(&store, &cfg.source.name, cfg.tail.lease_ttl, &self.health, &shutdown, |epoch, active| {

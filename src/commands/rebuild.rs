@@ -1,0 +1,85 @@
+//! Rebuilding what a service holds: `ficus replay` (the event store and the live tail into a
+//! shadow or in place) and `ficus dlq replay` (dead letters re-driven through the one apply path,
+//! forward into the service or backward into the monolith).
+
+use tokio_util::sync::CancellationToken;
+
+use super::CommandError;
+use crate::clients::Clients;
+use crate::config::Config;
+use crate::consume::{Backward, Forward, Redrive, RedriveReport, redrive_dead_letters};
+use crate::cutover::ownership::OwnershipStore;
+use crate::event::Origin;
+use crate::replay::{ReplayOptions, ReplayReport};
+use crate::sink::{MongoSink, MonolithSink};
+use crate::store::EventStore;
+use crate::transform::ServiceTransforms;
+
+/// `ficus replay`: rebuilds `transforms`'s database; a service that has owned keys only in
+/// place (its database holds writes of its own that the monolith's events do not have).
+pub async fn replay(
+    config: &Config,
+    clients: &Clients,
+    transforms: &std::sync::Arc<ServiceTransforms>,
+    in_place: bool,
+    from: Option<bson::DateTime>,
+    shutdown: &CancellationToken,
+) -> Result<ReplayReport, CommandError> {
+    let service = transforms.service();
+    let ownership = OwnershipStore::new(&clients.store()).get(service).await?;
+    if ownership.as_ref().is_some_and(|o| o.ever_owned()) && !in_place {
+        return Err(CommandError::BadInput(format!(
+            "{service} has owned keys (see `ficus cutover`): its database holds writes of its own that a rebuild \
+             from the monolith's events would not have, so rebuild it in place (`--in-place`), which merges into \
+             the documents it owns"
+        )));
+    }
+    let forward = Forward { transforms: transforms.clone(), ownership };
+    let store = EventStore::open(&clients.store()).await?;
+    let consume = &config.consume;
+    let opts = ReplayOptions { in_place, from, batch: consume.batch_max, tombstone_ttl: consume.tombstone_ttl };
+    Ok(crate::replay::replay(&forward, &store, &clients.target, &config.kafka, &opts, shutdown).await?)
+}
+
+/// `ficus dlq replay`: the forward direction's dead letters, or (`reverse`) the write-backs'.
+pub async fn redrive(
+    config: &Config,
+    clients: &Clients,
+    transforms: &std::sync::Arc<ServiceTransforms>,
+    reverse: bool,
+    shutdown: &CancellationToken,
+) -> Result<RedriveReport, CommandError> {
+    let service = transforms.service();
+    let consume = &config.consume;
+    let ownership = OwnershipStore::new(&clients.store()).get(service).await?;
+    let origin = Some(Origin { service: service.to_string(), collection: None });
+    if reverse {
+        if transforms.written_back().is_empty() {
+            return Err(CommandError::BadInput(format!("{service} writes nothing back to the monolith")));
+        }
+        let sink = MonolithSink::new(clients.source.clone(), &config.source.db, transforms.clone());
+        let backward = Backward { transforms: transforms.clone(), ownership };
+        let redrive = Redrive {
+            transformer: &backward,
+            sink: &sink,
+            topics: vec![crate::config::topics::changes_topic(service)],
+            group: crate::consume::reverse_group_id(service),
+            origin,
+        };
+        return Ok(redrive_dead_letters(redrive, &config.kafka, consume.batch_max, shutdown).await?);
+    }
+    let (collections, written_back) = (transforms.collections(), transforms.written_back());
+    let target = clients.target.clone();
+    let sink =
+        MongoSink::open(target, transforms.database(), &collections, &written_back, consume.tombstone_ttl).await?;
+    let forward = Forward { transforms: transforms.clone(), ownership };
+    let origin = origin.filter(|_| !transforms.written_back().is_empty());
+    let redrive = Redrive {
+        transformer: &forward,
+        sink: &sink,
+        topics: transforms.topics().into_iter().collect(),
+        group: crate::consume::group_id(service),
+        origin,
+    };
+    Ok(redrive_dead_letters(redrive, &config.kafka, consume.batch_max, shutdown).await?)
+}
