@@ -145,72 +145,14 @@ pub(super) async fn drain(
     record: &mut MoveRecord,
     timeout: Duration,
 ) -> Result<Result<String, String>, CutoverError> {
-    let cfg = &sides.config;
-    let service = record.mv.service.clone();
-    let losing = record.mv.losing();
-    let (db, tail) = match losing {
-        Side::Monolith => (&sides.monolith, cfg.source.name.clone()),
-        Side::Service => (&sides.service_db, service.clone()),
-    };
     let deadline = Instant::now() + timeout;
-    if record.drain_to.is_empty() {
-        // The marker is the drain point: writes on the losing side to fenced keys after it are
-        // fence violations. While it is being written, judges of the service's changes wait.
-        let marker = match record.marker {
-            Some(m) => m,
-            None => {
-                if sides.ownership.store.set_drain(&service, Drain::Pending).await?.is_none() {
-                    return Err(CutoverError::State(format!(
-                        "{service}: the fence was lifted (an --abort?) before the drain"
-                    )));
-                }
-                crate::failpoint::hit("cutover.drain.pending");
-                let m = write_marker(db, &service, &record.mv).await?;
-                record.marker = Some(m);
-                sides.moves.save(record).await?;
-                m
-            }
-        };
-        if sides.ownership.store.set_drain(&service, Drain::At(marker)).await?.is_none() {
-            return Err(CutoverError::State(format!("{service}: the fence was lifted (an --abort?) during the drain")));
-        }
-        let checkpoints = MongoCheckpoints::new(&sides.store);
-        loop {
-            let at = checkpoints.load(&tail).await?.and_then(|s| match s.phase {
-                TailPhase::Stream(p) => Some(p.cluster_time),
-                TailPhase::Snapshot(_) => None,
-            });
-            if at.is_some_and(|t| t >= marker) {
-                break;
-            }
-            if Instant::now() > deadline {
-                return Ok(Err(format!(
-                    "the tail of {} has not checkpointed past the fence marker (at {}.{}) within {}s: is `ficus run` \
-                     running, and its tail healthy?",
-                    losing,
-                    marker.time,
-                    marker.increment,
-                    timeout.as_secs()
-                )));
-            }
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-        // Everything before the marker is on Kafka now: below these ends.
-        let (_, topics) = carriers(sides.transforms, losing);
-        let reader = Reader::new(&cfg.kafka, "ficus-cutover", None)?;
-        let Some(ends) = positions(sides, &reader, &topics, deadline).await? else {
-            return Ok(Err(format!(
-                "Kafka did not answer within {}s (reading the ends of {})",
-                timeout.as_secs(),
-                topics.join(", ")
-            )));
-        };
-        record.drain_to =
-            ends.into_iter().map(|p| DrainTo { topic: p.topic, partition: p.partition, offset: p.high }).collect();
-        sides.moves.save(record).await?;
+    if record.drain_to.is_empty()
+        && let Err(why) = mark(sides, record, timeout, deadline).await?
+    {
+        return Ok(Err(why));
     }
-    let (group, topics) = carriers(sides.transforms, losing);
-    let reader = Reader::new(&cfg.kafka, "ficus-cutover", Some(&group))?;
+    let (group, topics) = carriers(sides.transforms, record.mv.losing());
+    let reader = Reader::new(&sides.config.kafka, "ficus-cutover", Some(&group))?;
     loop {
         let Some(positions) = positions(sides, &reader, &topics, deadline).await? else {
             return Ok(Err(format!(
@@ -241,6 +183,76 @@ pub(super) async fn drain(
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
+}
+
+/// The drain point: the fence marker written into the losing side (once: a resumed move keeps
+/// its marker), its tail checkpointed past it, and the ends of its topics then recorded in the
+/// move. Writes on the losing side to fenced keys after the marker are fence violations; while
+/// it is being written, judges of the service's changes wait.
+async fn mark(
+    sides: &Sides<'_>,
+    record: &mut MoveRecord,
+    timeout: Duration,
+    deadline: Instant,
+) -> Result<Result<(), String>, CutoverError> {
+    let service = record.mv.service.clone();
+    let losing = record.mv.losing();
+    let (db, tail) = match losing {
+        Side::Monolith => (&sides.monolith, sides.config.source.name.clone()),
+        Side::Service => (&sides.service_db, service.clone()),
+    };
+    let lifted =
+        |when: &str| CutoverError::State(format!("{service}: the fence was lifted (an --abort?) {when} the drain"));
+    let marker = match record.marker {
+        Some(m) => m,
+        None => {
+            if sides.ownership.store.set_drain(&service, Drain::Pending).await?.is_none() {
+                return Err(lifted("before"));
+            }
+            crate::failpoint::hit("cutover.drain.pending");
+            let m = write_marker(db, &service, &record.mv).await?;
+            record.marker = Some(m);
+            sides.moves.save(record).await?;
+            m
+        }
+    };
+    if sides.ownership.store.set_drain(&service, Drain::At(marker)).await?.is_none() {
+        return Err(lifted("during"));
+    }
+    let checkpoints = MongoCheckpoints::new(&sides.store);
+    loop {
+        let at = checkpoints.load(&tail).await?.and_then(|s| match s.phase {
+            TailPhase::Stream(p) => Some(p.cluster_time),
+            TailPhase::Snapshot(_) => None,
+        });
+        if at.is_some_and(|t| t >= marker) {
+            break;
+        }
+        if Instant::now() > deadline {
+            return Ok(Err(format!(
+                "the tail of {losing} has not checkpointed past the fence marker (at {}.{}) within {}s: is `ficus run` \
+                 running, and its tail healthy?",
+                marker.time,
+                marker.increment,
+                timeout.as_secs()
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // Everything before the marker is on Kafka now: below these ends.
+    let (_, topics) = carriers(sides.transforms, losing);
+    let reader = Reader::new(&sides.config.kafka, "ficus-cutover", None)?;
+    let Some(ends) = positions(sides, &reader, &topics, deadline).await? else {
+        return Ok(Err(format!(
+            "Kafka did not answer within {}s (reading the ends of {})",
+            timeout.as_secs(),
+            topics.join(", ")
+        )));
+    };
+    record.drain_to =
+        ends.into_iter().map(|p| DrainTo { topic: p.topic, partition: p.partition, offset: p.high }).collect();
+    sides.moves.save(record).await?;
+    Ok(Ok(()))
 }
 
 /// The positions of `topics`; a broker that does not answer (a metadata request timing out
