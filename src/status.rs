@@ -38,23 +38,62 @@ fn ago(t: DateTime) -> String {
     }
 }
 
-/// Builds the whole table.
+/// Builds the whole table: the tail, every consumer group, and each service's cutover.
 pub async fn collect(
     cfg: &Config,
     clients: &Clients,
     topics: &Topics,
     services: &[std::sync::Arc<ServiceTransforms>],
 ) -> anyhow::Result<Vec<Row>> {
-    let mut rows = Vec::new();
     let store = clients.store();
+    let ownership = crate::cutover::ownership::OwnershipStore::new(&store).all().await?;
+    let mut rows = vec![tail_row(cfg, &store).await?];
+    // Consumer groups: one per service, and the archive.
+    let mut groups: Vec<(String, String, Vec<String>)> = services
+        .iter()
+        .map(|s| {
+            (
+                format!("consume {}", s.service()),
+                crate::consume::group_id(s.service()),
+                s.topics().into_iter().collect(),
+            )
+        })
+        .collect();
+    groups.push((
+        "archive".into(),
+        crate::store::ARCHIVE_GROUP.into(),
+        topics.defs.iter().map(|d| d.topic.clone()).collect(),
+    ));
+    // Reverse sync: write-back groups of the services that have owned keys.
+    for s in services.iter().filter(|s| ownership.get(s.service()).is_some_and(|o| !o.periods().is_empty())) {
+        let topics = vec![crate::config::topics::changes_topic(s.service())];
+        groups.push((format!("write-back {}", s.service()), crate::consume::reverse_group_id(s.service()), topics));
+    }
+    for (stage, group, topics) in groups {
+        let members = crate::ops::presence::live_members(&store, &group).await?;
+        rows.push(match group_lag(&cfg.kafka, &group, &topics) {
+            Ok(g) => Row {
+                stage,
+                position: format!("group {group}: {}/{} partitions committed", g.committed, g.partitions),
+                lag: format!("{} msgs", g.lag),
+                health: group_health(g.lag, &members),
+            },
+            Err(e) => {
+                Row { stage, position: format!("group {group}"), lag: "?".into(), health: format!("unknown: {e}") }
+            }
+        });
+    }
+    for (service, o) in &ownership {
+        rows.push(cutover_row(cfg, clients, service, o).await?);
+    }
+    Ok(rows)
+}
 
-    // Tail: checkpoint and lease.
-    let cp = MongoCheckpoints::new(&store).load(&cfg.source.name).await?;
-    let lease = store.collection::<Document>("leases").find_one(doc! { "_id": &cfg.source.name }).await?;
-    let active = lease.as_ref().and_then(|l| {
-        let exp = l.get_datetime("expires").ok()?;
-        (*exp > DateTime::now()).then(|| l.get_str("holder").unwrap_or("?").to_string())
-    });
+/// The tail's row: its checkpoint and who holds its lease.
+async fn tail_row(cfg: &Config, store: &mongodb::Database) -> anyhow::Result<Row> {
+    let cp = MongoCheckpoints::new(store).load(&cfg.source.name).await?;
+    let lease = crate::tail::lease::holding(store, &cfg.source.name).await?;
+    let active = lease.filter(|l| l.live).map(|l| l.holder);
     let (position, lag, mut health) = match &cp {
         None => {
             ("no checkpoint (a first start takes a snapshot)".to_string(), "-".to_string(), "not started".to_string())
@@ -77,84 +116,37 @@ pub async fn collect(
     if active.is_none() && cp.is_some() {
         health = format!("{health}; NO ACTIVE TAILER (lease expired)");
     }
-    rows.push(Row {
-        stage: format!("tail {}", cfg.source.name),
-        position: match &active {
-            Some(h) => format!("{position} (active: {h})"),
-            None => position,
-        },
-        lag,
-        health,
-    });
+    let position = match &active {
+        Some(h) => format!("{position} (active: {h})"),
+        None => position,
+    };
+    Ok(Row { stage: format!("tail {}", cfg.source.name), position, lag, health })
+}
 
-    // Consumer groups: one per service, and the archive.
-    let mut groups: Vec<(String, String, Vec<String>)> = services
-        .iter()
-        .map(|s| {
-            (
-                format!("consume {}", s.service()),
-                crate::consume::group_id(s.service()),
-                s.topics().into_iter().collect(),
-            )
-        })
-        .collect();
-    groups.push((
-        "archive".into(),
-        crate::store::ARCHIVE_GROUP.into(),
-        topics.defs.iter().map(|d| d.topic.clone()).collect(),
-    ));
-    // Reverse sync: write-back groups of the services that have owned keys.
-    let ownership = crate::cutover::ownership::OwnershipStore::new(&store).all().await?;
-    for s in services.iter().filter(|s| ownership.get(s.service()).is_some_and(|o| !o.periods().is_empty())) {
-        groups.push((
-            format!("write-back {}", s.service()),
-            crate::consume::reverse_group_id(s.service()),
-            vec![crate::config::topics::changes_topic(s.service())],
-        ));
-    }
-    for (stage, group, topics) in groups {
-        let members = crate::ops::presence::live_members(&store, &group).await?;
-        let row = match group_lag(&cfg.kafka, &group, &topics) {
-            Ok(g) => Row {
-                stage,
-                position: format!("group {group}: {}/{} partitions committed", g.committed, g.partitions),
-                lag: format!("{} msgs", g.lag),
-                health: group_health(g.lag, &members),
-            },
-            Err(e) => {
-                Row { stage, position: format!("group {group}"), lag: "?".into(), health: format!("unknown: {e}") }
-            }
-        };
-        rows.push(row);
-    }
-
-    // Cutover: each service's share, epoch, reverse tail and conflicts.
-    for (service, o) in &ownership {
-        let tail = MongoCheckpoints::new(&store).load(service).await?;
-        let tail = match tail.and_then(|t| t.token_time) {
-            Some(t) => format!("reverse tail token {}s old", DateTime::now().saturating_duration_since(t).as_secs()),
-            None => "reverse tail not started".into(),
-        };
-        let conflicts = match conflicts_reported(&cfg.kafka, service) {
-            Ok(n) => format!("{n} conflicts reported"),
-            Err(e) => format!("conflicts unknown: {e}"),
-        };
-        let pending = if o.pending() { ", a change pending" } else { "" };
-        let echoes = clients
-            .service(service)
-            .collection::<Document>(crate::sink::ECHOES)
-            .find_one(doc! { "_id": service })
-            .await?
-            .and_then(|d| d.get_i64("skipped").ok())
-            .unwrap_or(0);
-        rows.push(Row {
-            stage: format!("cutover {service}"),
-            position: format!("{}% owned by the service (epoch {}{pending})", o.percent, o.epoch),
-            lag: tail,
-            health: format!("{echoes} echoes skipped, {conflicts}"),
-        });
-    }
-    Ok(rows)
+/// A service's cutover row: its share, epoch, reverse tail, echoes and conflicts.
+async fn cutover_row(
+    cfg: &Config,
+    clients: &Clients,
+    service: &str,
+    o: &crate::cutover::ownership::Ownership,
+) -> anyhow::Result<Row> {
+    let tail = MongoCheckpoints::new(&clients.store()).load(service).await?;
+    let tail = match tail.and_then(|t| t.token_time) {
+        Some(t) => format!("reverse tail token {}s old", DateTime::now().saturating_duration_since(t).as_secs()),
+        None => "reverse tail not started".into(),
+    };
+    let conflicts = match conflicts_reported(&cfg.kafka, service) {
+        Ok(n) => format!("{n} conflicts reported"),
+        Err(e) => format!("conflicts unknown: {e}"),
+    };
+    let pending = if o.pending() { ", a change pending" } else { "" };
+    let echoes = crate::sink::echoes_skipped(&clients.service(service), service).await?;
+    Ok(Row {
+        stage: format!("cutover {service}"),
+        position: format!("{}% owned by the service (epoch {}{pending})", o.percent, o.epoch),
+        lag: tail,
+        health: format!("{echoes} echoes skipped, {conflicts}"),
+    })
 }
 
 /// The cutover state of every service that can take over writes (or has an ownership record or

@@ -182,7 +182,14 @@ impl PartialEq for JudgedBy {
 }
 
 /// Per origin, how many echoes of its write-backs its consumer skipped (not watched by tails).
-pub const ECHOES: &str = "_ficus_echoes";
+const ECHOES: &str = "_ficus_echoes";
+
+/// How many echoes of `service`'s write-backs its consumer has skipped, as counted in its
+/// database `db` (the counter is written with each batch's marker, `Marker::write`).
+pub async fn echoes_skipped(db: &mongodb::Database, service: &str) -> Result<i64, mongodb::error::Error> {
+    let counter = db.collection::<Document>(ECHOES).find_one(bson::doc! { "_id": service }).await?;
+    Ok(counter.and_then(|d| d.get_i64("skipped").ok()).unwrap_or(0))
+}
 
 impl Marker {
     /// Fails once the view of ownership the batch was judged by no longer holds (see

@@ -21,6 +21,27 @@ use crate::ops::Health;
 
 const DUPLICATE_KEY: i32 = 11000;
 
+/// The collection of leases in ficus's store.
+const LEASES: &str = "leases";
+
+/// A lease as seen from outside (`ficus status`, a command asking who holds a lock).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Holding {
+    /// Who took it last (`host:pid`).
+    pub holder: String,
+    /// Whether it is still in force (not expired, not released).
+    pub live: bool,
+}
+
+/// Who holds the lease `name`, if anyone ever took it.
+pub async fn holding(db: &Database, name: &str) -> Result<Option<Holding>, mongodb::error::Error> {
+    let lease = db.collection::<Document>(LEASES).find_one(doc! { "_id": name }).await?;
+    Ok(lease.map(|l| Holding {
+        holder: l.get_str("holder").unwrap_or("?").to_string(),
+        live: l.get_datetime("expires").is_ok_and(|e| *e > DateTime::now()),
+    }))
+}
+
 /// A lease on one source, for one would-be holder.
 #[derive(Clone)]
 pub struct Lease {
@@ -32,7 +53,7 @@ pub struct Lease {
 
 impl Lease {
     pub fn new(db: &Database, source: &str, holder: &str, ttl: Duration) -> Self {
-        Lease { coll: db.collection("leases"), source: source.to_string(), holder: holder.to_string(), ttl }
+        Lease { coll: db.collection(LEASES), source: source.to_string(), holder: holder.to_string(), ttl }
     }
 
     pub fn ttl(&self) -> Duration {

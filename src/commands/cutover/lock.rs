@@ -4,7 +4,6 @@
 
 use std::time::Duration;
 
-use bson::{Document, doc};
 use mongodb::Database;
 
 use super::CutoverError;
@@ -38,8 +37,8 @@ impl MoveLock {
         let epoch = match lease.try_acquire().await? {
             Some(epoch) => epoch,
             None => {
-                let held = store.collection::<Document>("leases").find_one(doc! { "_id": &name }).await?;
-                let by = held.as_ref().and_then(|d| d.get_str("holder").ok()).unwrap_or("?").to_string();
+                let held = crate::tail::lease::holding(store, &name).await?;
+                let by = held.map_or_else(|| "?".to_string(), |h| h.holder);
                 let gone = by
                     .rsplit_once(':')
                     .filter(|(h, _)| *h == host)

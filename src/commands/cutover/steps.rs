@@ -354,13 +354,7 @@ pub(super) async fn observe(sides: &Sides<'_>, mv: &Move, timeout: Duration) -> 
             Err(e) => parts.push(format!("{what} lag unknown ({e})")),
         }
     }
-    let echoes = sides
-        .service_db
-        .collection::<Document>(crate::sink::ECHOES)
-        .find_one(doc! { "_id": service })
-        .await?
-        .and_then(|d| d.get_i64("skipped").ok())
-        .unwrap_or(0);
+    let echoes = crate::sink::echoes_skipped(&sides.service_db, service).await?;
     parts.push(format!("{echoes} echoes skipped"));
     Ok(parts.join(", "))
 }
