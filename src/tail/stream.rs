@@ -51,6 +51,55 @@ enum Item {
     },
 }
 
+/// An acknowledgement from Kafka: the ticket of the change whose events it covers.
+type Acks = FuturesUnordered<BoxFuture<'static, (Ticket, Result<(), BusError>)>>;
+
+/// What the publisher loop keeps between changes: the changes handed to Kafka and not yet
+/// acknowledged, the newest point every earlier event of which is, and when it was saved.
+struct Flight {
+    /// `None`: a change inside a marked transaction, no point to resume from (see `echo`).
+    window: AckWindow<Option<Covered>>,
+    acks: Acks,
+    covered: Option<Covered>,
+    saved_at: Instant,
+    dirty: bool,
+    /// The place of the last change read (quiet periods resume from it).
+    sent: (Timestamp, u32),
+    echoes: EchoTagger,
+}
+
+impl Flight {
+    fn new(pos: &StreamPosition) -> Self {
+        Flight {
+            window: AckWindow::default(),
+            acks: FuturesUnordered::new(),
+            covered: None,
+            saved_at: Instant::now(),
+            dirty: false,
+            sent: (pos.cluster_time, pos.index),
+            echoes: EchoTagger::default(),
+        }
+    }
+
+    /// Moves what the checkpoint covers up to the newest usable point acknowledged.
+    fn advance(&mut self) {
+        if let Some(c) = self.window.covered_where(|c: &Option<Covered>| c.is_some()) {
+            self.covered = c;
+            self.dirty = true;
+        }
+    }
+
+    fn acknowledged(&mut self, ticket: Ticket) {
+        self.window.ack(ticket);
+        self.advance();
+    }
+
+    /// A change that publishes nothing still holds its place in the window.
+    fn skip(&mut self, c: Option<Covered>) {
+        self.window.push(c, 0);
+    }
+}
+
 impl<S: Source, P: Publisher + 'static, C: CheckpointStore> Tailer<S, P, C> {
     /// Streams changes from the state's position until shutdown (then drains and checkpoints)
     /// or an error.
@@ -64,167 +113,18 @@ impl<S: Source, P: Publisher + 'static, C: CheckpointStore> Tailer<S, P, C> {
         };
         info!(source = %self.source_name, from = ?start, "streaming changes");
         let stream = self.source.watch(&start, self.tail.batch_size, self.tail.max_await).await?;
-
-        let (tx, mut rx) = mpsc::channel::<Item>(self.tail.batch_size as usize * 2);
+        let (tx, rx) = mpsc::channel::<Item>(self.tail.batch_size as usize * 2);
         let reader_stop = shutdown.child_token();
-        let reader = tokio::spawn(read_changes(
-            stream,
-            tx,
-            reader_stop.clone(),
-            pos.cluster_time,
-            pos.index,
-            (self.health.clone(), self.role.clone(), self.source_name.clone()),
-        ));
-
-        let topics_by_coll: HashMap<&str, &str> =
-            self.topics.defs.iter().map(|d| (d.collection.as_str(), d.topic.as_str())).collect();
-        // `None`: a change inside a marked transaction, no point to resume from (see `echo`).
-        let mut window: AckWindow<Option<Covered>> = AckWindow::default();
-        let usable = |c: &Option<Covered>| c.is_some();
-        let mut echoes = EchoTagger::default();
-        let mut acks: FuturesUnordered<BoxFuture<'static, (Ticket, Result<(), BusError>)>> = FuturesUnordered::new();
-        let mut sent = (pos.cluster_time, pos.index);
-        let mut covered: Option<Covered> = None;
-        let mut saved_at = Instant::now();
-        let mut dirty = false;
-        let mut tick = tokio::time::interval(self.tail.checkpoint_interval);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-
-        let outcome: Result<(), TailError> = loop {
-            tokio::select! {
-                biased;
-                Some((ticket, done)) = acks.next(), if !acks.is_empty() => {
-                    if let Err(e) = done {
-                        break Err(e.into());
-                    }
-                    window.ack(ticket);
-                    if let Some(c) = window.covered_where(usable) {
-                        covered = c;
-                        dirty = true;
-                    }
-                    if dirty && saved_at.elapsed() >= self.tail.checkpoint_interval {
-                        if let Err(e) = self.save_stream(state, covered.as_ref()).await { break Err(e); }
-                        saved_at = Instant::now();
-                        dirty = false;
-                    }
-                }
-                // Stop taking changes at once, even with the window full (Kafka not answering):
-                // what was handed over is drained below.
-                _ = shutdown.cancelled() => break Ok(()),
-                item = rx.recv(), if window.in_flight() < self.tail.max_in_flight => {
-                    match item {
-                        Some(Item::Change { record, token }) => {
-                            let token_time = record.wall_time.unwrap_or_else(|| DateTime::from_millis(i64::from(record.cluster_time.time) * 1000));
-                            let c = Covered { token, cluster_time: record.cluster_time, index: record.index, event_time: record.wall_time, token_time };
-                            sent = (record.cluster_time, record.index);
-                            let seen = echoes.observe(*record);
-                            let c = (!echoes.in_marked()).then_some(c);
-                            let record = match seen {
-                                Seen::Marker => {
-                                    window.push(c, 0);
-                                    continue;
-                                }
-                                Seen::Change(r) => r,
-                            };
-                            if record.origin.is_some() && self.echoes == Echoes::Drop {
-                                metrics::counter!("ficus_echoes_skipped_total", "service" => self.source_name.clone(), "side" => "tail").increment(1);
-                                window.push(c, 0);
-                                continue;
-                            }
-                            if let Some(admit) = &self.admit {
-                                match admit.admit(&record).await {
-                                    Ok(true) => {}
-                                    Ok(false) => {
-                                        window.push(c, 0);
-                                        continue;
-                                    }
-                                    Err(e) => break Err(e),
-                                }
-                            }
-                            metrics::counter!("ficus_tail_changes_read_total", "source" => self.source_name.clone(), "collection" => record.collection.clone()).increment(1);
-                            let Some(topic) = topics_by_coll.get(record.collection.as_str()).copied() else {
-                                window.push(c, 0);
-                                continue;
-                            };
-                            let published = match self.publish(topic, *record).await {
-                                Ok(a) => a,
-                                Err(e) => break Err(e),
-                            };
-                            let ticket = window.push(c, published.len());
-                            acks.extend(published.into_iter().map(|ack| ack.map(move |r| (ticket, r)).boxed()));
-                        }
-                        Some(Item::Quiet { token, at }) => {
-                            // Quiet inside a marked transaction is no point to resume from: the
-                            // rest of it may still come (see `echo`).
-                            let c = Covered { token, cluster_time: sent.0, index: sent.1, event_time: None, token_time: at };
-                            window.push((!echoes.in_marked()).then_some(c), 0);
-                        }
-                        None => break Ok(()), // the reader ended: shutdown or an error, seen below
-                    }
-                }
-                _ = tick.tick() => {
-                    if let Some(c) = window.covered_where(usable) {
-                        covered = c;
-                        dirty = true;
-                    }
-                    if let Some(t) = state.token_time {
-                        let age = DateTime::now().saturating_duration_since(t).as_secs_f64();
-                        metrics::gauge!("ficus_tail_checkpoint_age_seconds", "source" => self.source_name.clone()).set(age);
-                    }
-                    if dirty {
-                        if let Err(e) = self.save_stream(state, covered.as_ref()).await { break Err(e); }
-                        saved_at = Instant::now();
-                        dirty = false;
-                    }
-                }
-            }
-        };
-
+        let beat = (self.health.clone(), self.role.clone(), self.source_name.clone());
+        let reader = tokio::spawn(read_changes(stream, tx, reader_stop.clone(), pos.cluster_time, pos.index, beat));
+        let mut flight = Flight::new(&pos);
+        let outcome = self.publish_loop(state, &mut flight, rx, shutdown).await;
         // Stop reading, then drain: everything already handed to Kafka is awaited so the final
-        // checkpoint covers as much as possible. A delivery failure stops the drain there. The
-        // drain checkpoints as acknowledgements come (at most every checkpoint interval), so a
-        // drain cut short (a broker that does not answer, and the shutdown timeout) leaves the
-        // checkpoint at what was acknowledged; what was not is published again on restart.
+        // checkpoint covers as much as possible.
         reader_stop.cancel();
-        drop(rx);
-        let mut outcome = outcome;
-        if (outcome.is_ok() || matches!(outcome, Err(TailError::Source(_)))) && !acks.is_empty() {
-            info!(source = %self.source_name, unacknowledged = acks.len(), "draining: waiting for Kafka to acknowledge what was handed over");
-            let mut waiting = tokio::time::interval_at(
-                tokio::time::Instant::now() + std::time::Duration::from_secs(5),
-                std::time::Duration::from_secs(5),
-            );
-            loop {
-                tokio::select! {
-                    next = acks.next() => {
-                        let Some((ticket, done)) = next else { break };
-                        if let Err(e) = done {
-                            if outcome.is_ok() {
-                                outcome = Err(e.into());
-                            }
-                            break;
-                        }
-                        window.ack(ticket);
-                        if let Some(c) = window.covered_where(usable) {
-                            covered = c;
-                            dirty = true;
-                        }
-                        if dirty && saved_at.elapsed() >= self.tail.checkpoint_interval {
-                            self.save_stream(state, covered.as_ref()).await?;
-                            saved_at = Instant::now();
-                            dirty = false;
-                        }
-                    }
-                    _ = waiting.tick() => {
-                        info!(source = %self.source_name, unacknowledged = acks.len(), "draining: still waiting for Kafka; the checkpoint stands at what was acknowledged");
-                    }
-                }
-            }
-        }
-        if let Some(c) = window.covered_where(usable) {
-            covered = c;
-        }
-        self.save_stream(state, covered.as_ref()).await?;
+        let mut outcome = self.drain(state, &mut flight, outcome).await?;
+        flight.advance();
+        self.save_stream(state, flight.covered.as_ref()).await?;
         let read = reader.await.map_err(|e| TailError::Reader(e.to_string()))?;
         if let Err(e) = read
             && outcome.is_ok()
@@ -240,6 +140,150 @@ impl<S: Source, P: Publisher + 'static, C: CheckpointStore> Tailer<S, P, C> {
             error!(source = %self.source_name, error = %e, "tail stopped");
         }
         outcome
+    }
+
+    /// Takes changes from the reader and hands them to Kafka, acknowledgements first, until
+    /// shutdown, the reader's end, or an error; checkpoints every checkpoint interval.
+    async fn publish_loop(
+        &self,
+        state: &mut TailState,
+        f: &mut Flight,
+        mut rx: mpsc::Receiver<Item>,
+        shutdown: &CancellationToken,
+    ) -> Result<(), TailError> {
+        let topics: HashMap<&str, &str> =
+            self.topics.defs.iter().map(|d| (d.collection.as_str(), d.topic.as_str())).collect();
+        let mut tick = tokio::time::interval(self.tail.checkpoint_interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                biased;
+                Some((ticket, done)) = f.acks.next(), if !f.acks.is_empty() => {
+                    done?;
+                    f.acknowledged(ticket);
+                    self.save_if_due(state, f).await?;
+                }
+                // Stop taking changes at once, even with the window full (Kafka not answering):
+                // what was handed over is drained after.
+                _ = shutdown.cancelled() => return Ok(()),
+                item = rx.recv(), if f.window.in_flight() < self.tail.max_in_flight => match item {
+                    Some(Item::Change { record, token }) => self.take(f, record, token, &topics).await?,
+                    Some(Item::Quiet { token, at }) => {
+                        // Quiet inside a marked transaction is no point to resume from: the
+                        // rest of it may still come (see `echo`).
+                        let c = Covered { token, cluster_time: f.sent.0, index: f.sent.1, event_time: None, token_time: at };
+                        let usable = !f.echoes.in_marked();
+                        f.skip(usable.then_some(c));
+                    }
+                    None => return Ok(()), // the reader ended: shutdown or an error, seen after
+                },
+                _ = tick.tick() => {
+                    f.advance();
+                    if let Some(t) = state.token_time {
+                        let age = DateTime::now().saturating_duration_since(t).as_secs_f64();
+                        metrics::gauge!("ficus_tail_checkpoint_age_seconds", "source" => self.source_name.clone()).set(age);
+                    }
+                    if f.dirty {
+                        self.save_stream(state, f.covered.as_ref()).await?;
+                        f.saved_at = Instant::now();
+                        f.dirty = false;
+                    }
+                }
+            }
+        }
+    }
+
+    /// One change read: bookkeeping (markers, echoes, changes not admitted, collections without
+    /// a topic) keeps its place in the window; anything else is mapped and handed to Kafka.
+    async fn take(
+        &self,
+        f: &mut Flight,
+        record: Box<ChangeRecord>,
+        token: Document,
+        topics: &HashMap<&str, &str>,
+    ) -> Result<(), TailError> {
+        let token_time =
+            record.wall_time.unwrap_or_else(|| DateTime::from_millis(i64::from(record.cluster_time.time) * 1000));
+        let c = Covered {
+            token,
+            cluster_time: record.cluster_time,
+            index: record.index,
+            event_time: record.wall_time,
+            token_time,
+        };
+        f.sent = (record.cluster_time, record.index);
+        let seen = f.echoes.observe(*record);
+        let c = (!f.echoes.in_marked()).then_some(c);
+        let Seen::Change(record) = seen else {
+            f.skip(c);
+            return Ok(());
+        };
+        if record.origin.is_some() && self.echoes == Echoes::Drop {
+            metrics::counter!("ficus_echoes_skipped_total", "service" => self.source_name.clone(), "side" => "tail")
+                .increment(1);
+            f.skip(c);
+            return Ok(());
+        }
+        if let Some(admit) = &self.admit
+            && !admit.admit(&record).await?
+        {
+            f.skip(c);
+            return Ok(());
+        }
+        metrics::counter!("ficus_tail_changes_read_total", "source" => self.source_name.clone(), "collection" => record.collection.clone()).increment(1);
+        let Some(topic) = topics.get(record.collection.as_str()).copied() else {
+            f.skip(c);
+            return Ok(());
+        };
+        let published = self.publish(topic, *record).await?;
+        let ticket = f.window.push(c, published.len());
+        f.acks.extend(published.into_iter().map(|ack| ack.map(move |r| (ticket, r)).boxed()));
+        Ok(())
+    }
+
+    /// Saves the checkpoint if it moved and the checkpoint interval has passed since the last.
+    async fn save_if_due(&self, state: &mut TailState, f: &mut Flight) -> Result<(), TailError> {
+        if f.dirty && f.saved_at.elapsed() >= self.tail.checkpoint_interval {
+            self.save_stream(state, f.covered.as_ref()).await?;
+            f.saved_at = Instant::now();
+            f.dirty = false;
+        }
+        Ok(())
+    }
+
+    /// Awaits everything already handed to Kafka (after a clean stop, or a source error), so the
+    /// final checkpoint covers as much as possible. A delivery failure stops the drain there.
+    /// It checkpoints as acknowledgements come (at most every checkpoint interval), so a drain
+    /// cut short (a broker that does not answer, and the shutdown timeout) leaves the checkpoint
+    /// at what was acknowledged; what was not is published again on restart. Returns the loop's
+    /// outcome, or the delivery failure that ended the drain.
+    async fn drain(
+        &self,
+        state: &mut TailState,
+        f: &mut Flight,
+        outcome: Result<(), TailError>,
+    ) -> Result<Result<(), TailError>, TailError> {
+        if !(outcome.is_ok() || matches!(outcome, Err(TailError::Source(_)))) || f.acks.is_empty() {
+            return Ok(outcome);
+        }
+        info!(source = %self.source_name, unacknowledged = f.acks.len(), "draining: waiting for Kafka to acknowledge what was handed over");
+        let every = std::time::Duration::from_secs(5);
+        let mut waiting = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+        loop {
+            tokio::select! {
+                next = f.acks.next() => {
+                    let Some((ticket, done)) = next else { return Ok(outcome) };
+                    if let Err(e) = done {
+                        return Ok(outcome.and(Err(e.into())));
+                    }
+                    f.acknowledged(ticket);
+                    self.save_if_due(state, f).await?;
+                }
+                _ = waiting.tick() => {
+                    info!(source = %self.source_name, unacknowledged = f.acks.len(), "draining: still waiting for Kafka; the checkpoint stands at what was acknowledged");
+                }
+            }
+        }
     }
 
     async fn save_stream(&self, state: &mut TailState, covered: Option<&Covered>) -> Result<(), TailError> {
