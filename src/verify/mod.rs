@@ -203,7 +203,8 @@ impl Expected<'_> {
     }
 }
 
-/// Verifies one service database against the source.
+/// Verifies one service database against the source: the source through the transforms into
+/// a scratch collection, the target compared with it, and what differs checked again.
 pub async fn verify(
     transforms: &ServiceTransforms,
     topics: &Topics,
@@ -223,11 +224,38 @@ pub async fn verify(
         groups: HashMap::new(),
         buckets: opts.buckets.clone(),
     };
+    let bar = bar();
+    expect_all(&mut expected, source, &bar).await?;
+    let (mut report, mut suspects) = compare_all(transforms, &scratch, target, opts, &bar).await?;
+    bar.finish_and_clear();
+    // Re-check what differs after a pause, against fresh reads on both sides, as many rounds as
+    // asked, until nothing differs.
+    let rounds = opts.rechecks.max(1);
+    for round in 1..=rounds {
+        if suspects.is_empty() {
+            break;
+        }
+        tokio::time::sleep(opts.settle).await;
+        let sample = if round == rounds { opts.sample } else { 0 };
+        suspects = recheck(&mut report, &expected, source, target, suspects, sample).await?;
+    }
+    scratch.drop().await?;
+    Ok(report)
+}
+
+/// What differs on a first look: a document, and how.
+type Suspects = Vec<(String, Bson, Suspect)>;
+
+/// The expectation: every source document of the service's topics through the transforms (the
+/// rollups' group documents last), hashed into the scratch collection.
+async fn expect_all(
+    expected: &mut Expected<'_>,
+    source: &Database,
+    bar: &indicatif::ProgressBar,
+) -> Result<(), VerifyError> {
+    let (transforms, topics) = (expected.transforms, expected.topics);
     let source_collections: BTreeSet<String> =
         transforms.topics().iter().filter_map(|t| topics.by_topic(t)).map(|d| d.collection.clone()).collect();
-    let bar = bar();
-
-    // 1. Expected: the source through the transforms.
     let mut pending = Vec::with_capacity(BATCH);
     for coll in &source_collections {
         let mut cursor = source.collection::<bson::RawDocumentBuf>(coll).find(doc! {}).batch_size(BATCH as u32).await?;
@@ -251,11 +279,19 @@ pub async fn verify(
             expected.flush(&mut pending).await?;
         }
     }
-    expected.flush(&mut pending).await?;
+    expected.flush(&mut pending).await
+}
 
-    // 2. Actual: the target, looked up against the expectation in batches.
+/// The target against the expectation, in batches: the tallies, and what differs or is missing.
+async fn compare_all(
+    transforms: &ServiceTransforms,
+    scratch: &Collection<Document>,
+    target: &Database,
+    opts: &VerifyOptions,
+    bar: &indicatif::ProgressBar,
+) -> Result<(VerifyReport, Suspects), VerifyError> {
     let mut report = VerifyReport { service: transforms.service().to_string(), ..Default::default() };
-    let mut suspects: Vec<(String, Bson, Suspect)> = Vec::new();
+    let mut suspects: Suspects = Vec::new();
     let in_scope_collections =
         transforms.collections().into_iter().filter(|c| opts.buckets.is_none() || transforms.reverse_for(c).is_some());
     for coll in in_scope_collections {
@@ -275,7 +311,7 @@ pub async fn verify(
                 chunk.push(written.document);
             }
             if chunk.len() >= BATCH || (done && !chunk.is_empty()) {
-                compare_chunk(&scratch, &coll, &mut chunk, tally, &mut suspects).await?;
+                compare_chunk(scratch, &coll, &mut chunk, tally, &mut suspects).await?;
                 bar.inc(BATCH as u64);
             }
             if done {
@@ -292,21 +328,7 @@ pub async fn verify(
             }
         }
     }
-    bar.finish_and_clear();
-
-    // 3. Re-check what differs after a pause, against fresh reads on both sides, as many
-    //    rounds as asked, until nothing differs.
-    let rounds = opts.rechecks.max(1);
-    for round in 1..=rounds {
-        if suspects.is_empty() {
-            break;
-        }
-        tokio::time::sleep(opts.settle).await;
-        let sample = if round == rounds { opts.sample } else { 0 };
-        suspects = recheck(&mut report, &expected, source, target, suspects, sample).await?;
-    }
-    scratch.drop().await?;
-    Ok(report)
+    Ok((report, suspects))
 }
 
 async fn compare_chunk(
