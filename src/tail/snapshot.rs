@@ -54,17 +54,7 @@ impl<S: Source, P: Publisher + 'static, C: CheckpointStore> Tailer<S, P, C> {
                 let docs = self.source.snapshot_batch(coll, last_id.as_ref(), self.snapshot.batch_size).await?;
                 let Some(last) = docs.last() else { break };
                 let next_id = last.get("_id").cloned().unwrap_or(Bson::Null);
-                if let Some(l) = &limiter
-                    && let Some(n) = NonZeroU32::new(docs.len() as u32)
-                {
-                    // A batch larger than the per-second quota waits for it piecemeal.
-                    let burst = l.until_n_ready(n).await;
-                    if burst.is_err() {
-                        for _ in 0..n.get() {
-                            l.until_ready().await;
-                        }
-                    }
-                }
+                pace(limiter.as_ref(), docs.len()).await;
                 let n = docs.len() as u64;
                 let mut acks = Vec::with_capacity(docs.len());
                 for doc in docs {
@@ -88,18 +78,7 @@ impl<S: Source, P: Publisher + 'static, C: CheckpointStore> Tailer<S, P, C> {
                     info!(source = %self.source_name, collection = coll, copied = progress.copied, estimated_total = total, "snapshot progress");
                 }
             }
-            // Every copy of this collection is acknowledged: tell each partition's consumers, so
-            // they can remove what no longer exists at the source (see `SnapshotMarker`).
-            let types = (def.event_type(Op::Snapshot), def.event_type(Op::Delete));
-            let start = progress.start_time;
-            let marker = |p, n| ControlMessage::snapshot_completed(&self.source_name, coll, start, types, p, n);
-            try_join_all(self.publisher.publish_to_all_partitions(def.topic.as_str(), marker).await?).await?;
-            progress.done.push(coll.to_string());
-            progress.current = None;
-            progress.last_id = None;
-            state.phase = TailPhase::Snapshot(progress.clone());
-            self.save(state).await?;
-            info!(source = %self.source_name, collection = coll, copied = progress.copied, "snapshot: collection copied");
+            self.copied(state, &mut progress, def, coll).await?;
         }
         if let Some(b) = bar {
             b.finish_and_clear();
@@ -112,6 +91,40 @@ impl<S: Source, P: Publisher + 'static, C: CheckpointStore> Tailer<S, P, C> {
         });
         self.save(state).await?;
         Ok(true)
+    }
+
+    /// Every copy of `coll` is acknowledged: each partition's consumers are told, so they can
+    /// remove what no longer exists at the source (see `SnapshotMarker`), and the collection is
+    /// done in the checkpoint.
+    async fn copied(
+        &self,
+        state: &mut TailState,
+        progress: &mut SnapshotProgress,
+        def: &crate::config::topics::TopicDef,
+        coll: &str,
+    ) -> Result<(), TailError> {
+        let types = (def.event_type(Op::Snapshot), def.event_type(Op::Delete));
+        let start = progress.start_time;
+        let marker = |p, n| ControlMessage::snapshot_completed(&self.source_name, coll, start, types, p, n);
+        try_join_all(self.publisher.publish_to_all_partitions(def.topic.as_str(), marker).await?).await?;
+        progress.done.push(coll.to_string());
+        progress.current = None;
+        progress.last_id = None;
+        state.phase = TailPhase::Snapshot(progress.clone());
+        self.save(state).await?;
+        info!(source = %self.source_name, collection = coll, copied = progress.copied, "snapshot: collection copied");
+        Ok(())
+    }
+}
+
+/// Waits for the snapshot's rate limit to allow `n` more documents (a batch larger than the
+/// per-second quota waits for it piecemeal).
+async fn pace(limiter: Option<&governor::DefaultDirectRateLimiter>, n: usize) {
+    let (Some(l), Some(n)) = (limiter, NonZeroU32::new(n as u32)) else { return };
+    if l.until_n_ready(n).await.is_err() {
+        for _ in 0..n.get() {
+            l.until_ready().await;
+        }
     }
 }
 
