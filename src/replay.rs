@@ -111,19 +111,6 @@ pub async fn replay(
     let mut report = ReplayReport { database: live_name.clone(), ..Default::default() };
     let topics: Vec<String> = transforms.topics().into_iter().collect();
 
-    // 1. The archive, in commit order.
-    let mut filter = doc! { "topic": { "$in": &topics } };
-    if let Some(t) = opts.from {
-        filter.insert("time", doc! { "$gte": t });
-    }
-    let total = store.count(filter).await?;
-    info!(service = transforms.service(), events = total, into = %build_name, "replaying the event store");
-    let bar = progress_bar(total);
-    // A reader task reads and decodes the next batches while this one is written (two ahead at
-    // most, so memory stays bounded).
-    let cursor = store.scan(&topics, opts.from).await?;
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<Result<Vec<Archived>, ReplayError>>(2);
-    let reader = tokio::spawn(read_batches(cursor, opts.batch, tx));
     let applier = Applier {
         transformer: forward,
         sink: &sink,
@@ -132,24 +119,8 @@ pub async fn replay(
         origin: origin.clone(),
         judged: None,
     };
-    let mut archived_to: HashMap<(String, i32), i64> = HashMap::new();
-    while let Some(batch) = rx.recv().await {
-        let batch = batch?;
-        let mut items = Vec::with_capacity(batch.len());
-        for a in batch {
-            let e = archived_to.entry((a.topic.clone(), a.partition)).or_insert(-1);
-            *e = (*e).max(a.offset);
-            items.push(Item::archived(a.topic, a.partition, a.offset, a.message));
-        }
-        report.rejected += applier.apply(&items, shutdown).await?.rejected;
-        report.from_store += items.len() as u64;
-        bar.set_position(report.from_store);
-        if shutdown.is_cancelled() {
-            reader.abort();
-            return Err(ReplayError::Interrupted);
-        }
-    }
-    bar.finish_and_clear();
+    // 1. The archive, in commit order.
+    let archived_to = from_archive(&applier, store, &topics, opts, (&build_name, &mut report), shutdown).await?;
 
     // 2. The live tail after the archive.
     let live = catch_up(&applier, kafka, &topics, &archived_to, opts.batch, shutdown).await?;
@@ -176,6 +147,53 @@ pub async fn replay(
     }
     report.elapsed = started.elapsed();
     Ok(report)
+}
+
+/// Applies the archived events of `topics` in commit order; returns, per partition, the last
+/// offset archived (the live tail is read after it).
+async fn from_archive<T, S>(
+    applier: &Applier<'_, T, S>,
+    store: &EventStore,
+    topics: &[String],
+    opts: &ReplayOptions,
+    (into, report): (&str, &mut ReplayReport),
+    shutdown: &CancellationToken,
+) -> Result<HashMap<(String, i32), i64>, ReplayError>
+where
+    T: crate::consume::Transformer,
+    S: crate::sink::Sink,
+{
+    let mut filter = doc! { "topic": { "$in": topics } };
+    if let Some(t) = opts.from {
+        filter.insert("time", doc! { "$gte": t });
+    }
+    let total = store.count(filter).await?;
+    info!(service = %report.database, events = total, into, "replaying the event store");
+    let bar = progress_bar(total);
+    // A reader task reads and decodes the next batches while this one is written (two ahead at
+    // most, so memory stays bounded).
+    let cursor = store.scan(topics, opts.from).await?;
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Result<Vec<Archived>, ReplayError>>(2);
+    let reader = tokio::spawn(read_batches(cursor, opts.batch, tx));
+    let mut archived_to: HashMap<(String, i32), i64> = HashMap::new();
+    while let Some(batch) = rx.recv().await {
+        let batch = batch?;
+        let mut items = Vec::with_capacity(batch.len());
+        for a in batch {
+            let e = archived_to.entry((a.topic.clone(), a.partition)).or_insert(-1);
+            *e = (*e).max(a.offset);
+            items.push(Item::archived(a.topic, a.partition, a.offset, a.message));
+        }
+        report.rejected += applier.apply(&items, shutdown).await?.rejected;
+        report.from_store += items.len() as u64;
+        bar.set_position(report.from_store);
+        if shutdown.is_cancelled() {
+            reader.abort();
+            return Err(ReplayError::Interrupted);
+        }
+    }
+    bar.finish_and_clear();
+    Ok(archived_to)
 }
 
 /// Reads the archive cursor in batches of `size` decoded events into `tx`, until the cursor ends,
