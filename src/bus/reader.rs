@@ -161,36 +161,7 @@ impl Reader {
         shutdown: &CancellationToken,
         mut handle: impl AsyncFnMut(Vec<Delivery>) -> Result<(), E>,
     ) -> Result<ReadOutcome, E> {
-        let mut assign = TopicPartitionList::new();
-        let mut ends: HashMap<(String, i32), i64> = HashMap::new();
-        let mut wanted = TopicPartitionList::new();
-        for topic in topics {
-            for p in self.partitions(topic)? {
-                wanted.add_partition(topic, p);
-            }
-        }
-        let committed = match self.group {
-            Some(_) => tokio::task::block_in_place(|| self.consumer.committed_offsets(wanted.clone(), TIMEOUT))
-                .map_err(BusError::from)?,
-            None => wanted.clone(),
-        };
-        for e in committed.elements() {
-            let (topic, p) = (e.topic(), e.partition());
-            let from = match start(topic, p) {
-                StartAt::Beginning => None,
-                StartAt::Offset(o) => Some(o),
-                StartAt::Committed => match e.offset() {
-                    Offset::Offset(o) => Some(o),
-                    _ => None,
-                },
-            };
-            let (low, high) = self.watermarks(topic, p)?;
-            if from.unwrap_or(low).max(low) < high {
-                let offset = from.map_or(Offset::Beginning, Offset::Offset);
-                assign.add_partition_offset(topic, p, offset).map_err(BusError::from)?;
-                ends.insert((topic.to_string(), p), high);
-            }
-        }
+        let (assign, mut ends) = self.assignment(topics, start)?;
         let mut outcome = ReadOutcome::default();
         if ends.is_empty() {
             outcome.complete = true;
@@ -234,6 +205,46 @@ impl Reader {
         }
         outcome.complete = true;
         Ok(outcome)
+    }
+
+    /// Where [`Self::read_to_end`] reads each partition of `topics` from, and the high watermark
+    /// it reads up to; partitions with nothing to read are left out.
+    #[allow(clippy::type_complexity)]
+    fn assignment(
+        &self,
+        topics: &[String],
+        start: impl Fn(&str, i32) -> StartAt,
+    ) -> Result<(TopicPartitionList, HashMap<(String, i32), i64>), BusError> {
+        let mut assign = TopicPartitionList::new();
+        let mut ends: HashMap<(String, i32), i64> = HashMap::new();
+        let mut wanted = TopicPartitionList::new();
+        for topic in topics {
+            for p in self.partitions(topic)? {
+                wanted.add_partition(topic, p);
+            }
+        }
+        let committed = match self.group {
+            Some(_) => tokio::task::block_in_place(|| self.consumer.committed_offsets(wanted.clone(), TIMEOUT))?,
+            None => wanted.clone(),
+        };
+        for e in committed.elements() {
+            let (topic, p) = (e.topic(), e.partition());
+            let from = match start(topic, p) {
+                StartAt::Beginning => None,
+                StartAt::Offset(o) => Some(o),
+                StartAt::Committed => match e.offset() {
+                    Offset::Offset(o) => Some(o),
+                    _ => None,
+                },
+            };
+            let (low, high) = self.watermarks(topic, p)?;
+            if from.unwrap_or(low).max(low) < high {
+                let offset = from.map_or(Offset::Beginning, Offset::Offset);
+                assign.add_partition_offset(topic, p, offset)?;
+                ends.insert((topic.to_string(), p), high);
+            }
+        }
+        Ok((assign, ends))
     }
 }
 
