@@ -10,13 +10,16 @@ use futures::TryStreamExt;
 use mongodb::options::{Acknowledgment, IndexOptions, WriteConcern};
 use mongodb::{Client, ClientSession, Database, IndexModel};
 
-use super::conflicts::{ConflictRecord, Outbox, Side, SideState};
+mod merging;
+mod rollups;
+
+use self::merging::Merge;
+use self::rollups::Membership;
 use super::plan::{Built, Plan, Step, Upsert, plan, retained_away};
-use super::rollup::GroupTally;
-use super::{MEMBERS_PREFIX, MERGED, META, Marker, SNAPSHOTS, Sink, SinkError, TOMBSTONES, Versioned, doc_key};
+use super::{MEMBERS_PREFIX, META, Marker, SNAPSHOTS, Sink, SinkError, TOMBSTONES, Versioned, doc_key};
 use crate::event::Version;
 use crate::mongo;
-use crate::transform::{Base, Why, WriteOp};
+use crate::transform::WriteOp;
 
 /// The MongoDB sink for one service database.
 #[derive(Clone)]
@@ -437,211 +440,6 @@ impl MongoSink {
         Ok(())
     }
 
-    /// Applies one rollup membership, recomputing the groups it touches; inside the batch's
-    /// transaction when there is one, in a transaction of its own otherwise, so concurrent
-    /// consumers never interleave a stale count.
-    async fn rollup(
-        &self,
-        s: &mut ClientSession,
-        txn: bool,
-        v: &Versioned,
-        collection: &str,
-        m: &Membership<'_>,
-    ) -> Result<(), SinkError> {
-        if txn {
-            return Ok(self.membership(s, v, collection, m).await?);
-        }
-        let mut attempts = 0;
-        loop {
-            mongo::begin(s).await?;
-            let outcome = self.membership(s, v, collection, m).await;
-            if let Some(done) = mongo::finish(s, outcome, &mut attempts, mongo::transaction_conflict).await {
-                return done.map_err(SinkError::from);
-            }
-        }
-    }
-
-    async fn membership(
-        &self,
-        s: &mut ClientSession,
-        v: &Versioned,
-        collection: &str,
-        m: &Membership<'_>,
-    ) -> Result<(), mongodb::error::Error> {
-        let Membership { group, member, count_field, distinct, group_fields } = *m;
-        let members = self.db.collection::<Document>(&format!("{MEMBERS_PREFIX}{collection}"));
-        let groups = self.db.collection::<Document>(collection);
-        let previous = members.find_one(doc! { "_id": member.clone() }).session(&mut *s).await?;
-        if previous.as_ref().and_then(|p| p.get_str("v").ok()).is_some_and(|pv| pv >= v.version.as_str()) {
-            return Ok(()); // an equal or newer membership is already applied
-        }
-        let old_group = previous.as_ref().and_then(|p| p.get("g")).filter(|g| !matches!(g, Bson::Null)).cloned();
-        let mut values = Document::new();
-        for (field, value) in distinct {
-            values.insert(field, value.clone().unwrap_or(Bson::Null));
-        }
-        let record = doc! { "_id": member.clone(), "g": group.cloned().unwrap_or(Bson::Null), "d": values, "v": v.version.as_str(), "event": &v.event_id };
-        members.replace_one(doc! { "_id": member.clone() }, record).upsert(true).session(&mut *s).await?;
-        let mut affected: Vec<Bson> = group.into_iter().cloned().collect();
-        if let Some(g) = old_group
-            && !affected.contains(&g)
-        {
-            affected.push(g);
-        }
-        for g in affected {
-            let in_group: Vec<Document> =
-                members.find(doc! { "g": g.clone() }).session(&mut *s).await?.stream(&mut *s).try_collect().await?;
-            if in_group.is_empty() {
-                groups.delete_one(doc! { "_id": g.clone() }).session(&mut *s).await?;
-                continue;
-            }
-            let mut tally = GroupTally::new(distinct.iter().map(|(f, _)| f.as_str()));
-            for m in &in_group {
-                let values = m.get_document("d").ok();
-                tally.add(|field| values.and_then(|d| d.get(field)));
-            }
-            let mut set = tally.fields(count_field);
-            // The newest member's version, so the group document is the same whatever order its
-            // members' events arrived in.
-            let newest = in_group
-                .iter()
-                .filter_map(|m| Some((m.get_str("v").ok()?, m.get_str("event").ok()?)))
-                .max()
-                .map(|(v, e)| (v.to_string(), e.to_string()))
-                .unwrap_or_else(|| (v.version.to_string(), v.event_id.clone()));
-            set.insert(META, doc! { "v": newest.0, "event": newest.1, "rollup": true });
-            if Some(&g) == group {
-                // The member's own group: its constant fields come with this event.
-                let mut full = group_fields.clone();
-                full.insert("_id", g.clone());
-                full.extend(set);
-                groups.replace_one(doc! { "_id": g }, full).upsert(true).session(&mut *s).await?;
-            } else {
-                // A group the member left: only the aggregates change.
-                groups.update_one(doc! { "_id": g }, doc! { "$set": set }).session(&mut *s).await?;
-            }
-        }
-        Ok(())
-    }
-
-    /// Merges a monolith change into a document the service owns (see [`super::merge`]), in the
-    /// batch's transaction (or one of its own): reads the owner's document, writes the merge
-    /// and records any conflict in the outbox, all or nothing. Version-guarded like an upsert:
-    /// a change already merged (or older than the document, or than its tombstone) does
-    /// nothing, so redelivery neither merges twice nor reports twice. The owner's application
-    /// writes the document plain (its `_ficus` dropped or stale), so the guard is the newer of
-    /// the document's `_ficus.v` and its record in `_ficus_merged`: a redelivered merge must
-    /// not take back a field the owner has since set to the value it had before.
-    async fn merge(&self, s: &mut ClientSession, txn: bool, v: &Versioned, m: &Merge<'_>) -> Result<(), SinkError> {
-        if txn {
-            return self.merging(s, v, m).await;
-        }
-        let mut attempts = 0;
-        loop {
-            mongo::begin(s).await?;
-            let outcome = self.merging(s, v, m).await;
-            if let Some(done) = mongo::finish(s, outcome, &mut attempts, SinkError::is_conflict).await {
-                return done;
-            }
-        }
-    }
-
-    async fn merging(&self, s: &mut ClientSession, v: &Versioned, m: &Merge<'_>) -> Result<(), SinkError> {
-        let coll = self.db.collection::<Document>(m.collection);
-        let ledger = self.db.collection::<Document>(MERGED);
-        let key = doc_key(m.collection, m.id);
-        let current = coll.find_one(doc! { "_id": m.id.clone() }).session(&mut *s).await?;
-        let in_doc = current.as_ref().and_then(|d| d.get_document(META).ok()?.get_str("v").ok().map(str::to_string));
-        let merged_at = ledger.find_one(doc! { "_id": &key }).session(&mut *s).await?;
-        let in_ledger = merged_at.and_then(|d| d.get_str("v").ok().map(str::to_string));
-        let held = in_doc.max(in_ledger);
-        let newer_held = held.as_deref().is_some_and(|h| h >= v.version.as_str());
-        // Merged already, or older than what the document holds; a dead letter re-driven is
-        // merged all the same (its own fields land, the newer values stand).
-        if newer_held && !v.redriven {
-            return Ok(());
-        }
-        if current.is_none() {
-            let tombs = self.tombstones(s, m.collection, std::iter::once(m.id)).await?;
-            if tombs.get(&key).is_some_and(|t| t.as_str() >= v.version.as_str()) {
-                return Ok(());
-            }
-        }
-        ledger
-            .update_one(
-                doc! { "_id": &key },
-                doc! { "$max": { "v": v.version.as_str() }, "$set": { "c": m.collection, "id": m.id.clone() } },
-            )
-            .upsert(true)
-            .session(&mut *s)
-            .await?;
-        let merged = super::merge::merge(current.as_ref(), m.base, m.doc, m.arrays);
-        let meta = match (&current, newer_held) {
-            // Never moves the document's version back.
-            (Some(c), true) => c.get_document(META).ok().cloned().unwrap_or_else(|| Self::meta(v)),
-            _ => Self::meta(v),
-        };
-        match (merged.write, &current) {
-            (Some(mut w), _) => {
-                w.insert("_id", m.id.clone());
-                w.insert(META, meta);
-                coll.replace_one(doc! { "_id": m.id.clone() }, w).upsert(true).session(&mut *s).await?;
-            }
-            // Nothing taken, but the change is merged: the version says so.
-            (None, Some(_)) if !newer_held => {
-                coll.update_one(doc! { "_id": m.id.clone() }, doc! { "$set": { META: meta } }).session(&mut *s).await?;
-            }
-            (None, _) => {}
-        }
-        // A fence violation is reported whether or not a field met the owner's.
-        let why = if newer_held { Why::Redriven } else { m.why };
-        if !merged.conflicts.is_empty() || why == Why::FenceViolation {
-            let reason = (why == Why::FenceViolation).then(|| {
-                "fence violation: the monolith wrote a fenced key after the drain point; merged, not lost".to_string()
-            });
-            let record = ConflictRecord {
-                service: self.db.name().to_string(),
-                side: Side::Monolith,
-                collection: m.collection.to_string(),
-                id: m.id.clone(),
-                event: v.event_id.clone(),
-                fields: merged.conflicts,
-                owner: SideState { version: held, document: current },
-                other: SideState { version: Some(v.version.to_string()), document: m.doc.cloned() },
-                reason,
-                why: Some(why),
-            };
-            Outbox::new(&self.db).record(s, &record).await?;
-        }
-        Ok(())
-    }
-
-    /// Records the version of the echo of the service's own write-back beside its document (a
-    /// tombstone for a delete, `_ficus_merged` otherwise), never moving either back.
-    async fn witness(
-        &self,
-        s: &mut ClientSession,
-        v: &Versioned,
-        collection: &str,
-        id: &Bson,
-        deleted: bool,
-    ) -> Result<(), SinkError> {
-        let key = doc_key(collection, id);
-        let (coll, mut set) = if deleted {
-            (TOMBSTONES, doc! { "c": collection, "id": id.clone(), "at": bson::DateTime::now() })
-        } else {
-            (MERGED, doc! { "c": collection, "id": id.clone() })
-        };
-        set.insert("witnessed", true);
-        self.db
-            .collection::<Document>(coll)
-            .update_one(doc! { "_id": &key }, doc! { "$max": { "v": v.version.as_str() }, "$set": set })
-            .upsert(true)
-            .session(&mut *s)
-            .await?;
-        Ok(())
-    }
-
     /// Everything after the upserts, in plan order, on one session.
     async fn rest(&self, s: &mut ClientSession, txn: bool, plan: &Plan<'_>) -> Result<(), SinkError> {
         for Step { by, op } in &plan.steps {
@@ -697,26 +495,6 @@ impl MongoSink {
         marker.still_judged()?;
         marker.close(&self.db, s).await
     }
-}
-
-/// A merge into an owned document, as a [`WriteOp::Merge`] carries it.
-struct Merge<'a> {
-    collection: &'a str,
-    id: &'a Bson,
-    doc: Option<&'a Document>,
-    base: &'a Base,
-    why: Why,
-    arrays: &'a [(String, Option<String>)],
-}
-
-/// One rollup membership change, as a [`WriteOp::Rollup`] carries it.
-#[derive(Clone, Copy)]
-struct Membership<'a> {
-    group: Option<&'a Bson>,
-    member: &'a Bson,
-    count_field: &'a str,
-    distinct: &'a [(String, Option<Bson>)],
-    group_fields: &'a Document,
 }
 
 impl Sink for MongoSink {
