@@ -49,14 +49,12 @@ pub async fn collect(
     let ownership = crate::cutover::ownership::OwnershipStore::new(&store).all().await?;
     let mut rows = vec![tail_row(cfg, &store).await?];
     // Consumer groups: one per service, and the archive.
+    let pipeline = |s: &ServiceTransforms, d| crate::consume::Pipeline::of(s, d);
     let mut groups: Vec<(String, String, Vec<String>)> = services
         .iter()
         .map(|s| {
-            (
-                format!("consume {}", s.service()),
-                crate::consume::group_id(s.service()),
-                s.topics().into_iter().collect(),
-            )
+            let p = pipeline(s, crate::consume::Direction::Forward);
+            (format!("consume {}", s.service()), p.group, p.topics)
         })
         .collect();
     groups.push((
@@ -66,8 +64,8 @@ pub async fn collect(
     ));
     // Reverse sync: write-back groups of the services that have owned keys.
     for s in services.iter().filter(|s| ownership.get(s.service()).is_some_and(|o| !o.periods().is_empty())) {
-        let topics = vec![crate::config::topics::changes_topic(s.service())];
-        groups.push((format!("write-back {}", s.service()), crate::consume::reverse_group_id(s.service()), topics));
+        let p = pipeline(s, crate::consume::Direction::Reverse);
+        groups.push((format!("write-back {}", s.service()), p.group, p.topics));
     }
     for (stage, group, topics) in groups {
         let members = crate::ops::presence::live_members(&store, &group).await?;
@@ -238,10 +236,11 @@ pub async fn cutover_feeds(
             history,
             needed: o.is_some_and(|o| crate::tail::reverse::needed(o, position, margin)),
         };
-        let lag = |group: String, topics: Vec<String>| group_lag(&cfg.kafka, &group, &topics).ok().map(|g| g.lag);
-        let forward = lag(crate::consume::group_id(service), s.topics().into_iter().collect());
-        let reverse =
-            lag(crate::consume::reverse_group_id(service), vec![crate::config::topics::changes_topic(service)]);
+        let lag = |d| {
+            let p = crate::consume::Pipeline::of(s, d);
+            group_lag(&cfg.kafka, &p.group, &p.topics).ok().map(|g| g.lag)
+        };
+        let (forward, reverse) = (lag(crate::consume::Direction::Forward), lag(crate::consume::Direction::Reverse));
         out.push((service.to_string(), feed, (forward, reverse)));
     }
     Ok(out)

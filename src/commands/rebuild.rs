@@ -7,7 +7,7 @@ use tokio_util::sync::CancellationToken;
 use super::CommandError;
 use crate::clients::Clients;
 use crate::config::Config;
-use crate::consume::{Backward, Forward, Redrive, RedriveReport, redrive_dead_letters};
+use crate::consume::{Backward, Direction, Forward, Pipeline, Redrive, RedriveReport, redrive_dead_letters};
 use crate::cutover::ownership::OwnershipStore;
 use crate::event::Origin;
 use crate::replay::{ReplayOptions, ReplayReport};
@@ -59,13 +59,8 @@ pub async fn redrive(
         }
         let sink = MonolithSink::new(clients.source.clone(), &config.source.db, transforms.clone());
         let backward = Backward { transforms: transforms.clone(), ownership };
-        let redrive = Redrive {
-            transformer: &backward,
-            sink: &sink,
-            topics: vec![crate::config::topics::changes_topic(service)],
-            group: crate::consume::reverse_group_id(service),
-            origin,
-        };
+        let Pipeline { group, topics } = Pipeline::of(transforms, Direction::Reverse);
+        let redrive = Redrive { transformer: &backward, sink: &sink, topics, group, origin };
         return Ok(redrive_dead_letters(redrive, &config.kafka, consume.batch_max, shutdown).await?);
     }
     let (collections, written_back) = (transforms.collections(), transforms.written_back());
@@ -74,12 +69,7 @@ pub async fn redrive(
         MongoSink::open(target, transforms.database(), &collections, &written_back, consume.tombstone_ttl).await?;
     let forward = Forward { transforms: transforms.clone(), ownership };
     let origin = origin.filter(|_| !transforms.written_back().is_empty());
-    let redrive = Redrive {
-        transformer: &forward,
-        sink: &sink,
-        topics: transforms.topics().into_iter().collect(),
-        group: crate::consume::group_id(service),
-        origin,
-    };
+    let Pipeline { group, topics } = Pipeline::of(transforms, Direction::Forward);
+    let redrive = Redrive { transformer: &forward, sink: &sink, topics, group, origin };
     Ok(redrive_dead_letters(redrive, &config.kafka, consume.batch_max, shutdown).await?)
 }

@@ -114,6 +114,30 @@ pub enum Direction {
     Reverse,
 }
 
+/// A service's pipeline in one direction: the consumer group that applies it and the topics it
+/// reads (each with its dead letters, `<topic>.dlq`). Built here, once; the consumer, the
+/// re-drive, `ficus status` and the cutover's drain all take it from here.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pipeline {
+    pub group: String,
+    pub topics: Vec<String>,
+}
+
+impl Pipeline {
+    pub fn of(transforms: &ServiceTransforms, direction: Direction) -> Pipeline {
+        let service = transforms.service();
+        match direction {
+            Direction::Forward => {
+                Pipeline { group: group_id(service), topics: transforms.topics().into_iter().collect() }
+            }
+            Direction::Reverse => Pipeline {
+                group: reverse_group_id(service),
+                topics: vec![crate::config::topics::changes_topic(service)],
+            },
+        }
+    }
+}
+
 /// The consume role for one service, in one direction.
 pub struct ServiceConsumer<S> {
     pub transforms: Arc<ServiceTransforms>,
@@ -143,17 +167,11 @@ impl<S: Sink> ServiceConsumer<S> {
     }
 
     fn group(&self) -> String {
-        match self.direction {
-            Direction::Forward => group_id(self.transforms.service()),
-            Direction::Reverse => reverse_group_id(self.transforms.service()),
-        }
+        Pipeline::of(&self.transforms, self.direction).group
     }
 
     fn topics(&self) -> Vec<String> {
-        match self.direction {
-            Direction::Forward => self.transforms.topics().into_iter().collect(),
-            Direction::Reverse => vec![crate::config::topics::changes_topic(self.transforms.service())],
-        }
+        Pipeline::of(&self.transforms, self.direction).topics
     }
 
     /// The origin the batches' apply markers name: the service, for a service that can write

@@ -9,6 +9,7 @@ use mongodb::Database;
 
 use super::{CutoverError, Sides};
 use crate::bus::Reader;
+use crate::consume::{Direction, Pipeline};
 use crate::cutover::moves::{DrainTo, MoveRecord};
 use crate::cutover::ownership::{Drain, Ownership};
 use crate::cutover::plan::{Move, Side};
@@ -88,13 +89,12 @@ pub(super) async fn flip(sides: &Sides<'_>, mv: &Move) -> Result<Ownership, Cuto
 
 /// The consumer group and topics that carry the losing side's writes to the gaining side.
 pub(super) fn carriers(transforms: &ServiceTransforms, losing: Side) -> (String, Vec<String>) {
-    let service = transforms.service();
-    match losing {
-        Side::Monolith => (crate::consume::group_id(service), transforms.topics().into_iter().collect()),
-        Side::Service => {
-            (crate::consume::reverse_group_id(service), vec![crate::config::topics::changes_topic(service)])
-        }
-    }
+    let direction = match losing {
+        Side::Monolith => Direction::Forward,
+        Side::Service => Direction::Reverse,
+    };
+    let Pipeline { group, topics } = Pipeline::of(transforms, direction);
+    (group, topics)
 }
 
 /// What stops a move before it changes anything (empty: it can go).
@@ -114,9 +114,9 @@ pub(super) async fn preflight(sides: &Sides<'_>, mv: &Move) -> Result<Vec<String
     if !laws {
         problems.push(format!("`ficus lens check --service {service}` fails (see above)"));
     }
-    let mut groups = vec![crate::consume::group_id(service)];
+    let mut groups = vec![carriers(sides.transforms, Side::Monolith).0];
     if mv.gaining() == Side::Monolith {
-        groups.push(crate::consume::reverse_group_id(service));
+        groups.push(carriers(sides.transforms, Side::Service).0);
     }
     for group in groups {
         let members = crate::ops::presence::live_members(&sides.store, &group).await?;
