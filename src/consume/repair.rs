@@ -191,7 +191,7 @@ impl Repairs {
                 let newer = current
                     .as_ref()
                     .and_then(|d| d.get_document(META).ok()?.get_str("v").ok().map(String::from))
-                    .is_some_and(|v| v.as_str() >= version.as_str());
+                    .is_some_and(|v| version.held_by(&v));
                 let Some(mut d) = current.filter(|_| !newer) else {
                     marker.close(db, &mut s).await?;
                     return Ok::<bool, SinkError>(false);

@@ -45,6 +45,17 @@ impl Version {
     pub fn as_str(&self) -> &str {
         &self.0
     }
+
+    /// Whether a version read back from the store (`_ficus.v`, a tombstone, a ledger) is this
+    /// one or newer: what every guard asks before a write. Versions are compared here only.
+    pub fn held_by(&self, stored: &str) -> bool {
+        stored >= self.0.as_str()
+    }
+
+    /// Whether a version read back from the store is strictly newer than this one.
+    pub fn older_than(&self, stored: &str) -> bool {
+        stored > self.0.as_str()
+    }
 }
 
 impl fmt::Display for Version {

@@ -59,7 +59,7 @@ impl MongoSink {
         let merged_at = ledger.find_one(doc! { "_id": &key }).session(&mut *s).await?;
         let in_ledger = merged_at.and_then(|d| d.get_str("v").ok().map(str::to_string));
         let held = in_doc.max(in_ledger);
-        let newer_held = held.as_deref().is_some_and(|h| h >= v.version.as_str());
+        let newer_held = held.as_deref().is_some_and(|h| v.version.held_by(h));
         // Merged already, or older than what the document holds; a dead letter re-driven is
         // merged all the same (its own fields land, the newer values stand).
         if newer_held && !v.redriven {
@@ -67,7 +67,7 @@ impl MongoSink {
         }
         if current.is_none() {
             let tombs = self.tombstones(s, m.collection, std::iter::once(m.id)).await?;
-            if tombs.get(&key).is_some_and(|t| t.as_str() >= v.version.as_str()) {
+            if tombs.get(&key).is_some_and(|t| v.version.held_by(t)) {
                 return Ok(());
             }
         }

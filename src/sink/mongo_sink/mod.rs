@@ -205,15 +205,15 @@ impl MongoSink {
     ) -> Result<(), SinkError> {
         let tombs = self.tombstones(s, collection, items.iter().map(|u| u.id)).await?;
         let held = if txn { self.versions(s, collection, items.iter().map(|u| u.id)).await? } else { HashMap::new() };
-        let mut written: Vec<(Bson, &str)> = Vec::with_capacity(items.len());
+        let mut written: Vec<(Bson, &Version)> = Vec::with_capacity(items.len());
         let mut statements: Vec<Document> = Vec::with_capacity(items.len());
         let mut size = 0usize;
         for Upsert { by: v, id, doc } in items {
             let (id, mut doc) = ((*id).clone(), (*doc).clone());
-            if tombs.get(&doc_key(collection, &id)).is_some_and(|t| t.as_str() >= v.version.as_str()) {
+            if tombs.get(&doc_key(collection, &id)).is_some_and(|t| v.version.held_by(t)) {
                 continue; // deleted by a newer event
             }
-            if held.get(&id.to_string()).is_some_and(|h| h.as_str() >= v.version.as_str()) {
+            if held.get(&id.to_string()).is_some_and(|h| v.version.held_by(h)) {
                 continue; // already as new or newer
             }
             doc.insert("_id", id.clone());
@@ -223,7 +223,7 @@ impl MongoSink {
             // (an `$or` here made the server scan the collection per upsert).
             let q = doc! { "_id": id.clone(), "_ficus.v": { "$not": { "$gte": v.version.as_str() } } };
             statements.push(doc! { "q": q, "u": doc, "upsert": true });
-            written.push((id, v.version.as_str()));
+            written.push((id, &v.version));
             if size > MAX_COMMAND_BYTES {
                 self.run_updates(s, txn, collection, std::mem::take(&mut statements)).await?;
                 size = 0;
@@ -234,7 +234,7 @@ impl MongoSink {
         let late = self.tombstones(s, collection, written.iter().map(|(id, _)| id)).await?;
         let coll = self.db.collection::<Document>(collection);
         for (id, version) in &written {
-            if let Some(t) = late.get(&doc_key(collection, id)).filter(|t| t.as_str() >= *version) {
+            if let Some(t) = late.get(&doc_key(collection, id)).filter(|t| version.held_by(t)) {
                 coll.delete_one(doc! { "_id": id.clone(), "_ficus.v": { "$lt": t.as_str() } }).session(&mut *s).await?;
             }
         }

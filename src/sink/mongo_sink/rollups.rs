@@ -56,7 +56,7 @@ impl MongoSink {
         let members = self.db.collection::<Document>(&format!("{MEMBERS_PREFIX}{collection}"));
         let groups = self.db.collection::<Document>(collection);
         let previous = members.find_one(doc! { "_id": member.clone() }).session(&mut *s).await?;
-        if previous.as_ref().and_then(|p| p.get_str("v").ok()).is_some_and(|pv| pv >= v.version.as_str()) {
+        if previous.as_ref().and_then(|p| p.get_str("v").ok()).is_some_and(|pv| v.version.held_by(pv)) {
             return Ok(()); // an equal or newer membership is already applied
         }
         let old_group = previous.as_ref().and_then(|p| p.get("g")).filter(|g| !matches!(g, Bson::Null)).cloned();

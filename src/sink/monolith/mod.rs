@@ -121,7 +121,7 @@ impl MonolithSink {
         let mut out = Outgoing::default();
         for (w, key) in writes.iter().zip(keys) {
             let mut apply = w.apply;
-            if states.get(&key).and_then(|d| d.get_str("v").ok()).is_some_and(|held| held >= w.by.version.as_str()) {
+            if states.get(&key).and_then(|d| d.get_str("v").ok()).is_some_and(|held| w.by.version.held_by(held)) {
                 if !w.by.redriven {
                     continue; // written back already, or older than what was
                 }
@@ -138,7 +138,7 @@ impl MonolithSink {
             };
             let Some(m) = done else { continue };
             let held = states.get(&key).and_then(|d| d.get_str("v").ok()).map(str::to_string);
-            let v = held.filter(|h| h.as_str() > w.by.version.as_str()).unwrap_or_else(|| w.by.version.to_string());
+            let v = held.filter(|h| w.by.version.older_than(h)).unwrap_or_else(|| w.by.version.to_string());
             let mut record = doc! { "v": v, "c": collection, "id": w.change.document_id.clone() };
             if let Some(m) = m {
                 record.insert("m", m);
