@@ -86,4 +86,13 @@ mod tests {
         assert_eq!(Version::parse("12"), None);
         assert_eq!(Version::parse("00000000x0000000000000000000001"), None);
     }
+
+    #[test]
+    fn a_stored_version_holds_this_one_when_it_is_the_same_or_newer() {
+        let v = Version::at(Timestamp { time: 10, increment: 1 }, 1);
+        let older = Version::at(Timestamp { time: 9, increment: 99 }, 5);
+        let newer = Version::at(Timestamp { time: 10, increment: 2 }, 0);
+        assert!(v.held_by(v.as_str()) && v.held_by(newer.as_str()) && !v.held_by(older.as_str()));
+        assert!(v.older_than(newer.as_str()) && !v.older_than(v.as_str()) && !v.older_than(older.as_str()));
+    }
 }
