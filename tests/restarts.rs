@@ -14,7 +14,7 @@
 //!    servers were up): none is lost.
 //!
 //! Every scenario prints its seed; `FICUS_FAULTS_SEED=<n>` reruns one, `FICUS_FAULTS_LONG=1`
-//! runs the long variants (more cycles, more seeds), as in `tests/faults.rs`.
+//! runs the long variants (more cycles, more seeds), as in `tests/faults_*.rs`.
 
 mod common;
 
@@ -38,7 +38,7 @@ const CUSTOMERS: &str = "linechatbot.customers";
 const DURABLE: &[&str] = &["--sync-on-commit"];
 
 /// The scenarios that run a whole daemon against a broker run one at a time: two of them on
-/// two cores at once starve Tansu's group coordinator (see `tests/faults.rs`).
+/// two cores at once starve Tansu's group coordinator (see `tests/faults_processes.rs`).
 static HEAVY: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 fn long() -> bool {

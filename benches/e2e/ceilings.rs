@@ -22,7 +22,7 @@ use ficus::config::Config;
 use ficus::config::topics::Topics;
 use ficus::event::mapping::{ChangeRecord, map_change};
 use ficus::event::{Message, Op};
-use ficus::sink::{META, Versioned};
+use ficus::sink::{META, MongoSink, Versioned};
 use ficus::transform::{ServiceTransforms, WriteOp};
 
 use crate::workload::Set;
@@ -148,8 +148,7 @@ pub async fn bare_snapshot(db: Database, cfg: Config, expect: u64) -> Duration {
 }
 
 /// What the shipped transforms make of a set's documents: per event, its upserts as the sink
-/// writes them (`_id`, and `_ficus` from the event's [`Versioned`]; the sink's own builder of
-/// that document is private).
+/// writes them (`_id`, and `_ficus` from the event's [`Versioned`], by the sink's own builder).
 pub fn target_docs(topics: &Topics, svc: &ServiceTransforms, docs: Vec<Document>) -> Vec<(String, Document)> {
     let def = topics.for_collection(COLLECTION).expect("customers topic");
     let mut out = Vec::new();
@@ -173,15 +172,13 @@ pub fn target_docs(topics: &Topics, svc: &ServiceTransforms, docs: Vec<Document>
         for ev in map_change(def, SOURCE_NAME, rec).events {
             let m = Message::Event(ev);
             let ops = svc.apply_message(&m).expect("transform");
-            let Versioned { version, event_id, source_collection, source_id, ops, .. } = Versioned::of(&m, ops);
-            for op in ops {
-                if let WriteOp::Upsert { collection, id, mut doc } = op {
-                    doc.insert("_id", id);
-                    doc.insert(
-                        META,
-                        doc! { "v": version.as_str(), "src": { "c": &source_collection, "id": source_id.clone() }, "event": &event_id },
-                    );
-                    out.push((collection, doc));
+            let v = Versioned::of(&m, ops);
+            for op in &v.ops {
+                if let WriteOp::Upsert { collection, id, doc } = op {
+                    let mut doc = doc.clone();
+                    doc.insert("_id", id.clone());
+                    doc.insert(META, MongoSink::meta(&v));
+                    out.push((collection.clone(), doc));
                 }
             }
         }

@@ -1,4 +1,4 @@
-//! Shared by the bench targets (`benches/pipeline.rs`, `benches/e2e.rs`): where figures go, the
+//! Shared by the bench targets (`benches/pipeline.rs`, `benches/e2e/`): where figures go, the
 //! machine they were taken on, and the combined table.
 //!
 //! Each target writes its own section (`target/bench/pipeline.json`, `target/bench/e2e.json`) and

@@ -1,5 +1,7 @@
 //! Test harness: real servers on free loopback ports, the real `ficus` binary, a plain Kafka
-//! consumer to read what arrived. Nothing is mocked.
+//! consumer to read what arrived. Nothing is mocked. The fault suite's scenario builder, its
+//! seeded workload and its audit are in [`scenario`]; the TCP proxy for network faults in
+//! [`proxy`].
 //!
 //! Server binaries come from `FICUS_SECANTUSD` / `FICUS_TANSU` (set by `tests/run.sh`, which
 //! installs them pinned into a cache), or from that cache's default location.
@@ -7,6 +9,7 @@
 #![allow(dead_code)]
 
 pub mod proxy;
+pub mod scenario;
 
 use std::collections::HashMap;
 use std::net::{TcpListener, TcpStream};

@@ -126,7 +126,9 @@ impl MongoSink {
         Ok(())
     }
 
-    fn meta(v: &Versioned) -> Document {
+    /// The `_ficus` metadata of a document written by `v`'s message (public for the benchmarks,
+    /// which build the documents this sink writes).
+    pub fn meta(v: &Versioned) -> Document {
         doc! { "v": v.version.as_str(), "src": { "c": &v.source_collection, "id": v.source_id.clone() }, "event": &v.event_id }
     }
 
