@@ -116,6 +116,14 @@ pub async fn connect(uri: &str, app: &str) -> Result<Client, Error> {
     if opts.connect_timeout.is_none() {
         opts.connect_timeout = Some(Duration::from_secs(5));
     }
+    // One client serves every role of a process (see `clients`): the tail's and reverse tails'
+    // change streams each hold a connection for up to `max_await`, and every consumer writes
+    // in parallel. The Rust driver's default of 10 (other drivers: 100) left the tail waiting
+    // for a connection behind writes hung on a dropped network; 100 as the other drivers do,
+    // unless the URI says otherwise (`maxPoolSize`).
+    if opts.max_pool_size.is_none() {
+        opts.max_pool_size = Some(100);
+    }
     Client::with_options(opts)
 }
 

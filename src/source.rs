@@ -47,6 +47,10 @@ pub enum SourceError {
     Unsupported { op: String, namespace: String },
     #[error("malformed change event: {0}")]
     Malformed(String),
+    /// The driver has no socket timeout: a `getMore` on a connection the network dropped
+    /// silently waits for good. Bounded here, so the stream is opened again (transient).
+    #[error("the change stream did not answer within {}s (a connection that hangs); opening it again", .0.as_secs())]
+    Unanswered(Duration),
 }
 
 impl SourceError {
@@ -54,6 +58,7 @@ impl SourceError {
         match self {
             SourceError::Mongo(e) => mongo::classify(e),
             SourceError::HistoryLost { .. } => ErrorClass::HistoryLost,
+            SourceError::Unanswered(_) => ErrorClass::Transient,
             SourceError::Unsupported { .. } | SourceError::Malformed(_) => ErrorClass::Fatal,
         }
     }
@@ -134,20 +139,35 @@ pub struct MongoSource {
     collections: Vec<String>,
 }
 
+/// How long past the server's own `maxAwaitTimeMS` a `getMore` may take before the stream is
+/// taken for hung. A live server answers an idle `getMore` at `max_await`; a slow batch under
+/// load takes seconds, not this.
+const ANSWER_GRACE: Duration = Duration::from_secs(30);
+
 /// The monolith's change stream, one raw event document at a time (see the module header for
 /// why raw).
-pub struct MongoFeed(ChangeStream<RawDocumentBuf>);
+pub struct MongoFeed {
+    stream: ChangeStream<RawDocumentBuf>,
+    /// The longest a `getMore` may take before the stream counts as hung.
+    answer_within: Duration,
+}
 
 impl ChangeFeed for MongoFeed {
     async fn next_change(&mut self) -> Result<Option<(ChangeRecord, Document)>, SourceError> {
-        match self.0.next_if_any().await.map_err(SourceError::from_mongo)? {
+        // Dropping the driver's future on timeout drops its connection with it (the driver
+        // never returns a connection with a reply unread); the tail then opens the stream again
+        // from its checkpoint.
+        let next = tokio::time::timeout(self.answer_within, self.stream.next_if_any())
+            .await
+            .map_err(|_| SourceError::Unanswered(self.answer_within))?;
+        match next.map_err(SourceError::from_mongo)? {
             Some(raw) => to_record(&raw).map(Some),
             None => Ok(None),
         }
     }
 
     fn resume_token(&self) -> Result<Option<Document>, SourceError> {
-        self.0.resume_token().map(|t| token_doc(&t)).transpose()
+        self.stream.resume_token().map(|t| token_doc(&t)).transpose()
     }
 }
 
@@ -254,7 +274,7 @@ impl Source for MongoSource {
             },
             _ => SourceError::from_mongo(e),
         })?;
-        Ok(MongoFeed(stream.with_type::<RawDocumentBuf>()))
+        Ok(MongoFeed { stream: stream.with_type::<RawDocumentBuf>(), answer_within: max_await + ANSWER_GRACE })
     }
 
     /// Estimated documents in a collection (for snapshot progress).

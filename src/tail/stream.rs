@@ -1,11 +1,11 @@
 //! Streaming: the change feed from the checkpoint onwards, handed to Kafka in source order.
 //!
-//! Two tasks joined by a bounded channel: a reader that drains the feed (never cancelled
-//! mid-request, so no batch is half-consumed) and the publisher loop, which maps each change,
-//! hands its events to Kafka and tracks their acknowledgements in an [`AckWindow`]. A checkpoint
-//! names only the newest point whose every earlier event is acknowledged; quiet periods still
-//! advance it with the feed's post-batch resume token, so a quiet source never ages out of the
-//! oplog.
+//! Two tasks joined by a bounded channel: a reader that drains the feed (stopped between
+//! requests, or abandoned on stop when a request hangs) and the publisher loop, which maps each
+//! change, hands its events to Kafka and tracks their acknowledgements in an [`AckWindow`]. A
+//! checkpoint names only the newest point whose every earlier event is acknowledged; quiet
+//! periods still advance it with the feed's post-batch resume token, so a quiet source never
+//! ages out of the oplog.
 
 use std::collections::HashMap;
 use std::time::Instant;
@@ -125,7 +125,7 @@ impl<S: Source, P: Publisher + 'static, C: CheckpointStore> Tailer<S, P, C> {
         let mut outcome = self.drain(state, &mut flight, outcome).await?;
         flight.advance();
         self.save_stream(state, flight.covered.as_ref()).await?;
-        let read = reader.await.map_err(|e| TailError::Reader(e.to_string()))?;
+        let read = self.stop_reader(reader).await?;
         if let Err(e) = read
             && outcome.is_ok()
         {
@@ -140,6 +140,25 @@ impl<S: Source, P: Publisher + 'static, C: CheckpointStore> Tailer<S, P, C> {
             error!(source = %self.source_name, error = %e, "tail stopped");
         }
         outcome
+    }
+
+    /// Waits for the reader to see its stop, which it does once its request in flight returns
+    /// (within `max_await` from a live server). A request hung on a dropped connection is not
+    /// waited for: the reader is abandoned, which loses nothing (the checkpoint covers only what
+    /// Kafka acknowledged) and keeps the shutdown bounded.
+    async fn stop_reader(
+        &self,
+        mut reader: tokio::task::JoinHandle<Result<(), SourceError>>,
+    ) -> Result<Result<(), SourceError>, TailError> {
+        let within = self.tail.max_await + std::time::Duration::from_secs(2);
+        match tokio::time::timeout(within, &mut reader).await {
+            Ok(read) => read.map_err(|e| TailError::Reader(e.to_string())),
+            Err(_) => {
+                reader.abort();
+                tracing::warn!(source = %self.source_name, "the change stream did not answer on stop; left unread");
+                Ok(Ok(()))
+            }
+        }
     }
 
     /// Takes changes from the reader and hands them to Kafka, acknowledgements first, until
