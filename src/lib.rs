@@ -20,6 +20,9 @@
 //! - [`event`]: the canonical event (CloudEvents 1.0), ficus's control messages, versions, the
 //!   pure mapping from a source change to events, and an update's description applied to the
 //!   document before it.
+//! - `markers`: the `_ficus_applied` marker protocol: the documents ficus writes to tell its
+//!   own writes apart (a batch's opening and closing markers, a move's fence, a release), and
+//!   what a tail reads back from them.
 //! - [`cutover`]: who writes each aggregate: the published routing function and each
 //!   service's share over time.
 //! - `source`: where changes come from: the `Source` contract and its MongoDB adapter.
@@ -58,6 +61,7 @@ pub mod daemon;
 pub mod event;
 mod failpoint;
 mod lens;
+mod markers;
 pub mod mongo;
 mod ops;
 mod pre_images;

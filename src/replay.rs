@@ -267,7 +267,7 @@ async fn swap(
 ) -> Result<(), ReplayError> {
     let admin = client.database("admin");
     // The conflicts outbox and the apply markers belong to the live database, not a build.
-    let kept = [crate::sink::conflicts::CONFLICTS, crate::source::MARKERS];
+    let kept = [crate::sink::conflicts::CONFLICTS, crate::markers::COLLECTION];
     let built: Vec<String> = client.database(shadow).list_collection_names().await?;
     for c in built.iter().filter(|c| !kept.contains(&c.as_str())) {
         admin

@@ -24,11 +24,6 @@ use crate::event::mapping::{ChangeRecord, TxnId};
 use crate::event::{Op, Truncation};
 use crate::mongo::{self, ErrorClass};
 
-/// The collection, in every database ficus writes (the service databases, and the monolith
-/// once services write back), where each applied batch leaves its marker, inside the batch's
-/// transaction: a change committed in a transaction that wrote a marker is ficus's own write.
-pub const MARKERS: &str = "_ficus_applied";
-
 /// Errors from the source.
 #[derive(Debug, thiserror::Error)]
 pub enum SourceError {
@@ -234,7 +229,7 @@ impl Source for MongoSource {
     async fn watch(&self, start: &StartAt, batch_size: u32, max_await: Duration) -> Result<MongoFeed, SourceError> {
         // ficus's apply markers too: they tell the tailer which transactions were ficus's own.
         let mut collections = self.collections.clone();
-        collections.push(MARKERS.to_string());
+        collections.push(crate::markers::COLLECTION.to_string());
         let pipeline = [doc! { "$match": {
             "ns.coll": { "$in": &collections },
             "operationType": { "$in": ["insert", "update", "replace", "delete", "drop", "rename", "dropDatabase", "invalidate"] },

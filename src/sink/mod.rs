@@ -207,9 +207,8 @@ impl Marker {
     pub async fn close(&self, db: &mongodb::Database, s: &mut mongodb::ClientSession) -> Result<(), SinkError> {
         // Per partition, like the opening markers, so concurrent members never collide on it.
         let at = self.positions.first().map(|(t, p, _)| format!("{t}/{p}")).unwrap_or_default();
-        let id = format!("{}/{at}/close", self.origin.render());
-        let closing = bson::doc! { "_id": &id, "closes": true, "at": bson::DateTime::now() };
-        db.collection::<Document>(crate::source::MARKERS)
+        let (id, closing) = crate::markers::closing(&self.origin, &at);
+        db.collection::<Document>(crate::markers::COLLECTION)
             .replace_one(bson::doc! { "_id": &id }, closing)
             .upsert(true)
             .session(&mut *s)
@@ -219,16 +218,9 @@ impl Marker {
 
     /// Writes the marker (one document per partition) in the session's transaction.
     pub async fn write(&self, db: &mongodb::Database, s: &mut mongodb::ClientSession) -> Result<(), SinkError> {
-        let markers = db.collection::<Document>(crate::source::MARKERS);
-        let origin = match &self.origin.collection {
-            Some(c) => bson::doc! { "service": &self.origin.service, "collection": c },
-            None => bson::doc! { "service": &self.origin.service },
-        };
+        let markers = db.collection::<Document>(crate::markers::COLLECTION);
         for (topic, partition, offset) in &self.positions {
-            let id = format!("{}/{topic}/{partition}", self.origin.render());
-            let marker = bson::doc! {
-                "_id": &id, "origin": origin.clone(), "offset": offset, "at": bson::DateTime::now(),
-            };
+            let (id, marker) = crate::markers::opening(&self.origin, topic, *partition, *offset);
             // A replace carries the whole marker in the change event, as written.
             markers.replace_one(bson::doc! { "_id": &id }, marker).upsert(true).session(&mut *s).await?;
         }

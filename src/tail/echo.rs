@@ -3,7 +3,7 @@
 //! A MongoDB change event does not say who wrote it, except that the events of a
 //! multi-document transaction carry its `lsid` and `txnNumber`. Every batch ficus applies to a
 //! database is one transaction that first writes a marker into `_ficus_applied` (see
-//! `source::MARKERS`) naming the origin: the service (and, for a write-back into the monolith,
+//! `markers::COLLECTION`) naming the origin: the service (and, for a write-back into the monolith,
 //! the service collection) whose write it is; and last a closing marker. So when the feed shows
 //! a marker, every change of that same transaction, until its closing marker, is an echo of
 //! that origin. Transactions are recognised by their `lsid` and `txnNumber`, never by cluster
@@ -21,11 +21,11 @@
 
 use std::collections::HashMap;
 
-use bson::{Bson, Timestamp};
+use bson::Timestamp;
 
 use crate::event::Origin;
 use crate::event::mapping::{ChangeRecord, TxnId};
-use crate::source::MARKERS;
+use crate::markers::{self, COLLECTION as MARKERS, Read};
 
 /// What a change turned out to be.
 #[derive(Debug, Clone, PartialEq)]
@@ -61,11 +61,14 @@ impl EchoTagger {
         }
         if record.collection == MARKERS {
             if let Some(txn) = record.txn.clone() {
-                let closes = record.after.as_ref().is_some_and(|d| d.get_bool("closes").unwrap_or(false));
-                if closes {
-                    self.open.remove(&txn);
-                } else if let Some(origin) = marker_origin(&record) {
-                    self.open.insert(txn, (origin, record.cluster_time));
+                match markers::read(record.after.as_ref()) {
+                    Read::Closes => {
+                        self.open.remove(&txn);
+                    }
+                    Read::Opens(origin) => {
+                        self.open.insert(txn, (origin, record.cluster_time));
+                    }
+                    Read::Other => {}
                 }
             }
             return Seen::Marker;
@@ -89,17 +92,6 @@ impl EchoTagger {
             open
         });
     }
-}
-
-/// The origin a marker names: `{ origin: { service, collection } }` as the sinks write it.
-fn marker_origin(record: &ChangeRecord) -> Option<Origin> {
-    let o = record.after.as_ref()?.get_document("origin").ok()?;
-    let service = o.get_str("service").ok()?.to_string();
-    let collection = match o.get("collection") {
-        Some(Bson::String(c)) => Some(c.clone()),
-        _ => None,
-    };
-    Some(Origin { service, collection })
 }
 
 #[cfg(test)]

@@ -433,7 +433,7 @@ mod tests {
         };
         let marker = |after: bson::Document| {
             let mut r = change(Op::Insert, None, Some(after));
-            r.collection = crate::source::MARKERS.into();
+            r.collection = crate::markers::COLLECTION.into();
             marked(r)
         };
         let opened = source.change(marker(doc! { "_id": "customers_db/customers/0", "origin": { "service": "customers_db", "collection": "customers" } }));

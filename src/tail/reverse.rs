@@ -31,7 +31,7 @@ use crate::cutover::feed::OwnershipFeed;
 use crate::cutover::ownership::Ownership;
 use crate::event::mapping::ChangeRecord;
 use crate::ops::{Health, RoleId};
-use crate::source::{MARKERS, MongoSource};
+use crate::source::MongoSource;
 use crate::transform::ServiceTransforms;
 
 /// Admits the service's changes that can be routed (every change of a collection written back
@@ -227,9 +227,8 @@ async fn stop_when_drained(
         if o.percent > 0 {
             continue;
         }
-        let marker = doc! { "$set": { "origin": { "service": &service, "collection": "(released)" }, "epoch": o.epoch, "at": bson::DateTime::now() } };
-        let id = format!("{service}/released");
-        let markers = source.database().collection::<bson::Document>(MARKERS);
+        let (id, marker) = crate::markers::released(&service, o.epoch);
+        let markers = source.database().collection::<bson::Document>(crate::markers::COLLECTION);
         if let Err(e) = markers.update_one(doc! { "_id": &id }, marker).upsert(true).await {
             warn!(%service, "writing the release marker: {e}");
         }

@@ -281,11 +281,9 @@ async fn positions(
 /// it once everything before it is acknowledged). Returns its cluster time.
 async fn write_marker(db: &Database, service: &str, mv: &Move) -> Result<Timestamp, CutoverError> {
     let mut session = db.client().start_session().await?;
-    db.collection::<Document>(crate::source::MARKERS)
-        .update_one(
-            doc! { "_id": format!("{service}/fence") },
-            doc! { "$set": { "fence": { "from": i32::from(mv.from), "to": i32::from(mv.to) }, "at": bson::DateTime::now() } },
-        )
+    let (id, update) = crate::markers::fence(service, mv.from, mv.to);
+    db.collection::<Document>(crate::markers::COLLECTION)
+        .update_one(doc! { "_id": id }, update)
         .upsert(true)
         .session(&mut session)
         .await?;
