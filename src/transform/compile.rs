@@ -16,8 +16,9 @@ use toml::Spanned;
 use toml::de::{DeTable, DeValue};
 
 use super::builtins;
-use super::expr::{self, Context, Expr, Root, ValueMap};
+use super::expr::{self, Context, Expr, Root};
 use super::invert::{self, Reversal};
+use super::value::ValueMap;
 use crate::config::report::{DefinitionError, Report};
 use crate::config::topics::{TopicDef, Topics};
 use crate::event::Op;

@@ -29,12 +29,10 @@ use std::sync::Arc;
 
 use bson::{Bson, Document};
 
-use super::builtins::{self, Cast};
+use super::builtins;
+use super::value::{Cast, CmpOp, Func, Value, ValueMap};
 use crate::event::CanonicalEvent;
 use crate::event::mapping::get_path;
-
-/// A value during evaluation: `None` when the path is absent (which differs from BSON null).
-pub(super) type Value<'a> = Option<Cow<'a, Bson>>;
 
 /// A compiled expression.
 #[derive(Debug, Clone)]
@@ -93,49 +91,6 @@ impl EventField {
 
     fn name(self) -> &'static str {
         EventField::ALL.iter().find(|(_, f)| *f == self).map_or("", |(n, _)| n)
-    }
-}
-
-/// A function an expression calls.
-#[derive(Debug, Clone)]
-pub(super) enum Func {
-    Cast(Cast),
-    Ratio,
-    CamelKeys,
-    Default,
-    Concat,
-    Drop,
-    /// A value map declared in the file's `[maps]`.
-    Map(Arc<ValueMap>),
-}
-
-/// A named value map (`[maps.role] bot = "assistant"`); values it does not list pass through.
-#[derive(Debug, Clone, PartialEq)]
-pub(super) struct ValueMap {
-    pub name: String,
-    pub entries: BTreeMap<String, Bson>,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum CmpOp {
-    Eq,
-    Ne,
-    Lt,
-    Le,
-    Gt,
-    Ge,
-}
-
-impl CmpOp {
-    fn symbol(self) -> &'static str {
-        match self {
-            CmpOp::Eq => "==",
-            CmpOp::Ne => "!=",
-            CmpOp::Lt => "<",
-            CmpOp::Le => "<=",
-            CmpOp::Gt => ">",
-            CmpOp::Ge => ">=",
-        }
     }
 }
 

@@ -19,7 +19,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use bson::Bson;
 
 use super::compile::{Fields, Input, Key, Shape, Target};
-use super::expr::{CmpOp, Expr, Func, Root, ValueMap};
+use super::expr::{Expr, Root};
+use super::value::{CmpOp, Func, ValueMap};
 
 /// A `[reverse]` entry as written in the file.
 #[derive(Debug, Clone)]

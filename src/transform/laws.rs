@@ -28,9 +28,10 @@ use bson::{Bson, DateTime, Document, doc};
 
 use super::builtins::{describe, same, same_opt};
 use super::classify::{CollectionClass, render_service};
-use super::expr::{Expr, Func};
+use super::expr::Expr;
 use super::invert::{Align, FieldPlan, Forward, How, ScopePlan};
 use super::reverse::{Patch, Reverse, unset_path};
+use super::value::Func;
 use super::{ServiceTransforms, WriteOp};
 use crate::config::topics::Topics;
 use crate::event::mapping::get_path;

@@ -49,6 +49,7 @@ mod reverse;
 mod reverse_tests;
 #[cfg(test)]
 mod tests;
+mod value;
 
 pub use classify::{CollectionClass, FieldClass, Reversibility, render_classification};
 pub use fields::{FieldTree, Projection};
