@@ -8,7 +8,7 @@
 //! problem of every file is reported at once.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 
 use bson::Bson;
@@ -17,87 +17,12 @@ use toml::de::{DeTable, DeValue};
 
 use super::builtins;
 use super::expr::{self, Context, Expr, Root};
-use super::invert::{self, Reversal};
+use super::invert;
+use super::model::{Align, Fields, Input, Key, Rollup, Shape, Target, Transform};
 use super::value::ValueMap;
 use crate::config::report::{DefinitionError, Report};
 use crate::config::topics::{TopicDef, Topics};
 use crate::event::Op;
-
-/// One compiled transform: one file, one target collection.
-#[derive(Debug, Clone)]
-pub(super) struct Transform {
-    pub file: PathBuf,
-    /// The file stem.
-    pub name: String,
-    pub topic: String,
-    /// The monolith collection the topic carries (matched against `data.collection`).
-    pub source_collection: String,
-    pub events: BTreeSet<String>,
-    pub input: Input,
-    /// The target collection.
-    pub collection: String,
-    pub when: Option<Expr>,
-    /// The monolith path of the routing key: which aggregate a document belongs to for
-    /// ownership (`route = "user_id"`); the topic's aggregate key unless the file names another.
-    pub route: String,
-    pub target: Target,
-    /// The topic's definition without its derived events: the reverse runs the forward on
-    /// patched documents through `mapping::map_change` with it, as live traffic does.
-    pub def: TopicDef,
-    /// How the target goes back into the monolith's shape.
-    pub reverse: Reversal,
-}
-
-/// What plain paths read.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(super) enum Input {
-    /// The source document (the after-state; the before-state when keying a delete).
-    Document,
-    /// The array element a derived event reports (`customer.purchase_recorded`), from the
-    /// source document's array at `array` (`purchases`).
-    Element { array: String },
-}
-
-#[derive(Debug, Clone)]
-pub(super) enum Target {
-    /// One target document per source document (or per derived element).
-    Document { key: Key, fields: Fields },
-    /// One membership per source document in a group document derived from many.
-    Rollup(Rollup),
-}
-
-/// What identifies a target document.
-#[derive(Debug, Clone)]
-pub(super) enum Key {
-    /// `key = "_id"`: the monolith's `_id`.
-    SourceId,
-    /// A natural key: a top-level target field and the expression that computes it.
-    Field { name: String, expr: Expr },
-}
-
-#[derive(Debug, Clone)]
-pub(super) struct Rollup {
-    pub group: Expr,
-    pub count_field: String,
-    pub distinct: Vec<(String, Expr)>,
-    /// Fields of the group document, from `$group` and constants only.
-    pub fields: Fields,
-}
-
-/// Target fields in declaration order.
-pub(super) type Fields = Vec<(String, Shape)>;
-
-/// How one target field is produced.
-#[derive(Debug, Clone)]
-pub(super) enum Shape {
-    Value(Expr),
-    Object(Fields),
-    /// An array built element by element from a source array.
-    Each {
-        source: Expr,
-        fields: Fields,
-    },
-}
 
 const TOP_KEYS: [&str; 10] =
     ["topic", "events", "collection", "key", "route", "when", "maps", "fields", "rollup", "reverse"];
@@ -523,9 +448,9 @@ impl Compiler<'_> {
                         invert::EntryKind::Rule { set, from }
                     }
                     (None, None, None, Some((align, _))) => invert::EntryKind::Align(if align == "position" {
-                        invert::Align::Position
+                        Align::Position
                     } else {
-                        invert::Align::Field(align)
+                        Align::Field(align)
                     }),
                     (None, Some(_), None, None) | (None, None, Some(_), None) => {
                         self.err(

@@ -26,13 +26,15 @@ use std::fmt::Write as _;
 
 use bson::{Bson, DateTime, Document, doc};
 
+use super::ServiceTransforms;
 use super::builtins::{describe, same, same_opt};
 use super::classify::{CollectionClass, render_service};
+use super::error::TransformError;
 use super::expr::Expr;
-use super::invert::{Align, FieldPlan, Forward, How, ScopePlan};
+use super::model::{Align, DocumentPlan, FieldPlan, Forward, How, ScopePlan};
+use super::op::WriteOp;
 use super::reverse::{Patch, Reverse, unset_path};
 use super::value::Func;
-use super::{ServiceTransforms, WriteOp};
 use crate::config::topics::Topics;
 use crate::event::mapping::get_path;
 
@@ -273,7 +275,7 @@ impl<'a> LensCheck<'a> {
     }
 
     /// `get`: what live traffic writes for a snapshot copy of `doc`.
-    fn get(&self, collection: &str, doc: &Document) -> Result<Vec<WriteOp>, super::TransformError> {
+    fn get(&self, collection: &str, doc: &Document) -> Result<Vec<WriteOp>, TransformError> {
         let Some(def) = self.topics.for_collection(collection) else { return Ok(Vec::new()) };
         self.service.writes_of_copy(def, self.source_name, doc.clone())
     }
@@ -785,7 +787,7 @@ fn field_edits(
 }
 
 /// Every edit of a service document `s` (= get(m)) the PutGet law is checked on.
-fn edits(plan: &super::invert::DocumentPlan, m: &Document, s: &Document) -> Vec<Edit> {
+fn edits(plan: &DocumentPlan, m: &Document, s: &Document) -> Vec<Edit> {
     let mut out = Vec::new();
     for (field, what, value) in field_edits(&plan.scope, Some(m), s, plan.key.as_deref(), None) {
         let doc = match value {

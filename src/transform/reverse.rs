@@ -20,11 +20,11 @@ use std::path::PathBuf;
 use bson::{Bson, Document, Timestamp, doc};
 
 use super::builtins::{self, found, same, same_doc, same_opt};
-use super::compile::{Key, Target, Transform};
 use super::elements::{ElementConflict, MergedArray, Wins};
+use super::error::TransformError;
 use super::expr::{Expr, Scope};
-use super::invert::{Align, DocumentPlan, Forward, How, Lens, ScopePlan};
-use super::{TransformError, WriteOp};
+use super::model::{Align, DocumentPlan, Forward, How, Key, Lens, ScopePlan, Target, Transform};
+use super::op::WriteOp;
 use crate::event::CanonicalEvent;
 use crate::event::mapping::{ChangeRecord, change_event, get_path};
 

@@ -6,7 +6,7 @@ use std::collections::BTreeSet;
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use bson::{Bson, Document};
+use bson::{Bson, Document, doc};
 use serde_json::Value;
 
 use super::tests::diff;
