@@ -17,8 +17,8 @@ use toml::de::{DeTable, DeValue};
 
 use super::builtins;
 use super::expr::{self, Context, Expr, Root};
-use super::invert;
 use super::model::{Align, Fields, Input, Key, Rollup, Shape, Target, Transform};
+use super::reverse::invert;
 use super::value::ValueMap;
 use crate::config::report::{DefinitionError, Report};
 use crate::config::topics::{TopicDef, Topics};

@@ -37,29 +37,25 @@
 
 mod apply;
 mod builtins;
-mod classify;
 mod compile;
 pub mod elements;
 mod error;
 mod expr;
 mod fields;
-mod invert;
-mod laws;
 mod model;
 mod op;
 mod reverse;
 #[cfg(test)]
-mod reverse_tests;
-#[cfg(test)]
 mod tests;
 mod value;
 
-pub use classify::{CollectionClass, FieldClass, Reversibility, render_classification};
 pub use error::TransformError;
 pub use fields::{FieldTree, Projection};
-pub use laws::{Law, LawFailure, LensCheck, LensReport, Tally, check_laws};
 pub use op::{Base, WriteOp};
-pub use reverse::{Conflict, Disagreement, Patch, Rebased, Reverse, ReverseError, set_path, unset_path};
+pub use reverse::{
+    CollectionClass, Conflict, Disagreement, FieldClass, Law, LawFailure, LensCheck, LensReport, Patch, Rebased,
+    Reverse, ReverseError, Reversibility, Tally, check_laws, render_classification, set_path, unset_path,
+};
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};

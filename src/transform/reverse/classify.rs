@@ -10,8 +10,8 @@
 use std::fmt::Write;
 use std::path::PathBuf;
 
-use super::ServiceTransforms;
-use super::model::{Align, Fields, Forward, How, Reversal, ScopePlan, Shape, Target, Transform};
+use crate::transform::ServiceTransforms;
+use crate::transform::model::{Align, Fields, Forward, How, Reversal, ScopePlan, Shape, Target, Transform};
 
 /// What happens to a service change of one target field.
 #[derive(Debug, Clone, PartialEq, Eq)]

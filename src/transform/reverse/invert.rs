@@ -12,21 +12,21 @@
 //! `from` an expression). Missing, unneeded or broken entries are definition errors, reported at
 //! load like every other, so a transform that loads is a transform whose reverse is fully known.
 //! Rollups and targets built from array elements are never written back: each side recomputes
-//! them. [`super::reverse`] runs the plans made here.
+//! them. [`super::put`] runs the plans made here.
 
 use std::collections::{BTreeMap, BTreeSet};
 
 use bson::Bson;
 
-use super::expr::{Expr, Root};
-use super::model::{
+use crate::transform::expr::{Expr, Root};
+use crate::transform::model::{
     Align, DocumentPlan, FieldPlan, Fields, Forward, How, Input, Key, Lens, Reversal, ScopePlan, Shape, Target,
 };
-use super::value::{CmpOp, Func, ValueMap};
+use crate::transform::value::{CmpOp, Func, ValueMap};
 
 /// A `[reverse]` entry as written in the file.
 #[derive(Debug, Clone)]
-pub(super) struct Entry {
+pub(in crate::transform) struct Entry {
     /// The target field it is about (`availability.inStock`, `sources`, `messages.role`).
     pub target: String,
     pub line: usize,
@@ -34,7 +34,7 @@ pub(super) struct Entry {
 }
 
 #[derive(Debug, Clone)]
-pub(super) enum EntryKind {
+pub(in crate::transform) enum EntryKind {
     /// `{ read_only = "why" }`: never written back; `put` reports a conflict when the service
     /// holds another value than the patched monolith document implies.
     ReadOnly(String),
@@ -47,7 +47,7 @@ pub(super) enum EntryKind {
 
 /// A problem found while planning, for the compiler to report with file and line.
 #[derive(Debug, Clone)]
-pub(super) struct Problem {
+pub(in crate::transform) struct Problem {
     pub field: String,
     pub line: Option<usize>,
     pub message: String,
@@ -87,7 +87,7 @@ struct Candidate<'f> {
 
 /// Plans the reverse of one transform and checks its `[reverse]` entries against it.
 /// `lines` maps target paths (`availability.inStock`) to the line declaring them.
-pub(super) fn plan(
+pub(in crate::transform) fn plan(
     target: &Target,
     input: &Input,
     when: Option<&Expr>,
@@ -533,7 +533,7 @@ fn when_constants(when: Option<&Expr>) -> Vec<(String, Bson)> {
 }
 
 /// Whether a `set` path names a monolith field a rule may write.
-pub(super) fn valid_set_path(path: &str) -> Result<(), String> {
+pub(in crate::transform) fn valid_set_path(path: &str) -> Result<(), String> {
     if path.is_empty() || path.split('.').any(|s| s.is_empty() || s.starts_with('$') || s.contains('\0')) {
         return Err(format!("`{path}` is not a monolith field path"));
     }
