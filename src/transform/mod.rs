@@ -34,6 +34,24 @@
 //! element id, so a change made by index lands on its own element in an array of another shape.
 //! [`ServiceTransforms::written_fields`] says which fields of a service document ficus writes;
 //! the rest are the service's own.
+//!
+//! # Map
+//!
+//! The forward half depends on nothing of the way back except `compile` calling the planner;
+//! the way back (`reverse/`) reads the model and runs the forward, never the other way round.
+//!
+//! - `value`: what expressions compute with: values, functions, value maps, comparisons, casts.
+//! - `builtins`: what the built-in functions do, and the inverses of the invertible ones.
+//! - `expr/`: the expression language: lexer (`lex`), parser, compiled `Expr`, evaluation.
+//! - `model`: the compiled transform, the forward shape of its target and its reverse plan.
+//! - `compile/`: definition files into the model, every problem reported with file and line.
+//! - `apply`: the forward: one event into [`WriteOp`]s.
+//! - `op`, `error`: the write ops the sinks carry out, and [`TransformError`].
+//! - `fields`: which fields of a service document ficus writes ([`FieldTree`]).
+//! - [`elements`]: the three-way merge of arrays by element id.
+//! - `reverse/`: the way back: planning (`invert`), lenses, [`Patch`], [`Reverse`],
+//!   classification, and the law check.
+//! - `tests`: the shipped transforms against their golden fixtures, and the compiler's errors.
 
 mod apply;
 mod builtins;
