@@ -1,8 +1,8 @@
 //! The writes a transform produces: what the sinks carry out, one [`WriteOp`] at a time.
 //!
 //! The forward half (`apply`), the way back (`reverse`) and every sink speak these types; kept
-//! on their own, a sink or a reverse names a write without reaching into the transform's
-//! top-level module.
+//! on their own, `apply` and `reverse` name a write without importing the transform's
+//! top-level module (which re-exports them for everyone else).
 
 use bson::{Bson, Document, doc};
 
