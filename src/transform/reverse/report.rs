@@ -72,7 +72,7 @@ pub struct LensReport {
     pub classification: Vec<CollectionClass>,
     /// Per service collection that is written back.
     pub tallies: BTreeMap<String, Tally>,
-    /// The first failures (at most [`LensCheck::KEEP`]); `failed` in the tallies counts them all.
+    /// The first failures (at most [`super::LensCheck::KEEP`]); `failed` in the tallies counts them all.
     pub failures: Vec<LawFailure>,
     /// Failed checks per (collection, field, law), all of them.
     pub by_field: BTreeMap<(String, String, Law), u64>,
