@@ -13,9 +13,10 @@ use std::borrow::Cow;
 use bson::{Bson, Document};
 
 use super::builtins::found;
-use super::compile::{Fields, Input, Key, Rollup, Shape, Target, Transform};
+use super::error::TransformError;
 use super::expr::{Expr, Scope};
-use super::{TransformError, WriteOp};
+use super::model::{Fields, Input, Key, Rollup, Shape, Target, Transform};
+use super::op::WriteOp;
 use crate::event::{CanonicalEvent, Op, SnapshotMarker};
 
 /// A failure inside the fields: which target field, and why.

@@ -15,34 +15,9 @@ use std::cmp::Ordering;
 
 use bson::{Bson, DateTime, Decimal128, Document};
 
-use super::expr::{CmpOp, Func, Value, ValueMap};
-
-/// The casts (`ltv | decimal`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum Cast {
-    /// To Decimal128, for money: exact, keeps the source's digits (`"1290.50"` stays 1290.50).
-    Decimal,
-    /// To a 64-bit float, for ratios, durations and scores.
-    Double,
-    /// To a whole number: Int32 when it fits, Int64 otherwise; a fraction is an error.
-    Int,
-    /// To text: numbers in decimal, ObjectIds in hex, dates in RFC 3339.
-    String,
-    /// To a BSON date: from a date, an RFC 3339 string, or milliseconds since the epoch.
-    Date,
-}
+use super::value::{Cast, CmpOp, Func, Value, ValueMap};
 
 impl Cast {
-    pub(super) fn name(self) -> &'static str {
-        match self {
-            Cast::Decimal => "decimal",
-            Cast::Double => "double",
-            Cast::Int => "int",
-            Cast::String => "string",
-            Cast::Date => "date",
-        }
-    }
-
     pub(super) fn apply(self, v: &Bson) -> Result<Bson, String> {
         let cast = match self {
             Cast::Decimal => to_decimal(v),

@@ -24,7 +24,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use bson::{Bson, Document};
 
-use super::compile::{Fields, Shape, Target, Transform};
+use super::model::{Fields, Shape, Target, Transform};
 
 /// What ficus writes at one place of a service document.
 #[derive(Debug, Clone, PartialEq, Eq)]

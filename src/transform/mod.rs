@@ -34,202 +34,58 @@
 //! element id, so a change made by index lands on its own element in an array of another shape.
 //! [`ServiceTransforms::written_fields`] says which fields of a service document ficus writes;
 //! the rest are the service's own.
+//!
+//! # Map
+//!
+//! The forward half depends on nothing of the way back except `compile` calling the planner;
+//! the way back (`reverse/`) reads the model and runs the forward, never the other way round.
+//!
+//! - `value`: what expressions compute with: values, functions, value maps, comparisons, casts.
+//! - `builtins`: what the built-in functions do, and the inverses of the invertible ones.
+//! - `expr/`: the expression language: lexer (`lex`), parser, compiled `Expr`, evaluation.
+//! - `model`: the compiled transform, the forward shape of its target and its reverse plan.
+//! - `compile/`: definition files into the model, every problem reported with file and line.
+//! - `apply`: the forward: one event into [`WriteOp`]s.
+//! - `op`, `error`: the write ops the sinks carry out, and [`TransformError`].
+//! - `fields`: which fields of a service document ficus writes ([`FieldTree`]).
+//! - [`elements`]: the three-way merge of arrays by element id.
+//! - `reverse/`: the way back: planning (`invert`), lenses, [`Patch`], [`Reverse`],
+//!   classification, and the law check.
+//! - `tests`: the shipped transforms against their golden fixtures, and the compiler's errors.
 
 mod apply;
 mod builtins;
-mod classify;
 mod compile;
 pub mod elements;
+mod error;
 mod expr;
 mod fields;
-mod invert;
-mod laws;
+mod model;
+mod op;
 mod reverse;
 #[cfg(test)]
-mod reverse_tests;
-#[cfg(test)]
 mod tests;
+mod value;
 
-pub use classify::{CollectionClass, FieldClass, Reversibility, render_classification};
+pub use error::TransformError;
 pub use fields::{FieldTree, Projection};
-pub use laws::{Law, LawFailure, LensCheck, LensReport, Tally, check_laws};
-pub use reverse::{Conflict, Disagreement, Patch, Rebased, Reverse, ReverseError, set_path, unset_path};
+pub use op::{Base, WriteOp};
+pub use reverse::{
+    CollectionClass, Conflict, Disagreement, FieldClass, Law, LawFailure, LensCheck, LensReport, Patch, Rebased,
+    Reverse, ReverseError, Reversibility, Tally, check_laws, render_classification, set_path, unset_path,
+};
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
-use bson::{Bson, Document, doc};
+use bson::{Bson, Document};
 
 use crate::config::report::{DefinitionError, Report, toml_files};
 use crate::config::topics::Topics;
 pub use crate::cutover::rules::{Apply, Why};
 use crate::event::mapping::{ChangeRecord, map_change};
-use crate::event::{CanonicalEvent, Control, Message, Version};
-use compile::Transform;
-
-/// One write into a service database.
-#[derive(Debug, Clone, PartialEq)]
-pub enum WriteOp {
-    /// Make the target document with `_id == id` in `collection` equal to `doc` (full state;
-    /// `doc` holds the natural key field too). The sink adds `_id` and its own version metadata.
-    Upsert { collection: String, id: Bson, doc: Document },
-    /// Remove the target document. `id: None` means "whatever this source document
-    /// (`event.data.document_id`) produced in that collection": used when a delete arrives
-    /// without a before-state and the natural key is unknown; the sink resolves it through the
-    /// source-id metadata it keeps on every document.
-    Delete { collection: String, id: Option<Bson> },
-    /// Derived-from-many targets (`products_db.categories`): source aggregate `member` now belongs
-    /// to `group` (`None`: to no group any more, deleted or filtered out). The sink keeps one
-    /// membership record per member and maintains on the group document (`_id` = group value)
-    /// the member count in `count_field`, the distinct values in each `distinct` target array,
-    /// and the constant `group_fields`.
-    Rollup {
-        collection: String,
-        group: Option<Bson>,
-        member: Bson,
-        count_field: String,
-        /// Target array field, and this member's value for it.
-        distinct: Vec<(String, Option<Bson>)>,
-        group_fields: Document,
-    },
-    /// A snapshot of `source_collection` (taken at version `before`) has reached this
-    /// partition's end of it: once every one of the topic's `partitions` has reported, the
-    /// documents of `collection` that came from `source_collection` and are still older than
-    /// `before` were not in the snapshot, so the source no longer has them, and they are
-    /// removed (rollup members leave their groups) as their deletes would have done.
-    Sweep {
-        collection: String,
-        source_collection: String,
-        before: Version,
-        partition: i32,
-        partitions: i32,
-        /// For a rollup target: its count field and distinct fields.
-        rollup: Option<(String, Vec<String>)>,
-    },
-    /// A target built from array elements mirrors the elements the source document has now:
-    /// of what this source document (`event.data.document_id`) built in `collection`, only the
-    /// documents `keep` names stay; the others (elements pulled, replaced away, filtered out)
-    /// are removed as a delete would, unless they are newer than this event.
-    Retain { collection: String, keep: Vec<Bson> },
-    /// A document the service owns (see `cutover`) changed on the monolith's side: the
-    /// forward write is merged field by field instead of overwriting what the owner holds.
-    /// `doc` is the target document the monolith's new state makes (`None`: the monolith
-    /// deleted it), `base` what its previous state made, the last point both sides agreed on.
-    /// `why` says why it is merged rather than applied as the owner's (`cutover::rules`);
-    /// `arrays`, which arrays of the document merge element by element, by which id field.
-    Merge {
-        collection: String,
-        id: Bson,
-        doc: Option<Document>,
-        base: Base,
-        why: Why,
-        arrays: Vec<(String, Option<String>)>,
-    },
-    /// The echo of the service's own write-back to this document: nothing to write (the
-    /// document already says it), but its version is recorded beside the document (deleted:
-    /// as a tombstone), so that nothing older (a replay, a redelivery) lands over what the
-    /// service wrote, even where the service's application wrote the document plain.
-    Witness { collection: String, id: Bson, deleted: bool },
-    /// Reverse sync: a change of a service document, to be written back into the monolith
-    /// through the reverse of the transform that writes `collection` (the service collection),
-    /// as the owner's patch or merged as a non-owner's (`apply`).
-    WriteBack { collection: String, change: Box<crate::event::EventData>, apply: Apply },
-}
-
-/// What the monolith's side last agreed with the owner on, for a [`WriteOp::Merge`].
-#[derive(Debug, Clone, PartialEq)]
-pub enum Base {
-    /// The document is new to the monolith's side (an insert): nothing to agree on.
-    New,
-    /// The target document the monolith's previous state made.
-    Was(Document),
-    /// Unknown (no pre-image): every field the two sides hold differently is a conflict.
-    Unknown,
-}
-
-impl WriteOp {
-    /// The collection the write is for.
-    pub fn collection(&self) -> &str {
-        match self {
-            WriteOp::Upsert { collection, .. }
-            | WriteOp::Delete { collection, .. }
-            | WriteOp::Rollup { collection, .. }
-            | WriteOp::Sweep { collection, .. }
-            | WriteOp::Retain { collection, .. }
-            | WriteOp::Merge { collection, .. }
-            | WriteOp::Witness { collection, .. }
-            | WriteOp::WriteBack { collection, .. } => collection,
-        }
-    }
-
-    /// The write as one document, `{ op: "upsert" | "delete" | "rollup", collection, … }` with
-    /// absent options as null: the shape of the golden fixtures, and readable in logs.
-    pub fn to_document(&self) -> Document {
-        let opt = |v: &Option<Bson>| v.clone().unwrap_or(Bson::Null);
-        match self {
-            WriteOp::Upsert { collection, id, doc } => {
-                doc! { "op": "upsert", "collection": collection, "id": id.clone(), "doc": doc.clone() }
-            }
-            WriteOp::Delete { collection, id } => {
-                doc! { "op": "delete", "collection": collection, "id": opt(id) }
-            }
-            WriteOp::Rollup { collection, group, member, count_field, distinct, group_fields } => {
-                let distinct: Document = distinct.iter().map(|(field, v)| (field.clone(), opt(v))).collect();
-                doc! {
-                    "op": "rollup", "collection": collection, "group": opt(group), "member": member.clone(),
-                    "countField": count_field, "distinct": distinct, "groupFields": group_fields.clone(),
-                }
-            }
-            WriteOp::Sweep { collection, source_collection, before, partition, partitions, rollup } => {
-                doc! {
-                    "op": "sweep", "collection": collection, "sourceCollection": source_collection,
-                    "before": before.as_str(), "partition": partition, "partitions": partitions,
-                    "rollup": rollup.as_ref().map(|(count, distinct)| doc! { "countField": count, "distinct": distinct.clone() }),
-                }
-            }
-            WriteOp::Retain { collection, keep } => {
-                doc! { "op": "retain", "collection": collection, "keep": keep.clone() }
-            }
-            WriteOp::Merge { collection, id, doc, base, why, .. } => {
-                let base = match base {
-                    Base::New => Bson::String("new".into()),
-                    Base::Unknown => Bson::String("unknown".into()),
-                    Base::Was(d) => Bson::Document(d.clone()),
-                };
-                doc! {
-                    "op": "merge", "collection": collection, "id": id.clone(), "doc": doc.clone(), "base": base,
-                    "why": why.as_str(),
-                }
-            }
-            WriteOp::Witness { collection, id, deleted } => {
-                doc! { "op": "witness", "collection": collection, "id": id.clone(), "deleted": deleted }
-            }
-            WriteOp::WriteBack { collection, change, apply } => {
-                let apply = match apply {
-                    Apply::Owner => "owner",
-                    Apply::Merge(why) => why.as_str(),
-                };
-                doc! {
-                    "op": "writeBack", "collection": collection, "change": change.op.as_str(),
-                    "id": change.document_id.clone(), "apply": apply,
-                }
-            }
-        }
-    }
-}
-
-/// An event a transform cannot apply. Permanent: the same event always fails the same way, so
-/// the consumer dead-letters it; the message names the file, the transform, the target field
-/// and the operand, e.g. ``segmentation.lifetimeValue: `ltv`: cannot cast "abc" to decimal``.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{} ({transform}): {field}: {reason}", file.display())]
-pub struct TransformError {
-    pub file: PathBuf,
-    pub transform: String,
-    /// The target field (or `when`, `rollup.group`, `(event)`).
-    pub field: String,
-    pub reason: String,
-}
+use crate::event::{CanonicalEvent, Control, Message};
+use model::Transform;
 
 /// The compiled transforms of one service database.
 #[derive(Debug, Clone)]
@@ -279,7 +135,7 @@ impl ServiceTransforms {
     pub fn cutover_problems(&self) -> Vec<String> {
         let mut out = Vec::new();
         for t in &self.transforms {
-            if let invert::Reversal::Document(plan) = &t.reverse
+            if let model::Reversal::Document(plan) = &t.reverse
                 && reverse::route_field(t, plan).is_none()
             {
                 out.push(format!(
@@ -290,7 +146,7 @@ impl ServiceTransforms {
                 ));
             }
         }
-        if !self.transforms.iter().any(|t| matches!(t.reverse, invert::Reversal::Document(_))) {
+        if !self.transforms.iter().any(|t| matches!(t.reverse, model::Reversal::Document(_))) {
             out.push(format!("{}: no collection of this service is ever written back to the monolith", self.service));
         }
         out
@@ -324,8 +180,8 @@ impl ServiceTransforms {
             return None;
         }
         match &t.reverse {
-            invert::Reversal::Document(plan) => Some(Reverse { t, plan }),
-            invert::Reversal::Derived(_) => None,
+            model::Reversal::Document(plan) => Some(Reverse { t, plan }),
+            model::Reversal::Derived(_) => None,
         }
     }
 

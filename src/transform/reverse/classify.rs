@@ -10,9 +10,8 @@
 use std::fmt::Write;
 use std::path::PathBuf;
 
-use super::ServiceTransforms;
-use super::compile::{Fields, Shape, Target, Transform};
-use super::invert::{Align, Forward, How, Reversal, ScopePlan};
+use crate::transform::ServiceTransforms;
+use crate::transform::model::{Align, Fields, Forward, How, Reversal, ScopePlan, Shape, Target, Transform};
 
 /// What happens to a service change of one target field.
 #[derive(Debug, Clone, PartialEq, Eq)]

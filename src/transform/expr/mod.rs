@@ -21,6 +21,11 @@
 //!          | $key | $id | $group
 //!          | $value | $source[.path]                  -- reverse rules only (`[reverse]`)
 //! ```
+//!
+//! The lexer and its tokens are in `lex`; the parser, the compiled [`Expr`] and its evaluation
+//! are here.
+
+mod lex;
 
 use std::borrow::Cow;
 use std::collections::BTreeMap;
@@ -29,12 +34,11 @@ use std::sync::Arc;
 
 use bson::{Bson, Document};
 
-use super::builtins::{self, Cast};
+use super::builtins;
+use super::value::{Cast, CmpOp, Func, Value, ValueMap};
 use crate::event::CanonicalEvent;
 use crate::event::mapping::get_path;
-
-/// A value during evaluation: `None` when the path is absent (which differs from BSON null).
-pub(super) type Value<'a> = Option<Cow<'a, Bson>>;
+use lex::{Tok, lex};
 
 /// A compiled expression.
 #[derive(Debug, Clone)]
@@ -96,49 +100,6 @@ impl EventField {
     }
 }
 
-/// A function an expression calls.
-#[derive(Debug, Clone)]
-pub(super) enum Func {
-    Cast(Cast),
-    Ratio,
-    CamelKeys,
-    Default,
-    Concat,
-    Drop,
-    /// A value map declared in the file's `[maps]`.
-    Map(Arc<ValueMap>),
-}
-
-/// A named value map (`[maps.role] bot = "assistant"`); values it does not list pass through.
-#[derive(Debug, Clone, PartialEq)]
-pub(super) struct ValueMap {
-    pub name: String,
-    pub entries: BTreeMap<String, Bson>,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum CmpOp {
-    Eq,
-    Ne,
-    Lt,
-    Le,
-    Gt,
-    Ge,
-}
-
-impl CmpOp {
-    fn symbol(self) -> &'static str {
-        match self {
-            CmpOp::Eq => "==",
-            CmpOp::Ne => "!=",
-            CmpOp::Lt => "<",
-            CmpOp::Le => "<=",
-            CmpOp::Gt => ">",
-            CmpOp::Ge => ">=",
-        }
-    }
-}
-
 /// The built-in functions, their arity, and what they are for (listed in error messages).
 const BUILTINS: [(&str, Arity); 10] = [
     ("decimal", Arity::Exactly(1)),
@@ -183,116 +144,6 @@ pub(super) fn parse(src: &str, ctx: &Context<'_>) -> Result<Expr, String> {
         None => Ok(expr),
         Some((col, tok)) => Err(format!("unexpected {} at column {col}", tok.describe())),
     }
-}
-
-#[derive(Debug, Clone, PartialEq)]
-enum Tok {
-    Word(String),
-    Str(String),
-    Int(i64),
-    Float(f64),
-    LParen,
-    RParen,
-    Comma,
-    Pipe,
-    Cmp(CmpOp),
-}
-
-impl Tok {
-    fn describe(&self) -> String {
-        match self {
-            Tok::Word(w) => format!("`{w}`"),
-            Tok::Str(s) => format!("'{s}'"),
-            Tok::Int(i) => i.to_string(),
-            Tok::Float(f) => f.to_string(),
-            Tok::LParen => "`(`".into(),
-            Tok::RParen => "`)`".into(),
-            Tok::Comma => "`,`".into(),
-            Tok::Pipe => "`|`".into(),
-            Tok::Cmp(op) => format!("`{}`", op.symbol()),
-        }
-    }
-}
-
-/// Splits an expression into tokens, each with its 1-based column.
-fn lex(src: &str) -> Result<Vec<(usize, Tok)>, String> {
-    let chars: Vec<char> = src.chars().collect();
-    let mut out = Vec::new();
-    let mut i = 0;
-    while i < chars.len() {
-        let c = chars[i];
-        let col = i + 1;
-        if c.is_whitespace() {
-            i += 1;
-            continue;
-        }
-        let two: String = chars[i..(i + 2).min(chars.len())].iter().collect();
-        let (tok, len) = match (c, two.as_str()) {
-            (_, "==") => (Tok::Cmp(CmpOp::Eq), 2),
-            (_, "!=") => (Tok::Cmp(CmpOp::Ne), 2),
-            (_, "<=") => (Tok::Cmp(CmpOp::Le), 2),
-            (_, ">=") => (Tok::Cmp(CmpOp::Ge), 2),
-            ('<', _) => (Tok::Cmp(CmpOp::Lt), 1),
-            ('>', _) => (Tok::Cmp(CmpOp::Gt), 1),
-            ('(', _) => (Tok::LParen, 1),
-            (')', _) => (Tok::RParen, 1),
-            (',', _) => (Tok::Comma, 1),
-            ('|', _) => (Tok::Pipe, 1),
-            ('\'' | '"', _) => {
-                let mut s = String::new();
-                let mut j = i + 1;
-                loop {
-                    match chars.get(j) {
-                        None => return Err(format!("unterminated string starting at column {col}")),
-                        Some('\\') => {
-                            let Some(&next) = chars.get(j + 1) else {
-                                return Err(format!("unterminated string starting at column {col}"));
-                            };
-                            s.push(next);
-                            j += 2;
-                        }
-                        Some(&q) if q == c => break,
-                        Some(&other) => {
-                            s.push(other);
-                            j += 1;
-                        }
-                    }
-                }
-                (Tok::Str(s), j + 1 - i)
-            }
-            _ if c.is_ascii_digit() || (c == '-' && chars.get(i + 1).is_some_and(char::is_ascii_digit)) => {
-                let mut j = i + 1;
-                while chars.get(j).is_some_and(char::is_ascii_digit) {
-                    j += 1;
-                }
-                let is_float = chars.get(j) == Some(&'.') && chars.get(j + 1).is_some_and(char::is_ascii_digit);
-                if is_float {
-                    j += 1;
-                    while chars.get(j).is_some_and(char::is_ascii_digit) {
-                        j += 1;
-                    }
-                }
-                let text: String = chars[i..j].iter().collect();
-                let tok = if is_float {
-                    Tok::Float(text.parse().map_err(|_| format!("bad number `{text}` at column {col}"))?)
-                } else {
-                    Tok::Int(text.parse().map_err(|_| format!("number `{text}` at column {col} is out of range"))?)
-                };
-                (tok, j - i)
-            }
-            _ if c.is_alphabetic() || c == '_' || c == '$' => {
-                let mut j = i + 1;
-                while chars.get(j).is_some_and(|&d| d.is_alphanumeric() || d == '_' || d == '.') {
-                    j += 1;
-                }
-                (Tok::Word(chars[i..j].iter().collect()), j - i)
-            }
-            _ => return Err(format!("unexpected character `{c}` at column {col}")),
-        };
-        out.push((col, tok));
-        i += len;
-    }
-    Ok(out)
 }
 
 struct Parser<'c> {
@@ -747,101 +598,4 @@ impl fmt::Display for EvalError {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::event::{EventData, Op, Position};
-    use bson::{DateTime, Timestamp, doc};
-
-    fn maps() -> BTreeMap<String, Arc<ValueMap>> {
-        let role = ValueMap { name: "role".into(), entries: [("bot".to_string(), Bson::from("assistant"))].into() };
-        [("role".to_string(), Arc::new(role))].into()
-    }
-
-    fn compile(src: &str) -> Result<Expr, String> {
-        parse(src, &Context { maps: &maps(), allow_group: false, reverse: false })
-    }
-
-    fn event(after: Document) -> CanonicalEvent {
-        CanonicalEvent {
-            id: "e1".into(),
-            source: "ficus://linechatbot/products".into(),
-            event_type: "product.updated".into(),
-            subject: "S1".into(),
-            time: DateTime::from_millis(1_000),
-            position: Position { cluster_time: Timestamp { time: 1, increment: 2 }, index: 3, resume_token: None },
-            schema_version: 1,
-            origin: None,
-            data: EventData {
-                op: Op::Update,
-                collection: "products".into(),
-                key: Bson::from("S1"),
-                document_id: Bson::Int32(7),
-                after: Some(after),
-                before: None,
-                changed: None,
-                removed: vec![],
-                truncated: Vec::new(),
-                derived: None,
-            },
-        }
-    }
-
-    fn eval(src: &str, doc: Document) -> Result<Option<Bson>, String> {
-        let expr = compile(src)?;
-        let ev = event(doc);
-        let after = ev.data.after.as_ref().unwrap();
-        let scope = Scope::forward(&ev, after, after);
-        expr.eval(&scope).map(|v| v.map(Cow::into_owned)).map_err(|e| e.to_string())
-    }
-
-    #[test]
-    fn precedence_and_rendering() {
-        let e = compile("not a == 1 and b != 'x' or c").unwrap();
-        assert_eq!(e.to_string(), "((not a == 1 and b != 'x') or c)");
-        let e = compile("ltv|decimal").unwrap();
-        assert_eq!(e.to_string(), "ltv | decimal");
-        let e = compile("x | default(\"it's\") | role").unwrap();
-        assert_eq!(e.to_string(), "x | default('it\\'s') | role");
-        assert_eq!(compile("concat(a.0.b, -1.5, $event.id)").unwrap().to_string(), "concat(a.0.b, -1.5, $event.id)");
-    }
-
-    #[test]
-    fn evaluates_paths_roots_logic_and_pipes() {
-        let d = doc! { "a": { "b": [10, { "c": "x" }] }, "stock": 0, "from": "bot", "kind": "audit" };
-        assert_eq!(eval("a.b.1.c", d.clone()), Ok(Some(Bson::from("x"))));
-        assert_eq!(eval("a.zz", d.clone()), Ok(None));
-        assert_eq!(eval("stock > 0 or kind == 'audit'", d.clone()), Ok(Some(Bson::Boolean(true))));
-        assert_eq!(eval("not (stock > 0)", d.clone()), Ok(Some(Bson::Boolean(true))));
-        assert_eq!(eval("from | role", d.clone()), Ok(Some(Bson::from("assistant"))));
-        assert_eq!(eval("kind | role", d.clone()), Ok(Some(Bson::from("audit"))), "unlisted values pass through");
-        assert_eq!(eval("missing | role | decimal", d.clone()), Ok(None));
-        assert_eq!(eval("missing | default(42)", d.clone()), Ok(Some(Bson::Int32(42))));
-        assert_eq!(eval("$key", d.clone()), Ok(Some(Bson::from("S1"))));
-        assert_eq!(eval("$id", d.clone()), Ok(Some(Bson::Int32(7))));
-        assert_eq!(eval("$event.sequence", d.clone()), Ok(Some(Bson::from("000000000100000000020000000003"))));
-        assert_eq!(eval("$doc.a.b.0", d.clone()), Ok(Some(Bson::Int32(10))));
-        assert_eq!(eval("concat($event.type, ':', $id)", d.clone()), Ok(Some(Bson::from("product.updated:7"))));
-        assert_eq!(eval("concat('a', missing)", d.clone()), Ok(None));
-    }
-
-    #[test]
-    fn evaluation_errors_name_the_operand() {
-        let d = doc! { "kind": "audit", "n": "12" };
-        assert_eq!(eval("kind and true", d.clone()), Err("`kind`: expected true or false, found \"audit\"".into()));
-        assert_eq!(eval("ratio(n, 2)", d.clone()), Err("`n`: expected a number, found a string \"12\"".into()));
-        assert_eq!(eval("n > 3", d.clone()), Err("`n > 3`: cannot compare a string \"12\" with a number 3".into()));
-        assert_eq!(eval("kind | camel_keys", d), Err("`kind`: expected a document, found a string \"audit\"".into()));
-    }
-
-    #[test]
-    fn parse_errors_say_where() {
-        assert_eq!(compile("a ==").unwrap_err(), "expected a value at column 5, found the end");
-        assert_eq!(compile("(a").unwrap_err(), "expected `)` at column 3, found the end");
-        assert_eq!(compile("a b").unwrap_err(), "unexpected `b` at column 3");
-        assert_eq!(compile("a # b").unwrap_err(), "unexpected character `#` at column 3");
-        assert_eq!(compile("$nope").unwrap_err(), "unknown `$nope` (known: $doc, $event.<field>, $key, $id, $group)");
-        assert_eq!(compile("$key.x").unwrap_err(), "`$key` is a single value; `$key.x` reaches into it");
-        assert!(compile("x | 3").unwrap_err().starts_with("expected a function after `|` at column 5"));
-        assert!(compile("role(a, b)").unwrap_err().starts_with("map `role` takes one value"));
-    }
-}
+mod tests;

@@ -12,18 +12,21 @@
 //! `from` an expression). Missing, unneeded or broken entries are definition errors, reported at
 //! load like every other, so a transform that loads is a transform whose reverse is fully known.
 //! Rollups and targets built from array elements are never written back: each side recomputes
-//! them. [`super::reverse`] runs the plans made here.
+//! them. [`super::put`] runs the plans made here.
 
 use std::collections::{BTreeMap, BTreeSet};
 
 use bson::Bson;
 
-use super::compile::{Fields, Input, Key, Shape, Target};
-use super::expr::{CmpOp, Expr, Func, Root, ValueMap};
+use crate::transform::expr::{Expr, Root};
+use crate::transform::model::{
+    Align, DocumentPlan, FieldPlan, Fields, Forward, How, Input, Key, Lens, Reversal, ScopePlan, Shape, Target,
+};
+use crate::transform::value::{CmpOp, Func, ValueMap};
 
 /// A `[reverse]` entry as written in the file.
 #[derive(Debug, Clone)]
-pub(super) struct Entry {
+pub(in crate::transform) struct Entry {
     /// The target field it is about (`availability.inStock`, `sources`, `messages.role`).
     pub target: String,
     pub line: usize,
@@ -31,7 +34,7 @@ pub(super) struct Entry {
 }
 
 #[derive(Debug, Clone)]
-pub(super) enum EntryKind {
+pub(in crate::transform) enum EntryKind {
     /// `{ read_only = "why" }`: never written back; `put` reports a conflict when the service
     /// holds another value than the patched monolith document implies.
     ReadOnly(String),
@@ -44,97 +47,10 @@ pub(super) enum EntryKind {
 
 /// A problem found while planning, for the compiler to report with file and line.
 #[derive(Debug, Clone)]
-pub(super) struct Problem {
+pub(in crate::transform) struct Problem {
     pub field: String,
     pub line: Option<usize>,
     pub message: String,
-}
-
-/// How a transform's target goes back into the monolith.
-#[derive(Debug, Clone)]
-pub(super) enum Reversal {
-    /// Never written back; each side recomputes it. The reason, for the classification.
-    Derived(String),
-    Document(DocumentPlan),
-}
-
-#[derive(Debug, Clone)]
-pub(super) struct DocumentPlan {
-    pub scope: ScopePlan,
-    /// The natural key's target field (`None` for `key = "_id"`).
-    pub key: Option<String>,
-    /// `path == constant` conjuncts of `when`: a document the monolith does not have yet gets
-    /// them, or it would not reach this target.
-    pub when_constants: Vec<(String, Bson)>,
-}
-
-/// The target fields of one scope (the document, or the element of an array), flattened.
-#[derive(Debug, Clone, Default)]
-pub(super) struct ScopePlan {
-    pub fields: Vec<FieldPlan>,
-}
-
-impl ScopePlan {
-    /// Whether a field of the scope, or of an array's elements inside it, is read-only: only
-    /// then can a patched document imply other values than the service holds.
-    pub fn has_read_only(&self) -> bool {
-        self.fields.iter().any(|f| match &f.how {
-            How::ReadOnly(_) => true,
-            How::Array { element, .. } => element.has_read_only(),
-            How::Lens(_) | How::Rule { .. } => false,
-        })
-    }
-}
-
-#[derive(Debug, Clone)]
-pub(super) struct FieldPlan {
-    /// Dotted target path relative to the scope.
-    pub target: String,
-    pub forward: Forward,
-    pub how: How,
-}
-
-/// What the forward transform computes for a field.
-#[derive(Debug, Clone)]
-pub(super) enum Forward {
-    Value(Expr),
-    Each { source: Expr, fields: Fields },
-}
-
-#[derive(Debug, Clone)]
-pub(super) enum How {
-    /// Reverses on its own.
-    Lens(Lens),
-    /// A `[reverse]` rule.
-    Rule { set: String, from: Expr },
-    /// Never written back, for this reason.
-    ReadOnly(String),
-    /// An array built with `each`, written back element by element.
-    Array {
-        /// The monolith array's path.
-        source: String,
-        align: Align,
-        /// Whether the alignment comes from a `[reverse]` entry (else the element id was inferred).
-        by_rule: bool,
-        element: ScopePlan,
-    },
-}
-
-/// How service elements are matched with monolith elements.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(super) enum Align {
-    /// By this element field's value (and occurrence, for repeated values).
-    Field(String),
-    /// By position: a reorder in the service misattributes the fields the transform does not read.
-    Position,
-}
-
-/// A monolith path and the invertible steps the forward applies to it, in forward order.
-#[derive(Debug, Clone)]
-pub(super) struct Lens {
-    pub path: String,
-    /// Casts, injective value maps and `camel_keys` only.
-    pub steps: Vec<Func>,
 }
 
 /// Why a field does not reverse on its own, and which entries can describe it.
@@ -171,7 +87,7 @@ struct Candidate<'f> {
 
 /// Plans the reverse of one transform and checks its `[reverse]` entries against it.
 /// `lines` maps target paths (`availability.inStock`) to the line declaring them.
-pub(super) fn plan(
+pub(in crate::transform) fn plan(
     target: &Target,
     input: &Input,
     when: Option<&Expr>,
@@ -617,7 +533,7 @@ fn when_constants(when: Option<&Expr>) -> Vec<(String, Bson)> {
 }
 
 /// Whether a `set` path names a monolith field a rule may write.
-pub(super) fn valid_set_path(path: &str) -> Result<(), String> {
+pub(in crate::transform) fn valid_set_path(path: &str) -> Result<(), String> {
     if path.is_empty() || path.split('.').any(|s| s.is_empty() || s.starts_with('$') || s.contains('\0')) {
         return Err(format!("`{path}` is not a monolith field path"));
     }

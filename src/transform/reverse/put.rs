@@ -15,272 +15,31 @@
 //! [`super::laws`] and `ficus lens check`.
 
 use std::borrow::Cow;
-use std::path::PathBuf;
 
 use bson::{Bson, Document, Timestamp, doc};
 
-use super::builtins::{self, found, same, same_doc, same_opt};
-use super::compile::{Key, Target, Transform};
-use super::elements::{ElementConflict, MergedArray, Wins};
-use super::expr::{Expr, Scope};
-use super::invert::{Align, DocumentPlan, Forward, How, Lens, ScopePlan};
-use super::{TransformError, WriteOp};
+use super::lens::route_field;
+use super::patch::{Conflict, Disagreement, Patch, Rebased, ReverseError, diff, outermost_array, set_path, unset_path};
 use crate::event::CanonicalEvent;
 use crate::event::mapping::{ChangeRecord, change_event, get_path};
+use crate::transform::builtins::{found, same_doc, same_opt};
+use crate::transform::elements::{MergedArray, Wins};
+use crate::transform::error::TransformError;
+use crate::transform::expr::{Expr, Scope};
+use crate::transform::model::{Align, DocumentPlan, Forward, How, Key, ScopePlan, Target, Transform};
+use crate::transform::op::WriteOp;
 
 /// The metadata field ficus's sink writes on every service document (`sink::META`):
 /// `{ v, src: { c, id }, event }`. Named here rather than imported, to keep this pure module
 /// apart from the sink.
 const FICUS_META: &str = "_ficus";
 
-/// Why a service document cannot be written back. The consumer dead-letters the change.
-#[derive(Debug, Clone, PartialEq, thiserror::Error)]
-pub enum ReverseError {
-    /// A service value with no monolith form: a string where a number belongs, a value the
-    /// monolith's type cannot hold exactly, a sub-document where a value belongs.
-    #[error("{} ({transform}): {field}: {reason}", file.display())]
-    Value {
-        file: PathBuf,
-        transform: String,
-        /// The target field (`segmentation.lifetimeValue`, `purchaseHistory[2].amount`).
-        field: String,
-        /// The service's value, when the problem is one.
-        value: Option<Box<Bson>>,
-        reason: String,
-    },
-    /// The monolith document, patched, no longer transforms (a value the service did not send is
-    /// broken there).
-    #[error("the patched monolith document does not transform: {0}")]
-    Forward(#[from] TransformError),
-    /// A patch that cannot be applied to the document (MongoDB would refuse the update too).
-    #[error("cannot apply the patch at `{path}`: {reason}")]
-    Apply { path: String, reason: String },
-}
-
-/// A read-only field the service holds differently from what the patched monolith implies.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Conflict {
-    /// The target field (`availability.inStock`; `(when)` when the patched document would leave
-    /// the target altogether).
-    pub field: String,
-    /// What the service holds (`None`: absent).
-    pub service: Option<Bson>,
-    /// What the patched monolith document makes of it (`None`: absent).
-    pub monolith: Option<Bson>,
-    /// Why the field is read-only, from the transform file.
-    pub reason: String,
-}
-
-/// Two target fields from one monolith field, changed to values that disagree: nothing is
-/// written to that field.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Disagreement {
-    /// The monolith field (`name_en`, `purchases[1].amount`).
-    pub path: String,
-    /// Each changed target field and the service's value (`None`: absent).
-    pub fields: Vec<(String, Option<Bson>)>,
-}
-
-/// What the service document calls for in the monolith document: fields to set and to unset
-/// (dotted monolith paths, MongoDB update semantics), plus what could not be written back
-/// faithfully. The caller decides what to do with a patch that has conflicts or disagreements.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct Patch {
-    /// Dotted monolith path → new value.
-    pub set: Document,
-    /// Dotted monolith paths to remove.
-    pub unset: Vec<String>,
-    pub conflicts: Vec<Conflict>,
-    pub disagreements: Vec<Disagreement>,
-}
-
-impl Patch {
-    /// Nothing to write and nothing to report.
-    pub fn is_empty(&self) -> bool {
-        self.set.is_empty() && self.unset.is_empty() && self.conflicts.is_empty() && self.disagreements.is_empty()
-    }
-
-    /// Whether it reports conflicts or disagreements.
-    pub fn has_issues(&self) -> bool {
-        !self.conflicts.is_empty() || !self.disagreements.is_empty()
-    }
-
-    /// The MongoDB update document: `{ $set: {…}, $unset: {path: ""} }`, the empty parts left
-    /// out. Values are data: a sub-document whose own keys begin with `$` is legal since MongoDB
-    /// 5.0 but `$set` refuses it; a writer meeting one needs a pipeline update with `$literal`.
-    pub fn to_update(&self) -> Document {
-        let mut update = Document::new();
-        if !self.set.is_empty() {
-            update.insert("$set", self.set.clone());
-        }
-        if !self.unset.is_empty() {
-            let unset: Document = self.unset.iter().map(|p| (p.clone(), Bson::String(String::new()))).collect();
-            update.insert("$unset", unset);
-        }
-        update
-    }
-
-    /// Applies the patch to a document as MongoDB applies `$set` and `$unset` with dotted paths:
-    /// missing sub-documents are created, a numeric segment indexes an array (padding with
-    /// null), `$unset` of an array element nulls it, and unsetting what is not there does
-    /// nothing. Paths that overlap, and paths through a value that is neither a document nor an
-    /// array, are errors, as on the server; the document is then left unchanged.
-    pub fn apply_to(&self, doc: &mut Document) -> Result<(), ReverseError> {
-        let paths: Vec<&str> =
-            self.set.keys().map(String::as_str).chain(self.unset.iter().map(String::as_str)).collect();
-        for (i, a) in paths.iter().enumerate() {
-            for b in &paths[i + 1..] {
-                if a == b || super::invert::strictly_inside(a, b) || super::invert::strictly_inside(b, a) {
-                    let reason = format!("`{a}` and `{b}` overlap; MongoDB refuses such an update");
-                    return Err(ReverseError::Apply { path: a.to_string(), reason });
-                }
-            }
-        }
-        let mut out = doc.clone();
-        let mut sets: Vec<(&String, &Bson)> = self.set.iter().collect();
-        // MongoDB (5.0 on) applies the fields of an update operator in lexicographic order.
-        sets.sort_by(|a, b| a.0.cmp(b.0));
-        for (path, value) in sets {
-            set_path(&mut out, path, value.clone())
-                .map_err(|reason| ReverseError::Apply { path: path.clone(), reason })?;
-        }
-        for path in &self.unset {
-            unset_path(&mut out, path);
-        }
-        *doc = out;
-        Ok(())
-    }
-}
-
-/// What changed from `before` to `after`, as an update would say it: dotted paths set (into
-/// sub-documents present on both sides; arrays and other values whole) and paths removed.
-fn diff(before: &Document, after: &Document) -> (Document, Vec<String>) {
-    fn walk(b: &Document, a: &Document, at: &str, set: &mut Document, removed: &mut Vec<String>) {
-        for (k, av) in a {
-            let path = if at.is_empty() { k.clone() } else { format!("{at}.{k}") };
-            match (b.get(k), av) {
-                (Some(Bson::Document(bd)), Bson::Document(ad)) => walk(bd, ad, &path, set, removed),
-                (Some(bv), av) if bv == av => {}
-                _ => {
-                    set.insert(path, av.clone());
-                }
-            }
-        }
-        for k in b.keys().filter(|k| !a.contains_key(*k)) {
-            removed.push(if at.is_empty() { k.clone() } else { format!("{at}.{k}") });
-        }
-    }
-    let (mut set, mut removed) = (Document::new(), Vec::new());
-    walk(before, after, "", &mut set, &mut removed);
-    (set, removed)
-}
-
-/// Sets a dotted path the way `$set` does.
-pub fn set_path(doc: &mut Document, path: &str, value: Bson) -> Result<(), String> {
-    let segments: Vec<&str> = path.split('.').collect();
-    let Some((last, parents)) = segments.split_last() else { return Err("empty path".into()) };
-    let Some((first, rest)) = parents.split_first() else {
-        doc.insert(*last, value);
-        return Ok(());
-    };
-    let mut cur = doc.entry(first.to_string()).or_insert_with(|| Bson::Document(Document::new()));
-    for (depth, seg) in rest.iter().enumerate() {
-        cur = step_into(cur, seg, &parents[..=depth])?;
-    }
-    match cur {
-        Bson::Document(d) => {
-            d.insert(*last, value);
-            Ok(())
-        }
-        Bson::Array(items) => match last.parse::<usize>() {
-            Ok(i) => {
-                if items.len() <= i {
-                    items.resize(i + 1, Bson::Null);
-                }
-                items[i] = value;
-                Ok(())
-            }
-            Err(_) => Err(format!("cannot create field `{last}` in the array at `{}`", parents.join("."))),
-        },
-        other => Err(format!("cannot create field `{last}` in {} at `{}`", found(other), parents.join("."))),
-    }
-}
-
-/// One step down a path being set: into (or creating) a sub-document, or into an array element
-/// (padding the array with null, the new element a sub-document).
-fn step_into<'d>(cur: &'d mut Bson, seg: &str, at: &[&str]) -> Result<&'d mut Bson, String> {
-    match cur {
-        Bson::Document(d) => Ok(d.entry(seg.to_string()).or_insert_with(|| Bson::Document(Document::new()))),
-        Bson::Array(items) => match seg.parse::<usize>() {
-            Ok(i) => {
-                if items.len() <= i {
-                    items.resize(i, Bson::Null);
-                    items.push(Bson::Document(Document::new()));
-                }
-                Ok(&mut items[i])
-            }
-            Err(_) => Err(format!("cannot create field `{seg}` in the array at `{}`", at.join("."))),
-        },
-        other => Err(format!("cannot create field `{seg}` in {} at `{}`", found(other), at.join("."))),
-    }
-}
-
-/// Removes a dotted path the way `$unset` does (an array element becomes null).
-pub fn unset_path(doc: &mut Document, path: &str) {
-    let mut segments: Vec<&str> = path.split('.').collect();
-    let Some(last) = segments.pop() else { return };
-    let Some((first, rest)) = segments.split_first() else {
-        doc.remove(last);
-        return;
-    };
-    let Some(mut cur) = doc.get_mut(*first) else { return };
-    for seg in rest {
-        let next = match cur {
-            Bson::Document(d) => d.get_mut(*seg),
-            Bson::Array(items) => seg.parse::<usize>().ok().and_then(|i| items.get_mut(i)),
-            _ => None,
-        };
-        let Some(next) = next else { return };
-        cur = next;
-    }
-    match cur {
-        Bson::Document(d) => {
-            d.remove(last);
-        }
-        Bson::Array(items) => {
-            if let Some(slot) = last.parse::<usize>().ok().and_then(|i| items.get_mut(i)) {
-                *slot = Bson::Null;
-            }
-        }
-        _ => {}
-    }
-}
-
-/// What a service change says about the monolith document ([`Reverse::rebase_merged`]).
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct Rebased {
-    /// The service-shaped document for [`Reverse::put`]; `None` when there is nothing at all.
-    pub document: Option<Document>,
-    /// Array elements the change and the monolith both changed, differently, by the array's
-    /// target path: the change's version is in `document` (a write-back is the owner's).
-    pub conflicts: Vec<(String, ElementConflict)>,
-}
-
-/// The outermost array on a dotted path (the path itself, or a prefix of it) in any of the
-/// documents.
-fn outermost_array(path: &str, docs: &[Option<&Document>]) -> Option<String> {
-    let segments: Vec<&str> = path.split('.').collect();
-    (1..=segments.len())
-        .map(|n| segments[..n].join("."))
-        .find(|prefix| docs.iter().flatten().any(|d| matches!(get_path(d, prefix), Some(Bson::Array(_)))))
-}
-
 /// The reverse of one transform: how documents of one service collection go back into one
-/// monolith collection. Obtained from [`super::ServiceTransforms::reverse_for`].
+/// monolith collection. Obtained from [`crate::transform::ServiceTransforms::reverse_for`].
 #[derive(Debug, Clone, Copy)]
 pub struct Reverse<'a> {
-    pub(super) t: &'a Transform,
-    pub(super) plan: &'a DocumentPlan,
+    pub(in crate::transform) t: &'a Transform,
+    pub(in crate::transform) plan: &'a DocumentPlan,
 }
 
 /// One write a field calls for, before fields sharing a monolith path are reconciled.
@@ -449,7 +208,7 @@ impl<'a> Reverse<'a> {
     /// The element id of each array a service document holds (built with `each`), by its target
     /// path: `("purchaseHistory", Some("purchaseId"))`, or `None` where elements are matched by
     /// position (`align = "position"`). Arrays inside array elements are not listed: they go with
-    /// their element. The three-way merge of arrays ([`super::elements::merge`]) takes these ids,
+    /// their element. The three-way merge of arrays ([`crate::transform::elements::merge`]) takes these ids,
     /// in this direction and the other.
     pub fn array_keys(&self) -> Vec<(String, Option<String>)> {
         let id = |align: &Align| match align {
@@ -487,7 +246,7 @@ impl<'a> Reverse<'a> {
     /// whole array, an array the update cut: `truncatedArrays`) is never laid by index, since
     /// the monolith's array may have another shape by now (its own code pushed or removed
     /// elements). The whole outermost array is merged three ways by element id
-    /// ([`super::elements::merge`], ids from [`Reverse::array_keys`]): the array in the
+    /// ([`crate::transform::elements::merge`], ids from [`Reverse::array_keys`]): the array in the
     /// change's pre-image, in its exact result (the pre-image with the update's description
     /// applied, [`crate::event::update`]), and in the image of the monolith document; the
     /// change's side wins where both changed an element (a write-back is the owner's), and
@@ -537,7 +296,13 @@ impl<'a> Reverse<'a> {
             let merged = match &exact {
                 Some((pre, post)) => {
                     let id = keys.iter().find(|(k, _)| k == a).and_then(|(_, id)| id.as_deref());
-                    super::elements::merge(get_path(pre, a), get_path(post, a), get_path(&out, a), id, Wins::Change)
+                    crate::transform::elements::merge(
+                        get_path(pre, a),
+                        get_path(post, a),
+                        get_path(&out, a),
+                        id,
+                        Wins::Change,
+                    )
                 }
                 None => MergedArray { value: after_array(a).flatten(), conflicts: Vec::new() },
             };
@@ -730,7 +495,7 @@ impl Cx<'_> {
             // the field is unchanged and writes nothing.
             let image: Option<Option<Bson>> = match &f.forward {
                 Forward::Value(expr) => expr.eval(forward).ok().map(|v| v.map(Cow::into_owned)),
-                Forward::Each { source, fields } => super::apply::each(source, fields, forward, &field).ok(),
+                Forward::Each { source, fields } => crate::transform::apply::each(source, fields, forward, &field).ok(),
             };
             let unchanged = image.as_ref().is_some_and(|v| same_opt(v.as_ref(), sv));
             if unchanged {
@@ -796,75 +561,13 @@ impl Cx<'_> {
                 return Err(self.r.error(field, Some(other), format!("expected an array, found {}", found(other))));
             }
         };
-        let mut mine: Vec<&Document> = Vec::new();
-        if let Some(Bson::Array(existing)) = current {
-            for (i, e) in existing.iter().enumerate() {
-                match e {
-                    Bson::Document(d) => mine.push(d),
-                    other => {
-                        let reason = format!(
-                            "the monolith's element {i} is {}, not a document: elements cannot be aligned",
-                            found(other)
-                        );
-                        return Err(self.r.error(field, None, reason));
-                    }
-                }
-            }
-        }
-        let key_of = |plan_field: &str, d: &Document| -> Result<Option<Bson>, ReverseError> {
-            let Some(f) = element.fields.iter().find(|f| f.target == plan_field) else { return Ok(None) };
-            let Forward::Value(expr) = &f.forward else { return Ok(None) };
-            expr.eval(&forward.with_input(d))
-                .map(|v| v.map(Cow::into_owned))
-                .map_err(|e| self.r.error(field, None, format!("a monolith element's `{plan_field}`: {e}")))
+        let mine = self.monolith_elements(current, field)?;
+        let keys = match align {
+            Align::Field(name) => self.element_keys(name, element, &mine, forward, field)?,
+            Align::Position => Vec::new(),
         };
-        let mut keys: Vec<Option<Bson>> = Vec::with_capacity(mine.len());
-        if let Align::Field(name) = align {
-            for d in &mine {
-                keys.push(key_of(name, d)?);
-            }
-        }
-        let mut service: Vec<&Document> = Vec::with_capacity(items.len());
-        for (j, item) in items.iter().enumerate() {
-            match item {
-                Bson::Document(se) => service.push(se),
-                other => {
-                    let at = format!("{field}[{j}]");
-                    return Err(self.r.error(&at, Some(other), format!("expected a document, found {}", found(other))));
-                }
-            }
-        }
-        // Matching: by position; or by the alignment field, first with a monolith element whose
-        // forward is the service element exactly (so elements sharing a key keep their own
-        // complement when they move), then by occurrence among those sharing the key.
-        let mut taken = vec![false; mine.len()];
-        let mut matched: Vec<Option<usize>> = vec![None; service.len()];
-        match align {
-            Align::Position => {
-                for (j, m) in matched.iter_mut().enumerate() {
-                    *m = (j < mine.len()).then_some(j);
-                }
-            }
-            Align::Field(name) => {
-                let key = |se: &Document| se.get(name.as_str()).cloned();
-                for exact in [true, false] {
-                    for (j, se) in service.iter().enumerate() {
-                        if matched[j].is_some() {
-                            continue;
-                        }
-                        let found = (0..mine.len()).find(|&i| {
-                            !taken[i]
-                                && same_opt(keys[i].as_ref(), key(se).as_ref())
-                                && (!exact || matches!(images.get(i), Some(Bson::Document(img)) if same_doc(img, se)))
-                        });
-                        if let Some(i) = found {
-                            taken[i] = true;
-                            matched[j] = Some(i);
-                        }
-                    }
-                }
-            }
-        }
+        let service = self.service_elements(items, field)?;
+        let matched = match_elements(align, &mine, &keys, images, &service);
         let mut out = Vec::with_capacity(items.len());
         for (j, se) in service.into_iter().enumerate() {
             let at = format!("{field}[{j}]");
@@ -888,54 +591,106 @@ impl Cx<'_> {
         }
         Ok(Bson::Array(out))
     }
+
+    /// The monolith array's elements, which must all be documents to be aligned (none when
+    /// there is no array).
+    fn monolith_elements<'m>(&self, current: Option<&'m Bson>, field: &str) -> Result<Vec<&'m Document>, ReverseError> {
+        let mut mine: Vec<&Document> = Vec::new();
+        if let Some(Bson::Array(existing)) = current {
+            for (i, e) in existing.iter().enumerate() {
+                match e {
+                    Bson::Document(d) => mine.push(d),
+                    other => {
+                        let reason = format!(
+                            "the monolith's element {i} is {}, not a document: elements cannot be aligned",
+                            found(other)
+                        );
+                        return Err(self.r.error(field, None, reason));
+                    }
+                }
+            }
+        }
+        Ok(mine)
+    }
+
+    /// The alignment key of each monolith element: what the forward computes for the element
+    /// field `name` from it.
+    fn element_keys(
+        &self,
+        name: &str,
+        element: &ScopePlan,
+        mine: &[&Document],
+        forward: &Scope<'_>,
+        field: &str,
+    ) -> Result<Vec<Option<Bson>>, ReverseError> {
+        let key_of = |plan_field: &str, d: &Document| -> Result<Option<Bson>, ReverseError> {
+            let Some(f) = element.fields.iter().find(|f| f.target == plan_field) else { return Ok(None) };
+            let Forward::Value(expr) = &f.forward else { return Ok(None) };
+            expr.eval(&forward.with_input(d))
+                .map(|v| v.map(Cow::into_owned))
+                .map_err(|e| self.r.error(field, None, format!("a monolith element's `{plan_field}`: {e}")))
+        };
+        let mut keys: Vec<Option<Bson>> = Vec::with_capacity(mine.len());
+        for d in mine {
+            keys.push(key_of(name, d)?);
+        }
+        Ok(keys)
+    }
+
+    /// The service array's elements, which must all be documents.
+    fn service_elements<'s>(&self, items: &'s [Bson], field: &str) -> Result<Vec<&'s Document>, ReverseError> {
+        let mut service: Vec<&Document> = Vec::with_capacity(items.len());
+        for (j, item) in items.iter().enumerate() {
+            match item {
+                Bson::Document(se) => service.push(se),
+                other => {
+                    let at = format!("{field}[{j}]");
+                    return Err(self.r.error(&at, Some(other), format!("expected a document, found {}", found(other))));
+                }
+            }
+        }
+        Ok(service)
+    }
 }
 
-/// Where a transform's routing key is in a service document: the target field, and the lens
-/// that turns its value back into the monolith's (`None`: the value as it is, the `_id` kept).
-pub(super) fn route_field<'p>(t: &Transform, plan: &'p DocumentPlan) -> Option<(String, Option<&'p Lens>)> {
-    if t.route == "_id" && matches!(t.target, Target::Document { key: Key::SourceId, .. }) {
-        return Some(("_id".to_string(), None));
-    }
-    plan.scope.fields.iter().find_map(|f| match &f.how {
-        How::Lens(lens) if lens.path == t.route => Some((f.target.clone(), Some(lens))),
-        _ => None,
-    })
-}
-
-impl Lens {
-    /// The steps applied forward to a monolith value.
-    pub(super) fn forward(&self, v: &Bson) -> Result<Option<Bson>, String> {
-        let mut cur = Some(v.clone());
-        for step in &self.steps {
-            cur = match cur {
-                Some(x) => builtins::forward(step, &x)?,
-                None => None,
-            };
+/// Which monolith element (index into `mine`) each service element is matched with. By
+/// position; or by the alignment field, first with a monolith element whose forward (`images`)
+/// is the service element exactly (so elements sharing a key keep their own complement when
+/// they move), then by occurrence among those sharing the key (`keys`, one per monolith element).
+fn match_elements(
+    align: &Align,
+    mine: &[&Document],
+    keys: &[Option<Bson>],
+    images: &[Bson],
+    service: &[&Document],
+) -> Vec<Option<usize>> {
+    let mut taken = vec![false; mine.len()];
+    let mut matched: Vec<Option<usize>> = vec![None; service.len()];
+    match align {
+        Align::Position => {
+            for (j, m) in matched.iter_mut().enumerate() {
+                *m = (j < mine.len()).then_some(j);
+            }
         }
-        Ok(cur)
-    }
-
-    /// The monolith value for service value `v`, given the monolith's current value. Step by
-    /// step from the last: where the forward of the current intermediate value already equals
-    /// the value to write back, that intermediate is kept (its lexical form, its type, its key
-    /// spelling); otherwise the step's inverse writes it in the current value's form.
-    pub(super) fn put(&self, v: &Bson, current: Option<&Bson>) -> Result<Bson, String> {
-        let mut chain: Vec<Option<Bson>> = vec![current.cloned()];
-        for step in &self.steps {
-            let next = match chain.last().and_then(Option::as_ref) {
-                Some(x) => builtins::forward(step, x).ok().flatten(),
-                None => None,
-            };
-            chain.push(next);
+        Align::Field(name) => {
+            let key = |se: &Document| se.get(name.as_str()).cloned();
+            for exact in [true, false] {
+                for (j, se) in service.iter().enumerate() {
+                    if matched[j].is_some() {
+                        continue;
+                    }
+                    let found = (0..mine.len()).find(|&i| {
+                        !taken[i]
+                            && same_opt(keys[i].as_ref(), key(se).as_ref())
+                            && (!exact || matches!(images.get(i), Some(Bson::Document(img)) if same_doc(img, se)))
+                    });
+                    if let Some(i) = found {
+                        taken[i] = true;
+                        matched[j] = Some(i);
+                    }
+                }
+            }
         }
-        let mut value = v.clone();
-        for (i, step) in self.steps.iter().enumerate().rev() {
-            let (before, after) = (chain[i].as_ref(), chain[i + 1].as_ref());
-            value = match (before, after) {
-                (Some(before), Some(after)) if same(after, &value) => before.clone(),
-                _ => builtins::backward(step, &value, before)?,
-            };
-        }
-        Ok(value)
     }
+    matched
 }
