@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 use crate::config::report::{DefinitionError, Report, read_toml, toml_files};
-use crate::event::Op;
+use crate::op::Op;
 
 /// The file format, as written.
 #[derive(Debug, Clone, Deserialize)]

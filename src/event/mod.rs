@@ -16,6 +16,7 @@ pub mod mapping;
 pub mod update;
 mod version;
 
+pub use crate::op::Op;
 pub use control::{Control, ControlMessage, Message, SNAPSHOT_COMPLETED, SnapshotMarker};
 pub use ejson::{from_ejson, to_ejson};
 pub use update::Truncation;
@@ -26,7 +27,6 @@ use std::fmt;
 use bson::{Bson, DateTime, Document, Timestamp};
 
 use ejson::doc_to_json;
-use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 /// Envelope schema version carried in the `schemaversion` extension.
@@ -59,36 +59,6 @@ impl Position {
     /// The position as a document version.
     pub fn version(&self) -> Version {
         Version::at(self.cluster_time, self.index)
-    }
-}
-
-/// What happened to the source document.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Op {
-    /// Copied by the initial snapshot.
-    Snapshot,
-    Insert,
-    Update,
-    Replace,
-    Delete,
-}
-
-impl Op {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Op::Snapshot => "snapshot",
-            Op::Insert => "insert",
-            Op::Update => "update",
-            Op::Replace => "replace",
-            Op::Delete => "delete",
-        }
-    }
-}
-
-impl fmt::Display for Op {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
     }
 }
 
