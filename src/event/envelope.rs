@@ -103,89 +103,11 @@ impl CanonicalEvent {
         let seq = string("sequence")?;
         let (cluster_time, index) =
             Version::parse(&seq).and_then(|v| v.position()).ok_or_else(|| bad("sequence", "expected 30 digits"))?;
-        let resume_token = match env.remove("resumetoken") {
-            Some(Value::String(s)) => Some(s),
-            None | Some(Value::Null) => None,
-            Some(_) => return Err(bad("resumetoken", "expected a string")),
-        };
-        let schema_version = match env.remove("schemaversion") {
-            Some(Value::Number(n)) => n
-                .as_u64()
-                .and_then(|n| u32::try_from(n).ok())
-                .ok_or_else(|| bad("schemaversion", "expected a small unsigned integer"))?,
-            Some(Value::String(s)) => s.parse().map_err(|_| bad("schemaversion", "expected an integer"))?,
-            _ => return Err(bad("schemaversion", "missing")),
-        };
-        let origin = match env.remove("ficusorigin") {
-            None | Some(Value::Null) => None,
-            Some(Value::String(s)) => {
-                Some(Origin::parse(&s).ok_or_else(|| bad("ficusorigin", "expected service/collection"))?)
-            }
-            Some(_) => return Err(bad("ficusorigin", "expected a string")),
-        };
-        let Some(Value::Object(mut data)) = env.remove("data") else {
+        let resume_token = resume_token(env.remove("resumetoken"))?;
+        let schema_version = schema_version(env.remove("schemaversion"))?;
+        let origin = origin(env.remove("ficusorigin"))?;
+        let Some(Value::Object(data)) = env.remove("data") else {
             return Err(bad("data", "missing or not an object"));
-        };
-        let op: Op = match data.remove("op") {
-            Some(v) => serde_json::from_value(v).map_err(|e| bad("data.op", e.to_string()))?,
-            None => return Err(bad("data.op", "missing")),
-        };
-        let collection = match data.remove("collection") {
-            Some(Value::String(s)) => s,
-            _ => return Err(bad("data.collection", "missing or not a string")),
-        };
-        let bson_of = |field: &'static str, v: Option<Value>| -> Result<Bson, DecodeError> {
-            let v = v.ok_or_else(|| bad(field, "missing"))?;
-            from_ejson(v).map_err(|e| bad(field, format!("not Extended JSON: {e}")))
-        };
-        let key = bson_of("data.key", data.remove("key"))?;
-        let document_id = bson_of("data.documentId", data.remove("documentId"))?;
-        let opt_doc = |field: &'static str, v: Option<Value>| -> Result<Option<Document>, DecodeError> {
-            match v {
-                None | Some(Value::Null) => Ok(None),
-                Some(v) => match from_ejson(v) {
-                    Ok(Bson::Document(d)) => Ok(Some(d)),
-                    Ok(_) => Err(bad(field, "expected a document")),
-                    Err(e) => Err(bad(field, format!("not Extended JSON: {e}"))),
-                },
-            }
-        };
-        let after = opt_doc("data.after", data.remove("after"))?;
-        let before = opt_doc("data.before", data.remove("before"))?;
-        let changed = opt_doc("data.changed", data.remove("changed"))?;
-        let removed = match data.remove("removed") {
-            None | Some(Value::Null) => Vec::new(),
-            Some(Value::Array(a)) => a
-                .into_iter()
-                .map(|v| match v {
-                    Value::String(s) => Ok(s),
-                    _ => Err(bad("data.removed", "expected strings")),
-                })
-                .collect::<Result<_, _>>()?,
-            Some(_) => return Err(bad("data.removed", "expected an array")),
-        };
-        let truncated = match data.remove("truncatedArrays") {
-            None | Some(Value::Null) => Vec::new(),
-            Some(Value::Array(a)) => a.into_iter().map(truncation).collect::<Result<_, _>>()?,
-            Some(_) => return Err(bad("data.truncatedArrays", "expected an array")),
-        };
-        let derived = match data.remove("derived") {
-            None | Some(Value::Null) => None,
-            Some(Value::Object(mut m)) => {
-                let field = match m.remove("field") {
-                    Some(Value::String(s)) => s,
-                    _ => return Err(bad("data.derived.field", "missing or not a string")),
-                };
-                let index = match m.remove("index") {
-                    None | Some(Value::Null) => None,
-                    // A plain number, or Extended JSON (`{"$numberInt": "3"}`) from a round trip
-                    // through BSON, as the event store does.
-                    Some(v) => Some(small_int(v).ok_or_else(|| bad("data.derived.index", "expected an integer"))?),
-                };
-                let element = bson_of("data.derived.element", m.remove("element"))?;
-                Some(Derived { field, index, element })
-            }
-            Some(_) => return Err(bad("data.derived", "expected an object")),
         };
         Ok(CanonicalEvent {
             id,
@@ -195,7 +117,7 @@ impl CanonicalEvent {
             time,
             position: Position { cluster_time, index, resume_token },
             schema_version,
-            data: EventData { op, collection, key, document_id, after, before, changed, removed, truncated, derived },
+            data: event_data(data)?,
             origin,
         })
     }
@@ -211,6 +133,118 @@ impl CanonicalEvent {
             ("ce_subject", self.subject.clone()),
             ("ce_sequence", self.position.sequence()),
         ]
+    }
+}
+
+/// The `resumetoken` extension: a string, or absent for snapshot events.
+fn resume_token(v: Option<Value>) -> Result<Option<String>, DecodeError> {
+    match v {
+        Some(Value::String(s)) => Ok(Some(s)),
+        None | Some(Value::Null) => Ok(None),
+        Some(_) => Err(bad("resumetoken", "expected a string")),
+    }
+}
+
+/// The `schemaversion` extension: a number, or a number in a string.
+fn schema_version(v: Option<Value>) -> Result<u32, DecodeError> {
+    match v {
+        Some(Value::Number(n)) => n
+            .as_u64()
+            .and_then(|n| u32::try_from(n).ok())
+            .ok_or_else(|| bad("schemaversion", "expected a small unsigned integer")),
+        Some(Value::String(s)) => s.parse().map_err(|_| bad("schemaversion", "expected an integer")),
+        _ => Err(bad("schemaversion", "missing")),
+    }
+}
+
+/// The `ficusorigin` extension: `service/collection`, or absent.
+fn origin(v: Option<Value>) -> Result<Option<Origin>, DecodeError> {
+    match v {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) => {
+            Ok(Some(Origin::parse(&s).ok_or_else(|| bad("ficusorigin", "expected service/collection"))?))
+        }
+        Some(_) => Err(bad("ficusorigin", "expected a string")),
+    }
+}
+
+/// The `data` object: what happened to which document.
+fn event_data(mut data: Map<String, Value>) -> Result<EventData, DecodeError> {
+    let op: Op = match data.remove("op") {
+        Some(v) => serde_json::from_value(v).map_err(|e| bad("data.op", e.to_string()))?,
+        None => return Err(bad("data.op", "missing")),
+    };
+    let collection = match data.remove("collection") {
+        Some(Value::String(s)) => s,
+        _ => return Err(bad("data.collection", "missing or not a string")),
+    };
+    let key = bson_of("data.key", data.remove("key"))?;
+    let document_id = bson_of("data.documentId", data.remove("documentId"))?;
+    let after = opt_doc("data.after", data.remove("after"))?;
+    let before = opt_doc("data.before", data.remove("before"))?;
+    let changed = opt_doc("data.changed", data.remove("changed"))?;
+    let removed = removed(data.remove("removed"))?;
+    let truncated = match data.remove("truncatedArrays") {
+        None | Some(Value::Null) => Vec::new(),
+        Some(Value::Array(a)) => a.into_iter().map(truncation).collect::<Result<_, _>>()?,
+        Some(_) => return Err(bad("data.truncatedArrays", "expected an array")),
+    };
+    let derived = derived(data.remove("derived"))?;
+    Ok(EventData { op, collection, key, document_id, after, before, changed, removed, truncated, derived })
+}
+
+/// A value in Extended JSON that must be there.
+fn bson_of(field: &'static str, v: Option<Value>) -> Result<Bson, DecodeError> {
+    let v = v.ok_or_else(|| bad(field, "missing"))?;
+    from_ejson(v).map_err(|e| bad(field, format!("not Extended JSON: {e}")))
+}
+
+/// A document in Extended JSON, or absent.
+fn opt_doc(field: &'static str, v: Option<Value>) -> Result<Option<Document>, DecodeError> {
+    match v {
+        None | Some(Value::Null) => Ok(None),
+        Some(v) => match from_ejson(v) {
+            Ok(Bson::Document(d)) => Ok(Some(d)),
+            Ok(_) => Err(bad(field, "expected a document")),
+            Err(e) => Err(bad(field, format!("not Extended JSON: {e}"))),
+        },
+    }
+}
+
+/// `data.removed`: the dotted paths an update removed.
+fn removed(v: Option<Value>) -> Result<Vec<String>, DecodeError> {
+    match v {
+        None | Some(Value::Null) => Ok(Vec::new()),
+        Some(Value::Array(a)) => a
+            .into_iter()
+            .map(|v| match v {
+                Value::String(s) => Ok(s),
+                _ => Err(bad("data.removed", "expected strings")),
+            })
+            .collect(),
+        Some(_) => Err(bad("data.removed", "expected an array")),
+    }
+}
+
+/// `data.derived`: the array element a semantic event is about, or absent.
+fn derived(v: Option<Value>) -> Result<Option<Derived>, DecodeError> {
+    match v {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Object(mut m)) => {
+            let field = match m.remove("field") {
+                Some(Value::String(s)) => s,
+                _ => return Err(bad("data.derived.field", "missing or not a string")),
+            };
+            let index = match m.remove("index") {
+                None | Some(Value::Null) => None,
+                // A plain number, or Extended JSON (`{"$numberInt": "3"}`) from a round trip
+                // through BSON, as the event store does.
+                Some(v) => Some(small_int(v).ok_or_else(|| bad("data.derived.index", "expected an integer"))?),
+            };
+            let element = bson_of("data.derived.element", m.remove("element"))?;
+            Ok(Some(Derived { field, index, element }))
+        }
+        Some(_) => Err(bad("data.derived", "expected an object")),
     }
 }
 
