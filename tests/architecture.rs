@@ -53,8 +53,11 @@ struct Import {
 
 #[test]
 fn no_function_over_80_lines() {
-    let violations: Vec<String> =
-        crate_sources().iter().filter(|s| s.module.is_some() && !s.test_only).flat_map(long_functions).collect();
+    let violations: Vec<String> = crate_sources()
+        .iter()
+        .filter(|s| s.path.starts_with("src/") && !s.test_only)
+        .flat_map(long_functions)
+        .collect();
     assert_none(
         &format!("non-test functions over {MAX_FN_LINES} lines (mark a justified one `// long: <reason>`)"),
         &violations,
@@ -196,6 +199,25 @@ fn is_test_code(attrs: &[syn::Attribute]) -> bool {
     })
 }
 
+/// An item's attributes (none for kinds that cannot hold test code).
+fn item_attrs(item: &syn::Item) -> &[syn::Attribute] {
+    match item {
+        syn::Item::Const(i) => &i.attrs,
+        syn::Item::Enum(i) => &i.attrs,
+        syn::Item::Fn(i) => &i.attrs,
+        syn::Item::Impl(i) => &i.attrs,
+        syn::Item::Macro(i) => &i.attrs,
+        syn::Item::Mod(i) => &i.attrs,
+        syn::Item::Static(i) => &i.attrs,
+        syn::Item::Struct(i) => &i.attrs,
+        syn::Item::Trait(i) => &i.attrs,
+        syn::Item::Type(i) => &i.attrs,
+        syn::Item::Union(i) => &i.attrs,
+        syn::Item::Use(i) => &i.attrs,
+        _ => &[],
+    }
+}
+
 fn line(span: Span) -> usize {
     span.start().line
 }
@@ -260,31 +282,27 @@ fn signature_line(vis: &syn::Visibility, sig: &syn::Signature) -> usize {
 }
 
 impl<'ast> Visit<'ast> for LongFunctions<'_> {
-    fn visit_item_mod(&mut self, m: &'ast syn::ItemMod) {
-        if !is_test_code(&m.attrs) {
-            visit::visit_item_mod(self, m);
+    fn visit_item(&mut self, item: &'ast syn::Item) {
+        if !is_test_code(item_attrs(item)) {
+            visit::visit_item(self, item);
         }
     }
 
     fn visit_item_fn(&mut self, f: &'ast syn::ItemFn) {
-        if !is_test_code(&f.attrs) {
-            let owner = self.owner.take();
-            self.measure(&f.attrs, &f.vis, &f.sig, &f.block);
-            visit::visit_item_fn(self, f);
-            self.owner = owner;
-        }
+        let owner = self.owner.take();
+        self.measure(&f.attrs, &f.vis, &f.sig, &f.block);
+        visit::visit_item_fn(self, f);
+        self.owner = owner;
     }
 
     fn visit_item_impl(&mut self, i: &'ast syn::ItemImpl) {
-        if !is_test_code(&i.attrs) {
-            let name = match &*i.self_ty {
-                syn::Type::Path(p) => p.path.segments.last().map(|s| s.ident.to_string()),
-                _ => None,
-            };
-            let outer = self.owner.replace(name.unwrap_or_else(|| "_".into()));
-            visit::visit_item_impl(self, i);
-            self.owner = outer;
-        }
+        let name = match &*i.self_ty {
+            syn::Type::Path(p) => p.path.segments.last().map(|s| s.ident.to_string()),
+            _ => None,
+        };
+        let outer = self.owner.replace(name.unwrap_or_else(|| "_".into()));
+        visit::visit_item_impl(self, i);
+        self.owner = outer;
     }
 
     fn visit_impl_item_fn(&mut self, f: &'ast syn::ImplItemFn) {
@@ -295,11 +313,9 @@ impl<'ast> Visit<'ast> for LongFunctions<'_> {
     }
 
     fn visit_item_trait(&mut self, t: &'ast syn::ItemTrait) {
-        if !is_test_code(&t.attrs) {
-            let outer = self.owner.replace(t.ident.to_string());
-            visit::visit_item_trait(self, t);
-            self.owner = outer;
-        }
+        let outer = self.owner.replace(t.ident.to_string());
+        visit::visit_item_trait(self, t);
+        self.owner = outer;
     }
 
     fn visit_trait_item_fn(&mut self, f: &'ast syn::TraitItemFn) {
@@ -419,23 +435,17 @@ fn resolve(here: &[String], segments: &[String]) -> Option<Vec<String>> {
 }
 
 impl<'ast> Visit<'ast> for Imports<'_> {
+    fn visit_item(&mut self, item: &'ast syn::Item) {
+        if !is_test_code(item_attrs(item)) {
+            visit::visit_item(self, item);
+        }
+    }
+
     fn visit_item_mod(&mut self, m: &'ast syn::ItemMod) {
-        if !is_test_code(&m.attrs) && m.content.is_some() {
+        if m.content.is_some() {
             self.here.push(m.ident.to_string());
             visit::visit_item_mod(self, m);
             self.here.pop();
-        }
-    }
-
-    fn visit_item_fn(&mut self, f: &'ast syn::ItemFn) {
-        if !is_test_code(&f.attrs) {
-            visit::visit_item_fn(self, f);
-        }
-    }
-
-    fn visit_item_impl(&mut self, i: &'ast syn::ItemImpl) {
-        if !is_test_code(&i.attrs) {
-            visit::visit_item_impl(self, i);
         }
     }
 
@@ -446,9 +456,7 @@ impl<'ast> Visit<'ast> for Imports<'_> {
     }
 
     fn visit_item_use(&mut self, u: &'ast syn::ItemUse) {
-        if !is_test_code(&u.attrs) {
-            self.use_tree(&u.tree, &mut Vec::new(), line(u.use_token.span));
-        }
+        self.use_tree(&u.tree, &mut Vec::new(), line(u.use_token.span));
     }
 
     fn visit_path(&mut self, p: &'ast syn::Path) {
@@ -661,7 +669,8 @@ fn check_reports_an_arrow_back_up() {
 #[test]
 fn check_ignores_test_code_when_ordering() {
     let lib = "pub mod a;\nmod b;\n";
-    let a = "#[cfg(test)]\nmod tests {\n    use crate::b::B;\n}\n#[test]\nfn t() { crate::b::f(); }\n";
+    let a = "#[cfg(test)]\nmod tests {\n    use crate::b::B;\n}\n#[test]\nfn t() { crate::b::f(); }\n\
+             #[cfg(test)]\nuse crate::b::C;\n#[cfg(test)]\nstruct S(crate::b::D);\n";
     let found = arrows_up(&module_order(lib), &imports(&synthetic("src/a.rs", a)));
     assert!(found.is_empty(), "{found:?}");
 }
