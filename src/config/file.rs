@@ -155,6 +155,7 @@ impl Reader<'_> {
         t
     }
 
+    /// `[source]`: the monolith's MongoDB, its database and the name events give it.
     fn source(&mut self, root: &toml::Table) -> SourceFile {
         let t = self.section(root, "source", &["uri", "db", "name"]);
         SourceFile {
@@ -164,6 +165,7 @@ impl Reader<'_> {
         }
     }
 
+    /// `[kafka]`: the brokers, group membership and librdkafka properties.
     fn kafka(&mut self, root: &toml::Table) -> KafkaFile {
         let t = self.section(
             root,
@@ -181,16 +183,19 @@ impl Reader<'_> {
         }
     }
 
+    /// `[target]`: the service databases' MongoDB.
     fn target(&mut self, root: &toml::Table) -> UriFile {
         let t = self.section(root, "target", &["uri"]);
         UriFile { uri: self.get(t, "target", "uri") }
     }
 
+    /// `[store]`: ficus's own database (checkpoints, leases, the event store).
     fn store(&mut self, root: &toml::Table) -> StoreFile {
         let t = self.section(root, "store", &["uri", "db"]);
         StoreFile { uri: self.get(t, "store", "uri"), db: self.get(t, "store", "db") }
     }
 
+    /// `[tail]`: the tail role's window, checkpoints, batches and lease.
     fn tail(&mut self, root: &toml::Table) -> TailFile {
         let keys = [
             "on_history_lost",
@@ -211,6 +216,7 @@ impl Reader<'_> {
         }
     }
 
+    /// `[snapshot]`: the initial copy's batch size and rate.
     fn snapshot(&mut self, root: &toml::Table) -> SnapshotFile {
         let t = self.section(root, "snapshot", &["batch_size", "max_docs_per_sec"]);
         SnapshotFile {
@@ -219,6 +225,7 @@ impl Reader<'_> {
         }
     }
 
+    /// `[consume]`: the consumers' batches, tombstones, stall and shutdown limits.
     fn consume(&mut self, root: &toml::Table) -> ConsumeFile {
         let keys = ["batch_max", "batch_wait_ms", "tombstone_ttl_days", "stall_secs", "shutdown_timeout_secs"];
         let t = self.section(root, "consume", &keys);
@@ -231,6 +238,7 @@ impl Reader<'_> {
         }
     }
 
+    /// `[reverse]`: the reverse topics and how often ownership is polled.
     fn reverse(&mut self, root: &toml::Table) -> ReverseFile {
         let t = self.section(root, "reverse", &["partitions", "replication_factor", "ownership_poll_ms"]);
         ReverseFile {
@@ -240,6 +248,7 @@ impl Reader<'_> {
         }
     }
 
+    /// `[cutover]`: what ficus assumes of applications and servers around a move.
     fn cutover(&mut self, root: &toml::Table) -> CutoverFile {
         let t = self.section(root, "cutover", &["view_max_age_secs", "transaction_lifetime_secs"]);
         CutoverFile {
@@ -248,6 +257,7 @@ impl Reader<'_> {
         }
     }
 
+    /// `[paths]`: where the topic definitions and transforms are.
     fn paths(&mut self, root: &toml::Table) -> PathsFile {
         let t = self.section(root, "paths", &["topics", "transforms"]);
         PathsFile { topics: self.get(t, "paths", "topics"), transforms: self.get(t, "paths", "transforms") }
