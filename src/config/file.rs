@@ -9,6 +9,7 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::LazyLock;
 
 use serde::de::DeserializeOwned;
 
@@ -126,36 +127,76 @@ impl ConfigFile {
             "",
             &["source", "kafka", "target", "store", "tail", "snapshot", "consume", "reverse", "cutover", "paths"],
         );
-        let empty = toml::Table::new();
-        let section = |r: &mut Reader<'_>, name: &str, keys: &[&str]| {
-            let t = r.table(&root, "", name).unwrap_or(&empty);
-            r.unknown(t, name, keys);
-            t
+        let file = ConfigFile {
+            source: r.source(&root),
+            kafka: r.kafka(&root),
+            target: r.target(&root),
+            store: r.store(&root),
+            tail: r.tail(&root),
+            snapshot: r.snapshot(&root),
+            consume: r.consume(&root),
+            reverse: r.reverse(&root),
+            cutover: r.cutover(&root),
+            paths: r.paths(&root),
         };
-        let t = section(&mut r, "source", &["uri", "db", "name"]);
-        let source = SourceFile {
-            uri: r.get(t, "source", "uri"),
-            db: r.get(t, "source", "db"),
-            name: r.get(t, "source", "name"),
-        };
-        let t = section(
-            &mut r,
+        (file, r.report)
+    }
+}
+
+// The sections, each read from the file's root table; their problems are reported in the
+// order they are read.
+impl Reader<'_> {
+    /// A section's table with its unknown keys reported; an empty table if it is absent (or
+    /// not a table, which is reported).
+    fn section<'t>(&mut self, root: &'t toml::Table, name: &str, keys: &[&str]) -> &'t toml::Table {
+        static EMPTY: LazyLock<toml::Table> = LazyLock::new(toml::Table::new);
+        let t = self.table(root, "", name).unwrap_or(&EMPTY);
+        self.unknown(t, name, keys);
+        t
+    }
+
+    /// `[source]`: the monolith's MongoDB, its database and the name events give it.
+    fn source(&mut self, root: &toml::Table) -> SourceFile {
+        let t = self.section(root, "source", &["uri", "db", "name"]);
+        SourceFile {
+            uri: self.get(t, "source", "uri"),
+            db: self.get(t, "source", "db"),
+            name: self.get(t, "source", "name"),
+        }
+    }
+
+    /// `[kafka]`: the brokers, group membership and librdkafka properties.
+    fn kafka(&mut self, root: &toml::Table) -> KafkaFile {
+        let t = self.section(
+            root,
             "kafka",
             &["brokers", "ce_headers", "instance_id", "membership", "properties", "producer", "consumer"],
         );
-        let kafka = KafkaFile {
-            brokers: r.get(t, "kafka", "brokers"),
-            ce_headers: r.get(t, "kafka", "ce_headers"),
-            instance_id: r.get(t, "kafka", "instance_id"),
-            membership: r.get(t, "kafka", "membership"),
-            properties: r.properties(t, "kafka", "properties"),
-            producer: r.properties(t, "kafka", "producer"),
-            consumer: r.properties(t, "kafka", "consumer"),
-        };
-        let t = section(&mut r, "target", &["uri"]);
-        let target = UriFile { uri: r.get(t, "target", "uri") };
-        let t = section(&mut r, "store", &["uri", "db"]);
-        let store = StoreFile { uri: r.get(t, "store", "uri"), db: r.get(t, "store", "db") };
+        KafkaFile {
+            brokers: self.get(t, "kafka", "brokers"),
+            ce_headers: self.get(t, "kafka", "ce_headers"),
+            instance_id: self.get(t, "kafka", "instance_id"),
+            membership: self.get(t, "kafka", "membership"),
+            properties: self.properties(t, "kafka", "properties"),
+            producer: self.properties(t, "kafka", "producer"),
+            consumer: self.properties(t, "kafka", "consumer"),
+        }
+    }
+
+    /// `[target]`: the service databases' MongoDB.
+    fn target(&mut self, root: &toml::Table) -> UriFile {
+        let t = self.section(root, "target", &["uri"]);
+        UriFile { uri: self.get(t, "target", "uri") }
+    }
+
+    /// `[store]`: ficus's own database (checkpoints, leases, the event store).
+    fn store(&mut self, root: &toml::Table) -> StoreFile {
+        let t = self.section(root, "store", &["uri", "db"]);
+        StoreFile { uri: self.get(t, "store", "uri"), db: self.get(t, "store", "db") }
+    }
+
+    /// `[tail]`: the tail role's window, checkpoints, batches and lease.
+    fn tail(&mut self, root: &toml::Table) -> TailFile {
         let keys = [
             "on_history_lost",
             "max_in_flight",
@@ -164,43 +205,62 @@ impl ConfigFile {
             "batch_size",
             "lease_ttl_ms",
         ];
-        let t = section(&mut r, "tail", &keys);
-        let tail = TailFile {
-            on_history_lost: r.get(t, "tail", "on_history_lost"),
-            max_in_flight: r.get(t, "tail", "max_in_flight"),
-            checkpoint_interval_ms: r.get(t, "tail", "checkpoint_interval_ms"),
-            max_await_ms: r.get(t, "tail", "max_await_ms"),
-            batch_size: r.get(t, "tail", "batch_size"),
-            lease_ttl_ms: r.get(t, "tail", "lease_ttl_ms"),
-        };
-        let t = section(&mut r, "snapshot", &["batch_size", "max_docs_per_sec"]);
-        let snapshot = SnapshotFile {
-            batch_size: r.get(t, "snapshot", "batch_size"),
-            max_docs_per_sec: r.get(t, "snapshot", "max_docs_per_sec"),
-        };
+        let t = self.section(root, "tail", &keys);
+        TailFile {
+            on_history_lost: self.get(t, "tail", "on_history_lost"),
+            max_in_flight: self.get(t, "tail", "max_in_flight"),
+            checkpoint_interval_ms: self.get(t, "tail", "checkpoint_interval_ms"),
+            max_await_ms: self.get(t, "tail", "max_await_ms"),
+            batch_size: self.get(t, "tail", "batch_size"),
+            lease_ttl_ms: self.get(t, "tail", "lease_ttl_ms"),
+        }
+    }
+
+    /// `[snapshot]`: the initial copy's batch size and rate.
+    fn snapshot(&mut self, root: &toml::Table) -> SnapshotFile {
+        let t = self.section(root, "snapshot", &["batch_size", "max_docs_per_sec"]);
+        SnapshotFile {
+            batch_size: self.get(t, "snapshot", "batch_size"),
+            max_docs_per_sec: self.get(t, "snapshot", "max_docs_per_sec"),
+        }
+    }
+
+    /// `[consume]`: the consumers' batches, tombstones, stall and shutdown limits.
+    fn consume(&mut self, root: &toml::Table) -> ConsumeFile {
         let keys = ["batch_max", "batch_wait_ms", "tombstone_ttl_days", "stall_secs", "shutdown_timeout_secs"];
-        let t = section(&mut r, "consume", &keys);
-        let consume = ConsumeFile {
-            batch_max: r.get(t, "consume", "batch_max"),
-            batch_wait_ms: r.get(t, "consume", "batch_wait_ms"),
-            tombstone_ttl_days: r.get(t, "consume", "tombstone_ttl_days"),
-            stall_secs: r.get(t, "consume", "stall_secs"),
-            shutdown_timeout_secs: r.get(t, "consume", "shutdown_timeout_secs"),
-        };
-        let t = section(&mut r, "reverse", &["partitions", "replication_factor", "ownership_poll_ms"]);
-        let reverse = ReverseFile {
-            partitions: r.get(t, "reverse", "partitions"),
-            replication_factor: r.get(t, "reverse", "replication_factor"),
-            ownership_poll_ms: r.get(t, "reverse", "ownership_poll_ms"),
-        };
-        let t = section(&mut r, "cutover", &["view_max_age_secs", "transaction_lifetime_secs"]);
-        let cutover = CutoverFile {
-            view_max_age_secs: r.get(t, "cutover", "view_max_age_secs"),
-            transaction_lifetime_secs: r.get(t, "cutover", "transaction_lifetime_secs"),
-        };
-        let t = section(&mut r, "paths", &["topics", "transforms"]);
-        let paths = PathsFile { topics: r.get(t, "paths", "topics"), transforms: r.get(t, "paths", "transforms") };
-        (ConfigFile { source, kafka, target, store, tail, snapshot, consume, reverse, cutover, paths }, r.report)
+        let t = self.section(root, "consume", &keys);
+        ConsumeFile {
+            batch_max: self.get(t, "consume", "batch_max"),
+            batch_wait_ms: self.get(t, "consume", "batch_wait_ms"),
+            tombstone_ttl_days: self.get(t, "consume", "tombstone_ttl_days"),
+            stall_secs: self.get(t, "consume", "stall_secs"),
+            shutdown_timeout_secs: self.get(t, "consume", "shutdown_timeout_secs"),
+        }
+    }
+
+    /// `[reverse]`: the reverse topics and how often ownership is polled.
+    fn reverse(&mut self, root: &toml::Table) -> ReverseFile {
+        let t = self.section(root, "reverse", &["partitions", "replication_factor", "ownership_poll_ms"]);
+        ReverseFile {
+            partitions: self.get(t, "reverse", "partitions"),
+            replication_factor: self.get(t, "reverse", "replication_factor"),
+            ownership_poll_ms: self.get(t, "reverse", "ownership_poll_ms"),
+        }
+    }
+
+    /// `[cutover]`: what ficus assumes of applications and servers around a move.
+    fn cutover(&mut self, root: &toml::Table) -> CutoverFile {
+        let t = self.section(root, "cutover", &["view_max_age_secs", "transaction_lifetime_secs"]);
+        CutoverFile {
+            view_max_age_secs: self.get(t, "cutover", "view_max_age_secs"),
+            transaction_lifetime_secs: self.get(t, "cutover", "transaction_lifetime_secs"),
+        }
+    }
+
+    /// `[paths]`: where the topic definitions and transforms are.
+    fn paths(&mut self, root: &toml::Table) -> PathsFile {
+        let t = self.section(root, "paths", &["topics", "transforms"]);
+        PathsFile { topics: self.get(t, "paths", "topics"), transforms: self.get(t, "paths", "transforms") }
     }
 }
 

@@ -10,13 +10,14 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use report::{DefinitionError, Report};
+use report::{DefinitionError, Problem, Report};
 
 mod file;
 pub mod report;
 pub mod topics;
 
 pub use file::ConfigFile;
+use file::{ConsumeFile, CutoverFile, KafkaFile, ReverseFile, SnapshotFile, TailFile};
 
 /// Environment variables that override connection settings (documented in the README).
 pub const ENV_VARS: &[(&str, &str)] = &[
@@ -208,158 +209,38 @@ impl Config {
     }
 
     /// Builds a config from a parsed file and the environment, with defaults where a value is
-    /// wrong, and the problems found.
+    /// wrong, and the problems found, in the order of the file's sections.
     fn build(f: ConfigFile, origin: &Path, env: EnvLookup<'_>) -> (Config, Report) {
         let mut report = Report::default();
         let mut err = |field: &str, msg: String| report.push(DefinitionError::new(origin, field, msg));
-        let pick = |var: &str, file: Option<String>, default: &str| -> String {
-            env(var).filter(|v| !v.is_empty()).or(file).unwrap_or_else(|| default.to_string())
-        };
-        let source_uri = pick("FICUS_SOURCE_URI", f.source.uri, DEFAULT_MONGO_URI);
-        let source_db = pick("FICUS_SOURCE_DB", f.source.db, "linechatbot");
-        let source_name = pick("FICUS_SOURCE_NAME", f.source.name, &source_db);
-        let target_uri = pick("FICUS_TARGET_URI", f.target.uri, &source_uri);
-        let store_uri = pick("FICUS_STORE_URI", f.store.uri, &target_uri);
-        let store_db = pick("FICUS_STORE_DB", f.store.db, "ficus");
-        let brokers = pick("FICUS_KAFKA_BROKERS", f.kafka.brokers, DEFAULT_BROKERS);
-        let instance_id = pick("FICUS_KAFKA_INSTANCE_ID", f.kafka.instance_id, &host_name());
-        let topics_dir =
-            env("FICUS_TOPICS_DIR").map(PathBuf::from).or(f.paths.topics).unwrap_or_else(|| PathBuf::from("topics"));
-        let transforms_dir = env("FICUS_TRANSFORMS_DIR")
-            .map(PathBuf::from)
-            .or(f.paths.transforms)
-            .unwrap_or_else(|| PathBuf::from("transforms"));
-
-        for (field, uri) in [("source.uri", &source_uri), ("target.uri", &target_uri), ("store.uri", &store_uri)] {
-            if !(uri.starts_with("mongodb://") || uri.starts_with("mongodb+srv://")) {
-                err(field, format!("`{}` is not a mongodb:// connection string", redact_uri(uri)));
-            }
-        }
-        for (field, db) in [("source.db", &source_db), ("store.db", &store_db)] {
-            if db.is_empty() || db.contains(['/', '\\', '.', ' ', '"', '$', '\0']) {
-                err(field, format!("`{db}` is not a valid database name"));
-            }
-        }
-        if source_name.is_empty() || source_name.contains(char::is_whitespace) {
-            err("source.name", format!("`{source_name}` must be a non-empty word"));
-        }
-        if brokers.trim().is_empty() {
-            err("kafka.brokers", "no bootstrap servers".into());
-        }
-        for (section, props) in
-            [("properties", &f.kafka.properties), ("producer", &f.kafka.producer), ("consumer", &f.kafka.consumer)]
-        {
-            for k in props.keys() {
-                let why = match k.as_str() {
-                    "bootstrap.servers" => "set kafka.brokers (or FICUS_KAFKA_BROKERS) instead",
-                    "group.instance.id" => "set kafka.instance_id (and kafka.membership) instead",
-                    "group.id" | "enable.auto.commit" | "enable.auto.offset.store" => {
-                        "ficus sets it: offsets are stored only after the write, per consumer group"
-                    }
-                    _ => continue,
-                };
-                err(&format!("kafka.{section}.{k}"), why.into());
-            }
-        }
-        if instance_id.is_empty() || instance_id.len() > 200 || !instance_id.chars().all(|c| c.is_ascii_graphic()) {
-            err(
-                "kafka.instance_id",
-                format!(
-                    "`{instance_id}` must be 1 to 200 printable characters without spaces (say, the pod or host name)"
-                ),
-            );
-        }
-        let membership = match f.kafka.membership.as_deref() {
-            None | Some("static") => Membership::Static,
-            Some("dynamic") => Membership::Dynamic,
-            Some(other) => {
-                err("kafka.membership", format!("`{other}`: expected \"static\" or \"dynamic\""));
-                Membership::Static
-            }
-        };
-        let on_history_lost = match f.tail.on_history_lost.as_deref() {
-            None | Some("fail") => OnHistoryLost::Fail,
-            Some("resnapshot") => OnHistoryLost::Resnapshot,
-            Some(other) => {
-                err("tail.on_history_lost", format!("`{other}`: expected \"fail\" or \"resnapshot\""));
-                OnHistoryLost::Fail
-            }
-        };
-        let positive = |field: &str, v: Option<u64>, default: u64, err: &mut dyn FnMut(&str, String)| -> u64 {
-            match v {
-                Some(0) => {
-                    err(field, "must be greater than 0".into());
-                    default
-                }
-                Some(v) => v,
-                None => default,
-            }
-        };
-        let max_in_flight = positive("tail.max_in_flight", f.tail.max_in_flight, 20_000, &mut err) as usize;
-        let checkpoint_interval =
-            positive("tail.checkpoint_interval_ms", f.tail.checkpoint_interval_ms, 1000, &mut err);
-        let max_await = positive("tail.max_await_ms", f.tail.max_await_ms, 1000, &mut err);
-        let tail_batch = positive("tail.batch_size", f.tail.batch_size, 1000, &mut err).min(u64::from(u32::MAX)) as u32;
-        let lease_ttl = positive("tail.lease_ttl_ms", f.tail.lease_ttl_ms, 15_000, &mut err);
-        let snap_batch =
-            positive("snapshot.batch_size", f.snapshot.batch_size, 1000, &mut err).min(u64::from(u32::MAX)) as u32;
-        let batch_max = positive("consume.batch_max", f.consume.batch_max, 500, &mut err) as usize;
-        let batch_wait = positive("consume.batch_wait_ms", f.consume.batch_wait_ms, 50, &mut err);
-        let tombstone_days = positive("consume.tombstone_ttl_days", f.consume.tombstone_ttl_days, 14, &mut err);
-        let stall = positive("consume.stall_secs", f.consume.stall_secs, 60, &mut err);
-        let shutdown = positive("consume.shutdown_timeout_secs", f.consume.shutdown_timeout_secs, 30, &mut err);
-        let reverse_partitions = positive("reverse.partitions", f.reverse.partitions, 6, &mut err).min(10_000) as i32;
-        let reverse_rf =
-            positive("reverse.replication_factor", f.reverse.replication_factor, 1, &mut err).min(100) as i32;
-        let ownership_poll = positive("reverse.ownership_poll_ms", f.reverse.ownership_poll_ms, 1000, &mut err);
-        let view_max_age = positive("cutover.view_max_age_secs", f.cutover.view_max_age_secs, 10, &mut err);
-        let txn_lifetime =
-            positive("cutover.transaction_lifetime_secs", f.cutover.transaction_lifetime_secs, 60, &mut err);
-
+        let at = Endpoints::pick(&f, env);
+        at.check(&f.kafka, &mut err);
+        let membership = membership(f.kafka.membership.as_deref(), &mut err);
+        let tail = tail_config(&f.tail, &mut err);
+        let snapshot = snapshot_config(&f.snapshot, &mut err);
+        let consume = consume_config(&f.consume, &f.cutover, &mut err);
+        let reverse = reverse_config(&f.reverse, &mut err);
+        let cutover = cutover_config(&f.cutover, &mut err);
         let cfg = Config {
-            source: SourceConfig { uri: source_uri, db: source_db, name: source_name },
+            source: at.source,
             kafka: KafkaConfig {
-                brokers,
+                brokers: at.brokers,
                 ce_headers: f.kafka.ce_headers.unwrap_or(true),
-                instance_id,
+                instance_id: at.instance_id,
                 membership,
                 properties: f.kafka.properties,
                 producer: f.kafka.producer,
                 consumer: f.kafka.consumer,
             },
-            target_uri,
-            store: StoreConfig { uri: store_uri, db: store_db },
-            tail: TailConfig {
-                on_history_lost,
-                max_in_flight,
-                checkpoint_interval: Duration::from_millis(checkpoint_interval),
-                max_await: Duration::from_millis(max_await),
-                batch_size: tail_batch,
-                lease_ttl: Duration::from_millis(lease_ttl),
-            },
-            snapshot: SnapshotConfig {
-                batch_size: snap_batch,
-                max_docs_per_sec: f.snapshot.max_docs_per_sec.unwrap_or(0).min(u64::from(u32::MAX)) as u32,
-            },
-            consume: ConsumeConfig {
-                batch_max,
-                batch_wait: Duration::from_millis(batch_wait),
-                tombstone_ttl: Duration::from_secs(tombstone_days.saturating_mul(86_400)),
-                stall: Duration::from_secs(stall),
-                shutdown_timeout: Duration::from_secs(shutdown),
-                judgement_max_age: Duration::from_secs(txn_lifetime.div_ceil(2)),
-            },
-            reverse: ReverseConfig {
-                partitions: reverse_partitions,
-                replication_factor: reverse_rf,
-                ownership_poll: Duration::from_millis(ownership_poll),
-            },
-            cutover: CutoverConfig {
-                view_max_age: Duration::from_secs(view_max_age),
-                transaction_lifetime: Duration::from_secs(txn_lifetime),
-            },
-            topics_dir,
-            transforms_dir,
+            target_uri: at.target_uri,
+            store: at.store,
+            tail,
+            snapshot,
+            consume,
+            reverse,
+            cutover,
+            topics_dir: at.topics_dir,
+            transforms_dir: at.transforms_dir,
         };
         (cfg, report)
     }
@@ -384,6 +265,206 @@ impl Config {
             self.transforms_dir.display(),
         )
     }
+}
+
+/// Where ficus connects and reads its definitions from, before they are checked.
+struct Endpoints {
+    source: SourceConfig,
+    target_uri: String,
+    store: StoreConfig,
+    brokers: String,
+    instance_id: String,
+    topics_dir: PathBuf,
+    transforms_dir: PathBuf,
+}
+
+impl Endpoints {
+    /// Each setting from the environment (`FICUS_*`, if set and not empty; a directory if set),
+    /// else the file, else its default.
+    fn pick(f: &ConfigFile, env: EnvLookup<'_>) -> Endpoints {
+        let pick = |var: &str, file: Option<&str>, default: &str| -> String {
+            env(var).filter(|v| !v.is_empty()).or(file.map(str::to_owned)).unwrap_or_else(|| default.to_string())
+        };
+        let dir = |var: &str, file: Option<&Path>, default: &str| -> PathBuf {
+            env(var).map(PathBuf::from).or(file.map(Path::to_path_buf)).unwrap_or_else(|| PathBuf::from(default))
+        };
+        let source_uri = pick("FICUS_SOURCE_URI", f.source.uri.as_deref(), DEFAULT_MONGO_URI);
+        let source_db = pick("FICUS_SOURCE_DB", f.source.db.as_deref(), "linechatbot");
+        let source_name = pick("FICUS_SOURCE_NAME", f.source.name.as_deref(), &source_db);
+        let target_uri = pick("FICUS_TARGET_URI", f.target.uri.as_deref(), &source_uri);
+        let store_uri = pick("FICUS_STORE_URI", f.store.uri.as_deref(), &target_uri);
+        let store_db = pick("FICUS_STORE_DB", f.store.db.as_deref(), "ficus");
+        let brokers = pick("FICUS_KAFKA_BROKERS", f.kafka.brokers.as_deref(), DEFAULT_BROKERS);
+        let instance_id = pick("FICUS_KAFKA_INSTANCE_ID", f.kafka.instance_id.as_deref(), &host_name());
+        Endpoints {
+            source: SourceConfig { uri: source_uri, db: source_db, name: source_name },
+            target_uri,
+            store: StoreConfig { uri: store_uri, db: store_db },
+            brokers,
+            instance_id,
+            topics_dir: dir("FICUS_TOPICS_DIR", f.paths.topics.as_deref(), "topics"),
+            transforms_dir: dir("FICUS_TRANSFORMS_DIR", f.paths.transforms.as_deref(), "transforms"),
+        }
+    }
+
+    /// Checks the connection strings, the database and source names, the brokers, the Kafka
+    /// properties ficus sets itself, and the instance id.
+    fn check(&self, kafka: &KafkaFile, err: Problem<'_>) {
+        let uris = [("source.uri", &self.source.uri), ("target.uri", &self.target_uri), ("store.uri", &self.store.uri)];
+        for (field, uri) in uris {
+            if !(uri.starts_with("mongodb://") || uri.starts_with("mongodb+srv://")) {
+                err(field, format!("`{}` is not a mongodb:// connection string", redact_uri(uri)));
+            }
+        }
+        for (field, db) in [("source.db", &self.source.db), ("store.db", &self.store.db)] {
+            if db.is_empty() || db.contains(['/', '\\', '.', ' ', '"', '$', '\0']) {
+                err(field, format!("`{db}` is not a valid database name"));
+            }
+        }
+        let source_name = &self.source.name;
+        if source_name.is_empty() || source_name.contains(char::is_whitespace) {
+            err("source.name", format!("`{source_name}` must be a non-empty word"));
+        }
+        if self.brokers.trim().is_empty() {
+            err("kafka.brokers", "no bootstrap servers".into());
+        }
+        check_kafka_properties(kafka, err);
+        let instance_id = &self.instance_id;
+        if instance_id.is_empty() || instance_id.len() > 200 || !instance_id.chars().all(|c| c.is_ascii_graphic()) {
+            err(
+                "kafka.instance_id",
+                format!(
+                    "`{instance_id}` must be 1 to 200 printable characters without spaces (say, the pod or host name)"
+                ),
+            );
+        }
+    }
+}
+
+/// Reports the librdkafka properties ficus sets itself, in any of the three tables.
+fn check_kafka_properties(kafka: &KafkaFile, err: Problem<'_>) {
+    for (section, props) in
+        [("properties", &kafka.properties), ("producer", &kafka.producer), ("consumer", &kafka.consumer)]
+    {
+        for k in props.keys() {
+            let why = match k.as_str() {
+                "bootstrap.servers" => "set kafka.brokers (or FICUS_KAFKA_BROKERS) instead",
+                "group.instance.id" => "set kafka.instance_id (and kafka.membership) instead",
+                "group.id" | "enable.auto.commit" | "enable.auto.offset.store" => {
+                    "ficus sets it: offsets are stored only after the write, per consumer group"
+                }
+                _ => continue,
+            };
+            err(&format!("kafka.{section}.{k}"), why.into());
+        }
+    }
+}
+
+/// `kafka.membership`: `"static"` (the default) or `"dynamic"`.
+fn membership(value: Option<&str>, err: Problem<'_>) -> Membership {
+    match value {
+        None | Some("static") => Membership::Static,
+        Some("dynamic") => Membership::Dynamic,
+        Some(other) => {
+            err("kafka.membership", format!("`{other}`: expected \"static\" or \"dynamic\""));
+            Membership::Static
+        }
+    }
+}
+
+/// `tail.on_history_lost`: `"fail"` (the default) or `"resnapshot"`.
+fn on_history_lost(value: Option<&str>, err: Problem<'_>) -> OnHistoryLost {
+    match value {
+        None | Some("fail") => OnHistoryLost::Fail,
+        Some("resnapshot") => OnHistoryLost::Resnapshot,
+        Some(other) => {
+            err("tail.on_history_lost", format!("`{other}`: expected \"fail\" or \"resnapshot\""));
+            OnHistoryLost::Fail
+        }
+    }
+}
+
+/// A setting that must be greater than 0: its value, or the default if it is unset, or the
+/// default and a problem if it is 0.
+fn positive(field: &str, v: Option<u64>, default: u64, err: Problem<'_>) -> u64 {
+    match v {
+        Some(0) => {
+            err(field, "must be greater than 0".into());
+            default
+        }
+        Some(v) => v,
+        None => default,
+    }
+}
+
+// The sections below read their fields in the file's order (a struct expression evaluates its
+// fields as written), so problems are reported in it.
+
+/// The `[tail]` section.
+fn tail_config(f: &TailFile, err: Problem<'_>) -> TailConfig {
+    TailConfig {
+        on_history_lost: on_history_lost(f.on_history_lost.as_deref(), err),
+        max_in_flight: positive("tail.max_in_flight", f.max_in_flight, 20_000, err) as usize,
+        checkpoint_interval: Duration::from_millis(positive(
+            "tail.checkpoint_interval_ms",
+            f.checkpoint_interval_ms,
+            1000,
+            err,
+        )),
+        max_await: Duration::from_millis(positive("tail.max_await_ms", f.max_await_ms, 1000, err)),
+        batch_size: positive("tail.batch_size", f.batch_size, 1000, err).min(u64::from(u32::MAX)) as u32,
+        lease_ttl: Duration::from_millis(positive("tail.lease_ttl_ms", f.lease_ttl_ms, 15_000, err)),
+    }
+}
+
+/// The `[snapshot]` section.
+fn snapshot_config(f: &SnapshotFile, err: Problem<'_>) -> SnapshotConfig {
+    SnapshotConfig {
+        batch_size: positive("snapshot.batch_size", f.batch_size, 1000, err).min(u64::from(u32::MAX)) as u32,
+        max_docs_per_sec: f.max_docs_per_sec.unwrap_or(0).min(u64::from(u32::MAX)) as u32,
+    }
+}
+
+/// The `[consume]` section; a batch's judgement of ownership may be half the transaction
+/// lifetime old, from the `[cutover]` section (which reports that setting's problems).
+fn consume_config(f: &ConsumeFile, cutover: &CutoverFile, err: Problem<'_>) -> ConsumeConfig {
+    ConsumeConfig {
+        batch_max: positive("consume.batch_max", f.batch_max, 500, err) as usize,
+        batch_wait: Duration::from_millis(positive("consume.batch_wait_ms", f.batch_wait_ms, 50, err)),
+        tombstone_ttl: Duration::from_secs(
+            positive("consume.tombstone_ttl_days", f.tombstone_ttl_days, 14, err).saturating_mul(86_400),
+        ),
+        stall: Duration::from_secs(positive("consume.stall_secs", f.stall_secs, 60, err)),
+        shutdown_timeout: Duration::from_secs(positive(
+            "consume.shutdown_timeout_secs",
+            f.shutdown_timeout_secs,
+            30,
+            err,
+        )),
+        judgement_max_age: Duration::from_secs(transaction_lifetime_secs(cutover, &mut |_, _| {}).div_ceil(2)),
+    }
+}
+
+/// The `[reverse]` section.
+fn reverse_config(f: &ReverseFile, err: Problem<'_>) -> ReverseConfig {
+    ReverseConfig {
+        partitions: positive("reverse.partitions", f.partitions, 6, err).min(10_000) as i32,
+        replication_factor: positive("reverse.replication_factor", f.replication_factor, 1, err).min(100) as i32,
+        ownership_poll: Duration::from_millis(positive("reverse.ownership_poll_ms", f.ownership_poll_ms, 1000, err)),
+    }
+}
+
+/// The `[cutover]` section.
+fn cutover_config(f: &CutoverFile, err: Problem<'_>) -> CutoverConfig {
+    CutoverConfig {
+        view_max_age: Duration::from_secs(positive("cutover.view_max_age_secs", f.view_max_age_secs, 10, err)),
+        transaction_lifetime: Duration::from_secs(transaction_lifetime_secs(f, err)),
+    }
+}
+
+/// `cutover.transaction_lifetime_secs`: the servers' `transactionLifetimeLimitSeconds`.
+fn transaction_lifetime_secs(f: &CutoverFile, err: Problem<'_>) -> u64 {
+    positive("cutover.transaction_lifetime_secs", f.transaction_lifetime_secs, 60, err)
 }
 
 /// This machine's host name (the pod name in Kubernetes, stable under systemd), or

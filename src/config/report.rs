@@ -31,6 +31,9 @@ impl fmt::Display for DefinitionError {
     }
 }
 
+/// Reports a problem with a field (its dotted path) of the file being checked.
+pub type Problem<'a> = &'a mut dyn FnMut(&str, String);
+
 /// Every problem found, in file order.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Report {

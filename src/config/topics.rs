@@ -10,8 +10,8 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-use crate::config::report::{DefinitionError, Report, read_toml, toml_files};
-use crate::event::Op;
+use crate::config::report::{DefinitionError, Problem, Report, read_toml, toml_files};
+use crate::op::Op;
 
 /// The file format, as written.
 #[derive(Debug, Clone, Deserialize)]
@@ -247,9 +247,34 @@ pub fn load(dir: &Path) -> Result<Topics, Report> {
     report.into_result(topics)
 }
 
+/// Checks one definition, every problem reported; the definition if it has none.
 fn validate(file: &Path, raw: TopicFile, report: &mut Report) -> Option<TopicDef> {
     let before = report.errors.len();
     let mut err = |field: &str, msg: String| report.push(DefinitionError::new(file, field, msg));
+    check_fields(&raw, &mut err);
+    let names = event_types(&raw.aggregate, &raw.events, &mut err);
+    let derived = derived_rules(&raw.derived, &names, &mut err);
+    if report.errors.len() > before {
+        return None;
+    }
+    Some(TopicDef {
+        file: file.to_path_buf(),
+        collection: raw.collection,
+        topic: raw.topic,
+        aggregate: raw.aggregate,
+        key: raw.key,
+        partitions: raw.partitions,
+        replication_factor: raw.replication_factor,
+        pre_images: raw.pre_images,
+        config: raw.config,
+        event_types: names,
+        derived,
+    })
+}
+
+/// Checks the collection, topic, aggregate and key names, the partitions and replication, the
+/// pre-images a key other than `_id` needs, and the Kafka topic configs.
+fn check_fields(raw: &TopicFile, err: Problem<'_>) {
     if raw.collection.is_empty() || raw.collection.contains('$') || raw.collection.contains('\0') {
         err("collection", format!("`{}` is not a valid collection name", raw.collection));
     }
@@ -285,21 +310,31 @@ fn validate(file: &Path, raw: TopicFile, report: &mut Report) -> Option<TopicDef
             err(&format!("config.{k}"), "Kafka topic configs need a name and a value".into());
         }
     }
-    let agg = &raw.aggregate;
+}
+
+/// The event type of each kind of change, in [`op_slot`] order: as named in `[events]`, else
+/// `<aggregate>.snapshot|created|updated|updated|deleted`; invalid names reported.
+fn event_types(agg: &str, events: &EventNames, err: Problem<'_>) -> [String; 5] {
     let names = [
-        raw.events.snapshot.clone().unwrap_or_else(|| format!("{agg}.snapshot")),
-        raw.events.insert.clone().unwrap_or_else(|| format!("{agg}.created")),
-        raw.events.update.clone().unwrap_or_else(|| format!("{agg}.updated")),
-        raw.events.replace.clone().unwrap_or_else(|| format!("{agg}.updated")),
-        raw.events.delete.clone().unwrap_or_else(|| format!("{agg}.deleted")),
+        events.snapshot.clone().unwrap_or_else(|| format!("{agg}.snapshot")),
+        events.insert.clone().unwrap_or_else(|| format!("{agg}.created")),
+        events.update.clone().unwrap_or_else(|| format!("{agg}.updated")),
+        events.replace.clone().unwrap_or_else(|| format!("{agg}.updated")),
+        events.delete.clone().unwrap_or_else(|| format!("{agg}.deleted")),
     ];
     for (field, name) in ["snapshot", "insert", "update", "replace", "delete"].iter().zip(&names) {
         if !valid_event_type(name) {
             err(&format!("events.{field}"), format!("`{name}` is not a valid event type"));
         }
     }
+    names
+}
+
+/// The derived-event rules, each checked: a valid type that is not already a change event
+/// type (`names`), and an array's field path.
+fn derived_rules(raw: &[DerivedFile], names: &[String; 5], err: Problem<'_>) -> Vec<DerivedRule> {
     let mut derived = Vec::new();
-    for (i, d) in raw.derived.iter().enumerate() {
+    for (i, d) in raw.iter().enumerate() {
         if !valid_event_type(&d.event_type) {
             err(&format!("derived[{i}].type"), format!("`{}` is not a valid event type", d.event_type));
         }
@@ -311,22 +346,7 @@ fn validate(file: &Path, raw: TopicFile, report: &mut Report) -> Option<TopicDef
         }
         derived.push(DerivedRule { event_type: d.event_type.clone(), array_field: d.array_grows.clone() });
     }
-    if report.errors.len() > before {
-        return None;
-    }
-    Some(TopicDef {
-        file: file.to_path_buf(),
-        collection: raw.collection,
-        topic: raw.topic,
-        aggregate: raw.aggregate,
-        key: raw.key,
-        partitions: raw.partitions,
-        replication_factor: raw.replication_factor,
-        pre_images: raw.pre_images,
-        config: raw.config,
-        event_types: names,
-        derived,
-    })
+    derived
 }
 
 #[cfg(test)]

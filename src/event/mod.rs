@@ -12,10 +12,12 @@
 
 mod control;
 mod ejson;
+mod envelope;
 pub mod mapping;
 pub mod update;
 mod version;
 
+pub use crate::op::Op;
 pub use control::{Control, ControlMessage, Message, SNAPSHOT_COMPLETED, SnapshotMarker};
 pub use ejson::{from_ejson, to_ejson};
 pub use update::Truncation;
@@ -24,10 +26,6 @@ pub use version::Version;
 use std::fmt;
 
 use bson::{Bson, DateTime, Document, Timestamp};
-
-use ejson::doc_to_json;
-use serde::{Deserialize, Serialize};
-use serde_json::{Map, Value};
 
 /// Envelope schema version carried in the `schemaversion` extension.
 pub const SCHEMA_VERSION: u32 = 1;
@@ -59,36 +57,6 @@ impl Position {
     /// The position as a document version.
     pub fn version(&self) -> Version {
         Version::at(self.cluster_time, self.index)
-    }
-}
-
-/// What happened to the source document.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Op {
-    /// Copied by the initial snapshot.
-    Snapshot,
-    Insert,
-    Update,
-    Replace,
-    Delete,
-}
-
-impl Op {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Op::Snapshot => "snapshot",
-            Op::Insert => "insert",
-            Op::Update => "update",
-            Op::Replace => "replace",
-            Op::Delete => "delete",
-        }
-    }
-}
-
-impl fmt::Display for Op {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
     }
 }
 
@@ -336,235 +304,12 @@ impl CanonicalEvent {
     pub fn key(&self) -> &str {
         &self.subject
     }
-
-    /// The structured-mode CloudEvents JSON envelope.
-    pub fn to_json(&self) -> Value {
-        let mut data = Map::new();
-        data.insert("op".into(), Value::String(self.data.op.as_str().into()));
-        data.insert("collection".into(), Value::String(self.data.collection.clone()));
-        data.insert("key".into(), to_ejson(&self.data.key));
-        data.insert("documentId".into(), to_ejson(&self.data.document_id));
-        let opt = |d: &Option<Document>| d.as_ref().map(doc_to_json).unwrap_or(Value::Null);
-        data.insert("after".into(), opt(&self.data.after));
-        data.insert("before".into(), opt(&self.data.before));
-        if self.data.changed.is_some() || self.data.op == Op::Update {
-            data.insert("changed".into(), opt(&self.data.changed));
-            data.insert("removed".into(), Value::Array(self.data.removed.iter().cloned().map(Value::String).collect()));
-        }
-        if !self.data.truncated.is_empty() {
-            let cut = |t: &Truncation| {
-                let mut m = Map::new();
-                m.insert("field".into(), Value::String(t.field.clone()));
-                m.insert("newSize".into(), Value::from(t.new_size));
-                Value::Object(m)
-            };
-            data.insert("truncatedArrays".into(), Value::Array(self.data.truncated.iter().map(cut).collect()));
-        }
-        if let Some(d) = &self.data.derived {
-            let mut m = Map::new();
-            m.insert("field".into(), Value::String(d.field.clone()));
-            m.insert("index".into(), d.index.map(Value::from).unwrap_or(Value::Null));
-            m.insert("element".into(), to_ejson(&d.element));
-            data.insert("derived".into(), Value::Object(m));
-        }
-
-        let mut env = Map::new();
-        env.insert("specversion".into(), Value::String("1.0".into()));
-        env.insert("id".into(), Value::String(self.id.clone()));
-        env.insert("source".into(), Value::String(self.source.clone()));
-        env.insert("type".into(), Value::String(self.event_type.clone()));
-        env.insert("subject".into(), Value::String(self.subject.clone()));
-        env.insert("time".into(), Value::String(self.time.try_to_rfc3339_string().unwrap_or_default()));
-        env.insert("datacontenttype".into(), Value::String("application/json".into()));
-        env.insert("sequence".into(), Value::String(self.position.sequence()));
-        env.insert(
-            "clustertime".into(),
-            Value::String(format!("{}.{}", self.position.cluster_time.time, self.position.cluster_time.increment)),
-        );
-        if let Some(tok) = &self.position.resume_token {
-            env.insert("resumetoken".into(), Value::String(tok.clone()));
-        }
-        env.insert("schemaversion".into(), Value::from(self.schema_version));
-        if let Some(o) = &self.origin {
-            env.insert("ficusorigin".into(), Value::String(o.render()));
-        }
-        env.insert("data".into(), Value::Object(data));
-        Value::Object(env)
-    }
-
-    /// Encodes the envelope as bytes for Kafka.
-    pub fn encode(&self) -> Vec<u8> {
-        serde_json::to_vec(&self.to_json()).expect("a JSON value always serialises")
-    }
-
-    /// Decodes an envelope produced by [`CanonicalEvent::encode`].
-    pub fn decode(bytes: &[u8]) -> Result<CanonicalEvent, DecodeError> {
-        let v: Value = serde_json::from_slice(bytes)?;
-        Self::from_json(v)
-    }
-
-    /// Parses a structured-mode envelope.
-    pub fn from_json(v: Value) -> Result<CanonicalEvent, DecodeError> {
-        let Value::Object(mut env) = v else {
-            return Err(bad("(envelope)", "expected a JSON object"));
-        };
-        let mut string = |field: &'static str| -> Result<String, DecodeError> {
-            match env.remove(field) {
-                Some(Value::String(s)) => Ok(s),
-                Some(_) => Err(bad(field, "expected a string")),
-                None => Err(bad(field, "missing")),
-            }
-        };
-        let spec = string("specversion")?;
-        if spec != "1.0" {
-            return Err(bad("specversion", format!("unsupported CloudEvents version {spec:?}")));
-        }
-        let id = string("id")?;
-        let source = string("source")?;
-        let event_type = string("type")?;
-        let subject = string("subject")?;
-        let time_s = string("time")?;
-        let time = DateTime::parse_rfc3339_str(&time_s).map_err(|e| bad("time", format!("not RFC 3339: {e}")))?;
-        let seq = string("sequence")?;
-        let (cluster_time, index) =
-            Version::parse(&seq).and_then(|v| v.position()).ok_or_else(|| bad("sequence", "expected 30 digits"))?;
-        let resume_token = match env.remove("resumetoken") {
-            Some(Value::String(s)) => Some(s),
-            None | Some(Value::Null) => None,
-            Some(_) => return Err(bad("resumetoken", "expected a string")),
-        };
-        let schema_version = match env.remove("schemaversion") {
-            Some(Value::Number(n)) => n
-                .as_u64()
-                .and_then(|n| u32::try_from(n).ok())
-                .ok_or_else(|| bad("schemaversion", "expected a small unsigned integer"))?,
-            Some(Value::String(s)) => s.parse().map_err(|_| bad("schemaversion", "expected an integer"))?,
-            _ => return Err(bad("schemaversion", "missing")),
-        };
-        let origin = match env.remove("ficusorigin") {
-            None | Some(Value::Null) => None,
-            Some(Value::String(s)) => {
-                Some(Origin::parse(&s).ok_or_else(|| bad("ficusorigin", "expected service/collection"))?)
-            }
-            Some(_) => return Err(bad("ficusorigin", "expected a string")),
-        };
-        let Some(Value::Object(mut data)) = env.remove("data") else {
-            return Err(bad("data", "missing or not an object"));
-        };
-        let op: Op = match data.remove("op") {
-            Some(v) => serde_json::from_value(v).map_err(|e| bad("data.op", e.to_string()))?,
-            None => return Err(bad("data.op", "missing")),
-        };
-        let collection = match data.remove("collection") {
-            Some(Value::String(s)) => s,
-            _ => return Err(bad("data.collection", "missing or not a string")),
-        };
-        let bson_of = |field: &'static str, v: Option<Value>| -> Result<Bson, DecodeError> {
-            let v = v.ok_or_else(|| bad(field, "missing"))?;
-            from_ejson(v).map_err(|e| bad(field, format!("not Extended JSON: {e}")))
-        };
-        let key = bson_of("data.key", data.remove("key"))?;
-        let document_id = bson_of("data.documentId", data.remove("documentId"))?;
-        let opt_doc = |field: &'static str, v: Option<Value>| -> Result<Option<Document>, DecodeError> {
-            match v {
-                None | Some(Value::Null) => Ok(None),
-                Some(v) => match from_ejson(v) {
-                    Ok(Bson::Document(d)) => Ok(Some(d)),
-                    Ok(_) => Err(bad(field, "expected a document")),
-                    Err(e) => Err(bad(field, format!("not Extended JSON: {e}"))),
-                },
-            }
-        };
-        let after = opt_doc("data.after", data.remove("after"))?;
-        let before = opt_doc("data.before", data.remove("before"))?;
-        let changed = opt_doc("data.changed", data.remove("changed"))?;
-        let removed = match data.remove("removed") {
-            None | Some(Value::Null) => Vec::new(),
-            Some(Value::Array(a)) => a
-                .into_iter()
-                .map(|v| match v {
-                    Value::String(s) => Ok(s),
-                    _ => Err(bad("data.removed", "expected strings")),
-                })
-                .collect::<Result<_, _>>()?,
-            Some(_) => return Err(bad("data.removed", "expected an array")),
-        };
-        let truncated = match data.remove("truncatedArrays") {
-            None | Some(Value::Null) => Vec::new(),
-            Some(Value::Array(a)) => a.into_iter().map(truncation).collect::<Result<_, _>>()?,
-            Some(_) => return Err(bad("data.truncatedArrays", "expected an array")),
-        };
-        let derived = match data.remove("derived") {
-            None | Some(Value::Null) => None,
-            Some(Value::Object(mut m)) => {
-                let field = match m.remove("field") {
-                    Some(Value::String(s)) => s,
-                    _ => return Err(bad("data.derived.field", "missing or not a string")),
-                };
-                let index = match m.remove("index") {
-                    None | Some(Value::Null) => None,
-                    // A plain number, or Extended JSON (`{"$numberInt": "3"}`) from a round trip
-                    // through BSON, as the event store does.
-                    Some(v) => Some(small_int(v).ok_or_else(|| bad("data.derived.index", "expected an integer"))?),
-                };
-                let element = bson_of("data.derived.element", m.remove("element"))?;
-                Some(Derived { field, index, element })
-            }
-            Some(_) => return Err(bad("data.derived", "expected an object")),
-        };
-        Ok(CanonicalEvent {
-            id,
-            source,
-            event_type,
-            subject,
-            time,
-            position: Position { cluster_time, index, resume_token },
-            schema_version,
-            data: EventData { op, collection, key, document_id, after, before, changed, removed, truncated, derived },
-            origin,
-        })
-    }
-
-    /// CloudEvents Kafka protocol binding headers (`ce_*`), sent beside the structured body when
-    /// `kafka.ce_headers` is on, so brokers and tools can route without parsing the body.
-    pub fn ce_headers(&self) -> [(&'static str, String); 6] {
-        [
-            ("ce_specversion", "1.0".to_string()),
-            ("ce_id", self.id.clone()),
-            ("ce_type", self.event_type.clone()),
-            ("ce_source", self.source.clone()),
-            ("ce_subject", self.subject.clone()),
-            ("ce_sequence", self.position.sequence()),
-        ]
-    }
-}
-
-/// A small unsigned integer on the wire: a plain number, or Extended JSON (`{"$numberInt": "3"}`)
-/// from a round trip through BSON, as the event store does.
-fn small_int(v: Value) -> Option<u32> {
-    match Bson::try_from(v) {
-        Ok(Bson::Int32(i)) => u32::try_from(i).ok(),
-        Ok(Bson::Int64(i)) => u32::try_from(i).ok(),
-        _ => None,
-    }
-}
-
-/// One entry of `data.truncatedArrays`: `{"field": "purchases", "newSize": 2}`.
-fn truncation(v: Value) -> Result<Truncation, DecodeError> {
-    let Value::Object(mut m) = v else { return Err(bad("data.truncatedArrays", "expected objects")) };
-    let field = match m.remove("field") {
-        Some(Value::String(s)) => s,
-        _ => return Err(bad("data.truncatedArrays", "an entry's `field` is missing or not a string")),
-    };
-    let new_size = m
-        .remove("newSize")
-        .and_then(small_int)
-        .ok_or_else(|| bad("data.truncatedArrays", format!("`{field}`: `newSize` is missing or not a count")))?;
-    Ok(Truncation { field, new_size })
 }
 
 #[cfg(test)]
 mod tests {
+    use serde_json::Value;
+
     use super::*;
     use bson::{Decimal128, doc, oid::ObjectId};
 
