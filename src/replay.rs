@@ -30,7 +30,7 @@ use mongodb::Client;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
-use crate::bus::{BusError, Reader, StartAt};
+use crate::bus::{BusError, ReadFrom, Reader};
 use crate::config::KafkaConfig;
 use crate::consume::{Applied, Applier, ConsumeError, Forward, Item, Path, Rejects};
 use crate::event::Origin;
@@ -238,8 +238,8 @@ async fn catch_up(
 ) -> Result<Applied, ReplayError> {
     let reader = Reader::new(kafka, &format!("ficus-replay-{}", applier.transformer.transforms.service()), None)?;
     let start = |topic: &str, p: i32| match archived_to.get(&(topic.to_string(), p)) {
-        Some(o) => StartAt::Offset(o + 1),
-        None => StartAt::Beginning,
+        Some(o) => ReadFrom::Offset(o + 1),
+        None => ReadFrom::Beginning,
     };
     let mut done = Applied::default();
     let outcome = reader

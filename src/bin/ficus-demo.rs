@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::Context;
 use bson::{Document, doc};
 use clap::{Parser, Subcommand};
-use ficus::bus::{Reader, StartAt};
+use ficus::bus::{ReadFrom, Reader};
 use ficus::event::{CanonicalEvent, Message};
 use ficus::testkit::workload::Workload;
 
@@ -137,7 +137,7 @@ async fn peek(brokers: &str, topics_dir: &std::path::Path) -> anyhow::Result<()>
     reader
         .read_to_end(
             &names,
-            |_, _| StartAt::Beginning,
+            |_, _| ReadFrom::Beginning,
             1000,
             false,
             &never,

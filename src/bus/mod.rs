@@ -29,7 +29,7 @@ pub use conflicts::ConflictReports;
 pub use consumer::{Delivery, GroupConsumer, Standing};
 pub use dead_letter::{DeadLetter, DeadLetters, Stage};
 pub use publisher::{Ack, KafkaPublisher, Publisher};
-pub use reader::{GroupLag, PartitionPosition, ReadOutcome, Reader, StartAt};
+pub use reader::{GroupLag, PartitionPosition, ReadFrom, ReadOutcome, Reader};
 
 /// Errors from the bus.
 #[derive(Debug, thiserror::Error)]

@@ -65,7 +65,7 @@ impl PartitionPosition {
 
 /// Where a partition's read starts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum StartAt {
+pub enum ReadFrom {
     Beginning,
     /// This offset (the next to read).
     Offset(i64),
@@ -155,7 +155,7 @@ impl Reader {
     pub async fn read_to_end<E: From<BusError>>(
         &self,
         topics: &[String],
-        start: impl Fn(&str, i32) -> StartAt,
+        start: impl Fn(&str, i32) -> ReadFrom,
         batch: usize,
         commit: bool,
         shutdown: &CancellationToken,
@@ -213,7 +213,7 @@ impl Reader {
     fn assignment(
         &self,
         topics: &[String],
-        start: impl Fn(&str, i32) -> StartAt,
+        start: impl Fn(&str, i32) -> ReadFrom,
     ) -> Result<(TopicPartitionList, HashMap<(String, i32), i64>), BusError> {
         let mut assign = TopicPartitionList::new();
         let mut ends: HashMap<(String, i32), i64> = HashMap::new();
@@ -230,9 +230,9 @@ impl Reader {
         for e in committed.elements() {
             let (topic, p) = (e.topic(), e.partition());
             let from = match start(topic, p) {
-                StartAt::Beginning => None,
-                StartAt::Offset(o) => Some(o),
-                StartAt::Committed => match e.offset() {
+                ReadFrom::Beginning => None,
+                ReadFrom::Offset(o) => Some(o),
+                ReadFrom::Committed => match e.offset() {
                     Offset::Offset(o) => Some(o),
                     _ => None,
                 },

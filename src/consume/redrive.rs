@@ -11,7 +11,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::direction::Transformer;
 use super::{Applier, ConsumeError, Item, Path, Rejects};
-use crate::bus::{DeadLetter, DeadLetters, Reader, StartAt};
+use crate::bus::{DeadLetter, DeadLetters, ReadFrom, Reader};
 use crate::config::KafkaConfig;
 use crate::config::topics::dlq_topic;
 use crate::event::Origin;
@@ -63,7 +63,7 @@ pub async fn redrive_dead_letters<T: Transformer, S: Sink>(
     reader
         .read_to_end(
             &topics,
-            |_, _| StartAt::Committed,
+            |_, _| ReadFrom::Committed,
             batch,
             true,
             shutdown,

@@ -130,13 +130,13 @@ impl ScopePlan {
 pub(super) struct FieldPlan {
     /// Dotted target path relative to the scope.
     pub target: String,
-    pub forward: Forward,
+    pub forward: Computed,
     pub how: How,
 }
 
 /// What the forward transform computes for a field.
 #[derive(Debug, Clone)]
-pub(super) enum Forward {
+pub(super) enum Computed {
     Value(Expr),
     Each { source: Expr, fields: Fields },
 }

@@ -11,7 +11,7 @@ use std::fmt::Write;
 use std::path::PathBuf;
 
 use crate::transform::ServiceTransforms;
-use crate::transform::model::{Align, Fields, Forward, How, Reversal, ScopePlan, Shape, Target, Transform};
+use crate::transform::model::{Align, Computed, Fields, How, Reversal, ScopePlan, Shape, Target, Transform};
 
 /// What happens to a service change of one target field.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -110,11 +110,11 @@ fn scope_rows(plan: &ScopePlan, at: &str, key: Option<&str>, out: &mut Vec<Field
     for f in &plan.fields {
         let field = join(at, &f.target);
         let class = match (&f.how, &f.forward) {
-            (How::Lens(_), Forward::Value(expr)) => {
+            (How::Lens(_), Computed::Value(expr)) => {
                 let keyed = if key == Some(f.target.as_str()) { " (the key)" } else { "" };
                 Reversibility::Reversible(format!("← {expr}{keyed}"))
             }
-            (How::Lens(lens), Forward::Each { .. }) => Reversibility::Reversible(format!("← {}", lens.path)),
+            (How::Lens(lens), Computed::Each { .. }) => Reversibility::Reversible(format!("← {}", lens.path)),
             (How::Rule { set, from }, _) => Reversibility::ByRule(format!("sets `{set}` from `{from}`")),
             (How::ReadOnly(why), _) => Reversibility::ReadOnly(why.clone()),
             (How::Array { source, align, by_rule, .. }, _) => {

@@ -10,7 +10,7 @@ use super::patch::unset_path;
 use crate::event::mapping::get_path;
 use crate::transform::builtins::{describe, same};
 use crate::transform::expr::Expr;
-use crate::transform::model::{Align, DocumentPlan, FieldPlan, Forward, How, ScopePlan};
+use crate::transform::model::{Align, Computed, DocumentPlan, FieldPlan, How, ScopePlan};
 use crate::transform::value::Func;
 
 /// One generated edit of a service document.
@@ -162,7 +162,7 @@ fn field_edits(
             ));
         }
         // Another value of the value map the field's forward ends in, if any.
-        if let Forward::Value(Expr::Call { func: Func::Map(map), .. }) = &f.forward
+        if let Computed::Value(Expr::Call { func: Func::Map(map), .. }) = &f.forward
             && let Some(v) = map.entries.values().find(|v| !same(v, current))
         {
             out.push((

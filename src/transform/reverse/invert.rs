@@ -20,7 +20,7 @@ use bson::Bson;
 
 use crate::transform::expr::{Expr, Root};
 use crate::transform::model::{
-    Align, DocumentPlan, FieldPlan, Fields, Forward, How, Input, Key, Lens, Reversal, ScopePlan, Shape, Target,
+    Align, Computed, DocumentPlan, FieldPlan, Fields, How, Input, Key, Lens, Reversal, ScopePlan, Shape, Target,
 };
 use crate::transform::value::{CmpOp, Func, ValueMap};
 
@@ -80,7 +80,7 @@ enum Auto {
 /// One target field of a scope before the entries are consulted.
 struct Candidate<'f> {
     target: String,
-    forward: Forward,
+    forward: Computed,
     element: Option<&'f Fields>,
     auto: Result<Auto, NotAuto>,
 }
@@ -189,7 +189,7 @@ impl Planner<'_> {
                         .map(Auto::Lens)
                         .map_err(|why| NotAuto { why, options: Options::Leaf }),
                     target,
-                    forward: Forward::Value(expr.clone()),
+                    forward: Computed::Value(expr.clone()),
                     element: None,
                 }),
                 Shape::Object(inner) => {
@@ -199,7 +199,7 @@ impl Planner<'_> {
                 Shape::Each { source, fields } => out.push(Candidate {
                     auto: array_auto(source, fields, in_element),
                     target,
-                    forward: Forward::Each { source: source.clone(), fields: fields.clone() },
+                    forward: Computed::Each { source: source.clone(), fields: fields.clone() },
                     element: Some(fields),
                 }),
             }
@@ -214,8 +214,8 @@ impl Planner<'_> {
             (Ok(Auto::Lens(lens)), entry) => {
                 if let Some(e) = entry {
                     let how = match &c.forward {
-                        Forward::Value(expr) => format!("← {expr}"),
-                        Forward::Each { .. } => String::new(),
+                        Computed::Value(expr) => format!("← {expr}"),
+                        Computed::Each { .. } => String::new(),
                     };
                     self.problem(
                         &at,
@@ -315,7 +315,7 @@ impl Planner<'_> {
                         return None;
                     }
                 }
-                let Forward::Each { source, .. } = &c.forward else { return None };
+                let Computed::Each { source, .. } = &c.forward else { return None };
                 let source = match lens_of(source, false) {
                     Ok(lens) => lens.path,
                     Err(_) => return None,

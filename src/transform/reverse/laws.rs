@@ -32,7 +32,7 @@ use crate::event::mapping::get_path;
 use crate::transform::ServiceTransforms;
 use crate::transform::builtins::{describe, same, same_opt};
 use crate::transform::error::TransformError;
-use crate::transform::model::{Align, FieldPlan, Forward, How, ScopePlan};
+use crate::transform::model::{Align, Computed, FieldPlan, How, ScopePlan};
 use crate::transform::op::WriteOp;
 
 /// Checks the laws document by document.
@@ -301,8 +301,8 @@ fn reads(f: &FieldPlan) -> Vec<String> {
     match (&f.how, &f.forward) {
         (How::Lens(l), _) => out.push(l.path.clone()),
         (How::Array { source, .. }, _) => out.push(source.clone()),
-        (_, Forward::Value(e)) => e.input_paths(&mut out),
-        (_, Forward::Each { source, .. }) => source.input_paths(&mut out),
+        (_, Computed::Value(e)) => e.input_paths(&mut out),
+        (_, Computed::Each { source, .. }) => source.input_paths(&mut out),
     }
     out
 }

@@ -26,7 +26,7 @@ use crate::transform::builtins::{found, same_doc, same_opt};
 use crate::transform::elements::{MergedArray, Wins};
 use crate::transform::error::TransformError;
 use crate::transform::expr::{Expr, Scope};
-use crate::transform::model::{Align, DocumentPlan, Forward, How, Key, ScopePlan, Target, Transform};
+use crate::transform::model::{Align, Computed, DocumentPlan, How, Key, ScopePlan, Target, Transform};
 use crate::transform::op::WriteOp;
 
 /// The metadata field ficus's sink writes on every service document (`sink::META`):
@@ -377,8 +377,8 @@ fn read_only(plan: &ScopePlan, target: &Document, service: &Document, at: &str, 
         match &f.how {
             How::ReadOnly(reason) => {
                 let from_event = match &f.forward {
-                    Forward::Value(e) => e.reads_event(),
-                    Forward::Each { .. } => false,
+                    Computed::Value(e) => e.reads_event(),
+                    Computed::Each { .. } => false,
                 };
                 if !from_event && !same_opt(mine, theirs) {
                     out.push(Conflict {
@@ -494,8 +494,10 @@ impl Cx<'_> {
             // What the forward makes of the monolith's current value: equal to the service's,
             // the field is unchanged and writes nothing.
             let image: Option<Option<Bson>> = match &f.forward {
-                Forward::Value(expr) => expr.eval(forward).ok().map(|v| v.map(Cow::into_owned)),
-                Forward::Each { source, fields } => crate::transform::apply::each(source, fields, forward, &field).ok(),
+                Computed::Value(expr) => expr.eval(forward).ok().map(|v| v.map(Cow::into_owned)),
+                Computed::Each { source, fields } => {
+                    crate::transform::apply::each(source, fields, forward, &field).ok()
+                }
             };
             let unchanged = image.as_ref().is_some_and(|v| same_opt(v.as_ref(), sv));
             if unchanged {
@@ -625,7 +627,7 @@ impl Cx<'_> {
     ) -> Result<Vec<Option<Bson>>, ReverseError> {
         let key_of = |plan_field: &str, d: &Document| -> Result<Option<Bson>, ReverseError> {
             let Some(f) = element.fields.iter().find(|f| f.target == plan_field) else { return Ok(None) };
-            let Forward::Value(expr) = &f.forward else { return Ok(None) };
+            let Computed::Value(expr) = &f.forward else { return Ok(None) };
             expr.eval(&forward.with_input(d))
                 .map(|v| v.map(Cow::into_owned))
                 .map_err(|e| self.r.error(field, None, format!("a monolith element's `{plan_field}`: {e}")))
