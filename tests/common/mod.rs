@@ -510,10 +510,14 @@ fn read_topics_in(
 }
 
 /// Every collection of a database, documents in `_id` order, with tombstones' wall-clock `at`
-/// left out: for comparing two databases built by different deliveries.
+/// left out: for comparing two databases built by different deliveries. The apply markers
+/// (`_ficus_applied`) are left out too: they are bookkeeping whose documents depend on how the
+/// deliveries fell into batches (a closing marker is named after its batch's first partition),
+/// not on what was applied.
 pub async fn dump(db: &mongodb::Database) -> std::collections::BTreeMap<String, Vec<Document>> {
     use futures::TryStreamExt;
     let mut names = db.list_collection_names().await.unwrap();
+    names.retain(|n| n != "_ficus_applied");
     names.sort();
     let mut out = std::collections::BTreeMap::new();
     for name in names {
