@@ -10,10 +10,13 @@
 //!   is made to say what the owner's says now, through the reverse of the transform
 //!   (`MonolithSink::restore`), in a marked transaction so the service does not take the echo
 //!   for a change of the monolith's;
-//! - the monolith won (a service change met the monolith's document): the fields the record
-//!   names are set in the service's document to what the monolith's makes of them, read at a
-//!   cluster time that versions the write like a snapshot copy (nothing older lands over it
-//!   later), in a marked transaction so the service's tail does not take it for the service's.
+//! - the monolith won (a service change met the monolith's document): the service's document is
+//!   made what the monolith's makes of it now, whole, read at a cluster time that versions the
+//!   write like a snapshot copy (nothing older lands over it later), marked so the service's
+//!   tail does not take it for the service's. Whole, not only the fields in conflict: the
+//!   version says the document holds the monolith's state at that time, so a monolith change
+//!   older than it, still on its way, is skipped when it comes, and what it carried must
+//!   already be there (a repair of the conflict's fields alone lost such a change's counter).
 //!
 //! A delete on the non-owner's side of a document the owner keeps is a conflict on the whole
 //! document, resolved by the policy the README documents: the owner's document stands and is
@@ -28,8 +31,8 @@ use mongodb::Database;
 use super::ConsumeError;
 use crate::config::topics::Topics;
 use crate::event::Version;
-use crate::sink::merge::{Spot, take_spots};
-use crate::sink::{META, Marker, MongoSink, MonolithSink, Sink, SinkError, Versioned};
+use crate::sink::merge::Spot;
+use crate::sink::{Marker, MongoSink, MonolithSink, Sink, SinkError, Versioned};
 use crate::transform::{ServiceTransforms, WriteOp};
 
 /// What repairs the other side of a service's conflicts.
@@ -91,8 +94,9 @@ impl Repairs {
         Ok(self.monolith.restore(&collection, &id, &hint, spots, read_owner).await?)
     }
 
-    /// The monolith won: the service's document is made to hold what the monolith's makes of
-    /// the fields in conflict (or, for the whole document, restored or removed).
+    /// The monolith won: the service's document is made what the monolith's makes of it now
+    /// (restored, replaced or removed), as a snapshot copy read at the cluster time taken before
+    /// the read would write it (see the module header).
     async fn service_side(&self, record: &Document) -> Result<String, ConsumeError> {
         let source = record.get_str("collection").unwrap_or_default();
         let reverse = self
@@ -121,15 +125,15 @@ impl Repairs {
             Some(m) => self.copy_of(source, &collection, m)?,
             None => None,
         };
-        let spots = conflict_spots(record);
-        let whole = spots.iter().any(|s| s.path == "(document)");
         let version = Version::at(at, 0);
         let source_id = current.as_ref().and_then(|m| m.get("_id")).cloned().unwrap_or(Bson::Null);
         match copy {
-            Some((id, image)) if !whole => self.set_fields(&collection, &id, &image, &spots, &version).await,
             Some((id, image)) => {
                 let op = WriteOp::Upsert { collection: collection.clone(), id, doc: image };
-                let what = format!("the service's {collection} document restored from the monolith's");
+                let what = format!(
+                    "the service's {collection} document made the monolith's ({} conflicts)",
+                    record.get_array("fields").map(Vec::len).unwrap_or(0)
+                );
                 self.write(source, source_id, version, op).await.map(|()| what)
             }
             None => {
@@ -158,71 +162,6 @@ impl Repairs {
             WriteOp::Upsert { collection: c, id, doc } if c == collection => Some((id, doc)),
             _ => None,
         }))
-    }
-
-    /// Sets the conflicts' spots of a service document (fields, or single elements of arrays)
-    /// to what the monolith's image holds there, unless a newer monolith change has been
-    /// applied to it, as ficus's own write (marked): read and written in one transaction, so a
-    /// concurrent write of the document makes it start again.
-    async fn set_fields(
-        &self,
-        collection: &str,
-        id: &Bson,
-        image: &Document,
-        spots: &[Spot],
-        version: &Version,
-    ) -> Result<String, ConsumeError> {
-        let service = self.transforms.service().to_string();
-        let marker = Marker {
-            origin: crate::event::Origin { service, collection: None },
-            positions: vec![("repair".to_string(), 0, 0)],
-            echoes: 0,
-            judged: None,
-        };
-        let db = self.service_db();
-        let coll = db.collection::<Document>(collection);
-        let mut s = db.client().start_session().await.map_err(SinkError::from)?;
-        let mut attempts = 0;
-        loop {
-            crate::mongo::begin(&mut s).await.map_err(SinkError::from)?;
-            let outcome = async {
-                marker.write(db, &mut s).await?;
-                let current = coll.find_one(doc! { "_id": id.clone() }).session(&mut s).await?;
-                let newer = current
-                    .as_ref()
-                    .and_then(|d| d.get_document(META).ok()?.get_str("v").ok().map(String::from))
-                    .is_some_and(|v| version.held_by(&v));
-                let Some(mut d) = current.filter(|_| !newer) else {
-                    marker.close(db, &mut s).await?;
-                    return Ok::<bool, SinkError>(false);
-                };
-                let touched = take_spots(&mut d, image, spots).map_err(SinkError::Unsupported)?;
-                let mut set = Document::new();
-                let mut unset = Document::new();
-                for top in touched {
-                    match d.get(&top) {
-                        Some(v) => set.insert(top, v.clone()),
-                        None => unset.insert(top, ""),
-                    };
-                }
-                set.insert(format!("{META}.v"), version.as_str());
-                let mut update = doc! { "$set": set };
-                if !unset.is_empty() {
-                    update.insert("$unset", unset);
-                }
-                coll.update_one(doc! { "_id": id.clone() }, update).session(&mut s).await?;
-                marker.close(db, &mut s).await?;
-                Ok(true)
-            }
-            .await;
-            if let Some(done) = crate::mongo::finish(&mut s, outcome, &mut attempts, SinkError::is_conflict).await {
-                return Ok(if done? {
-                    format!("the service's {collection} set to the monolith's values ({} conflicts)", spots.len())
-                } else {
-                    format!("the service's {collection} already newer than the monolith's values")
-                });
-            }
-        }
     }
 
     /// One write into the service database, versioned like a snapshot copy read at `version`
