@@ -161,7 +161,7 @@ async fn from_archive<T, S>(
 ) -> Result<HashMap<(String, i32), i64>, ReplayError>
 where
     T: crate::consume::Transformer,
-    S: crate::sink::Sink,
+    S: crate::sink::Sink<Op = T::Op>,
 {
     let mut filter = doc! { "topic": { "$in": topics } };
     if let Some(t) = opts.from {

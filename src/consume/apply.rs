@@ -95,13 +95,13 @@ impl Item {
 
 /// What became of one message after transformation.
 #[derive(Debug)]
-pub enum Prepared {
-    Write(Versioned),
+pub enum Prepared<O> {
+    Write(Versioned<O>),
     Rejected { stage: Stage, error: String },
 }
 
 /// Decodes and transforms one message (pure).
-pub fn prepare(transformer: &impl Transformer, item: &Item) -> Prepared {
+pub fn prepare<T: Transformer>(transformer: &T, item: &Item) -> Prepared<T::Op> {
     let message = match &item.message {
         Ok(m) => m,
         Err(e) => return Prepared::Rejected { stage: Stage::Decode, error: e.clone() },
@@ -141,13 +141,13 @@ pub struct Applier<'a, T, S> {
     pub judged: Option<JudgedBy>,
 }
 
-impl<T: Transformer, S: Sink> Applier<'_, T, S> {
+impl<T: Transformer, S: Sink<Op = T::Op>> Applier<'_, T, S> {
     /// Applies a batch; returns once every message is durable in the target or rejected. Only
     /// a transient failure cut short by shutdown returns an error with nothing rejected.
     pub async fn apply(&self, batch: &[Item], shutdown: &CancellationToken) -> Result<Applied, ConsumeError> {
         let service = self.transformer.service();
         let mut done = Applied::default();
-        let mut writes: Vec<(usize, Versioned)> = Vec::with_capacity(batch.len());
+        let mut writes: Vec<(usize, Versioned<T::Op>)> = Vec::with_capacity(batch.len());
         for (i, item) in batch.iter().enumerate() {
             match prepare(self.transformer, item) {
                 Prepared::Write(mut v) => {
@@ -161,7 +161,7 @@ impl<T: Transformer, S: Sink> Applier<'_, T, S> {
             }
         }
         let started = Instant::now();
-        let (at, versioned): (Vec<usize>, Vec<Versioned>) = writes.into_iter().unzip();
+        let (at, versioned): (Vec<usize>, Vec<Versioned<T::Op>>) = writes.into_iter().unzip();
         let marker = self.marker(batch.iter());
         let written =
             if versioned.is_empty() { Ok(()) } else { self.write(&versioned, marker.as_ref(), shutdown).await };
@@ -202,7 +202,7 @@ impl<T: Transformer, S: Sink> Applier<'_, T, S> {
 
     async fn write(
         &self,
-        batch: &[Versioned],
+        batch: &[Versioned<T::Op>],
         marker: Option<&Marker>,
         shutdown: &CancellationToken,
     ) -> Result<(), SinkError> {

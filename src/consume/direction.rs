@@ -19,18 +19,52 @@ use crate::cutover::ownership::{Ownership, Side};
 use crate::cutover::route;
 use crate::cutover::rules::{self, Apply};
 use crate::event::{CanonicalEvent, Message, Op};
-use crate::transform::{Base, Reverse, ServiceTransforms, TransformError, WriteOp};
+use crate::transform::{Base, Reverse, ServiceTransforms, TransformError, Write, WriteBack, WriteOp};
 
 /// Turns one message into the writes its sink applies.
 pub trait Transformer: Send + Sync {
+    /// The writes it makes: [`WriteOp`]s into a service database, or reverse sync's
+    /// [`WriteBack`]s into the monolith (the sink it feeds takes the same).
+    type Op: Write;
+
     /// The service whose writes these are.
     fn service(&self) -> &str;
     /// The writes a message calls for; an error is permanent (the message is dead-lettered).
-    fn transform(&self, m: &Message) -> Result<Vec<WriteOp>, TransformError>;
+    fn transform(&self, m: &Message) -> Result<Vec<Self::Op>, TransformError>;
     /// Whether the message is the echo of this service's own write-back (some of its writes
     /// are skipped for that).
     fn is_echo(&self, _m: &Message) -> bool {
         false
+    }
+}
+
+/// The transformer that makes a kind of write, and so the direction a consumer whose sink takes
+/// that kind runs in: a service database's sink takes [`WriteOp`]s, made by [`Forward`]; the
+/// monolith's takes [`WriteBack`]s, made by [`Backward`]. A consumer is typed by its sink, and
+/// its direction, group and transformer follow from it.
+pub trait MadeBy: Write {
+    type Transformer: Transformer<Op = Self>;
+    const DIRECTION: super::Direction;
+
+    /// The transformer, judging by `ownership` (`None`: the monolith owns everything).
+    fn transformer(transforms: Arc<ServiceTransforms>, ownership: Option<Ownership>) -> Self::Transformer;
+}
+
+impl MadeBy for WriteOp {
+    type Transformer = Forward;
+    const DIRECTION: super::Direction = super::Direction::Forward;
+
+    fn transformer(transforms: Arc<ServiceTransforms>, ownership: Option<Ownership>) -> Forward {
+        Forward { transforms, ownership }
+    }
+}
+
+impl MadeBy for WriteBack {
+    type Transformer = Backward;
+    const DIRECTION: super::Direction = super::Direction::Reverse;
+
+    fn transformer(transforms: Arc<ServiceTransforms>, ownership: Option<Ownership>) -> Backward {
+        Backward { transforms, ownership }
     }
 }
 
@@ -128,6 +162,8 @@ fn base(r: &Reverse<'_>, ev: &CanonicalEvent) -> Base {
 }
 
 impl Transformer for Forward {
+    type Op = WriteOp;
+
     fn service(&self) -> &str {
         self.transforms.service()
     }
@@ -172,11 +208,13 @@ impl Backward {
 }
 
 impl Transformer for Backward {
+    type Op = WriteBack;
+
     fn service(&self) -> &str {
         self.transforms.service()
     }
 
-    fn transform(&self, m: &Message) -> Result<Vec<WriteOp>, TransformError> {
+    fn transform(&self, m: &Message) -> Result<Vec<WriteBack>, TransformError> {
         let Message::Event(ev) = m else { return Ok(Vec::new()) };
         let collection = &ev.data.collection;
         let Some(reverse) = self.transforms.reverse_for(collection) else {
@@ -188,7 +226,7 @@ impl Transformer for Backward {
             });
         };
         let apply = self.judge(&reverse, ev);
-        Ok(vec![WriteOp::WriteBack { collection: collection.clone(), change: Box::new(ev.data.clone()), apply }])
+        Ok(vec![WriteBack { collection: collection.clone(), change: Box::new(ev.data.clone()), apply }])
     }
 }
 

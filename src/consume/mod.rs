@@ -49,7 +49,7 @@ mod relay;
 mod repair;
 
 pub use apply::{Applied, Applier, Item, Path, Prepared, Rejects, prepare};
-pub use direction::{Backward, Forward, Transformer};
+pub use direction::{Backward, Forward, MadeBy, Transformer};
 pub use redrive::{Redrive, RedriveReport, redrive_dead_letters};
 pub use relay::relay_conflicts;
 pub use repair::Repairs;
@@ -139,9 +139,9 @@ impl Pipeline {
 }
 
 /// The consume role for one service, in one direction.
+/// Its direction follows from the writes its sink takes ([`direction::MadeBy`]).
 pub struct ServiceConsumer<S> {
     pub transforms: Arc<ServiceTransforms>,
-    pub direction: Direction,
     pub health: Health,
     /// ficus's store (the registry of group members).
     pub store: mongodb::Database,
@@ -157,27 +157,32 @@ pub struct ServiceConsumer<S> {
     pub repairs: Option<Repairs>,
 }
 
-impl<S: Sink> ServiceConsumer<S> {
+impl<S: Sink> ServiceConsumer<S>
+where
+    S::Op: MadeBy,
+{
+    const DIRECTION: Direction = <S::Op as MadeBy>::DIRECTION;
+
     fn role(&self) -> RoleId {
         let service = self.transforms.service().to_string();
-        match self.direction {
+        match Self::DIRECTION {
             Direction::Forward => RoleId::Consume(service),
             Direction::Reverse => RoleId::WriteBack(service),
         }
     }
 
     fn group(&self) -> String {
-        Pipeline::of(&self.transforms, self.direction).group
+        Pipeline::of(&self.transforms, Self::DIRECTION).group
     }
 
     fn topics(&self) -> Vec<String> {
-        Pipeline::of(&self.transforms, self.direction).topics
+        Pipeline::of(&self.transforms, Self::DIRECTION).topics
     }
 
     /// The origin the batches' apply markers name: the service, for a service that can write
     /// back (its own writes must be told from the service's); none for one that cannot.
     fn origin(&self) -> Option<Origin> {
-        let writes_back = self.direction == Direction::Reverse || !self.transforms.written_back().is_empty();
+        let writes_back = Self::DIRECTION == Direction::Reverse || !self.transforms.written_back().is_empty();
         writes_back.then(|| Origin { service: self.transforms.service().to_string(), collection: None })
     }
 
@@ -217,7 +222,7 @@ impl<S: Sink> ServiceConsumer<S> {
             Some(_) => Some(ConflictReports::new(&self.kafka, service)?),
             None => None,
         };
-        info!(service, %group, topics = ?topics, direction = ?self.direction, "consuming");
+        info!(service, %group, topics = ?topics, direction = ?Self::DIRECTION, "consuming");
         let life = Life { slot: &slot, consumer: &consumer, role: &role, health: &self.health, rejoins };
         let (consumer, dlq, reports, role) = (&consumer, &dlq, reports.as_ref(), &role);
         let body = move |member: CancellationToken| async move {
@@ -272,19 +277,10 @@ impl<S: Sink> ServiceConsumer<S> {
         let (ownership, judging) = self.ownership_for(items).await?;
         let judged = judging.map(|j| JudgedBy(Arc::new(j) as Arc<dyn Judgement>));
         let transforms = self.transforms.clone();
+        let transformer = <S::Op as MadeBy>::transformer(transforms, ownership);
         let (sink, rejects, path, origin) = (&self.sink, Rejects::DeadLetter(dlq), Path::Live, self.origin());
-        match self.direction {
-            Direction::Forward => {
-                let forward = Forward { transforms, ownership };
-                let applier = Applier { transformer: &forward, sink, rejects, path, origin, judged };
-                applier.apply(items, shutdown).await
-            }
-            Direction::Reverse => {
-                let backward = Backward { transforms, ownership };
-                let applier = Applier { transformer: &backward, sink, rejects, path, origin, judged };
-                applier.apply(items, shutdown).await
-            }
-        }
+        let applier = Applier { transformer: &transformer, sink, rejects, path, origin, judged };
+        applier.apply(items, shutdown).await
     }
 
     /// The service's ownership record from a view that can judge every change of the batch
@@ -293,7 +289,7 @@ impl<S: Sink> ServiceConsumer<S> {
     /// never writes back.
     async fn ownership_for(&self, items: &[Item]) -> Result<(Option<Ownership>, Option<Judging>), ConsumeError> {
         let (Some(feed), Some(ts)) = (&self.ownership, newest_change(items)) else { return Ok((None, None)) };
-        let side = match self.direction {
+        let side = match Self::DIRECTION {
             Direction::Forward => Side::Monolith,
             Direction::Reverse => Side::Service,
         };

@@ -40,7 +40,7 @@ pub struct Redrive<'a, T, S> {
 }
 
 /// Re-drives a direction's dead letters.
-pub async fn redrive_dead_letters<T: Transformer, S: Sink>(
+pub async fn redrive_dead_letters<T: Transformer, S: Sink<Op = T::Op>>(
     r: Redrive<'_, T, S>,
     kafka: &KafkaConfig,
     batch: usize,

@@ -12,7 +12,7 @@ use tracing::info;
 use super::{DaemonError, Definitions, Role, RoleError, Running, Task};
 use crate::clients::Clients;
 use crate::config::Config;
-use crate::consume::{Direction, Repairs, ServiceConsumer};
+use crate::consume::{Repairs, ServiceConsumer};
 use crate::cutover::feed::{OwnershipFeed, OwnershipSource};
 use crate::cutover::ownership::{OwnershipError, OwnershipStore};
 use crate::ops::Health;
@@ -161,7 +161,6 @@ fn consume(
             health,
             store: clients.store(),
             transforms: service,
-            direction: Direction::Forward,
             sink,
             kafka: config.kafka.clone(),
             settings: config.consume.clone(),
@@ -210,7 +209,6 @@ fn reverse(
         };
         let consumer = ServiceConsumer {
             transforms: service.clone(),
-            direction: Direction::Reverse,
             health: health.clone(),
             store: clients.store(),
             outbox: Some(Outbox::new(sink.database())),

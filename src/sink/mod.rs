@@ -26,7 +26,7 @@ use bson::{Bson, Document};
 
 use crate::event::{Message, Origin, Version};
 use crate::mongo::{self, ErrorClass};
-use crate::transform::WriteOp;
+use crate::transform::{Write, WriteOp};
 
 pub mod conflicts;
 pub mod merge;
@@ -57,7 +57,7 @@ pub fn doc_key(collection: &str, id: &Bson) -> String {
 
 /// One message's writes, with the position that versions them.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Versioned {
+pub struct Versioned<O = WriteOp> {
     /// The message's position in the source's history.
     pub version: Version,
     pub event_id: String,
@@ -65,7 +65,7 @@ pub struct Versioned {
     pub source_id: Bson,
     /// When the change happened at the source (for end-to-end latency).
     pub event_time: bson::DateTime,
-    pub ops: Vec<WriteOp>,
+    pub ops: Vec<O>,
     /// A dead letter re-driven (`ficus dlq replay`): later changes of its documents may have
     /// been applied meanwhile, so where a newer version is held its merges are applied as
     /// three-way merges against its own pre-image (the newer values stand, its own fields
@@ -73,9 +73,9 @@ pub struct Versioned {
     pub redriven: bool,
 }
 
-impl Versioned {
+impl<O> Versioned<O> {
     /// The writes of one message, versioned by its position.
-    pub fn of(m: &Message, ops: Vec<WriteOp>) -> Self {
+    pub fn of(m: &Message, ops: Vec<O>) -> Self {
         match m {
             Message::Event(ev) => Versioned {
                 version: ev.position.version(),
@@ -249,9 +249,18 @@ impl Marker {
 /// An error means some writes may have landed; applying the batch again is always safe. With a
 /// [`Marker`], the batch is one transaction that writes the marker first: all of it lands, or
 /// none.
+///
+/// Each sink names the writes it takes (`Op`): a service database's sink takes [`WriteOp`]s, the
+/// monolith's sink takes reverse sync's [`crate::transform::WriteBack`]s, and a pipeline that
+/// would hand one the other's does not compile.
 pub trait Sink: Send + Sync {
-    fn apply(&self, batch: &[Versioned], marker: Option<&Marker>)
-    -> impl Future<Output = Result<(), SinkError>> + Send;
+    type Op: Write;
+
+    fn apply(
+        &self,
+        batch: &[Versioned<Self::Op>],
+        marker: Option<&Marker>,
+    ) -> impl Future<Output = Result<(), SinkError>> + Send;
 }
 
 /// Removes ficus's metadata from a target document (for comparisons and display).

@@ -62,11 +62,9 @@ pub fn plan(batch: &[Versioned]) -> Plan<'_> {
                         }
                     }
                 }
-                WriteOp::Delete { .. }
-                | WriteOp::Rollup { .. }
-                | WriteOp::Merge { .. }
-                | WriteOp::Witness { .. }
-                | WriteOp::WriteBack { .. } => plan.steps.push(Step { by: v, op }),
+                WriteOp::Delete { .. } | WriteOp::Rollup { .. } | WriteOp::Merge { .. } | WriteOp::Witness { .. } => {
+                    plan.steps.push(Step { by: v, op })
+                }
                 WriteOp::Retain { collection, keep } => {
                     let list = plan.retains.entry(collection.as_str()).or_default();
                     match newest_retain.get(&(collection.as_str(), v.source_id.to_string())) {

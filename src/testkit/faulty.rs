@@ -19,7 +19,7 @@ use bson::Bson;
 
 use crate::mongo::ErrorClass;
 use crate::sink::{Marker, Sink, SinkError, Versioned};
-use crate::transform::WriteOp;
+use crate::transform::Write;
 
 /// Which calls to [`Sink::apply`] a [`Fault`] strikes.
 #[derive(Debug, Clone, PartialEq)]
@@ -37,22 +37,11 @@ impl Trigger {
     }
 
     /// Whether a write of the batch is the struck document's (every write, for a call).
-    fn covers(&self, v: &Versioned) -> bool {
+    fn covers<O: Write>(&self, v: &Versioned<O>) -> bool {
         match self {
             Trigger::Call(_) => true,
-            Trigger::Document(key) => v.source_id == *key || v.ops.iter().any(|op| touched(op) == Some(key)),
+            Trigger::Document(key) => v.source_id == *key || v.ops.iter().any(|op| op.touched() == Some(key)),
         }
-    }
-}
-
-/// The one document a write touches, where it names one.
-fn touched(op: &WriteOp) -> Option<&Bson> {
-    match op {
-        WriteOp::Upsert { id, .. } | WriteOp::Merge { id, .. } | WriteOp::Witness { id, .. } => Some(id),
-        WriteOp::Delete { id, .. } => id.as_ref(),
-        WriteOp::Rollup { member, .. } => Some(member),
-        WriteOp::WriteBack { change, .. } => Some(&change.document_id),
-        WriteOp::Sweep { .. } | WriteOp::Retain { .. } => None,
     }
 }
 
@@ -168,7 +157,7 @@ impl<S: Sink> FaultySink<S> {
     }
 
     /// Records a call, and the fault that strikes it, if any (spending one of its times).
-    fn strike(&self, batch: &[Versioned]) -> Option<(usize, Fault)> {
+    fn strike(&self, batch: &[Versioned<S::Op>]) -> Option<(usize, Fault)> {
         let mut state = self.lock();
         let number = state.calls.len() + 1;
         let covers = |f: &Fault| match &f.trigger {
@@ -186,12 +175,14 @@ impl<S: Sink> FaultySink<S> {
 }
 
 impl<S: Sink> Sink for FaultySink<S> {
-    async fn apply(&self, batch: &[Versioned], marker: Option<&Marker>) -> Result<(), SinkError> {
+    type Op = S::Op;
+
+    async fn apply(&self, batch: &[Versioned<S::Op>], marker: Option<&Marker>) -> Result<(), SinkError> {
         let Some((number, fault)) = self.strike(batch) else {
             return self.inner.apply(batch, marker).await;
         };
         if fault.landing == Landing::Rest {
-            let rest: Vec<Versioned> = match fault.trigger {
+            let rest: Vec<Versioned<S::Op>> = match fault.trigger {
                 Trigger::Call(_) => batch.to_vec(),
                 Trigger::Document(_) => {
                     // A transaction lands whole or not at all: no sink could leave part of one.

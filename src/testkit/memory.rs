@@ -475,6 +475,8 @@ impl SinkState {
 }
 
 impl Sink for MemorySink {
+    type Op = WriteOp;
+
     async fn apply(&self, batch: &[Versioned], _marker: Option<&crate::sink::Marker>) -> Result<(), SinkError> {
         let plan = plan(batch);
         let mut s = lock(&self.0);
@@ -496,9 +498,6 @@ impl Sink for MemorySink {
                     s.merge(by, collection, id, (doc.as_ref(), base), arrays)
                 }
                 WriteOp::Witness { collection, id, deleted } => s.witness(&by.version, collection, id, *deleted),
-                WriteOp::WriteBack { collection, .. } => {
-                    return Err(SinkError::Unsupported(format!("a write-back of {collection} reached a service sink")));
-                }
                 _ => {}
             }
         }

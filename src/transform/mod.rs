@@ -69,7 +69,7 @@ mod value;
 
 pub use error::TransformError;
 pub use fields::{FieldTree, Projection};
-pub use op::{Base, WriteOp};
+pub use op::{Base, Write, WriteBack, WriteOp};
 pub use reverse::{
     CollectionClass, Conflict, Disagreement, FieldClass, Law, LawFailure, LensCheck, LensReport, Patch, Rebased,
     Reverse, ReverseError, Reversibility, Tally, check_laws, render_classification, set_path, unset_path,

@@ -72,10 +72,68 @@ pub enum WriteOp {
     /// as a tombstone), so that nothing older (a replay, a redelivery) lands over what the
     /// service wrote, even where the service's application wrote the document plain.
     Witness { collection: String, id: Bson, deleted: bool },
-    /// Reverse sync: a change of a service document, to be written back into the monolith
-    /// through the reverse of the transform that writes `collection` (the service collection),
-    /// as the owner's patch or merged as a non-owner's (`apply`).
-    WriteBack { collection: String, change: Box<crate::event::EventData>, apply: Apply },
+}
+
+/// Reverse sync's one write: a change of a service document, to be written back into the
+/// monolith through the reverse of the transform that writes `collection` (the service
+/// collection), as the owner's patch or merged as a non-owner's (`apply`). A type of its own,
+/// apart from [`WriteOp`]: the monolith's sink takes only these and a service database's sink
+/// never does, and the compiler says so (each sink names its [`crate::sink::Sink::Op`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct WriteBack {
+    pub collection: String,
+    pub change: Box<crate::event::EventData>,
+    pub apply: Apply,
+}
+
+/// What every write a sink takes can say about itself.
+pub trait Write: std::fmt::Debug + Clone + Send + Sync + 'static {
+    /// The collection the write is for.
+    fn collection(&self) -> &str;
+    /// The one document the write touches, where it names one.
+    fn touched(&self) -> Option<&Bson>;
+    /// The write as one document (see [`WriteOp::to_document`]).
+    fn to_document(&self) -> Document;
+}
+
+impl Write for WriteOp {
+    fn collection(&self) -> &str {
+        WriteOp::collection(self)
+    }
+
+    fn touched(&self) -> Option<&Bson> {
+        match self {
+            WriteOp::Upsert { id, .. } | WriteOp::Merge { id, .. } | WriteOp::Witness { id, .. } => Some(id),
+            WriteOp::Delete { id, .. } => id.as_ref(),
+            WriteOp::Rollup { member, .. } => Some(member),
+            WriteOp::Sweep { .. } | WriteOp::Retain { .. } => None,
+        }
+    }
+
+    fn to_document(&self) -> Document {
+        WriteOp::to_document(self)
+    }
+}
+
+impl Write for WriteBack {
+    fn collection(&self) -> &str {
+        &self.collection
+    }
+
+    fn touched(&self) -> Option<&Bson> {
+        Some(&self.change.document_id)
+    }
+
+    fn to_document(&self) -> Document {
+        let apply = match self.apply {
+            Apply::Owner => "owner",
+            Apply::Merge(why) => why.as_str(),
+        };
+        doc! {
+            "op": "writeBack", "collection": &self.collection, "change": self.change.op.as_str(),
+            "id": self.change.document_id.clone(), "apply": apply,
+        }
+    }
 }
 
 /// What the monolith's side last agreed with the owner on, for a [`WriteOp::Merge`].
@@ -99,8 +157,7 @@ impl WriteOp {
             | WriteOp::Sweep { collection, .. }
             | WriteOp::Retain { collection, .. }
             | WriteOp::Merge { collection, .. }
-            | WriteOp::Witness { collection, .. }
-            | WriteOp::WriteBack { collection, .. } => collection,
+            | WriteOp::Witness { collection, .. } => collection,
         }
     }
 
@@ -145,16 +202,6 @@ impl WriteOp {
             }
             WriteOp::Witness { collection, id, deleted } => {
                 doc! { "op": "witness", "collection": collection, "id": id.clone(), "deleted": deleted }
-            }
-            WriteOp::WriteBack { collection, change, apply } => {
-                let apply = match apply {
-                    Apply::Owner => "owner",
-                    Apply::Merge(why) => why.as_str(),
-                };
-                doc! {
-                    "op": "writeBack", "collection": collection, "change": change.op.as_str(),
-                    "id": change.document_id.clone(), "apply": apply,
-                }
             }
         }
     }

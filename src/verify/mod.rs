@@ -162,8 +162,7 @@ impl Expected<'_> {
                 | WriteOp::Sweep { .. }
                 | WriteOp::Retain { .. }
                 | WriteOp::Merge { .. }
-                | WriteOp::Witness { .. }
-                | WriteOp::WriteBack { .. } => {}
+                | WriteOp::Witness { .. } => {}
             }
         }
         if pending.len() >= BATCH {

@@ -456,11 +456,6 @@ impl MongoSink {
                     self.merge(s, txn, by, &m).await?
                 }
                 WriteOp::Witness { collection, id, deleted } => self.witness(s, by, collection, id, *deleted).await?,
-                WriteOp::WriteBack { collection, .. } => {
-                    return Err(SinkError::Unsupported(format!(
-                        "a write-back of {collection} reached a service database's sink"
-                    )));
-                }
                 _ => {}
             }
         }
@@ -500,6 +495,8 @@ impl MongoSink {
 }
 
 impl Sink for MongoSink {
+    type Op = WriteOp;
+
     async fn apply(&self, batch: &[Versioned], marker: Option<&Marker>) -> Result<(), SinkError> {
         if let Some(marker) = marker {
             return self.apply_marked(batch, marker).await;

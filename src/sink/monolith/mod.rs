@@ -33,7 +33,7 @@ use super::{Marker, Sink, SinkError, Versioned, doc_key};
 use crate::event::mapping::get_path;
 use crate::event::{EventData, Op, Origin};
 use crate::mongo;
-use crate::transform::{Apply, Base, Patch, Reverse, ServiceTransforms, Why, WriteOp};
+use crate::transform::{Apply, Base, Patch, Reverse, ServiceTransforms, Why, WriteBack};
 
 /// Per service document written back: its version and its monolith `_id`.
 pub const REVERSE_STATE: &str = "_ficus_reverse";
@@ -446,7 +446,7 @@ impl MonolithSink {
     async fn record_issues(
         &self,
         s: &mut ClientSession,
-        v: &Versioned,
+        v: &Versioned<WriteBack>,
         monolith_collection: &str,
         patch: &Patch,
         service: &Document,
@@ -498,16 +498,15 @@ impl MonolithSink {
 }
 
 impl Sink for MonolithSink {
+    type Op = WriteBack;
+
     /// Contract as [`Sink`]'s; the batch is one transaction per service collection, each with
     /// its marker (the marker's origin names the collection, whatever `marker` says; its
     /// positions are `marker`'s).
-    async fn apply(&self, batch: &[Versioned], marker: Option<&Marker>) -> Result<(), SinkError> {
+    async fn apply(&self, batch: &[Versioned<WriteBack>], marker: Option<&Marker>) -> Result<(), SinkError> {
         let mut by_collection: Vec<(&str, Vec<WriteBackOf<'_>>)> = Vec::new();
         for v in batch {
-            for op in &v.ops {
-                let WriteOp::WriteBack { collection, change, apply } = op else {
-                    return Err(SinkError::Unsupported(format!("{} reached the monolith's sink", op.collection())));
-                };
+            for WriteBack { collection, change, apply } in &v.ops {
                 let w = WriteBackOf { by: v, change, apply: *apply };
                 match by_collection.iter_mut().find(|(c, _)| c == collection) {
                     Some((_, writes)) => writes.push(w),
@@ -534,7 +533,7 @@ impl Sink for MonolithSink {
 
 /// One change to write back, as the batch carries it.
 pub(super) struct WriteBackOf<'a> {
-    by: &'a Versioned,
+    by: &'a Versioned<WriteBack>,
     change: &'a EventData,
     apply: Apply,
 }
