@@ -56,8 +56,8 @@
 mod op;
 pub mod config;
 pub mod event;
-pub mod mongo;
 mod retry;
+pub mod mongo;
 mod failpoint;
 pub mod clients;
 mod markers;

@@ -11,15 +11,12 @@ use mongodb::options::ClientOptions;
 
 use crate::config::redact_text;
 
-/// What an error means for the caller.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ErrorClass {
-    /// Network trouble, failover, shutdown in progress: back off and try again.
-    Transient,
-    /// The change stream cannot resume from the token any more (the oplog moved on).
-    HistoryLost,
-    /// Anything else: a person has to look (authentication, bad configuration, a bug).
-    Fatal,
+pub use crate::retry::{Classify, ErrorClass};
+
+impl Classify for mongodb::error::Error {
+    fn class(&self) -> ErrorClass {
+        classify(self)
+    }
 }
 
 /// Server error codes that mean "try again".

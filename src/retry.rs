@@ -10,6 +10,29 @@ use std::time::Duration;
 use backon::{ExponentialBuilder, Retryable};
 use tokio_util::sync::CancellationToken;
 
+/// What an error means for the caller.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorClass {
+    /// Network trouble, failover, shutdown in progress: back off and try again.
+    Transient,
+    /// The change stream cannot resume from the token any more (the oplog moved on).
+    HistoryLost,
+    /// Anything else: a person has to look (authentication, bad configuration, a bug).
+    Fatal,
+}
+
+/// The one way every layer's error says what it calls for: each error enum (and the MongoDB
+/// driver's error, in `mongo`) implements [`Classify::class`], and "is it transient" is asked
+/// only through it.
+pub trait Classify {
+    fn class(&self) -> ErrorClass;
+
+    /// Whether backing off and trying again can help.
+    fn is_transient(&self) -> bool {
+        self.class() == ErrorClass::Transient
+    }
+}
+
 /// The backoff policy: 200 ms doubling to 10 s, with jitter, forever (only shutdown or a fatal
 /// error stops it). The cap bounds how long a role idles after its cause is gone: a broker back
 /// up, or the server aborting a killed predecessor's open transaction (a write conflict until

@@ -23,6 +23,7 @@ use std::time::Duration;
 use crate::event::mapping::{ChangeRecord, TxnId};
 use crate::event::{Op, Truncation};
 use crate::mongo::{self, ErrorClass};
+use crate::retry::Classify;
 
 /// Errors from the source.
 #[derive(Debug, thiserror::Error)]
@@ -48,16 +49,18 @@ pub enum SourceError {
     Unanswered(Duration),
 }
 
-impl SourceError {
-    pub fn class(&self) -> ErrorClass {
+impl Classify for SourceError {
+    fn class(&self) -> ErrorClass {
         match self {
-            SourceError::Mongo(e) => mongo::classify(e),
+            SourceError::Mongo(e) => e.class(),
             SourceError::HistoryLost { .. } => ErrorClass::HistoryLost,
             SourceError::Unanswered(_) => ErrorClass::Transient,
             SourceError::Unsupported { .. } | SourceError::Malformed(_) => ErrorClass::Fatal,
         }
     }
+}
 
+impl SourceError {
     /// Lifts a driver error, recognising lost history.
     pub fn from_mongo(e: mongodb::error::Error) -> SourceError {
         if mongo::classify(&e) == ErrorClass::HistoryLost {

@@ -27,6 +27,7 @@ use tracing::{debug, info, warn};
 
 use super::{BusError, ClientRole, GroupLag, client_config};
 use crate::config::{KafkaConfig, Membership};
+use crate::retry::Classify;
 
 /// One message, owned, as taken from Kafka.
 #[derive(Debug, Clone)]

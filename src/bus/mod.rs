@@ -16,6 +16,7 @@ use rdkafka::error::KafkaError;
 use rdkafka::types::RDKafkaErrorCode as Code;
 
 use crate::config::{KafkaConfig, Membership};
+use crate::retry::{Classify, ErrorClass};
 
 mod admin;
 mod conflicts;
@@ -53,7 +54,7 @@ pub enum BusError {
 impl BusError {
     /// Whether retrying later can help (broker down, timeouts) as opposed to a configuration or
     /// authorisation problem that needs a person.
-    pub fn is_transient(&self) -> bool {
+    fn transient(&self) -> bool {
         let code = match self {
             BusError::Kafka(e) => e.rdkafka_error_code(),
             BusError::Delivery { error, .. } => error.rdkafka_error_code(),
@@ -74,6 +75,12 @@ impl BusError {
                     | Code::Fatal
             )
         )
+    }
+}
+
+impl Classify for BusError {
+    fn class(&self) -> ErrorClass {
+        if self.transient() { ErrorClass::Transient } else { ErrorClass::Fatal }
     }
 }
 

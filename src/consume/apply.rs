@@ -23,7 +23,7 @@ use super::ConsumeError;
 use super::direction::Transformer;
 use crate::bus::{DeadLetters, Delivery, Stage};
 use crate::event::{Message, Origin};
-use crate::mongo::ErrorClass;
+use crate::retry::Classify;
 use crate::retry::with_backoff;
 use crate::sink::{JudgedBy, Marker, Sink, SinkError, Versioned};
 
@@ -168,7 +168,7 @@ impl<T: Transformer, S: Sink<Op = T::Op>> Applier<'_, T, S> {
         match written {
             Ok(()) => done.applied += versioned.len() as u64,
             Err(SinkError::StaleJudgement(_)) => return Err(ConsumeError::StaleJudgement),
-            Err(e) if e.class() == ErrorClass::Transient => return Err(e.into()), // shutdown during retries
+            Err(e) if e.is_transient() => return Err(e.into()), // shutdown during retries
             Err(e) => {
                 // A permanent failure somewhere in the batch: one by one to find the culprits.
                 warn!(%service, path = self.path.as_str(), error = %e, "batch write failed permanently; isolating the failing events");
@@ -177,7 +177,7 @@ impl<T: Transformer, S: Sink<Op = T::Op>> Applier<'_, T, S> {
                     match self.write(std::slice::from_ref(v), marker.as_ref(), shutdown).await {
                         Ok(()) => done.applied += 1,
                         Err(SinkError::StaleJudgement(_)) => return Err(ConsumeError::StaleJudgement),
-                        Err(e) if e.class() == ErrorClass::Transient => return Err(e.into()),
+                        Err(e) if e.is_transient() => return Err(e.into()),
                         Err(e) => {
                             self.reject(&batch[i], Stage::Write, &e.to_string()).await?;
                             done.rejected += 1;
@@ -208,8 +208,7 @@ impl<T: Transformer, S: Sink<Op = T::Op>> Applier<'_, T, S> {
     ) -> Result<(), SinkError> {
         let stage = format!("{}:{}", self.path.as_str(), self.transformer.service());
         // A stale judgement is not retried here: the caller judges the batch again.
-        let transient =
-            |e: &SinkError| e.class() == ErrorClass::Transient && !matches!(e, SinkError::StaleJudgement(_));
+        let transient = |e: &SinkError| e.is_transient() && !matches!(e, SinkError::StaleJudgement(_));
         let attempt = || async {
             tokio::time::timeout(WRITE_TIMEOUT, self.sink.apply(batch, marker))
                 .await

@@ -37,6 +37,7 @@ use crate::event::Origin;
 use crate::mongo::ErrorClass;
 use crate::ops::presence::{PresenceError, Slot};
 use crate::ops::{Health, RoleId};
+use crate::retry::Classify;
 use crate::retry::with_backoff;
 use crate::sink::conflicts::Outbox;
 use crate::sink::{JudgedBy, Judgement, Sink, SinkError};
@@ -73,18 +74,20 @@ pub enum ConsumeError {
     StaleJudgement,
 }
 
-impl ConsumeError {
-    pub fn is_transient(&self) -> bool {
+impl Classify for ConsumeError {
+    fn class(&self) -> ErrorClass {
         match self {
-            ConsumeError::Bus(e) => e.is_transient(),
-            ConsumeError::Sink(e) => e.class() == ErrorClass::Transient,
-            ConsumeError::Presence(e) => e.is_transient(),
-            ConsumeError::Outbox(e) => crate::mongo::classify(e) == ErrorClass::Transient,
-            ConsumeError::Ownership(e) => e.is_transient(),
-            ConsumeError::StaleJudgement => true,
+            ConsumeError::Bus(e) => e.class(),
+            ConsumeError::Sink(e) => e.class(),
+            ConsumeError::Presence(e) => e.class(),
+            ConsumeError::Outbox(e) => e.class(),
+            ConsumeError::Ownership(e) => e.class(),
+            ConsumeError::StaleJudgement => ErrorClass::Transient,
         }
     }
+}
 
+impl ConsumeError {
     /// See [`BusError::is_misconfiguration`]: two processes with one instance id.
     pub fn is_misconfiguration(&self) -> bool {
         match self {

@@ -26,6 +26,7 @@ use mongodb::{Collection, Database};
 use serde::{Deserialize, Serialize};
 
 use crate::mongo;
+use crate::retry::{Classify, ErrorClass};
 
 /// The collection in the store.
 pub const OWNERSHIP: &str = "ownership";
@@ -285,9 +286,12 @@ pub enum OwnershipError {
     NoClusterTime(&'static str),
 }
 
-impl OwnershipError {
-    pub fn is_transient(&self) -> bool {
-        matches!(self, OwnershipError::Mongo(e) if mongo::classify(e) == mongo::ErrorClass::Transient)
+impl Classify for OwnershipError {
+    fn class(&self) -> ErrorClass {
+        match self {
+            OwnershipError::Mongo(e) => e.class(),
+            _ => ErrorClass::Fatal,
+        }
     }
 }
 

@@ -16,6 +16,7 @@ use crate::consume::{Repairs, ServiceConsumer};
 use crate::cutover::feed::{OwnershipFeed, OwnershipSource};
 use crate::cutover::ownership::{OwnershipError, OwnershipStore};
 use crate::ops::Health;
+use crate::retry::Classify;
 use crate::sink::conflicts::Outbox;
 use crate::sink::{MongoSink, MonolithSink, SinkError};
 use crate::store::{Archiver, EventStore, StoreError};

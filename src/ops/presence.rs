@@ -20,6 +20,7 @@ use mongodb::{Collection, Database};
 use tokio_util::sync::CancellationToken;
 
 use crate::mongo;
+use crate::retry::{Classify, ErrorClass};
 
 /// The collection in the store.
 pub const CONSUMERS: &str = "consumers";
@@ -50,11 +51,11 @@ pub enum PresenceError {
     Mongo(#[from] mongodb::error::Error),
 }
 
-impl PresenceError {
-    pub fn is_transient(&self) -> bool {
+impl Classify for PresenceError {
+    fn class(&self) -> ErrorClass {
         match self {
-            PresenceError::Conflict(_) => false,
-            PresenceError::Mongo(e) => mongo::classify(e) == mongo::ErrorClass::Transient,
+            PresenceError::Conflict(_) => ErrorClass::Fatal,
+            PresenceError::Mongo(e) => e.class(),
         }
     }
 }

@@ -26,6 +26,7 @@ use bson::{Bson, Document};
 
 use crate::event::{Message, Origin, Version};
 use crate::mongo::{self, ErrorClass};
+use crate::retry::Classify;
 use crate::transform::{Write, WriteOp};
 
 pub mod conflicts;
@@ -122,16 +123,18 @@ pub enum SinkError {
     StaleJudgement(String),
 }
 
-impl SinkError {
-    pub fn class(&self) -> ErrorClass {
+impl Classify for SinkError {
+    fn class(&self) -> ErrorClass {
         match self {
-            SinkError::Mongo(e) => mongo::classify(e),
+            SinkError::Mongo(e) => e.class(),
             SinkError::Write { code, .. } => mongo::classify_code(*code),
             SinkError::TimedOut(_) | SinkError::StaleJudgement(_) => ErrorClass::Transient,
             SinkError::Unsupported(_) | SinkError::Reverse(_) => ErrorClass::Fatal,
         }
     }
+}
 
+impl SinkError {
     /// Whether it means "run the whole transaction again" (see [`mongo::transaction_conflict`]).
     pub fn is_conflict(&self) -> bool {
         match self {

@@ -17,6 +17,7 @@ use crate::config::KafkaConfig;
 use crate::consume::{Ended, Life, claim_slot};
 use crate::event::Message;
 use crate::ops::{Health, RoleId};
+use crate::retry::Classify;
 use crate::retry::with_backoff;
 
 /// The archive role.

@@ -20,6 +20,7 @@ use crate::bus::BusError;
 use crate::event::Message;
 use crate::mongo::{self, ErrorClass};
 use crate::ops::presence::PresenceError;
+use crate::retry::Classify;
 
 mod archive;
 pub use archive::Archiver;
@@ -40,16 +41,18 @@ pub enum StoreError {
     Presence(#[from] PresenceError),
 }
 
-impl StoreError {
-    pub fn is_transient(&self) -> bool {
+impl Classify for StoreError {
+    fn class(&self) -> ErrorClass {
         match self {
-            StoreError::Mongo(e) => mongo::classify(e) == ErrorClass::Transient,
-            StoreError::Bus(e) => e.is_transient(),
-            StoreError::Corrupt { .. } => false,
-            StoreError::Presence(e) => e.is_transient(),
+            StoreError::Mongo(e) => e.class(),
+            StoreError::Bus(e) => e.class(),
+            StoreError::Corrupt { .. } => ErrorClass::Fatal,
+            StoreError::Presence(e) => e.class(),
         }
     }
+}
 
+impl StoreError {
     /// See [`BusError::is_misconfiguration`]: two processes with one instance id.
     pub fn is_misconfiguration(&self) -> bool {
         match self {

@@ -31,6 +31,7 @@ use crate::config::{OnHistoryLost, SnapshotConfig, TailConfig};
 use crate::event::mapping::{ChangeRecord, map_change};
 use crate::mongo::ErrorClass;
 use crate::ops::{Health, RoleId};
+use crate::retry::Classify;
 use crate::retry::with_backoff;
 use crate::source::{Handoff, Source, SourceError};
 use checkpoint::{CheckpointError, CheckpointStore, SnapshotProgress, TailPhase, TailState};
@@ -52,16 +53,18 @@ pub enum TailError {
     Ownership(#[from] crate::cutover::ownership::OwnershipError),
 }
 
-impl TailError {
-    pub fn is_transient(&self) -> bool {
+impl Classify for TailError {
+    fn class(&self) -> ErrorClass {
         match self {
-            TailError::Source(e) => e.class() == ErrorClass::Transient,
-            TailError::Bus(e) => e.is_transient(),
-            TailError::Checkpoint(CheckpointError::Mongo(e)) => crate::mongo::classify(e) == ErrorClass::Transient,
-            TailError::Checkpoint(CheckpointError::Corrupt { .. } | CheckpointError::Fenced { .. }) => false,
-            TailError::Reader(_) => true,
-            TailError::Store(e) => crate::mongo::classify(e) == ErrorClass::Transient,
-            TailError::Ownership(e) => e.is_transient(),
+            TailError::Source(e) => e.class(),
+            TailError::Bus(e) => e.class(),
+            TailError::Checkpoint(CheckpointError::Mongo(e)) => e.class(),
+            TailError::Checkpoint(CheckpointError::Corrupt { .. } | CheckpointError::Fenced { .. }) => {
+                ErrorClass::Fatal
+            }
+            TailError::Reader(_) => ErrorClass::Transient,
+            TailError::Store(e) => e.class(),
+            TailError::Ownership(e) => e.class(),
         }
     }
 }

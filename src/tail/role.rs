@@ -15,6 +15,7 @@ use crate::bus::{KafkaPublisher, Publisher};
 use crate::config::Config;
 use crate::config::topics::Topics;
 use crate::ops::{Health, RoleId};
+use crate::retry::Classify;
 use crate::source::MongoSource;
 
 /// The tail role: waits for the source's lease, tails while holding it, and stands by again if
@@ -89,7 +90,7 @@ where
 {
     let lease = Lease::new(store, name, &holder_id(), ttl);
     loop {
-        let transient = |e: &mongodb::error::Error| crate::mongo::classify(e) == crate::mongo::ErrorClass::Transient;
+        let transient = |e: &mongodb::error::Error| e.is_transient();
         let acquired = crate::retry::with_backoff("tail", shutdown, || lease.acquire(shutdown, health), transient);
         let Some(epoch) = acquired.await? else { return Ok(()) };
         let active = shutdown.child_token();

@@ -25,6 +25,7 @@ use super::{Echoes, TailError, Tailer};
 use crate::bus::{BusError, Publisher};
 use crate::event::mapping::ChangeRecord;
 use crate::ops::{Health, RoleId};
+use crate::retry::Classify;
 use crate::source::{ChangeFeed, Source, SourceError, StartAt};
 
 /// Where one published change leaves the checkpoint once all its events are acknowledged.

@@ -18,6 +18,7 @@ use std::sync::{Mutex, MutexGuard};
 use bson::Bson;
 
 use crate::mongo::ErrorClass;
+use crate::retry::Classify;
 use crate::sink::{Marker, Sink, SinkError, Versioned};
 use crate::transform::Write;
 

@@ -14,6 +14,7 @@ use crate::cutover::moves::{DrainTo, MoveRecord};
 use crate::cutover::ownership::{Drain, Ownership};
 use crate::cutover::plan::{Move, Side};
 use crate::cutover::views::{Held, Seen, Viewer, Views};
+use crate::retry::Classify;
 use crate::tail::checkpoint::{CheckpointStore, MongoCheckpoints, TailPhase};
 use crate::transform::ServiceTransforms;
 
