@@ -4,9 +4,11 @@
 //!   service that has taken over some of its aggregates (`cutover`), each change is judged by
 //!   `cutover::rules`: the owner's write (an upsert), or merged field by field into the
 //!   service's document (a non-owner's, a late one, a fence violation). The echo of the
-//!   service's own write-back is not applied again by the one target that caused it (every
-//!   other target reads it), but its version is witnessed there, so nothing older (a replay, a
-//!   redelivery) is ever applied over what the service wrote.
+//!   service's own write-back, where the service owned the key when it was written back, is
+//!   not applied again by the one target that caused it (every other target reads it), but its
+//!   version is witnessed there, so nothing older (a replay, a redelivery) is ever applied over
+//!   what the service wrote. The echo of a non-owner's service write, merged into the monolith,
+//!   is the monolith's state like any of its changes (`rules::judge_echo`).
 //! - [`Backward`]: a service event (`<service>.changes`) → a write-back into the monolith,
 //!   through the reverse of the transform that writes its collection: the owner's patch, or
 //!   merged as a non-owner's, judged the same way.
@@ -97,28 +99,43 @@ impl Forward {
         }
     }
 
+    /// How the echo of this service's own write-back is applied to the target that caused it
+    /// (`rules::judge_echo`; `None`: skipped).
+    fn judge_echo(&self, ev: &CanonicalEvent) -> Option<Apply> {
+        match self.transforms.route_of(ev) {
+            Some(key) => rules::judge_echo(self.ownership.as_ref(), route::bucket_of(&key), ev.position.cluster_time),
+            None => Some(Apply::Owner),
+        }
+    }
+
     /// Settles an event's writes with ownership and echoes (see the module header).
     fn settle(&self, ev: &CanonicalEvent, ops: Vec<WriteOp>) -> Vec<WriteOp> {
         let service = self.transforms.service();
         let echo_of = ev.origin.as_ref().filter(|o| o.service == service).and_then(|o| o.collection.as_deref());
-        let apply = self.judge(ev);
+        let (apply, echo) = (self.judge(ev), echo_of.map(|_| self.judge_echo(ev)));
         let mut out = Vec::with_capacity(ops.len());
         for op in ops {
-            if echo_of == Some(op.collection()) {
-                metrics::counter!("ficus_echoes_skipped_total", "service" => service.to_string(), "side" => "consume")
-                    .increment(1);
-                // Not applied again; its version witnessed, so nothing older lands over it.
-                match op {
-                    WriteOp::Upsert { collection, id, .. } => {
-                        out.push(WriteOp::Witness { collection, id, deleted: false })
+            let apply = match echo {
+                Some(echo) if echo_of == Some(op.collection()) => match echo {
+                    Some(apply) => apply,
+                    None => {
+                        metrics::counter!("ficus_echoes_skipped_total", "service" => service.to_string(), "side" => "consume")
+                            .increment(1);
+                        // Not applied again; its version witnessed, so nothing older lands over it.
+                        match op {
+                            WriteOp::Upsert { collection, id, .. } => {
+                                out.push(WriteOp::Witness { collection, id, deleted: false })
+                            }
+                            WriteOp::Delete { collection, id: Some(id) } => {
+                                out.push(WriteOp::Witness { collection, id, deleted: true })
+                            }
+                            _ => {}
+                        }
+                        continue;
                     }
-                    WriteOp::Delete { collection, id: Some(id) } => {
-                        out.push(WriteOp::Witness { collection, id, deleted: true })
-                    }
-                    _ => {}
-                }
-                continue;
-            }
+                },
+                _ => apply,
+            };
             let Apply::Merge(why) = apply else {
                 out.push(op);
                 continue;
@@ -333,8 +350,9 @@ mod tests {
 
     #[test]
     fn only_the_target_that_caused_an_echo_skips_it() {
-        let f = Forward::new(customers());
-        let mut echo = update("U1", "a", "b", 200);
+        let (owned, _) = users();
+        let f = Forward { transforms: customers(), ownership: Some(at(50, 100)) };
+        let mut echo = update(&owned, "a", "b", 200);
         echo.data.after.as_mut().unwrap().insert(
             "purchases",
             vec![Bson::Document(doc! { "id": "P1", "product_id": "SKU-1", "amount": "10.50", "currency": "THB" })],
@@ -354,5 +372,27 @@ mod tests {
         // Another service's echo is input like any other change.
         echo.origin = Some(Origin { service: "conversations_db".into(), collection: Some("customers".into()) });
         assert_eq!(f.transform(&Message::Event(echo)).unwrap(), all);
+    }
+
+    #[test]
+    fn the_echo_of_a_non_owners_write_back_brings_the_monolith_state_to_the_service() {
+        let (owned, free) = users();
+        let f = Forward { transforms: customers(), ownership: Some(at(50, 100)) };
+        let echo = |user: &str, time: u32| {
+            let mut ev = update(user, "a", "b", time);
+            ev.origin = Some(Origin { service: "customers_db".into(), collection: Some("customers".into()) });
+            f.transform(&Message::Event(ev))
+                .unwrap()
+                .into_iter()
+                .filter(|op| op.collection() == "customers")
+                .map(|op| op.to_document().get_str("op").unwrap().to_string())
+                .collect::<Vec<_>>()
+        };
+        // The monolith owns the key: the merged write-back's state is applied as the owner's.
+        assert_eq!(echo(&free, 200), ["upsert"]);
+        // The service owned it when it wrote back: skipped, witnessed.
+        assert_eq!(echo(&owned, 200), ["witness"]);
+        // Written back before the service owned it: merged, late.
+        assert_eq!(echo(&owned, 50), ["merge"]);
     }
 }

@@ -84,6 +84,28 @@ pub fn judge(o: Option<&Ownership>, side: Side, bucket: u8, ts: Timestamp) -> Ap
     Apply::Owner
 }
 
+/// How the **echo** of a write-back (the monolith's change that ficus's own write of a service
+/// change caused) is applied to the service's document: `None`, skipped, where the service
+/// owned the key when the echo was committed (an owner's write-back: the service holds what it
+/// wrote). Otherwise it is the monolith's state after merging a non-owner's service write, and
+/// the service must come to hold it like any monolith change: as the owner's where the monolith
+/// owns the key now, merged where the service has owned it since (late). Never a fence
+/// violation: a fence holds applications' writes, and a write-back of a service write made on a
+/// view as old as the contract allows may land after the drain point. Skipped, such an echo
+/// left the service with what the monolith's earlier changes (applied as the owner's, their
+/// documents from before the write-back) had made of the field, while the monolith held the
+/// service's value: the two differed for good.
+pub fn judge_echo(o: Option<&Ownership>, bucket: u8, ts: Timestamp) -> Option<Apply> {
+    let Some(o) = o else { return Some(Apply::Owner) };
+    if owner(o.percent_at(Side::Monolith, ts), bucket) == Side::Service {
+        return None;
+    }
+    if owner(o.percent, bucket) == Side::Service {
+        return Some(Apply::Merge(Why::Late));
+    }
+    Some(Apply::Owner)
+}
+
 /// Whether a change on `side` to a key in `bucket` at `ts` was made after a drain point of a
 /// fence that side was losing, before the flip that lifted it (or with the fence still up).
 pub fn violates_fence(o: &Ownership, side: Side, bucket: u8, ts: Timestamp) -> bool {
@@ -208,5 +230,31 @@ mod tests {
         assert_eq!(judge(Some(&o), Side::Service, LOW, ts(4500)), Apply::Merge(Why::Late));
         assert_eq!(judge(Some(&o), Side::Service, LOW, ts(5500)), Apply::Merge(Why::FenceViolation));
         assert_eq!(judge(Some(&o), Side::Service, LOW, ts(6500)), Apply::Merge(Why::NonOwner));
+    }
+
+    #[test]
+    fn an_echo_is_skipped_only_where_the_service_owned_the_key_when_it_was_written_back() {
+        // 50% from monolith time 100.
+        let o = record(50, vec![step(1, 50, 100, 1000, None)], None);
+        // The owner's write-back: the service holds it.
+        assert_eq!(judge_echo(Some(&o), LOW, ts(150)), None);
+        // A non-owner's service write merged into the monolith, which owns the key: its state.
+        assert_eq!(judge_echo(Some(&o), HIGH, ts(150)), Some(Apply::Owner));
+        // Written back while the monolith owned the key, applied once the service does: merged.
+        assert_eq!(judge_echo(Some(&o), LOW, ts(50)), Some(Apply::Merge(Why::Late)));
+        assert_eq!(judge_echo(None, LOW, ts(50)), Some(Apply::Owner));
+        // Moving 0 → 50, drained at monolith time 300: a write-back landing after the drain
+        // point is ficus's own, no violation, and the monolith still owns the key.
+        let fence = Fence {
+            from: 0,
+            to: 50,
+            epoch: 1,
+            losing: Side::Monolith,
+            drain: Drain::At(ts(300)),
+            set_at: DateTime::from_millis(0),
+        };
+        let o = record(0, vec![], Some(fence));
+        assert_eq!(judge(Some(&o), Side::Monolith, LOW, ts(301)), Apply::Merge(Why::FenceViolation));
+        assert_eq!(judge_echo(Some(&o), LOW, ts(301)), Some(Apply::Owner));
     }
 }
