@@ -6,6 +6,7 @@ use bson::{Bson, Document, doc};
 use mongodb::ClientSession;
 
 use super::MongoSink;
+use crate::event::Version;
 use crate::mongo;
 use crate::sink::conflicts::{ConflictRecord, Outbox, Side, SideState};
 use crate::sink::{MERGED, META, SinkError, TOMBSTONES, Versioned, doc_key};
@@ -58,8 +59,8 @@ impl MongoSink {
         let in_doc = current.as_ref().and_then(|d| d.get_document(META).ok()?.get_str("v").ok().map(str::to_string));
         let merged_at = ledger.find_one(doc! { "_id": &key }).session(&mut *s).await?;
         let in_ledger = merged_at.and_then(|d| d.get_str("v").ok().map(str::to_string));
-        let held = in_doc.max(in_ledger);
-        let newer_held = held.as_deref().is_some_and(|h| v.version.held_by(h));
+        let held = in_doc.map(|h| Version::stored(&h)).max(in_ledger.map(|h| Version::stored(&h)));
+        let newer_held = held.as_ref().is_some_and(|h| v.version.held_by(h.as_str()));
         // Merged already, or older than what the document holds; a dead letter re-driven is
         // merged all the same (its own fields land, the newer values stand).
         if newer_held && !v.redriven {
@@ -110,7 +111,7 @@ impl MongoSink {
                 id: m.id.clone(),
                 event: v.event_id.clone(),
                 fields: merged.conflicts,
-                owner: SideState { version: held, document: current },
+                owner: SideState { version: held.map(|h| h.to_string()), document: current },
                 other: SideState { version: Some(v.version.to_string()), document: m.doc.cloned() },
                 reason,
                 why: Some(why),

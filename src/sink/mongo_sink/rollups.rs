@@ -6,6 +6,7 @@ use futures::TryStreamExt;
 use mongodb::ClientSession;
 
 use super::MongoSink;
+use crate::event::Version;
 use crate::mongo;
 use crate::sink::rollup::GroupTally;
 use crate::sink::{MEMBERS_PREFIX, META, SinkError, Versioned};
@@ -89,7 +90,7 @@ impl MongoSink {
             // members' events arrived in.
             let newest = in_group
                 .iter()
-                .filter_map(|m| Some((m.get_str("v").ok()?, m.get_str("event").ok()?)))
+                .filter_map(|m| Some((Version::stored(m.get_str("v").ok()?), m.get_str("event").ok()?)))
                 .max()
                 .map(|(v, e)| (v.to_string(), e.to_string()))
                 .unwrap_or_else(|| (v.version.to_string(), v.event_id.clone()));

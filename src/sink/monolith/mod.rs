@@ -347,7 +347,7 @@ impl MonolithSink {
                     .session(&mut s)
                     .await?;
                 let newer = crate::event::Version::at(read_at, u32::MAX);
-                if state.as_ref().and_then(|d| d.get_str("v").ok()).is_some_and(|v| v > newer.as_str()) {
+                if state.as_ref().and_then(|d| d.get_str("v").ok()).is_some_and(|v| newer.older_than(v)) {
                     return Ok(None); // the owner wrote since it was read: read it again
                 }
                 let done = self.restoring(&mut s, &reverse, owner.as_ref(), hint, paths).await?;
