@@ -30,15 +30,15 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::bus::{BusError, ConflictReports, DeadLetters, GroupConsumer};
-use crate::config::{ConsumeConfig, KafkaConfig, Membership};
+use crate::config::{ConsumeConfig, KafkaConfig};
 use crate::cutover::feed::{Judging, OwnershipFeed};
 use crate::cutover::ownership::{Ownership, OwnershipError, Side};
 use crate::event::Origin;
 use crate::mongo::ErrorClass;
-use crate::ops::presence::{PresenceError, Slot};
+use crate::ops::membership::{Ended, Life, claim_slot, run_members};
+use crate::ops::presence::PresenceError;
 use crate::ops::{Health, RoleId};
 use crate::retry::Classify;
-use crate::retry::with_backoff;
 use crate::sink::conflicts::Outbox;
 use crate::sink::{JudgedBy, Judgement, Sink, SinkError};
 use crate::transform::ServiceTransforms;
@@ -193,21 +193,7 @@ where
     /// member the keeper finds stuck outside its group's work is replaced by a fresh one
     /// ([`crate::ops::presence::Rejoin`]).
     pub async fn run(&self, shutdown: CancellationToken) -> Result<(), ConsumeError> {
-        let role = self.role();
-        let mut rejoins = 0;
-        loop {
-            let attempt = || async {
-                let r = self.attempt(&shutdown, rejoins).await;
-                if r.is_err() {
-                    self.health.disconnected(&role);
-                }
-                r
-            };
-            match with_backoff(&role.to_string(), &shutdown, attempt, ConsumeError::is_transient).await? {
-                Ended::Stopped => return Ok(()),
-                Ended::Rejoin { held } => rejoins = if held { 0 } else { rejoins + 1 },
-            }
-        }
+        run_members(&self.role(), &self.health, &shutdown, |rejoins| self.attempt(&shutdown, rejoins)).await
     }
 
     async fn attempt(&self, shutdown: &CancellationToken, rejoins: u32) -> Result<Ended, ConsumeError> {
@@ -314,99 +300,6 @@ fn newest_change(items: &[Item]) -> Option<bson::Timestamp> {
             _ => None,
         })
         .max()
-}
-
-/// Claims this process's slot in `group` in the store's registry (see `presence`): the slot
-/// `kafka.instance_id` with static membership, a per-process one with dynamic membership.
-/// `None` when shutdown came first.
-pub(crate) async fn claim_slot(
-    store: &mongodb::Database,
-    kafka: &KafkaConfig,
-    group: &str,
-    shutdown: &CancellationToken,
-) -> Result<Option<Slot>, PresenceError> {
-    let instance = match kafka.membership {
-        Membership::Static => kafka.instance_id.clone(),
-        Membership::Dynamic => format!("{}#{}", kafka.instance_id, std::process::id()),
-    };
-    Slot::claim(store, group, &instance, shutdown).await
-}
-
-/// How one member's life in its group ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Ended {
-    /// Shutdown: the role is done.
-    Stopped,
-    /// Its keeper called for a fresh member; `held`: whether this one ever held partitions.
-    Rejoin { held: bool },
-}
-
-/// One member of a group at work: its keeper beside the work, and the close after it.
-pub(crate) struct Life<'a> {
-    pub slot: &'a Slot,
-    pub consumer: &'a GroupConsumer,
-    pub role: &'a RoleId,
-    pub health: &'a Health,
-    /// Fresh members in a row before this one (each waits longer before giving way).
-    pub rejoins: u32,
-}
-
-impl Life<'_> {
-    /// Runs `work` with a token that ends it (at its next batch) on shutdown or when the keeper
-    /// calls for a fresh member; then commits what was stored and leaves, saying so when the
-    /// commit could not be made (nothing is lost: the next member applies those messages again).
-    /// Another process taking the slot ends the work at once.
-    pub(crate) async fn run<E, F, Fut>(self, shutdown: &CancellationToken, work: F) -> Result<Ended, E>
-    where
-        E: From<PresenceError>,
-        F: FnOnce(CancellationToken) -> Fut,
-        Fut: std::future::Future<Output = Result<(), E>>,
-    {
-        let member = shutdown.child_token();
-        let limits = crate::ops::presence::LIMITS.after(self.rejoins);
-        let (slot, consumer, role, health) =
-            (self.slot.clone(), self.consumer.clone(), self.role.clone(), self.health.clone());
-        let mut keeper = tokio::spawn(crate::ops::presence::keep(slot, consumer, role, health, limits, member.clone()));
-        let work = work(member.clone());
-        tokio::pin!(work);
-        let (mut end, mut kept) = (None, false);
-        let result = loop {
-            tokio::select! {
-                r = &mut work => break r,
-                k = &mut keeper, if !kept => {
-                    kept = true;
-                    match k {
-                        Ok(Err(conflict)) => break Err(PresenceError::from(conflict).into()),
-                        // A fresh member called for (the work ends at its next batch), or shutdown.
-                        Ok(Ok(e)) => end = Some(e),
-                        // The keeper panicked: the work decides.
-                        Err(_) => {}
-                    }
-                }
-            }
-        };
-        if !kept {
-            keeper.abort();
-        }
-        member.cancel();
-        // Commit whatever was stored, whether stopping cleanly, for a fresh member, or on an error.
-        let committed = self.consumer.close().await;
-        if !committed {
-            tracing::warn!(
-                group = %self.consumer.group(),
-                "the offsets of its last batches could not be committed; the group's next member applies those \
-                 messages again (a no-op by version)"
-            );
-        }
-        if shutdown.is_cancelled() {
-            self.slot.release().await;
-        }
-        result?;
-        match end.and_then(|e| e.rejoin.map(|_| e.held)) {
-            Some(held) if !shutdown.is_cancelled() => Ok(Ended::Rejoin { held }),
-            _ => Ok(Ended::Stopped),
-        }
-    }
 }
 
 /// A batch's view of ownership holds while the process's feed still shows the revision it was

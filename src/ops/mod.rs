@@ -9,6 +9,7 @@
 //! to the roles that report to it, like the shutdown token; nothing here is global but the
 //! metrics recorder itself, which the `metrics` facade requires.
 
+pub mod membership;
 pub mod presence;
 
 use std::collections::BTreeMap;

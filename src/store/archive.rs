@@ -14,11 +14,9 @@ use tracing::{info, warn};
 use super::{ARCHIVE_GROUP, Archived, EventStore, StoreError};
 use crate::bus::GroupConsumer;
 use crate::config::KafkaConfig;
-use crate::consume::{Ended, Life, claim_slot};
 use crate::event::Message;
+use crate::ops::membership::{Ended, Life, claim_slot, run_members};
 use crate::ops::{Health, RoleId};
-use crate::retry::Classify;
-use crate::retry::with_backoff;
 
 /// The archive role.
 pub struct Archiver {
@@ -34,20 +32,7 @@ pub struct Archiver {
 
 impl Archiver {
     pub async fn run(&self, shutdown: CancellationToken) -> Result<(), StoreError> {
-        let mut rejoins = 0;
-        loop {
-            let attempt = || async {
-                let r = self.attempt(&shutdown, rejoins).await;
-                if r.is_err() {
-                    self.health.disconnected(&RoleId::Archive);
-                }
-                r
-            };
-            match with_backoff("archive", &shutdown, attempt, StoreError::is_transient).await? {
-                Ended::Stopped => return Ok(()),
-                Ended::Rejoin { held } => rejoins = if held { 0 } else { rejoins + 1 },
-            }
-        }
+        run_members(&RoleId::Archive, &self.health, &shutdown, |rejoins| self.attempt(&shutdown, rejoins)).await
     }
 
     async fn attempt(&self, shutdown: &CancellationToken, rejoins: u32) -> Result<Ended, StoreError> {
