@@ -146,6 +146,7 @@ impl Forward {
                 (op, Some(r)) if r.source_collection() != ev.data.collection => out.push(op),
                 (WriteOp::Upsert { collection, id, doc }, Some(r)) => {
                     let (base, arrays) = (base(&r, ev), r.array_keys());
+                    let doc = exact(&r, ev).unwrap_or(doc);
                     out.push(WriteOp::Merge { collection, id, doc: Some(doc), base, why, arrays })
                 }
                 (WriteOp::Delete { collection, id: Some(id) }, Some(r)) => {
@@ -163,6 +164,19 @@ impl Forward {
         }
         out
     }
+}
+
+/// What the change itself made, as the service's document: an update's description applied to
+/// its pre-image. A merge weighs the change against its pre-image (the base), so the other side
+/// must be the change's exact result, never the document looked up after it (an update's
+/// `fullDocument`), which may hold later changes, ficus's own repairs among them: against the
+/// pre-image those looked like the monolith's, met the owner's values as conflicts, and a repair
+/// then wrote the owner's stale counter back over the monolith's newer one (three increments
+/// lost in the ownership chaos test). `None` where there is no exact result (no pre-image, not
+/// an update with a description: an insert's or a replace's document is exact already).
+fn exact(r: &Reverse<'_>, ev: &CanonicalEvent) -> Option<bson::Document> {
+    let post = ev.data.update_applied_to(ev.data.before.as_ref()?)?.ok()?;
+    r.image(&post).ok().flatten()
 }
 
 /// What the monolith's side held before the change, as the service's document.
@@ -372,6 +386,29 @@ mod tests {
         // Another service's echo is input like any other change.
         echo.origin = Some(Origin { service: "conversations_db".into(), collection: Some("customers".into()) });
         assert_eq!(f.transform(&Message::Event(echo)).unwrap(), all);
+    }
+
+    #[test]
+    fn a_merge_weighs_the_change_itself_never_the_document_looked_up_after_it() {
+        let topics = crate::config::topics::load(&repo("topics")).unwrap();
+        let (owned, _) = users();
+        let f = Forward { transforms: customers(), ownership: Some(at(50, 100)) };
+        // The monolith renamed "a" to "b"; by the time the tail looked the document up, a later
+        // change had made it "c".
+        let mut r = ChangeRecord::snapshot("customers", customer(&owned, "c"), Timestamp { time: 200, increment: 1 });
+        r.op = Op::Update;
+        r.before = Some(customer(&owned, "a"));
+        r.changed = Some(doc! { "name": "b" });
+        r.index = 1;
+        let ev = map_change(topics.for_collection("customers").unwrap(), "linechatbot", r).events.remove(0);
+        let ops = f.transform(&Message::Event(ev)).unwrap();
+        let Some(WriteOp::Merge { doc: Some(d), base: Base::Was(b), .. }) =
+            ops.iter().find(|op| op.collection() == "customers")
+        else {
+            panic!("{ops:?}")
+        };
+        assert_eq!(b.get_str("displayName").unwrap(), "a");
+        assert_eq!(d.get_str("displayName").unwrap(), "b", "the change's own result: {d}");
     }
 
     #[test]

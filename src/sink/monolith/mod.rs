@@ -239,9 +239,13 @@ impl MonolithSink {
             (_, Some(before)) => Base::Was(before.clone()),
             (_, None) => Base::Unknown,
         };
+        // The change's exact result where the pre-image gives it (an update's description
+        // applied to it), never the document looked up after it, which may hold later changes:
+        // the merge weighs the change against its pre-image (see `consume::direction::exact`).
+        let exact = w.change.before.as_ref().and_then(|b| w.change.update_applied_to(b)?.ok());
         let theirs = match w.change.op {
             Op::Delete => None,
-            _ => w.change.after.clone(),
+            _ => exact.or_else(|| w.change.after.clone()),
         };
         let merged = super::merge::merge(owner.as_ref(), &base, theirs.as_ref(), &reverse.array_keys());
         let id = match merged.write {
