@@ -36,6 +36,12 @@ const METRICS: &[&str] = &[
     "ficus_cutover_epoch",
     "ficus_cutover_fenced_buckets",
     "ficus_cutover_can_rollback",
+    "ficus_conflicts_total",
+    "ficus_fence_violations_total",
+    "ficus_conflict_repairs_total",
+    "ficus_echoes_skipped_total",
+    "ficus_reverse_unrouted_total",
+    "ficus_consumer_rejoins_total",
 ];
 
 /// `ficus run --shutdown-timeout` when not given.
