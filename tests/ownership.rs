@@ -231,6 +231,10 @@ async fn a_flip_cut_in_half_is_never_seen_and_abort_or_resume_finishes_it() {
         (Some(0), Some(0), Some(50)),
         "{state}"
     );
+    // A replay judges ownership once for its whole run: it refuses a move left half-way.
+    let replay = scene.ficus(&["replay", "--service", SERVICE, "--in-place"]);
+    assert_eq!(replay.status.code(), Some(2), "{}", text(&replay));
+    assert!(text(&replay).contains("left half-way"), "{}", text(&replay));
     // The monolith still owns and writes its keys, which flow to the service after the abort.
     scene
         .monolith()

@@ -46,4 +46,6 @@ pub enum CommandError {
     Store(#[from] crate::store::StoreError),
     #[error(transparent)]
     Replay(#[from] crate::replay::ReplayError),
+    #[error(transparent)]
+    Cutover(#[from] cutover::CutoverError),
 }

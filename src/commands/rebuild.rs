@@ -6,6 +6,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::CommandError;
 use crate::clients::Clients;
+use crate::commands::cutover::lock::MoveLock;
 use crate::config::Config;
 use crate::consume::{Backward, Direction, Forward, Pipeline, Redrive, RedriveReport, redrive_dead_letters};
 use crate::cutover::ownership::OwnershipStore;
@@ -16,7 +17,10 @@ use crate::store::EventStore;
 use crate::transform::ServiceTransforms;
 
 /// `ficus replay`: rebuilds `transforms`'s database; a service that has owned keys only in
-/// place (its database holds writes of its own that the monolith's events do not have).
+/// place (its database holds writes of its own that the monolith's events do not have). It
+/// judges ownership once, by the record as it is when it starts, so it holds the service's move
+/// lock throughout (no `ficus cutover` changes ownership under it) and refuses to start while a
+/// move is half-way (fenced, or a flip pending).
 pub async fn replay(
     config: &Config,
     clients: &Clients,
@@ -26,7 +30,38 @@ pub async fn replay(
     shutdown: &CancellationToken,
 ) -> Result<ReplayReport, CommandError> {
     let service = transforms.service();
+    let lock = match MoveLock::take(&clients.store(), service, &|_| {}).await? {
+        Ok(lock) => lock,
+        Err(by) => {
+            return Err(CommandError::BadInput(format!(
+                "{service}: a move is under way (`ficus cutover` holds its lock: {by}); replay once it has finished"
+            )));
+        }
+    };
+    let result = replay_locked(config, clients, transforms, in_place, from, shutdown).await;
+    lock.release().await;
+    result
+}
+
+/// [`replay`], under the move lock.
+async fn replay_locked(
+    config: &Config,
+    clients: &Clients,
+    transforms: &std::sync::Arc<ServiceTransforms>,
+    in_place: bool,
+    from: Option<bson::DateTime>,
+    shutdown: &CancellationToken,
+) -> Result<ReplayReport, CommandError> {
+    let service = transforms.service();
     let ownership = OwnershipStore::new(&clients.store()).get(service).await?;
+    if let Some(o) = ownership.as_ref().filter(|o| o.fenced.is_some() || o.pending()) {
+        return Err(CommandError::BadInput(format!(
+            "{service}: a move was left half-way (epoch {}{}); finish it with `ficus cutover --service {service}` \
+             (or `--abort`), then replay",
+            o.epoch,
+            if o.pending() { ", a flip pending" } else { ", fenced" }
+        )));
+    }
     if ownership.as_ref().is_some_and(|o| o.ever_owned()) && !in_place {
         return Err(CommandError::BadInput(format!(
             "{service} has owned keys (see `ficus cutover`): its database holds writes of its own that a rebuild \

@@ -1,6 +1,8 @@
 //! The move lock: the command driving a service's move holds it (a lease in
 //! `<store.db>.leases`, `cutover/<service>`), so two commands never run one move's steps
 //! together. A holder killed on this host is taken over at once; elsewhere once it expires.
+//! `ficus replay` holds it too: a replay judges ownership once for its whole run, so no move
+//! may change it meanwhile.
 
 use std::time::Duration;
 
@@ -16,7 +18,7 @@ pub(super) const MOVE_LOCK_TTL: Duration = Duration::from_secs(15);
 /// The lock of one service's moves: the command driving a move holds it (a lease in
 /// `<store.db>.leases`, `cutover/<service>`), so two commands never run one move's steps
 /// together. A holder killed on this host is taken over at once; elsewhere once it expires.
-pub(super) struct MoveLock {
+pub(crate) struct MoveLock {
     lease: Lease,
     epoch: i64,
     renewal: tokio::task::JoinHandle<()>,
@@ -25,7 +27,7 @@ pub(super) struct MoveLock {
 
 impl MoveLock {
     /// Takes the lock, or names its live holder.
-    pub(super) async fn take(
+    pub(crate) async fn take(
         store: &Database,
         service: &str,
         progress: &(dyn Fn(Event<'_>) + Sync),
@@ -80,7 +82,7 @@ impl MoveLock {
         Ok(())
     }
 
-    pub(super) async fn release(self) {
+    pub(crate) async fn release(self) {
         self.renewal.abort();
         let _ = self.lease.release(self.epoch).await;
     }

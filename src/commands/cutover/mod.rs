@@ -34,7 +34,7 @@ use std::time::{Duration, Instant};
 
 use mongodb::Database;
 
-mod lock;
+pub(super) mod lock;
 mod steps;
 
 use self::lock::{MOVE_LOCK_TTL, MoveLock};
