@@ -9,6 +9,8 @@
 //! - [`rules`]: how a change is applied given ownership: as the owner's write, or merged
 //!   (a non-owner's, a late one, a fence violation), pure;
 //! - [`plan`]: the safe cutover's state machine (steps, resume, abort), pure;
+//! - [`rollout`]: a progressive rollout's plan of shares with holds, and the analysis that
+//!   passes, holds, stops or rolls it back, pure;
 //! - [`moves`]: each service's latest move and what its steps recorded, in ficus's store;
 //! - [`report`]: what applications read (`GET /cutover`): share, fence, `canFlip`,
 //!   `canRollback`, pure.
@@ -18,6 +20,7 @@ pub mod moves;
 pub mod ownership;
 pub mod plan;
 pub mod report;
+pub mod rollout;
 pub mod route;
 pub mod rules;
 pub mod views;
