@@ -194,7 +194,8 @@ fn conflict_spots(record: &Document) -> Vec<Spot> {
             .get_document("element")
             .ok()
             .and_then(|e| Some((e.get_str("field").ok()?.to_string(), e.get("id")?.clone())));
-        Some(Spot { path: f.get_str("path").ok()?.to_string(), element })
+        let was = f.get("owner").map(|v| (!matches!(v, Bson::Null)).then(|| v.clone()));
+        Some(Spot { path: f.get_str("path").ok()?.to_string(), element, was })
     };
     record.get_array("fields").map(|f| f.iter().filter_map(|f| spot(f.as_document()?)).collect()).unwrap_or_default()
 }

@@ -48,6 +48,31 @@ pub type ArrayKeys = [(String, Option<String>)];
 pub struct Spot {
     pub path: String,
     pub element: Option<(String, Bson)>,
+    /// The owner's value there when the conflict was recorded (`Some(None)`: absent; `None`:
+    /// not known), see [`still_held`].
+    pub was: Option<Option<Bson>>,
+}
+
+/// The spots where the owner still holds the value that won its conflict (or where that value
+/// is not known, and for single array elements): a repair writes the owner's values there and
+/// nowhere else (pure). Where the owner's value has changed since, the conflict is behind it:
+/// the owner wrote again (its own change carries the new value across), or a later change of
+/// the other side was merged into it. A repair that wrote the owner's *current* value there
+/// took back what the other side had done since: a counter only the monolith's code changes,
+/// stale on the service when a conflict was recorded and caught up by the time the record was
+/// relayed, was written back over the monolith's newer count (an increment lost in the ownership
+/// chaos test).
+pub fn still_held(owner: &Document, spots: &[Spot]) -> Vec<Spot> {
+    use crate::event::mapping::get_path;
+    let plain = |v: Option<&Bson>| v.filter(|v| !matches!(v, Bson::Null)).cloned();
+    spots
+        .iter()
+        .filter(|s| match (&s.was, &s.element) {
+            (Some(was), None) => plain(get_path(owner, &s.path)) == plain(was.as_ref()),
+            _ => true,
+        })
+        .cloned()
+        .collect()
 }
 
 /// Makes `target` hold what `source` holds at each spot (a field set or removed, one element of
@@ -367,5 +392,24 @@ mod tests {
             Bson::Array(vec![p("A", 1), p("B", 1), p("C", 1)])
         );
         assert_eq!(with_element(None, "id", &id("C"), None), Bson::Array(vec![]));
+    }
+
+    #[test]
+    fn a_repair_writes_only_where_the_owner_still_holds_the_value_that_won() {
+        let spot = |path: &str, was: Option<Option<Bson>>| Spot { path: path.into(), element: None, was };
+        let owner = doc! { "displayName": "S", "analytics": { "totalMessages": 31 } };
+        let spots = [
+            // The owner's rename that won: still the owner's value, written across.
+            spot("displayName", Some(Some(Bson::from("S")))),
+            // A counter the owner held stale (26) when the conflict was recorded, caught up
+            // since: the monolith's newer count stands.
+            spot("analytics.totalMessages", Some(Some(Bson::Int32(26)))),
+            // Absent then and now.
+            spot("profile.country", Some(None)),
+            // Not known: written as before.
+            spot("segmentation.tier", None),
+        ];
+        let held: Vec<String> = still_held(&owner, &spots).into_iter().map(|s| s.path).collect();
+        assert_eq!(held, ["displayName", "profile.country", "segmentation.tier"]);
     }
 }

@@ -394,7 +394,11 @@ impl MonolithSink {
             (Some(o), Some(m)) => {
                 // Only the fields in conflict: what the monolith changed meanwhile, still on its
                 // way to the service, is not taken back.
-                let wanted = match paths {
+                let held = paths.map(|spots| super::merge::still_held(o, spots));
+                if held.as_ref().is_some_and(Vec::is_empty) {
+                    return Ok("the owner's values in conflict have changed since: its later changes carry them".into());
+                }
+                let wanted = match held.as_deref() {
                     Some(spots) => {
                         let mut image =
                             reverse.image(m).map_err(|e| SinkError::Unsupported(e.to_string()))?.unwrap_or_default();
