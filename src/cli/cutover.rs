@@ -9,6 +9,7 @@ use super::{BadInput, Loaded};
 use crate::clients::Clients;
 use crate::commands::Event;
 use crate::commands::cutover::{CutoverError, Outcome, Request};
+use crate::commands::rollout::{PlanOutcome, PlanRequest};
 use crate::cutover::plan::Phase;
 use crate::daemon::Definitions;
 
@@ -41,6 +42,63 @@ pub(super) async fn cutover(loaded: &Loaded, clients: &Clients, req: Request) ->
             }
             println!("dry run: nothing changed");
             Ok(if problems.is_empty() { ExitCode::SUCCESS } else { ExitCode::from(1) })
+        }
+        Err(CutoverError::BadInput(msg)) => Err(anyhow::Error::new(BadInput(msg))),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// `ficus cutover --plan SHARES [--hold D] [--interval D] [--dry-run]`: 0 done, 1 rolled back,
+/// stopped or a gate failed (which check, its value and its bound; or which gate), 2 bad input.
+pub(super) async fn rollout(loaded: &Loaded, clients: &Clients, req: PlanRequest) -> anyhow::Result<ExitCode> {
+    let definitions = Definitions { topics: loaded.topics.clone(), services: loaded.services.clone() };
+    let service = req.service.clone();
+    let (hold, interval) = (req.hold, req.interval);
+    match crate::commands::rollout::rollout(&loaded.config, &definitions, clients, req, &print).await {
+        Ok(PlanOutcome::Done) => Ok(ExitCode::SUCCESS),
+        Ok(PlanOutcome::DryRun { plan, checks }) => {
+            let steps: Vec<String> = plan.shares.iter().map(|s| format!("{s}%")).collect();
+            println!(
+                "{service}: plan from {}% through {}, each by the safe move, held {} while analysis measures every {}:",
+                plan.from,
+                steps.join(" → "),
+                humantime::format_duration(hold),
+                humantime::format_duration(interval)
+            );
+            for c in &checks {
+                let kind = if c.critical {
+                    "critical: rolls back".to_string()
+                } else {
+                    format!("stops past {} failures", c.failure_limit)
+                };
+                println!("  {:<17} {:<10} {kind}; {}", c.name, c.bounds(), c.about);
+            }
+            println!(
+                "  no data holds the plan (it never passes on silence); a reading that errs {} times in a row stops it",
+                checks.first().map_or(4, |c| c.consecutive_error_limit)
+            );
+            println!("dry run: nothing changed");
+            Ok(ExitCode::SUCCESS)
+        }
+        Ok(PlanOutcome::RolledBack { to, why }) => {
+            eprintln!("{service}: rolled back to {to}%: {why}");
+            Ok(ExitCode::from(1))
+        }
+        Ok(PlanOutcome::Stopped { at, why }) => {
+            eprintln!(
+                "{service}: the plan stopped at {at}%: {why}
+run the same command again to go on once fixed"
+            );
+            Ok(ExitCode::from(1))
+        }
+        Ok(PlanOutcome::GateFailed(gate)) => {
+            eprintln!(
+                "{service}: the {} gate failed: {}
+the plan stands where it was; run the same command again once fixed",
+                gate.step.name(),
+                gate.why
+            );
+            Ok(ExitCode::from(1))
         }
         Err(CutoverError::BadInput(msg)) => Err(anyhow::Error::new(BadInput(msg))),
         Err(e) => Err(e.into()),

@@ -110,7 +110,7 @@ enum Command {
         #[arg(long = "service", value_name = "NAME")]
         service: String,
         /// The share to move to, 0 to 100 (0: the monolith owns everything).
-        #[arg(long, value_name = "PERCENT", value_parser = clap::value_parser!(u8).range(0..=100), required_unless_present = "abort")]
+        #[arg(long, value_name = "PERCENT", value_parser = clap::value_parser!(u8).range(0..=100), required_unless_present_any = ["abort", "plan"])]
         to: Option<u8>,
         /// Set it at once, without fencing, draining or verification (the emergency switch).
         #[arg(long)]
@@ -130,6 +130,17 @@ enum Command {
         /// the same command without it goes on from there.
         #[arg(long, value_name = "STEP", value_parser = crate::cutover::plan::Phase::named)]
         until: Option<crate::cutover::plan::Phase>,
+        /// A progressive rollout: the shares to move to in turn (e.g. 10,50,100; going down,
+        /// 50,10,0 with --to 0), each by the safe move and held while analysis runs; a critical
+        /// failure rolls back to the last share that finished its hold.
+        #[arg(long, value_name = "SHARES", value_parser = clap::value_parser!(crate::cutover::rollout::Shares))]
+        plan: Option<crate::cutover::rollout::Shares>,
+        /// With --plan: how long to hold each share while analysis runs (e.g. 5m, 30s).
+        #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration, default_value = "5m")]
+        hold: std::time::Duration,
+        /// With --plan: how often analysis measures during a hold.
+        #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration, default_value = "30s")]
+        interval: std::time::Duration,
     },
     /// Reverse sync: the derived reverses of the transforms.
     Lens {
@@ -317,7 +328,27 @@ async fn command_with(command: Command, loaded: &mut Loaded, clients: &Clients) 
             commands::dlq_replay(loaded, clients, &service, reverse).await
         }
         Command::Status { json, instance } => commands::status(loaded, clients, json, instance.as_deref()).await,
-        Command::Cutover { service, to, force, dry_run, abort, timeout, until } => {
+        Command::Cutover {
+            service,
+            to,
+            force,
+            dry_run,
+            abort,
+            timeout,
+            until,
+            plan: Some(crate::cutover::rollout::Shares(shares)),
+            hold,
+            interval,
+        } => {
+            if force || abort || until.is_some() {
+                let msg = "--plan runs safe moves with holds: it goes with neither --force, --abort nor --until";
+                return Err(anyhow::Error::new(BadInput(msg.into())));
+            }
+            let timeout = std::time::Duration::from_secs(timeout);
+            let req = crate::commands::rollout::PlanRequest { service, to, shares, hold, interval, timeout, dry_run };
+            cutover::rollout(loaded, clients, req).await
+        }
+        Command::Cutover { service, to, force, dry_run, abort, timeout, until, plan: None, .. } => {
             let timeout = std::time::Duration::from_secs(timeout);
             let req = crate::commands::cutover::Request { service, to, force, dry_run, abort, timeout, until };
             cutover::cutover(loaded, clients, req).await

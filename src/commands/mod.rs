@@ -4,12 +4,14 @@
 //!
 //! - `cutover`: the cutover executor (preflight, fence, drain, verify of the moving buckets,
 //!   flip, observe), the forced switch and the abort;
-//! - `rebuild`: `replay` and `dlq replay`, through the one apply path.
+//! - `rebuild`: `replay` and `dlq replay`, through the one apply path;
+//! - `rollout`: `cutover --plan`, safe moves with holds, analysis and automatic rollback.
 //!
 //! [`Clients`]: crate::clients::Clients
 
 pub mod cutover;
 pub mod rebuild;
+pub mod rollout;
 
 use std::time::Duration;
 

@@ -95,6 +95,18 @@ impl Rollout {
     }
 }
 
+/// A plan's shares as one argument (`--plan 10,50,100`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Shares(pub Vec<u8>);
+
+impl std::str::FromStr for Shares {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Shares, String> {
+        parse_shares(s).map(Shares)
+    }
+}
+
 /// Parses `--plan 10,50,100`.
 pub fn parse_shares(s: &str) -> Result<Vec<u8>, String> {
     s.split(',')
@@ -147,13 +159,14 @@ impl Check {
     }
 
     fn passes(&self, v: f64) -> bool {
-        !v.is_nan() && self.min.is_none_or(|lo| v >= lo) && self.max.is_none_or(|hi| v <= hi)
+        self.min.is_none_or(|lo| v >= lo) && self.max.is_none_or(|hi| v <= hi)
     }
 }
 
-/// The checks run when configuration names none: new dead letters on the service's topics and
-/// new fence violations are critical, none tolerated; lags, conflicts and apply errors fail
-/// non-critically; the verify score of the buckets moved so far must stay at 100%.
+/// The checks run when configuration names none: new dead letters on the service's topics (a
+/// change that could not be applied, either way) and new fence violations are critical, none
+/// tolerated; lags and conflicts fail non-critically; the verify score of the buckets the
+/// service owns must stay at 100%.
 pub fn default_checks() -> Vec<Check> {
     vec![
         Check::new("forward_lag", "messages the service's forward consumer has yet to apply", None, Some(1000.0)),
@@ -173,8 +186,7 @@ pub fn default_checks() -> Vec<Check> {
             Some(0.0),
         )
         .critical(),
-        Check::new("verify_score", "% of the documents changed in the moved buckets that match", Some(100.0), None),
-        Check::new("apply_errors", "batches that failed to apply since the last measurement", None, Some(0.0)),
+        Check::new("verify_score", "% of the documents in the buckets the service owns that match", Some(100.0), None),
     ]
 }
 
@@ -273,6 +285,8 @@ impl Analysis {
         for t in &mut self.tallies {
             let reading = readings.iter().find(|(n, _)| *n == t.check.name).map_or(Reading::NoData, |(_, r)| r.clone());
             let outcome = match &reading {
+                // NaN (a ratio over nothing) is no data, never a pass and never a failure.
+                Reading::Value(v) if v.is_nan() => Outcome::Inconclusive,
                 Reading::Value(v) if t.check.passes(*v) => Outcome::Pass,
                 Reading::Value(_) => Outcome::Fail,
                 Reading::NoData => Outcome::Inconclusive,
@@ -397,8 +411,11 @@ mod tests {
         assert_eq!(v, Verdict::Pass);
         assert!(hold_over(MIN5, MIN5, Some(&v)));
         assert!(!hold_over(MIN5 / 2, MIN5, Some(&v)), "time is not up");
-        // NaN is no pass either.
-        assert!(matches!(a.measure(&with("forward_lag", Reading::Value(f64::NAN))), Verdict::Inconclusive { .. }));
+        // NaN is no data: neither a pass nor a failure.
+        for _ in 0..5 {
+            assert!(matches!(a.measure(&with("forward_lag", Reading::Value(f64::NAN))), Verdict::Inconclusive { .. }));
+        }
+        assert_eq!(a.tallies[0].failures, 0);
     }
 
     #[test]

@@ -1,0 +1,129 @@
+//! Progressive rollout (issue 21) against real servers: `ficus cutover --plan` moves a service
+//! share by share with holds while analysis measures, completes under a workload that follows
+//! the contract, and rolls back on its own when an anomaly shows during a hold.
+
+mod common;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use bson::{Document, doc};
+use common::{Ficus, World, eventually};
+use ficus::cutover::route;
+use ficus::testkit::workload::Workload;
+
+const SERVICE: &str = "customers_db";
+const CUSTOMERS: u64 = 20;
+
+fn text(out: &std::process::Output) -> String {
+    format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
+}
+
+/// A world with customers in the monolith and `ficus run` for customers_db caught up.
+async fn start() -> (World, mongodb::Client, PathBuf, Ficus) {
+    let world = World::start();
+    world.apply_topics();
+    let client = world.mongo.client().await;
+    client
+        .database("admin")
+        .run_command(doc! { "setParameter": 1, "transactionLifetimeLimitSeconds": 5 })
+        .await
+        .unwrap();
+    let config = world.dir.path().join("ficus.toml");
+    std::fs::write(&config, "[cutover]\ntransaction_lifetime_secs = 5\nview_max_age_secs = 5\n").unwrap();
+    let monolith = client.database("linechatbot").collection::<Document>("customers");
+    let mut w = Workload::new(CUSTOMERS);
+    for i in 0..CUSTOMERS {
+        monolith.insert_one(w.customer(i)).await.unwrap();
+    }
+    let ficus = world.spawn_ficus(&["run", "--service", SERVICE], &[("FICUS_CONFIG", config.to_str().unwrap())]);
+    let service = client.database(SERVICE).collection::<Document>("customers");
+    eventually("customers_db populated", Duration::from_secs(120), || async {
+        service.count_documents(doc! {}).await.unwrap() == CUSTOMERS
+    })
+    .await;
+    (world, client, config, ficus)
+}
+
+/// The service's share now.
+async fn share(client: &mongodb::Client) -> i32 {
+    let o = client.database("ficus").collection::<Document>("ownership").find_one(doc! { "_id": SERVICE }).await;
+    o.unwrap().map_or(0, |o| o.get_i32("percent").unwrap())
+}
+
+/// The monolith's own code counting messages of customers that never move in a 0 → 50 plan
+/// (their buckets are 50 or more), so it follows the contract whatever the share.
+fn workload(client: &mongodb::Client) -> (tokio::task::JoinHandle<u64>, std::sync::Arc<std::sync::atomic::AtomicBool>) {
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let monolith = client.database("linechatbot").collection::<Document>("customers");
+    let fixed: Vec<String> = (0..CUSTOMERS).map(Workload::user_id).filter(|u| route::bucket(u) >= 50).collect();
+    let flag = stop.clone();
+    let task = tokio::spawn(async move {
+        let mut n = 0;
+        while !flag.load(std::sync::atomic::Ordering::SeqCst) {
+            let user = &fixed[n as usize % fixed.len()];
+            monolith.update_one(doc! { "user_id": user }, doc! { "$inc": { "stats.msgs": 1 } }).await.unwrap();
+            n += 1;
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        n
+    });
+    (task, stop)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_plan_with_holds_completes_under_a_workload_and_a_bad_plan_is_refused_up_front() {
+    let (world, client, config, mut ficus) = start().await;
+    let env = [("FICUS_CONFIG", config.to_str().unwrap())];
+    // Validated up front: shares only grow going up (exit 2, nothing moved).
+    let bad = world.ficus(&["cutover", "--service", SERVICE, "--plan", "10,50,30", "--dry-run"], &env);
+    assert_eq!(bad.status.code(), Some(2), "{}", text(&bad));
+    assert!(text(&bad).contains("50% → 30%: shares only grow going up"), "{}", text(&bad));
+    let dry = world.ficus(&["cutover", "--service", SERVICE, "--plan", "10,50", "--hold", "3s", "--dry-run"], &env);
+    assert!(dry.status.success(), "{}", text(&dry));
+    assert!(text(&dry).contains("10% → 50%") && text(&dry).contains("dead_letters"), "{}", text(&dry));
+    assert_eq!(share(&client).await, 0, "a dry run moves nothing");
+
+    let (writes, stop) = workload(&client);
+    let args =
+        ["cutover", "--service", SERVICE, "--plan", "10,50", "--hold", "3s", "--interval", "1s", "--timeout", "120"];
+    let out = world.ficus(&args, &env);
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    assert!(writes.await.unwrap() > 0);
+    let t = text(&out);
+    assert!(out.status.success(), "exit {:?}:\n{t}\n{}", out.status.code(), ficus.logs());
+    for needle in ["holding at 10%", "analysis at 10%", "holding at 50%", "analysis at 50%", "verify_score 100"] {
+        assert!(t.contains(needle), "the output should say {needle:?}:\n{t}");
+    }
+    assert_eq!(share(&client).await, 50);
+    let left = client.database("ficus").collection::<Document>("rollouts").count_documents(doc! {}).await.unwrap();
+    assert_eq!(left, 0, "a finished plan leaves no record");
+    let verify = world.ficus(&["verify", "--service", SERVICE, "--settle", "2"], &env);
+    assert!(verify.status.success(), "{}", text(&verify));
+    assert!(ficus.terminate().success(), "{}", ficus.logs());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_critical_anomaly_during_a_hold_rolls_back_to_the_last_good_share() {
+    let (world, client, config, mut ficus) = start().await;
+    let env = [("FICUS_CONFIG", config.to_str().unwrap())];
+    let args =
+        ["cutover", "--service", SERVICE, "--plan", "10,50", "--hold", "60s", "--interval", "1s", "--timeout", "120"];
+    let mut plan = world.spawn_ficus(&args, &env);
+    // Once the plan holds at 50%, another producer puts a message no consumer can read on the
+    // service's topic: a dead letter, a critical anomaly.
+    eventually("the plan at 50%", Duration::from_secs(240), || async { share(&client).await == 50 }).await;
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+    let producer: FutureProducer =
+        rdkafka::ClientConfig::new().set("bootstrap.servers", world.kafka.brokers()).create().unwrap();
+    let poison = FutureRecord::to("linechatbot.customers").key("U-poison").payload("{not json");
+    producer.send(poison, Duration::from_secs(10)).await.unwrap();
+    let status = plan.wait(Duration::from_secs(240)).expect("the plan ends on its own");
+    let t = plan.logs();
+    assert_eq!(status.code(), Some(1), "rolled back, exit 1:\n{t}");
+    assert!(t.contains("rolled back to 10%") && t.contains("dead_letters = 1 (wanted ≤ 0)"), "{t}");
+    assert_eq!(share(&client).await, 10, "back at the last share that finished its hold");
+    let verify = world.ficus(&["verify", "--service", SERVICE, "--settle", "2"], &env);
+    assert!(verify.status.success(), "{}", text(&verify));
+    assert!(ficus.terminate().success(), "{}", ficus.logs());
+}
