@@ -175,8 +175,12 @@ impl Forward {
 /// lost in the ownership chaos test). `None` where there is no exact result (no pre-image, not
 /// an update with a description: an insert's or a replace's document is exact already).
 fn exact(r: &Reverse<'_>, ev: &CanonicalEvent) -> Option<bson::Document> {
-    let post = ev.data.update_applied_to(ev.data.before.as_ref()?)?.ok()?;
-    r.image(&post).ok().flatten()
+    r.image(&exact_after(ev)?).ok().flatten()
+}
+
+/// An update's exact result: its description applied to its pre-image (`None` without both).
+fn exact_after(ev: &CanonicalEvent) -> Option<bson::Document> {
+    ev.data.update_applied_to(ev.data.before.as_ref()?)?.ok()
 }
 
 /// What the monolith's side held before the change, as the service's document.
@@ -206,6 +210,21 @@ impl Transformer for Forward {
     }
 
     fn transform(&self, m: &Message) -> Result<Vec<WriteOp>, TransformError> {
+        // Judged by ownership, an update is applied as what it made of its pre-image, never as
+        // the document looked up after it: that one may hold later changes (a tail that looked
+        // it up late, or published it again after a restart), and laid down under this event's
+        // version it put a later state into the service's document, against which the next
+        // merges found conflicts that were not there and a repair wrote that state back over
+        // the monolith's newer one (two increments lost in the ownership chaos test).
+        let exact = match m {
+            Message::Event(ev) if self.ownership.is_some() => exact_after(ev).map(|after| {
+                let mut ev = ev.clone();
+                ev.data.after = Some(after);
+                Message::Event(ev)
+            }),
+            _ => None,
+        };
+        let m = exact.as_ref().unwrap_or(m);
         let ops = self.transforms.apply_message(m)?;
         Ok(match m {
             Message::Event(ev) if self.ownership.is_some() || ev.origin.is_some() => self.settle(ev, ops),
@@ -408,6 +427,20 @@ mod tests {
             panic!("{ops:?}")
         };
         assert_eq!(b.get_str("displayName").unwrap(), "a");
+        assert_eq!(d.get_str("displayName").unwrap(), "b", "the change's own result: {d}");
+        // Applied as the owner's too: the upsert lays down what the update made, under its
+        // version, not the later state the look-up found.
+        let (_, free) = users();
+        let mut r = ChangeRecord::snapshot("customers", customer(&free, "c"), Timestamp { time: 200, increment: 1 });
+        r.op = Op::Update;
+        r.before = Some(customer(&free, "a"));
+        r.changed = Some(doc! { "name": "b" });
+        r.index = 1;
+        let ev = map_change(topics.for_collection("customers").unwrap(), "linechatbot", r).events.remove(0);
+        let ops = f.transform(&Message::Event(ev)).unwrap();
+        let Some(WriteOp::Upsert { doc: d, .. }) = ops.iter().find(|op| op.collection() == "customers") else {
+            panic!("{ops:?}")
+        };
         assert_eq!(d.get_str("displayName").unwrap(), "b", "the change's own result: {d}");
     }
 
