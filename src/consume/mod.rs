@@ -72,6 +72,10 @@ pub enum ConsumeError {
     /// the consume loop judges it again.
     #[error("a batch's judgement of ownership went stale before it committed")]
     StaleJudgement,
+    /// Relaying the conflicts outbox did not finish in time (a connection that hangs: the
+    /// MongoDB driver has no socket timeout); the member starts again and relays it then.
+    #[error("relaying the conflicts outbox did not finish within {}s; trying again", .0.as_secs())]
+    RelayTimedOut(std::time::Duration),
 }
 
 impl Classify for ConsumeError {
@@ -82,7 +86,7 @@ impl Classify for ConsumeError {
             ConsumeError::Presence(e) => e.class(),
             ConsumeError::Outbox(e) => e.class(),
             ConsumeError::Ownership(e) => e.class(),
-            ConsumeError::StaleJudgement => ErrorClass::Transient,
+            ConsumeError::StaleJudgement | ConsumeError::RelayTimedOut(_) => ErrorClass::Transient,
         }
     }
 }
@@ -248,7 +252,12 @@ where
             }
             consumer.store_offsets(&batch)?;
             if let (Some(outbox), Some(reports)) = (&self.outbox, reports) {
-                relay_conflicts(outbox, reports, self.transforms.service(), self.repairs.as_ref()).await?;
+                // Bounded like a batch's write: a relay waiting on a dead connection held the
+                // consumer (and its drain on SIGTERM) for good under network faults.
+                let relay = relay_conflicts(outbox, reports, self.transforms.service(), self.repairs.as_ref());
+                tokio::time::timeout(apply::WRITE_TIMEOUT, relay)
+                    .await
+                    .map_err(|_| ConsumeError::RelayTimedOut(apply::WRITE_TIMEOUT))??;
             }
         }
         Ok(())

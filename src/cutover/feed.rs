@@ -182,7 +182,12 @@ impl OwnershipFeed {
 
     /// Reads a new view and hands it on.
     pub async fn refresh(&self) -> Result<Ownerships, OwnershipError> {
-        let view = Arc::new(self.source.read().await?);
+        // Bounded: a read on a connection the network dropped silently waits for good, and a
+        // consumer judging a batch waits on it (under network faults one held its consumer, and
+        // its drain on SIGTERM, for good).
+        const READ_TIMEOUT: Duration = Duration::from_secs(30);
+        let read = tokio::time::timeout(READ_TIMEOUT, self.source.read()).await;
+        let view = Arc::new(read.map_err(|_| OwnershipError::TimedOut(READ_TIMEOUT))??);
         let was = self.current();
         if view.records != was.records {
             log_changes(&was, &view);

@@ -284,12 +284,17 @@ pub enum OwnershipError {
     Corrupt { service: String, reason: String },
     #[error("{0} reports no cluster time: is it a replica set?")]
     NoClusterTime(&'static str),
+    /// Reading the records did not finish in time (a connection that hangs: the MongoDB driver
+    /// has no socket timeout); read again.
+    #[error("reading the ownership records did not finish within {}s; reading again", .0.as_secs())]
+    TimedOut(std::time::Duration),
 }
 
 impl Classify for OwnershipError {
     fn class(&self) -> ErrorClass {
         match self {
             OwnershipError::Mongo(e) => e.class(),
+            OwnershipError::TimedOut(_) => ErrorClass::Transient,
             _ => ErrorClass::Fatal,
         }
     }
