@@ -146,7 +146,6 @@ impl Forward {
                 (op, Some(r)) if r.source_collection() != ev.data.collection => out.push(op),
                 (WriteOp::Upsert { collection, id, doc }, Some(r)) => {
                     let (base, arrays) = (base(&r, ev), r.array_keys());
-                    let doc = exact(&r, ev).unwrap_or(doc);
                     out.push(WriteOp::Merge { collection, id, doc: Some(doc), base, why, arrays })
                 }
                 (WriteOp::Delete { collection, id: Some(id) }, Some(r)) => {
@@ -166,19 +165,13 @@ impl Forward {
     }
 }
 
-/// What the change itself made, as the service's document: an update's description applied to
-/// its pre-image. A merge weighs the change against its pre-image (the base), so the other side
-/// must be the change's exact result, never the document looked up after it (an update's
-/// `fullDocument`), which may hold later changes, ficus's own repairs among them: against the
-/// pre-image those looked like the monolith's, met the owner's values as conflicts, and a repair
-/// then wrote the owner's stale counter back over the monolith's newer one (three increments
-/// lost in the ownership chaos test). `None` where there is no exact result (no pre-image, not
-/// an update with a description: an insert's or a replace's document is exact already).
-fn exact(r: &Reverse<'_>, ev: &CanonicalEvent) -> Option<bson::Document> {
-    r.image(&exact_after(ev)?).ok().flatten()
-}
-
 /// An update's exact result: its description applied to its pre-image (`None` without both).
+/// A merge weighs a change against its pre-image (the base), so the other side must be what the
+/// change itself made, never the document looked up after it, which may hold later changes
+/// (ficus's own repairs among them): against the pre-image those looked like the monolith's,
+/// met the owner's values as conflicts, and a repair wrote the owner's stale counter back over
+/// the monolith's (three increments lost in the ownership chaos test). [`Forward::transform`]
+/// gives every write it judges, merges and the owner's upserts alike, this document.
 fn exact_after(ev: &CanonicalEvent) -> Option<bson::Document> {
     ev.data.update_applied_to(ev.data.before.as_ref()?)?.ok()
 }
@@ -414,13 +407,15 @@ mod tests {
         let f = Forward { transforms: customers(), ownership: Some(at(50, 100)) };
         // The monolith renamed "a" to "b"; by the time the tail looked the document up, a later
         // change had made it "c".
-        let mut r = ChangeRecord::snapshot("customers", customer(&owned, "c"), Timestamp { time: 200, increment: 1 });
-        r.op = Op::Update;
-        r.before = Some(customer(&owned, "a"));
-        r.changed = Some(doc! { "name": "b" });
-        r.index = 1;
-        let ev = map_change(topics.for_collection("customers").unwrap(), "linechatbot", r).events.remove(0);
-        let ops = f.transform(&Message::Event(ev)).unwrap();
+        let looked_up_late = |user: &str| {
+            let mut r = ChangeRecord::snapshot("customers", customer(user, "c"), Timestamp { time: 200, increment: 1 });
+            r.op = Op::Update;
+            r.before = Some(customer(user, "a"));
+            r.changed = Some(doc! { "name": "b" });
+            r.index = 1;
+            Message::Event(map_change(topics.for_collection("customers").unwrap(), "linechatbot", r).events.remove(0))
+        };
+        let ops = f.transform(&looked_up_late(&owned)).unwrap();
         let Some(WriteOp::Merge { doc: Some(d), base: Base::Was(b), .. }) =
             ops.iter().find(|op| op.collection() == "customers")
         else {
@@ -431,13 +426,7 @@ mod tests {
         // Applied as the owner's too: the upsert lays down what the update made, under its
         // version, not the later state the look-up found.
         let (_, free) = users();
-        let mut r = ChangeRecord::snapshot("customers", customer(&free, "c"), Timestamp { time: 200, increment: 1 });
-        r.op = Op::Update;
-        r.before = Some(customer(&free, "a"));
-        r.changed = Some(doc! { "name": "b" });
-        r.index = 1;
-        let ev = map_change(topics.for_collection("customers").unwrap(), "linechatbot", r).events.remove(0);
-        let ops = f.transform(&Message::Event(ev)).unwrap();
+        let ops = f.transform(&looked_up_late(&free)).unwrap();
         let Some(WriteOp::Upsert { doc: d, .. }) = ops.iter().find(|op| op.collection() == "customers") else {
             panic!("{ops:?}")
         };
