@@ -638,12 +638,22 @@ async fn a_tail_killed_at_random_moments_republishes_only_identical_events() {
     let writer = running.await.unwrap();
     // The tail catches up with the last write, then Kafka is read back whole.
     let last = ficus::mongo::cluster_time(&client.database("linechatbot")).await.unwrap().unwrap();
-    common::eventually("the tail checkpointed past the last write", Duration::from_secs(120), || async {
-        checkpoint(&client, "linechatbot").await.and_then(|c| c.get_document("stream").ok().cloned()).is_some_and(|s| {
-            s.get_timestamp("cluster_time").is_ok_and(|t| (t.time, t.increment) >= (last.time, last.increment))
-        })
+    let stream_at = || async {
+        checkpoint(&client, "linechatbot")
+            .await
+            .and_then(|c| c.get_document("stream").ok().and_then(|s| s.get_timestamp("cluster_time").ok()))
+    };
+    let caught_up = common::poll_until(Duration::from_secs(120), || async {
+        stream_at().await.is_some_and(|t| (t.time, t.increment) >= (last.time, last.increment))
     })
     .await;
+    assert!(
+        caught_up,
+        "the tail did not checkpoint past the last write ({last:?}) in 120 s: its checkpoint is at {:?}; \
+         the last tail's log ends:\n{}",
+        stream_at().await,
+        tail_of(&plain(&f.logs()), 60)
+    );
     let records = tokio::task::spawn_blocking({
         let brokers = world.kafka.brokers();
         move || common::read_all(&brokers, &[PRODUCTS, CUSTOMERS])
