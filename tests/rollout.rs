@@ -100,6 +100,53 @@ async fn a_plan_with_holds_completes_under_a_workload_and_a_bad_plan_is_refused_
     assert_eq!(left, 0, "a finished plan leaves no record");
     let verify = world.ficus(&["verify", "--service", SERVICE, "--settle", "2"], &env);
     assert!(verify.status.success(), "{}", text(&verify));
+
+    // A gradual rollback killed during its first hold, then aborted: the plan walks back to the
+    // share it began from (no hold finished) by the safe move, and is forgotten.
+    let down = ["cutover", "--service", SERVICE, "--to", "0", "--plan", "10,0", "--hold", "10m", "--interval", "1s"];
+    let mut rollback = world.spawn_ficus(&down, &env);
+    eventually("the rollback at 10%", Duration::from_secs(240), || async { share(&client).await == 10 }).await;
+    rollback.sigkill();
+    let abort = world.ficus(&["cutover", "--service", SERVICE, "--abort", "--timeout", "120"], &env);
+    assert!(abort.status.success(), "{}\n{}", text(&abort), ficus.logs());
+    assert!(text(&abort).contains("plan aborted; back at 50%"), "{}", text(&abort));
+    assert_eq!(share(&client).await, 50);
+    let left = client.database("ficus").collection::<Document>("rollouts").count_documents(doc! {}).await.unwrap();
+    assert_eq!(left, 0, "an aborted plan leaves no record");
+    // The migration log tells the story, in order.
+    let log = world.ficus(&["log", "--service", SERVICE], &env);
+    assert!(log.status.success(), "{}", text(&log));
+    let kinds: Vec<String> = String::from_utf8_lossy(&log.stdout)
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(2).map(str::to_string))
+        .filter(|k| k != "step" && k != "analysis")
+        .collect();
+    // The plan up, its holds, then the rollback's plan and its first move (killed during its
+    // observation or its hold: which, depends on the moment), then the abort's move back.
+    let want = [
+        "plan-started",
+        "move-started",
+        "move-done",
+        "held",
+        "move-started",
+        "move-done",
+        "held",
+        "plan-done",
+        "plan-started",
+        "move-started",
+    ];
+    assert_eq!(kinds[..want.len()], want, "{}", text(&log));
+    assert_eq!(kinds[kinds.len() - 3..], ["move-started", "move-done", "aborted"], "{}", text(&log));
+    let json = world.ficus(&["log", "--service", SERVICE, "--json", "--limit", "3"], &env);
+    let last: Vec<serde_json::Value> =
+        String::from_utf8_lossy(&json.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(last.len(), 3, "{}", text(&json));
+    assert_eq!(
+        (last[2]["kind"].as_str(), last[2]["from"].as_u64(), last[2]["to"].as_u64()),
+        (Some("aborted"), Some(10), Some(50))
+    );
+    let unknown = world.ficus(&["log", "--service", "nope_db"], &env);
+    assert_eq!(unknown.status.code(), Some(2), "{}", text(&unknown));
     assert!(ficus.terminate().success(), "{}", ficus.logs());
 }
 
@@ -125,5 +172,37 @@ async fn a_critical_anomaly_during_a_hold_rolls_back_to_the_last_good_share() {
     assert_eq!(share(&client).await, 10, "back at the last share that finished its hold");
     let verify = world.ficus(&["verify", "--service", SERVICE, "--settle", "2"], &env);
     assert!(verify.status.success(), "{}", text(&verify));
+    let log = world.ficus(&["log", "--service", SERVICE], &env);
+    let log = String::from_utf8_lossy(&log.stdout).to_string();
+    let rolled =
+        log.lines().find(|l| l.contains("rolled-back")).unwrap_or_else(|| panic!("no rollback logged:\n{log}"));
+    assert!(rolled.contains("50%→10%") && rolled.contains("dead_letters = 1"), "{rolled}");
+    assert!(log.lines().any(|l| l.contains("analysis") && l.contains("dead_letters 1")), "{log}");
+
+    // The emergency rollback, under a workload that follows the contract: fenced and drained,
+    // neither lens-checked nor verified first; everything the service wrote reaches the monolith.
+    let (writes, stop) = workload(&client);
+    let service = client.database(SERVICE).collection::<Document>("customers");
+    let owned: Vec<String> = (0..CUSTOMERS).map(Workload::user_id).filter(|u| route::bucket(u) < 10).collect();
+    assert!(!owned.is_empty(), "some customers are the service's at 10%");
+    for u in &owned {
+        service.update_one(doc! { "lineUserId": u }, doc! { "$set": { "segmentation.tier": "gold" } }).await.unwrap();
+    }
+    let out = world.ficus(&["cutover", "--service", SERVICE, "--to", "0", "--emergency", "--timeout", "120"], &env);
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    writes.await.unwrap();
+    let t = text(&out);
+    assert!(out.status.success(), "{t}\n{}", ficus.logs());
+    assert!(t.contains("skipped (--emergency)") && t.contains("lens laws not checked"), "{t}");
+    assert_eq!(share(&client).await, 0);
+    let monolith = client.database("linechatbot").collection::<Document>("customers");
+    for u in &owned {
+        let d = monolith.find_one(doc! { "user_id": u }).await.unwrap().unwrap();
+        assert_eq!(d.get_str("tier").ok(), Some("gold"), "{u}: the service's write before the rollback: {d}");
+    }
+    let verify = world.ficus(&["verify", "--service", SERVICE, "--settle", "2"], &env);
+    assert!(verify.status.success(), "{}", text(&verify));
+    let log = world.ficus(&["log", "--service", SERVICE, "--limit", "20"], &env);
+    assert!(String::from_utf8_lossy(&log.stdout).contains("move-started 10%→0%: emergency move"), "{}", text(&log));
     assert!(ficus.terminate().success(), "{}", ficus.logs());
 }

@@ -53,6 +53,31 @@ pub(super) async fn status(
     Ok(ExitCode::SUCCESS)
 }
 
+/// `ficus log`: the migration log, oldest first (an unknown service is bad input).
+pub(super) async fn log(
+    loaded: &Loaded,
+    clients: &Clients,
+    service: Option<&str>,
+    limit: i64,
+    json: bool,
+) -> anyhow::Result<ExitCode> {
+    if let Some(s) = service {
+        super::select_services(&loaded.services, &[s.to_string()])?;
+    }
+    let entries = crate::cutover::log::MigrationLog::new(&clients.store()).read(service, limit).await?;
+    for e in &entries {
+        if json {
+            println!("{}", e.to_json());
+        } else {
+            println!("{}", e.line());
+        }
+    }
+    if entries.is_empty() && !json {
+        eprintln!("the migration log is empty{}", service.map_or(String::new(), |s| format!(" for {s}")));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 /// `ficus lens check`.
 pub(super) async fn lens_check(
     loaded: &Loaded,

@@ -17,6 +17,16 @@ use crate::daemon::Definitions;
 pub(super) async fn cutover(loaded: &Loaded, clients: &Clients, req: Request) -> anyhow::Result<ExitCode> {
     let definitions = Definitions { topics: loaded.topics.clone(), services: loaded.services.clone() };
     let service = req.service.clone();
+    if req.abort && !req.dry_run {
+        // A plan under way is walked back as a whole; otherwise the abort is the move's.
+        let (config, timeout) = (&loaded.config, req.timeout);
+        match crate::commands::rollout::abort(config, &definitions, clients, &service, timeout, &print).await {
+            Ok(None) => {}
+            Ok(Some(outcome)) => return plan_outcome(&service, (Duration::ZERO, Duration::ZERO), Ok(outcome)),
+            Err(CutoverError::BadInput(msg)) => return Err(anyhow::Error::new(BadInput(msg))),
+            Err(e) => return Err(e.into()),
+        }
+    }
     let outcome = crate::commands::cutover::cutover(&loaded.config, &definitions, clients, req, &print).await;
     match outcome {
         Ok(Outcome::Done) => Ok(ExitCode::SUCCESS),
@@ -54,7 +64,17 @@ pub(super) async fn rollout(loaded: &Loaded, clients: &Clients, req: PlanRequest
     let definitions = Definitions { topics: loaded.topics.clone(), services: loaded.services.clone() };
     let service = req.service.clone();
     let (hold, interval) = (req.hold, req.interval);
-    match crate::commands::rollout::rollout(&loaded.config, &definitions, clients, req, &print).await {
+    let result = crate::commands::rollout::rollout(&loaded.config, &definitions, clients, req, &print).await;
+    plan_outcome(&service, (hold, interval), result)
+}
+
+/// Prints how a plan ended and maps it to an exit code (`hold`, `interval`: for a dry run).
+fn plan_outcome(
+    service: &str,
+    (hold, interval): (Duration, Duration),
+    result: Result<PlanOutcome, CutoverError>,
+) -> anyhow::Result<ExitCode> {
+    match result {
         Ok(PlanOutcome::Done) => Ok(ExitCode::SUCCESS),
         Ok(PlanOutcome::DryRun { plan, checks }) => {
             let steps: Vec<String> = plan.shares.iter().map(|s| format!("{s}%")).collect();
@@ -90,6 +110,10 @@ pub(super) async fn rollout(loaded: &Loaded, clients: &Clients, req: PlanRequest
 run the same command again to go on once fixed"
             );
             Ok(ExitCode::from(1))
+        }
+        Ok(PlanOutcome::Aborted { to }) => {
+            println!("{service}: plan aborted; back at {to}%");
+            Ok(ExitCode::SUCCESS)
         }
         Ok(PlanOutcome::GateFailed(gate)) => {
             eprintln!(

@@ -112,9 +112,15 @@ enum Command {
         /// The share to move to, 0 to 100 (0: the monolith owns everything).
         #[arg(long, value_name = "PERCENT", value_parser = clap::value_parser!(u8).range(0..=100), required_unless_present_any = ["abort", "plan"])]
         to: Option<u8>,
-        /// Set it at once, without fencing, draining or verification (the emergency switch).
+        /// Set it at once, without fencing, draining or verification (the last resort: writes in
+        /// flight are merged afterwards, conflicts reported).
         #[arg(long)]
         force: bool,
+        /// The emergency move (e.g. a rollback, `--to 0 --emergency`): fenced and drained like
+        /// every safe move, so no write in flight is lost, but without the lens check before it
+        /// and the verification of the moving buckets; no plan, no holds.
+        #[arg(long, conflicts_with_all = ["force", "abort", "plan"], requires = "to")]
+        emergency: bool,
         /// Print the plan and the preflight's results; change nothing.
         #[arg(long)]
         dry_run: bool,
@@ -141,6 +147,19 @@ enum Command {
         /// With --plan: how often analysis measures during a hold.
         #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration, default_value = "30s")]
         interval: std::time::Duration,
+    },
+    /// The migration log: every move, step, gate, abort, forced switch, plan, analysis and
+    /// rollback, oldest first.
+    Log {
+        /// One service's (default: every service's).
+        #[arg(long = "service", value_name = "NAME")]
+        service: Option<String>,
+        /// The last N entries.
+        #[arg(long, value_name = "N", default_value_t = 100, value_parser = clap::value_parser!(i64).range(1..))]
+        limit: i64,
+        /// One JSON object per line.
+        #[arg(long)]
+        json: bool,
     },
     /// Reverse sync: the derived reverses of the transforms.
     Lens {
@@ -327,6 +346,7 @@ async fn command_with(command: Command, loaded: &mut Loaded, clients: &Clients) 
             consume.apply(&mut loaded.config.consume);
             commands::dlq_replay(loaded, clients, &service, reverse).await
         }
+        Command::Log { service, limit, json } => commands::log(loaded, clients, service.as_deref(), limit, json).await,
         Command::Status { json, instance } => commands::status(loaded, clients, json, instance.as_deref()).await,
         Command::Cutover {
             service,
@@ -339,6 +359,7 @@ async fn command_with(command: Command, loaded: &mut Loaded, clients: &Clients) 
             plan: Some(crate::cutover::rollout::Shares(shares)),
             hold,
             interval,
+            ..
         } => {
             if force || abort || until.is_some() {
                 let msg = "--plan runs safe moves with holds: it goes with neither --force, --abort nor --until";
@@ -348,9 +369,10 @@ async fn command_with(command: Command, loaded: &mut Loaded, clients: &Clients) 
             let req = crate::commands::rollout::PlanRequest { service, to, shares, hold, interval, timeout, dry_run };
             cutover::rollout(loaded, clients, req).await
         }
-        Command::Cutover { service, to, force, dry_run, abort, timeout, until, plan: None, .. } => {
+        Command::Cutover { service, to, force, dry_run, abort, emergency, timeout, until, plan: None, .. } => {
             let timeout = std::time::Duration::from_secs(timeout);
-            let req = crate::commands::cutover::Request { service, to, force, dry_run, abort, timeout, until };
+            let req =
+                crate::commands::cutover::Request { service, to, force, dry_run, abort, emergency, timeout, until };
             cutover::cutover(loaded, clients, req).await
         }
         Command::Replay { service, in_place, from, consume } => {

@@ -22,6 +22,7 @@ use crate::clients::Clients;
 use crate::config::Config;
 use crate::config::topics::{conflicts_topic, dlq_topic};
 use crate::consume::{Direction, Pipeline};
+use crate::cutover::log::{Entry, Kind, MigrationLog};
 use crate::cutover::ownership::OwnershipStore;
 use crate::cutover::rollout::{Analysis, Check, Next, Reading, Rollout, Verdict, Why, default_checks, hold_over};
 use crate::daemon::Definitions;
@@ -54,6 +55,9 @@ pub enum PlanOutcome {
     Stopped { at: u8, why: Why },
     /// A dry run: the plan and the checks it would run.
     DryRun { plan: Rollout, checks: Vec<Check> },
+    /// `--abort`: the plan walked back to `to`, the last share that finished its hold (or where
+    /// it began), and forgotten.
+    Aborted { to: u8 },
 }
 
 /// The plans under way, one per service, in ficus's store.
@@ -91,21 +95,84 @@ pub async fn rollout(
     if req.dry_run {
         return Ok(PlanOutcome::DryRun { plan, checks });
     }
+    let log = MigrationLog::new(&store);
+    let run = Run { config, definitions, clients, req: &req, progress, transforms: &transforms, plans: &plans, log };
+    let steps: Vec<String> = req.shares.iter().map(|s| format!("{s}%")).collect();
+    let hold = humantime::format_duration(req.hold);
     if recorded.is_none() {
         plans
             .insert_one(
                 doc! { "_id": service, "from": i32::from(from), "shares": shares_bson(&req.shares), "held": [] },
             )
             .await?;
+        let detail = format!("plan {}, each held {hold}", steps.join(" → "));
+        run.log(Entry::now(service, Kind::PlanStarted, now, plan.target(), detail)).await;
     } else {
         progress(Event::Info(&format!("{service}: resuming the plan; held so far: {held:?}")));
+        let detail = format!("plan {} resumed, held so far {held:?}", steps.join(" → "));
+        run.log(Entry::now(service, Kind::PlanStarted, now, plan.target(), detail)).await;
     }
-    let run = Run { config, definitions, clients, req: &req, progress, transforms: &transforms, plans: &plans };
     let outcome = run.steps(&plan, held, now, &checks).await?;
     if !matches!(outcome, PlanOutcome::Stopped { .. } | PlanOutcome::GateFailed(_)) {
         plans.delete_one(doc! { "_id": service }).await?;
     }
     Ok(outcome)
+}
+
+/// `ficus cutover --service S --abort` while a plan is under way: the move under way (if any)
+/// aborted, then the safe move back to the last share that finished its hold (where the plan
+/// began if none did), and the plan forgotten. `None`: no plan is under way (the abort is a
+/// single move's, `commands::cutover`).
+pub async fn abort(
+    config: &Config,
+    definitions: &Definitions,
+    clients: &Clients,
+    service: &str,
+    timeout: Duration,
+    progress: &(dyn Fn(Event<'_>) + Sync),
+) -> Result<Option<PlanOutcome>, CutoverError> {
+    let store = clients.store();
+    let plans = store.collection::<Document>(ROLLOUTS);
+    let Some(recorded) = plans.find_one(doc! { "_id": service }).await? else { return Ok(None) };
+    let from = recorded.get_i32("from").unwrap_or(0) as u8;
+    let (shares, held) = (shares_of(&recorded, "shares"), shares_of(&recorded, "held"));
+    // A recorded plan was validated when it began.
+    let back = Rollout::new(from, None, &shares, Duration::ZERO).map_or(from, |p| p.last_good(&held));
+    progress(Event::Info(&format!("{service}: aborting the plan {shares:?} (held {held:?}): back to {back}%")));
+    let single = |to: Option<u8>, abort: bool| Request {
+        service: service.to_string(),
+        to,
+        force: false,
+        dry_run: false,
+        abort,
+        emergency: false,
+        timeout,
+        until: None,
+    };
+    let was = OwnershipStore::new(&store).get(service).await?.map_or(0, |o| o.percent);
+    let pending =
+        crate::cutover::moves::MoveStore::new(&store).get(service).await?.is_some_and(|r| r.mv.next().is_some());
+    if pending {
+        match cutover(config, definitions, clients, single(None, true), progress).await? {
+            Outcome::Done => {}
+            Outcome::GateFailed(gate) => return Ok(Some(PlanOutcome::GateFailed(gate))),
+            other => return Err(CutoverError::State(format!("aborting the move under way: {other:?}"))),
+        }
+    }
+    let now = OwnershipStore::new(&store).get(service).await?.map_or(0, |o| o.percent);
+    if now != back {
+        match cutover(config, definitions, clients, single(Some(back), false), progress).await? {
+            Outcome::Done => {}
+            Outcome::GateFailed(gate) => return Ok(Some(PlanOutcome::GateFailed(gate))),
+            other => return Err(CutoverError::State(format!("the move back to {back}%: {other:?}"))),
+        }
+    }
+    plans.delete_one(doc! { "_id": service }).await?;
+    let entry = Entry::now(service, Kind::Aborted, was, back, format!("plan {shares:?} aborted (held {held:?})"));
+    if let Err(e) = MigrationLog::new(&store).append(&entry).await {
+        progress(Event::Warning(&format!("the migration log did not take the abort: {}", crate::mongo::describe(&e))));
+    }
+    Ok(Some(PlanOutcome::Aborted { to: back }))
 }
 
 fn shares_of(d: &Document, field: &str) -> Vec<u8> {
@@ -125,9 +192,18 @@ struct Run<'a> {
     progress: &'a (dyn Fn(Event<'_>) + Sync),
     transforms: &'a ServiceTransforms,
     plans: &'a mongodb::Collection<Document>,
+    log: MigrationLog,
 }
 
 impl Run<'_> {
+    /// Appends to the migration log; a failure is the operator's to know, never the plan's.
+    async fn log(&self, entry: Entry) {
+        if let Err(e) = self.log.append(&entry).await {
+            let line = format!("the migration log did not take \"{}\": {}", entry.line(), crate::mongo::describe(&e));
+            (self.progress)(Event::Warning(&line));
+        }
+    }
+
     async fn steps(
         &self,
         plan: &Rollout,
@@ -141,7 +217,10 @@ impl Run<'_> {
         let mut baseline = None;
         loop {
             match plan.next(&held, now) {
-                Next::Done => return Ok(PlanOutcome::Done),
+                Next::Done => {
+                    self.log(Entry::now(service, Kind::PlanDone, now, now, format!("held {held:?}"))).await;
+                    return Ok(PlanOutcome::Done);
+                }
                 Next::Move(to) => {
                     (self.progress)(Event::Info(&format!("{service}: plan step to {to}%")));
                     baseline = Some(Measure::begin(self, to).await?);
@@ -152,6 +231,9 @@ impl Run<'_> {
                 }
                 Next::Hold(at) => match self.hold(at, checks, baseline.take()).await? {
                     Verdict::Pass => {
+                        let detail =
+                            format!("held {} with every check passing", humantime::format_duration(self.req.hold));
+                        self.log(Entry::now(service, Kind::Held, at, at, detail)).await;
                         held.push(at);
                         self.plans
                             .update_one(doc! { "_id": service }, doc! { "$push": { "held": i32::from(at) } })
@@ -160,12 +242,18 @@ impl Run<'_> {
                     Verdict::RollBack(why) => {
                         let back = plan.last_good(&held);
                         (self.progress)(Event::Warning(&format!("{service}: rolling back to {back}%: {why}")));
+                        let t0 = Instant::now();
                         if let Some(gate) = self.move_to(back).await? {
                             return Ok(PlanOutcome::GateFailed(gate));
                         }
+                        self.log(Entry::now(service, Kind::RolledBack, at, back, why.to_string()).took(t0.elapsed()))
+                            .await;
                         return Ok(PlanOutcome::RolledBack { to: back, why });
                     }
-                    Verdict::Stop(why) => return Ok(PlanOutcome::Stopped { at, why }),
+                    Verdict::Stop(why) => {
+                        self.log(Entry::now(service, Kind::Stopped, at, at, why.to_string())).await;
+                        return Ok(PlanOutcome::Stopped { at, why });
+                    }
                     Verdict::Inconclusive { .. } => unreachable!("a hold ends only on a pass, a rollback or a stop"),
                 },
             }
@@ -180,6 +268,7 @@ impl Run<'_> {
             force: false,
             dry_run: false,
             abort: false,
+            emergency: false,
             timeout: self.req.timeout,
             until: None,
         };
@@ -222,6 +311,7 @@ impl Run<'_> {
                 })
                 .collect();
             (self.progress)(Event::Info(&format!("  analysis at {at}%: {}", line.join("; "))));
+            self.log(Entry::now(service, Kind::Analysis, at, at, line.join("; "))).await;
             match verdict {
                 Verdict::RollBack(_) | Verdict::Stop(_) => return Ok(verdict),
                 v if hold_over(started.elapsed(), self.req.hold, Some(&v)) => return Ok(v),

@@ -42,6 +42,9 @@ pub struct MoveRecord {
     /// When each step finished.
     #[serde(default)]
     pub finished: Vec<(Phase, DateTime)>,
+    /// An emergency move (`--emergency`): fenced and drained, neither lens-checked nor verified.
+    #[serde(default)]
+    pub emergency: bool,
 }
 
 impl MoveRecord {
@@ -54,6 +57,7 @@ impl MoveRecord {
             drain_to: Vec::new(),
             reverse_start: None,
             finished: Vec::new(),
+            emergency: false,
         }
     }
 

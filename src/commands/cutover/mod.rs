@@ -43,6 +43,7 @@ use super::Event;
 use crate::clients::Clients;
 use crate::config::Config;
 use crate::cutover::feed::OwnershipSource;
+use crate::cutover::log::{Entry, Kind, MigrationLog};
 use crate::cutover::moves::{MoveRecord, MoveStore};
 use crate::cutover::ownership::OwnershipStore;
 use crate::cutover::plan::{Decision, Move, Phase, Side, decide};
@@ -58,6 +59,9 @@ pub struct Request {
     pub force: bool,
     pub dry_run: bool,
     pub abort: bool,
+    /// The emergency move: fenced and drained like every safe move (no write in flight is
+    /// lost), but neither the lens laws nor the moving buckets are checked first.
+    pub emergency: bool,
     /// How long the drain and the observation may wait.
     pub timeout: Duration,
     /// Stop after this step.
@@ -83,6 +87,7 @@ struct Sides<'a> {
     service_db: Database,
     ownership: OwnershipSource,
     moves: MoveStore,
+    log: MigrationLog,
 }
 
 /// How a cutover command ended (errors aside).
@@ -129,6 +134,13 @@ impl Sides<'_> {
     fn warn(&self, line: String) {
         (self.progress)(Event::Warning(&line));
     }
+
+    /// Appends to the migration log; a failure is the operator's to know, never the move's.
+    async fn log(&self, entry: Entry) {
+        if let Err(e) = self.log.append(&entry).await {
+            self.warn(format!("the migration log did not take \"{}\": {}", entry.line(), crate::mongo::describe(&e)));
+        }
+    }
 }
 
 /// `ficus cutover --service NAME (--to PERCENT [--force] [--dry-run] | --abort)`: the move asked,
@@ -153,6 +165,11 @@ pub async fn cutover(
     if req.force && (req.abort || req.dry_run) {
         return Err(bad("--force sets a share at once: it goes with neither --abort nor --dry-run".into()));
     }
+    if req.emergency && (req.force || req.abort || req.to.is_none()) {
+        return Err(bad(
+            "--emergency is a move to a share: it goes with --to, and with neither --force nor --abort".into()
+        ));
+    }
     let (store, monolith) = (clients.store(), clients.monolith());
     let sides = Sides {
         config,
@@ -166,6 +183,7 @@ pub async fn cutover(
             services: clients.service("admin"),
         },
         moves: MoveStore::new(&store),
+        log: MigrationLog::new(&store),
         service_db: clients.service(transforms.database()),
         store,
         monolith,
@@ -242,9 +260,24 @@ async fn moved(
             r
         }
     };
+    let mut record = record;
+    if req.emergency && !record.emergency {
+        record.emergency = true;
+        sides.warn(format!(
+            "{service}: --emergency: the move is fenced and drained (no write in flight is lost), but neither the lens \
+             laws nor the moving buckets are checked; run `ficus verify --service {service}` once it is done"
+        ));
+    }
     if req.dry_run {
         return dry_run(sides, &record).await;
     }
+    let resumed = record.mv.next() != Some(Phase::Plan);
+    let what = if record.emergency { "emergency move" } else { "safe move" };
+    let detail = match record.mv.next() {
+        Some(p) if resumed => format!("{what}, resumed at {}", name(p)),
+        _ => what.to_string(),
+    };
+    sides.log(Entry::now(service, Kind::MoveStarted, record.mv.from, record.mv.to, detail)).await;
     match drive(sides, record, req.timeout, req.until, lock).await? {
         Ok(()) => Ok(Outcome::Done),
         Err(gate) => Ok(Outcome::GateFailed(gate)),
@@ -280,6 +313,8 @@ async fn abort(sides: &Sides<'_>, service: &str, back_to: u8, dry_run: bool) -> 
     // The write-back consumers run once the service has owned keys.
     let sides_flowing: &[Side] = if o.ever_owned() { &[Side::Monolith, Side::Service] } else { &[Side::Monolith] };
     problems.extend(pipelines_stopped(sides, sides_flowing).await?);
+    let detail = if problems.is_empty() { "unfenced, nothing pending".to_string() } else { problems.join("; ") };
+    sides.log(Entry::now(service, Kind::Aborted, o.percent, back_to, detail)).await;
     if problems.is_empty() {
         sides.say(format!(
             "{service}: move aborted; {back_to}% owned by the service, as before it, and its pipelines flowing"
@@ -371,6 +406,8 @@ async fn forced(sides: &Sides<'_>, service: &str, to: u8) -> Result<Outcome, Cut
         sides.moves.forget(service).await?;
     }
     let step = o.history.last().expect("a step was just recorded");
+    let detail = format!("no fence, no drain, no verification (epoch {})", o.epoch);
+    sides.log(Entry::now(service, Kind::Forced, from, to, detail)).await;
     sides.say(format!(
         "{service}: {to}% (epoch {}), in force from monolith time {}.{} and service time {}.{}",
         o.epoch, step.at_monolith.time, step.at_monolith.increment, step.at_service.time, step.at_service.increment
@@ -394,7 +431,7 @@ fn print_plan(sides: &Sides<'_>, mv: &Move) {
 /// `--dry-run`: the plan and the preflight's results; nothing changes.
 async fn dry_run(sides: &Sides<'_>, record: &MoveRecord) -> Result<Outcome, CutoverError> {
     print_plan(sides, &record.mv);
-    let problems = preflight(sides, &record.mv).await?;
+    let problems = preflight(sides, &record.mv, !record.emergency).await?;
     Ok(Outcome::DryRun(problems))
 }
 
@@ -413,13 +450,19 @@ async fn drive(
         }
         let t0 = Instant::now();
         (sides.progress)(Event::Step(phase));
+        let (from, to) = (record.mv.from, record.mv.to);
         let detail = match step(sides, &mut record, phase, timeout).await? {
             Ok(detail) => detail,
-            Err(why) => return Ok(Err(Gate { step: phase, why })),
+            Err(why) => {
+                let entry = Entry::now(&service, Kind::GateFailed, from, to, why.clone());
+                sides.log(entry.step(name(phase)).took(t0.elapsed())).await;
+                return Ok(Err(Gate { step: phase, why }));
+            }
         };
         record.done(phase);
         sides.moves.save(&record).await?;
         let took = t0.elapsed();
+        sides.log(Entry::now(&service, Kind::Step, from, to, detail.clone()).step(name(phase)).took(took)).await;
         (sides.progress)(Event::StepDone { phase, took, detail: &detail });
         if until == Some(phase) && record.mv.next().is_some() {
             sides.say(format!(
@@ -430,6 +473,9 @@ async fn drive(
         }
     }
     let total = bson::DateTime::now().saturating_duration_since(record.started);
+    let (from, to) = (record.mv.from, record.mv.to);
+    let detail = if record.emergency { "emergency move: run `ficus verify`" } else { "fenced, drained, verified" };
+    sides.log(Entry::now(&service, Kind::MoveDone, from, to, detail).took(total)).await;
     sides.say(format!("{service}: {}% owned by the service; the move took {:.1}s", record.mv.to, total.as_secs_f64()));
     Ok(Ok(()))
 }
@@ -448,11 +494,15 @@ async fn step(
             String::new()
         }
         Phase::Preflight => {
-            let problems = preflight(sides, &record.mv).await?;
+            let problems = preflight(sides, &record.mv, !record.emergency).await?;
             if !problems.is_empty() {
                 return Ok(Err(problems.join("; ")));
             }
-            "lens laws hold, consumers live, the reverse side can start".into()
+            if record.emergency {
+                "consumers live, the reverse side can start (lens laws not checked: --emergency)".into()
+            } else {
+                "lens laws hold, consumers live, the reverse side can start".into()
+            }
         }
         Phase::Fence => {
             let o = sides.ownership.store.set_fence(&service, Some((record.mv.buckets(), record.mv.losing()))).await?;
@@ -473,6 +523,7 @@ async fn step(
             )
         }
         Phase::Drain => return drain(sides, record, timeout).await,
+        Phase::Verify if record.emergency => "skipped (--emergency): run `ficus verify` once the move is done".into(),
         Phase::Verify => return verify_moving(sides, &record.mv).await,
         Phase::RecordStart => {
             let db = match record.mv.gaining() {
