@@ -24,7 +24,7 @@ use crate::config::topics::{conflicts_topic, dlq_topic};
 use crate::consume::{Direction, Pipeline};
 use crate::cutover::log::{Entry, Kind, MigrationLog};
 use crate::cutover::ownership::OwnershipStore;
-use crate::cutover::rollout::{Analysis, Check, Next, Reading, Rollout, Verdict, Why, default_checks, hold_over};
+use crate::cutover::rollout::{Analysis, Check, Next, Reading, Rollout, Verdict, Why, configured, hold_over};
 use crate::daemon::Definitions;
 use crate::transform::ServiceTransforms;
 
@@ -91,7 +91,7 @@ pub async fn rollout(
         None => (now, Vec::new()),
     };
     let plan = Rollout::new(from, req.to, &req.shares, req.hold).map_err(|p| CutoverError::BadInput(p.join("; ")))?;
-    let checks = default_checks();
+    let checks = configured(&config.cutover.analysis);
     if req.dry_run {
         return Ok(PlanOutcome::DryRun { plan, checks });
     }

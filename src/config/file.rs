@@ -100,6 +100,18 @@ pub struct ReverseFile {
 pub struct CutoverFile {
     pub view_max_age_secs: Option<u64>,
     pub transaction_lifetime_secs: Option<u64>,
+    /// `[cutover.analysis.<check>]`: a progressive rollout's check settings, by check name.
+    pub analysis: BTreeMap<String, CheckFile>,
+}
+
+/// `[cutover.analysis.<check>]`: what a rollout's check accepts and how it fails.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct CheckFile {
+    pub min: Option<f64>,
+    pub max: Option<f64>,
+    pub failure_limit: Option<u32>,
+    pub critical: Option<bool>,
+    pub consecutive_error_limit: Option<u32>,
 }
 
 #[derive(Debug, Default, Clone)]
@@ -250,11 +262,38 @@ impl Reader<'_> {
 
     /// `[cutover]`: what ficus assumes of applications and servers around a move.
     fn cutover(&mut self, root: &toml::Table) -> CutoverFile {
-        let t = self.section(root, "cutover", &["view_max_age_secs", "transaction_lifetime_secs"]);
+        let t = self.section(root, "cutover", &["view_max_age_secs", "transaction_lifetime_secs", "analysis"]);
         CutoverFile {
             view_max_age_secs: self.get(t, "cutover", "view_max_age_secs"),
             transaction_lifetime_secs: self.get(t, "cutover", "transaction_lifetime_secs"),
+            analysis: self.analysis(t),
         }
+    }
+
+    /// `[cutover.analysis.<check>]`, one table per check it names (known checks only).
+    fn analysis(&mut self, cutover: &toml::Table) -> BTreeMap<String, CheckFile> {
+        let mut out = BTreeMap::new();
+        let Some(t) = self.table(cutover, "cutover", "analysis") else { return out };
+        self.unknown(t, "cutover.analysis", super::ANALYSIS_CHECKS);
+        for name in t.keys().filter(|k| super::ANALYSIS_CHECKS.contains(&k.as_str())) {
+            let Some(c) = self.table(t, "cutover.analysis", name) else { continue };
+            let at = format!("cutover.analysis.{name}");
+            self.unknown(c, &at, &["min", "max", "failure_limit", "critical", "consecutive_error_limit"]);
+            let check = CheckFile {
+                min: self.get(c, &at, "min"),
+                max: self.get(c, &at, "max"),
+                failure_limit: self.get(c, &at, "failure_limit"),
+                critical: self.get(c, &at, "critical"),
+                consecutive_error_limit: self.get(c, &at, "consecutive_error_limit"),
+            };
+            if let (Some(lo), Some(hi)) = (check.min, check.max)
+                && lo > hi
+            {
+                self.problem(&join(&at, "min"), format!("min {lo} is above max {hi}: nothing could pass"));
+            }
+            out.insert(name.clone(), check);
+        }
+        out
     }
 
     /// `[paths]`: where the topic definitions and transforms are.
@@ -382,6 +421,26 @@ mod tests {
         // What could be read was read.
         assert_eq!(file.paths.topics.as_deref(), Some(Path::new("defs")));
         assert_eq!(file.kafka.producer.get("linger.ms").map(String::as_str), Some("5"));
+    }
+
+    #[test]
+    fn analysis_settings_name_known_checks_and_keys_every_problem_reported() {
+        let text = "[cutover.analysis.forward_lag]\nmax = 5000\nfailure_limit = 4\n\n[cutover.analysis.verify_score]\n\
+                    min = 99.5\nmax = 90\n\n[cutover.analysis.latency]\nmax = 1\n\n[cutover.analysis.dead_letters]\n\
+                    critical = \"yes\"\nbound = 3\n";
+        let (file, report) = ConfigFile::parse(text, Path::new("f.toml"));
+        let text = report.to_string();
+        for needle in [
+            "f.toml: cutover.analysis.latency: unknown key (expected one of: forward_lag, reverse_lag",
+            "f.toml: cutover.analysis.verify_score.min: min 99.5 is above max 90",
+            "f.toml: cutover.analysis.dead_letters.critical: invalid type: string \"yes\", expected a boolean",
+            "f.toml: cutover.analysis.dead_letters.bound: unknown key",
+        ] {
+            assert!(text.contains(needle), "missing {needle:?} in\n{text}");
+        }
+        assert_eq!(report.errors.len(), 4, "{text}");
+        let lag = &file.cutover.analysis["forward_lag"];
+        assert_eq!((lag.max, lag.failure_limit, lag.min), (Some(5000.0), Some(4), None));
     }
 
     #[test]

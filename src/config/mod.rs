@@ -13,6 +13,7 @@ use std::time::Duration;
 use report::{DefinitionError, Problem, Report};
 
 mod file;
+pub use file::CheckFile as CheckSettings;
 pub mod report;
 pub mod topics;
 
@@ -150,7 +151,7 @@ pub struct ReverseConfig {
 }
 
 /// What ficus assumes of applications and servers around an ownership change.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct CutoverConfig {
     /// The longest an application may act on a view of `GET /cutover` (the application
     /// contract): a fence holds once every application seen within it has acknowledged the
@@ -161,7 +162,15 @@ pub struct CutoverConfig {
     /// (plus a margin) for a ficus process that does not acknowledge it, since any batch it had
     /// open by then has been aborted by the server.
     pub transaction_lifetime: Duration,
+    /// `[cutover.analysis.<check>]`: a progressive rollout's check settings, by check name
+    /// (applied over `cutover::rollout::default_checks`).
+    pub analysis: BTreeMap<String, CheckSettings>,
 }
+
+/// The checks a progressive rollout runs, by name (`cutover::rollout::default_checks` has one
+/// of each; `[cutover.analysis.<name>]` tunes one).
+pub const ANALYSIS_CHECKS: &[&str] =
+    &["forward_lag", "reverse_lag", "conflicts", "fence_violations", "dead_letters", "verify_score"];
 
 pub const DEFAULT_MONGO_URI: &str = "mongodb://127.0.0.1:27017/?directConnection=true";
 pub const DEFAULT_BROKERS: &str = "127.0.0.1:9092";
@@ -459,6 +468,7 @@ fn cutover_config(f: &CutoverFile, err: Problem<'_>) -> CutoverConfig {
     CutoverConfig {
         view_max_age: Duration::from_secs(positive("cutover.view_max_age_secs", f.view_max_age_secs, 10, err)),
         transaction_lifetime: Duration::from_secs(transaction_lifetime_secs(f, err)),
+        analysis: f.analysis.clone(),
     }
 }
 

@@ -190,6 +190,25 @@ pub fn default_checks() -> Vec<Check> {
     ]
 }
 
+/// The default checks with the settings of `[cutover.analysis.<check>]` laid over them (the
+/// names were validated when the configuration loaded).
+pub fn configured(settings: &std::collections::BTreeMap<String, crate::config::CheckSettings>) -> Vec<Check> {
+    let mut checks = default_checks();
+    for c in &mut checks {
+        let Some(s) = settings.get(&c.name) else { continue };
+        if s.min.is_some() || s.max.is_some() {
+            (c.min, c.max) = (s.min, s.max);
+        }
+        if let Some(critical) = s.critical {
+            c.critical = critical;
+            c.failure_limit = if critical { 0 } else { c.failure_limit.max(2) };
+        }
+        c.failure_limit = s.failure_limit.unwrap_or(c.failure_limit);
+        c.consecutive_error_limit = s.consecutive_error_limit.unwrap_or(c.consecutive_error_limit);
+    }
+    checks
+}
+
 /// One reading of a check.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Reading {
@@ -346,6 +365,29 @@ mod tests {
     use super::*;
 
     const MIN5: Duration = Duration::from_secs(300);
+
+    #[test]
+    fn configured_settings_lay_over_the_defaults() {
+        use crate::config::CheckSettings;
+        let settings = std::collections::BTreeMap::from([
+            ("forward_lag".to_string(), CheckSettings { max: Some(5000.0), ..Default::default() }),
+            ("dead_letters".to_string(), CheckSettings { critical: Some(false), ..Default::default() }),
+            ("conflicts".to_string(), CheckSettings { critical: Some(true), ..Default::default() }),
+        ]);
+        let checks = configured(&settings);
+        let get = |n: &str| checks.iter().find(|c| c.name == n).unwrap().clone();
+        assert_eq!(
+            (get("forward_lag").max, get("forward_lag").min, get("forward_lag").critical),
+            (Some(5000.0), None, false)
+        );
+        let dl = get("dead_letters");
+        assert_eq!((dl.critical, dl.failure_limit), (false, 2), "no longer critical: tolerated like the others");
+        let c = get("conflicts");
+        assert_eq!((c.critical, c.failure_limit), (true, 0), "critical: the first failure rolls back");
+        assert_eq!(get("verify_score"), default_checks().into_iter().find(|c| c.name == "verify_score").unwrap());
+        let names: Vec<String> = default_checks().into_iter().map(|c| c.name).collect();
+        assert_eq!(names, crate::config::ANALYSIS_CHECKS, "the configuration knows every check by name");
+    }
 
     #[test]
     fn a_plan_only_grows_going_up_and_only_shrinks_going_down() {
