@@ -19,8 +19,9 @@ fn text(out: &std::process::Output) -> String {
     format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
 }
 
-/// A world with customers in the monolith and `ficus run` for customers_db caught up.
-async fn start() -> (World, mongodb::Client, PathBuf, Ficus) {
+/// A world with customers in the monolith and `ficus run` for customers_db caught up, serving
+/// its metrics address on `port`.
+async fn start() -> (World, mongodb::Client, PathBuf, Ficus, u16) {
     let world = World::start();
     world.apply_topics();
     let client = world.mongo.client().await;
@@ -36,13 +37,16 @@ async fn start() -> (World, mongodb::Client, PathBuf, Ficus) {
     for i in 0..CUSTOMERS {
         monolith.insert_one(w.customer(i)).await.unwrap();
     }
-    let ficus = world.spawn_ficus(&["run", "--service", SERVICE], &[("FICUS_CONFIG", config.to_str().unwrap())]);
+    let port = common::free_port();
+    let addr = format!("127.0.0.1:{port}");
+    let args = ["run", "--service", SERVICE, "--metrics-addr", addr.as_str()];
+    let ficus = world.spawn_ficus(&args, &[("FICUS_CONFIG", config.to_str().unwrap())]);
     let service = client.database(SERVICE).collection::<Document>("customers");
     eventually("customers_db populated", Duration::from_secs(120), || async {
         service.count_documents(doc! {}).await.unwrap() == CUSTOMERS
     })
     .await;
-    (world, client, config, ficus)
+    (world, client, config, ficus, port)
 }
 
 /// The service's share now.
@@ -73,7 +77,7 @@ fn workload(client: &mongodb::Client) -> (tokio::task::JoinHandle<u64>, std::syn
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_plan_with_holds_completes_under_a_workload_and_a_bad_plan_is_refused_up_front() {
-    let (world, client, config, mut ficus) = start().await;
+    let (world, client, config, mut ficus, _) = start().await;
     let env = [("FICUS_CONFIG", config.to_str().unwrap())];
     // Validated up front: shares only grow going up (exit 2, nothing moved).
     let bad = world.ficus(&["cutover", "--service", SERVICE, "--plan", "10,50,30", "--dry-run"], &env);
@@ -152,7 +156,7 @@ async fn a_plan_with_holds_completes_under_a_workload_and_a_bad_plan_is_refused_
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_critical_anomaly_during_a_hold_rolls_back_to_the_last_good_share() {
-    let (world, client, config, mut ficus) = start().await;
+    let (world, client, config, mut ficus, port) = start().await;
     let env = [("FICUS_CONFIG", config.to_str().unwrap())];
     let args =
         ["cutover", "--service", SERVICE, "--plan", "10,50", "--hold", "60s", "--interval", "1s", "--timeout", "120"];
@@ -178,6 +182,18 @@ async fn a_critical_anomaly_during_a_hold_rolls_back_to_the_last_good_share() {
         log.lines().find(|l| l.contains("rolled-back")).unwrap_or_else(|| panic!("no rollback logged:\n{log}"));
     assert!(rolled.contains("50%→10%") && rolled.contains("dead_letters = 1"), "{rolled}");
     assert!(log.lines().any(|l| l.contains("analysis") && l.contains("dead_letters 1")), "{log}");
+    // The daemon serves the log and counts what the plan recorded (it reads the log every 5 s).
+    let (code, body) = common::http_get(port, "/log?service=customers_db&limit=2");
+    let entries: serde_json::Value = serde_json::from_str(&body).unwrap_or_else(|e| panic!("{code} {body}: {e}"));
+    assert_eq!(entries["entries"][1]["kind"], "rolled-back", "{body}");
+    eventually("the rollback counted", Duration::from_secs(30), || async {
+        let (_, m) = common::http_get(port, "/metrics");
+        m.contains("ficus_cutover_rollbacks_total{service=\"customers_db\"} 1")
+            && m.contains(
+                "ficus_cutover_analysis_total{service=\"customers_db\",metric=\"dead_letters\",result=\"fail\"} 1",
+            )
+    })
+    .await;
 
     // The emergency rollback, under a workload that follows the contract: fenced and drained,
     // neither lens-checked nor verified first; everything the service wrote reaches the monolith.

@@ -22,7 +22,7 @@ use crate::clients::Clients;
 use crate::config::Config;
 use crate::config::topics::{conflicts_topic, dlq_topic};
 use crate::consume::{Direction, Pipeline};
-use crate::cutover::log::{Entry, Kind, MigrationLog};
+use crate::cutover::log::{CheckReading, Entry, Kind, MigrationLog};
 use crate::cutover::ownership::OwnershipStore;
 use crate::cutover::rollout::{Analysis, Check, Next, Reading, Rollout, Verdict, Why, configured, hold_over};
 use crate::daemon::Definitions;
@@ -311,7 +311,20 @@ impl Run<'_> {
                 })
                 .collect();
             (self.progress)(Event::Info(&format!("  analysis at {at}%: {}", line.join("; "))));
-            self.log(Entry::now(service, Kind::Analysis, at, at, line.join("; "))).await;
+            let readings = analysis
+                .tallies
+                .iter()
+                .map(|t| CheckReading {
+                    metric: t.check.name.clone(),
+                    value: match &t.last {
+                        Some((Reading::Value(v), _)) => Some(*v),
+                        _ => None,
+                    },
+                    bounds: t.check.bounds(),
+                    result: t.last.as_ref().map_or("inconclusive", |(_, o)| o.as_str()).to_string(),
+                })
+                .collect();
+            self.log(Entry { readings, ..Entry::now(service, Kind::Analysis, at, at, line.join("; ")) }).await;
             match verdict {
                 Verdict::RollBack(_) | Verdict::Stop(_) => return Ok(verdict),
                 v if hold_over(started.elapsed(), self.req.hold, Some(&v)) => return Ok(v),

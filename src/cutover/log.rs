@@ -65,6 +65,17 @@ impl Kind {
     }
 }
 
+/// One check's reading in an analysis.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CheckReading {
+    pub metric: String,
+    /// `None`: no data, or the reading failed (`result` says which).
+    pub value: Option<f64>,
+    pub bounds: String,
+    /// `pass`, `fail`, `inconclusive` (no data) or `error`.
+    pub result: String,
+}
+
 /// One entry.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Entry {
@@ -83,6 +94,9 @@ pub struct Entry {
     /// What it found or why it happened.
     #[serde(default)]
     pub detail: String,
+    /// For an analysis: each check's reading, bounds and result.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub readings: Vec<CheckReading>,
     /// The command that wrote it: host and process.
     pub by: String,
 }
@@ -99,6 +113,7 @@ impl Entry {
             step: None,
             took_secs: None,
             detail: detail.into(),
+            readings: Vec::new(),
             by: format!("{}:{}", crate::config::host_name(), std::process::id()),
         }
     }
@@ -150,6 +165,13 @@ impl Entry {
         if let Some(t) = self.took_secs {
             v["tookSecs"] = t.into();
         }
+        if !self.readings.is_empty() {
+            v["readings"] = self
+                .readings
+                .iter()
+                .map(|r| serde_json::json!({ "metric": r.metric, "value": r.value, "bounds": r.bounds, "result": r.result }))
+                .collect();
+        }
         v
     }
 }
@@ -178,6 +200,17 @@ impl MigrationLog {
         entries.reverse();
         Ok(entries)
     }
+
+    /// The entries written after `after`, oldest first (at most 1,000: the rest next time).
+    pub async fn since(&self, after: DateTime) -> Result<Vec<Entry>, mongodb::error::Error> {
+        self.coll
+            .find(doc! { "at": { "$gt": after } })
+            .sort(doc! { "at": 1, "_id": 1 })
+            .limit(1000)
+            .await?
+            .try_collect()
+            .await
+    }
 }
 
 #[cfg(test)]
@@ -194,6 +227,7 @@ mod tests {
             step: None,
             took_secs: None,
             detail: String::new(),
+            readings: Vec::new(),
             by: "h:1".into(),
         }
     }

@@ -139,27 +139,27 @@ pub fn install_metrics() -> Result<PrometheusHandle, metrics_exporter_prometheus
         .install_recorder()
 }
 
-/// Answers `GET /cutover`: given the `instance` an application named (`?instance=ID`), the
-/// cutover report as JSON, or `None` while it has not been read yet.
-pub type CutoverHandler =
+/// Answers a JSON route (`GET /cutover`, `GET /log`): given the request's query string, the
+/// answer as JSON, or `None` while there is nothing to answer yet (503).
+pub type JsonHandler =
     std::sync::Arc<dyn Fn(Option<String>) -> futures::future::BoxFuture<'static, Option<String>> + Send + Sync>;
 
-/// The `instance` of a query string (`instance=ID`), if it names one.
-fn instance_of(query: Option<&str>) -> Option<String> {
+/// A parameter of a query string (`instance=ID`), if it is there and not empty.
+pub fn query_param(query: Option<&str>, name: &str) -> Option<String> {
     let query = query?;
     url::form_urlencoded::parse(query.as_bytes())
-        .find(|(k, _)| k == "instance")
+        .find(|(k, _)| k == name)
         .map(|(_, v)| v.into_owned())
         .filter(|v| !v.is_empty())
 }
 
-/// Serves `/metrics`, `/healthz`, `/readyz` and `/cutover` until shutdown. Returns the bound
-/// address (useful with port 0).
+/// Serves `/metrics`, `/healthz`, `/readyz` and the JSON `routes` (path, handler) until
+/// shutdown. Returns the bound address (useful with port 0).
 pub async fn serve(
     addr: SocketAddr,
     metrics: PrometheusHandle,
     health: Health,
-    cutover: CutoverHandler,
+    routes: Vec<(&'static str, JsonHandler)>,
     shutdown: CancellationToken,
 ) -> std::io::Result<SocketAddr> {
     let listener = tokio::net::TcpListener::bind(addr).await?;
@@ -178,23 +178,25 @@ pub async fn serve(
                 }
             }),
         )
-        .with_state((metrics.clone(), health))
-        .route(
-            "/cutover",
+        .with_state((metrics.clone(), health));
+    let app = routes.into_iter().fold(app, |app, (path, handler)| {
+        app.route(
+            path,
             get(move |axum::extract::RawQuery(q): axum::extract::RawQuery| {
-                let answer = cutover(instance_of(q.as_deref()));
+                let answer = handler(q);
                 async move {
                     match answer.await {
                         Some(j) => (StatusCode::OK, [(axum::http::header::CONTENT_TYPE, "application/json")], j),
                         None => (
                             StatusCode::SERVICE_UNAVAILABLE,
                             [(axum::http::header::CONTENT_TYPE, "text/plain")],
-                            "the cutover state has not been read yet\n".to_string(),
+                            format!("{path}: nothing has been read yet\n"),
                         ),
                     }
                 }
             }),
-        );
+        )
+    });
     // The handle's upkeep (histogram buckets) and the HTTP server both stop with the process.
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_secs(5));
@@ -221,6 +223,7 @@ mod tests {
 
     #[test]
     fn an_application_names_itself_in_the_query() {
+        let instance_of = |q: Option<&str>| query_param(q, "instance");
         assert_eq!(instance_of(Some("instance=checkout-7")), Some("checkout-7".into()));
         assert_eq!(instance_of(Some("x=1&instance=a%2Fb")), Some("a/b".into()));
         assert_eq!(instance_of(Some("instance=")), None);
