@@ -42,6 +42,10 @@ const METRICS: &[&str] = &[
     "ficus_echoes_skipped_total",
     "ficus_reverse_unrouted_total",
     "ficus_consumer_rejoins_total",
+    "ficus_cutover_analysis_value",
+    "ficus_cutover_analysis_total",
+    "ficus_cutover_rollbacks_total",
+    "ficus_cutover_rollback_seconds",
 ];
 
 /// `ficus run --shutdown-timeout` when not given.
