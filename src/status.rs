@@ -166,6 +166,7 @@ pub async fn cutover_states(
 pub struct CutoverRecords {
     pub ownership: std::collections::BTreeMap<String, crate::cutover::ownership::Ownership>,
     pub moves: Vec<crate::cutover::moves::MoveRecord>,
+    pub plans: Vec<crate::cutover::plans::PlanRecord>,
 }
 
 /// Per service, what its feeds say (costlier to read, re-read every few seconds): the reverse
@@ -176,7 +177,8 @@ impl CutoverRecords {
     pub async fn read(store: &mongodb::Database) -> anyhow::Result<CutoverRecords> {
         let ownership = crate::cutover::ownership::OwnershipStore::new(store).all().await?;
         let moves = crate::cutover::moves::MoveStore::new(store).all().await?;
-        Ok(CutoverRecords { ownership, moves })
+        let plans = crate::cutover::plans::PlanStore::new(store).all().await?;
+        Ok(CutoverRecords { ownership, moves, plans })
     }
 
     /// The states of the services that can write back or have a record or a move, from these
@@ -199,7 +201,10 @@ impl CutoverRecords {
                 .find(|(f, _, _)| f == service)
                 .map(|(_, feed, lags)| (feed.clone(), *lags))
                 .unwrap_or_default();
-            out.push(crate::cutover::report::state(service, o, record, &feed, lags));
+            let now = DateTime::now();
+            let plan =
+                self.plans.iter().find(|p| p.service == service).map(|p| crate::cutover::report::plan_state(p, now));
+            out.push(crate::cutover::report::state(service, o, record, plan, &feed, lags));
         }
         out
     }

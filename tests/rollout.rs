@@ -164,6 +164,20 @@ async fn a_critical_anomaly_during_a_hold_rolls_back_to_the_last_good_share() {
     // Once the plan holds at 50%, another producer puts a message no consumer can read on the
     // service's topic: a dead letter, a critical anomaly.
     eventually("the plan at 50%", Duration::from_secs(240), || async { share(&client).await == 50 }).await;
+    // Applications and operators see the plan on GET /cutover: where it stands, the hold's
+    // time left and the last measurement.
+    let plan_view = || {
+        let (_, body) = common::http_get(port, "/cutover");
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+        v["services"].as_array().and_then(|s| s.iter().find(|s| s["service"] == SERVICE)).map(|s| s["plan"].clone())
+    };
+    eventually("a measurement of the hold at 50% on /cutover", Duration::from_secs(60), || async {
+        plan_view().is_some_and(|p| p["holding"] == 50 && p["analysis"].as_array().is_some_and(|a| a.len() == 6))
+    })
+    .await;
+    let p = plan_view().unwrap();
+    assert_eq!((p["shares"].clone(), p["held"].clone()), (serde_json::json!([10, 50]), serde_json::json!([10])), "{p}");
+    assert!(p["holdLeftSecs"].as_u64().is_some_and(|s| s <= 60), "{p}");
     use rdkafka::producer::{FutureProducer, FutureRecord};
     let producer: FutureProducer =
         rdkafka::ClientConfig::new().set("bootstrap.servers", world.kafka.brokers()).create().unwrap();
@@ -194,6 +208,33 @@ async fn a_critical_anomaly_during_a_hold_rolls_back_to_the_last_good_share() {
             )
     })
     .await;
+
+    // `ficus analyze --once` for tools that gate on an exit code: the first run counts from
+    // now (a pass), a new dead letter fails the next, the one after counts only what is new.
+    let analyze = |env: &[(&str, &str)]| {
+        let out = world.ficus(&["analyze", "--service", SERVICE, "--once", "--json"], env);
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        (out.status.code(), v, text(&out))
+    };
+    let (code, v, t) = analyze(&env);
+    assert_eq!((code, v["result"].as_str()), (Some(0), Some("pass")), "{t}");
+    producer
+        .send(FutureRecord::to("linechatbot.customers").key("U-poison-2").payload("{"), Duration::from_secs(10))
+        .await
+        .unwrap();
+    eventually("the second dead letter", Duration::from_secs(60), || async {
+        let (code, v, _) = analyze(&env);
+        code == Some(1)
+            && v["readings"]
+                .as_array()
+                .is_some_and(|r| r.iter().any(|r| r["metric"] == "dead_letters" && r["value"] == 1.0))
+    })
+    .await;
+    let (code, _, t) = analyze(&env);
+    assert_eq!(code, Some(0), "only what is new since the run before counts:\n{t}");
+    // Kafka unreachable: inconclusive (3), never a pass and never a failure.
+    let (code, v, t) = analyze(&[env[0], ("FICUS_KAFKA_BROKERS", "127.0.0.1:1")]);
+    assert_eq!((code, v["result"].as_str()), (Some(3), Some("inconclusive")), "{t}");
 
     // The emergency rollback, under a workload that follows the contract: fenced and drained,
     // neither lens-checked nor verified first; everything the service wrote reaches the monolith.

@@ -129,6 +129,42 @@ the plan stands where it was; run the same command again once fixed",
     }
 }
 
+/// `ficus analyze --service S --once [--json]`: 0 pass, 1 a check failed, 3 inconclusive.
+pub(super) async fn analyze(loaded: &Loaded, clients: &Clients, service: &str, json: bool) -> anyhow::Result<ExitCode> {
+    let definitions = Definitions { topics: loaded.topics.clone(), services: loaded.services.clone() };
+    let quiet = |_: Event<'_>| {};
+    let progress: &(dyn Fn(Event<'_>) + Sync) = if json { &quiet } else { &print };
+    let analyzed =
+        match crate::commands::analysis::analyze_once(&loaded.config, &definitions, clients, service, progress).await {
+            Ok(a) => a,
+            Err(CutoverError::BadInput(msg)) => return Err(anyhow::Error::new(BadInput(msg))),
+            Err(e) => return Err(e.into()),
+        };
+    let result = analyzed.outcome.as_str();
+    if json {
+        let readings: Vec<serde_json::Value> = analyzed
+            .readings
+            .iter()
+            .map(
+                |r| serde_json::json!({ "metric": r.metric, "value": r.value, "bounds": r.bounds, "result": r.result }),
+            )
+            .collect();
+        let since = analyzed.since.and_then(|t| t.try_to_rfc3339_string().ok());
+        let out = serde_json::json!({ "service": service, "result": result, "since": since, "readings": readings });
+        println!("{out}");
+    } else {
+        let since = analyzed.since.map_or("now (the first run)".to_string(), |t| {
+            humantime::format_rfc3339_seconds(t.to_system_time()).to_string()
+        });
+        println!("{service}: {result} (counts since {since})");
+    }
+    Ok(ExitCode::from(match analyzed.outcome {
+        crate::cutover::rollout::Outcome::Pass => 0,
+        crate::cutover::rollout::Outcome::Fail => 1,
+        crate::cutover::rollout::Outcome::Inconclusive | crate::cutover::rollout::Outcome::Error => 3,
+    }))
+}
+
 /// Prints one event of the move: steps numbered, warnings on stderr.
 fn print(event: Event<'_>) {
     match event {

@@ -148,6 +148,19 @@ enum Command {
         #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration, default_value = "30s")]
         interval: std::time::Duration,
     },
+    /// Measure a service's migration once, as a rollout's analysis does (lags, conflicts, fence
+    /// violations and dead letters since the previous run, the verify score of the buckets it
+    /// owns): exit 0 pass, 1 a check failed, 3 inconclusive (no data, or a reading erred).
+    Analyze {
+        #[arg(long = "service", value_name = "NAME")]
+        service: String,
+        /// One measurement (the only mode: a tool that gates on the exit code runs it again).
+        #[arg(long, required = true)]
+        once: bool,
+        /// The result as one JSON document.
+        #[arg(long)]
+        json: bool,
+    },
     /// The migration log: every move, step, gate, abort, forced switch, plan, analysis and
     /// rollback, oldest first.
     Log {
@@ -346,6 +359,7 @@ async fn command_with(command: Command, loaded: &mut Loaded, clients: &Clients) 
             consume.apply(&mut loaded.config.consume);
             commands::dlq_replay(loaded, clients, &service, reverse).await
         }
+        Command::Analyze { service, json, .. } => cutover::analyze(loaded, clients, &service, json).await,
         Command::Log { service, limit, json } => commands::log(loaded, clients, service.as_deref(), limit, json).await,
         Command::Status { json, instance } => commands::status(loaded, clients, json, instance.as_deref()).await,
         Command::Cutover {

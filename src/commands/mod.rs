@@ -2,6 +2,7 @@
 //! and the loaded definitions, reports progress through a callback, and returns a typed outcome;
 //! the binary (`cli`) prints and maps outcomes to exit codes.
 //!
+//! - `analysis`: what a rollout measures, and `ficus analyze --once`;
 //! - `cutover`: the cutover executor (preflight, fence, drain, verify of the moving buckets,
 //!   flip, observe), the forced switch and the abort;
 //! - `rebuild`: `replay` and `dlq replay`, through the one apply path;
@@ -9,6 +10,7 @@
 //!
 //! [`Clients`]: crate::clients::Clients
 
+pub mod analysis;
 pub mod cutover;
 pub mod rebuild;
 pub mod rollout;

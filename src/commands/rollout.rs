@@ -5,28 +5,20 @@
 //! stops the plan where it is. The shares whose hold finished are recorded (`<store.db>.rollouts`),
 //! so the same command, run again after a kill, goes on from there.
 //!
-//! What is measured, per service, from outside the daemon (nothing here needs Prometheus): the
-//! forward and reverse groups' lag, the conflicts and fence violations reported on
-//! `<service>.conflicts` and the dead letters on the service's topics since the step began, and
-//! the verify score of the buckets the service owns.
+//! What is measured is `commands::analysis`'s; the plan's record is `cutover::plans`'s.
 
 use std::time::{Duration, Instant};
 
-use bson::{Document, doc};
-use tokio_util::sync::CancellationToken;
-
 use super::Event;
+use super::analysis::{Meter, line, readings};
 use super::cutover::{CutoverError, Gate, Outcome, Request, cutover};
-use crate::bus::{ReadFrom, Reader};
 use crate::clients::Clients;
 use crate::config::Config;
-use crate::config::topics::{conflicts_topic, dlq_topic};
-use crate::consume::{Direction, Pipeline};
-use crate::cutover::log::{CheckReading, Entry, Kind, MigrationLog};
+use crate::cutover::log::{Entry, Kind, MigrationLog};
 use crate::cutover::ownership::OwnershipStore;
-use crate::cutover::rollout::{Analysis, Check, Next, Reading, Rollout, Verdict, Why, configured, hold_over};
+use crate::cutover::plans::{Baseline, Measured, PlanRecord, PlanStore};
+use crate::cutover::rollout::{Analysis, Check, Next, Rollout, Verdict, Why, configured, hold_over};
 use crate::daemon::Definitions;
-use crate::transform::ServiceTransforms;
 
 /// What `ficus cutover --plan` was asked.
 #[derive(Debug, Clone)]
@@ -60,9 +52,6 @@ pub enum PlanOutcome {
     Aborted { to: u8 },
 }
 
-/// The plans under way, one per service, in ficus's store.
-const ROLLOUTS: &str = "rollouts";
-
 /// `ficus cutover --plan`.
 pub async fn rollout(
     config: &Config,
@@ -77,15 +66,14 @@ pub async fn rollout(
     let store = clients.store();
     let service = req.service.as_str();
     let now = OwnershipStore::new(&store).get(service).await?.map_or(0, |o| o.percent);
-    let plans = store.collection::<Document>(ROLLOUTS);
-    let recorded = plans.find_one(doc! { "_id": service }).await?;
+    let plans = PlanStore::new(&store);
+    let recorded = plans.get(service).await?;
     let (from, held) = match &recorded {
-        Some(r) if shares_of(r, "shares") == req.shares => (r.get_i32("from").unwrap_or(0) as u8, shares_of(r, "held")),
+        Some(r) if r.shares == req.shares => (r.from, r.held.clone()),
         Some(r) => {
             return Err(CutoverError::BadInput(format!(
-                "{service}: another plan is under way ({:?} from {}%): run it again to finish it",
-                shares_of(r, "shares"),
-                r.get_i32("from").unwrap_or(0)
+                "{service}: another plan is under way ({:?} from {}%): run it again to finish it, or --abort it",
+                r.shares, r.from
             )));
         }
         None => (now, Vec::new()),
@@ -96,15 +84,22 @@ pub async fn rollout(
         return Ok(PlanOutcome::DryRun { plan, checks });
     }
     let log = MigrationLog::new(&store);
-    let run = Run { config, definitions, clients, req: &req, progress, transforms: &transforms, plans: &plans, log };
+    let meter = Meter { config, definitions, clients, transforms: &transforms };
+    let run = Run { config, definitions, clients, req: &req, progress, meter, plans: &plans, log };
     let steps: Vec<String> = req.shares.iter().map(|s| format!("{s}%")).collect();
     let hold = humantime::format_duration(req.hold);
     if recorded.is_none() {
-        plans
-            .insert_one(
-                doc! { "_id": service, "from": i32::from(from), "shares": shares_bson(&req.shares), "held": [] },
-            )
-            .await?;
+        let record = PlanRecord {
+            service: service.to_string(),
+            from,
+            shares: req.shares.clone(),
+            held: Vec::new(),
+            hold_secs: req.hold.as_secs(),
+            holding: None,
+            baseline: None,
+            last: None,
+        };
+        plans.start(&record).await?;
         let detail = format!("plan {}, each held {hold}", steps.join(" → "));
         run.log(Entry::now(service, Kind::PlanStarted, now, plan.target(), detail)).await;
     } else {
@@ -112,9 +107,10 @@ pub async fn rollout(
         let detail = format!("plan {} resumed, held so far {held:?}", steps.join(" → "));
         run.log(Entry::now(service, Kind::PlanStarted, now, plan.target(), detail)).await;
     }
-    let outcome = run.steps(&plan, held, now, &checks).await?;
+    let baseline = recorded.and_then(|r| r.baseline);
+    let outcome = run.steps(&plan, held, now, &checks, baseline).await?;
     if !matches!(outcome, PlanOutcome::Stopped { .. } | PlanOutcome::GateFailed(_)) {
-        plans.delete_one(doc! { "_id": service }).await?;
+        plans.forget(service).await?;
     }
     Ok(outcome)
 }
@@ -132,10 +128,8 @@ pub async fn abort(
     progress: &(dyn Fn(Event<'_>) + Sync),
 ) -> Result<Option<PlanOutcome>, CutoverError> {
     let store = clients.store();
-    let plans = store.collection::<Document>(ROLLOUTS);
-    let Some(recorded) = plans.find_one(doc! { "_id": service }).await? else { return Ok(None) };
-    let from = recorded.get_i32("from").unwrap_or(0) as u8;
-    let (shares, held) = (shares_of(&recorded, "shares"), shares_of(&recorded, "held"));
+    let plans = PlanStore::new(&store);
+    let Some(PlanRecord { from, shares, held, .. }) = plans.get(service).await? else { return Ok(None) };
     // A recorded plan was validated when it began.
     let back = Rollout::new(from, None, &shares, Duration::ZERO).map_or(from, |p| p.last_good(&held));
     progress(Event::Info(&format!("{service}: aborting the plan {shares:?} (held {held:?}): back to {back}%")));
@@ -167,20 +161,12 @@ pub async fn abort(
             other => return Err(CutoverError::State(format!("the move back to {back}%: {other:?}"))),
         }
     }
-    plans.delete_one(doc! { "_id": service }).await?;
+    plans.forget(service).await?;
     let entry = Entry::now(service, Kind::Aborted, was, back, format!("plan {shares:?} aborted (held {held:?})"));
     if let Err(e) = MigrationLog::new(&store).append(&entry).await {
         progress(Event::Warning(&format!("the migration log did not take the abort: {}", crate::mongo::describe(&e))));
     }
     Ok(Some(PlanOutcome::Aborted { to: back }))
-}
-
-fn shares_of(d: &Document, field: &str) -> Vec<u8> {
-    d.get_array(field).map(|a| a.iter().filter_map(|v| v.as_i32()).map(|v| v as u8).collect()).unwrap_or_default()
-}
-
-fn shares_bson(shares: &[u8]) -> Vec<i32> {
-    shares.iter().map(|&s| i32::from(s)).collect()
 }
 
 /// One plan's run.
@@ -190,8 +176,8 @@ struct Run<'a> {
     clients: &'a Clients,
     req: &'a PlanRequest,
     progress: &'a (dyn Fn(Event<'_>) + Sync),
-    transforms: &'a ServiceTransforms,
-    plans: &'a mongodb::Collection<Document>,
+    meter: Meter<'a>,
+    plans: &'a PlanStore,
     log: MigrationLog,
 }
 
@@ -210,11 +196,11 @@ impl Run<'_> {
         mut held: Vec<u8>,
         mut now: u8,
         checks: &[Check],
+        mut baseline: Option<Baseline>,
     ) -> Result<PlanOutcome, CutoverError> {
         let service = self.req.service.as_str();
-        // What a step's counts start from: taken before its move, so an anomaly during the
-        // move counts in its hold (a resumed hold starts counting when it resumes).
-        let mut baseline = None;
+        // What a step's counts start from: taken before its move and recorded, so an anomaly
+        // during the move counts in its hold, and a resumed step counts from its start.
         loop {
             match plan.next(&held, now) {
                 Next::Done => {
@@ -223,7 +209,9 @@ impl Run<'_> {
                 }
                 Next::Move(to) => {
                     (self.progress)(Event::Info(&format!("{service}: plan step to {to}%")));
-                    baseline = Some(Measure::begin(self, to).await?);
+                    let b = self.meter.baseline().await?;
+                    self.plans.step_baseline(service, &b).await?;
+                    baseline = Some(b);
                     if let Some(gate) = self.move_to(to).await? {
                         return Ok(PlanOutcome::GateFailed(gate));
                     }
@@ -235,9 +223,7 @@ impl Run<'_> {
                             format!("held {} with every check passing", humantime::format_duration(self.req.hold));
                         self.log(Entry::now(service, Kind::Held, at, at, detail)).await;
                         held.push(at);
-                        self.plans
-                            .update_one(doc! { "_id": service }, doc! { "$push": { "held": i32::from(at) } })
-                            .await?;
+                        self.plans.held(service, at).await?;
                     }
                     Verdict::RollBack(why) => {
                         let back = plan.last_good(&held);
@@ -279,168 +265,45 @@ impl Run<'_> {
         }
     }
 
-    /// Holds at `at` for the plan's hold, measuring every interval (counts from `baseline`, taken
-    /// before the step's move); returns the verdict that ended it (a pass once the time is up,
-    /// or a rollback or a stop).
-    async fn hold(&self, at: u8, checks: &[Check], baseline: Option<Measure>) -> Result<Verdict, CutoverError> {
+    /// Holds at `at` for the plan's hold (a resumed hold for what is left of it), measuring
+    /// every interval, counts from `baseline` (taken before the step's move); returns the
+    /// verdict that ended it (a pass once the time is up, or a rollback or a stop).
+    async fn hold(&self, at: u8, checks: &[Check], baseline: Option<Baseline>) -> Result<Verdict, CutoverError> {
         let service = self.req.service.as_str();
-        let measure = match baseline {
-            Some(m) => m,
-            None => Measure::begin(self, at).await?,
+        let from = match baseline {
+            Some(b) => b,
+            None => {
+                let b = self.meter.baseline().await?;
+                self.plans.step_baseline(service, &b).await?;
+                b
+            }
         };
+        self.plans.holding(service, at).await?;
+        let since =
+            self.plans.get(service).await?.and_then(|p| p.holding).map_or_else(bson::DateTime::now, |h| h.since);
         let mut analysis = Analysis::new(checks.to_vec());
-        let started = Instant::now();
+        let left = self.req.hold.saturating_sub(bson::DateTime::now().saturating_duration_since(since));
         (self.progress)(Event::Info(&format!(
-            "{service}: holding at {at}% for {}s, measuring every {}s",
-            self.req.hold.as_secs(),
+            "{service}: holding at {at}% for {}s more, measuring every {}s",
+            left.as_secs(),
             self.req.interval.as_secs()
         )));
         loop {
             tokio::time::sleep(self.req.interval).await;
-            let readings = measure.read(self).await;
-            let verdict = analysis.measure(&readings);
-            let line: Vec<String> = analysis
-                .tallies
-                .iter()
-                .map(|t| match &t.last {
-                    Some((Reading::Value(v), o)) => {
-                        format!("{} {v} ({}, {})", t.check.name, t.check.bounds(), o.as_str())
-                    }
-                    Some((_, o)) => format!("{} {}", t.check.name, o.as_str()),
-                    None => t.check.name.clone(),
-                })
-                .collect();
-            (self.progress)(Event::Info(&format!("  analysis at {at}%: {}", line.join("; "))));
-            let readings = analysis
-                .tallies
-                .iter()
-                .map(|t| CheckReading {
-                    metric: t.check.name.clone(),
-                    value: match &t.last {
-                        Some((Reading::Value(v), _)) => Some(*v),
-                        _ => None,
-                    },
-                    bounds: t.check.bounds(),
-                    result: t.last.as_ref().map_or("inconclusive", |(_, o)| o.as_str()).to_string(),
-                })
-                .collect();
-            self.log(Entry { readings, ..Entry::now(service, Kind::Analysis, at, at, line.join("; ")) }).await;
+            // Counts since the step began (its baseline stays).
+            let verdict = analysis.measure(&self.meter.read(&from, at).await.0);
+            let text = line(&analysis.tallies);
+            (self.progress)(Event::Info(&format!("  analysis at {at}%: {text}")));
+            let readings = readings(&analysis.tallies);
+            let measured = Measured { at: bson::DateTime::now(), readings: readings.clone() };
+            self.plans.measured(service, &measured).await?;
+            self.log(Entry { readings, ..Entry::now(service, Kind::Analysis, at, at, text) }).await;
+            let elapsed = bson::DateTime::now().saturating_duration_since(since);
             match verdict {
                 Verdict::RollBack(_) | Verdict::Stop(_) => return Ok(verdict),
-                v if hold_over(started.elapsed(), self.req.hold, Some(&v)) => return Ok(v),
+                v if hold_over(elapsed, self.req.hold, Some(&v)) => return Ok(v),
                 _ => {}
             }
         }
     }
-}
-
-/// The measurements of one step: the baselines its counts start from.
-struct Measure {
-    at: u8,
-    conflicts: Vec<(i32, i64)>,
-    dead_letters: i64,
-}
-
-impl Measure {
-    async fn begin(run: &Run<'_>, at: u8) -> Result<Measure, CutoverError> {
-        let reader = Reader::new(&run.config.kafka, "ficus-analysis", None)?;
-        let conflicts = ends(&reader, &conflicts_topic(run.transforms.service()))?;
-        let dead_letters = dead_letters(&reader, run.transforms)?;
-        Ok(Measure { at, conflicts, dead_letters })
-    }
-
-    /// Every check's reading now (an error is an error reading, never a failure).
-    async fn read(&self, run: &Run<'_>) -> Vec<(String, Reading)> {
-        let of = |r: Result<f64, String>| r.map_or_else(Reading::Error, Reading::Value);
-        let mut out = Vec::new();
-        for (name, direction) in [("forward_lag", Direction::Forward), ("reverse_lag", Direction::Reverse)] {
-            let Pipeline { group, topics } = Pipeline::of(run.transforms, direction);
-            let lag = crate::status::group_lag(&run.config.kafka, &group, &topics);
-            out.push((name.to_string(), of(lag.map(|l| l.lag as f64).map_err(|e| e.to_string()))));
-        }
-        match self.reports(run).await {
-            Ok((conflicts, violations)) => {
-                out.push(("conflicts".into(), Reading::Value(conflicts as f64)));
-                out.push(("fence_violations".into(), Reading::Value(violations as f64)));
-            }
-            Err(e) => {
-                out.push(("conflicts".into(), Reading::Error(e.clone())));
-                out.push(("fence_violations".into(), Reading::Error(e)));
-            }
-        }
-        let dlq = Reader::new(&run.config.kafka, "ficus-analysis", None)
-            .map_err(|e| e.to_string())
-            .and_then(|r| dead_letters(&r, run.transforms).map_err(|e| e.to_string()));
-        out.push(("dead_letters".into(), of(dlq.map(|n| (n - self.dead_letters) as f64))));
-        out.push(("verify_score".into(), of(self.score(run).await)));
-        out
-    }
-
-    /// Conflicts and fence violations reported since the hold began.
-    async fn reports(&self, run: &Run<'_>) -> Result<(u64, u64), String> {
-        let topic = conflicts_topic(run.transforms.service());
-        let reader = Reader::new(&run.config.kafka, "ficus-analysis", None).map_err(|e| e.to_string())?;
-        let start = |_: &str, p: i32| {
-            let at = self.conflicts.iter().find(|(q, _)| *q == p).map_or(0, |(_, o)| *o);
-            ReadFrom::Offset(at)
-        };
-        let (mut conflicts, mut violations) = (0u64, 0u64);
-        let never = CancellationToken::new();
-        reader
-            .read_to_end(&[topic], start, 500, false, &never, async |batch: Vec<crate::bus::Delivery>| {
-                for d in batch {
-                    conflicts += 1;
-                    let report: serde_json::Value = serde_json::from_slice(&d.payload).unwrap_or_default();
-                    if report["fenceViolation"].as_bool() == Some(true) {
-                        violations += 1;
-                    }
-                }
-                Ok::<(), crate::bus::BusError>(())
-            })
-            .await
-            .map_err(|e| e.to_string())?;
-        Ok((conflicts - violations, violations))
-    }
-
-    /// The verify score (%) of the buckets the service owns at this share.
-    async fn score(&self, run: &Run<'_>) -> Result<f64, String> {
-        let opts = crate::verify::VerifyOptions {
-            sample: 0,
-            settle: Duration::from_secs(2),
-            rechecks: 3,
-            buckets: Some(0..self.at),
-        };
-        let report = crate::verify::verify(
-            run.transforms,
-            &run.definitions.topics,
-            &run.clients.monolith(),
-            &run.config.source.name,
-            &run.clients.service(run.transforms.database()),
-            &run.clients.store(),
-            &opts,
-        )
-        .await
-        .map_err(|e| e.to_string())?;
-        Ok(report.consistency())
-    }
-}
-
-/// Each partition's end of `topic`.
-fn ends(reader: &Reader, topic: &str) -> Result<Vec<(i32, i64)>, crate::bus::BusError> {
-    let mut out = Vec::new();
-    for p in reader.partitions(topic)? {
-        out.push((p, reader.watermarks(topic, p)?.1));
-    }
-    Ok(out)
-}
-
-/// The dead letters on the service's topics (forward and reverse), all partitions.
-fn dead_letters(reader: &Reader, transforms: &ServiceTransforms) -> Result<i64, crate::bus::BusError> {
-    let mut total = 0;
-    for direction in [Direction::Forward, Direction::Reverse] {
-        for topic in Pipeline::of(transforms, direction).topics {
-            total += ends(reader, &dlq_topic(&topic))?.iter().map(|(_, e)| e).sum::<i64>();
-        }
-    }
-    Ok(total)
 }

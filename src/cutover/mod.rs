@@ -12,6 +12,7 @@
 //! - [`rollout`]: a progressive rollout's plan of shares with holds, and the analysis that
 //!   passes, holds, stops or rolls it back, pure;
 //! - [`moves`]: each service's latest move and what its steps recorded, in ficus's store;
+//! - [`plans`]: the progressive rollouts under way and their analysis baselines, in ficus's store;
 //! - [`log`]: the migration log, what was done to each service's ownership, in order;
 //! - [`report`]: what applications read (`GET /cutover`): share, fence, `canFlip`,
 //!   `canRollback`, pure.
@@ -20,6 +21,7 @@ pub mod feed;
 pub mod log;
 pub mod moves;
 pub mod ownership;
+pub mod plans;
 pub mod plan;
 pub mod report;
 pub mod rollout;

@@ -6,9 +6,11 @@
 use bson::Timestamp;
 use serde::Serialize;
 
+use super::log::CheckReading;
 use super::moves::MoveRecord;
 use super::ownership::{Fence, Ownership};
 use super::plan::Phase;
+use super::plans::PlanRecord;
 
 /// A reverse feed's checkpoint older than this is stale: a rollback would wait on it.
 pub const STALE_AFTER_SECS: u64 = 120;
@@ -51,6 +53,38 @@ pub struct CutoverState {
     pub why_no_rollback: Option<String>,
     pub forward_lag: Option<i64>,
     pub reverse_lag: Option<i64>,
+    /// A progressive rollout under way.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub plan: Option<PlanState>,
+}
+
+/// A progressive rollout under way, as `GET /cutover` shows it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PlanState {
+    pub from: u8,
+    pub shares: Vec<u8>,
+    /// The shares whose hold finished.
+    pub held: Vec<u8>,
+    /// The share held now, and the seconds left of its hold.
+    pub holding: Option<u8>,
+    pub hold_left_secs: Option<u64>,
+    /// The last measurement: when (RFC 3339) and each check's value, bounds and result.
+    pub measured_at: Option<String>,
+    pub analysis: Vec<CheckReading>,
+}
+
+/// A plan's state now.
+pub fn plan_state(p: &PlanRecord, now: bson::DateTime) -> PlanState {
+    PlanState {
+        from: p.from,
+        shares: p.shares.clone(),
+        held: p.held.clone(),
+        holding: p.holding.map(|h| h.at),
+        hold_left_secs: p.hold_left_secs(now),
+        measured_at: p.last.as_ref().and_then(|m| m.at.try_to_rfc3339_string().ok()),
+        analysis: p.last.as_ref().map(|m| m.readings.clone()).unwrap_or_default(),
+    }
 }
 
 /// Why a rollback would lose writes now (`None`: it would not).
@@ -87,6 +121,7 @@ pub fn state(
     service: &str,
     ownership: Option<&Ownership>,
     record: Option<&MoveRecord>,
+    plan: Option<PlanState>,
     feed: &ReverseFeed,
     lags: (Option<i64>, Option<i64>),
 ) -> CutoverState {
@@ -105,6 +140,7 @@ pub fn state(
         why_no_rollback: why,
         forward_lag: lags.0,
         reverse_lag: lags.1,
+        plan,
     }
 }
 
@@ -145,14 +181,14 @@ mod tests {
         for p in [Phase::Plan, Phase::Preflight, Phase::Fence, Phase::Drain, Phase::Verify] {
             r.done(p);
         }
-        let s = state("s", None, Some(&r), &feed, (Some(0), None));
+        let s = state("s", None, Some(&r), None, &feed, (Some(0), None));
         assert_eq!((s.phase.as_str(), s.can_flip, s.moving), ("record-start", false, Some((0, 50))));
         r.done(Phase::RecordStart);
-        let s = state("s", None, Some(&r), &feed, (None, None));
+        let s = state("s", None, Some(&r), None, &feed, (None, None));
         assert_eq!((s.phase.as_str(), s.can_flip), ("flip", true));
         r.done(Phase::Flip);
         r.done(Phase::Observe);
-        let s = state("s", None, Some(&r), &feed, (None, None));
+        let s = state("s", None, Some(&r), None, &feed, (None, None));
         assert_eq!((s.phase.as_str(), s.can_flip, s.moving), ("stable", false, None));
         let json = serde_json::to_value(&s).unwrap();
         assert!(json.get("canRollback").is_some() && json.get("forwardLag").is_some(), "{json}");

@@ -354,6 +354,20 @@ impl Analysis {
     }
 }
 
+/// What one measurement says on its own (`ficus analyze --once`): a fail if any check is out of
+/// its bounds, else inconclusive if any had no data or erred, else a pass. Limits and
+/// criticality are a plan's business; a single measurement has none to spend.
+pub fn one_shot(tallies: &[Tally]) -> Outcome {
+    let outcomes = || tallies.iter().map(|t| t.last.as_ref().map_or(Outcome::Inconclusive, |(_, o)| *o));
+    if outcomes().any(|o| o == Outcome::Fail) {
+        Outcome::Fail
+    } else if outcomes().any(|o| o != Outcome::Pass) {
+        Outcome::Inconclusive
+    } else {
+        Outcome::Pass
+    }
+}
+
 /// Whether a hold is over: its time is up and the last measurement passed (a hold never ends on
 /// silence or on a failure still within its limit).
 pub fn hold_over(elapsed: Duration, hold: Duration, last: Option<&Verdict>) -> bool {
@@ -365,6 +379,32 @@ mod tests {
     use super::*;
 
     const MIN5: Duration = Duration::from_secs(300);
+
+    #[test]
+    fn one_measurement_fails_on_any_failure_and_is_inconclusive_on_silence_or_errors() {
+        let mut a = Analysis::new(default_checks());
+        let all = |lag: Reading, dl: Reading| {
+            let mut r: Vec<(String, Reading)> = default_checks()
+                .into_iter()
+                .map(|c| (c.name, Reading::Value(if c.min.is_some() { 100.0 } else { 0.0 })))
+                .collect();
+            r[0].1 = lag;
+            r[4].1 = dl;
+            r
+        };
+        a.measure(&all(Reading::Value(0.0), Reading::Value(0.0)));
+        assert_eq!(one_shot(&a.tallies), Outcome::Pass);
+        // A non-critical failure within its limit is still a failure for a one-shot.
+        a.measure(&all(Reading::Value(5000.0), Reading::Value(0.0)));
+        assert_eq!(one_shot(&a.tallies), Outcome::Fail);
+        a.measure(&all(Reading::Error("broker down".into()), Reading::Value(0.0)));
+        assert_eq!(one_shot(&a.tallies), Outcome::Inconclusive);
+        a.measure(&all(Reading::Value(0.0), Reading::NoData));
+        assert_eq!(one_shot(&a.tallies), Outcome::Inconclusive);
+        a.measure(&all(Reading::Error("broker down".into()), Reading::Value(1.0)));
+        assert_eq!(one_shot(&a.tallies), Outcome::Fail, "a failure wins over an error");
+        assert_eq!(one_shot(&Analysis::new(default_checks()).tallies), Outcome::Inconclusive, "never measured");
+    }
 
     #[test]
     fn configured_settings_lay_over_the_defaults() {
