@@ -7,7 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 eval "$(bash .ci/install-servers)"
-export FICUS_SECANTUSD FICUS_TANSU
+export FICUS_SECANTUSD FICUS_TANSU FICUS_NODE
 
 # CI clones afresh each run; keep its build cache beside the server cache.
 if [ "${CI:-}" = true ] && [ -z "${CARGO_TARGET_DIR:-}" ]; then
@@ -15,5 +15,8 @@ if [ "${CI:-}" = true ] && [ -z "${CARGO_TARGET_DIR:-}" ]; then
 fi
 
 cargo fmt --all -- --check
-cargo clippy --locked --all-targets -- -D warnings
-cargo test --locked --all-targets --no-fail-fast
+cargo clippy --locked --workspace --all-targets -- -D warnings
+# The JavaScript router's own tests first (seconds), then every Rust test of the workspace
+# (ficus and the Rust router).
+"$FICUS_NODE" --test clients/router-js/test/*.test.mjs
+cargo test --locked --workspace --all-targets --no-fail-fast
