@@ -265,7 +265,7 @@ async fn both_sides_hold_every_element_change_after_the_monolith_reshaped_an_own
     }
     let dead: i64 = watermarks(&world.kafka.brokers(), DEAD_LETTERS).values().sum();
     assert_eq!(dead, 0, "write-backs dead-lettered");
-    ok(&world.ficus(&["verify", "--service", "customers_db", "--settle", "2"], &[]));
+    ok(&world.ficus(&["verify", "--checks", "counts,contents", "--service", "customers_db", "--settle", "2"], &[]));
     assert!(a.terminate().success(), "{}", a.logs());
     assert!(b.terminate().success(), "{}", b.logs());
 }
@@ -329,6 +329,6 @@ async fn an_array_cut_on_either_side_reaches_the_other_with_exactly_the_elements
     }
     let dead: i64 = watermarks(&world.kafka.brokers(), DEAD_LETTERS).values().sum();
     assert_eq!(dead, 0, "write-backs dead-lettered; ficus log:\n{}", f.logs());
-    ok(&world.ficus(&["verify", "--service", "customers_db", "--settle", "2"], &[]));
+    ok(&world.ficus(&["verify", "--checks", "counts,contents", "--service", "customers_db", "--settle", "2"], &[]));
     assert!(f.terminate().success(), "{}", f.logs());
 }

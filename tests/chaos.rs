@@ -428,7 +428,7 @@ async fn audit(
     seed: u64,
 ) {
     let settled = common::poll_until(Duration::from_secs(300), || async {
-        daemon.ficus(&["verify", "--service", SERVICE, "--settle", "3"]).status.success()
+        daemon.ficus(&["verify", "--checks", "counts,contents", "--service", SERVICE, "--settle", "3"]).status.success()
     })
     .await;
     if !settled {
@@ -437,7 +437,7 @@ async fn audit(
     assert!(
         settled,
         "seed {seed}: the sides never agreed:\n{}\n{}",
-        text(&daemon.ficus(&["verify", "--service", SERVICE])),
+        text(&daemon.ficus(&["verify", "--checks", "counts,contents", "--service", SERVICE])),
         daemon.logs()
     );
     let monolith = client.database("linechatbot").collection::<Document>("customers");

@@ -199,7 +199,7 @@ async fn the_whole_cycle_0_10_50_100_0_loses_no_write_on_either_side() {
         tokio::time::sleep(Duration::from_millis(200)).await;
         let written = app.written.lock().unwrap().clone();
         converged(&client, &written, &format!("--to {to}")).await;
-        let v = world.ficus(&["verify", "--service", SERVICE, "--settle", "2"], &[]);
+        let v = world.ficus(&["verify", "--checks", "counts,contents", "--service", SERVICE, "--settle", "2"], &[]);
         assert!(v.status.success(), "verify after --to {to}:\n{}", text(&v));
         app.pause.store(false, Ordering::SeqCst);
     }
@@ -393,7 +393,7 @@ async fn conversations_move_with_their_user_and_every_reader_of_them_stays_consi
             .await;
         }
         for svc in ["conversations_db", "ai_sessions_db"] {
-            let v = world.ficus(&["verify", "--service", svc, "--settle", "2"], &[]);
+            let v = world.ficus(&["verify", "--checks", "counts,contents", "--service", svc, "--settle", "2"], &[]);
             assert!(v.status.success(), "verify {svc} after --to {to}:\n{}", text(&v));
         }
     }

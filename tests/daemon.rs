@@ -132,7 +132,7 @@ async fn sigterm_during_a_heavy_stream_exits_0_and_a_restart_loses_nothing() {
     // re-applied at most one batch (50) of what the stopped consumer had already applied.
     let due = pending + published_since;
     assert!(applied >= due && applied <= due + 50, "applied {applied} after the restart; {due} were due");
-    let out = world.ficus(&["verify", "--service", "products_db"], &[]);
+    let out = world.ficus(&["verify", "--checks", "counts,contents", "--service", "products_db"], &[]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
 }
 

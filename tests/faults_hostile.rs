@@ -149,7 +149,7 @@ async fn hostile_documents_arrive_intact() {
             None => problems.push(format!("{sku}: neither in products_db nor dead-lettered (silently lost)")),
         }
     }
-    let verify = s.run(&["verify", "--service", "products_db", "--settle", "1"]);
+    let verify = s.run(&["verify", "--checks", "counts,contents", "--service", "products_db", "--settle", "1"]);
     if !verify.status.success() {
         problems.push(format!("ficus verify --service products_db:\n{}", tail_of(&text(&verify), 30)));
     }
@@ -235,7 +235,7 @@ async fn extended_json_lookalike_keys_are_not_mistaken_for_types() {
     }
     if exit.is_none() {
         // What was applied also verifies, and the archive holds every event, escaped names and all.
-        let out = s.run(&["verify", "--service", "products_db", "--settle", "1"]);
+        let out = s.run(&["verify", "--checks", "counts,contents", "--service", "products_db", "--settle", "1"]);
         if !out.status.success() {
             problems.push(format!("ficus verify --service products_db:\n{}", tail_of(&text(&out), 30)));
         }
@@ -255,9 +255,10 @@ async fn extended_json_lookalike_keys_are_not_mistaken_for_types() {
             problems.push(format!("{archived} of {written} events archived"));
         }
         // And a rebuild from the archive gives the same database.
-        for cmd in
-            [&["replay", "--service", "products_db"][..], &["verify", "--service", "products_db", "--settle", "1"]]
-        {
+        for cmd in [
+            &["replay", "--service", "products_db"][..],
+            &["verify", "--checks", "counts,contents", "--service", "products_db", "--settle", "1"],
+        ] {
             let out = s.run(cmd);
             if !out.status.success() {
                 problems.push(format!("ficus {}:\n{}", cmd.join(" "), tail_of(&text(&out), 30)));
@@ -335,7 +336,7 @@ async fn a_document_near_16_mb_is_dead_lettered_loudly_and_the_tail_goes_on() {
     let logged = logs.lines().filter(|l| l.contains("ERROR")).collect::<Vec<_>>().join("\n");
     assert!(logged.contains(PRODUCTS) && logged.contains("BIG-16mb") && logged.contains("too large"), "{logged}");
     // Not silent downstream either: the service database lacks it, and verify says so.
-    let out = s.run(&["verify", "--service", "products_db", "--settle", "1"]);
+    let out = s.run(&["verify", "--checks", "counts,contents", "--service", "products_db", "--settle", "1"]);
     assert_eq!(out.status.code(), Some(1), "verify must report the missing document:\n{}", text(&out));
     assert!(text(&out).contains("BIG-16mb"), "{}", tail_of(&text(&out), 30));
     stop_cleanly(&mut f, "ficus");
@@ -451,7 +452,7 @@ async fn malformed_messages_and_unmatched_events() {
         problems.push(format!("logs no transform matches were dead-lettered: {logs_dead:?}"));
     }
     for service in ["products_db", "metrics_db"] {
-        let out = s.run(&["verify", "--service", service, "--settle", "1"]);
+        let out = s.run(&["verify", "--checks", "counts,contents", "--service", service, "--settle", "1"]);
         if !out.status.success() {
             problems.push(format!("verify {service}:\n{}", tail_of(&text(&out), 20)));
         }

@@ -77,7 +77,10 @@ async fn scram_authentication_works_and_credentials_never_leak() {
     // Errors that carry a URI: an unreachable host, with the password in the URI.
     let unreachable =
         format!("mongodb://ficus:{ENCODED}@127.0.0.1:1/?directConnection=true&serverSelectionTimeoutMS=500");
-    let out = s.run_with(&["verify", "--service", "products_db"], &env.clone().with("FICUS_SOURCE_URI", &unreachable));
+    let out = s.run_with(
+        &["verify", "--checks", "counts,contents", "--service", "products_db"],
+        &env.clone().with("FICUS_SOURCE_URI", &unreachable),
+    );
     outputs.push(("verify against an unreachable source".into(), text(&out)));
     let bad_db = env.clone().with("FICUS_SOURCE_DB", "no.dots.allowed").with("FICUS_SOURCE_URI", &unreachable);
     outputs.push(("validate with a bad source.db".into(), text(&s.run_with(&["validate"], &bad_db))));

@@ -105,7 +105,7 @@ impl Scene {
     }
 
     fn verify(&self) {
-        ok(&self.ficus(&["verify", "--service", SERVICE, "--settle", "2"]));
+        ok(&self.ficus(&["verify", "--checks", "counts,contents", "--service", SERVICE, "--settle", "2"]));
     }
 
     /// What an application reads: `GET /cutover?instance=ID`, customers_db's state.
@@ -489,10 +489,10 @@ async fn conflicting_writes_at_fifty_percent_converge_on_both_sides() {
     .await;
     // Settled: both sides agree.
     let settled = common::poll_until(Duration::from_secs(180), || async {
-        scene.ficus(&["verify", "--service", SERVICE, "--settle", "2"]).status.success()
+        scene.ficus(&["verify", "--checks", "counts,contents", "--service", SERVICE, "--settle", "2"]).status.success()
     })
     .await;
-    assert!(settled, "{}", text(&scene.ficus(&["verify", "--service", SERVICE])));
+    assert!(settled, "{}", text(&scene.ficus(&["verify", "--checks", "counts,contents", "--service", SERVICE])));
     for (user, id) in &pushed {
         let s = service.find_one(doc! { "_id": user, "purchaseHistory.purchaseId": id }).await.unwrap();
         assert!(s.is_some(), "purchase {id} of {user} missing from the service");

@@ -98,7 +98,7 @@ async fn pre_images_kept_from_creation_through_a_shadow_replay_let_a_service_del
     );
     assert_eq!(state, Some(true));
     // And the rest of the service still verifies against the monolith.
-    ok(&world.ficus(&["verify", "--service", SERVICE, "--settle", "2"], &[]));
+    ok(&world.ficus(&["verify", "--checks", "counts,contents", "--service", SERVICE, "--settle", "2"], &[]));
     assert!(f.terminate().success(), "{}", f.logs());
 }
 

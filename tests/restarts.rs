@@ -326,7 +326,8 @@ async fn differences(client: &mongodb::Client) -> Vec<String> {
 fn verify(world: &World, env: &[(String, String)], service: &str) -> Result<(), String> {
     let mut last = String::new();
     for _ in 0..4 {
-        let out = world.ficus(&["verify", "--service", service, "--settle", "1"], &pairs(env));
+        let out =
+            world.ficus(&["verify", "--checks", "counts,contents", "--service", service, "--settle", "1"], &pairs(env));
         if out.status.success() {
             return Ok(());
         }

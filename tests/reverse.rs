@@ -161,7 +161,7 @@ async fn service_writes_reach_the_monolith_once_and_nothing_loops() {
     assert_eq!(monolith_writes, 1, "the monolith's own update, once");
 
     // The service database is what the forward transforms make of the monolith.
-    ok(&world.ficus(&["verify", "--service", "customers_db", "--settle", "1"], &[]));
+    ok(&world.ficus(&["verify", "--checks", "counts,contents", "--service", "customers_db", "--settle", "1"], &[]));
     let status = ok(&world.ficus(&["status"], &[]));
     assert!(status.contains("cutover customers_db") && status.contains("100% owned"), "{status}");
     assert!(status.contains("4 echoes skipped"), "one per write-back, skipped by customers: {status}");
@@ -269,7 +269,7 @@ async fn a_field_both_sides_changed_is_a_conflict_the_owner_wins_and_both_are_re
         r["owner"]["document"].is_object() && r["other"]["document"].is_object() && r["other"]["version"].is_string(),
         "both versions and documents: {r}"
     );
-    ok(&world.ficus(&["verify", "--service", "customers_db", "--settle", "1"], &[]));
+    ok(&world.ficus(&["verify", "--checks", "counts,contents", "--service", "customers_db", "--settle", "1"], &[]));
     let status = ok(&world.ficus(&["status"], &[]));
     assert!(status.contains("1 conflicts reported"), "{status}");
     assert!(f.terminate().success(), "{}", f.logs());
@@ -327,7 +327,7 @@ async fn an_emergency_rollback_keeps_what_the_service_wrote_and_the_service_foll
         named(&find(&monolith, doc! { "user_id": Workload::user_id(4) }).await, "Stray")
     })
     .await;
-    ok(&world.ficus(&["verify", "--service", "customers_db", "--settle", "1"], &[]));
+    ok(&world.ficus(&["verify", "--checks", "counts,contents", "--service", "customers_db", "--settle", "1"], &[]));
     assert!(f.terminate().success(), "{}", f.logs());
 }
 
@@ -461,7 +461,7 @@ async fn at_fifty_percent_both_sides_write_and_everything_converges() {
     for service in
         ["customers_db", "conversations_db", "ai_sessions_db", "products_db", "research_db", "metrics_db", "auth_db"]
     {
-        ok(&world.ficus(&["verify", "--service", service, "--settle", "2"], &[]));
+        ok(&world.ficus(&["verify", "--checks", "counts,contents", "--service", service, "--settle", "2"], &[]));
     }
     // Every monolith document is what the reverse transforms make of the service's document
     // (nothing left to write back), and the monolith's own fields survived the write-backs.
@@ -674,7 +674,10 @@ async fn ping_pong_with_sigkills_gives_one_event_per_write_and_no_loop() {
     assert_eq!(distinct(&own), monolith_writes, "the monolith's own writes, once each: {counts}");
 
     // Both sides agree.
-    ok(&world.ficus(&["verify", "--service", "customers_db", "--settle", "2", "--sample", "3"], &[]));
+    ok(&world.ficus(
+        &["verify", "--checks", "counts,contents", "--service", "customers_db", "--settle", "2", "--sample", "3"],
+        &[],
+    ));
     let root = common::repo_root();
     let defs = ficus::config::topics::load(&root.join("topics")).unwrap();
     let transforms = ficus::transform::load_service(&root.join("transforms/customers_db"), &defs).unwrap();

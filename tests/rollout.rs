@@ -102,7 +102,7 @@ async fn a_plan_with_holds_completes_under_a_workload_and_a_bad_plan_is_refused_
     assert_eq!(share(&client).await, 50);
     let left = client.database("ficus").collection::<Document>("rollouts").count_documents(doc! {}).await.unwrap();
     assert_eq!(left, 0, "a finished plan leaves no record");
-    let verify = world.ficus(&["verify", "--service", SERVICE, "--settle", "2"], &env);
+    let verify = world.ficus(&["verify", "--checks", "counts,contents", "--service", SERVICE, "--settle", "2"], &env);
     assert!(verify.status.success(), "{}", text(&verify));
 
     // A gradual rollback killed during its first hold, then aborted: the plan walks back to the
@@ -188,7 +188,7 @@ async fn a_critical_anomaly_during_a_hold_rolls_back_to_the_last_good_share() {
     assert_eq!(status.code(), Some(1), "rolled back, exit 1:\n{t}");
     assert!(t.contains("rolled back to 10%") && t.contains("dead_letters = 1 (wanted ≤ 0)"), "{t}");
     assert_eq!(share(&client).await, 10, "back at the last share that finished its hold");
-    let verify = world.ficus(&["verify", "--service", SERVICE, "--settle", "2"], &env);
+    let verify = world.ficus(&["verify", "--checks", "counts,contents", "--service", SERVICE, "--settle", "2"], &env);
     assert!(verify.status.success(), "{}", text(&verify));
     let log = world.ficus(&["log", "--service", SERVICE], &env);
     let log = String::from_utf8_lossy(&log.stdout).to_string();
@@ -257,7 +257,7 @@ async fn a_critical_anomaly_during_a_hold_rolls_back_to_the_last_good_share() {
         let d = monolith.find_one(doc! { "user_id": u }).await.unwrap().unwrap();
         assert_eq!(d.get_str("tier").ok(), Some("gold"), "{u}: the service's write before the rollback: {d}");
     }
-    let verify = world.ficus(&["verify", "--service", SERVICE, "--settle", "2"], &env);
+    let verify = world.ficus(&["verify", "--checks", "counts,contents", "--service", SERVICE, "--settle", "2"], &env);
     assert!(verify.status.success(), "{}", text(&verify));
     let log = world.ficus(&["log", "--service", SERVICE, "--limit", "20"], &env);
     assert!(String::from_utf8_lossy(&log.stdout).contains("move-started 10%→0%: emergency move"), "{}", text(&log));

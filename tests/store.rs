@@ -66,7 +66,7 @@ async fn replay_rebuilds_a_dropped_database_while_writes_continue_and_verify_pro
     })
     .await;
     archive_caught_up(&world, &client).await;
-    ok(&world.ficus(&["verify", "--service", "customers_db"], &[]));
+    ok(&world.ficus(&["verify", "--checks", "counts,contents", "--service", "customers_db"], &[]));
 
     // Writes keep coming while the service database is lost and rebuilt.
     let writer = {
@@ -89,7 +89,8 @@ async fn replay_rebuilds_a_dropped_database_while_writes_continue_and_verify_pro
     // Once the live consumer has the last writes, the rebuilt database equals the monolith.
     let mut last = String::new();
     eventually("verify passes after the rebuild", Duration::from_secs(90), || {
-        let out = world.ficus(&["verify", "--service", "customers_db", "--settle", "1"], &[]);
+        let out =
+            world.ficus(&["verify", "--checks", "counts,contents", "--service", "customers_db", "--settle", "1"], &[]);
         last = String::from_utf8_lossy(&out.stdout).into_owned();
         async move { out.status.success() }
     })
@@ -119,7 +120,7 @@ async fn verify_names_documents_changed_deleted_or_added_behind_ficus_back() {
     .await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert!(f.terminate().success(), "{}", f.logs());
-    let out = ok(&world.ficus(&["verify", "--service", "products_db"], &[]));
+    let out = ok(&world.ficus(&["verify", "--checks", "counts,contents", "--service", "products_db"], &[]));
     assert!(out.contains("consistent"), "{out}");
 
     let products = client.database("products_db").collection::<Document>("products");
@@ -133,7 +134,10 @@ async fn verify_names_documents_changed_deleted_or_added_behind_ficus_back() {
         .await
         .unwrap();
 
-    let out = world.ficus(&["verify", "--service", "products_db", "--settle", "0", "--sample", "50"], &[]);
+    let out = world.ficus(
+        &["verify", "--checks", "counts,contents", "--service", "products_db", "--settle", "0", "--sample", "50"],
+        &[],
+    );
     let text = String::from_utf8_lossy(&out.stdout);
     assert_eq!(out.status.code(), Some(1), "{text}");
     for needle in [Workload::sku(3), Workload::sku(4), "SKU-intruder".to_string(), "DRIFT".to_string()] {
@@ -141,7 +145,7 @@ async fn verify_names_documents_changed_deleted_or_added_behind_ficus_back() {
     }
     assert!(text.contains("expected") && text.contains("actual"), "side by side:\n{text}");
     // A service nobody touched still verifies.
-    ok(&world.ficus(&["verify", "--service", "customers_db"], &[]));
+    ok(&world.ficus(&["verify", "--checks", "counts,contents", "--service", "customers_db"], &[]));
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -302,7 +306,7 @@ async fn every_service_verifies_after_replaces_pulls_and_deletes_and_replay_agre
     })
     .await;
     for s in &services {
-        let out = world.ficus(&["verify", "--service", s.service()], &[]);
+        let out = world.ficus(&["verify", "--checks", "counts,contents", "--service", s.service()], &[]);
         ok(&out);
     }
     let live = dump(&client, "customers_db").await;
@@ -323,5 +327,5 @@ async fn every_service_verifies_after_replaces_pulls_and_deletes_and_replay_agre
         "replay built other customer_events"
     );
     assert_eq!(strip(&replayed["customers"]), strip(&live["customers"]));
-    ok(&world.ficus(&["verify", "--service", "customers_db"], &[]));
+    ok(&world.ficus(&["verify", "--checks", "counts,contents", "--service", "customers_db"], &[]));
 }

@@ -64,7 +64,7 @@ async fn fields_the_service_keeps_on_its_own_neither_fail_verify_nor_hold_the_mo
     }
 
     // They are the service's own: verify passes and names them with their counts.
-    let out = world.ficus(&["verify", "--service", SERVICE, "--settle", "2"], &[]);
+    let out = world.ficus(&["verify", "--checks", "counts,contents", "--service", SERVICE, "--settle", "2"], &[]);
     let report = text(&out);
     assert!(out.status.success(), "verify with service-only fields:\n{report}");
     let n = owned.len();
@@ -83,14 +83,14 @@ async fn fields_the_service_keeps_on_its_own_neither_fail_verify_nor_hold_the_mo
     let kept =
         service.count_documents(doc! { "nickname": { "$exists": true }, "profile.nickname": "pal" }).await.unwrap();
     assert_eq!(kept, n as u64);
-    ok(&world.ficus(&["verify", "--service", SERVICE, "--settle", "2"], &[]));
+    ok(&world.ficus(&["verify", "--checks", "counts,contents", "--service", SERVICE, "--settle", "2"], &[]));
 
     // A field the transforms do write still differs: the projection hides nothing of ficus's.
     // (With ficus stopped, so that no write-back or repair carries the change anywhere.)
     assert!(f.terminate().success(), "{}", f.logs());
     let key = &owned[0];
     service.update_one(doc! { "_id": key }, doc! { "$set": { "profile.language": "xx" } }).await.unwrap();
-    let out = world.ficus(&["verify", "--service", SERVICE, "--settle", "0"], &[]);
+    let out = world.ficus(&["verify", "--checks", "counts,contents", "--service", SERVICE, "--settle", "0"], &[]);
     assert_eq!(out.status.code(), Some(1), "{}", text(&out));
     assert!(text(&out).contains(key.as_str()) && text(&out).contains(r#""language":"xx""#), "{}", text(&out));
 }

@@ -243,31 +243,73 @@ fn bad_input(e: CommandError) -> anyhow::Error {
 }
 
 /// `ficus verify`.
-pub(super) async fn verify(
-    loaded: &Loaded,
-    clients: &Clients,
-    service: &str,
-    sample: usize,
-    gate: bool,
-    settle: u64,
-) -> anyhow::Result<ExitCode> {
-    let chosen = select_services(&loaded.services, &[service.to_string()])?;
-    let cfg = &loaded.config;
-    let opts = crate::verify::VerifyOptions { sample, settle: Duration::from_secs(settle), rechecks: 1, buckets: None };
-    let report = crate::verify::verify(
-        &chosen[0],
-        &loaded.topics,
-        &clients.monolith(),
-        &cfg.source.name,
-        &clients.service(chosen[0].database()),
-        &clients.store(),
-        &opts,
-    )
-    .await?;
-    print!("{}", report.render());
-    let ok = if gate { report.consistent() } else { report.exact() };
-
-    Ok(if ok { ExitCode::SUCCESS } else { ExitCode::from(1) })
+pub(super) async fn verify(loaded: &Loaded, clients: &Clients, args: super::VerifyArgs) -> anyhow::Result<ExitCode> {
+    use crate::verify::{Check, Verdict};
+    let chosen = select_services(&loaded.services, std::slice::from_ref(&args.service))?;
+    let checks = match &args.checks {
+        None => Check::ALL.to_vec(),
+        Some(list) => list
+            .split(',')
+            .map(|c| c.trim())
+            .filter(|c| !c.is_empty())
+            .map(|c| {
+                Check::parse(c).ok_or_else(|| {
+                    let known: Vec<&str> = Check::ALL.iter().map(|c| c.name()).collect();
+                    anyhow::Error::new(super::BadInput(format!(
+                        "--checks: `{c}` is not a check ({})",
+                        known.join(", ")
+                    )))
+                })
+            })
+            .collect::<anyhow::Result<Vec<Check>>>()?,
+    };
+    let settle = Duration::from_secs(args.settle);
+    let (transforms, monolith) = (&chosen[0], clients.monolith());
+    let service_db = clients.service(transforms.database());
+    let opts = crate::verify::VerifyOptions {
+        sample: args.sample,
+        settle,
+        rechecks: 1,
+        buckets: None,
+        quality: checks.contains(&Check::Quality),
+    };
+    let run = async {
+        let topics = &loaded.topics;
+        let source = &loaded.config.source.name;
+        let mut report =
+            crate::verify::verify(transforms, topics, &monolith, source, &service_db, &clients.store(), &opts).await?;
+        if checks.contains(&Check::References) {
+            let all = &loaded.services;
+            crate::verify::references(&mut report, transforms, all, &service_db, &monolith, settle).await?;
+        }
+        Ok::<_, crate::verify::VerifyError>(report)
+    };
+    let mut report = match run.await {
+        Ok(r) => r,
+        // A server that went away mid-run: nothing was proved either way.
+        Err(e) if crate::retry::Classify::is_transient(&e) => {
+            eprintln!("{}: inconclusive: {e}", args.service);
+            if args.json {
+                println!(
+                    "{}",
+                    serde_json::json!({ "service": args.service, "result": "inconclusive", "error": e.to_string() })
+                );
+            }
+            return Ok(ExitCode::from(3));
+        }
+        Err(e) => return Err(e.into()),
+    };
+    report.checks.retain(|c| checks.contains(c));
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report.to_json(args.gate))?);
+    } else {
+        print!("{}", report.render());
+    }
+    Ok(match report.verdict(args.gate) {
+        Verdict::Pass => ExitCode::SUCCESS,
+        Verdict::Fail => ExitCode::from(1),
+        Verdict::Inconclusive => ExitCode::from(3),
+    })
 }
 
 /// `ficus dlq replay`: the forward direction's dead letters, or (`reverse`) the write-backs'.

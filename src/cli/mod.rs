@@ -85,20 +85,7 @@ enum Command {
         consume: ConsumeArgs,
     },
     /// Prove a service database equals its transforms applied to the monolith's current state.
-    Verify {
-        #[arg(long = "service", value_name = "NAME")]
-        service: String,
-        /// Differing documents to show side by side, per collection.
-        #[arg(long, default_value_t = 10)]
-        sample: usize,
-        /// Exit 0 when the scores pass the seed's migration gate (99% consistency, 95%
-        /// validation) even if some documents differ; by default any difference fails.
-        #[arg(long)]
-        gate: bool,
-        /// Seconds to wait before re-checking differences (traffic in flight).
-        #[arg(long, default_value_t = 2)]
-        settle: u64,
-    },
+    Verify(VerifyArgs),
     /// Dead letters (`<topic>.dlq`).
     Dlq {
         #[command(subcommand)]
@@ -179,6 +166,30 @@ enum Command {
         #[command(subcommand)]
         action: LensAction,
     },
+}
+
+/// `ficus verify`: exit 0 every check passed, 1 one failed its gate, 3 inconclusive (orphans
+/// still pending after the wait, a server gone mid-run), 2 bad input.
+#[derive(Debug, clap::Args)]
+struct VerifyArgs {
+    #[arg(long = "service", value_name = "NAME")]
+    service: String,
+    /// Differing documents to show side by side, per collection.
+    #[arg(long, default_value_t = 10)]
+    sample: usize,
+    /// Exit 0 when the scores pass the seed's migration gate (99% consistency, 95%
+    /// validation) even if some documents differ; by default any difference fails.
+    #[arg(long)]
+    gate: bool,
+    /// Seconds to wait before re-checking differences and pending orphans (traffic in flight).
+    #[arg(long, default_value_t = 2)]
+    settle: u64,
+    /// The checks to run, comma-separated: counts, contents, references, quality (default: all).
+    #[arg(long, value_name = "LIST")]
+    checks: Option<String>,
+    /// The whole report as one JSON document.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -393,9 +404,7 @@ async fn command_with(command: Command, loaded: &mut Loaded, clients: &Clients) 
             consume.apply(&mut loaded.config.consume);
             commands::replay(loaded, clients, &service, in_place, from).await
         }
-        Command::Verify { service, sample, gate, settle } => {
-            commands::verify(loaded, clients, &service, sample, gate, settle).await
-        }
+        Command::Verify(args) => commands::verify(loaded, clients, args).await,
     }
 }
 

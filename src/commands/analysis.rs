@@ -109,6 +109,7 @@ impl Meter<'_> {
             settle: Duration::from_secs(2),
             rechecks: 3,
             buckets: Some(0..at),
+            quality: false,
         };
         let report = crate::verify::verify(
             self.transforms,

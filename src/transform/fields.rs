@@ -70,6 +70,25 @@ impl FieldTree {
         }
     }
 
+    /// Whether ficus writes the field at `path` (dotted, `[]` for "in every element of":
+    /// `purchaseHistory[].productId`): everything inside a value written whole is.
+    pub fn writes(&self, path: &str) -> bool {
+        let steps: Vec<&str> = path.split('.').map(|s| s.trim_end_matches("[]")).collect();
+        self.writes_steps(&steps)
+    }
+
+    fn writes_steps(&self, steps: &[&str]) -> bool {
+        let fields = match self {
+            FieldTree::Whole => return true,
+            FieldTree::Object(f) | FieldTree::Each(f) => f,
+        };
+        if steps.is_empty() {
+            return true;
+        }
+        // A field may be declared dotted at this level (`"profile.language"`): try each prefix.
+        (1..=steps.len()).any(|n| fields.get(&steps[..n].join(".")).is_some_and(|sub| sub.writes_steps(&steps[n..])))
+    }
+
     /// `doc` cut down to this tree, and the paths of what was left out.
     pub fn project(&self, doc: &Document) -> Projection {
         let mut service_only = BTreeSet::new();

@@ -48,6 +48,7 @@
 //! - `apply`: the forward: one event into [`WriteOp`]s.
 //! - `op`, `error`: the write ops the sinks carry out, and [`TransformError`].
 //! - `fields`: which fields of a service document ficus writes ([`FieldTree`]).
+//! - [`checks`]: what a file declares of its data: references and quality rules.
 //! - [`elements`]: the three-way merge of arrays by element id.
 //! - `reverse/`: the way back: planning (`invert`), lenses, [`Patch`], [`Reverse`],
 //!   classification, and the law check.
@@ -55,6 +56,7 @@
 
 mod apply;
 mod builtins;
+pub mod checks;
 mod compile;
 pub mod elements;
 mod error;
@@ -191,6 +193,33 @@ impl ServiceTransforms {
         self.transforms.iter().filter(|t| t.collection == collection).map(FieldTree::of).reduce(FieldTree::union)
     }
 
+    /// Where a target field's value comes from when it is a plain copy of one monolith field
+    /// (`products.productId` ← `products.sku`): the monolith collection and path. `None` for a
+    /// computed value.
+    pub fn copied_from(&self, collection: &str, field: &str) -> Option<(&str, String)> {
+        self.transforms.iter().filter(|t| t.collection == collection && t.input == model::Input::Document).find_map(
+            |t| {
+                let model::Target::Document { fields, .. } = &t.target else { return None };
+                match shape_at(fields, field)? {
+                    model::Shape::Value(expr::Expr::Path { root: expr::Root::Input | expr::Root::Doc, path }) => {
+                        Some((t.source_collection.as_str(), path.clone()))
+                    }
+                    _ => None,
+                }
+            },
+        )
+    }
+
+    /// The references the service's transform files declare.
+    pub fn refs(&self) -> impl Iterator<Item = &checks::RefDecl> {
+        self.transforms.iter().flat_map(|t| t.refs.iter())
+    }
+
+    /// The quality rules the service's transform files declare, of every collection.
+    pub fn quality(&self) -> impl Iterator<Item = &checks::QualityRule> {
+        self.transforms.iter().flat_map(|t| t.quality.iter())
+    }
+
     /// The service collections written back to the monolith (those with a reverse), in order.
     pub fn written_back(&self) -> Vec<&str> {
         self.collections_in_order().filter(|c| self.reverse_for(c).is_some()).collect()
@@ -244,6 +273,19 @@ impl ServiceTransforms {
     }
 }
 
+/// The shape declared at a dotted target path (declared dotted, nested, or both).
+fn shape_at<'f>(fields: &'f model::Fields, path: &str) -> Option<&'f model::Shape> {
+    let steps: Vec<&str> = path.split('.').collect();
+    (1..=steps.len()).find_map(|n| {
+        let (_, shape) = fields.iter().find(|(name, _)| *name == steps[..n].join("."))?;
+        match (n == steps.len(), shape) {
+            (true, s) => Some(s),
+            (false, model::Shape::Object(inner)) => shape_at(inner, &steps[n..].join(".")),
+            (false, _) => None,
+        }
+    })
+}
+
 /// Loads one service directory (`transforms/customers_db`): every `*.toml` in it.
 pub fn load_service(dir: &Path, topics: &Topics) -> Result<ServiceTransforms, Report> {
     let mut report = Report::default();
@@ -265,6 +307,45 @@ pub fn load_service(dir: &Path, topics: &Topics) -> Result<ServiceTransforms, Re
         files.iter().filter_map(|f| compile::compile_file(f, topics, &mut report)).collect();
     compile::check_service(&transforms, &mut report);
     report.into_result(ServiceTransforms { service, transforms })
+}
+
+/// Every reference and quality rule names a field its collection's transforms write.
+fn check_declared_fields(service: &ServiceTransforms, report: &mut Report) {
+    let declared = service
+        .refs()
+        .map(|r| (&r.collection, &r.field, &r.file, r.line, "refs"))
+        .chain(service.quality().map(|q| (&q.collection, &q.field, &q.file, q.line, "quality")));
+    for (collection, field, file, line, what) in declared {
+        if !service.written_fields(collection).is_some_and(|t| t.writes(field)) {
+            report.push(DefinitionError::new(
+                file,
+                format!("{what}.field"),
+                format!("`{field}` is not a field the transforms write into {collection} (line {line})"),
+            ));
+        }
+    }
+}
+
+/// Every reference names a service, a collection it writes and a field written there.
+fn check_references(services: &[ServiceTransforms], report: &mut Report) {
+    for r in services.iter().flat_map(|s| s.refs()) {
+        let to = services.iter().find(|s| s.database() == r.to_database);
+        let problem = match to {
+            None => Some(format!("no service writes a database `{}`", r.to_database)),
+            Some(s) => match s.written_fields(&r.to_collection) {
+                None => Some(format!("{} writes no collection `{}`", r.to_database, r.to_collection)),
+                Some(tree) if !tree.writes(&r.to_field) => Some(format!(
+                    "{}.{} has no field `{}` its transforms write",
+                    r.to_database, r.to_collection, r.to_field
+                )),
+                Some(_) => None,
+            },
+        };
+        if let Some(why) = problem {
+            let to = format!("{}.{}.{}", r.to_database, r.to_collection, r.to_field);
+            report.push(DefinitionError::new(&r.file, "refs.to", format!("`{to}`: {why} (line {})", r.line)));
+        }
+    }
 }
 
 /// Loads every service directory under `dir` (`transforms/`), reporting all errors of all files.
@@ -291,6 +372,11 @@ pub fn load_all(dir: &Path, topics: &Topics) -> Result<Vec<ServiceTransforms>, R
             Err(r) => report.extend(r),
         }
     }
+    // What the files declare of their data, once every service is there to check it against.
+    for s in &services {
+        check_declared_fields(s, &mut report);
+    }
+    check_references(&services, &mut report);
     report.into_result(services)
 }
 

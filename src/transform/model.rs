@@ -37,6 +37,9 @@ pub(super) struct Transform {
     pub def: TopicDef,
     /// How the target goes back into the monolith's shape.
     pub reverse: Reversal,
+    /// What the file declares of the data it writes: references and quality rules.
+    pub refs: Vec<super::checks::RefDecl>,
+    pub quality: Vec<super::checks::QualityRule>,
 }
 
 /// What plain paths read.

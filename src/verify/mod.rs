@@ -33,9 +33,11 @@ use crate::sink::rollup::GroupTally;
 use crate::sink::{doc_key, strip_meta};
 use crate::transform::{Projection, ServiceTransforms, WriteOp};
 
+mod checks;
 mod score;
 
-pub use score::{Difference, Tally, VerifyReport, content_hash};
+pub use checks::Offender;
+pub use score::{Check, Difference, Tally, Verdict, VerifyReport, content_hash};
 
 /// Errors of a verification.
 #[derive(Debug, thiserror::Error)]
@@ -46,6 +48,15 @@ pub enum VerifyError {
     Transform(#[from] crate::transform::TransformError),
     #[error("a document of {collection} is not valid BSON: {error}")]
     Bson { collection: String, error: bson::error::Error },
+}
+
+impl crate::retry::Classify for VerifyError {
+    fn class(&self) -> crate::retry::ErrorClass {
+        match self {
+            VerifyError::Mongo(e) => e.class(),
+            VerifyError::Transform(_) | VerifyError::Bson { .. } => crate::retry::ErrorClass::Fatal,
+        }
+    }
 }
 
 /// Reads documents raw and converts them structurally (see [`mongo::to_document`]), so field
@@ -71,6 +82,9 @@ pub struct VerifyOptions {
     /// the collections written back: what a safe cutover moves. Rollups and targets without a
     /// reverse are left out then. `None`: everything.
     pub buckets: Option<Range<u8>>,
+    /// The data quality rules the transform files declare, judged on every document compared
+    /// (`ficus verify`; a cutover's verify of the moving buckets leaves them out).
+    pub quality: bool,
 }
 
 /// Whether a service document is in scope: every one without `buckets`, else one of a
@@ -225,8 +239,13 @@ pub async fn verify(
     };
     let bar = bar();
     expect_all(&mut expected, source, &bar).await?;
-    let (mut report, mut suspects) = compare_all(transforms, &scratch, target, opts, &bar).await?;
+    let mut quality = opts.quality.then(|| checks::Quality::new(transforms));
+    let (mut report, mut suspects) = compare_all(transforms, &scratch, target, opts, quality.as_mut(), &bar).await?;
     bar.finish_and_clear();
+    if let Some(q) = quality {
+        report.quality = Some(q.tallies);
+        report.checks.push(Check::Quality);
+    }
     // Re-check what differs after a pause, against fresh reads on both sides, as many rounds as
     // asked, until nothing differs.
     let rounds = opts.rechecks.max(1);
@@ -238,8 +257,43 @@ pub async fn verify(
         let sample = if round == rounds { opts.sample } else { 0 };
         suspects = recheck(&mut report, &expected, source, target, suspects, sample).await?;
     }
+    if let Some(rules) = report.quality.as_mut() {
+        for r in rules.iter_mut() {
+            sources_of(&scratch, &mut r.samples).await?;
+        }
+    }
     scratch.drop().await?;
     Ok(report)
+}
+
+/// The `references` check, added to `report`: every reference the service declares, across
+/// service databases (see `checks`). `all`: every service, to tell inherited orphans.
+pub async fn references(
+    report: &mut VerifyReport,
+    transforms: &ServiceTransforms,
+    all: &[std::sync::Arc<ServiceTransforms>],
+    service_db: &Database,
+    monolith: &Database,
+    settle: Duration,
+) -> Result<(), VerifyError> {
+    report.references = Some(checks::references(transforms, all, service_db, monolith, settle).await?);
+    report.checks.push(Check::References);
+    Ok(())
+}
+
+/// Fills in the monolith documents offenders were made from, from verify's expectation.
+async fn sources_of(scratch: &Collection<Document>, offenders: &mut [Offender]) -> Result<(), VerifyError> {
+    let keys: Vec<String> = offenders.iter().map(|o| doc_key(&o.collection, &o.id)).collect();
+    let found: Vec<Document> = scratch.find(doc! { "_id": { "$in": keys } }).await?.try_collect().await?;
+    let sources: HashMap<String, (String, Bson)> = found
+        .iter()
+        .filter_map(|e| {
+            let src = e.get_document("src").ok()?;
+            Some((e.get_str("_id").ok()?.to_string(), (src.get_str("c").ok()?.to_string(), src.get("id")?.clone())))
+        })
+        .collect();
+    checks::with_sources(offenders, &sources);
+    Ok(())
 }
 
 /// What differs on a first look: a document, and how.
@@ -287,9 +341,14 @@ async fn compare_all(
     scratch: &Collection<Document>,
     target: &Database,
     opts: &VerifyOptions,
+    mut quality: Option<&mut checks::Quality<'_>>,
     bar: &indicatif::ProgressBar,
 ) -> Result<(VerifyReport, Suspects), VerifyError> {
-    let mut report = VerifyReport { service: transforms.service().to_string(), ..Default::default() };
+    let mut report = VerifyReport {
+        service: transforms.service().to_string(),
+        checks: vec![Check::Counts, Check::Contents],
+        ..Default::default()
+    };
     let mut suspects: Suspects = Vec::new();
     let in_scope_collections =
         transforms.collections().into_iter().filter(|c| opts.buckets.is_none() || transforms.reverse_for(c).is_some());
@@ -305,6 +364,9 @@ async fn compare_all(
             if let Some(d) = next
                 && in_scope(transforms, opts.buckets.as_ref(), &coll, &d)
             {
+                if let Some(q) = quality.as_deref_mut() {
+                    q.judge(&coll, &d);
+                }
                 let written = written_part(transforms, &coll, d);
                 tally.note_service_only(&written.service_only);
                 chunk.push(written.document);

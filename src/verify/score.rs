@@ -6,6 +6,9 @@
 //!   documents present, present documents expected, contents matching), collections weighted by
 //!   size; see [`VerifyReport::validation`].
 //!
+//! Per check (`counts`, `contents`, `references`, `quality`), its own score and gate, and the
+//! overall score as the migration plan's validator defines it: the mean of the checks run.
+//!
 //! Fields no transform writes are the service's own: they are not compared, and each
 //! collection's tally lists them (their paths, and how many documents carry each).
 
@@ -13,6 +16,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use bson::{Bson, Document};
 
+use super::checks::{Offender, RefTally, RuleTally};
 use crate::sink::META;
 
 pub const CONSISTENCY_THRESHOLD: f64 = 99.0;
@@ -71,12 +75,58 @@ impl Tally {
     }
 }
 
+/// The checks verify runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Check {
+    /// Document counts per collection agree.
+    Counts,
+    /// Every document equals the transforms applied to its monolith document.
+    Contents,
+    /// Declared references name documents that exist.
+    References,
+    /// Declared data quality rules hold.
+    Quality,
+}
+
+impl Check {
+    pub const ALL: [Check; 4] = [Check::Counts, Check::Contents, Check::References, Check::Quality];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Check::Counts => "counts",
+            Check::Contents => "contents",
+            Check::References => "references",
+            Check::Quality => "quality",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Check> {
+        Check::ALL.into_iter().find(|c| c.name() == s)
+    }
+}
+
+/// How a verification ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    Pass,
+    /// A check failed its gate.
+    Fail,
+    /// Nothing failed, but something could not be judged (orphans still pending).
+    Inconclusive,
+}
+
 /// The verdict.
 #[derive(Debug, Clone, Default)]
 pub struct VerifyReport {
     pub service: String,
     pub collections: BTreeMap<String, Tally>,
     pub differences: Vec<Difference>,
+    /// The checks run, in order.
+    pub checks: Vec<Check>,
+    /// The references check's results, when it ran.
+    pub references: Option<Vec<RefTally>>,
+    /// The quality rules' results, when they ran.
+    pub quality: Option<Vec<RuleTally>>,
 }
 
 impl VerifyReport {
@@ -114,6 +164,69 @@ impl VerifyReport {
             weight += size as f64;
         }
         if weight == 0.0 { 100.0 } else { 100.0 * score / weight }
+    }
+
+    /// A check's score, in percent: counts agreeing (smaller count over larger, per collection,
+    /// weighted by size), consistency, valid references over those judged, the mean share of
+    /// documents passing each quality rule.
+    pub fn score(&self, check: Check) -> f64 {
+        match check {
+            Check::Counts => {
+                let (mut agree, mut weight) = (0.0, 0.0);
+                for t in self.collections.values() {
+                    let size = t.expected.max(t.actual) as f64;
+                    agree += t.expected.min(t.actual) as f64;
+                    weight += size;
+                }
+                if weight == 0.0 { 100.0 } else { 100.0 * agree / weight }
+            }
+            Check::Contents => self.consistency(),
+            Check::References => {
+                let refs = self.references.as_deref().unwrap_or_default();
+                if refs.is_empty() { 100.0 } else { refs.iter().map(RefTally::score).sum::<f64>() / refs.len() as f64 }
+            }
+            Check::Quality => {
+                let rules = self.quality.as_deref().unwrap_or_default();
+                if rules.is_empty() {
+                    100.0
+                } else {
+                    100.0 * rules.iter().map(RuleTally::share).sum::<f64>() / rules.len() as f64
+                }
+            }
+        }
+    }
+
+    /// Whether a check passes its gate. Counts and contents: exactly (or with `gate`, the seed's
+    /// 99% consistency and 95% validation); references: no broken one (inherited ones are the
+    /// monolith's); quality: every rule's share at least its `mostly`.
+    pub fn passes(&self, check: Check, gate: bool) -> bool {
+        match check {
+            Check::Counts if gate => self.validation() >= VALIDATION_THRESHOLD,
+            Check::Counts => self.collections.values().all(|t| t.expected == t.actual),
+            Check::Contents if gate => self.consistency() >= CONSISTENCY_THRESHOLD,
+            Check::Contents => self.exact(),
+            Check::References => self.references.as_deref().unwrap_or_default().iter().all(|r| r.broken == 0),
+            Check::Quality => self.quality.as_deref().unwrap_or_default().iter().all(RuleTally::passes),
+        }
+    }
+
+    /// The overall score as the migration plan's validator defines it: the mean of the checks run.
+    pub fn overall(&self) -> f64 {
+        if self.checks.is_empty() {
+            return 100.0;
+        }
+        self.checks.iter().map(|c| self.score(*c)).sum::<f64>() / self.checks.len() as f64
+    }
+
+    /// Pass, fail (a check failed its gate) or inconclusive (orphans still pending).
+    pub fn verdict(&self, gate: bool) -> Verdict {
+        if self.checks.iter().any(|c| !self.passes(*c, gate)) {
+            Verdict::Fail
+        } else if self.references.as_deref().unwrap_or_default().iter().any(|r| r.pending > 0) {
+            Verdict::Inconclusive
+        } else {
+            Verdict::Pass
+        }
     }
 
     /// Whether the service passes the gate.
@@ -170,6 +283,7 @@ impl VerifyReport {
             let _ = writeln!(s, "  expected {}", show(&d.expected));
             let _ = writeln!(s, "  actual   {}", show(&d.actual));
         }
+        s.push_str(&self.render_checks());
         let _ = writeln!(
             s,
             "\nconsistency {:.2}% (gate {CONSISTENCY_THRESHOLD}%), validation score {:.2}% (gate {VALIDATION_THRESHOLD}%): {}",
@@ -184,6 +298,127 @@ impl VerifyReport {
             }
         );
         s
+    }
+}
+
+impl VerifyReport {
+    /// The references' and quality rules' results, with their offenders.
+    fn render_checks(&self) -> String {
+        use std::fmt::Write;
+        let mut s = String::new();
+        let show =
+            |v: &Option<Bson>| v.as_ref().map_or("(absent)".into(), |v| v.clone().into_relaxed_extjson().to_string());
+        let offenders = |s: &mut String, list: &[Offender]| {
+            for o in list {
+                let src = o.source.as_ref().map_or(String::new(), |(c, id)| {
+                    format!(", from monolith {c} _id {}", id.clone().into_relaxed_extjson())
+                });
+                let _ = writeln!(
+                    s,
+                    "      {} _id {}: {}{src}",
+                    o.collection,
+                    o.id.clone().into_relaxed_extjson(),
+                    show(&o.value)
+                );
+            }
+        };
+        if let Some(refs) = &self.references {
+            let _ = writeln!(s, "\nreferences:");
+            for r in refs {
+                let _ = writeln!(
+                    s,
+                    "  {}: {} checked, {} broken, {} pending, {} inherited (the monolith lacks them too)",
+                    r.name, r.checked, r.broken, r.pending, r.inherited
+                );
+                offenders(&mut s, &r.samples);
+            }
+        }
+        if let Some(rules) = &self.quality {
+            let _ = writeln!(s, "\nquality:");
+            for r in rules {
+                let verdict = if r.passes() { "pass" } else { "FAIL" };
+                let _ = writeln!(
+                    s,
+                    "  {}: {} of {} documents fail ({:.2}% pass, mostly {}): {verdict}",
+                    r.name,
+                    r.failed,
+                    r.checked,
+                    100.0 * r.share(),
+                    r.mostly
+                );
+                offenders(&mut s, &r.samples);
+            }
+        }
+        let _ = writeln!(s, "\nchecks:");
+        for c in &self.checks {
+            let _ = writeln!(
+                s,
+                "  {:<11} {:>7.2}%  {}",
+                c.name(),
+                self.score(*c),
+                if self.passes(*c, false) { "pass" } else { "FAIL" }
+            );
+        }
+        let _ = writeln!(s, "  {:<11} {:>7.2}%", "overall", self.overall());
+        s
+    }
+
+    /// The whole report as one JSON document (`ficus verify --json`); `gate` as `--gate`.
+    pub fn to_json(&self, gate: bool) -> serde_json::Value {
+        let ext = |b: &Bson| b.clone().into_relaxed_extjson();
+        let offenders = |list: &[Offender]| -> Vec<serde_json::Value> {
+            list.iter()
+                .map(|o| {
+                    serde_json::json!({
+                        "collection": o.collection, "id": ext(&o.id), "value": o.value.as_ref().map(ext),
+                        "source": o.source.as_ref().map(|(c, id)| serde_json::json!({ "collection": c, "id": ext(id) })),
+                    })
+                })
+                .collect()
+        };
+        let checks: serde_json::Map<String, serde_json::Value> = self
+            .checks
+            .iter()
+            .map(|c| {
+                (c.name().to_string(), serde_json::json!({ "score": self.score(*c), "pass": self.passes(*c, gate) }))
+            })
+            .collect();
+        let collections: serde_json::Map<String, serde_json::Value> = self
+            .collections
+            .iter()
+            .map(|(c, t)| {
+                let v = serde_json::json!({
+                    "expected": t.expected, "actual": t.actual, "matched": t.matched, "differing": t.differing,
+                    "missing": t.missing, "unexpected": t.unexpected, "serviceOnly": t.service_only,
+                });
+                (c.clone(), v)
+            })
+            .collect();
+        let verdict = match self.verdict(gate) {
+            Verdict::Pass => "pass",
+            Verdict::Fail => "fail",
+            Verdict::Inconclusive => "inconclusive",
+        };
+        serde_json::json!({
+            "service": self.service,
+            "result": verdict,
+            "overall": self.overall(),
+            "checks": checks,
+            "collections": collections,
+            "differences": self.differences.iter().map(|d| serde_json::json!({
+                "collection": d.collection, "id": ext(&d.id),
+                "expected": d.expected.as_ref().map(|e| ext(&Bson::Document(e.clone()))),
+                "actual": d.actual.as_ref().map(|a| ext(&Bson::Document(a.clone()))),
+            })).collect::<Vec<_>>(),
+            "references": self.references.as_ref().map(|refs| refs.iter().map(|r| serde_json::json!({
+                "name": r.name, "checked": r.checked, "broken": r.broken, "pending": r.pending,
+                "inherited": r.inherited, "score": r.score(), "offenders": offenders(&r.samples),
+            })).collect::<Vec<_>>()),
+            "quality": self.quality.as_ref().map(|rules| rules.iter().map(|r| serde_json::json!({
+                "rule": r.name, "checked": r.checked, "failed": r.failed, "share": r.share(), "mostly": r.mostly,
+                "pass": r.passes(), "offenders": offenders(&r.samples),
+            })).collect::<Vec<_>>()),
+        })
     }
 }
 
@@ -218,7 +453,41 @@ mod tests {
             service: "s".into(),
             collections: collections.iter().map(|(c, t)| (c.to_string(), t.clone())).collect(),
             differences: Vec::new(),
+            checks: vec![Check::Counts, Check::Contents],
+            references: None,
+            quality: None,
         }
+    }
+
+    #[test]
+    fn each_check_has_its_score_and_gate_and_pending_orphans_are_inconclusive() {
+        let mut r = report(&[("customers", tally(100, 100, 100, 0, 0, 0))]);
+        assert_eq!(r.verdict(false), Verdict::Pass);
+        let broken =
+            RefTally { name: "refs".into(), checked: 200, inherited: 40, pending: 0, broken: 4, samples: vec![] };
+        r.references = Some(vec![broken.clone()]);
+        r.checks.push(Check::References);
+        // 4 broken of the 160 judged (the monolith's own 40 left out).
+        assert!((r.score(Check::References) - 97.5).abs() < 1e-9, "{}", r.score(Check::References));
+        assert!(!r.passes(Check::References, true), "a broken reference fails, gate or not");
+        assert_eq!(r.verdict(true), Verdict::Fail);
+        r.references = Some(vec![RefTally { broken: 0, pending: 3, ..broken }]);
+        assert_eq!(r.verdict(false), Verdict::Inconclusive, "nothing failed, something could not be judged");
+        let rule = |failed, mostly| RuleTally { name: "tier".into(), mostly, checked: 100, failed, samples: vec![] };
+        r.quality = Some(vec![rule(2, 0.99)]);
+        r.checks.push(Check::Quality);
+        assert!(!r.passes(Check::Quality, false), "98% passing, 99% asked");
+        r.quality = Some(vec![rule(2, 0.95)]);
+        assert!(r.passes(Check::Quality, false));
+        assert!((r.score(Check::Quality) - 98.0).abs() < 1e-9);
+        // The overall score: the mean of the checks run.
+        let mean = (100.0 + 100.0 + 100.0 + 98.0) / 4.0;
+        assert!((r.overall() - mean).abs() < 1e-9, "{}", r.overall());
+        let json = r.to_json(false);
+        assert_eq!(json["result"], "inconclusive");
+        assert_eq!(json["checks"]["quality"]["pass"], true);
+        assert_eq!(json["references"][0]["pending"], 3);
+        assert_eq!(Check::parse("references"), Some(Check::References));
     }
 
     fn tally(expected: u64, actual: u64, matched: u64, differing: u64, missing: u64, unexpected: u64) -> Tally {

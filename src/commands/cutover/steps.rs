@@ -306,6 +306,7 @@ pub(super) async fn verify_moving(sides: &Sides<'_>, mv: &Move) -> Result<Result
         settle: Duration::from_secs(2),
         rechecks: 15,
         buckets: Some(mv.buckets()),
+        quality: false,
     };
     let report = crate::verify::verify(
         sides.transforms,

@@ -11,6 +11,7 @@
 //! transform together; `node` reads the TOML with its lines, `target` compiles the fields, key
 //! and rollup, and `entries` the `[reverse]` table.
 
+mod checks;
 mod entries;
 mod node;
 mod target;
@@ -34,8 +35,8 @@ use crate::event::Op;
 use node::{LineIndex, Node, Raw, table};
 use target::reads_doc;
 
-const TOP_KEYS: [&str; 10] =
-    ["topic", "events", "collection", "key", "route", "when", "maps", "fields", "rollup", "reverse"];
+const TOP_KEYS: [&str; 12] =
+    ["topic", "events", "collection", "key", "route", "when", "maps", "fields", "rollup", "reverse", "refs", "quality"];
 const REVERSE_KEYS: [&str; 4] = ["read_only", "set", "from", "align"];
 
 /// What the top of a file says: the topic, its event types, the target collection.
@@ -190,6 +191,9 @@ impl Compiler<'_> {
         });
         let target = self.target(&mut slots, &header.input, &maps);
         let entries = slots.remove("reverse").map(|n| self.reverse_entries(&n, &maps)).unwrap_or_default();
+        let target_collection = header.collection.clone().unwrap_or_default();
+        let refs = slots.remove("refs").map(|n| self.refs(&n, &target_collection)).unwrap_or_default();
+        let quality = slots.remove("quality").map(|n| self.quality(&n, &target_collection)).unwrap_or_default();
         let def = header.def?;
         let target = target?;
         let (reverse, problems) =
@@ -213,6 +217,8 @@ impl Compiler<'_> {
             target,
             def: forward_def,
             reverse,
+            refs,
+            quality,
         })
     }
 
