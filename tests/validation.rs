@@ -207,4 +207,16 @@ async fn references_across_services_and_quality_rules_are_reported_as_declared()
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
     assert_eq!(v["result"], "inconclusive", "{}", text(&out));
     let _ = f.terminate();
+
+    // The rules as MongoDB validators, for teams that want the database to enforce them.
+    let out = world.ficus(&["schema", "emit", "--service", "customers_db"], &env);
+    assert!(out.status.success(), "{}", text(&out));
+    let cmds: Vec<serde_json::Value> =
+        String::from_utf8_lossy(&out.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let customers = cmds.iter().find(|c| c["collMod"] == "customers").unwrap_or_else(|| panic!("{}", text(&out)));
+    let schema = &customers["validator"]["$jsonSchema"];
+    assert_eq!(schema["required"], serde_json::json!(["lineUserId"]), "{schema}");
+    assert_eq!(schema["properties"]["purchaseHistory"]["items"]["required"], serde_json::json!(["productId"]));
+    assert!(schema["properties"]["segmentation"]["properties"]["tier"].get("enum").is_none(), "mostly 0.85: left out");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not in the validator"), "{}", text(&out));
 }

@@ -53,6 +53,34 @@ pub(super) async fn status(
     Ok(ExitCode::SUCCESS)
 }
 
+/// `ficus schema emit --service S`: one `collMod` per collection with rules.
+pub(super) fn schema_emit(loaded: &Loaded, service: &str) -> anyhow::Result<ExitCode> {
+    let chosen = select_services(&loaded.services, &[service.to_string()])?;
+    let rules: Vec<_> = chosen[0].quality().collect();
+    let collections: std::collections::BTreeSet<&str> = rules.iter().map(|r| r.collection.as_str()).collect();
+    for c in &collections {
+        let of = rules.iter().copied().filter(|r| r.collection == *c);
+        let schema = crate::transform::checks::json_schema(of.clone());
+        let left_out: Vec<String> = of
+            .filter(|r| r.mostly < 1.0 || matches!(r.rule, crate::transform::checks::Rule::Unique))
+            .map(|r| if r.mostly < 1.0 { format!("{} (mostly {})", r.name(), r.mostly) } else { r.name() })
+            .collect();
+        if !left_out.is_empty() {
+            eprintln!(
+                "{}.{c}: not in the validator: {} (a unique index says uniqueness; a validator cannot tolerate a share)",
+                chosen[0].database(),
+                left_out.join("; ")
+            );
+        }
+        let cmd = bson::doc! { "collMod": *c, "validator": { "$jsonSchema": schema }, "validationLevel": "moderate" };
+        println!("{}", bson::Bson::Document(cmd).into_relaxed_extjson());
+    }
+    if collections.is_empty() {
+        eprintln!("{service}: no [[quality]] rules declared");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 /// `ficus log`: the migration log, oldest first (an unknown service is bad input).
 pub(super) async fn log(
     loaded: &Loaded,

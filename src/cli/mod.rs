@@ -161,6 +161,11 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// MongoDB `$jsonSchema` validators from the transforms' `[[quality]]` rules.
+    Schema {
+        #[command(subcommand)]
+        action: SchemaAction,
+    },
     /// Reverse sync: the derived reverses of the transforms.
     Lens {
         #[command(subcommand)]
@@ -190,6 +195,17 @@ struct VerifyArgs {
     /// The whole report as one JSON document.
     #[arg(long)]
     json: bool,
+}
+
+#[derive(Debug, Subcommand)]
+enum SchemaAction {
+    /// Print, per collection of the service with rules, the `collMod` command that installs the
+    /// validator its rules imply (one JSON document per line), for teams that want the database
+    /// to enforce them. Rules with a `mostly` below 1 and uniqueness are left out (say why).
+    Emit {
+        #[arg(long = "service", value_name = "NAME")]
+        service: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -371,6 +387,7 @@ async fn command_with(command: Command, loaded: &mut Loaded, clients: &Clients) 
             commands::dlq_replay(loaded, clients, &service, reverse).await
         }
         Command::Analyze { service, json, .. } => cutover::analyze(loaded, clients, &service, json).await,
+        Command::Schema { action: SchemaAction::Emit { service } } => commands::schema_emit(loaded, &service),
         Command::Log { service, limit, json } => commands::log(loaded, clients, service.as_deref(), limit, json).await,
         Command::Status { json, instance } => commands::status(loaded, clients, json, instance.as_deref()).await,
         Command::Cutover {

@@ -279,6 +279,93 @@ pub fn present_everywhere(doc: &Document, path: &str) -> bool {
     }
 }
 
+/// The MongoDB `$jsonSchema` validator the rules of one collection imply (`ficus schema
+/// emit`): `required` at each level a required path crosses, `bsonType`, `enum`, `minimum` and
+/// `maximum`, `pattern`; arrays of elements (`a[].b`) through `items`. Uniqueness is not a
+/// schema's to say (a unique index is), and `mostly` has no place in a validator: a rule with
+/// a tolerance below 1 is left out, since the database would refuse what the rule tolerates.
+pub fn json_schema<'r>(rules: impl IntoIterator<Item = &'r QualityRule>) -> Document {
+    let mut schema = doc_object();
+    for r in rules.into_iter().filter(|r| r.mostly >= 1.0) {
+        let steps: Vec<&str> = r.field.split('.').collect();
+        constrain(&mut schema, &steps, &r.rule);
+    }
+    schema
+}
+
+fn doc_object() -> Document {
+    bson::doc! { "bsonType": "object" }
+}
+
+/// Lays a rule at `steps` into `schema` (an object schema), making the levels on the way.
+fn constrain(schema: &mut Document, steps: &[&str], rule: &Rule) {
+    let (step, rest) = (steps[0], &steps[1..]);
+    let (name, each) = match step.strip_suffix("[]") {
+        Some(n) => (n, true),
+        None => (step, false),
+    };
+    if matches!(rule, Rule::Required) && !each {
+        let required = schema.entry("required".to_string()).or_insert_with(|| Bson::Array(vec![]));
+        if let Bson::Array(list) = required
+            && !list.contains(&Bson::String(name.into()))
+        {
+            list.push(Bson::String(name.into()));
+        }
+    }
+    let props = schema.entry("properties".to_string()).or_insert_with(|| Bson::Document(Document::new()));
+    let Bson::Document(props) = props else { return };
+    let field = props.entry(name.to_string()).or_insert_with(|| Bson::Document(Document::new()));
+    let Bson::Document(field) = field else { return };
+    let level = if each {
+        field.insert("bsonType", "array");
+        let items = field.entry("items".to_string()).or_insert_with(|| Bson::Document(doc_object()));
+        let Bson::Document(items) = items else { return };
+        items
+    } else {
+        field
+    };
+    if rest.is_empty() {
+        leaf(level, rule);
+    } else {
+        if !each {
+            level.insert("bsonType", "object");
+        }
+        constrain(level, rest, rule);
+    }
+}
+
+/// The constraint of a rule on the field itself.
+fn leaf(field: &mut Document, rule: &Rule) {
+    match rule {
+        Rule::Type(k) => {
+            let t = match k {
+                Kind::Number => Bson::Array(["int", "long", "double", "decimal"].map(Bson::from).to_vec()),
+                Kind::Object => "object".into(),
+                Kind::Bool => "bool".into(),
+                other => other.name().into(),
+            };
+            field.insert("bsonType", t);
+        }
+        Rule::In(values) => {
+            let mut allowed = values.clone();
+            allowed.push(Bson::Null);
+            field.insert("enum", allowed);
+        }
+        Rule::Range { min, max } => {
+            if let Some(lo) = min {
+                field.insert("minimum", lo);
+            }
+            if let Some(hi) = max {
+                field.insert("maximum", hi);
+            }
+        }
+        Rule::Pattern(re) => {
+            field.insert("pattern", re.as_str());
+        }
+        Rule::Required | Rule::Unique => {}
+    }
+}
+
 /// A path's field names without the element markers (`purchaseHistory[].productId` →
 /// `purchaseHistory.productId`), to look it up among the fields a transform writes.
 pub fn plain_path(path: &str) -> String {
@@ -317,6 +404,43 @@ mod tests {
         assert!(present_everywhere(&doc! { "other": 1 }, "purchaseHistory[].productId"), "no purchases");
         assert!(present_everywhere(&d, "segmentation.tier") && !present_everywhere(&d, "segmentation.level"));
         assert!(!present_everywhere(&d, "gone") && !present_everywhere(&d, "missing"));
+    }
+
+    #[test]
+    fn the_rules_imply_a_json_schema() {
+        let rule = |field: &str, rule: Rule, mostly: f64| QualityRule {
+            collection: "customers".into(),
+            field: field.into(),
+            rule,
+            mostly,
+            file: PathBuf::new(),
+            line: 1,
+        };
+        let s = |x: &str| Bson::String(x.into());
+        let rules = [
+            rule("lineUserId", Rule::Required, 1.0),
+            rule("lineUserId", Rule::Unique, 1.0),
+            rule("segmentation.tier", Rule::In(vec![s("basic"), s("vip")]), 1.0),
+            rule("segmentation.tier", Rule::Required, 1.0),
+            rule("purchaseHistory[].productId", Rule::Required, 1.0),
+            rule("purchaseHistory[].amount", Rule::Type(Kind::Decimal), 1.0),
+            rule("purchaseHistory[].amount", Rule::Range { min: Some(0.0), max: None }, 1.0),
+            rule("displayName", Rule::Pattern(regex::Regex::new("^x").unwrap()), 0.9),
+        ];
+        let got = json_schema(&rules);
+        let want = doc! {
+            "bsonType": "object",
+            "required": ["lineUserId", "segmentation"],
+            "properties": {
+                "lineUserId": {},
+                "segmentation": { "bsonType": "object", "properties": { "tier": { "enum": ["basic", "vip", null] } }, "required": ["tier"] },
+                "purchaseHistory": { "bsonType": "array", "items": {
+                    "bsonType": "object", "required": ["productId"],
+                    "properties": { "productId": {}, "amount": { "bsonType": "decimal", "minimum": 0.0 } },
+                } },
+            },
+        };
+        assert_eq!(got, want, "{got}");
     }
 
     #[test]
