@@ -170,21 +170,21 @@ async fn references_across_services_and_quality_rules_are_reported_as_declared()
     }
     assert!(v["overall"].as_f64().is_some() && v["result"] == "fail", "{v:#}");
 
-    // Fixed on the service side: the product is back, and C3's purchase gets a product in the
-    // monolith. What is left is the event of the customer still on its way: inconclusive.
+    // Fixed: the product is back in products_db, and the customer whose purchase had no product
+    // is deleted in the monolith (its events go with it). What is left is the event of the
+    // customer still on its way: inconclusive.
     service
         .database("products_db")
         .collection::<Document>("products")
         .insert_one(doc! { "productId": "SKU-000002", "name": "back" })
         .await
         .unwrap();
-    customers
-        .update_one(
-            doc! { "user_id": Workload::user_id(3) },
-            doc! { "$set": { "purchases.0.product_id": "SKU-000003" } },
-        )
-        .await
-        .unwrap();
+    customers.delete_one(doc! { "user_id": Workload::user_id(3) }).await.unwrap();
+    let events = service.database("customers_db").collection::<Document>("customer_events");
+    eventually("C3's event gone from customers_db", Duration::from_secs(60), || async {
+        events.count_documents(doc! {}).await.unwrap() == 3
+    })
+    .await;
     let mut last = serde_json::Value::Null;
     let settled = common::poll_until(Duration::from_secs(60), || {
         let (code, v) = verify("references,quality");
@@ -198,6 +198,18 @@ async fn references_across_services_and_quality_rules_are_reported_as_declared()
     service.database("customers_db").collection::<Document>("customers").insert_one(c0).await.unwrap();
     let (code, v) = verify("references,quality");
     assert_eq!(code, Some(0), "{v:#}");
+    // Every check, the expectation in memory and spilled into the store after three entries:
+    // the same verdict and tallies.
+    let mut reports = Vec::new();
+    for memory in ["200000", "3"] {
+        let args = ["verify", "--service", "customers_db", "--json", "--settle", "1", "--memory-entries", memory];
+        let out = world.ficus(&args, &env);
+        assert_eq!(out.status.code(), Some(0), "--memory-entries {memory}: {}", text(&out));
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        reports.push((v["collections"].clone(), v["checks"].clone()));
+    }
+    assert_eq!(reports[0], reports[1]);
+    assert_eq!(reports[0].0["customers"]["matched"], 9, "{:#}", reports[0].0);
 
     // The service's server gone: nothing proved either way (3), not a failure.
     let mut target = target;

@@ -300,6 +300,7 @@ pub(super) async fn verify(loaded: &Loaded, clients: &Clients, args: super::Veri
         rechecks: 1,
         buckets: None,
         quality: checks.contains(&Check::Quality),
+        memory_entries: args.memory_entries,
     };
     let run = async {
         let topics = &loaded.topics;

@@ -195,6 +195,10 @@ struct VerifyArgs {
     /// The whole report as one JSON document.
     #[arg(long)]
     json: bool,
+    /// Expected documents kept in memory (about 300 bytes each) before verify's expectation
+    /// spills into a scratch collection in ficus's store: memory stays bounded at any size.
+    #[arg(long, value_name = "N", default_value_t = crate::verify::MEMORY_ENTRIES)]
+    memory_entries: usize,
 }
 
 #[derive(Debug, Subcommand)]

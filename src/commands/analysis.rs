@@ -110,6 +110,7 @@ impl Meter<'_> {
             rechecks: 3,
             buckets: Some(0..at),
             quality: false,
+            memory_entries: crate::verify::MEMORY_ENTRIES,
         };
         let report = crate::verify::verify(
             self.transforms,

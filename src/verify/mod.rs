@@ -24,8 +24,7 @@ use std::time::Duration;
 
 use bson::{Bson, Document, doc};
 use futures::TryStreamExt;
-use mongodb::options::InsertManyOptions;
-use mongodb::{Collection, Database};
+use mongodb::Database;
 
 use crate::config::topics::Topics;
 use crate::mongo;
@@ -35,6 +34,10 @@ use crate::transform::{Projection, ServiceTransforms, WriteOp};
 
 mod checks;
 mod score;
+mod scratch;
+
+pub use scratch::MEMORY_ENTRIES;
+use scratch::Scratch;
 
 pub use checks::Offender;
 pub use score::{Check, Difference, Tally, Verdict, VerifyReport, content_hash};
@@ -85,6 +88,9 @@ pub struct VerifyOptions {
     /// The data quality rules the transform files declare, judged on every document compared
     /// (`ficus verify`; a cutover's verify of the moving buckets leaves them out).
     pub quality: bool,
+    /// Expected documents kept in memory before the expectation spills into the store
+    /// ([`MEMORY_ENTRIES`] by default).
+    pub memory_entries: usize,
 }
 
 /// Whether a service document is in scope: every one without `buckets`, else one of a
@@ -126,7 +132,7 @@ struct Expected<'a> {
     transforms: &'a ServiceTransforms,
     topics: &'a Topics,
     source_name: &'a str,
-    scratch: Collection<Document>,
+    scratch: Scratch,
     groups: HashMap<(String, String), (Bson, Group)>,
     buckets: Option<Range<u8>>,
 }
@@ -185,23 +191,9 @@ impl Expected<'_> {
         Ok(())
     }
 
-    async fn flush(&self, pending: &mut Vec<Document>) -> Result<(), VerifyError> {
-        if pending.is_empty() {
-            return Ok(());
-        }
+    async fn flush(&mut self, pending: &mut Vec<Document>) -> Result<(), VerifyError> {
         // The same target reported twice (e.g. a purchase listed twice) lands once, as in the sink.
-        match self
-            .scratch
-            .insert_many(pending.drain(..))
-            .with_options(InsertManyOptions::builder().ordered(false).build())
-            .await
-        {
-            Ok(_) => Ok(()),
-            Err(e) if matches!(e.kind.as_ref(), mongodb::error::ErrorKind::InsertMany(im) if im.write_errors.as_ref().is_some_and(|w| w.iter().all(|w| w.code == 11000))) => {
-                Ok(())
-            }
-            Err(e) => Err(e.into()),
-        }
+        self.scratch.insert(std::mem::take(pending)).await
     }
 
     /// The rollup group documents, as the sink would have built them.
@@ -227,20 +219,20 @@ pub async fn verify(
     scratch_db: &Database,
     opts: &VerifyOptions,
 ) -> Result<VerifyReport, VerifyError> {
-    let scratch = scratch_db.collection::<Document>(&format!("verify_{}", transforms.service()));
-    scratch.drop().await?;
+    let coll = scratch_db.collection::<Document>(&format!("verify_{}", transforms.service()));
     let mut expected = Expected {
         transforms,
         topics,
         source_name,
-        scratch: scratch.clone(),
+        scratch: Scratch::new(coll, opts.memory_entries).await?,
         groups: HashMap::new(),
         buckets: opts.buckets.clone(),
     };
     let bar = bar();
     expect_all(&mut expected, source, &bar).await?;
     let mut quality = opts.quality.then(|| checks::Quality::new(transforms));
-    let (mut report, mut suspects) = compare_all(transforms, &scratch, target, opts, quality.as_mut(), &bar).await?;
+    let scratch = &mut expected.scratch;
+    let (mut report, mut suspects) = compare_all(transforms, scratch, target, opts, quality.as_mut(), &bar).await?;
     bar.finish_and_clear();
     if let Some(q) = quality {
         report.quality = Some(q.tallies);
@@ -259,10 +251,10 @@ pub async fn verify(
     }
     if let Some(rules) = report.quality.as_mut() {
         for r in rules.iter_mut() {
-            sources_of(&scratch, &mut r.samples).await?;
+            sources_of(&expected.scratch, &mut r.samples).await?;
         }
     }
-    scratch.drop().await?;
+    expected.scratch.drop().await?;
     Ok(report)
 }
 
@@ -282,9 +274,9 @@ pub async fn references(
 }
 
 /// Fills in the monolith documents offenders were made from, from verify's expectation.
-async fn sources_of(scratch: &Collection<Document>, offenders: &mut [Offender]) -> Result<(), VerifyError> {
+async fn sources_of(scratch: &Scratch, offenders: &mut [Offender]) -> Result<(), VerifyError> {
     let keys: Vec<String> = offenders.iter().map(|o| doc_key(&o.collection, &o.id)).collect();
-    let found: Vec<Document> = scratch.find(doc! { "_id": { "$in": keys } }).await?.try_collect().await?;
+    let found = scratch.get_many(&keys).await?;
     let sources: HashMap<String, (String, Bson)> = found
         .iter()
         .filter_map(|e| {
@@ -338,7 +330,7 @@ async fn expect_all(
 /// The target against the expectation, in batches: the tallies, and what differs or is missing.
 async fn compare_all(
     transforms: &ServiceTransforms,
-    scratch: &Collection<Document>,
+    scratch: &mut Scratch,
     target: &Database,
     opts: &VerifyOptions,
     mut quality: Option<&mut checks::Quality<'_>>,
@@ -354,7 +346,7 @@ async fn compare_all(
         transforms.collections().into_iter().filter(|c| opts.buckets.is_none() || transforms.reverse_for(c).is_some());
     for coll in in_scope_collections {
         let tally = report.collections.entry(coll.clone()).or_default();
-        tally.expected = scratch.count_documents(doc! { "c": &coll }).await?;
+        tally.expected = scratch.count(&coll).await?;
         let mut cursor =
             target.collection::<bson::RawDocumentBuf>(&coll).find(doc! {}).batch_size(BATCH as u32).await?;
         let mut chunk: Vec<Document> = Vec::with_capacity(BATCH);
@@ -380,27 +372,23 @@ async fn compare_all(
             }
         }
         // Expected documents nobody matched are missing.
-        let mut missing =
-            scratch.find(doc! { "c": &coll, "seen": { "$ne": true } }).projection(doc! { "id": 1 }).await?;
-        while let Some(m) = missing.try_next().await? {
+        for id in scratch.unseen(&coll).await? {
             tally.missing += 1;
-            if let Some(id) = m.get("id").cloned() {
-                suspects.push((coll.clone(), id, Suspect::Missing));
-            }
+            suspects.push((coll.clone(), id, Suspect::Missing));
         }
     }
     Ok((report, suspects))
 }
 
 async fn compare_chunk(
-    scratch: &Collection<Document>,
+    scratch: &mut Scratch,
     coll: &str,
     chunk: &mut Vec<Document>,
     tally: &mut Tally,
     suspects: &mut Vec<(String, Bson, Suspect)>,
 ) -> Result<(), VerifyError> {
     let keys: Vec<String> = chunk.iter().map(|d| doc_key(coll, d.get("_id").unwrap_or(&Bson::Null))).collect();
-    let found: Vec<Document> = scratch.find(doc! { "_id": { "$in": &keys } }).await?.try_collect().await?;
+    let found = scratch.take_seen(&keys).await?;
     let by_key: HashMap<&str, &Document> = found.iter().filter_map(|f| Some((f.get_str("_id").ok()?, f))).collect();
     for (d, key) in chunk.drain(..).zip(keys.iter()) {
         tally.actual += 1;
@@ -421,7 +409,6 @@ async fn compare_chunk(
             }
         }
     }
-    scratch.update_many(doc! { "_id": { "$in": keys } }, doc! { "$set": { "seen": true } }).await?;
     Ok(())
 }
 
@@ -479,7 +466,7 @@ async fn expected_now(
     coll: &str,
     id: &Bson,
 ) -> Result<Option<Document>, VerifyError> {
-    let entry = expected.scratch.find_one(doc! { "_id": doc_key(coll, id) }).await?;
+    let entry = expected.scratch.get(&doc_key(coll, id)).await?;
     if entry.as_ref().is_some_and(|e| e.get_bool("rollup").unwrap_or(false)) {
         let key = (coll.to_string(), id.to_string());
         return Ok(expected

@@ -307,6 +307,7 @@ pub(super) async fn verify_moving(sides: &Sides<'_>, mv: &Move) -> Result<Result
         rechecks: 15,
         buckets: Some(mv.buckets()),
         quality: false,
+        memory_entries: crate::verify::MEMORY_ENTRIES,
     };
     let report = crate::verify::verify(
         sides.transforms,
