@@ -2,7 +2,9 @@
 # ficus's main job, locally, from a fresh clone: starts a MongoDB (secantusd-rs) and a Kafka
 # broker (Tansu) on loopback, seeds a sample `linechatbot` monolith in the reference shapes,
 # provisions the topics, runs `ficus run`, makes live changes, shows what arrived where, and
-# moves customers_db to 50% ownership and back with the safe cutover.
+# moves customers_db to 50% ownership and back with the safe cutover, then runs a progressive
+# rollout with short holds, injects an anomaly that rolls the next plan back on its own, shows
+# the migration log, and takes the service back to 0% with the emergency move.
 #
 #   bash deploy/demo.sh            (KEEP=1 leaves everything running afterwards)
 set -euo pipefail
@@ -83,6 +85,23 @@ echo "== ...what applications read (GET /cutover serves the same)"
 echo "== ...and gives them back (the gradual rollback: the same steps the other way)"
 "$bin/ficus" cutover --service customers_db --to 0 || { echo "cutover back to 0% failed"; tail -20 "$work/ficus.log"; exit 1; }
 "$bin/ficus" verify --service customers_db || { echo "verify after the rollback failed"; exit 1; }
+echo "== a progressive rollout: 10% then 50%, each held while analysis measures every 2 s (short holds for the demo)"
+"$bin/ficus" cutover --service customers_db --plan 10,50 --hold 6s --interval 2s || { echo "the plan failed"; tail -20 "$work/ficus.log"; exit 1; }
+echo "== on to 100% with a longer hold; a service write the reverse cannot map (a dead letter, critical) rolls it back"
+"$bin/ficus" cutover --service customers_db --plan 100 --hold 120s --interval 2s &
+plan_pid=$!
+for _ in $(seq 1 120); do
+  "$bin/ficus" status --json 2>/dev/null | grep -q '"holding": 100' && break
+  sleep 1
+done
+"$bin/ficus-demo" spoil --share 100
+if wait "$plan_pid"; then echo "the plan should have rolled back"; exit 1; else echo "the plan rolled back on its own (exit $?)"; fi
+echo "== the migration log (also GET /log on the metrics address)"
+"$bin/ficus" log --service customers_db --limit 40
+echo "== the bad value put right on the service's side, then the emergency move back to 0%: fenced and drained, without the checks before it"
+"$bin/ficus-demo" spoil --repair
+"$bin/ficus" cutover --service customers_db --to 0 --emergency || { echo "the emergency move failed"; exit 1; }
+"$bin/ficus" verify --service customers_db --checks counts,contents || { echo "verify after the emergency move failed"; exit 1; }
 echo "== stopping ficus (SIGTERM: drain, checkpoint, exit 0)"
 kill -TERM "$ficus_pid"
 wait "$ficus_pid" && echo "ficus exited cleanly" || { echo "ficus exited with $?"; tail -20 "$work/ficus.log"; exit 1; }

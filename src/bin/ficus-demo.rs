@@ -47,6 +47,20 @@ enum Cmd {
         #[arg(long, default_value = "transforms")]
         transforms_dir: std::path::PathBuf,
     },
+    /// An anomaly for a rollout's analysis: a customers_db customer the service owns at
+    /// `share` gets a value the reverse cannot map (a dead letter on `customers_db.changes.dlq`).
+    Spoil {
+        #[arg(long, env = "FICUS_TARGET_URI")]
+        uri: String,
+        /// The service's share now: the customer spoiled is one of its keys.
+        #[arg(long, default_value_t = 100)]
+        share: u8,
+        /// Put the spoiled values right again (the monolith's, as decimals).
+        #[arg(long)]
+        repair: bool,
+        #[arg(long, env = "FICUS_SOURCE_URI")]
+        source: String,
+    },
     /// Count what is on each ficus topic and show one event.
     Peek {
         #[arg(long, env = "FICUS_KAFKA_BROKERS")]
@@ -63,7 +77,46 @@ async fn main() -> anyhow::Result<()> {
         Cmd::Churn { uri, db, changes } => churn(&uri, &db, changes).await,
         Cmd::Peek { brokers, topics_dir } => peek(&brokers, &topics_dir).await,
         Cmd::Targets { uri, transforms_dir } => targets(&uri, &transforms_dir).await,
+        Cmd::Spoil { uri, share, repair: false, .. } => spoil(&uri, share).await,
+        Cmd::Spoil { uri, source, repair: true, .. } => repair(&uri, &source).await,
     }
+}
+
+async fn repair(uri: &str, source: &str) -> anyhow::Result<()> {
+    let service =
+        mongodb::Client::with_uri_str(uri).await?.database("customers_db").collection::<Document>("customers");
+    let monolith =
+        mongodb::Client::with_uri_str(source).await?.database("linechatbot").collection::<Document>("customers");
+    let mut spoiled = service.find(doc! { "segmentation.lifetimeValue": { "$type": "string" } }).await?;
+    while spoiled.advance().await? {
+        let d = spoiled.deserialize_current()?;
+        let Ok(key) = d.get_str("_id") else { continue };
+        let Some(m) = monolith.find_one(doc! { "user_id": key }).await? else { continue };
+        let ltv: bson::Decimal128 = m.get_str("ltv").unwrap_or("0").parse().context("the monolith's ltv")?;
+        service.update_one(doc! { "_id": key }, doc! { "$set": { "segmentation.lifetimeValue": ltv } }).await?;
+        println!("customers_db.customers {key}: segmentation.lifetimeValue put right");
+    }
+    Ok(())
+}
+
+async fn spoil(uri: &str, share: u8) -> anyhow::Result<()> {
+    let client = mongodb::Client::with_uri_str(uri).await?;
+    let customers = client.database("customers_db").collection::<Document>("customers");
+    let mut cursor = customers.find(doc! {}).projection(doc! { "_id": 1 }).await?;
+    while cursor.advance().await? {
+        let id = cursor.deserialize_current()?;
+        let Ok(key) = id.get_str("_id") else { continue };
+        if ficus::cutover::route::owns(share, ficus::cutover::route::bucket(key)) {
+            customers
+                .update_one(doc! { "_id": key }, doc! { "$set": { "segmentation.lifetimeValue": "lots" } })
+                .await?;
+            println!(
+                "customers_db.customers {key}: segmentation.lifetimeValue = \"lots\" (no decimal: the reverse cannot map it)"
+            );
+            return Ok(());
+        }
+    }
+    anyhow::bail!("no customer of customers_db is the service's at {share}%")
 }
 
 async fn seed(uri: &str, db: &str, count: u64) -> anyhow::Result<()> {
