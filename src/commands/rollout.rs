@@ -169,6 +169,14 @@ pub async fn abort(
     Ok(Some(PlanOutcome::Aborted { to: back }))
 }
 
+/// How a hold ends: its time up with the last measurement passing, or a check that rolls the
+/// plan back or stops it.
+enum HoldEnd {
+    Passed,
+    RollBack(Why),
+    Stop(Why),
+}
+
 /// One plan's run.
 struct Run<'a> {
     config: &'a Config,
@@ -218,14 +226,14 @@ impl Run<'_> {
                     now = to;
                 }
                 Next::Hold(at) => match self.hold(at, checks, baseline.take()).await? {
-                    Verdict::Pass => {
+                    HoldEnd::Passed => {
                         let detail =
                             format!("held {} with every check passing", humantime::format_duration(self.req.hold));
                         self.log(Entry::now(service, Kind::Held, at, at, detail)).await;
                         held.push(at);
                         self.plans.held(service, at).await?;
                     }
-                    Verdict::RollBack(why) => {
+                    HoldEnd::RollBack(why) => {
                         let back = plan.last_good(&held);
                         (self.progress)(Event::Warning(&format!("{service}: rolling back to {back}%: {why}")));
                         let t0 = Instant::now();
@@ -236,11 +244,10 @@ impl Run<'_> {
                             .await;
                         return Ok(PlanOutcome::RolledBack { to: back, why });
                     }
-                    Verdict::Stop(why) => {
+                    HoldEnd::Stop(why) => {
                         self.log(Entry::now(service, Kind::Stopped, at, at, why.to_string())).await;
                         return Ok(PlanOutcome::Stopped { at, why });
                     }
-                    Verdict::Inconclusive { .. } => unreachable!("a hold ends only on a pass, a rollback or a stop"),
                 },
             }
         }
@@ -268,7 +275,7 @@ impl Run<'_> {
     /// Holds at `at` for the plan's hold (a resumed hold for what is left of it), measuring
     /// every interval, counts from `baseline` (taken before the step's move); returns the
     /// verdict that ended it (a pass once the time is up, or a rollback or a stop).
-    async fn hold(&self, at: u8, checks: &[Check], baseline: Option<Baseline>) -> Result<Verdict, CutoverError> {
+    async fn hold(&self, at: u8, checks: &[Check], baseline: Option<Baseline>) -> Result<HoldEnd, CutoverError> {
         let service = self.req.service.as_str();
         let from = match baseline {
             Some(b) => b,
@@ -300,8 +307,9 @@ impl Run<'_> {
             self.log(Entry { readings, ..Entry::now(service, Kind::Analysis, at, at, text) }).await;
             let elapsed = bson::DateTime::now().saturating_duration_since(since);
             match verdict {
-                Verdict::RollBack(_) | Verdict::Stop(_) => return Ok(verdict),
-                v if hold_over(elapsed, self.req.hold, Some(&v)) => return Ok(v),
+                Verdict::RollBack(why) => return Ok(HoldEnd::RollBack(why)),
+                Verdict::Stop(why) => return Ok(HoldEnd::Stop(why)),
+                v if hold_over(elapsed, self.req.hold, Some(&v)) => return Ok(HoldEnd::Passed),
                 _ => {}
             }
         }
