@@ -284,17 +284,29 @@ async fn positions(
 /// any transaction (its tail reads it as bookkeeping, publishes nothing, and checkpoints past
 /// it once everything before it is acknowledged). Returns its cluster time.
 async fn write_marker(db: &Database, service: &str, mv: &Move) -> Result<Timestamp, CutoverError> {
-    let mut session = db.client().start_session().await?;
+    use futures::StreamExt;
+    // The marker's time is its own change's, read off a change stream opened before the write:
+    // a write's operation time may be a later cluster time (secantusd-rs answers with the
+    // clock after other databases' writes, ficus's own bookkeeping among them), which the
+    // losing side's tail, quiet after the marker, would never checkpoint past.
     let (id, update) = crate::markers::fence(service, mv.from, mv.to);
-    db.collection::<Document>(crate::markers::COLLECTION)
-        .update_one(doc! { "_id": id }, update)
-        .upsert(true)
-        .session(&mut session)
-        .await?;
-    session
+    let markers = db.collection::<Document>(crate::markers::COLLECTION);
+    let mut changes = markers.watch().pipeline([doc! { "$match": { "documentKey._id": &id } }]).await?;
+    let mut session = db.client().start_session().await?;
+    markers.update_one(doc! { "_id": &id }, update).upsert(true).session(&mut session).await?;
+    let written = session
         .operation_time()
-        .ok_or_else(|| CutoverError::State("no operation time for the fence marker: is it a replica set?".into()))
+        .ok_or_else(|| CutoverError::State("no operation time for the fence marker: is it a replica set?".into()))?;
+    match tokio::time::timeout(MARKER_SEEN, changes.next()).await {
+        Ok(Some(Ok(change))) => Ok(change.cluster_time.map_or(written, |t| t.min(written))),
+        Ok(Some(Err(e))) => Err(e.into()),
+        // No change seen in time: the write's own operation time, as before.
+        Ok(None) | Err(_) => Ok(written),
+    }
 }
+
+/// How long a fence marker's own change may take to show on a change stream.
+const MARKER_SEEN: Duration = Duration::from_secs(30);
 
 /// Every service document in the moving buckets against the forward transforms.
 pub(super) async fn verify_moving(sides: &Sides<'_>, mv: &Move) -> Result<Result<String, String>, CutoverError> {
