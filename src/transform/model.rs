@@ -11,6 +11,7 @@ use std::path::PathBuf;
 use bson::Bson;
 
 use super::expr::Expr;
+use super::template::{KeyTemplate, RedisTarget};
 use super::value::Func;
 use crate::config::topics::TopicDef;
 
@@ -37,6 +38,8 @@ pub(super) struct Transform {
     pub def: TopicDef,
     /// How the target goes back into the monolith's shape.
     pub reverse: Reversal,
+    /// `[redis]`: the target is a key-value store's entries, not a collection's documents.
+    pub redis: Option<RedisTarget>,
 }
 
 /// What plain paths read.
@@ -64,6 +67,8 @@ pub(super) enum Key {
     SourceId,
     /// A natural key: a top-level target field and the expression that computes it.
     Field { name: String, expr: Expr },
+    /// A key-value store's key, rendered from target fields (`[redis] key = "cache:{kind}:{key}"`).
+    Template(KeyTemplate),
 }
 
 #[derive(Debug, Clone)]
