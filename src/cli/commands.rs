@@ -254,6 +254,15 @@ pub(super) async fn verify(
     let chosen = select_services(&loaded.services, &[service.to_string()])?;
     let cfg = &loaded.config;
     let opts = crate::verify::VerifyOptions { sample, settle: Duration::from_secs(settle), rechecks: 1, buckets: None };
+    if chosen[0].is_redis() {
+        let redis = &clients.redis;
+        let conn = redis.get().await.map_err(|e| anyhow::anyhow!("Redis at {}: {e}", redis.describe()))?;
+        let (monolith, name) = (clients.monolith(), &cfg.source.name);
+        let report = crate::verify::verify_redis(&chosen[0], &loaded.topics, &monolith, name, &conn, &opts).await?;
+        print!("{}", report.render());
+        let ok = if gate { report.consistent() } else { report.exact() };
+        return Ok(if ok { ExitCode::SUCCESS } else { ExitCode::from(1) });
+    }
     let report = crate::verify::verify(
         &chosen[0],
         &loaded.topics,

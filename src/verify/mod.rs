@@ -16,6 +16,9 @@
 //! Scores follow the seed's migration gate: consistency (matching documents over all documents
 //! on either side) against 99%, and a validation score (per collection: counts equal, nothing
 //! missing, nothing unexpected, contents matching) against 95%.
+//!
+//! A service whose targets are Redis entries is verified by [`verify_redis`] (`redis`): the
+//! same expectation, compared with the entries and their absolute expiry.
 
 use std::collections::{BTreeSet, HashMap};
 use std::io::IsTerminal;
@@ -33,8 +36,10 @@ use crate::sink::rollup::GroupTally;
 use crate::sink::{doc_key, strip_meta};
 use crate::transform::{Projection, ServiceTransforms, WriteOp};
 
+mod redis;
 mod score;
 
+pub use redis::verify_redis;
 pub use score::{Difference, Tally, VerifyReport, content_hash};
 
 /// Errors of a verification.
@@ -46,6 +51,8 @@ pub enum VerifyError {
     Transform(#[from] crate::transform::TransformError),
     #[error("a document of {collection} is not valid BSON: {error}")]
     Bson { collection: String, error: bson::error::Error },
+    #[error(transparent)]
+    Sink(#[from] crate::sink::SinkError),
 }
 
 /// Reads documents raw and converts them structurally (see [`mongo::to_document`]), so field
