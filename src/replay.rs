@@ -281,13 +281,26 @@ pub async fn replay_redis(
         rebuild::clear(redis, &shadow).await?;
     }
     let open = |layout: Layout| {
-        crate::sink::RedisSink::open(redis.clone(), at.clone(), transforms.clone(), layout, opts.tombstone_ttl, pause_above)
+        crate::sink::RedisSink::open(
+            redis.clone(),
+            at.clone(),
+            transforms.clone(),
+            layout,
+            opts.tombstone_ttl,
+            pause_above,
+        )
     };
     let sink = open(build.clone()).await?;
     let mut report = ReplayReport { database: format!("{service} (Redis)"), ..Default::default() };
     let topics: Vec<String> = transforms.topics().into_iter().collect();
-    let applier =
-        Applier { transformer: forward, sink: &sink, rejects: Rejects::Count, path: Path::Replay, origin: None, judged: None };
+    let applier = Applier {
+        transformer: forward,
+        sink: &sink,
+        rejects: Rejects::Count,
+        path: Path::Replay,
+        origin: None,
+        judged: None,
+    };
     let into = if opts.in_place { "the live keys".to_string() } else { shadow.entry("*") };
     let archived_to = from_archive(&applier, store, &topics, opts, (&into, &mut report), shutdown).await?;
     let live_tail = catch_up(&applier, kafka, &topics, &archived_to, opts.batch, shutdown).await?;

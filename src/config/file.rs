@@ -145,7 +145,10 @@ impl ConfigFile {
         r.unknown(
             &root,
             "",
-            &["source", "kafka", "target", "store", "tail", "snapshot", "consume", "reverse", "cutover", "redis", "paths"],
+            &[
+                "source", "kafka", "target", "store", "tail", "snapshot", "consume", "reverse", "cutover", "redis",
+                "paths",
+            ],
         );
         let file = ConfigFile {
             source: r.source(&root),

@@ -151,14 +151,15 @@ impl Transform {
             return Ok(());
         }
         let target = build(fields, &scope, "").map_err(|e| self.error(e.field, e.reason))?.unwrap_or_default();
-        let id = match key {
-            Key::SourceId => data.document_id.clone(),
-            Key::Field { name, expr } => key_value(target.get(name))
-                .map_err(|why| self.error(name.as_str(), format!("the key `{expr}` {why}")))?,
-            Key::Template(t) => Bson::String(t.render(|f| target.get(f)).map_err(|(field, why)| {
-                self.error(format!("redis.key `{}`", t.source), format!("`{field}` {why}"))
-            })?),
-        };
+        let id =
+            match key {
+                Key::SourceId => data.document_id.clone(),
+                Key::Field { name, expr } => key_value(target.get(name))
+                    .map_err(|why| self.error(name.as_str(), format!("the key `{expr}` {why}")))?,
+                Key::Template(t) => Bson::String(t.render(|f| target.get(f)).map_err(|(field, why)| {
+                    self.error(format!("redis.key `{}`", t.source), format!("`{field}` {why}"))
+                })?),
+            };
         if changed
             && let Some(WriteOp::Delete { id: Some(old), .. }) = self.retract(key, ev)
             && old != id

@@ -73,11 +73,11 @@ mod value;
 pub use error::TransformError;
 pub use fields::{FieldTree, Projection};
 pub use op::{Base, Write, WriteBack, WriteOp};
-pub use template::{KeyTemplate, Part, RedisTarget, ValueShape};
 pub use reverse::{
     CollectionClass, Conflict, Disagreement, FieldClass, Law, LawFailure, LensCheck, LensReport, Patch, Rebased,
     Reverse, ReverseError, Reversibility, Tally, check_laws, render_classification, set_path, unset_path,
 };
+pub use template::{KeyTemplate, Part, RedisTarget, ValueShape};
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};

@@ -128,7 +128,9 @@ fn key_text(v: Option<&Bson>) -> Result<String, String> {
         Some(Bson::Int32(i)) => Ok(i.to_string()),
         Some(Bson::Int64(i)) => Ok(i.to_string()),
         Some(Bson::ObjectId(o)) => Ok(o.to_hex()),
-        Some(other) => Err(format!("is {:?}: a key part must be text, a whole number or an ObjectId", other.element_type())),
+        Some(other) => {
+            Err(format!("is {:?}: a key part must be text, a whole number or an ObjectId", other.element_type()))
+        }
     }
 }
 

@@ -645,7 +645,9 @@ fn a_redis_declaration_is_checked_with_every_other_problem() {
     let logs = "topic = \"linechatbot.logs\"\nevents = [\"log.created\"]\ncollection = \"logs\"\n[fields]\nid = \"kind\"\n\
                 at = \"ts | date\"\n[redis]\nkey = \"log:{id}\"\nshape = \"json\"\nexpire_at = \"at\"\n";
     let mongo = entry("key = \"key\"\n[fields]\nkey = \"key\"\n");
-    let good = entry("[fields]\nkey = \"key\"\nat = \"expires_at | date\"\n[redis]\nkey = \"c:{key}\"\nshape = \"json\"\nexpire_at = \"at\"\n");
+    let good = entry(
+        "[fields]\nkey = \"key\"\nat = \"expires_at | date\"\n[redis]\nkey = \"c:{key}\"\nshape = \"json\"\nexpire_at = \"at\"\n",
+    );
     write_files(
         dir.path(),
         &[

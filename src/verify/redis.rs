@@ -158,7 +158,9 @@ fn report(
 /// An entry shown as a document: its value and its expiry, to the second.
 fn entry_doc(value: &Value, expire_at: Option<i64>) -> Document {
     let value = match value {
-        Value::Hash(fields) => Bson::Document(fields.iter().map(|(k, v)| (k.clone(), Bson::String(v.clone()))).collect()),
+        Value::Hash(fields) => {
+            Bson::Document(fields.iter().map(|(k, v)| (k.clone(), Bson::String(v.clone()))).collect())
+        }
         Value::Text(t) => Bson::String(t.clone()),
     };
     let at = expire_at.map_or(Bson::Null, |ms| Bson::DateTime(bson::DateTime::from_millis(ms / 1000 * 1000)));

@@ -98,10 +98,17 @@ mod tests {
             write: Write::Set { value: Value::Hash(vec![("a".into(), "1".into())]), expire_at: 42 },
         };
         assert_eq!(args(&hash, 7), ["hash", "v|c", "42", "7", "a", "1"]);
-        let text = Planned { key: "k", record: "v|c".into(), write: Write::Set { value: Value::Text("x".into()), expire_at: 9 } };
+        let text = Planned {
+            key: "k",
+            record: "v|c".into(),
+            write: Write::Set { value: Value::Text("x".into()), expire_at: 9 },
+        };
         assert_eq!(args(&text, 7), ["text", "v|c", "9", "7", "x"]);
         let del = Planned { key: "k", record: "v|c".into(), write: Write::Delete { expired: true } };
         assert_eq!(args(&del, 7), ["del", "v|c", "0", "7"]);
-        assert_eq!([Outcome::of(0), Outcome::of(1), Outcome::of(2)], [Outcome::Skipped, Outcome::Written, Outcome::Deleted]);
+        assert_eq!(
+            [Outcome::of(0), Outcome::of(1), Outcome::of(2)],
+            [Outcome::Skipped, Outcome::Written, Outcome::Deleted]
+        );
     }
 }

@@ -1,8 +1,8 @@
 //! A transform's `[redis]` table: the target is a key-value store's entries (see
 //! `transform::template`), each checked against the target fields it names.
 
-use super::node::{Node, Raw};
 use super::Compiler;
+use super::node::{Node, Raw};
 use crate::transform::model::{Fields, Shape};
 use crate::transform::template::{KeyTemplate, RedisTarget, ValueShape};
 
@@ -98,7 +98,11 @@ impl Compiler<'_> {
         match fields.iter().find(|(k, _)| *k == name) {
             Some((_, Shape::Value(_))) => Some(name),
             _ => {
-                self.err(at, Some(node.line), format!("`{name}` must be a top-level field of [fields] holding a single value"));
+                self.err(
+                    at,
+                    Some(node.line),
+                    format!("`{name}` must be a top-level field of [fields] holding a single value"),
+                );
                 None
             }
         }

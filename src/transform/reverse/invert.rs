@@ -112,9 +112,9 @@ pub(in crate::transform) fn plan(
         }
     }
     let derived = match (target, input) {
-        (Target::Document { key: Key::Template(_), .. }, _) => Some(
-            "an entry of a key-value store (`[redis]`): forward only, a cache never writes back".to_string(),
-        ),
+        (Target::Document { key: Key::Template(_), .. }, _) => {
+            Some("an entry of a key-value store (`[redis]`): forward only, a cache never writes back".to_string())
+        }
         (Target::Rollup(_), _) => Some(format!(
             "a rollup over many `{source_collection}` documents: each side recomputes it, nothing is written back"
         )),
