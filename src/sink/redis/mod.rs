@@ -50,9 +50,8 @@ pub struct Memory {
 impl Memory {
     /// Parses the `INFO memory` section.
     pub fn parse(info: &str) -> Option<Memory> {
-        let field = |name: &str| {
-            info.lines().find_map(|l| l.trim_end().strip_prefix(name).and_then(|r| r.strip_prefix(':')))
-        };
+        let field =
+            |name: &str| info.lines().find_map(|l| l.trim_end().strip_prefix(name).and_then(|r| r.strip_prefix(':')));
         Some(Memory {
             used: field("used_memory")?.parse().ok()?,
             max: field("maxmemory")?.parse().ok()?,
@@ -138,18 +137,27 @@ impl RedisSink {
 
     async fn read_memory(&self) -> Result<Memory, SinkError> {
         let info: String = redis::cmd("INFO").arg("memory").query_async(&mut self.conn.clone()).await?;
-        Memory::parse(&info).ok_or_else(|| SinkError::Unsupported(format!("Redis at {}: INFO memory unreadable", self.at)))
+        Memory::parse(&info)
+            .ok_or_else(|| SinkError::Unsupported(format!("Redis at {}: INFO memory unreadable", self.at)))
     }
 
     fn paused(&self, paused: bool) {
-        metrics::gauge!("ficus_redis_paused", "service" => self.service().to_string()).set(if paused { 1.0 } else { 0.0 });
+        metrics::gauge!("ficus_redis_paused", "service" => self.service().to_string()).set(if paused {
+            1.0
+        } else {
+            0.0
+        });
     }
 
     /// Back-pressure: a transient [`SinkError::Paused`] while Redis uses more than the pause
     /// share of its maxmemory (read at most once a second), so the apply path backs off and
     /// tries again, draining on SIGTERM like any other wait, and nothing is written to be evicted.
     async fn hold_for_memory(&self) -> Result<(), SinkError> {
-        let fresh = self.memory.lock().ok().and_then(|m| m.as_ref().filter(|(at, _)| at.elapsed() < MEMORY_EVERY).map(|(_, m)| m.clone()));
+        let fresh = self
+            .memory
+            .lock()
+            .ok()
+            .and_then(|m| m.as_ref().filter(|(at, _)| at.elapsed() < MEMORY_EVERY).map(|(_, m)| m.clone()));
         let memory = match fresh {
             Some(m) => m,
             None => {
@@ -205,6 +213,44 @@ impl RedisSink {
     }
 }
 
+impl RedisSink {
+    /// Records that a partition finished a snapshot; once every partition of the topic has,
+    /// deletes the target's entries still older than the snapshot (guarded like any delete, so
+    /// an entry written since stays). Done again on redelivery, which changes nothing.
+    async fn sweep(&self, s: &plan::Sweep<'_>) -> Result<(), SinkError> {
+        let set = self.layout.snapshot(s.collection, s.before);
+        let mut c = self.conn.clone();
+        let (reported,): (i64,) = redis::pipe()
+            .sadd(&set, s.partition)
+            .ignore()
+            .pexpire(&set, self.tombstone_ttl_ms)
+            .ignore()
+            .scard(&set)
+            .query_async(&mut c)
+            .await?;
+        if reported < i64::from(s.partitions) {
+            return Ok(());
+        }
+        let keys = rebuild::keys(&self.conn, &self.layout).await?;
+        let record = plan::version_record(s.before, s.collection);
+        let mut deleted = 0;
+        for chunk in keys.chunks(1000) {
+            let versions: Vec<String> = chunk.iter().map(|k| self.layout.version(k)).collect();
+            let records: Vec<Option<String>> = redis::cmd("MGET").arg(&versions).query_async(&mut c).await?;
+            let read: Vec<(String, Option<String>)> = chunk.iter().cloned().zip(records).collect();
+            let writes: Vec<Planned<'_>> = plan::swept(&read, s.collection, s.before)
+                .into_iter()
+                .map(|key| Planned { key, record: record.clone(), write: Write::Delete { expired: false } })
+                .collect();
+            if !writes.is_empty() {
+                deleted += self.send(&writes).await?.iter().filter(|o| **o == Outcome::Deleted).count();
+            }
+        }
+        tracing::info!(service = %self.service(), target = s.collection, before = %s.before, deleted, "snapshot complete: swept the entries it no longer has");
+        Ok(())
+    }
+}
+
 impl Sink for RedisSink {
     type Op = WriteOp;
 
@@ -214,12 +260,15 @@ impl Sink for RedisSink {
         }
         self.hold_for_memory().await?;
         let now = bson::DateTime::now().timestamp_millis();
-        let planned = plan::plan(batch, |c| self.transforms.redis_target(c), now)
-            .map_err(|r| SinkError::Entry { collection: r.collection, key: r.key, why: r.why })?;
-        if planned.writes.is_empty() {
-            return Ok(());
+        let planned = plan::plan(batch, |c| self.transforms.redis_target(c), now).map_err(|r| SinkError::Entry {
+            collection: r.collection,
+            key: r.key,
+            why: r.why,
+        })?;
+        let outcomes = if planned.writes.is_empty() { Vec::new() } else { self.send(&planned.writes).await? };
+        for sweep in &planned.sweeps {
+            self.sweep(sweep).await?;
         }
-        let outcomes = self.send(&planned.writes).await?;
         let expired = planned
             .writes
             .iter()
@@ -238,7 +287,8 @@ impl Sink for RedisSink {
 /// loading or busy, and OOM (memory full under `noeviction`: back-pressure) are transient;
 /// authentication and everything else the library would not retry are fatal.
 pub fn classify(e: &redis::RedisError) -> ErrorClass {
-    if e.kind() == redis::ErrorKind::AuthenticationFailed || matches!(e.code(), Some("NOAUTH" | "WRONGPASS" | "NOPERM")) {
+    if e.kind() == redis::ErrorKind::AuthenticationFailed || matches!(e.code(), Some("NOAUTH" | "WRONGPASS" | "NOPERM"))
+    {
         return ErrorClass::Fatal;
     }
     if matches!(e.code(), Some("OOM" | "NOSCRIPT" | "LOADING" | "BUSY")) || e.is_io_error() || e.is_timeout() {

@@ -18,18 +18,25 @@ use crate::transform::{RedisTarget, ValueShape, WriteOp};
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Layout {
     entries: String,
-    versions: String,
+    /// ficus's own keys: `<ours>v:<key>` (version records), `<ours>snapshot:…` (which partitions
+    /// have finished a snapshot).
+    ours: String,
 }
 
 impl Layout {
     /// The keys the service reads.
     pub fn live(service: &str) -> Layout {
-        Layout { entries: String::new(), versions: format!("ficus:{service}:v:") }
+        Layout { entries: String::new(), ours: format!("ficus:{service}:") }
     }
 
     /// Where `ficus replay` rebuilds.
     pub fn shadow(service: &str) -> Layout {
-        Layout { entries: format!("ficus:{service}:replay:e:"), versions: format!("ficus:{service}:replay:v:") }
+        Layout { entries: format!("ficus:{service}:replay:e:"), ours: format!("ficus:{service}:replay:") }
+    }
+
+    /// The set of partitions that have reported a snapshot of `collection`'s source at `before`.
+    pub fn snapshot(&self, collection: &str, before: &Version) -> String {
+        format!("{}snapshot:{collection}:{before}", self.ours)
     }
 
     pub fn entry(&self, key: &str) -> String {
@@ -37,17 +44,17 @@ impl Layout {
     }
 
     pub fn version(&self, key: &str) -> String {
-        format!("{}{key}", self.versions)
+        format!("{}v:{key}", self.ours)
     }
 
     /// The SCAN pattern matching every version record (one per entry ficus wrote or deleted).
     pub fn versions_pattern(&self) -> String {
-        format!("{}*", glob_escape(&self.versions))
+        format!("{}v:*", glob_escape(&self.ours))
     }
 
     /// The entry key a version record belongs to.
     pub fn key_of<'k>(&self, version_key: &'k str) -> Option<&'k str> {
-        version_key.strip_prefix(&self.versions)
+        version_key.strip_prefix(&self.ours)?.strip_prefix("v:")
     }
 }
 
@@ -178,8 +185,32 @@ pub struct Refused {
 pub struct Batch<'a> {
     /// The newest write of each key, in the order the keys first appear.
     pub writes: Vec<Planned<'a>>,
-    /// Snapshot markers and other writes that have nothing to do in Redis.
-    pub ignored: usize,
+    /// Partitions that finished a snapshot, after every write before their marker.
+    pub sweeps: Vec<Sweep<'a>>,
+}
+
+/// One partition's report that a snapshot of the target's source collection is complete (see
+/// `WriteOp::Sweep`): once every partition has reported, the target's entries still older than
+/// the snapshot were not in it, so the monolith no longer has them, and they are deleted.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Sweep<'a> {
+    pub collection: &'a str,
+    pub before: &'a Version,
+    pub partition: i32,
+    pub partitions: i32,
+}
+
+/// Of the version records read back (entry key, record), the entries a completed snapshot of
+/// `collection` at `before` removes: the target's, and older than the snapshot.
+pub fn swept<'k>(records: &'k [(String, Option<String>)], collection: &str, before: &Version) -> Vec<&'k str> {
+    records
+        .iter()
+        .filter_map(|(key, record)| {
+            let record = record.as_deref()?;
+            let older = record_version(record) < before.as_str();
+            (record_target(record) == Some(collection) && older).then_some(key.as_str())
+        })
+        .collect()
 }
 
 /// Plans a batch at `now` (epoch ms): per key only its newest write goes out (every write is
@@ -195,10 +226,11 @@ pub fn plan<'a>(
     let mut at: HashMap<&str, usize> = HashMap::new();
     for v in batch {
         for op in &v.ops {
-            let Some((key, write)) = planned(v, op, &target, now)? else {
-                out.ignored += 1;
+            if let WriteOp::Sweep { collection, before, partition, partitions, .. } = op {
+                out.sweeps.push(Sweep { collection, before, partition: *partition, partitions: *partitions });
                 continue;
-            };
+            }
+            let Some((key, write)) = planned(v, op, &target, now)? else { continue };
             let record = version_record(&v.version, op.collection());
             let p = Planned { key, record, write };
             match at.get(key) {
@@ -214,7 +246,8 @@ pub fn plan<'a>(
     Ok(out)
 }
 
-/// The write one op comes to; `None` for ops that have nothing to do here.
+/// The write one op comes to; `None` for ops that have nothing to do here (a sweep is planned
+/// apart, see [`Sweep`]).
 fn planned<'a>(
     v: &'a Versioned,
     op: &'a WriteOp,
@@ -255,9 +288,11 @@ fn planned<'a>(
         WriteOp::Rollup { collection, .. }
         | WriteOp::Retain { collection, .. }
         | WriteOp::Merge { collection, .. }
-        | WriteOp::Witness { collection, .. } => {
-            Err(refuse(collection, "?", format!("a {} write has no meaning in Redis", op.to_document().get_str("op").unwrap_or("?"))))
-        }
+        | WriteOp::Witness { collection, .. } => Err(refuse(
+            collection,
+            "?",
+            format!("a {} write has no meaning in Redis", op.to_document().get_str("op").unwrap_or("?")),
+        )),
     }
 }
 
@@ -346,14 +381,38 @@ mod tests {
         let p = plan(&batch, |_| Some(&t), 1_000).unwrap();
         let keys: Vec<&str> = p.writes.iter().map(|w| w.key).collect();
         assert_eq!(keys, ["cache:x:a", "cache:x:b", "cache:x:c"]);
-        assert_eq!(
-            p.writes[0].write,
-            Write::Set { value: Value::Text(json(&live(3))), expire_at: 10_000 }
-        );
+        assert_eq!(p.writes[0].write, Write::Set { value: Value::Text(json(&live(3))), expire_at: 10_000 });
         assert_eq!(record_version(&p.writes[0].record), batch[0].version.as_str());
         assert_eq!(record_target(&p.writes[0].record), Some("c"));
         assert_eq!(p.writes[1].write, Write::Delete { expired: true });
         assert_eq!(p.writes[2].write, Write::Delete { expired: false });
+    }
+
+    #[test]
+    fn a_completed_snapshot_sweeps_only_the_targets_entries_older_than_it() {
+        let at = |i: u32| Version::at(bson::Timestamp { time: 100, increment: i }, 0);
+        let before = at(5);
+        let records = vec![
+            ("gone".to_string(), Some(version_record(&at(4), "research"))),
+            ("copied".to_string(), Some(version_record(&at(5), "research"))),
+            ("changed since".to_string(), Some(version_record(&at(6), "research"))),
+            ("another target".to_string(), Some(version_record(&at(1), "ai_responses"))),
+            ("expired meanwhile".to_string(), None),
+        ];
+        assert_eq!(swept(&records, "research", &before), ["gone"]);
+        let sweep = WriteOp::Sweep {
+            collection: "research".into(),
+            source_collection: "cache_entries".into(),
+            before: before.clone(),
+            partition: 1,
+            partitions: 3,
+            rollup: None,
+        };
+        let t = target(ValueShape::Json, None);
+        let batch = vec![v(7, vec![sweep])];
+        let p = plan(&batch, |_| Some(&t), 0).unwrap();
+        assert_eq!(p.sweeps, [Sweep { collection: "research", before: &before, partition: 1, partitions: 3 }]);
+        assert!(p.writes.is_empty());
     }
 
     #[test]
@@ -377,5 +436,8 @@ mod tests {
         assert_eq!(shadow.entry("cache:a"), "ficus:cache:replay:e:cache:a");
         assert_eq!(shadow.versions_pattern(), "ficus:cache:replay:v:*");
         assert_eq!(Layout::live("c*").versions_pattern(), "ficus:c\\*:v:*");
+        let before = Version::at(bson::Timestamp { time: 1, increment: 2 }, 0);
+        assert_eq!(live.snapshot("research", &before), format!("ficus:cache:snapshot:research:{before}"));
+        assert!(!live.snapshot("research", &before).starts_with("ficus:cache:v:"), "never taken for a record");
     }
 }
