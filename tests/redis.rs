@@ -132,6 +132,31 @@ async fn the_cache_follows_the_monolith_expires_with_it_and_never_regresses() {
     let json: serde_json::Value = serde_json::from_str(&research).unwrap();
     assert_eq!(json["results"][0]["relevance"], 1.0, "{research}");
 
+    // Documents that cannot be entries are dead-lettered, naming what is wrong: one without its
+    // key field (the transform refuses it), one without an expiry (the sink refuses it).
+    let mut keyless = entry("bad-1", "research", base);
+    keyless.remove("key");
+    let mut timeless = entry("bad-2", "research", base);
+    timeless.remove("expires_at");
+    entries.insert_many([keyless, timeless]).await.unwrap();
+    let dlq = format!("{TOPIC}.dlq");
+    let mut dead = Vec::new();
+    let found = poll_until(Duration::from_secs(90), || {
+        dead = common::read_json_all(&world.kafka.brokers(), &[dlq.as_str()]);
+        let n = dead.len();
+        async move { n >= 2 }
+    })
+    .await;
+    assert!(found, "dead letters: {dead:#?}");
+    let by_stage = |stage: &str| dead.iter().find(|d| d["stage"] == stage).unwrap_or_else(|| panic!("{dead:#?}"));
+    assert_eq!(by_stage("transform")["service"], "cache");
+    let why = by_stage("transform")["error"].as_str().unwrap().to_string();
+    assert!(why.contains("redis.key `cache:{kind}:{key}`: `key` has no value"), "{why}");
+    let why = by_stage("write")["error"].as_str().unwrap().to_string();
+    assert!(why.contains("`expiresAt` (redis.expire_at) has no value"), "{why}");
+    // Their deletes write nothing: a document that made no entry has none to delete.
+    entries.delete_many(doc! { "value.query": { "$in": ["query bad-1", "query bad-2"] } }).await.unwrap();
+
     // An entry whose monolith expiry moves into the past arrives expired: its key goes, counted.
     let past = doc! { "$set": { "expires_at": DateTime::from_millis(now_ms() - 60_000) } };
     entries.update_one(doc! { "key": "k3" }, past).await.unwrap();

@@ -199,10 +199,11 @@ impl Transform {
                 Some(old.map_or(by_source, |k| delete(Some(k))))
             }
             Key::Template(t) => {
+                // A before-state whose key does not render never made an entry (it was refused):
+                // nothing to delete.
                 let Target::Document { fields, .. } = &self.target else { return Some(by_source) };
                 let before = build(fields, &scope, "").ok().flatten().unwrap_or_default();
-                let old = t.render(|f| before.get(f)).ok();
-                Some(old.map_or(by_source, |k| delete(Some(Bson::String(k)))))
+                t.render(|f| before.get(f)).ok().map(|k| delete(Some(Bson::String(k))))
             }
         }
     }
