@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# ficus's main job, locally, from a fresh clone: starts a MongoDB (secantusd-rs) and a Kafka
-# broker (Tansu) on loopback, seeds a sample `linechatbot` monolith in the reference shapes,
+# ficus's main job, locally, from a fresh clone: starts a MongoDB (secantusd-rs), a Kafka
+# broker (Tansu) and a Redis (the cache service's) on loopback, seeds a sample `linechatbot` monolith in the reference shapes,
 # provisions the topics, runs `ficus run`, makes live changes, shows what arrived where, and
 # moves customers_db to 50% ownership and back with the safe cutover, then runs a progressive
 # rollout with short holds, injects an anomaly that rolls the next plan back on its own, shows
@@ -16,6 +16,7 @@ cargo build --release --locked --bins --features testkit -q
 
 MONGO_PORT=${MONGO_PORT:-27170}
 KAFKA_PORT=${KAFKA_PORT:-19092}
+REDIS_PORT=${REDIS_PORT:-16379}
 work=$(mktemp -d /tmp/ficus-demo.XXXXXX)
 pids=()
 cleanup() {
@@ -38,18 +39,23 @@ wait_port() {
   exit 1
 }
 
-mkdir -p "$work/mongo" "$work/kafka"
+mkdir -p "$work/mongo" "$work/kafka" "$work/redis"
 "$FICUS_SECANTUSD" --port "$MONGO_PORT" --storage-path "$work/mongo/data" --cache-size 256M >"$work/secantusd.log" 2>&1 &
 pids+=($!)
 (cd "$work/kafka" && exec "$FICUS_TANSU" broker --listener-url "tcp://127.0.0.1:$KAFKA_PORT" \
   --advertised-listener-url "tcp://127.0.0.1:$KAFKA_PORT" --storage-engine sqlite://tansu.db) >"$work/tansu.log" 2>&1 &
 pids+=($!)
+"$FICUS_REDIS_SERVER" --port "$REDIS_PORT" --bind 127.0.0.1 --save '' --appendonly no --dir "$work/redis" \
+  >"$work/redis.log" 2>&1 &
+pids+=($!)
 wait_port "$MONGO_PORT"
 wait_port "$KAFKA_PORT"
+wait_port "$REDIS_PORT"
 
 export FICUS_SOURCE_URI="mongodb://127.0.0.1:$MONGO_PORT/?directConnection=true"
 export FICUS_KAFKA_BROKERS="127.0.0.1:$KAFKA_PORT"
 export FICUS_TARGET_URI="$FICUS_SOURCE_URI" FICUS_STORE_URI="$FICUS_SOURCE_URI"
+export FICUS_REDIS_URI="redis://127.0.0.1:$REDIS_PORT"
 bin=target/release
 
 echo "== seeding the monolith"

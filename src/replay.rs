@@ -11,6 +11,8 @@
 //! the old collections meanwhile, so the live tail is applied once more after the swap; it
 //! carries on from its own committed offsets, and version guards absorb the overlap.
 //! `--in-place` applies to the live database directly; `--from` starts the archive at a time.
+//! A service whose targets are Redis entries is rebuilt under a key prefix and swapped in key
+//! by key ([`replay_redis`]).
 //!
 //! The collections the service writes back record pre-images (see [`crate::pre_images`]), and a
 //! swap must not lose them: the shadow's are created with them on before its first write, and
@@ -228,8 +230,8 @@ async fn read_batches(
 
 /// Applies every partition of `topics` from just after the archived offset up to the end it
 /// has now, through the live path.
-async fn catch_up(
-    applier: &Applier<'_, Forward, MongoSink>,
+async fn catch_up<S: crate::sink::Sink<Op = crate::transform::WriteOp>>(
+    applier: &Applier<'_, Forward, S>,
     kafka: &KafkaConfig,
     topics: &[String],
     archived_to: &HashMap<(String, i32), i64>,
@@ -253,6 +255,68 @@ async fn catch_up(
         return Err(ReplayError::Interrupted);
     }
     Ok(done)
+}
+
+/// Rebuilds a service whose targets are Redis entries (see `sink::redis`): under the rebuild
+/// prefix (`ficus:<service>:replay:`, cleared first), the archive then the live tail, then each
+/// rebuilt key renamed over the live one (a live key as new or newer kept), live keys the
+/// rebuild did not produce removed, and the live tail applied once more to the live keys.
+/// `--in-place` writes the live keys directly.
+pub async fn replay_redis(
+    forward: &Forward,
+    store: &EventStore,
+    (redis, at): (&redis::aio::ConnectionManager, String),
+    kafka: &KafkaConfig,
+    opts: &ReplayOptions,
+    pause_above: f64,
+    shutdown: &CancellationToken,
+) -> Result<ReplayReport, ReplayError> {
+    use crate::sink::redis::{plan::Layout, rebuild};
+    let started = Instant::now();
+    let transforms = &forward.transforms;
+    let service = transforms.service().to_string();
+    let (live, shadow) = (Layout::live(&service), Layout::shadow(&service));
+    let build = if opts.in_place { live.clone() } else { shadow.clone() };
+    if !opts.in_place {
+        rebuild::clear(redis, &shadow).await?;
+    }
+    let open = |layout: Layout| {
+        crate::sink::RedisSink::open(
+            redis.clone(),
+            at.clone(),
+            transforms.clone(),
+            layout,
+            opts.tombstone_ttl,
+            pause_above,
+        )
+    };
+    let sink = open(build.clone()).await?;
+    let mut report = ReplayReport { database: format!("{service} (Redis)"), ..Default::default() };
+    let topics: Vec<String> = transforms.topics().into_iter().collect();
+    let applier = Applier {
+        transformer: forward,
+        sink: &sink,
+        rejects: Rejects::Count,
+        path: Path::Replay,
+        origin: None,
+        judged: None,
+    };
+    let into = if opts.in_place { "the live keys".to_string() } else { shadow.entry("*") };
+    let archived_to = from_archive(&applier, store, &topics, opts, (&into, &mut report), shutdown).await?;
+    let live_tail = catch_up(&applier, kafka, &topics, &archived_to, opts.batch, shutdown).await?;
+    report.from_live += live_tail.applied;
+    report.rejected += live_tail.rejected;
+    if !opts.in_place {
+        let swapped = rebuild::swap(redis, &shadow, &live).await?;
+        info!(%service, moved = swapped.moved, kept = swapped.kept, removed = swapped.removed, "swapped the rebuilt keys in");
+        let live_sink = open(live).await?;
+        let applier = Applier { sink: &live_sink, ..applier };
+        let again = catch_up(&applier, kafka, &topics, &archived_to, opts.batch, shutdown).await?;
+        report.from_live += again.applied;
+        report.rejected += again.rejected;
+    }
+    report.elapsed = started.elapsed();
+    Ok(report)
 }
 
 /// Renames every collection of the shadow over the live one, then drops live collections the

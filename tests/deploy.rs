@@ -46,6 +46,8 @@ const METRICS: &[&str] = &[
     "ficus_cutover_analysis_total",
     "ficus_cutover_rollbacks_total",
     "ficus_cutover_rollback_seconds",
+    "ficus_redis_paused",
+    "ficus_redis_expired_on_arrival_total",
 ];
 
 /// `ficus run --shutdown-timeout` when not given.
@@ -305,7 +307,7 @@ fn compose_ficus_is_built_from_the_dockerfile_and_configured() {
         "{COMPOSE}: service `ficus` must build from {DOCKERFILE}"
     );
     let env = compose_env(&ficus);
-    for var in ["FICUS_SOURCE_URI", "FICUS_KAFKA_BROKERS", "FICUS_TARGET_URI", "FICUS_STORE_URI"] {
+    for var in ["FICUS_SOURCE_URI", "FICUS_KAFKA_BROKERS", "FICUS_TARGET_URI", "FICUS_STORE_URI", "FICUS_REDIS_URI"] {
         assert!(env.get(var).is_some_and(|v| !v.is_empty()), "{COMPOSE}: service `ficus` does not set {var}");
     }
     let command = compose_command(&ficus);

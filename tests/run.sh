@@ -7,7 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 eval "$(bash .ci/install-servers)"
-export FICUS_SECANTUSD FICUS_TANSU FICUS_NODE
+export FICUS_SECANTUSD FICUS_TANSU FICUS_NODE FICUS_REDIS_SERVER
 
 # CI clones afresh each run; keep its build cache beside the server cache.
 if [ "${CI:-}" = true ] && [ -z "${CARGO_TARGET_DIR:-}" ]; then

@@ -304,6 +304,15 @@ pub(super) async fn verify(loaded: &Loaded, clients: &Clients, args: super::Veri
     };
     let run = async {
         let topics = &loaded.topics;
+        if transforms.is_redis() {
+            // A Redis target: its keys, values and expiry against the transforms (counts and contents).
+            let redis = &clients.redis;
+            let conn = redis.get().await.map_err(|e| crate::verify::VerifyError::Sink(e.into()))?;
+            let name = &loaded.config.source.name;
+            let mut report = crate::verify::verify_redis(transforms, topics, &monolith, name, &conn, &opts).await?;
+            report.checks = vec![Check::Counts, Check::Contents];
+            return Ok(report);
+        }
         let source = &loaded.config.source.name;
         let mut report =
             crate::verify::verify(transforms, topics, &monolith, source, &service_db, &clients.store(), &opts).await?;

@@ -12,7 +12,7 @@ use crate::consume::{Backward, Direction, Forward, Pipeline, Redrive, RedriveRep
 use crate::cutover::ownership::OwnershipStore;
 use crate::event::Origin;
 use crate::replay::{ReplayOptions, ReplayReport};
-use crate::sink::{MongoSink, MonolithSink};
+use crate::sink::{MongoSink, MonolithSink, RedisSink};
 use crate::store::EventStore;
 use crate::transform::ServiceTransforms;
 
@@ -73,6 +73,13 @@ async fn replay_locked(
     let store = EventStore::open(&clients.store()).await?;
     let consume = &config.consume;
     let opts = ReplayOptions { in_place, from, batch: consume.batch_max, tombstone_ttl: consume.tombstone_ttl };
+    if transforms.is_redis() {
+        let redis = &clients.redis;
+        let conn = redis.get().await.map_err(crate::sink::SinkError::from)?;
+        let to = (&conn, redis.describe());
+        let pause = config.redis.pause_above;
+        return Ok(crate::replay::replay_redis(&forward, &store, to, &config.kafka, &opts, pause, shutdown).await?);
+    }
     Ok(crate::replay::replay(&forward, &store, &clients.target, &config.kafka, &opts, shutdown).await?)
 }
 
@@ -98,11 +105,21 @@ pub async fn redrive(
         let redrive = Redrive { transformer: &backward, sink: &sink, topics, group, origin };
         return Ok(redrive_dead_letters(redrive, &config.kafka, consume.batch_max, shutdown).await?);
     }
+    let forward = Forward { transforms: transforms.clone(), ownership };
+    if transforms.is_redis() {
+        let redis = &clients.redis;
+        let conn = redis.get().await.map_err(crate::sink::SinkError::from)?;
+        let layout = crate::sink::redis::plan::Layout::live(service);
+        let (ttl, pause) = (consume.tombstone_ttl, config.redis.pause_above);
+        let sink = RedisSink::open(conn, redis.describe(), transforms.clone(), layout, ttl, pause).await?;
+        let Pipeline { group, topics } = Pipeline::of(transforms, Direction::Forward);
+        let redrive = Redrive { transformer: &forward, sink: &sink, topics, group, origin: None };
+        return Ok(redrive_dead_letters(redrive, &config.kafka, consume.batch_max, shutdown).await?);
+    }
     let (collections, written_back) = (transforms.collections(), transforms.written_back());
     let target = clients.target.clone();
     let sink =
         MongoSink::open(target, transforms.database(), &collections, &written_back, consume.tombstone_ttl).await?;
-    let forward = Forward { transforms: transforms.clone(), ownership };
     let origin = origin.filter(|_| !transforms.written_back().is_empty());
     let Pipeline { group, topics } = Pipeline::of(transforms, Direction::Forward);
     let redrive = Redrive { transformer: &forward, sink: &sink, topics, group, origin };

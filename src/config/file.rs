@@ -27,6 +27,7 @@ pub struct ConfigFile {
     pub consume: ConsumeFile,
     pub reverse: ReverseFile,
     pub cutover: CutoverFile,
+    pub redis: RedisFile,
     pub paths: PathsFile,
 }
 
@@ -114,6 +115,13 @@ pub struct CheckFile {
     pub consecutive_error_limit: Option<u32>,
 }
 
+/// `[redis]`: the Redis that services with `[redis]` targets write into.
+#[derive(Debug, Default, Clone)]
+pub struct RedisFile {
+    pub uri: Option<String>,
+    pub pause_above: Option<f64>,
+}
+
 #[derive(Debug, Default, Clone)]
 pub struct PathsFile {
     pub topics: Option<PathBuf>,
@@ -137,7 +145,10 @@ impl ConfigFile {
         r.unknown(
             &root,
             "",
-            &["source", "kafka", "target", "store", "tail", "snapshot", "consume", "reverse", "cutover", "paths"],
+            &[
+                "source", "kafka", "target", "store", "tail", "snapshot", "consume", "reverse", "cutover", "redis",
+                "paths",
+            ],
         );
         let file = ConfigFile {
             source: r.source(&root),
@@ -149,6 +160,7 @@ impl ConfigFile {
             consume: r.consume(&root),
             reverse: r.reverse(&root),
             cutover: r.cutover(&root),
+            redis: r.redis(&root),
             paths: r.paths(&root),
         };
         (file, r.report)
@@ -297,6 +309,12 @@ impl Reader<'_> {
     }
 
     /// `[paths]`: where the topic definitions and transforms are.
+    /// `[redis]`: the Redis of the services whose targets live there, and when they pause.
+    fn redis(&mut self, root: &toml::Table) -> RedisFile {
+        let t = self.section(root, "redis", &["uri", "pause_above"]);
+        RedisFile { uri: self.get(t, "redis", "uri"), pause_above: self.get(t, "redis", "pause_above") }
+    }
+
     fn paths(&mut self, root: &toml::Table) -> PathsFile {
         let t = self.section(root, "paths", &["topics", "transforms"]);
         PathsFile { topics: self.get(t, "paths", "topics"), transforms: self.get(t, "paths", "transforms") }

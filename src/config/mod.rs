@@ -18,7 +18,7 @@ pub mod report;
 pub mod topics;
 
 pub use file::ConfigFile;
-use file::{ConsumeFile, CutoverFile, KafkaFile, ReverseFile, SnapshotFile, TailFile};
+use file::{ConsumeFile, CutoverFile, KafkaFile, RedisFile, ReverseFile, SnapshotFile, TailFile};
 
 /// Environment variables that override connection settings (documented in the README).
 pub const ENV_VARS: &[(&str, &str)] = &[
@@ -33,6 +33,7 @@ pub const ENV_VARS: &[(&str, &str)] = &[
     ("FICUS_TARGET_URI", "target.uri: the service databases' MongoDB"),
     ("FICUS_STORE_URI", "store.uri: ficus's own database (checkpoints, leases, event store)"),
     ("FICUS_STORE_DB", "store.db: the name of that database (default ficus)"),
+    ("FICUS_REDIS_URI", "redis.uri: the Redis of services with [redis] targets (default redis://127.0.0.1:6379)"),
     ("FICUS_TOPICS_DIR", "paths.topics (default ./topics)"),
     ("FICUS_TRANSFORMS_DIR", "paths.transforms (default ./transforms)"),
 ];
@@ -70,6 +71,7 @@ pub struct Config {
     pub consume: ConsumeConfig,
     pub reverse: ReverseConfig,
     pub cutover: CutoverConfig,
+    pub redis: RedisConfig,
     pub topics_dir: PathBuf,
     pub transforms_dir: PathBuf,
 }
@@ -150,6 +152,16 @@ pub struct ReverseConfig {
     pub ownership_poll: Duration,
 }
 
+/// The Redis that services with `[redis]` targets write into.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RedisConfig {
+    /// `redis://[user:password@]host:port[/db]`, `rediss://` for TLS (used only by services
+    /// whose transforms declare `[redis]`).
+    pub uri: String,
+    /// A Redis consumer pauses while `used_memory / maxmemory` is above this share.
+    pub pause_above: f64,
+}
+
 /// What ficus assumes of applications and servers around an ownership change.
 #[derive(Debug, Clone, PartialEq)]
 pub struct CutoverConfig {
@@ -174,6 +186,7 @@ pub const ANALYSIS_CHECKS: &[&str] =
 
 pub const DEFAULT_MONGO_URI: &str = "mongodb://127.0.0.1:27017/?directConnection=true";
 pub const DEFAULT_BROKERS: &str = "127.0.0.1:9092";
+pub const DEFAULT_REDIS_URI: &str = "redis://127.0.0.1:6379";
 pub const DEFAULT_CONFIG_FILE: &str = "ficus.toml";
 
 /// Reads `FICUS_*` overrides from a lookup function (the process environment in production,
@@ -230,6 +243,7 @@ impl Config {
         let consume = consume_config(&f.consume, &f.cutover, &mut err);
         let reverse = reverse_config(&f.reverse, &mut err);
         let cutover = cutover_config(&f.cutover, &mut err);
+        let redis = redis_config(&f.redis, env, &mut err);
         let cfg = Config {
             source: at.source,
             kafka: KafkaConfig {
@@ -248,6 +262,7 @@ impl Config {
             consume,
             reverse,
             cutover,
+            redis,
             topics_dir: at.topics_dir,
             transforms_dir: at.transforms_dir,
         };
@@ -472,6 +487,30 @@ fn cutover_config(f: &CutoverFile, err: Problem<'_>) -> CutoverConfig {
     }
 }
 
+/// The `[redis]` section and `FICUS_REDIS_URI`: a `redis://`, `rediss://` or `redis+unix://`
+/// URI, and a pause share in (0, 1].
+fn redis_config(f: &RedisFile, env: EnvLookup<'_>, err: Problem<'_>) -> RedisConfig {
+    let uri = env("FICUS_REDIS_URI").filter(|v| !v.is_empty()).or_else(|| f.uri.clone());
+    let uri = uri.unwrap_or_else(|| DEFAULT_REDIS_URI.to_string());
+    let known = |p: &url::Url| match p.scheme() {
+        "redis" | "rediss" => p.has_host(),
+        "redis+unix" | "unix" => !p.path().is_empty(),
+        _ => false,
+    };
+    if !url::Url::parse(&uri).is_ok_and(|p| known(&p)) {
+        err("redis.uri", format!("`{}` is not a redis:// or rediss:// connection string", redact_uri(&uri)));
+    }
+    let pause_above = match f.pause_above {
+        Some(share) if !(share > 0.0 && share <= 1.0) => {
+            err("redis.pause_above", format!("{share}: a share of maxmemory, above 0 and at most 1 (say 0.85)"));
+            0.85
+        }
+        Some(share) => share,
+        None => 0.85,
+    };
+    RedisConfig { uri, pause_above }
+}
+
 /// `cutover.transaction_lifetime_secs`: the servers' `transactionLifetimeLimitSeconds`.
 fn transaction_lifetime_secs(f: &CutoverFile, err: Problem<'_>) -> u64 {
     positive("cutover.transaction_lifetime_secs", f.transaction_lifetime_secs, 60, err)
@@ -573,6 +612,24 @@ mod tests {
         ] {
             assert!(text.contains(needle), "missing {needle} in {text}");
         }
+    }
+
+    #[test]
+    fn redis_is_checked_with_the_rest_and_the_environment_wins() {
+        let text = "[redis]\nuri = \"http://cache:6379\"\npause_above = 1.5\n[consume]\nbatch_max = 0\n";
+        let (_, report) = Config::from_text(text, Path::new("f.toml"), &env_of(&[]));
+        let report = report.to_string();
+        for needle in ["redis.uri", "not a redis://", "redis.pause_above", "consume.batch_max"] {
+            assert!(report.contains(needle), "missing {needle} in {report}");
+        }
+        let env = env_of(&[("FICUS_REDIS_URI", "rediss://u:secret@cache:6380/0")]);
+        let (cfg, report) = Config::from_text("[redis]\nuri = \"redis://other\"\n", Path::new("f.toml"), &env);
+        assert!(report.is_empty(), "{report}");
+        assert_eq!(cfg.redis.uri, "rediss://u:secret@cache:6380/0");
+        assert_eq!(cfg.redis.pause_above, 0.85);
+        assert_eq!(redact_uri(&cfg.redis.uri), "rediss://u:***@cache:6380/0");
+        let (bare, _) = Config::from_text("", Path::new("f.toml"), &env_of(&[]));
+        assert_eq!(bare.redis.uri, DEFAULT_REDIS_URI);
     }
 
     #[test]

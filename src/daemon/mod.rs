@@ -173,6 +173,7 @@ impl DaemonError {
             DaemonError::Role { source, .. } => match source.as_ref() {
                 RoleError::Consume(e) => e.is_misconfiguration(),
                 RoleError::Store(e) => e.is_misconfiguration(),
+                RoleError::Sink(e) => e.is_misconfiguration(),
                 _ => false,
             },
             _ => false,

@@ -18,7 +18,7 @@ use crate::cutover::ownership::{OwnershipError, OwnershipStore};
 use crate::ops::Health;
 use crate::retry::Classify;
 use crate::sink::conflicts::Outbox;
-use crate::sink::{MongoSink, MonolithSink, SinkError};
+use crate::sink::{MongoSink, MonolithSink, RedisSink, SinkError};
 use crate::store::{Archiver, EventStore, StoreError};
 use crate::transform::ServiceTransforms;
 
@@ -135,6 +135,9 @@ fn consume(
         (ctx.clients.clone(), ctx.config.clone(), ctx.health.clone(), ctx.shutdown.clone());
     let topics = ctx.definitions.topics.clone();
     async move {
+        if service.is_redis() {
+            return consume_redis(clients, config, health, token, service).await;
+        }
         let name = service.service().to_string();
         // The target may not be reachable yet: wait for it rather than exit.
         let (collections, written_back) = (service.collections(), service.written_back());
@@ -171,6 +174,41 @@ fn consume(
         };
         consumer.run(token).await.map_err(RoleError::from)
     }
+}
+
+/// The forward consumer of a service whose targets are Redis entries: the same consumer, its
+/// sink the process's Redis connection. A Redis that would evict is refused here, before any
+/// message is read (fatal, and `ficus run` exits 2); one not reachable yet is waited for.
+async fn consume_redis(
+    clients: Clients,
+    config: Config,
+    health: Health,
+    token: CancellationToken,
+    service: Arc<ServiceTransforms>,
+) -> Result<(), RoleError> {
+    let name = service.service().to_string();
+    let redis = clients.redis.clone();
+    let (ttl, pause) = (config.consume.tombstone_ttl, config.redis.pause_above);
+    let layout = crate::sink::redis::plan::Layout::live(&name);
+    let open = || async {
+        let conn = redis.get().await?;
+        RedisSink::open(conn, redis.describe(), service.clone(), layout.clone(), ttl, pause).await
+    };
+    let transient = |e: &SinkError| e.class() == crate::mongo::ErrorClass::Transient;
+    let sink = crate::retry::with_backoff(&format!("consume:{name}"), &token, open, transient).await?;
+    info!(service = %name, redis = %redis.describe(), "consuming into Redis");
+    let consumer = ServiceConsumer {
+        health,
+        store: clients.store(),
+        transforms: service,
+        sink,
+        kafka: config.kafka.clone(),
+        settings: config.consume.clone(),
+        ownership: None,
+        outbox: None,
+        repairs: None,
+    };
+    consumer.run(token).await.map_err(RoleError::from)
 }
 
 /// Reverse sync for one service: from the first time it owns keys, its write-back consumer

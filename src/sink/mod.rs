@@ -18,7 +18,10 @@
 //!   where what could not be merged is recorded;
 //! - [`rollup`]: a rollup's group document from its members (pure; `verify` computes the same);
 //! - [`MongoSink`]: the MongoDB adapter;
-//! - [`MonolithSink`]: the monolith as the sink of reverse sync (write-backs).
+//! - [`MonolithSink`]: the monolith as the sink of reverse sync (write-backs);
+//! - [`RedisSink`] ([`redis`]): a service's entries in Redis (`[redis]` targets): the key
+//!   layout, the guarded write script, expiry, back-pressure, and the rebuild and comparison
+//!   `ficus replay` and `ficus verify` use.
 
 use std::future::Future;
 
@@ -34,10 +37,12 @@ pub mod merge;
 mod mongo_sink;
 mod monolith;
 pub mod plan;
+pub mod redis;
 pub mod rollup;
 
 pub use mongo_sink::MongoSink;
 pub use monolith::MonolithSink;
+pub use redis::RedisSink;
 
 /// The metadata field on every document ficus writes.
 pub const META: &str = "_ficus";
@@ -121,6 +126,18 @@ pub enum SinkError {
     /// again, never committed as they are.
     #[error("the batch's view of ownership no longer holds ({0}); judging it again")]
     StaleJudgement(String),
+    #[error("Redis: {0}")]
+    Redis(#[from] ::redis::RedisError),
+    /// A document whose entry cannot be laid down in Redis (no expiry, a value that does not
+    /// fit its shape): permanent, so its message is dead-lettered.
+    #[error("{collection}: entry `{key}`: {why}")]
+    Entry { collection: String, key: String, why: String },
+    /// Redis is too full to write into now (back-pressure): tried again after a backoff.
+    #[error("paused: {0}")]
+    Paused(String),
+    /// A Redis that would evict ficus's keys: refused (bad configuration).
+    #[error("{0}")]
+    Evicting(String),
 }
 
 impl Classify for SinkError {
@@ -128,13 +145,21 @@ impl Classify for SinkError {
         match self {
             SinkError::Mongo(e) => e.class(),
             SinkError::Write { code, .. } => mongo::classify_code(*code),
-            SinkError::TimedOut(_) | SinkError::StaleJudgement(_) => ErrorClass::Transient,
-            SinkError::Unsupported(_) | SinkError::Reverse(_) => ErrorClass::Fatal,
+            SinkError::TimedOut(_) | SinkError::StaleJudgement(_) | SinkError::Paused(_) => ErrorClass::Transient,
+            SinkError::Redis(e) => redis::classify(e),
+            SinkError::Unsupported(_) | SinkError::Reverse(_) | SinkError::Entry { .. } | SinkError::Evicting(_) => {
+                ErrorClass::Fatal
+            }
         }
     }
 }
 
 impl SinkError {
+    /// Whether it is about how ficus is deployed (a Redis that evicts): bad input, exit 2.
+    pub fn is_misconfiguration(&self) -> bool {
+        matches!(self, SinkError::Evicting(_))
+    }
+
     /// Whether it means "run the whole transaction again" (see [`mongo::transaction_conflict`]).
     pub fn is_conflict(&self) -> bool {
         match self {

@@ -151,11 +151,15 @@ impl Transform {
             return Ok(());
         }
         let target = build(fields, &scope, "").map_err(|e| self.error(e.field, e.reason))?.unwrap_or_default();
-        let id = match key {
-            Key::SourceId => data.document_id.clone(),
-            Key::Field { name, expr } => key_value(target.get(name))
-                .map_err(|why| self.error(name.as_str(), format!("the key `{expr}` {why}")))?,
-        };
+        let id =
+            match key {
+                Key::SourceId => data.document_id.clone(),
+                Key::Field { name, expr } => key_value(target.get(name))
+                    .map_err(|why| self.error(name.as_str(), format!("the key `{expr}` {why}")))?,
+                Key::Template(t) => Bson::String(t.render(|f| target.get(f)).map_err(|(field, why)| {
+                    self.error(format!("redis.key `{}`", t.source), format!("`{field}` {why}"))
+                })?),
+            };
         if changed
             && let Some(WriteOp::Delete { id: Some(old), .. }) = self.retract(key, ev)
             && old != id
@@ -174,7 +178,7 @@ impl Transform {
         let delete = |id| WriteOp::Delete { collection: self.collection.clone(), id };
         let by_source = match key {
             Key::SourceId => delete(Some(ev.data.document_id.clone())),
-            Key::Field { .. } => delete(None),
+            Key::Field { .. } | Key::Template(_) => delete(None),
         };
         let before = match (&self.input, &ev.data.before) {
             (Input::Document, Some(before)) => before,
@@ -193,6 +197,13 @@ impl Transform {
             Key::Field { expr, .. } => {
                 let old = expr.eval(&scope).ok().and_then(|v| key_value(v.as_deref()).ok());
                 Some(old.map_or(by_source, |k| delete(Some(k))))
+            }
+            Key::Template(t) => {
+                // A before-state whose key does not render never made an entry (it was refused):
+                // nothing to delete.
+                let Target::Document { fields, .. } = &self.target else { return Some(by_source) };
+                let before = build(fields, &scope, "").ok().flatten().unwrap_or_default();
+                t.render(|f| before.get(f)).ok().map(|k| delete(Some(Bson::String(k))))
             }
         }
     }

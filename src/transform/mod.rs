@@ -47,6 +47,8 @@
 //! - `compile/`: definition files into the model, every problem reported with file and line.
 //! - `apply`: the forward: one event into [`WriteOp`]s.
 //! - `op`, `error`: the write ops the sinks carry out, and [`TransformError`].
+//! - `template`: what a target in a key-value store declares (`[redis]`: key template, value
+//!   shape, expiry field), and key rendering.
 //! - `fields`: which fields of a service document ficus writes ([`FieldTree`]).
 //! - [`checks`]: what a file declares of its data: references and quality rules.
 //! - [`elements`]: the three-way merge of arrays by element id.
@@ -65,6 +67,7 @@ mod fields;
 mod model;
 mod op;
 mod reverse;
+mod template;
 #[cfg(test)]
 mod tests;
 mod value;
@@ -76,6 +79,7 @@ pub use reverse::{
     CollectionClass, Conflict, Disagreement, FieldClass, Law, LawFailure, LensCheck, LensReport, Patch, Rebased,
     Reverse, ReverseError, Reversibility, Tally, check_laws, render_classification, set_path, unset_path,
 };
+pub use template::{KeyTemplate, Part, RedisTarget, ValueShape};
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -132,9 +136,27 @@ impl ServiceTransforms {
         }
     }
 
+    /// The `[redis]` declaration of the transforms writing `collection`, if its entries live in
+    /// Redis (every transform of a service writes into one kind of store, see [`load_service`]).
+    pub fn redis_target(&self, collection: &str) -> Option<&RedisTarget> {
+        self.transforms.iter().filter(|t| t.collection == collection).find_map(|t| t.redis.as_ref())
+    }
+
+    /// Whether the service's targets are entries in Redis rather than MongoDB documents.
+    pub fn is_redis(&self) -> bool {
+        self.transforms.iter().any(|t| t.redis.is_some())
+    }
+
     /// Why the service cannot take over writes (`ficus cutover` refuses): a collection written
     /// back whose routing key is not in its service documents. Empty when it can.
     pub fn cutover_problems(&self) -> Vec<String> {
+        if self.is_redis() {
+            return vec![format!(
+                "{}: its targets are Redis entries ([redis]), which are forward only: a cache service never \
+                 writes back to the monolith, so it has no writes to take over",
+                self.service
+            )];
+        }
         let mut out = Vec::new();
         for t in &self.transforms {
             if let model::Reversal::Document(plan) = &t.reverse

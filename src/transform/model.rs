@@ -11,6 +11,7 @@ use std::path::PathBuf;
 use bson::Bson;
 
 use super::expr::Expr;
+use super::template::{KeyTemplate, RedisTarget};
 use super::value::Func;
 use crate::config::topics::TopicDef;
 
@@ -40,6 +41,8 @@ pub(super) struct Transform {
     /// What the file declares of the data it writes: references and quality rules.
     pub refs: Vec<super::checks::RefDecl>,
     pub quality: Vec<super::checks::QualityRule>,
+    /// `[redis]`: the target is a key-value store's entries, not a collection's documents.
+    pub redis: Option<RedisTarget>,
 }
 
 /// What plain paths read.
@@ -67,6 +70,8 @@ pub(super) enum Key {
     SourceId,
     /// A natural key: a top-level target field and the expression that computes it.
     Field { name: String, expr: Expr },
+    /// A key-value store's key, rendered from target fields (`[redis] key = "cache:{kind}:{key}"`).
+    Template(KeyTemplate),
 }
 
 #[derive(Debug, Clone)]

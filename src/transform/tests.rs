@@ -157,6 +157,7 @@ fn shipped_services_read_and_write_what_the_migration_plan_says() {
                 &["ai_responses", "ai_sessions", "provider_stats"]
             ),
             expect("auth_db", &["linechatbot.api_keys", "linechatbot.logs"], &["api_keys", "security_events"]),
+            expect("cache", &["linechatbot.cache_entries"], &["ai_responses", "research"]),
             expect(
                 "conversations_db",
                 &["linechatbot.conversations", "linechatbot.logs"],
@@ -622,4 +623,54 @@ fn a_transform_of_array_elements_cannot_read_the_document() {
     // `$key` is the way.
     let ok = service(&[("buys.toml", &body.replace("$doc.user_id", "$key"))]);
     assert_eq!(ok.collections().into_iter().collect::<Vec<_>>(), ["buys"]);
+}
+
+#[test]
+fn a_redis_declaration_is_checked_with_every_other_problem() {
+    let dir = tempfile::tempdir().unwrap();
+    let entry = |extra: &str| {
+        format!(
+            "topic = \"linechatbot.cache_entries\"\nevents = [\"cache_entry.created\", \"cache_entry.deleted\"]\n\
+             collection = \"entries\"\n{extra}"
+        )
+    };
+    let bad = entry(
+        "key = \"key\"\n[fields]\nkey = \"key\"\nexpiresAt = \"expires_at | date\"\n[fields.sub]\nx = \"value.x\"\n\
+         [redis]\nkey = \"cache:{kind}:{sub}\"\nshape = \"list\"\nexpire_at = \"expires\"\nttl = 5\n\
+         [reverse]\nkey = { read_only = \"no\" }\n",
+    );
+    let no_value = entry(
+        "[fields]\nkey = \"key\"\nat = \"expires_at | date\"\n[redis]\nkey = \"c:{key}\"\nshape = \"string\"\nexpire_at = \"at\"\n",
+    );
+    let logs = "topic = \"linechatbot.logs\"\nevents = [\"log.created\"]\ncollection = \"logs\"\n[fields]\nid = \"kind\"\n\
+                at = \"ts | date\"\n[redis]\nkey = \"log:{id}\"\nshape = \"json\"\nexpire_at = \"at\"\n";
+    let mongo = entry("key = \"key\"\n[fields]\nkey = \"key\"\n");
+    let good = entry(
+        "[fields]\nkey = \"key\"\nat = \"expires_at | date\"\n[redis]\nkey = \"c:{key}\"\nshape = \"json\"\nexpire_at = \"at\"\n",
+    );
+    write_files(
+        dir.path(),
+        &[
+            ("kv/a.toml", bad.as_str()),
+            ("kv/b.toml", no_value.as_str()),
+            ("kv/c.toml", logs),
+            ("mixed/d.toml", mongo.as_str()),
+            ("mixed/e.toml", good.as_str()),
+        ],
+    );
+    let text = load_all(dir.path(), &shipped_topics()).unwrap_err().to_string();
+    for needle in [
+        "a.toml: key: a [redis] target is keyed by its template (`[redis] key`); remove `key`",
+        "a.toml: redis.ttl: unknown key",
+        "a.toml: redis.key: `{kind}` must be a top-level field of [fields] holding a single value",
+        "a.toml: redis.key: `{sub}` must be a top-level field of [fields] holding a single value",
+        "a.toml: redis.shape: `list`: expected \"hash\", \"string\" or \"json\"",
+        "a.toml: redis.expire_at: `expires` must be a top-level field of [fields]",
+        "b.toml: redis.value: missing: a string entry names the target field it holds",
+        "c.toml: redis: a Redis entry is deleted by the key its document had before: topic `linechatbot.logs` must record pre-images",
+        "d.toml: redis: missing: ",
+        "e.toml writes into Redis ([redis]), and a service's targets all live in one store",
+    ] {
+        assert!(text.contains(needle), "missing {needle:?} in:\n{text}");
+    }
 }

@@ -16,6 +16,9 @@
 //! Scores follow the seed's migration gate: consistency (matching documents over all documents
 //! on either side) against 99%, and a validation score (per collection: counts equal, nothing
 //! missing, nothing unexpected, contents matching) against 95%.
+//!
+//! A service whose targets are Redis entries is verified by [`verify_redis`] (`redis`): the
+//! same expectation, compared with the entries and their absolute expiry.
 
 use std::collections::{BTreeSet, HashMap};
 use std::io::IsTerminal;
@@ -33,6 +36,7 @@ use crate::sink::{doc_key, strip_meta};
 use crate::transform::{Projection, ServiceTransforms, WriteOp};
 
 mod checks;
+mod redis;
 mod score;
 mod scratch;
 
@@ -40,6 +44,7 @@ pub use scratch::MEMORY_ENTRIES;
 use scratch::Scratch;
 
 pub use checks::Offender;
+pub use redis::verify_redis;
 pub use score::{Check, Difference, Tally, Verdict, VerifyReport, content_hash};
 
 /// Errors of a verification.
@@ -51,12 +56,15 @@ pub enum VerifyError {
     Transform(#[from] crate::transform::TransformError),
     #[error("a document of {collection} is not valid BSON: {error}")]
     Bson { collection: String, error: bson::error::Error },
+    #[error(transparent)]
+    Sink(#[from] crate::sink::SinkError),
 }
 
 impl crate::retry::Classify for VerifyError {
     fn class(&self) -> crate::retry::ErrorClass {
         match self {
             VerifyError::Mongo(e) => e.class(),
+            VerifyError::Sink(e) => e.class(),
             VerifyError::Transform(_) | VerifyError::Bson { .. } => crate::retry::ErrorClass::Fatal,
         }
     }

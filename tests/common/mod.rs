@@ -3,8 +3,9 @@
 //! seeded workload and its audit are in [`scenario`]; the TCP proxy for network faults in
 //! [`proxy`].
 //!
-//! Server binaries come from `FICUS_SECANTUSD` / `FICUS_TANSU` (set by `tests/run.sh`, which
-//! installs them pinned into a cache), or from that cache's default location.
+//! Server binaries come from `FICUS_SECANTUSD` / `FICUS_TANSU` / `FICUS_REDIS_SERVER` (set by
+//! `tests/run.sh`, which installs them pinned into a cache, Redis from Debian's package), or
+//! from their default locations.
 
 #![allow(dead_code)]
 
@@ -49,6 +50,10 @@ pub fn secantusd() -> PathBuf {
 
 pub fn tansu() -> PathBuf {
     server_binary("FICUS_TANSU", cache_dir().join(format!("tansu-{TANSU_VERSION}/bin/tansu")))
+}
+
+pub fn redis_server() -> PathBuf {
+    server_binary("FICUS_REDIS_SERVER", PathBuf::from("/usr/bin/redis-server"))
 }
 
 /// A plain HTTP GET on loopback: (status code, body).
@@ -248,11 +253,73 @@ impl Kafka {
     }
 }
 
-/// One test's world: a monolith MongoDB, a broker, and a scratch directory.
+/// A Redis server (Debian's `redis-server`) on a free loopback port, without persistence unless
+/// asked (`--appendonly yes`, for a test that kills it and expects its data back).
+pub struct Redis {
+    pub port: u16,
+    dir: PathBuf,
+    extra: Vec<String>,
+    child: Owned,
+}
+
+impl Redis {
+    pub fn start(dir: &Path, extra: &[&str]) -> Redis {
+        std::fs::create_dir_all(dir).unwrap();
+        let extra = extra.iter().map(|s| s.to_string()).collect();
+        let mut r = Redis { port: free_port(), dir: dir.to_path_buf(), extra, child: Owned(None) };
+        r.boot();
+        r
+    }
+
+    fn boot(&mut self) {
+        let log = self.dir.join("redis.log");
+        let mut cmd = Command::new(redis_server());
+        cmd.current_dir(&self.dir)
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .arg("--dir")
+            .arg(&self.dir)
+            .args(&self.extra);
+        self.child = Owned(Some(spawn(&mut cmd, &log)));
+        wait_port(self.port, "redis-server", &log);
+    }
+
+    pub fn uri(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// A plain connection for the test's own commands.
+    pub fn conn(&self) -> redis::Connection {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            match redis::Client::open(self.uri()).and_then(|c| c.get_connection()) {
+                Ok(c) => return c,
+                Err(e) if Instant::now() > deadline => panic!("Redis at {}: {e}", self.uri()),
+                Err(_) => std::thread::sleep(Duration::from_millis(50)),
+            }
+        }
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.pid()
+    }
+
+    pub fn kill(&mut self) {
+        self.child.kill();
+    }
+
+    /// Starts it again on the same port, with the same data directory.
+    pub fn restart(&mut self) {
+        self.kill();
+        self.boot();
+    }
+}
+
+/// One test's world: a monolith MongoDB, a broker, a Redis, and a scratch directory.
 pub struct World {
     pub dir: tempfile::TempDir,
     pub mongo: Mongo,
     pub kafka: Kafka,
+    pub redis: Redis,
 }
 
 /// With `FICUS_TEST_KEEP=1`, a failed test's scratch directory (servers' data, every ficus log)
@@ -275,7 +342,8 @@ impl World {
         let dir = tempfile::Builder::new().prefix("ficus-test-").tempdir().unwrap();
         let mongo = Mongo::start(&dir.path().join("mongo"), mongo_args);
         let kafka = Kafka::start(&dir.path().join("kafka"));
-        World { dir, mongo, kafka }
+        let redis = Redis::start(&dir.path().join("redis"), &[]);
+        World { dir, mongo, kafka, redis }
     }
 
     /// Environment for a ficus process pointed at this world.
@@ -285,6 +353,7 @@ impl World {
         env.insert("FICUS_KAFKA_BROKERS".into(), self.kafka.brokers());
         env.insert("FICUS_TARGET_URI".into(), self.mongo.uri());
         env.insert("FICUS_STORE_URI".into(), self.mongo.uri());
+        env.insert("FICUS_REDIS_URI".into(), self.redis.uri());
         env
     }
 

@@ -14,6 +14,7 @@
 mod checks;
 mod entries;
 mod node;
+mod redis;
 mod target;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -27,6 +28,7 @@ use super::builtins;
 use super::expr::{self, Context, Expr};
 use super::model::{Input, Key, Target, Transform};
 use super::reverse::invert;
+use super::template::RedisTarget;
 use super::value::ValueMap;
 use crate::config::report::{DefinitionError, Report};
 use crate::config::topics::{TopicDef, Topics};
@@ -35,8 +37,21 @@ use crate::event::Op;
 use node::{LineIndex, Node, Raw, table};
 use target::reads_doc;
 
-const TOP_KEYS: [&str; 12] =
-    ["topic", "events", "collection", "key", "route", "when", "maps", "fields", "rollup", "reverse", "refs", "quality"];
+const TOP_KEYS: [&str; 13] = [
+    "topic",
+    "events",
+    "collection",
+    "key",
+    "route",
+    "when",
+    "maps",
+    "fields",
+    "rollup",
+    "reverse",
+    "redis",
+    "refs",
+    "quality",
+];
 const REVERSE_KEYS: [&str; 4] = ["read_only", "set", "from", "align"];
 
 /// What the top of a file says: the topic, its event types, the target collection.
@@ -78,11 +93,13 @@ pub(super) fn compile_file(file: &Path, topics: &Topics, report: &mut Report) ->
 /// must be keyed the same way by all of them, and a rollup collection belongs to one transform.
 pub(super) fn check_service(transforms: &[Transform], report: &mut Report) {
     check_routes(transforms, report);
+    check_store(transforms, report);
     let mut seen: BTreeMap<&str, (&Transform, String)> = BTreeMap::new();
     for t in transforms {
         let identity = match &t.target {
             Target::Document { key: Key::SourceId, .. } => "keyed by `_id`".to_string(),
             Target::Document { key: Key::Field { name, .. }, .. } => format!("keyed by `{name}`"),
+            Target::Document { key: Key::Template(t), .. } => format!("keyed by the template `{}`", t.source),
             Target::Rollup(_) => "a rollup".to_string(),
         };
         match seen.get(t.collection.as_str()) {
@@ -104,6 +121,22 @@ pub(super) fn check_service(transforms: &[Transform], report: &mut Report) {
                 }
             }
         }
+    }
+}
+
+/// A service writes into one kind of store: every transform is a `[redis]` target, or none is.
+fn check_store(transforms: &[Transform], report: &mut Report) {
+    let Some(redis) = transforms.iter().find(|t| t.redis.is_some()) else { return };
+    for t in transforms.iter().filter(|t| t.redis.is_none()) {
+        report.push(DefinitionError::new(
+            &t.file,
+            "redis",
+            format!(
+                "missing: {} writes into Redis ([redis]), and a service's targets all live in one store; \
+                 give this target a [redis] table too, or move it to a service of its own",
+                redis.file.display()
+            ),
+        ));
     }
 }
 
@@ -190,11 +223,24 @@ impl Compiler<'_> {
             Some(path)
         });
         let target = self.target(&mut slots, &header.input, &maps);
+        let (target, redis) = match target {
+            Some((t, r)) => (Some(t), r),
+            None => (None, None),
+        };
         let entries = slots.remove("reverse").map(|n| self.reverse_entries(&n, &maps)).unwrap_or_default();
         let target_collection = header.collection.clone().unwrap_or_default();
         let refs = slots.remove("refs").map(|n| self.refs(&n, &target_collection)).unwrap_or_default();
         let quality = slots.remove("quality").map(|n| self.quality(&n, &target_collection)).unwrap_or_default();
         let def = header.def?;
+        if redis.is_some() && !def.pre_images {
+            let why = format!(
+                "a Redis entry is deleted by the key its document had before: topic `{}` must record pre-images \
+                 (`pre_images = true` in {})",
+                def.topic,
+                def.file.display()
+            );
+            self.err("redis", None, why);
+        }
         let target = target?;
         let (reverse, problems) =
             invert::plan(&target, &header.input, when.as_ref(), entries, &self.lines, &def.collection);
@@ -219,6 +265,7 @@ impl Compiler<'_> {
             reverse,
             refs,
             quality,
+            redis,
         })
     }
 
@@ -275,13 +322,13 @@ impl Compiler<'_> {
         Header { def, events, input, collection }
     }
 
-    /// `[fields]` with its `key`, or `[rollup]`.
+    /// `[fields]` with its `key` (or its `[redis]` declaration), or `[rollup]`.
     fn target(
         &mut self,
         slots: &mut BTreeMap<&str, Node>,
         input: &Input,
         maps: &BTreeMap<String, Arc<ValueMap>>,
-    ) -> Option<Target> {
+    ) -> Option<(Target, Option<RedisTarget>)> {
         let cx = Context { maps, allow_group: false, reverse: false };
         match (slots.remove("fields"), slots.remove("rollup")) {
             (Some(node), None) => {
@@ -294,6 +341,9 @@ impl Compiler<'_> {
                          use `$key` for the aggregate id",
                     );
                 }
+                if let Some(redis) = slots.remove("redis") {
+                    return self.redis_target(slots, &redis, input, fields);
+                }
                 let key = match slots.remove("key") {
                     Some(n) => self.key(&n, &fields, input),
                     None => {
@@ -303,16 +353,19 @@ impl Compiler<'_> {
                         None
                     }
                 };
-                key.map(|key| Target::Document { key, fields })
+                key.map(|key| (Target::Document { key, fields }, None))
             }
             (None, Some(rollup)) => {
+                if let Some(n) = slots.remove("redis") {
+                    self.err("redis", Some(n.line), "a rollup is a document in MongoDB; a [redis] target has [fields]");
+                }
                 if let Some(n) = slots.remove("key") {
                     self.err("key", Some(n.line), "a rollup is keyed by its group; remove `key`");
                 }
                 if matches!(input, Input::Element { .. }) {
                     self.err("events", None, "a rollup counts source documents, not derived array elements");
                 }
-                self.rollup(&rollup, maps).map(Target::Rollup)
+                self.rollup(&rollup, maps).map(|r| (Target::Rollup(r), None))
             }
             (Some(_), Some(n)) => {
                 self.err("rollup", Some(n.line), "a transform has either [fields] or [rollup], not both");
@@ -323,6 +376,24 @@ impl Compiler<'_> {
                 None
             }
         }
+    }
+
+    /// A `[fields]` target whose entries live in Redis: keyed by its `[redis]` template.
+    fn redis_target(
+        &mut self,
+        slots: &mut BTreeMap<&str, Node>,
+        redis: &Node,
+        input: &Input,
+        fields: crate::transform::model::Fields,
+    ) -> Option<(Target, Option<RedisTarget>)> {
+        if let Some(n) = slots.remove("key") {
+            self.err("key", Some(n.line), "a [redis] target is keyed by its template (`[redis] key`); remove `key`");
+        }
+        if matches!(input, Input::Element { .. }) {
+            self.err("events", None, "a [redis] target reads document events, not derived array elements");
+        }
+        let declared = self.redis(redis, &fields)?;
+        Some((Target::Document { key: Key::Template(declared.key.clone()), fields }, Some(declared)))
     }
 
     fn events(&mut self, node: &Node, def: &TopicDef) -> (BTreeSet<String>, Input) {

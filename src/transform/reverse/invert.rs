@@ -112,6 +112,9 @@ pub(in crate::transform) fn plan(
         }
     }
     let derived = match (target, input) {
+        (Target::Document { key: Key::Template(_), .. }, _) => {
+            Some("an entry of a key-value store (`[redis]`): forward only, a cache never writes back".to_string())
+        }
         (Target::Rollup(_), _) => Some(format!(
             "a rollup over many `{source_collection}` documents: each side recomputes it, nothing is written back"
         )),
@@ -135,7 +138,7 @@ pub(in crate::transform) fn plan(
     let scope = p.scope(fields, "", false);
     p.leftovers();
     let key = match key {
-        Key::SourceId => None,
+        Key::SourceId | Key::Template(_) => None,
         Key::Field { name, .. } => Some(name.clone()),
     };
     let plan = DocumentPlan { scope, key, when_constants: when_constants(when) };
